@@ -1,0 +1,458 @@
+"""Bar-by-bar replay loop with V2 -> V1 fallback, on the paper broker, recorded in the state store.
+
+For every bar t from ``warmup_bars`` on:
+
+1. the broker processes bar t with the decision taken at the close of bar t-1 (fills at the
+   open, stops/take-profits/liquidation inside the bar, funding at settlement times); its fills
+   and the equity marked at the close are recorded;
+2. a :class:`market.decision.DecisionContext` is built from the candles up to bar t;
+3. the primary (V2) policy decides; if it is missing (bundle failed to load), raises, answers
+   something that is not a :class:`Decision`, builds a non-finite decision
+   (:class:`market.decision.NonFiniteDecisionError`) or answers later than
+   ``decision_timeout_ms`` (measured with the injected ``clock``; the late answer is discarded),
+   the fallback (V1) policy decides instead and the reason is recorded;
+4. if the fallback fails too, the loop decides flat (close any position) and records an event;
+5. the decision is submitted with ``atr[t]`` and its row is written.
+
+All rows of one bar go to the store in one transaction. The loop never stops for a policy
+failure. A candle row that fails validation (non-finite or non-positive price, negative or
+non-finite volume, high/low not enclosing open and close) is *quarantined*: the broker skips the
+bar (no fills on invalid prices; the pending decision is discarded and stops are not checked for
+that bar), an event is recorded, the equity snapshot repeats the last mark, and the decision is
+hold-or-flat only (an open position keeps its stop and take-profit, no new position). A decision
+that would open a position while ``atr[t]`` is non-finite or <= 0 is replaced by flat (never
+trade on a non-finite number).
+
+In a live setting the deadline must also be enforced by running the policy in a worker; in a
+replay the call runs to completion and a late answer is simply not used.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from envs.accounting import Bar, is_funding_time
+from envs.config import CostConfig
+from market.config_base import StrictConfig
+from market.decision import Decision, DecisionContext, NonFiniteDecisionError, Policy
+from serving.errors import DataQualityError
+from serving.paper import PaperBroker
+from serving.store import DecisionRecord, EquityRecord, EventRecord, FillRecord, StateStore
+
+_REQUIRED_COLUMNS = ("open", "high", "low", "close", "volume")
+
+
+class ServeConfig(StrictConfig):
+    """Settings of :func:`run_replay`."""
+
+    initial_equity_usdt: float = Field(
+        10_000.0, gt=0.0, description="Starting cash of the paper account, USDT."
+    )
+    decision_timeout_ms: float = Field(
+        2_000.0,
+        gt=0.0,
+        description="Deadline of the primary policy's answer, ms; a later answer is discarded.",
+    )
+    warmup_bars: int = Field(
+        600, ge=0, description="Bars only observed (history) before the first processed/decided bar."
+    )
+    run_id: str = Field(
+        "paper", min_length=1, max_length=128, description="Key of this run's rows in the store."
+    )
+    context_bars: int | None = Field(
+        1_000,
+        ge=2,
+        description="Trailing candles passed to the policies in the decision context (None: the whole "
+        "history); must cover the fallback's history_bars.",
+    )
+
+
+@dataclass(frozen=True)
+class ReplaySummary:
+    """Outcome of :func:`run_replay`.
+
+    ``bars`` counts the bars processed (from ``warmup_bars`` on, quarantined ones included);
+    ``decisions_*`` count decision rows by source ('guard': a flat/hold imposed by the loop);
+    ``fallback_reasons`` counts, per reason kind (the text before the first ':', e.g.
+    ``deadline_exceeded``), the bars on which the primary was not used. Money in USDT; costs are
+    cumulative over the run (``funding_paid_usdt`` > 0: paid).
+    """
+
+    run_id: str
+    bars: int
+    decisions_v2: int
+    decisions_v1: int
+    decisions_guard: int
+    fallback_reasons: Counter[str]
+    n_quarantined: int
+    final_equity_usdt: float
+    n_fills: int
+    n_trades: int
+    fees_paid_usdt: float
+    funding_paid_usdt: float
+    slippage_paid_usdt: float
+    liquidation_fees_usdt: float
+    events: Counter[str] = field(default_factory=Counter)
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a fallback reason: the text before the first ':' (``"deadline_exceeded"``)."""
+    return reason.split(":", 1)[0].strip()
+
+
+def _validate_candles(candles: pd.DataFrame) -> None:
+    if not isinstance(candles, pd.DataFrame):
+        raise DataQualityError(f"candles must be a pandas DataFrame, got {type(candles).__name__}")
+    missing = [c for c in _REQUIRED_COLUMNS if c not in candles.columns]
+    if missing:
+        raise DataQualityError(f"candles lack required columns {missing}")
+    idx = candles.index
+    if not isinstance(idx, pd.DatetimeIndex) or idx.tz is None or str(idx.tz) != "UTC":
+        raise DataQualityError("candles must be indexed by a UTC DatetimeIndex of open times")
+    if not idx.is_unique:
+        dup = idx[idx.duplicated()][0]
+        raise DataQualityError(f"candles have duplicate open times, first at {dup}")
+    if not idx.is_monotonic_increasing:
+        pos = int(np.argmax(np.diff(idx.asi8) < 0)) + 1
+        raise DataQualityError(
+            f"candles are not sorted by open time: row {pos} ({idx[pos]}) goes back in time"
+        )
+
+
+def row_problems(candles: pd.DataFrame) -> list[str | None]:
+    """Per row, the first validation rule it breaks (None when valid).
+
+    Rules: open/high/low/close finite and > 0; volume finite and >= 0;
+    ``low <= min(open, close)`` and ``high >= max(open, close)``.
+    """
+    o, h, lo, c, v = (candles[k].to_numpy(np.float64) for k in _REQUIRED_COLUMNS)
+    out: list[str | None] = [None] * len(candles)
+    with np.errstate(invalid="ignore"):
+        checks = [
+            (~(np.isfinite(o) & np.isfinite(h) & np.isfinite(lo) & np.isfinite(c)), "non-finite price"),
+            (~np.isfinite(v), "non-finite volume"),
+            ((o <= 0) | (h <= 0) | (lo <= 0) | (c <= 0), "non-positive price"),
+            (v < 0, "negative volume"),
+            (h < lo, "high < low"),
+            ((lo > np.minimum(o, c)) | (h < np.maximum(o, c)), "open/close outside [low, high]"),
+        ]
+    for mask, rule in checks:
+        for i in np.flatnonzero(mask):
+            if out[i] is None:
+                out[i] = (
+                    f"{rule} at {candles.index[i]}: open={o[i]!r} high={h[i]!r} low={lo[i]!r} "
+                    f"close={c[i]!r} volume={v[i]!r}"
+                )
+    return out
+
+
+def _raw_action(policy: Any) -> tuple[float, ...] | None:
+    raw = getattr(policy, "last_raw_action", None)
+    if raw is None:
+        return None
+    try:
+        return tuple(float(x) for x in np.asarray(raw, dtype=np.float64).ravel())
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class _Choice:
+    decision: Decision
+    source: str
+    reason: str | None
+    raw_action: tuple[float, ...] | None
+    latency_ms: float
+    events: list[tuple[str, dict[str, Any]]]
+
+
+def _choose(
+    ctx: DecisionContext,
+    primary: Policy | None,
+    fallback: Policy,
+    primary_load_error: str | None,
+    timeout_ms: float,
+    clock: Callable[[], float],
+) -> _Choice:
+    """Ask the primary, else the fallback, else decide flat. Never raises for a policy failure.
+
+    ``raw_action`` is the primary's (V2's) ``last_raw_action`` of this call, whatever the final
+    source: it is reset to None before the call, so a stale vector is never recorded.
+    """
+    t0 = clock()
+    reason: str | None
+    raw: tuple[float, ...] | None = None
+    if primary is None:
+        reason = f"bundle_load_failed: {primary_load_error or 'no primary policy'}"
+    else:
+        if hasattr(primary, "last_raw_action"):
+            try:
+                primary.last_raw_action = None  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):
+                pass
+        try:
+            answer = primary.decide(ctx)
+        except NonFiniteDecisionError as exc:
+            reason = f"non_finite_action: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any model failure means fallback
+            reason = f"exception: {type(exc).__name__}: {exc}"
+        else:
+            reason = None
+        latency_ms = (clock() - t0) * 1_000.0
+        raw = _raw_action(primary)
+        if reason is None:
+            if latency_ms > timeout_ms:
+                reason = f"deadline_exceeded: {latency_ms:.0f} ms > {timeout_ms:.0f} ms"
+            elif not isinstance(answer, Decision):
+                reason = f"invalid_return: expected Decision, got {type(answer).__name__}"
+            else:
+                return _Choice(answer, "v2", None, raw, latency_ms, [])
+    try:
+        answer = fallback.decide(ctx)
+        if not isinstance(answer, Decision):
+            raise TypeError(f"fallback returned {type(answer).__name__}, not a Decision")
+    except Exception as exc:  # noqa: BLE001 - the loop must go on: decide flat
+        error = f"{type(exc).__name__}: {exc}"
+        latency_ms = (clock() - t0) * 1_000.0
+        event = ("fallback_failed", {"primary_reason": reason, "fallback_error": error})
+        return _Choice(
+            Decision.flat(), "guard", f"{reason}; fallback_failed: {error}", raw, latency_ms, [event]
+        )
+    latency_ms = (clock() - t0) * 1_000.0
+    return _Choice(answer, "v1", reason, raw, latency_ms, [])
+
+
+def _decision_detail(d: Decision | None) -> dict[str, Any] | None:
+    return None if d is None else asdict(d)
+
+
+def run_replay(
+    candles: pd.DataFrame,
+    *,
+    primary: Policy | None,
+    fallback: Policy,
+    atr: np.ndarray,
+    costs: CostConfig,
+    store: StateStore,
+    config: ServeConfig,
+    primary_load_error: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> ReplaySummary:
+    """Replay ``candles`` bar by bar through the paper broker with V2 -> V1 fallback.
+
+    Parameters
+    ----------
+    candles : pd.DataFrame
+        Index: strictly increasing UTC open times; columns ``open high low close volume``
+        (float64) and optionally ``funding_rate`` (NaN where none; NaN at a funding time uses the
+        cost model's fallback rate).
+    primary : Policy | None
+        The V2 policy, or None when its bundle failed to load (see ``primary_load_error``). May
+        expose ``last_raw_action`` (its raw action vector): it is reset to None before each call
+        and stored in the decision row (also when the primary failed or was overruled).
+    fallback : Policy
+        The V1 policy. If it has ``history_bars``, ``config.context_bars`` must cover it.
+    atr : np.ndarray
+        Shape (len(candles),), float: ATR of each bar in price units (USDT), NaN where unknown.
+    costs : CostConfig
+        The shared cost model (same as the env's).
+    store : StateStore
+        Where decisions, fills, equity snapshots and events are appended.
+    config : ServeConfig
+        Equity, deadline, warm-up, run id, context length.
+    primary_load_error : str | None
+        Why ``primary`` is None (recorded as ``bundle_load_failed: <text>``).
+    progress : Callable[[int, int], None] | None
+        Called after each processed bar with (bars consumed so far, total bars).
+    clock : Callable[[], float]
+        Monotonic seconds, used for decision latency (default ``time.perf_counter``).
+    now : Callable[[], datetime]
+        Wall clock (tz-aware) for ``created_at`` of decision rows.
+
+    The ``latency_ms`` of a decision row runs from the start of the decision to the final answer
+    (primary attempt plus fallback when one was needed); the deadline applies to the primary alone.
+
+    Returns
+    -------
+    ReplaySummary
+
+    Raises
+    ------
+    DataQualityError
+        If ``candles`` is not a UTC-indexed, sorted, unique DataFrame with the required columns
+        (row-level problems are quarantined instead).
+    ValueError
+        If ``atr`` has the wrong shape, or ``context_bars`` is shorter than the fallback's history.
+    """
+    _validate_candles(candles)
+    n = len(candles)
+    atr_arr = np.asarray(atr, dtype=np.float64)
+    if atr_arr.shape != (n,):
+        raise ValueError(f"atr must have shape ({n},) like candles, got {atr_arr.shape}")
+    need = int(getattr(fallback, "history_bars", 0) or 0)
+    if config.context_bars is not None and config.context_bars < need:
+        raise ValueError(
+            f"config.context_bars={config.context_bars} is shorter than the fallback's history_bars={need}"
+        )
+
+    run_id = config.run_id
+    broker = PaperBroker(config.initial_equity_usdt, costs)
+    problems = row_problems(candles)
+    index = candles.index
+    o, h, lo, c = (candles[k].to_numpy(np.float64) for k in ("open", "high", "low", "close"))
+    funding = (
+        candles["funding_rate"].to_numpy(np.float64)
+        if "funding_rate" in candles.columns
+        else np.full(n, np.nan)
+    )
+    counts: Counter[str] = Counter()
+    fallback_reasons: Counter[str] = Counter()
+    event_counts: Counter[str] = Counter()
+    n_quarantined = 0
+    last_valid_atr = math.nan
+    last_kind: str | None = None  # reason kind of the previous decided bar (None: primary used)
+
+    start_events = [EventRecord(run_id, index[0] if n else pd.Timestamp(0, tz="UTC"), "run_started", {
+        "bars": n, "warmup_bars": config.warmup_bars, "primary": getattr(primary, "name", None),
+        "fallback": getattr(fallback, "name", None), "initial_equity_usdt": config.initial_equity_usdt,
+    })]  # fmt: skip
+    if primary is None:
+        start_events.append(
+            EventRecord(run_id, start_events[0].time, "primary_unavailable", {"error": primary_load_error})
+        )
+    store.append(events=start_events)
+    for e in start_events:
+        event_counts[e.kind] += 1
+
+    for t in range(config.warmup_bars, n):
+        ts = index[t]
+        fills: list[FillRecord] = []
+        events: list[EventRecord] = []
+        problem = problems[t]
+
+        # (1) the broker processes bar t with the decision taken at the close of t-1
+        if problem is not None:
+            n_quarantined += 1
+            discarded = broker.cancel_pending()
+            events.append(EventRecord(run_id, ts, "quarantine", {
+                "problem": problem, "discarded_decision": _decision_detail(discarded),
+            }))  # fmt: skip
+            equity_usdt = broker.equity_usdt
+        else:
+            bar = Bar(
+                open_time_ns=int(ts.value), open=float(o[t]), high=float(h[t]), low=float(lo[t]),
+                close=float(c[t]), funding_rate=float(funding[t]),
+                is_funding_time=is_funding_time(int(ts.value), costs.funding_interval_hours),
+            )  # fmt: skip
+            result = broker.on_bar(bar)
+            fills = [FillRecord.from_fill(run_id, f) for f in result.fills]
+            if result.liquidated:
+                events.append(
+                    EventRecord(
+                        run_id, ts, "liquidation", {"liquidation_fee_usdt": result.liquidation_fee_usdt}
+                    )
+                )
+            if result.skipped_min_notional:
+                events.append(EventRecord(run_id, ts, "skipped_min_notional", {}))
+            equity_usdt = result.equity_usdt
+        state = broker.state
+        equity_row = EquityRecord(run_id, ts, float(equity_usdt), state.cash_usdt, state.side, state.qty_base)
+
+        atr_t = float(atr_arr[t])
+        atr_ok = problem is None and math.isfinite(atr_t) and atr_t > 0
+        if atr_ok:
+            last_valid_atr = atr_t
+
+        # (2)-(4) decide
+        if problem is not None:
+            side = state.side
+            choice = _Choice(
+                Decision(direction=side) if side != 0 else Decision.flat(),
+                "guard", f"quarantine: {problem}", None, 0.0, [],
+            )  # fmt: skip
+        else:
+            start = 0 if config.context_bars is None else max(0, t + 1 - config.context_bars)
+            ctx = DecisionContext(
+                bar_open_time=ts,
+                candles=candles.iloc[start : t + 1],
+                position=broker.position_view(),
+                equity_usdt=float(equity_usdt),
+            )
+            choice = _choose(ctx, primary, fallback, primary_load_error, config.decision_timeout_ms, clock)
+            if choice.source != "v2" and choice.reason is not None:
+                kind = reason_kind(choice.reason)
+                fallback_reasons[kind] += 1
+                if kind != last_kind:
+                    choice.events.append(("fallback_engaged", {"reason": choice.reason}))
+                last_kind = kind
+            else:
+                if last_kind is not None:
+                    choice.events.append(("primary_recovered", {"previous_reason_kind": last_kind}))
+                last_kind = None
+
+        decision = choice.decision
+        opens = decision.direction != 0 and decision.direction != state.side
+        if opens and not atr_ok:
+            choice.events.append(
+                ("entry_blocked_atr", {"atr": atr_t, "decision": _decision_detail(decision)})
+            )
+            decision = Decision.flat()
+            choice = _Choice(
+                decision, "guard",
+                f"{choice.reason + '; ' if choice.reason else ''}atr_invalid: atr[t]={atr_t!r}, no new position",
+                choice.raw_action, choice.latency_ms, choice.events,
+            )  # fmt: skip
+
+        # (5) submit and record
+        broker.submit(decision, atr_t if atr_ok else last_valid_atr)
+        counts[choice.source] += 1
+        for kind, detail in choice.events:
+            events.append(EventRecord(run_id, ts, kind, detail))
+        for e in events:
+            event_counts[e.kind] += 1
+        record = DecisionRecord.from_decision(
+            run_id, ts, choice.source, decision, raw_action=choice.raw_action,
+            fallback_reason=choice.reason, latency_ms=choice.latency_ms, created_at=now(),
+        )  # fmt: skip
+        store.append(decisions=[record], fills=fills, equity=[equity_row], events=events)
+        if progress is not None:
+            progress(t + 1, n)
+
+    final = broker.state
+    summary = ReplaySummary(
+        run_id=run_id,
+        bars=max(0, n - config.warmup_bars),
+        decisions_v2=counts["v2"],
+        decisions_v1=counts["v1"],
+        decisions_guard=counts["guard"],
+        fallback_reasons=fallback_reasons,
+        n_quarantined=n_quarantined,
+        final_equity_usdt=broker.equity_usdt,
+        n_fills=final.n_fills,
+        n_trades=final.n_trades,
+        fees_paid_usdt=final.fees_paid_usdt,
+        funding_paid_usdt=final.funding_paid_usdt,
+        slippage_paid_usdt=final.slippage_paid_usdt,
+        liquidation_fees_usdt=final.liquidation_fees_usdt,
+        events=event_counts,
+    )
+    end_time = index[-1] if n else pd.Timestamp(0, tz="UTC")
+    store.append(events=[EventRecord(run_id, end_time, "run_finished", {
+        "bars": summary.bars, "decisions_v2": summary.decisions_v2, "decisions_v1": summary.decisions_v1,
+        "decisions_guard": summary.decisions_guard, "fallback_reasons": dict(fallback_reasons),
+        "final_equity_usdt": summary.final_equity_usdt, "n_fills": summary.n_fills,
+    })])  # fmt: skip
+    summary.events["run_finished"] += 1
+    return summary

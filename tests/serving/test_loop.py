@@ -1,0 +1,337 @@
+"""Replay loop: V2 -> V1 fallback reasons, guard decisions, quarantine, store consistency."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import pytest
+import talib
+
+from envs.accounting import AccountState, Bar, is_funding_time, step_bar
+from envs.config import CostConfig
+from fallback.config import V1Config
+from fallback.v1 import V1Policy
+from market.decision import Decision, DecisionContext
+from serving.errors import DataQualityError
+from serving.loop import ServeConfig, reason_kind, run_replay
+from serving.store import StateStore
+from tests.kit.candles import make_candles
+from tests.serving.fakes import (
+    FakeClock,
+    FixedPolicy,
+    FlipPolicy,
+    NanLeveragePolicy,
+    RaisingPolicy,
+    ScriptedFallback,
+    SlowPolicy,
+    WrongTypePolicy,
+)
+
+COSTS = CostConfig()
+N_BARS = 160
+WARMUP = 40
+LONG = Decision(direction=1, leverage=2.0, size_frac=0.5, stop_atr=1.0, take_profit_atr=1.5)
+FIXED_NOW = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def _atr(candles: pd.DataFrame) -> np.ndarray:
+    return talib.ATR(candles.high.to_numpy(), candles.low.to_numpy(), candles.close.to_numpy(), 14)
+
+
+def _run(primary, fallback=None, candles=None, atr=None, clock=None, primary_load_error=None, **cfg):
+    candles = make_candles(N_BARS, seed=5) if candles is None else candles
+    atr = _atr(candles) if atr is None else atr
+    store = StateStore("sqlite://")
+    config = ServeConfig(warmup_bars=WARMUP, run_id="t", context_bars=50, **cfg)
+    kwargs = {k: v for k, v in (("clock", clock),) if v is not None}
+    summary = run_replay(
+        candles, primary=primary, fallback=fallback or ScriptedFallback(), atr=atr, costs=COSTS,
+        store=store, config=config, primary_load_error=primary_load_error, now=lambda: FIXED_NOW, **kwargs,
+    )  # fmt: skip
+    return summary, store, candles, atr
+
+
+def _direct_replay(store: StateStore, candles: pd.DataFrame, atr: np.ndarray, warmup: int):
+    """Re-run the stored decisions through step_bar directly: the fills and equity it must give."""
+    decisions = store.decisions().set_index("bar_open_time")
+    state = AccountState.initial(10_000.0)
+    pending: tuple[Decision | None, float] = (None, math.nan)
+    fills, equity = [], []
+    for t in range(warmup, len(candles)):
+        ts, row = candles.index[t], candles.iloc[t]
+        ns = int(ts.value)
+        bar = Bar(ns, row.open, row.high, row.low, row.close, row.funding_rate, is_funding_time(ns, 8))
+        result = step_bar(state, pending[0], bar, pending[1], COSTS)
+        state = result.state
+        fills += [
+            (ts, f.side, f.qty_base, f.price, f.fee_usdt, f.slippage_usdt, f.reason) for f in result.fills
+        ]
+        equity.append((ts, result.equity_usdt, state.cash_usdt, state.side, state.qty_base))
+        d = decisions.loc[ts]
+        pending = (
+            Decision(int(d.direction), d.leverage, d.size_frac, d.stop_atr, d.take_profit_atr),
+            float(atr[t]),
+        )
+    return fills, equity, state
+
+
+def _assert_store_consistent(summary, store: StateStore, candles: pd.DataFrame, atr: np.ndarray) -> None:
+    expected_fills, expected_equity, final = _direct_replay(store, candles, atr, WARMUP)
+    f = store.fills()
+    got_fills = list(
+        zip(f.bar_open_time, f.side, f.qty_base, f.price, f.fee_usdt, f.slippage_usdt, f.reason, strict=True)
+    )
+    assert got_fills == expected_fills
+    e = store.equity()
+    got_equity = list(
+        zip(e.bar_open_time, e.equity_usdt, e.cash_usdt, e.position_side, e.position_qty_base, strict=True)
+    )
+    assert got_equity == expected_equity
+    # one equity row and one decision row per processed bar, in bar order
+    assert list(e.bar_open_time) == list(candles.index[WARMUP:])
+    assert list(store.decisions().bar_open_time) == list(candles.index[WARMUP:])
+    assert summary.bars == len(candles) - WARMUP
+    assert summary.n_fills == len(f) == final.n_fills
+    assert summary.final_equity_usdt == expected_equity[-1][1]
+    assert summary.fees_paid_usdt == pytest.approx(f.fee_usdt.sum())
+
+
+def test_fixed_primary_decides_every_bar() -> None:
+    primary = FixedPolicy(LONG)
+    summary, store, candles, atr = _run(primary, clock=FakeClock())
+    d = store.decisions()
+    assert set(d.source) == {"v2"} and d.fallback_reason.isna().all()
+    assert summary.decisions_v2 == N_BARS - WARMUP and summary.decisions_v1 == 0
+    assert not summary.fallback_reasons
+    assert d.raw_action[0] == pytest.approx([0.9, 0.5, 0.4, 0.3, 0.2])
+    assert (d.latency_ms == 0.0).all()  # fake clock never moved
+    assert (d.created_at == pd.Timestamp(FIXED_NOW)).all()
+    assert primary.calls == N_BARS - WARMUP
+    assert summary.n_trades >= 3  # stop/take-profit exits and re-entries happened
+    _assert_store_consistent(summary, store, candles, atr)
+
+
+def test_reversing_primary_matches_direct_accounting() -> None:
+    summary, store, candles, atr = _run(FlipPolicy())
+    assert summary.n_fills > 100  # a reversal (two fills) on most bars
+    _assert_store_consistent(summary, store, candles, atr)
+
+
+@pytest.mark.parametrize(
+    ("primary", "reason_start"),
+    [
+        (RaisingPolicy(), "exception: RuntimeError: boom"),
+        (NanLeveragePolicy(), "non_finite_action: leverage must be a finite number, got nan"),
+        (WrongTypePolicy(), "invalid_return: expected Decision, got dict"),
+        (None, "bundle_load_failed: weights.safetensors missing"),
+    ],
+)
+def test_primary_failures_fall_back_to_v1(primary, reason_start: str) -> None:
+    fallback = ScriptedFallback()
+    load_error = "weights.safetensors missing" if primary is None else None
+    summary, store, candles, atr = _run(primary, fallback, primary_load_error=load_error)
+    d = store.decisions()
+    assert set(d.source) == {"v1"}
+    assert all(r.startswith(reason_start) for r in d.fallback_reason)
+    assert fallback.calls == N_BARS - WARMUP
+    assert summary.decisions_v1 == N_BARS - WARMUP
+    assert summary.fallback_reasons == {reason_kind(reason_start): N_BARS - WARMUP}
+    kinds = list(store.events().kind)
+    assert kinds.count("fallback_engaged") == 1  # one alert when the fallback engages, not per bar
+    assert ("primary_unavailable" in kinds) == (primary is None)
+    _assert_store_consistent(summary, store, candles, atr)
+
+
+def test_non_finite_raw_action_is_recorded() -> None:
+    _, store, _, _ = _run(NanLeveragePolicy())
+    raw = store.decisions().raw_action[0]
+    assert raw[0] == 0.8 and math.isnan(raw[1])
+
+
+def test_late_answer_is_discarded() -> None:
+    clock = FakeClock()
+    summary, store, _, _ = _run(SlowPolicy(clock, 2.3, LONG), clock=clock)
+    d = store.decisions()
+    assert set(d.source) == {"v1"}
+    assert set(d.fallback_reason) == {"deadline_exceeded: 2300 ms > 2000 ms"}
+    assert d.latency_ms.to_numpy() == pytest.approx(2300.0)
+    assert summary.n_fills == 0  # the long answers were never used; the fallback stayed flat
+
+
+def test_answer_within_deadline_is_used() -> None:
+    clock = FakeClock()
+    summary, store, _, _ = _run(SlowPolicy(clock, 1.9, LONG), clock=clock)
+    d = store.decisions()
+    assert set(d.source) == {"v2"}
+    assert d.latency_ms.to_numpy() == pytest.approx(1900.0)
+    assert summary.n_fills > 0
+
+
+def test_deadline_comes_from_config() -> None:
+    clock = FakeClock()
+    _, store, _, _ = _run(SlowPolicy(clock, 1.9, LONG), clock=clock, decision_timeout_ms=1_000.0)
+    assert set(store.decisions().fallback_reason) == {"deadline_exceeded: 1900 ms > 1000 ms"}
+
+
+class _LongThenBroken:
+    """Long for the first ``n_ok`` calls, then raises."""
+
+    name = "v2"
+
+    def __init__(self, n_ok: int) -> None:
+        self.n_ok, self.calls = n_ok, 0
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        self.calls += 1
+        if self.calls > self.n_ok:
+            raise RuntimeError("model crashed")
+        return Decision(direction=1, leverage=2.0, size_frac=0.5, stop_atr=50.0, take_profit_atr=50.0)
+
+
+def test_fallback_failure_decides_flat_and_closes() -> None:
+    summary, store, candles, atr = _run(_LongThenBroken(5), ScriptedFallback(fail=True))
+    d = store.decisions()
+    assert list(d.source[:5]) == ["v2"] * 5 and set(d.source[5:]) == {"guard"}
+    assert (d.direction[5:] == 0).all()
+    assert (
+        d.fallback_reason[5]
+        == "exception: RuntimeError: model crashed; fallback_failed: ValueError: fallback broken"
+    )
+    assert summary.decisions_guard == N_BARS - WARMUP - 5
+    assert summary.fallback_reasons == {"exception": N_BARS - WARMUP - 5}
+    assert summary.events["fallback_failed"] == N_BARS - WARMUP - 5
+    f = store.fills()
+    assert list(f.reason) == ["entry", "exit_signal"]  # opened after bar 1's decision, closed by the guard
+    assert f.bar_open_time[1] == candles.index[WARMUP + 6]
+    assert (store.equity().position_side[7:] == 0).all()
+    _assert_store_consistent(summary, store, candles, atr)
+
+
+def test_primary_recovery_is_recorded() -> None:
+    class Flaky:
+        name = "v2"
+        calls = 0
+
+        def decide(self, ctx: DecisionContext) -> Decision:
+            self.calls += 1
+            if 3 <= self.calls <= 5:
+                raise TimeoutError("feature service down")
+            return Decision.flat()
+
+    summary, store, _, _ = _run(Flaky())
+    kinds = list(store.events().kind)
+    assert kinds.count("fallback_engaged") == 1 and kinds.count("primary_recovered") == 1
+    assert summary.decisions_v1 == 3 and summary.fallback_reasons == {"exception": 3}
+
+
+def test_quarantined_rows_hold_the_position_and_skip_the_bar() -> None:
+    candles = make_candles(N_BARS, seed=5)
+    q1, q2 = WARMUP + 10, WARMUP + 20
+    candles.iloc[q1, candles.columns.get_loc("close")] = np.nan
+    hi, lo = candles.iloc[q2]["high"], candles.iloc[q2]["low"]
+    candles.iloc[q2, candles.columns.get_loc("high")] = lo
+    candles.iloc[q2, candles.columns.get_loc("low")] = hi  # high < low
+    wide = Decision(direction=1, leverage=2.0, size_frac=0.5, stop_atr=50.0, take_profit_atr=50.0)
+    summary, store, _, _ = _run(FixedPolicy(wide), candles=candles, atr=_atr(make_candles(N_BARS, seed=5)))
+    assert summary.n_quarantined == 2 and summary.bars == N_BARS - WARMUP
+    d = store.decisions().set_index("bar_open_time")
+    for q in (q1, q2):
+        ts = candles.index[q]
+        assert d.loc[ts, "source"] == "guard" and d.loc[ts, "fallback_reason"].startswith("quarantine: ")
+        assert d.loc[ts, "direction"] == 1  # hold the open long, nothing new
+    assert "non-finite price" in d.loc[candles.index[q1], "fallback_reason"]
+    assert "high < low" in d.loc[candles.index[q2], "fallback_reason"]
+    ev = store.events()
+    quarantine = ev[ev.kind == "quarantine"]
+    assert list(quarantine.time) == [candles.index[q1], candles.index[q2]]
+    assert quarantine.detail.iloc[0]["discarded_decision"]["direction"] == 1
+    e = store.equity().set_index("bar_open_time")
+    for q in (q1, q2):  # no processing: the snapshot repeats the previous mark
+        assert e.loc[candles.index[q], "equity_usdt"] == e.loc[candles.index[q - 1], "equity_usdt"]
+    f = store.fills()
+    assert list(f.reason) == ["entry"]  # held through both bad rows
+    assert set(store.equity().position_side[1:]) == {1}
+
+
+def test_non_finite_atr_blocks_entries() -> None:
+    candles = make_candles(N_BARS, seed=5)
+    atr = _atr(candles)
+    atr[WARMUP:] = np.nan
+    summary, store, _, _ = _run(FixedPolicy(LONG), candles=candles, atr=atr)
+    d = store.decisions()
+    assert set(d.source) == {"guard"} and (d.direction == 0).all()
+    assert d.fallback_reason[0].startswith("atr_invalid: atr[t]=nan")
+    assert summary.n_fills == 0 and summary.events["entry_blocked_atr"] == N_BARS - WARMUP
+
+
+def test_mixed_failures_never_stop_the_loop() -> None:
+    clock = FakeClock()
+
+    class Chaos:
+        name = "v2"
+        calls = 0
+
+        def __init__(self) -> None:
+            self.last_raw_action = None
+
+        def decide(self, ctx: DecisionContext) -> Decision:
+            self.calls += 1
+            k = self.calls % 5
+            if k == 1:
+                raise KeyError("feature")
+            if k == 2:
+                return Decision(direction=1, leverage=float("inf"))
+            if k == 3:
+                clock.advance(5.0)
+                return LONG
+            if k == 4:
+                return None  # type: ignore[return-value]
+            return LONG
+
+    summary, store, candles, atr = _run(Chaos(), clock=clock)
+    n = N_BARS - WARMUP
+    assert summary.decisions_v2 + summary.decisions_v1 == n
+    assert summary.fallback_reasons == {
+        "exception": n // 5, "non_finite_action": n // 5, "deadline_exceeded": n // 5, "invalid_return": n // 5,
+    }  # fmt: skip
+    _assert_store_consistent(summary, store, candles, atr)
+
+
+def test_real_v1_fallback_end_to_end() -> None:
+    cfg = V1Config(
+        adx_period_bars=7, adx_min=15.0, bb_period_bars=10, bb_width_lookback_bars=50, volume_ma_bars=10,
+        volume_min_ratio=0.5, ema_fast_bars=5, ema_mid_bars=10, ema_slow_bars=30, atr_period_bars=14,
+        history_bars=80,
+    )  # fmt: skip
+    candles = make_candles(600, seed=2)
+    atr = _atr(candles)
+    store = StateStore("sqlite://")
+    seen: list[tuple[int, int]] = []
+    summary = run_replay(
+        candles, primary=RaisingPolicy(), fallback=V1Policy(cfg), atr=atr, costs=COSTS, store=store,
+        config=ServeConfig(warmup_bars=WARMUP, run_id="t", context_bars=80),
+        progress=lambda i, n: seen.append((i, n)),
+    )  # fmt: skip
+    assert summary.decisions_v1 == 600 - WARMUP
+    assert summary.n_trades > 0  # V1 traded at least once on this seeded walk
+    assert seen[0] == (WARMUP + 1, 600) and seen[-1] == (600, 600) and len(seen) == 600 - WARMUP
+    expected_fills, expected_equity, _ = _direct_replay(store, candles, atr, WARMUP)
+    assert len(store.fills()) == len(expected_fills) == summary.n_fills
+    assert store.equity().equity_usdt.iloc[-1] == expected_equity[-1][1]
+
+
+def test_input_validation() -> None:
+    candles = make_candles(100, seed=1)
+    atr = _atr(candles)
+    kw = {"primary": None, "fallback": ScriptedFallback(), "costs": COSTS, "store": StateStore("sqlite://")}
+    with pytest.raises(DataQualityError, match="UTC"):
+        run_replay(candles.tz_localize(None), atr=atr, config=ServeConfig(warmup_bars=10), **kw)
+    with pytest.raises(DataQualityError, match="not sorted"):
+        run_replay(candles.iloc[::-1], atr=atr, config=ServeConfig(warmup_bars=10), **kw)
+    with pytest.raises(ValueError, match="shape"):
+        run_replay(candles, atr=atr[:-1], config=ServeConfig(warmup_bars=10), **kw)
+    with pytest.raises(ValueError, match="history_bars"):
+        run_replay(candles, atr=atr, config=ServeConfig(warmup_bars=10, context_bars=5), **kw)
