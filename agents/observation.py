@@ -1,0 +1,114 @@
+"""Composition of the V2 market observation: features + regime probabilities + signal probabilities.
+
+One function builds the market part of the observation for training (out-of-fold models),
+evaluation and serving (the bundle's models), so the three cannot drift apart. The account part
+(position, leverage, PnL, drawdown) is appended by the env (``envs.trading_env``).
+
+Column order (the observation schema): feature columns (``market.features.feature_names``),
+``regime_p{k}`` (forward-filtered HMM state probabilities, k = 0 calmest .. K-1 most volatile),
+``regime_ahead_p{k}`` (LightGBM probability of the filtered state ``horizon_bars`` ahead),
+``signal_p_down``, ``signal_p_timeout``, ``signal_p_up`` (TCN softmax over triple-barrier outcomes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from envs.trading_env import ACCOUNT_FEATURES
+from market.features import FeatureConfig, feature_names
+from regime.hmm import RegimeHMM
+from regime.transition import RegimeTransitionModel
+from signals.tcn import TCNSignalModel
+
+SIGNAL_COLUMNS = ("signal_p_down", "signal_p_timeout", "signal_p_up")
+
+
+@dataclass(frozen=True)
+class StackModels:
+    """The fitted regime and signal models whose outputs enter the observation."""
+
+    hmm: RegimeHMM
+    transition: RegimeTransitionModel
+    tcn: TCNSignalModel
+    hmm_columns: tuple[str, ...]
+
+    @property
+    def n_states(self) -> int:
+        return int(self.hmm.cfg.n_states)
+
+
+def model_output_names(n_states: int) -> list[str]:
+    """Names of the model-output columns appended to the features, in order."""
+    return (
+        [f"regime_p{k}" for k in range(n_states)]
+        + [f"regime_ahead_p{k}" for k in range(n_states)]
+        + list(SIGNAL_COLUMNS)
+    )
+
+
+def market_obs_names(feature_cfg: FeatureConfig, n_states: int) -> list[str]:
+    """The market-observation schema: feature names then model-output names."""
+    return list(feature_names(feature_cfg)) + model_output_names(n_states)
+
+
+def schema_hash(names: list[str] | tuple[str, ...], extra: dict | None = None) -> str:
+    """SHA-256 of the observation schema (market names, account features, and ``extra``)."""
+    payload = {"market_obs": list(names), "account": list(ACCOUNT_FEATURES), "extra": extra or {}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def model_outputs(features: pd.DataFrame, models: StackModels, *, start: int, end: int) -> pd.DataFrame:
+    """Model outputs for rows ``[start, end)`` of ``features`` (warm-up already dropped).
+
+    Every output at row t uses feature rows <= t only: the HMM filter runs forward from row 0,
+    the LightGBM model is row-wise, the TCN reads the window of rows ``t - window + 1 .. t``.
+
+    Returns
+    -------
+    pd.DataFrame
+        float32, index ``features.index[start:end]``, columns ``model_output_names(K)``.
+
+    Raises
+    ------
+    ValueError
+        If the span is empty, the TCN window does not fit before ``start``, or an output is non-finite.
+    """
+    if not 0 <= start < end <= len(features):
+        raise ValueError(f"invalid row span [{start}, {end}) for {len(features)} feature rows")
+    window = models.tcn.window_bars
+    if start < window - 1:
+        raise ValueError(f"start row {start} leaves fewer than window_bars={window} rows of history for the TCN")
+    x_hmm = features.loc[:, list(models.hmm_columns)].to_numpy(np.float64)[:end]
+    filtered = models.hmm.filtered_proba(x_hmm)[start:end]
+    feats = features.to_numpy(np.float32)
+    ahead = models.transition.predict_proba(feats[start:end])
+    signal = models.tcn.predict_proba(feats[start - window + 1 : end])[window - 1 :]
+    out = np.concatenate([filtered, ahead, signal], axis=1).astype(np.float32)
+    if not np.isfinite(out).all():
+        bad = np.where(~np.isfinite(out).all(axis=1))[0][:5]
+        raise ValueError(f"non-finite model outputs at rows {[str(features.index[start + i]) for i in bad]}")
+    return pd.DataFrame(out, index=features.index[start:end], columns=model_output_names(models.n_states))
+
+
+@dataclass(frozen=True)
+class ObsNormalizer:
+    """Fixed standardisation of the market observation, fitted on the agent's training rows."""
+
+    mean: np.ndarray  # float32 (F,)
+    std: np.ndarray  # float32 (F,), floored at 1e-6
+    clip: float
+
+    @classmethod
+    def fit(cls, market_obs: np.ndarray, clip: float) -> "ObsNormalizer":
+        mean = market_obs.mean(axis=0).astype(np.float32)
+        std = np.maximum(market_obs.std(axis=0), 1e-6).astype(np.float32)
+        return cls(mean=mean, std=std, clip=float(clip))
+
+    def __call__(self, market_obs: np.ndarray) -> np.ndarray:
+        z = (np.asarray(market_obs, dtype=np.float32) - self.mean) / self.std
+        return np.clip(z, -self.clip, self.clip).astype(np.float32)

@@ -1,0 +1,117 @@
+"""``ats`` command line: train, evaluate, serve. Every command ends by printing where its outputs went."""
+
+from __future__ import annotations
+
+import resource
+import time
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adaptive Trading System (RL on USDT-M perpetuals)")
+console = Console()
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Mode(str, Enum):
+    paper = "paper"
+
+
+def _log(msg: str) -> None:
+    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}")
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process and its waited-for children, MiB (Linux ru_maxrss is KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024.0
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+    )
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(..., "--config", help="YAML run config (see configs/)"),
+    out: Path = typer.Option(..., "--out", help="run directory to create"),
+    device: Device = typer.Option(None, "--device", help="where torch runs (default: the config's)"),
+    evaluate: bool = typer.Option(True, help="evaluate on the test period at the end"),
+) -> None:
+    """Fit regime and signal models, train PPO, export the bundle, and evaluate on the test period."""
+    import torch
+
+    from training.config import load_config
+    from training.evaluate import evaluate_run
+    from training.pipeline import train_run
+
+    t0 = time.perf_counter()
+    cfg = load_config(config, device=device.value if device else None)
+    torch.set_num_threads(cfg.torch_threads)
+    with _progress() as progress:
+        task = progress.add_task("PPO", total=cfg.ppo.total_timesteps, visible=False)
+
+        def on_ppo(step: int) -> None:
+            progress.update(task, completed=min(step, cfg.ppo.total_timesteps), visible=True)
+
+        bundle = train_run(cfg, out, log=_log, on_ppo_progress=on_ppo)
+    if evaluate:
+        evaluate_run(out, log=_log)
+    console.print(f"\n[bold green]done[/] in {time.perf_counter() - t0:.0f} s, peak memory {_peak_rss_mb():.0f} MiB")
+    console.print(f"  TensorBoard logs: {out / 'tb'}   (tensorboard --logdir {out / 'tb'})")
+    console.print(f"  policy bundle:    {bundle}")
+    if evaluate:
+        console.print(f"  test report:      {out / 'report' / 'report.html'}  and  {out / 'report' / 'metrics.json'}")
+    console.print(f"  replay candles:   {out / 'replay' / 'test_candles.parquet'}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(run: Path = typer.Option(..., "--run", help="run directory written by `ats train`")) -> None:
+    """Evaluate a run's bundle on its held-out test period (PPO, V1, buy-and-hold, flat)."""
+    from training.evaluate import evaluate_run
+
+    evaluate_run(run, log=_log)
+    console.print(f"report: {run / 'report' / 'report.html'}\nmetrics: {run / 'report' / 'metrics.json'}")
+
+
+@app.command()
+def serve(
+    mode: Mode = typer.Option(Mode.paper, "--mode", help="paper: paper broker with the env's cost model"),
+    replay: Path = typer.Option(..., "--replay", help="candles parquet replayed bar by bar as if live"),
+    bundle: Path = typer.Option(..., "--bundle", help="policy bundle directory"),
+    db: Path = typer.Option(..., "--db", help="SQLite state file (decisions, fills, equity, events)"),
+    warmup_bars: int = typer.Option(1200, help="bars observed before the first decision"),
+    max_bars: int = typer.Option(0, help="stop after this many decision bars (0 = all)"),
+    initial_equity: float = typer.Option(10_000.0, help="paper account equity, USDT"),
+) -> None:
+    """Replay candles through the frozen policy with V1 fallback, executing on a paper broker."""
+    from serving.app import serve_replay
+
+    summary = serve_replay(
+        replay=replay, bundle_dir=bundle, db_path=db, warmup_bars=warmup_bars, max_bars=max_bars,
+        initial_equity_usdt=initial_equity, log=_log, progress_factory=_progress,
+    )
+    console.print(
+        f"\n[bold green]served[/] {summary.bars} bars: {summary.decisions_v2} decided by V2, {summary.decisions_v1} by V1; "
+        f"final equity {summary.final_equity_usdt:,.2f} USDT"
+    )
+    if summary.fallback_reasons:
+        for reason, count in summary.fallback_reasons.most_common(5):
+            console.print(f"  fallback x{count}: {reason}")
+    console.print(f"  state database: {db}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,134 @@
+"""The run configuration: one YAML file parsed once into typed, frozen objects.
+
+Unknown keys anywhere are an error (``extra="forbid"`` on every section), so a typo never
+falls back silently to a default. Periods are half-open ``[start, end)`` intervals of bar open
+times in UTC; train < validation < test and they never overlap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from envs.trading_env import EnvConfig
+from fallback.config import V1Config
+from market.config_base import StrictConfig
+from market.features import FeatureConfig
+from market.labels import TripleBarrierConfig
+from regime.config import RegimeConfig
+from signals.config import SignalConfig
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, malformed or inconsistent (the message names the key)."""
+
+
+class DataConfig(StrictConfig):
+    """Where the candles come from and how the span is split into train / validation / test."""
+
+    candles_path: str | None = Field(None, description="OHLCV parquet; None = bundled BTCUSDT 1h USDT-M")
+    funding_path: str | None = Field(None, description="funding parquet; None = bundled (with bundled candles)")
+    symbol: str = "BTCUSDT"
+    load_start: str = Field(..., description="first open time loaded (UTC); includes the feature warm-up")
+    train_start: str = Field(..., description="first open time of the training period (UTC)")
+    val_start: str = Field(..., description="end of training = first open time of validation (UTC)")
+    test_start: str = Field(..., description="end of validation = first open time of test (UTC)")
+    test_end: str = Field(..., description="end (exclusive) of the test period (UTC)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DataConfig":
+        times = [pd.Timestamp(getattr(self, k), tz="UTC") for k in self.period_keys()]
+        if any(b <= a for a, b in zip(times, times[1:])):
+            raise ValueError(f"data periods must be strictly increasing: {dict(zip(self.period_keys(), times))}")
+        if times[-1] > pd.Timestamp("2025-07-01", tz="UTC"):
+            raise ValueError("test_end is after 2025-07-01: later data is withheld for evaluation")
+        return self
+
+    @staticmethod
+    def period_keys() -> tuple[str, ...]:
+        return ("load_start", "train_start", "val_start", "test_start", "test_end")
+
+    def ts(self, key: str) -> pd.Timestamp:
+        """Return the named boundary as a UTC timestamp."""
+        return pd.Timestamp(getattr(self, key), tz="UTC")
+
+
+class StackingConfig(StrictConfig):
+    """Out-of-fold stacking of regime and signal outputs over the training period."""
+
+    n_folds: int = Field(3, ge=1, description="forward folds whose outputs the agent trains on")
+    purge_bars: int | None = Field(
+        None, description="gap between a fold's fitting data and its predictions; None = max label horizon"
+    )
+    min_fit_bars: int = Field(1500, ge=200, description="bars before the first predicted fold")
+
+
+class PPOConfig(StrictConfig):
+    """Stable-Baselines3 PPO hyperparameters (Schulman et al. 2017)."""
+
+    total_timesteps: int = Field(100_000, ge=64)
+    n_envs: int = Field(4, ge=1)
+    n_steps: int = Field(512, ge=8, description="rollout length per env")
+    batch_size: int = Field(256, ge=8)
+    n_epochs: int = Field(10, ge=1)
+    learning_rate: float = 3e-4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    ent_coef: float = 0.0
+    net_arch: tuple[int, ...] = (64, 64)
+    eval_every_steps: int = Field(10_000, ge=64, description="validation backtest interval (env steps)")
+    obs_clip: float = Field(10.0, gt=0, description="clip of the standardised market observation")
+
+
+class RunConfig(StrictConfig):
+    """Everything one ``ats train`` run needs."""
+
+    name: str = "run"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(2, ge=1)
+    data: DataConfig
+    features: FeatureConfig = FeatureConfig()
+    labels: TripleBarrierConfig = TripleBarrierConfig()
+    regime: RegimeConfig = RegimeConfig()
+    regime_input_features: tuple[str, ...] = Field(
+        ("logret_24b", "rvol_24b"), description="feature columns the HMM observes"
+    )
+    signals: SignalConfig = SignalConfig()
+    stacking: StackingConfig = StackingConfig()
+    env: EnvConfig = EnvConfig()
+    ppo: PPOConfig = PPOConfig()
+    v1: V1Config = V1Config()
+
+
+def load_config(path: str | Path, **overrides: object) -> RunConfig:
+    """Parse a YAML run config into a frozen :class:`RunConfig`.
+
+    ``overrides`` replace top-level keys (e.g. ``device="cpu"``) before validation.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, is not a YAML mapping, or fails validation (unknown key,
+        wrong type, inconsistent periods); the message names the offending key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{path}: invalid config:\n  " + "\n  ".join(lines)) from exc
