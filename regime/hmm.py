@@ -268,7 +268,8 @@ class RegimeHMM:
         x_mean, x_std : (d,)
             Standardisation applied to raw inputs: ``z = (x − x_mean) / x_std``.
         cfg : RegimeConfig, optional
-            Its ``n_states`` must equal K.
+            Its ``n_states`` must equal K; by default ``RegimeConfig(n_states=K)`` (so K is 3 or 4;
+            the module-level :func:`forward_filter` works for any K).
 
         Raises
         ------
