@@ -57,6 +57,9 @@ def run_backtest(
     ``candles.iloc[offset : offset + len(data)]`` must be the bars of ``data``; earlier rows are
     closed history a policy may read (V1 needs ``history_bars`` of it to decide at the first bar).
 
+    The training-time episode rules that end an episode early (equity floor, drawdown limit) are
+    switched off here, so a report always covers the whole span; the drawdown shows in the metrics.
+
     Raises
     ------
     ValueError
@@ -66,7 +69,9 @@ def run_backtest(
     window = candles.iloc[offset : offset + n]
     if len(window) != n or not np.array_equal(window.index.asi8, np.asarray(data.open_time_ns, dtype=np.int64)):
         raise ValueError(f"candles[{offset}:{offset + n}] ({len(window)} rows) and env data ({n} rows) are not aligned")
-    cfg = env_config.model_copy(update={"episode_len_bars": None, "random_start": False})
+    cfg = env_config.model_copy(
+        update={"episode_len_bars": None, "random_start": False, "min_equity_frac": 0.0, "max_drawdown_frac": 1.0}
+    )
     env = TradingEnv(data, cfg)
     obs, info = env.reset(options={"start_index": 0, "end_index": len(data.close) - 1})
     equity = [info["equity_usdt"]]

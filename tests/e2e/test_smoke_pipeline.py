@@ -78,3 +78,34 @@ def test_corrupted_bundle_falls_back_to_v1_every_bar(smoke_run, tmp_path):
     assert decisions["fallback_reason"].str.contains("policy.safetensors").all()
     equity = StateStore.sqlite(db).equity()
     assert len(equity) >= 30 and np.isfinite(pd.to_numeric(equity["equity_usdt"])).all()
+
+
+def test_serving_observation_matches_evaluation_observation(smoke_run):
+    """Parity: the observation serving builds bar by bar from a 1,000-candle window equals the one
+    the evaluation built on the full series (same bundle models), up to the effect of the finite
+    window on recursive indicators (EMA/ATR/ADX seeds, HMM filter start)."""
+    from agents.observation import model_outputs
+    from agents.policy import FrozenPPOPolicy
+    from market.candles import load_candles
+    from market.decision import DecisionContext, PositionView
+    from training.config import load_config
+    from training.pipeline import prepare_data
+
+    bundle = load_bundle(smoke_run / "bundle")
+    cfg = load_config(smoke_run / "config.yaml")
+    prep = prepare_data(cfg)
+    a, b = prep.test_row, prep.n_rows
+    market = pd.concat([prep.features.iloc[a:b], model_outputs(prep.features, bundle.models, start=a, end=b)], axis=1)
+    expected = bundle.normalizer(market.to_numpy(np.float32))
+    replay = load_candles(smoke_run / "replay" / "test_candles.parquet")
+    policy = FrozenPPOPolicy(bundle)
+    n_market = len(bundle.market_obs_names)
+    worst = 0.0
+    for i in (0, 50, 300, b - a - 1):
+        t = replay.index.get_loc(market.index[i])
+        ctx = DecisionContext(market.index[i], replay.iloc[max(0, t - 999) : t + 1], PositionView(), 10_000.0)
+        got = policy.observation(ctx)
+        worst = max(worst, float(np.abs(got[:n_market] - expected[i]).max()))
+        np.testing.assert_array_equal(got[n_market:], np.zeros(6, np.float32))  # flat account, no drawdown
+    # standardised units: 0.01 is 1 % of a feature's training standard deviation
+    assert worst < 0.01, worst
