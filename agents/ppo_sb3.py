@@ -17,6 +17,7 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import HParam, configure
+from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from envs.trading_env import EnvConfig, EnvData, TradingEnv
@@ -37,8 +38,11 @@ def resolve_device(device: str) -> str:
 
 
 def make_vec_env(data: EnvData, config: EnvConfig, *, n_envs: int, seed: int) -> DummyVecEnv:
-    """``n_envs`` TradingEnvs with random episode starts, seeded ``seed, seed+1, ...``."""
-    venv = DummyVecEnv([lambda: TradingEnv(data, config) for _ in range(n_envs)])
+    """``n_envs`` TradingEnvs with random episode starts, seeded ``seed, seed+1, ...``.
+
+    Each env is wrapped in SB3's ``Monitor`` so ``rollout/ep_rew_mean`` and ``ep_len_mean`` are logged.
+    """
+    venv = DummyVecEnv([lambda: Monitor(TradingEnv(data, config)) for _ in range(n_envs)])
     venv.seed(seed)
     return venv
 
