@@ -21,7 +21,6 @@ class V1Config(StrictConfig):
     adx_period_bars: int = Field(14, ge=2, description="Wilder ADX / +DI / -DI period, in bars.")
     adx_min: float = Field(20.0, ge=0.0, le=100.0, description="Minimum ADX (trend strength) to trade.")
     bb_period_bars: int = Field(20, ge=2, description="Bollinger band moving-average period, in bars.")
-    bb_nbdev: float = Field(2.0, gt=0.0, description="Bollinger band half-width in standard deviations.")
     bb_width_lookback_bars: int = Field(
         500, ge=2, description="Bars of Bollinger-width history the current width is ranked against."
     )

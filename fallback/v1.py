@@ -34,6 +34,10 @@ from market.decision import Decision, DecisionContext
 _PRICE_COLUMNS = ("open", "high", "low", "close", "volume")
 
 
+# Standard Bollinger bands (2 standard deviations). Not a config field: the filter uses the
+# percentile rank of the width in its own history, which does not depend on this multiplier.
+BB_NBDEV = 2.0
+
 def size_position(
     equity_usdt: float, atr_price: float, close_price: float, cfg: V1Config
 ) -> dict[str, float]:
@@ -199,7 +203,7 @@ class V1Policy:
         plus_di = talib.PLUS_DI(h, lo, c, timeperiod=cfg.adx_period_bars)
         minus_di = talib.MINUS_DI(h, lo, c, timeperiod=cfg.adx_period_bars)
         upper, middle, lower = talib.BBANDS(
-            c, timeperiod=cfg.bb_period_bars, nbdevup=cfg.bb_nbdev, nbdevdn=cfg.bb_nbdev, matype=0
+            c, timeperiod=cfg.bb_period_bars, nbdevup=BB_NBDEV, nbdevdn=BB_NBDEV, matype=0
         )
         width = (upper - lower) / middle
         lookback = width[-cfg.bb_width_lookback_bars :]

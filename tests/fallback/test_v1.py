@@ -252,14 +252,6 @@ def _field_cases(base_e: dict) -> list[tuple[str, dict, dict, dict, object]]:
         ("adx_period_bars", {}, {}, {"adx_period_bars": 400}, flips_to_flat),  # ADX needs 799 bars
         ("adx_min", {}, {}, {"adx_min": f["adx"] + 0.01}, flips_to_flat),
         ("bb_period_bars", {}, {}, {"bb_period_bars": 150}, flips_to_flat),  # 149 + 500 > 600
-        (
-            "bb_nbdev",
-            {},
-            {},
-            {"bb_nbdev": 4.0},
-            # the percentile rank is scale-free, so nbdev only scales the reported width
-            lambda ref, new: new["filter"]["bb_width"] == pytest.approx(2 * ref["filter"]["bb_width"]),
-        ),
         ("bb_width_lookback_bars", {}, {}, {"bb_width_lookback_bars": 590}, flips_to_flat),
         ("bb_width_pct_min", {}, {}, {"bb_width_pct_min": f["bb_width_pct"] + 0.01}, flips_to_flat),
         ("bb_width_pct_max", {}, {}, {"bb_width_pct_max": f["bb_width_pct"] - 0.01}, flips_to_flat),
