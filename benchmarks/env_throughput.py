@@ -23,10 +23,11 @@ from market.features import FeatureConfig, atr, compute_features, drop_warmup
 
 def env_steps_per_second(n_steps: int, seed: int = 0) -> float:
     candles = join_funding(load_candles(bundled_candles_path()), load_funding(bundled_funding_path()))
-    feats, _ = drop_warmup(compute_features(candles, FeatureConfig()))
+    feats, n_warm = drop_warmup(compute_features(candles, FeatureConfig()))
+    atr_all = atr(candles, 14)
     candles = candles.loc[feats.index]
     obs = pd.concat([feats, pd.DataFrame(np.zeros((len(feats), 9), np.float32), index=feats.index)], axis=1)
-    data = EnvData.from_frames(candles, obs, atr(candles, 14))
+    data = EnvData.from_frames(candles, obs, atr_all[n_warm:])
     env = TradingEnv(data, EnvConfig(episode_len_bars=None, random_start=False))
     rng = np.random.default_rng(seed)
     actions = rng.uniform(-1, 1, size=(n_steps, 5)).astype(np.float32)

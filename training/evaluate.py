@@ -14,26 +14,22 @@ import numpy as np
 import pandas as pd
 
 from agents.baselines import BuyAndHoldPolicy, FlatPolicy
-from agents.bundle import load_bundle
+from agents.bundle import PolicyBundle, load_bundle
 from agents.observation import model_outputs
 from agents.policy import FrozenPPOPolicy
 from envs.trading_env import EnvData
 from fallback.v1 import V1Policy
 from training import metrics as M
 from training.backtest import BacktestResult, run_backtest
-from training.config import load_config
-from training.pipeline import Log, prepare_data, summarize_backtest
+from training.config import RunConfig, load_config
+from training.pipeline import Log, PreparedData, prepare_data, summarize_backtest
 from training.report import write_report
 
 STRATEGIES = ("ppo", "v1", "buy_and_hold", "flat")
 
 
-def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """Backtest the four strategies on the test period; write ``report/metrics.json`` and ``report/report.html``."""
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    bundle = load_bundle(run_dir / "bundle", device=device)
-    prep = prepare_data(cfg, log)
+def test_period_backtests(cfg: RunConfig, bundle: PolicyBundle, prep: PreparedData) -> dict[str, BacktestResult]:
+    """Backtest PPO (the bundle), V1, buy-and-hold and flat on the test period under the same costs."""
     a, b = prep.test_row, prep.n_rows
     outputs = model_outputs(prep.features, bundle.models, start=a, end=b)
     market = pd.concat([prep.features.iloc[a:b], outputs], axis=1)
@@ -48,12 +44,22 @@ def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dic
         "buy_and_hold": BuyAndHoldPolicy(),
         "flat": FlatPolicy(),
     }
+    return {
+        name: run_backtest(policy, data, candles, cfg.env, offset=a, history_bars=cfg.v1.history_bars)
+        for name, policy in policies.items()
+    }
+
+
+def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Backtest the four strategies on the test period; write ``report/metrics.json`` and ``report/report.html``."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    bundle = load_bundle(run_dir / "bundle", device=device)
+    prep = prepare_data(cfg, log)
     bar_s = prep.info["bar_interval_s"]
-    results: dict[str, BacktestResult] = {}
+    results = test_period_backtests(cfg, bundle, prep)
     metrics: dict[str, dict[str, float]] = {}
-    for name, policy in policies.items():
-        res = run_backtest(policy, data, candles, cfg.env, offset=a, history_bars=cfg.v1.history_bars)
-        results[name] = res
+    for name, res in results.items():
         metrics[name] = summarize_backtest(res, bar_s)
         log(f"test {name:>12}: return {metrics[name]['total_return']:+.2%}, Sortino {metrics[name]['sortino']:.2f}, "
             f"max DD {metrics[name]['max_drawdown']:.2%}, trades {metrics[name]['n_trades']:.0f}")

@@ -109,3 +109,25 @@ def test_serving_observation_matches_evaluation_observation(smoke_run):
         np.testing.assert_array_equal(got[n_market:], np.zeros(6, np.float32))  # flat account, no drawdown
     # standardised units: 0.01 is 1 % of a feature's training standard deviation
     assert worst < 0.01, worst
+
+
+def test_paper_serving_equity_equals_backtest_equity_for_v1(smoke_run, tmp_path):
+    """One accounting: V1 replayed through the serving loop and paper broker over the whole test
+    period gives, bar for bar, the equity of V1 backtested through the env."""
+    from training.config import load_config
+    from training.evaluate import test_period_backtests
+    from training.pipeline import prepare_data
+
+    cfg = load_config(smoke_run / "config.yaml")
+    prep = prepare_data(cfg)
+    backtest = test_period_backtests(cfg, load_bundle(smoke_run / "bundle"), prep)["v1"]
+    db = tmp_path / "state.sqlite"
+    summary = serve_replay(
+        replay=smoke_run / "replay" / "test_candles.parquet", bundle_dir=tmp_path / "no-bundle", db_path=db,
+        warmup_bars=1200, log=lambda s: None,
+    )
+    assert summary.decisions_v2 == 0 and summary.decisions_v1 == summary.bars
+    served = StateStore.sqlite(db).equity().set_index("bar_open_time")["equity_usdt"].astype(float)
+    assert served.index[0] == backtest.equity.index[0]
+    assert len(backtest.trades) > 0  # the comparison covers real fills
+    np.testing.assert_allclose(served.to_numpy(), backtest.equity.to_numpy(), rtol=0, atol=1e-6)
