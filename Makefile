@@ -18,7 +18,7 @@ install: $(BIN)/.installed
 ## then replay the test period through the paper-serving loop with the exported bundle.
 demo: install
 	$(BIN)/ats train --config configs/demo.yaml --out $(RUN_DIR)
-	$(BIN)/ats serve --mode paper --replay $(RUN_DIR)/replay/test_candles.parquet --bundle $(RUN_DIR)/bundle --db $(RUN_DIR)/serve_state.sqlite --max-bars 500
+	$(BIN)/ats serve --mode paper --replay $(RUN_DIR)/replay/test_candles.parquet --bundle $(RUN_DIR)/bundle --db $(RUN_DIR)/serve_state.sqlite --max-bars 1000
 
 smoke: install
 	$(BIN)/ats train --config configs/smoke.yaml --out runs/smoke
