@@ -113,5 +113,22 @@ def serve(
     console.print(f"  state database: {db}")
 
 
+@app.command()
+def walkforward(
+    config: Path = typer.Option(..., "--config", help="walk-forward YAML (see configs/walkforward_smoke.yaml)"),
+    out: Path = typer.Option(..., "--out", help="output directory"),
+    folds: int = typer.Option(None, "--folds", help="override the number of folds"),
+    scheme: str = typer.Option(None, "--scheme", help="override: expanding | rolling"),
+) -> None:
+    """Refit the pipeline on forward folds and judge the stitched out-of-sample result (DSR, PBO, seeds)."""
+    from training.walkforward import load_walkforward, run_walkforward
+
+    wf, base = load_walkforward(config, folds=folds, scheme=scheme)
+    t0 = time.perf_counter()
+    run_walkforward(wf, base, out, log=_log)
+    console.print(f"\n[bold green]done[/] in {time.perf_counter() - t0:.0f} s")
+    console.print(f"  report: {out / 'report.html'}\n  metrics: {out / 'metrics.json'}\n  folds: {out / 'folds.json'}")
+
+
 if __name__ == "__main__":
     app()
