@@ -26,10 +26,22 @@ from training.pipeline import Log, PreparedData, prepare_data, summarize_backtes
 from training.report import write_report
 
 STRATEGIES = ("ppo", "v1", "buy_and_hold", "flat")
+COST_MULTIPLIERS = (0.0, 1.0, 2.0)
 
 
-def test_period_backtests(cfg: RunConfig, bundle: PolicyBundle, prep: PreparedData) -> dict[str, BacktestResult]:
-    """Backtest PPO (the bundle), V1, buy-and-hold and flat on the test period under the same costs."""
+def test_period_backtests(
+    cfg: RunConfig,
+    bundle: PolicyBundle,
+    prep: PreparedData,
+    *,
+    cost_multiplier: float = 1.0,
+    strategies: tuple[str, ...] = STRATEGIES,
+) -> dict[str, BacktestResult]:
+    """Backtest ``strategies`` (PPO = the bundle, V1, buy-and-hold, flat) on the test period.
+
+    All of them trade through the same env and costs; ``cost_multiplier`` scales fees and slippage
+    (cost sensitivity: 0, 1, 2).
+    """
     a, b = prep.test_row, prep.n_rows
     outputs = model_outputs(prep.features, bundle.models, start=a, end=b)
     market = pd.concat([prep.features.iloc[a:b], outputs], axis=1)
@@ -38,16 +50,50 @@ def test_period_backtests(cfg: RunConfig, bundle: PolicyBundle, prep: PreparedDa
     normed = pd.DataFrame(bundle.normalizer(market.to_numpy(np.float32)), index=market.index, columns=market.columns)
     data = EnvData.from_frames(prep.candles.iloc[a:b], normed, prep.atr[a:b])
     candles = prep.candles.iloc[:b]  # history before the test period is visible to V1 (closed candles)
-    policies = {
-        "ppo": FrozenPPOPolicy(bundle),
-        "v1": V1Policy(cfg.v1),
-        "buy_and_hold": BuyAndHoldPolicy(),
-        "flat": FlatPolicy(),
+    env_cfg = cfg.env.model_copy(update={"costs": cfg.env.costs.model_copy(update={"cost_multiplier": cost_multiplier})})
+    factories = {
+        "ppo": lambda: FrozenPPOPolicy(bundle),
+        "v1": lambda: V1Policy(cfg.v1),
+        "buy_and_hold": BuyAndHoldPolicy,
+        "flat": FlatPolicy,
     }
     return {
-        name: run_backtest(policy, data, candles, cfg.env, offset=a, history_bars=cfg.v1.history_bars)
-        for name, policy in policies.items()
+        name: run_backtest(factories[name](), data, candles, env_cfg, offset=a, history_bars=cfg.v1.history_bars)
+        for name in strategies
     }
+
+
+def test_period_regimes(bundle: PolicyBundle, prep: PreparedData) -> np.ndarray:
+    """Most likely forward-filtered HMM state (0 calmest .. K-1 most volatile) at each test bar, int (n,)."""
+    outputs = model_outputs(prep.features, bundle.models, start=prep.test_row, end=prep.n_rows)
+    probs = outputs[[f"regime_p{k}" for k in range(bundle.models.n_states)]].to_numpy()
+    return probs.argmax(axis=1)
+
+
+def regime_slices(res: BacktestResult, regimes: np.ndarray, bar_s: float) -> dict[str, dict[str, float]]:
+    """Return-based metrics of one backtest, broken down by the regime at decision time.
+
+    The return of bar t+1 belongs to the regime of bar t (where the decision that produced it was
+    taken). Per regime: ``n_bars``, ``share_of_bars``, compounded ``total_return`` over those bars,
+    annualised ``sortino`` and ``sharpe`` of those bar returns, and ``exposure``.
+    """
+    eq = res.equity.to_numpy(np.float64)
+    r = np.divide(eq[1:], eq[:-1], out=np.ones(len(eq) - 1), where=eq[:-1] > 0) - 1.0  # 0 after a ruin
+    decided = regimes[: len(r)]
+    p = M.bars_per_year(bar_s)
+    out = {}
+    for k in np.unique(regimes):
+        mask = decided == k
+        rk = r[mask]
+        out[f"regime_{int(k)}"] = {
+            "n_bars": float(mask.sum()),
+            "share_of_bars": float(mask.mean()),
+            "total_return": float(np.prod(1.0 + rk) - 1.0) if rk.size else float("nan"),
+            "sortino": M.sortino_ratio(rk, p) if rk.size > 1 else float("nan"),
+            "sharpe": M.sharpe_ratio(rk, p) if rk.size > 1 else float("nan"),
+            "exposure": float((res.position_side[: len(r)][mask] != 0).mean()) if rk.size else float("nan"),
+        }
+    return out
 
 
 def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dict[str, dict[str, float]]:
@@ -79,10 +125,25 @@ def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dic
         "an open position at the end is marked to market.",
         f"Bundle: {bundle.path} (schema {bundle.manifest['observation']['schema_hash'][:12]}).",
     ]
+    regimes = test_period_regimes(bundle, prep)
+    slices = {name: regime_slices(res, regimes, bar_s) for name, res in results.items()}
+    sensitivity = {}
+    for mult in COST_MULTIPLIERS:
+        runs = results if mult == 1.0 else test_period_backtests(cfg, bundle, prep, cost_multiplier=mult,
+                                                                 strategies=("ppo", "v1"))
+        for name in ("ppo", "v1"):
+            m = summarize_backtest(runs[name], bar_s)
+            sensitivity[f"{name} costs x{mult:g}"] = {k: m[k] for k in ("total_return", "sortino", "fees_paid",
+                                                                          "slippage_paid", "n_trades")}
+    (out / "regime_slices.json").write_text(json.dumps(M.to_jsonable(slices), indent=1, allow_nan=False))
+    (out / "cost_sensitivity.json").write_text(json.dumps(M.to_jsonable(sensitivity), indent=1, allow_nan=False))
     extra = {"costs paid (USDT)": pd.DataFrame(
         {n: {"fees": r.fees_paid_usdt, "slippage": r.slippage_paid_usdt, "funding": r.funding_paid_usdt,
              "liquidation fees": r.liquidation_fees_usdt, "orders skipped (min notional)": r.n_skipped_min_notional}
          for n, r in results.items()})}
+    extra["cost sensitivity (fees and slippage x 0, 1, 2)"] = pd.DataFrame(sensitivity)
+    for name, table in slices.items():
+        extra[f"{name} by regime at decision time (0 = calmest)"] = pd.DataFrame(table)
     write_report(out, title=f"ats test-period report: {cfg.name}",
                  equity_curves={n: r.equity for n, r in results.items()}, metrics=metrics, notes=notes,
                  extra_tables=extra)

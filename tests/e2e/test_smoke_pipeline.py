@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from agents.bundle import load_bundle
@@ -131,3 +132,18 @@ def test_paper_serving_equity_equals_backtest_equity_for_v1(smoke_run, tmp_path)
     assert served.index[0] == backtest.equity.index[0]
     assert len(backtest.trades) > 0  # the comparison covers real fills
     np.testing.assert_allclose(served.to_numpy(), backtest.equity.to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_report_has_regime_slices_and_cost_sensitivity(smoke_run):
+    slices = json.loads((smoke_run / "report" / "regime_slices.json").read_text())
+    metrics = json.loads((smoke_run / "report" / "metrics.json").read_text())
+    for name in ("ppo", "v1", "buy_and_hold", "flat"):
+        parts = slices[name]
+        assert abs(sum(p["share_of_bars"] for p in parts.values()) - 1.0) < 1e-9
+        # compounding the regime slices gives back the whole period's return
+        total = np.prod([1.0 + p["total_return"] for p in parts.values()]) - 1.0
+        assert total == pytest.approx(metrics[name]["total_return"], abs=1e-9)
+    sens = json.loads((smoke_run / "report" / "cost_sensitivity.json").read_text())
+    assert sens["v1 costs x0"]["fees_paid"] == 0.0 and sens["v1 costs x0"]["slippage_paid"] == 0.0
+    assert sens["v1 costs x2"]["fees_paid"] > sens["v1 costs x1"]["fees_paid"] > 0
+    assert sens["v1 costs x1"]["total_return"] == pytest.approx(metrics["v1"]["total_return"])
