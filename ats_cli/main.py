@@ -130,5 +130,26 @@ def walkforward(
     console.print(f"  report: {out / 'report.html'}\n  metrics: {out / 'metrics.json'}\n  folds: {out / 'folds.json'}")
 
 
+@app.command()
+def gate(
+    bundle: Path = typer.Option(..., "--bundle", help="policy bundle directory"),
+    report: Path = typer.Option(..., "--report", help="walk-forward or evaluate report directory (metrics.json)"),
+    min_dsr: float = typer.Option(0.95, help="minimum deflated Sharpe ratio"),
+    max_pbo: float = typer.Option(0.5, help="maximum probability of backtest overfitting"),
+    max_drawdown: float = typer.Option(0.35, help="maximum PPO test drawdown (fraction)"),
+    require_beat_v1: bool = typer.Option(True, help="PPO test Sortino must exceed V1's"),
+) -> None:
+    """Write PASS, HOLD or REJECT with reasons into the bundle's manifest."""
+    from training.gate import GateConfig, apply_gate
+
+    cfg = GateConfig(min_dsr=min_dsr, max_pbo=max_pbo, max_drawdown_frac=max_drawdown, require_beat_v1=require_beat_v1)
+    result = apply_gate(bundle, report, cfg)
+    colour = {"PASS": "green", "HOLD": "yellow", "REJECT": "red"}[result["verdict"]]
+    console.print(f"[bold {colour}]{result['verdict']}[/]")
+    for reason in result["reasons"]:
+        console.print(f"  {reason}")
+    console.print(f"  recorded in {bundle / 'manifest.json'}")
+
+
 if __name__ == "__main__":
     app()
