@@ -140,10 +140,10 @@ def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dic
     extra = {"costs paid (USDT)": pd.DataFrame(
         {n: {"fees": r.fees_paid_usdt, "slippage": r.slippage_paid_usdt, "funding": r.funding_paid_usdt,
              "liquidation fees": r.liquidation_fees_usdt, "orders skipped (min notional)": r.n_skipped_min_notional}
-         for n, r in results.items()})}
-    extra["cost sensitivity (fees and slippage x 0, 1, 2)"] = pd.DataFrame(sensitivity)
+         for n, r in results.items()}).round(2)}
+    extra["cost sensitivity (fees and slippage x 0, 1, 2)"] = pd.DataFrame(sensitivity).round(4)
     for name, table in slices.items():
-        extra[f"{name} by regime at decision time (0 = calmest)"] = pd.DataFrame(table)
+        extra[f"{name} by regime at decision time (0 = calmest)"] = pd.DataFrame(table).round(4)
     write_report(out, title=f"ats test-period report: {cfg.name}",
                  equity_curves={n: r.equity for n, r in results.items()}, metrics=metrics, notes=notes,
                  extra_tables=extra)
