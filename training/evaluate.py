@@ -63,6 +63,11 @@ def test_period_backtests(
     }
 
 
+def _sides(res: BacktestResult) -> pd.Series:
+    """Position side held during each bar of a backtest, indexed by bar open time."""
+    return pd.Series(res.position_side, index=res.equity.index[1:])
+
+
 def test_period_regimes(bundle: PolicyBundle, prep: PreparedData) -> np.ndarray:
     """Most likely forward-filtered HMM state (0 calmest .. K-1 most volatile) at each test bar, int (n,)."""
     outputs = model_outputs(prep.features, bundle.models, start=prep.test_row, end=prep.n_rows)
@@ -146,5 +151,6 @@ def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dic
         extra[f"{name} by regime at decision time (0 = calmest)"] = pd.DataFrame(table).round(4)
     write_report(out, title=f"ats test-period report: {cfg.name}",
                  equity_curves={n: r.equity for n, r in results.items()}, metrics=metrics, notes=notes,
-                 extra_tables=extra)
+                 extra_tables=extra, positions={n: _sides(r) for n, r in results.items() if n != "flat"},
+                 regimes=pd.Series(regimes, index=prep.features.index[prep.test_row :]))
     return metrics

@@ -161,6 +161,52 @@ def _render_figure(curves: Mapping[str, pd.Series], values: Mapping[str, np.ndar
     return buffer.getvalue()
 
 
+def monthly_returns(equity_curves: Mapping[str, pd.Series]) -> pd.DataFrame:
+    """Calendar-month returns (fractions) of each curve with a DatetimeIndex: rows = months, columns = strategies.
+
+    A month's return is its last equity over the previous month's last equity (the first month uses
+    the curve's first value), minus 1.
+    """
+    cols = {}
+    for name, curve in equity_curves.items():
+        if not isinstance(curve.index, pd.DatetimeIndex) or curve.empty:
+            continue
+        utc = curve.index.tz_convert("UTC").tz_localize(None) if curve.index.tz is not None else curve.index
+        month_end = curve.groupby(utc.to_period("M")).last()
+        prev = month_end.shift(1)
+        prev.iloc[0] = curve.iloc[0]
+        cols[name] = month_end / prev - 1.0
+    return pd.DataFrame(cols)
+
+
+def _render_positions(positions: Mapping[str, pd.Series], regimes: pd.Series | None) -> bytes:
+    """One panel per strategy: the signed position (side) per bar, with the regime shaded behind it."""
+    fig = Figure(figsize=(11, 1.2 + 1.3 * len(positions)), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(len(positions), 1, sharex=True))
+    colours = ("#4c9a2a", "#e0a800", "#c0392b", "#6c3483", "#2e86c1")
+    for ax, (name, pos) in zip(axes, positions.items()):
+        x, x_label = _x_values(pos.index)
+        if regimes is not None:
+            reg = regimes.reindex(pos.index).to_numpy()
+            for k in np.unique(reg[np.isfinite(reg)]).astype(int):
+                ax.fill_between(x, 0, 1, where=reg == k, step="post", transform=ax.get_xaxis_transform(),
+                                color=colours[k % len(colours)], alpha=0.15, linewidth=0,
+                                label=f"regime {k}" if ax is axes[0] else None)
+        ax.step(x, pos.to_numpy(dtype=float), where="post", linewidth=0.8, color="black")
+        ax.set_ylim(-1.2, 1.2)
+        ax.set_yticks([-1, 0, 1], ["short", "flat", "long"])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center")
+        ax.grid(True, alpha=0.3)
+    axes[-1].set_xlabel(x_label)
+    if regimes is not None:
+        axes[0].legend(loc="upper left", fontsize="x-small", ncol=5)
+    axes[0].set_title("Position over time" + (" (background: HMM regime at the bar, 0 = calmest)" if regimes is not None else ""))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
 def _metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     strategies = list(metrics)
     names: list[str] = []
@@ -198,6 +244,8 @@ def write_report(
     metrics: dict[str, dict[str, float]],
     notes: list[str] | None = None,
     extra_tables: dict[str, pd.DataFrame] | None = None,
+    positions: dict[str, pd.Series] | None = None,
+    regimes: pd.Series | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` (self-contained) and ``out_dir/equity.png``; return the HTML path.
 
@@ -224,6 +272,12 @@ def write_report(
         Free-text notes, one list item each (escaped).
     extra_tables : dict[str, pandas.DataFrame], optional
         Section title -> table, rendered with escaped cells (e.g. per-fold results, cost breakdown).
+    positions : dict[str, pandas.Series], optional
+        Strategy name -> position side per bar (-1/0/+1), plotted with ``regimes`` shaded behind.
+    regimes : pandas.Series, optional
+        Regime index per bar (int, 0 = calmest), same time index as ``positions``.
+
+    A table of calendar-month returns is added for curves indexed by time.
 
     Returns
     -------
@@ -261,6 +315,16 @@ def write_report(
     encoded = base64.b64encode(png).decode("ascii")
     parts.append("<h2>Equity and drawdown</h2>")
     parts.append(f'<img src="data:image/png;base64,{encoded}" alt="equity and drawdown of each strategy">')
+    if positions:
+        pos_png = base64.b64encode(_render_positions(positions, regimes)).decode("ascii")
+        parts.append("<h2>Positions and regimes</h2>")
+        parts.append(f'<img src="data:image/png;base64,{pos_png}" alt="position of each strategy over time">')
+    months = monthly_returns(equity_curves)
+    if not months.empty:
+        parts.append("<h2>Monthly returns</h2>")
+        shown = months.map(lambda v: "n/a" if not np.isfinite(v) else f"{v:+.2%}")
+        shown.index = shown.index.astype(str)
+        parts.append(shown.to_html(escape=True, border=0, classes="extra"))
     for table_title, frame in (extra_tables or {}).items():
         parts.append(f"<h2>{html.escape(str(table_title))}</h2>")
         parts.append(frame.to_html(escape=True, na_rep="n/a", border=0, classes="extra"))

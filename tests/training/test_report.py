@@ -108,3 +108,24 @@ def test_report_rejects_bad_curves(tmp_path):
     with pytest.raises(ReportInputError, match="'ppo'"):
         write_report(tmp_path, title="t", equity_curves={"ppo": bad}, metrics={})
     assert not (tmp_path / "report.html").exists()
+
+
+def test_monthly_returns_by_hand():
+    from training.report import monthly_returns
+
+    idx = pd.to_datetime(["2024-01-01", "2024-01-31", "2024-02-15", "2024-02-29", "2024-03-10"], utc=True)
+    eq = pd.Series([100.0, 110.0, 99.0, 121.0, 108.9], index=idx)
+    m = monthly_returns({"s": eq})["s"]
+    # Jan: 110/100 - 1; Feb: 121/110 - 1; Mar: 108.9/121 - 1
+    np.testing.assert_allclose(m.to_numpy(), [0.10, 0.10, -0.10])
+
+
+def test_positions_panel_and_monthly_table_are_rendered(tmp_path):
+    idx = pd.date_range("2024-01-01", periods=24 * 70, freq="h", tz="UTC")
+    eq = pd.Series(np.linspace(100, 120, len(idx)), index=idx)
+    pos = pd.Series(np.sign(np.sin(np.arange(len(idx)) / 50.0)), index=idx)
+    regimes = pd.Series(np.arange(len(idx)) // 500 % 3, index=idx)
+    html_text = write_report(tmp_path, title="t", equity_curves={"ppo": eq}, metrics={"ppo": {"total_return": 0.2}},
+                             positions={"ppo": pos}, regimes=regimes).read_text()
+    assert html_text.count('<img src="data:image/png;base64,') == 2
+    assert "Monthly returns" in html_text and "2024-03" in html_text
