@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from os import PathLike
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,10 @@ OHLCV_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "volume")
 PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close")
 FUNDING_COLUMN = "funding_rate"
 """Optional candle column: funding rate settled at the bar's open time (NaN where none)."""
+GAP_COLUMN = "is_gap"
+"""Column added by :func:`fill_gaps`: 1.0 on a bar filled in for a missing candle, 0.0 on a real one."""
+GapPolicy = Literal["error", "mark"]
+"""What loading does with missing bars: ``error`` raises, ``mark`` fills them with :func:`fill_gaps`."""
 OPEN_TIME = "open_time"
 FUNDING_TIME = "funding_time"
 _TIME_COLUMNS: tuple[str, ...] = ("timestamp", OPEN_TIME)
@@ -313,7 +318,12 @@ def _as_float64(df: pd.DataFrame, columns: list[str], *, source: str, what: str)
     return pd.DataFrame(out, index=df.index)
 
 
-def load_candles(path: str | PathLike[str], *, interval: pd.Timedelta | str | None = None) -> pd.DataFrame:
+def load_candles(
+    path: str | PathLike[str],
+    *,
+    interval: pd.Timedelta | str | None = None,
+    gap_policy: GapPolicy = "error",
+) -> pd.DataFrame:
     """Read a parquet candle file and return the validated canonical frame.
 
     The file has the open time either as a column ``timestamp`` (or ``open_time``) or as its index,
@@ -326,11 +336,18 @@ def load_candles(path: str | PathLike[str], *, interval: pd.Timedelta | str | No
         Parquet file.
     interval : pandas.Timedelta or str, optional
         Expected bar interval (``"1h"``); if omitted, the median spacing of the open times.
+    gap_policy : {"error", "mark"}, default "error"
+        ``"error"``: a missing bar fails rule ``regular_interval``. ``"mark"``: missing bars (steps
+        that are whole multiples of ``interval``) are filled by :func:`fill_gaps` and the frame
+        gets the float64 column ``is_gap`` (always, 0.0 everywhere when nothing was missing); the
+        number of filled rows is ``int(df["is_gap"].sum())``. Irregular steps (not a multiple of
+        the interval) fail in both modes: they are not gaps but misaligned open times.
 
     Returns
     -------
     pandas.DataFrame
-        Shape (T, 5) or (T, 6); index ``open_time`` (UTC, ns); float64 columns in canonical order.
+        Shape (T, 5) or (T, 6), plus ``is_gap`` with ``gap_policy="mark"``; index ``open_time``
+        (UTC, ns); float64 columns in canonical order.
 
     Raises
     ------
@@ -339,7 +356,11 @@ def load_candles(path: str | PathLike[str], *, interval: pd.Timedelta | str | No
     DataValidationError
         Rule ``time_column`` (no open time found), ``unexpected_columns`` (columns other than OHLCV
         and ``funding_rate``: they are never dropped silently), ``column_dtype``, ``too_few_rows``
-        (interval inference needs two rows), or any rule of :func:`validate_candles`.
+        (interval inference needs two rows), or any rule of :func:`validate_candles`
+        (``regular_interval`` names the rows after which a bar is missing, unless
+        ``gap_policy="mark"``).
+    ValueError
+        If ``gap_policy`` is neither ``"error"`` nor ``"mark"``.
     """
     path = Path(path)
     if not path.is_file():
@@ -369,8 +390,81 @@ def load_candles(path: str | PathLike[str], *, interval: pd.Timedelta | str | No
                 detail="need >= 2 rows to infer the bar interval; pass interval=",
             )
         interval = interval_of(df)
+    if gap_policy == "mark":
+        _check_time_index(df.index, source=source, what="candles")
+        df, _ = fill_gaps(df, interval=interval, source=source)
+    elif gap_policy != "error":
+        raise ValueError(f"gap_policy must be 'error' or 'mark', got {gap_policy!r}")
     validate_candles(df, interval=interval, source=source)
     return df
+
+
+def fill_gaps(
+    candles: pd.DataFrame, *, interval: pd.Timedelta | str | None = None, source: str | None = None
+) -> tuple[pd.DataFrame, int]:
+    """Insert the missing bars of a candle frame and mark them (the ``mark`` gap policy).
+
+    A missing bar gets ``open = high = low = close =`` the previous real bar's close and
+    ``volume = 0`` (nothing traded that we know of); ``funding_rate``, when present, stays NaN
+    (no settlement is invented). Column ``is_gap`` (float64) is 1.0 on filled bars and 0.0 on real
+    ones, so a model can see them; it is added even when nothing is missing. Real rows are never
+    changed or dropped. Nothing looks ahead: a filled bar only uses the close before it.
+
+    Parameters
+    ----------
+    candles : pandas.DataFrame
+        Candles, shape (T, 5) or (T, 6): UTC ``open_time`` index, unique and increasing.
+    interval : pandas.Timedelta or str, optional
+        Bar interval; if omitted, the median spacing of the open times (:func:`interval_of`).
+    source : str, optional
+        Name of the data source, used in error messages.
+
+    Returns
+    -------
+    (pandas.DataFrame, int)
+        The frame on the regular grid from the first to the last open time, shape (T + n, C + 1)
+        with ``is_gap`` last, and ``n``, the number of bars filled.
+
+    Raises
+    ------
+    DataValidationError
+        Rule ``regular_interval`` if a step is not a whole multiple of ``interval`` (misaligned
+        open times are not gaps), or any index rule (UTC, unique, increasing).
+    ValueError
+        If ``interval`` is not a positive time span.
+    """
+    _check_time_index(candles.index, source=source, what="candles")
+    step = _to_timedelta(interval) if interval is not None else interval_of(candles)
+    out = candles.copy()
+    if len(out) < 2:
+        out[GAP_COLUMN] = np.zeros(len(out), dtype=np.float64)
+        return out, 0
+    times = _ns(out.index)
+    steps = np.diff(times)
+    bad = np.flatnonzero(steps % step.value != 0)
+    if bad.size:
+        listed = "; ".join(
+            f"{out.index[i]} -> {out.index[i + 1]} (step {pd.Timedelta(int(steps[i]))})" for i in bad[:10]
+        )
+        raise DataValidationError(
+            "regular_interval",
+            out.index[bad],
+            source=source,
+            detail=f"steps that are not a multiple of {step} cannot be filled as gaps; {listed}",
+        )
+    grid = pd.date_range(out.index[0], out.index[-1], freq=step, name=out.index.name).as_unit(out.index.unit)
+    n_filled = len(grid) - len(out)
+    if n_filled == 0:
+        out[GAP_COLUMN] = np.zeros(len(out), dtype=np.float64)
+        return out, 0
+    full = out.reindex(grid)
+    missing = ~grid.isin(out.index)
+    prev_close = full["close"].ffill()
+    for col in PRICE_COLUMNS:
+        full[col] = np.where(missing, prev_close, full[col]).astype(np.float64)
+    full["volume"] = np.where(missing, 0.0, full["volume"]).astype(np.float64)
+    full[GAP_COLUMN] = missing.astype(np.float64)
+    return full, int(n_filled)
 
 
 def load_funding(path: str | PathLike[str]) -> pd.Series:

@@ -33,6 +33,9 @@ class DataConfig(StrictConfig):
     candles_path: str | None = Field(None, description="OHLCV parquet; None = bundled BTCUSDT 1h USDT-M")
     funding_path: str | None = Field(None, description="funding parquet; None = bundled (with bundled candles)")
     symbol: str = "BTCUSDT"
+    gap_policy: Literal["error", "mark"] = Field(
+        "error", description="missing bars: error = refuse the data; mark = fill (close carried, volume 0) + is_gap"
+    )
     load_start: str = Field(..., description="first open time loaded (UTC); includes the feature warm-up")
     train_start: str = Field(..., description="first open time of the training period (UTC)")
     val_start: str = Field(..., description="end of training = first open time of validation (UTC)")

@@ -79,12 +79,13 @@ def prepare_data(cfg: RunConfig, log: Log = lambda s: None) -> PreparedData:
     d = cfg.data
     candles_path = Path(d.candles_path) if d.candles_path else bundled_candles_path(d.symbol)
     funding_path = Path(d.funding_path) if d.funding_path else (None if d.candles_path else bundled_funding_path(d.symbol))
-    candles = load_candles(candles_path)
+    candles = load_candles(candles_path, gap_policy=d.gap_policy)
     if funding_path is not None:
         candles = join_funding(candles, load_funding(funding_path))
     span = candles.loc[(candles.index >= d.ts("load_start")) & (candles.index < d.ts("test_end"))]
     if span.empty:
         raise DataValidationError("period_in_data", [], source=str(candles_path))
+    n_gap_filled = int(span["is_gap"].sum()) if "is_gap" in span.columns else 0  # bars filled in the span
     feats_all = compute_features(span, cfg.features)
     feats, n_warm = drop_warmup(feats_all)
     if len(feats) == 0 or feats.index[0] > d.ts("train_start"):
@@ -109,6 +110,8 @@ def prepare_data(cfg: RunConfig, log: Log = lambda s: None) -> PreparedData:
         "funding_file": str(funding_path) if funding_path else None,
         "funding_sha256": _sha256(funding_path) if funding_path else None,
         "loaded_span": [str(span.index[0]), str(span.index[-1])],
+        "gap_policy": d.gap_policy,
+        "gap_rows_filled": n_gap_filled,
         "warmup_rows_dropped": int(n_warm),
         "rows_before_train_start_dropped": int((~keep).sum()),
         "train": [str(idx[0]), str(idx[val_row - 1]), val_row],
@@ -117,7 +120,8 @@ def prepare_data(cfg: RunConfig, log: Log = lambda s: None) -> PreparedData:
         "bar_interval_s": float((idx[1] - idx[0]).total_seconds()),
     }
     log(
-        f"data: {len(span)} bars loaded, {n_warm} warm-up rows dropped; train {info['train'][2]}, "
+        f"data: {len(span)} bars loaded ({n_gap_filled} missing bars filled, gap policy {d.gap_policy}), "
+        f"{n_warm} warm-up rows dropped; train {info['train'][2]}, "
         f"validation {info['validation'][2]}, test {info['test'][2]} bars"
     )
     return PreparedData(candles_kept, feats, atr_all[pos], labels_all[pos], val_row, test_row, info)
