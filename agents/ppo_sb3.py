@@ -18,7 +18,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import HParam, configure
 from stable_baselines3.common.monitor import Monitor
-from stable_baselines3.common.vec_env import DummyVecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 
 from envs.trading_env import EnvConfig, EnvData, TradingEnv
 
@@ -37,11 +37,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def make_vec_env(data: EnvData, config: EnvConfig, *, n_envs: int, seed: int) -> DummyVecEnv:
+def make_vec_env(
+    data: EnvData, config: EnvConfig, *, n_envs: int, seed: int, batched: bool = False
+) -> DummyVecEnv | VecMonitor:
     """``n_envs`` TradingEnvs with random episode starts, seeded ``seed, seed+1, ...``.
 
     Each env is wrapped in SB3's ``Monitor`` so ``rollout/ep_rew_mean`` and ``ep_len_mean`` are logged.
+    With ``batched=True`` the envs are rows of one compiled batched env
+    (:class:`envs.sb3_vec.BatchedSB3VecEnv`, random starts from one generator seeded ``seed``) under
+    SB3's ``VecMonitor``: same env dynamics and infos, without the per-env Python loop.
     """
+    if batched:
+        from envs.sb3_vec import BatchedSB3VecEnv
+
+        vec = VecMonitor(BatchedSB3VecEnv(data, config, n_envs))
+        vec.seed(seed)
+        return vec
     venv = DummyVecEnv([lambda: Monitor(TradingEnv(data, config)) for _ in range(n_envs)])
     venv.seed(seed)
     return venv

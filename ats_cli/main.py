@@ -78,8 +78,54 @@ def train(
 
 
 @app.command("evaluate")
-def evaluate_cmd(run: Path = typer.Option(..., "--run", help="run directory written by `ats train`")) -> None:
-    """Evaluate a run's bundle on its held-out test period (PPO, V1, buy-and-hold, flat)."""
+def evaluate_cmd(
+    run: Path = typer.Option(None, "--run", help="run directory written by `ats train` (all strategies)"),
+    policy: str = typer.Option("all", "--policy", help="all: the run's test report; v1: V1 alone on --data/--period"),
+    data: Path = typer.Option(None, "--data", help="with --policy v1: candles parquet (default: bundled BTCUSDT 1h)"),
+    period: str = typer.Option(None, "--period", help="with --policy v1: START:END (UTC, END exclusive)"),
+    out: Path = typer.Option(None, "--out", help="with --policy v1: report folder (metrics.json, report.html)"),
+    config: Path = typer.Option(None, "--config", help="with --policy v1: run config YAML (env and v1 sections)"),
+) -> None:
+    """Evaluate a run's bundle on its test period (PPO, V1, buy-and-hold, flat), or V1 alone on any period."""
+    if policy == "v1":
+        from training.v1_eval import evaluate_v1, load_v1_candles, parse_period, write_v1_report
+
+        if period is None or out is None:
+            raise typer.BadParameter("--policy v1 needs --period START:END and --out DIR")
+        try:
+            start, end = parse_period(period)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        if config is None:
+            from envs.trading_env import EnvConfig
+            from fallback.config import V1Config
+
+            env_cfg, v1_cfg = EnvConfig(), V1Config()
+        else:
+            from training.config import load_config
+
+            run_cfg = load_config(config)
+            env_cfg, v1_cfg = run_cfg.env, run_cfg.v1
+        candles = load_v1_candles(data)
+        res = evaluate_v1(candles, start, end, v1_cfg, env_cfg)
+        bar_s = float((candles.index[1] - candles.index[0]).total_seconds())
+        costs = env_cfg.costs
+        notes = [
+            (f"V1 alone on {data or 'bundled BTCUSDT 1h'}: bars opening in [{start}, {end}) "
+             f"({len(res.equity) - 1} decisions), bar interval {bar_s / 3600:g} h."),
+            (f"Costs: taker fee {costs.taker_fee_bps} bps per fill, slippage {costs.slippage_bps} bps + "
+             f"{costs.slippage_atr_coef} x ATR%, 8-hourly funding (history where the file has one), "
+             "isolated-margin liquidation; decisions at bar close, fills at the next open."),
+        ]
+        metrics = write_v1_report(res, out, bar_interval_s=bar_s, notes=notes)["v1"]
+        _log(f"v1: return {metrics['total_return']:+.2%}, Sortino {metrics['sortino']:.2f}, profit factor "
+             f"{metrics['profit_factor']:.2f}, win rate {metrics['win_rate']:.2%}, trades {metrics['n_trades']:.0f}")
+        console.print(f"report: {out / 'report.html'}\nmetrics: {out / 'metrics.json'}")
+        return
+    if policy != "all":
+        raise typer.BadParameter(f"--policy must be all or v1, got {policy!r}")
+    if run is None:
+        raise typer.BadParameter("--run is required (or use --policy v1 --data ... --period ...)")
     from training.evaluate import evaluate_run
 
     evaluate_run(run, log=_log)
@@ -150,6 +196,18 @@ def gate(
         console.print(f"  {reason}")
     console.print(f"  recorded in {bundle / 'manifest.json'}")
 
+
+
+def _register_subcommands() -> None:
+    """Sub-command groups that live in their own modules."""
+    from ats_cli import check_cmd, data_cmd, v1_cmd
+
+    app.add_typer(data_cmd.app, name="data", help="market data: download (ccxt) and quality check")
+    app.add_typer(check_cmd.app, name="check", help="checks: look-ahead (truncation) check of features and models")
+    app.command("sweep-v1", help="walk-forward parameter sweep of the V1 rules")(v1_cmd.sweep)
+
+
+_register_subcommands()
 
 if __name__ == "__main__":
     app()

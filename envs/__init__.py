@@ -1,4 +1,8 @@
-"""Gymnasium TradingEnv, the one execution/cost model (``envs.accounting``) and the rewards.
+"""Gymnasium TradingEnv, the batched vector env, the one execution/cost model and the rewards.
+
+``envs.kernel`` is the compiled (numba) core that moves the money; ``envs.accounting.step_bar``
+(backtests, paper broker), ``envs.trading_env.TradingEnv``, ``envs.vector_env.BatchedTradingEnv``
+and its SB3 adapter ``envs.sb3_vec.BatchedSB3VecEnv`` all run it.
 
 Importing this package registers the env under :data:`ENV_ID`, so that
 ``gymnasium.make(ENV_ID, data=..., config=...)`` works (re-import is harmless).

@@ -1,8 +1,10 @@
 """The one execution/cost model: fills, fees, slippage, funding and isolated-margin liquidation.
 
-The training env (``envs.trading_env``), the backtester and the serving paper broker all call
-:func:`step_bar`, so a result in training, in a backtest and on paper is charged identically.
-Everything here is a pure function over frozen dataclasses: no I/O, no globals, no clock.
+The training env (``envs.trading_env``), the batched env (``envs.vector_env``), the backtester and
+the serving paper broker all run the same compiled bar step (:func:`envs.kernel.bar_step`):
+:func:`step_bar` is its thin wrapper over frozen dataclasses (validate, convert to arrays, run,
+convert back), and the envs call the kernel directly. So a result in training, in a backtest and on
+paper is charged identically. No I/O, no globals, no clock.
 
 Timing (see ``market.decision``): a decision taken at the close of bar t is applied to bar t+1 by
 ``step_bar(state, decision, bar_{t+1}, atr_t, cfg)`` in four stages:
@@ -30,9 +32,12 @@ Sources
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
+from envs import kernel as K
 from envs.config import CostConfig
 from market.decision import Decision, NonFiniteDecisionError, PositionView
 
@@ -316,27 +321,36 @@ def is_funding_time(open_time_ns: int, funding_interval_hours: int) -> bool:
     return open_time_ns % _NS_PER_S == 0 and seconds_of_day % (3_600 * funding_interval_hours) == 0
 
 
-@lru_cache(maxsize=64)
 def _decimals(step: float) -> int:
+    """Decimals kept when rounding a multiple of ``step`` (2 more than the step's own)."""
     return max(0, math.ceil(-math.log10(step))) + 2
 
 
-def _round_price(price: float, tick: float, mode: int) -> float:
-    """Round to the tick: mode +1 up, -1 down, 0 nearest."""
-    k = price / tick
-    if mode > 0:
-        n = math.ceil(k - 1e-9)
-    elif mode < 0:
-        n = math.floor(k + 1e-9)
-    else:
-        n = round(k)
-    return round(n * tick, _decimals(tick))
+@lru_cache(maxsize=64)
+def cost_params(cfg: CostConfig) -> np.ndarray:
+    """The cost part of the compiled kernel's parameter vector (``envs.kernel.P_*``), cached per config.
 
-
-def _adverse_fill(ref_price: float, trade_side: int, slip: float, tick: float) -> float:
-    """Fill price of a market order of ``trade_side`` (+1 buy, -1 sell) at ``ref_price`` plus
-    adverse slippage, rounded to the tick in the adverse direction (buy up, sell down)."""
-    return _round_price(ref_price * (1.0 + trade_side * slip), tick, trade_side)
+    Returns
+    -------
+    np.ndarray
+        float64 ``(P_BRACKETS + 3 * n_brackets,)``; the reward/action/episode slots are 0 (the env
+        fills them in its own copy). Treat as read-only.
+    """
+    brackets = np.asarray(cfg.maintenance_brackets, dtype=np.float64).reshape(-1)
+    p = np.zeros(K.P_BRACKETS + len(brackets), dtype=np.float64)
+    p[K.P_FEE_RATE] = cfg.taker_fee_bps / 1e4 * cfg.cost_multiplier
+    p[K.P_SLIP_BPS] = cfg.slippage_bps
+    p[K.P_SLIP_ATR] = cfg.slippage_atr_coef
+    p[K.P_COST_MULT] = cfg.cost_multiplier
+    p[K.P_FUND_FALLBACK] = cfg.funding_fallback_rate
+    p[K.P_LOT] = cfg.lot_size_base
+    p[K.P_TICK] = cfg.tick_size_quote
+    p[K.P_MIN_NOTIONAL] = cfg.min_notional_usdt
+    p[K.P_LOT_POW10] = 10.0 ** _decimals(cfg.lot_size_base)
+    p[K.P_TICK_POW10] = 10.0 ** _decimals(cfg.tick_size_quote)
+    p[K.P_N_BRACKETS] = len(cfg.maintenance_brackets)
+    p[K.P_BRACKETS :] = brackets
+    return p
 
 
 def _validate_bar(bar: Bar) -> None:
@@ -352,7 +366,15 @@ def _validate_bar(bar: Bar) -> None:
         )
 
 
-def _validate_opening(decision: Decision) -> None:
+def validate_opening(decision: Decision) -> None:
+    """Check the fields of a decision that opens a position.
+
+    Raises
+    ------
+    NonFiniteDecisionError
+        If leverage, size_frac, stop_atr or take_profit_atr is non-finite or out of range
+        (leverage >= 1, size_frac in [0, 1], distances > 0).
+    """
     for name in ("leverage", "size_frac", "stop_atr", "take_profit_atr"):
         value = getattr(decision, name)
         if not math.isfinite(value):
@@ -368,185 +390,102 @@ def _validate_opening(decision: Decision) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The bar step
+# Conversions between AccountState and the kernel's arrays
 # ----------------------------------------------------------------------------------------------
 
-_STATE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AccountState))
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else float(value)
 
 
-class _Work:
-    """Mutable scratch copy of an :class:`AccountState`, private to one :func:`step_bar` call."""
+def _none_if_nan(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
-    __slots__ = _STATE_FIELDS + (
-        "fills",
-        "trades",
-        "fees",
-        "slippage",
-        "funding",
-        "liq_fee",
-        "liquidated",
-        "skipped",
-    )
 
-    def __init__(self, state: AccountState) -> None:
-        for name in _STATE_FIELDS:
-            setattr(self, name, getattr(state, name))
-        self.fills: list[Fill] = []
-        self.trades: list[ClosedTrade] = []
-        self.fees = 0.0
-        self.slippage = 0.0
-        self.funding = 0.0
-        self.liq_fee = 0.0
-        self.liquidated = False
-        self.skipped = False
+def state_to_arrays(state: AccountState, fs: np.ndarray, is_: np.ndarray) -> None:
+    """Write ``state`` into the kernel's float (``F_*``) and int (``I_*``) state arrays, in place."""
+    fs[K.F_CASH] = state.cash_usdt
+    fs[K.F_QTY] = state.qty_base
+    fs[K.F_ENTRY] = state.entry_price
+    fs[K.F_MARGIN] = state.margin_usdt
+    fs[K.F_LEV] = state.leverage
+    fs[K.F_STOP] = _nan_if_none(state.stop_price)
+    fs[K.F_TP] = _nan_if_none(state.take_profit_price)
+    fs[K.F_LIQ] = _nan_if_none(state.liquidation_price)
+    fs[K.F_ENTRY_FEE] = state.entry_fee_usdt
+    fs[K.F_TRADE_FUNDING] = state.trade_funding_usdt
+    fs[K.F_FEES] = state.fees_paid_usdt
+    fs[K.F_FUNDING] = state.funding_paid_usdt
+    fs[K.F_SLIP] = state.slippage_paid_usdt
+    fs[K.F_LIQ_FEES] = state.liquidation_fees_usdt
+    fs[K.F_TURNOVER] = state.turnover_usdt
+    is_[K.I_SIDE] = state.side
+    is_[K.I_ENTRY_TIME] = K.NO_TIME if state.entry_time_ns is None else state.entry_time_ns
+    is_[K.I_BARS] = state.bars_in_trade
+    is_[K.I_FILLS] = state.n_fills
+    is_[K.I_TRADES] = state.n_trades
+    is_[K.I_SKIPPED] = state.n_skipped_min_notional
+    is_[K.I_FALLBACK] = state.n_fallback_funding
 
-    def freeze(self) -> AccountState:
-        return AccountState(*[getattr(self, name) for name in _STATE_FIELDS])
 
-    def _flatten(self) -> None:
-        self.side = 0
-        self.qty_base = 0.0
-        self.entry_price = 0.0
-        self.margin_usdt = 0.0
-        self.leverage = 1.0
-        self.stop_price = None
-        self.take_profit_price = None
-        self.liquidation_price = None
-        self.entry_time_ns = None
-        self.bars_in_trade = 0
-        self.entry_fee_usdt = 0.0
-        self.trade_funding_usdt = 0.0
+def state_from_arrays(fs: np.ndarray, is_: np.ndarray) -> AccountState:
+    """The :class:`AccountState` held in the kernel's state arrays (inverse of :func:`state_to_arrays`)."""
+    f = fs[: K.N_ACCOUNT_FLOAT].tolist()
+    i = is_.tolist()
+    entry_time = i[K.I_ENTRY_TIME]
+    return AccountState(
+        cash_usdt=f[K.F_CASH], side=i[K.I_SIDE], qty_base=f[K.F_QTY], entry_price=f[K.F_ENTRY],
+        margin_usdt=f[K.F_MARGIN], leverage=f[K.F_LEV], stop_price=_none_if_nan(f[K.F_STOP]),
+        take_profit_price=_none_if_nan(f[K.F_TP]), liquidation_price=_none_if_nan(f[K.F_LIQ]),
+        entry_time_ns=None if entry_time == K.NO_TIME else entry_time, bars_in_trade=i[K.I_BARS],
+        entry_fee_usdt=f[K.F_ENTRY_FEE], trade_funding_usdt=f[K.F_TRADE_FUNDING],
+        fees_paid_usdt=f[K.F_FEES], funding_paid_usdt=f[K.F_FUNDING], slippage_paid_usdt=f[K.F_SLIP],
+        liquidation_fees_usdt=f[K.F_LIQ_FEES], turnover_usdt=f[K.F_TURNOVER], n_fills=i[K.I_FILLS],
+        n_trades=i[K.I_TRADES], n_skipped_min_notional=i[K.I_SKIPPED], n_fallback_funding=i[K.I_FALLBACK],
+    )  # fmt: skip
 
-    def close(
-        self, price: float, ref_price: float, reason: str, time_ns: int, bars_held: int, fee_rate: float
-    ) -> None:
-        """Close the whole position with a taker order at ``price``."""
-        side, qty = self.side, self.qty_base
-        notional = qty * price
-        fee = notional * fee_rate
-        slip_usdt = qty * abs(price - ref_price)
-        price_pnl = side * qty * (price - self.entry_price)
-        self.cash_usdt += self.margin_usdt + price_pnl - fee
-        self.fees_paid_usdt += fee
-        self.slippage_paid_usdt += slip_usdt
-        self.turnover_usdt += notional
-        self.n_fills += 1
-        self.fees += fee
-        self.slippage += slip_usdt
-        self.fills.append(Fill(time_ns, -side, qty, price, fee, slip_usdt, reason))
-        pnl = price_pnl - self.entry_fee_usdt - fee - self.trade_funding_usdt
-        self.trades.append(
-            ClosedTrade(
-                self.entry_time_ns, time_ns, side, qty, self.entry_price, price, pnl, reason, bars_held
-            )
+
+def events_from_arrays(
+    ev: np.ndarray, evi: np.ndarray, n_events: int, time_ns: int
+) -> tuple[tuple[Fill, ...], tuple[ClosedTrade, ...]]:
+    """Fills and closed trades of one bar from the kernel's event buffers (all at ``time_ns``)."""
+    fills: list[Fill] = []
+    trades: list[ClosedTrade] = []
+    for k in range(n_events):
+        reason_code, side, qty, price, fee, slip, entry, pnl = ev[k].tolist()
+        entry_time, bars_held, trade_side = evi[k].tolist()
+        reason = FILL_REASONS[int(reason_code)]
+        fills.append(Fill(time_ns, int(side), qty, price, fee, slip, reason))
+        if reason != "entry":
+            entry_ns = None if entry_time == K.NO_TIME else entry_time
+            trades.append(ClosedTrade(entry_ns, time_ns, trade_side, qty, entry, price, pnl, reason, bars_held))
+    return tuple(fills), tuple(trades)
+
+
+def raise_kernel_error(code: int, out: np.ndarray, cfg: CostConfig, where: str) -> None:
+    """Turn a kernel error code into the exception the pure-Python contract promises."""
+    if code == K.ERR_BRACKET:
+        raise ValueError(
+            f"{where}: notional {out[K.O_ERR_VALUE]:.2f} USDT exceeds the largest maintenance bracket cap "
+            f"{cfg.maintenance_brackets[-1][0]:.2f} USDT"
         )
-        self._flatten()
-
-    def liquidate(self, price: float, time_ns: int, bars_held: int) -> None:
-        """Liquidation at ``price``: the isolated margin is lost, the remainder above zero goes to the
-        insurance fund as the clearance fee, cash is unchanged."""
-        side, qty = self.side, self.qty_base
-        clearance = max(0.0, self.margin_usdt + side * qty * (price - self.entry_price))
-        self.liquidation_fees_usdt += clearance
-        self.turnover_usdt += qty * price
-        self.n_fills += 1
-        self.liq_fee += clearance
-        self.liquidated = True
-        self.fills.append(Fill(time_ns, -side, qty, price, 0.0, 0.0, "liquidation"))
-        pnl = -self.margin_usdt - self.entry_fee_usdt - self.trade_funding_usdt
-        self.trades.append(
-            ClosedTrade(
-                self.entry_time_ns, time_ns, side, qty, self.entry_price, price, pnl, "liquidation", bars_held
-            )
-        )
-        self._flatten()
+    if code == K.ERR_RETURN:
+        raise ValueError(f"{where}: per-bar return must be finite, got {out[K.O_ERR_VALUE]!r}")
+    raise RuntimeError(f"{where}: accounting kernel returned error code {code}")
 
 
-def _open_position(
-    w: _Work, decision: Decision, bar: Bar, atr: float, slip: float, fee_rate: float, cfg: CostConfig
-) -> None:
-    direction = decision.direction
-    lev = float(decision.leverage)
-    cash = w.cash_usdt  # flat here, so equity == cash
-    fill = _adverse_fill(bar.open, direction, slip, cfg.tick_size_quote)
-    margin_budget = min(decision.size_frac * cash, cash / (1.0 + lev * fee_rate)) if cash > 0 else 0.0
-    lot = cfg.lot_size_base
-    notional_budget = margin_budget * lev
-    n_lots = math.floor(notional_budget / fill / lot + 1e-9)
-    while n_lots > 0 and n_lots * lot * fill > notional_budget * (1.0 + 1e-12):
-        n_lots -= 1
-    qty = round(n_lots * lot, _decimals(lot))
-    notional = qty * fill
-    if qty <= 0 or notional < cfg.min_notional_usdt:
-        w.n_skipped_min_notional += 1
-        w.skipped = True
-        return
-    mmr, cum = maintenance_bracket(notional, cfg)
-    margin = notional / lev
-    fee = notional * fee_rate
-    slip_usdt = qty * abs(fill - bar.open)
-    w.cash_usdt -= margin + fee
-    w.side = direction
-    w.qty_base = qty
-    w.entry_price = fill
-    w.margin_usdt = margin
-    w.leverage = lev
-    tick = cfg.tick_size_quote
-    w.stop_price = _round_price(fill - direction * decision.stop_atr * atr, tick, 0)
-    w.take_profit_price = _round_price(fill + direction * decision.take_profit_atr * atr, tick, 0)
-    w.liquidation_price = liquidation_price(direction, qty, fill, margin, mmr, cum)
-    w.entry_time_ns = bar.open_time_ns
-    w.bars_in_trade = 0
-    w.entry_fee_usdt = fee
-    w.trade_funding_usdt = 0.0
-    w.fees_paid_usdt += fee
-    w.slippage_paid_usdt += slip_usdt
-    w.turnover_usdt += notional
-    w.n_fills += 1
-    w.n_trades += 1
-    w.fees += fee
-    w.slippage += slip_usdt
-    w.fills.append(Fill(bar.open_time_ns, direction, qty, fill, fee, slip_usdt, "entry"))
-
-
-def _intrabar_exit(w: _Work, bar: Bar, slip: float, fee_rate: float, cfg: CostConfig) -> None:
-    s = w.side
-    o = bar.open
-    stop, liq, tp = w.stop_price, w.liquidation_price, w.take_profit_price
-    bars_held = w.bars_in_trade + 1
-    tick = cfg.tick_size_quote
-    # Signed distance "beyond" a level in the adverse direction: s * (level - price) >= 0.
-    extreme_adv = bar.low if s > 0 else bar.high
-    extreme_fav = bar.high if s > 0 else bar.low
-
-    def beyond(price: float, level: float) -> bool:  # price at or past level, moving adversely
-        return s * (level - price) >= 0
-
-    liq_first = liq is not None and (stop is None or s * (liq - stop) >= 0)
-    adv_level = liq if liq_first else stop
-    if adv_level is not None and beyond(extreme_adv, adv_level):
-        if liq is not None and beyond(o, liq):  # gap through the liquidation price
-            w.liquidate(o, bar.open_time_ns, bars_held)
-            return
-        if liq_first:  # liquidation price reached intrabar before the stop
-            w.liquidate(liq, bar.open_time_ns, bars_held)
-            return
-        ref = o if beyond(o, stop) else stop  # gap through the stop fills at the open
-        price = _adverse_fill(ref, -s, slip, tick)
-        if liq is not None and beyond(price, liq):  # stop fill would lie past LP: liquidated first
-            w.liquidate(liq, bar.open_time_ns, bars_held)
-            return
-        w.close(price, ref, "stop", bar.open_time_ns, bars_held, fee_rate)
-        return
-    if tp is not None and s * (extreme_fav - tp) >= 0:
-        ref = o if s * (o - tp) >= 0 else tp  # gap through the take-profit fills at the open
-        w.close(_adverse_fill(ref, -s, slip, tick), ref, "take_profit", bar.open_time_ns, bars_held, fee_rate)
+# ----------------------------------------------------------------------------------------------
+# The bar step
+# ----------------------------------------------------------------------------------------------
 
 
 def step_bar(
     state: AccountState, decision: Decision | None, bar: Bar, atr_at_decision: float, cfg: CostConfig
 ) -> BarResult:
     """Apply the decision taken at the close of bar t to bar t+1 (``bar``).
+
+    A thin wrapper: validates, converts to arrays and runs the compiled :func:`envs.kernel.bar_step`,
+    the same code the env and the batched env run.
 
     Order of events: (1) funding at the open if ``bar.is_funding_time`` and a position is open
     (``payment = side * qty * open * rate``, positive = paid, taken from the isolated margin; a NaN
@@ -588,69 +527,51 @@ def step_bar(
     ------
     ValueError
         If the bar is non-finite/inconsistent, ``atr_at_decision`` is non-finite or <= 0 when a fill
-        can happen, or the decision opening a position has a non-finite/out-of-range field
+        can happen, a position notional exceeds the largest maintenance bracket, or the decision
+        opening a position has a non-finite/out-of-range field
         (:class:`market.decision.NonFiniteDecisionError`). Raised before any change: no partial fill.
     """
     _validate_bar(bar)
     changes_side = decision is not None and decision.direction != state.side
     opening = changes_side and decision.direction != 0  # type: ignore[union-attr]
     if opening:
-        _validate_opening(decision)  # type: ignore[arg-type]
+        validate_opening(decision)  # type: ignore[arg-type]
     atr = _as_float(atr_at_decision)
-    if changes_side or state.side != 0:
-        if not (math.isfinite(atr) and atr > 0):
-            raise ValueError(
-                f"atr_at_decision must be finite and > 0 for a possible fill at open_time_ns={bar.open_time_ns}, "
-                f"got {atr_at_decision!r}"
-            )
-        slip = slippage_frac(atr, bar.open, cfg)
+    if (changes_side or state.side != 0) and not (math.isfinite(atr) and atr > 0):
+        raise ValueError(
+            f"atr_at_decision must be finite and > 0 for a possible fill at open_time_ns={bar.open_time_ns}, "
+            f"got {atr_at_decision!r}"
+        )
+    fs = np.empty(K.N_ACCOUNT_FLOAT, dtype=np.float64)
+    is_ = np.empty(K.N_INT, dtype=np.int64)
+    state_to_arrays(state, fs, is_)
+    ev = np.zeros((K.MAX_EVENTS, K.N_EV), dtype=np.float64)
+    evi = np.zeros((K.MAX_EVENTS, K.N_EVI), dtype=np.int64)
+    out = np.zeros(K.N_OUT, dtype=np.float64)
+    if decision is None:
+        has, direction, lev, size, stop, tp = False, 0, 1.0, 0.0, 1.0, 1.0
     else:
-        slip = 0.0
-    fee_rate = cfg.taker_fee_bps / 1e4 * cfg.cost_multiplier
-    w = _Work(state)
-
-    # 1. Funding on the position held into the settlement.
-    if bar.is_funding_time and w.side != 0:
-        rate = bar.funding_rate
-        if not math.isfinite(rate):
-            rate = cfg.funding_fallback_rate
-            w.n_fallback_funding += 1
-        payment = w.side * w.qty_base * bar.open * rate
-        w.margin_usdt -= payment
-        w.funding_paid_usdt += payment
-        w.trade_funding_usdt += payment
-        w.funding += payment
-        mmr, cum = maintenance_bracket(w.qty_base * w.entry_price, cfg)
-        w.liquidation_price = liquidation_price(w.side, w.qty_base, w.entry_price, w.margin_usdt, mmr, cum)
-
-    # 2. Fills at the open. An open at or beyond the liquidation price (a gap, or funding that ate
-    # the margin) liquidates the position first: the liquidation engine acts before any order.
-    if w.side != 0 and w.liquidation_price is not None and w.side * (w.liquidation_price - bar.open) >= 0:
-        w.liquidate(bar.open, bar.open_time_ns, w.bars_in_trade)
-    if changes_side:
-        if w.side != 0:
-            price = _adverse_fill(bar.open, -w.side, slip, cfg.tick_size_quote)
-            w.close(price, bar.open, "exit_signal", bar.open_time_ns, w.bars_in_trade, fee_rate)
-        if opening:
-            _open_position(w, decision, bar, atr, slip, fee_rate, cfg)  # type: ignore[arg-type]
-
-    # 3. Intrabar exits of the position held after the open.
-    if w.side != 0:
-        _intrabar_exit(w, bar, slip, fee_rate, cfg)
-
-    # 4. Mark to market at the close.
-    if w.side != 0:
-        w.bars_in_trade += 1
-    new_state = w.freeze()
+        has, direction = True, int(decision.direction)
+        lev, size = float(decision.leverage), float(decision.size_frac)
+        stop, tp = float(decision.stop_atr), float(decision.take_profit_atr)
+    code = K.bar_step(
+        fs, is_, has, direction, lev, size, stop, tp, int(bar.open_time_ns), float(bar.open),
+        float(bar.high), float(bar.low), float(bar.close), float(bar.funding_rate),
+        bool(bar.is_funding_time), atr if math.isfinite(atr) else 1.0, cost_params(cfg), ev, evi, out,
+    )  # fmt: skip
+    if code != K.OK:
+        raise_kernel_error(code, out, cfg, f"step_bar at open_time_ns={bar.open_time_ns}")
+    fills, trades = events_from_arrays(ev, evi, int(out[K.O_N_EVENTS]), bar.open_time_ns)
+    new_state = state_from_arrays(fs, is_)
     return BarResult(
         state=new_state,
-        fills=tuple(w.fills),
-        closed_trades=tuple(w.trades),
-        fees_usdt=w.fees,
-        slippage_usdt=w.slippage,
-        funding_usdt=w.funding,
-        liquidation_fee_usdt=w.liq_fee,
-        liquidated=w.liquidated,
-        skipped_min_notional=w.skipped,
-        equity_usdt=new_state.equity(bar.close),
+        fills=fills,
+        closed_trades=trades,
+        fees_usdt=float(out[K.O_FEES]),
+        slippage_usdt=float(out[K.O_SLIP]),
+        funding_usdt=float(out[K.O_FUNDING]),
+        liquidation_fee_usdt=float(out[K.O_LIQ_FEE]),
+        liquidated=bool(out[K.O_LIQUIDATED]),
+        skipped_min_notional=bool(out[K.O_SKIPPED]),
+        equity_usdt=float(out[K.O_EQUITY]),
     )

@@ -2,16 +2,17 @@
 
 At index t the agent sees ``market_obs[t]`` (features + regime probabilities + signal probabilities,
 all computable from candles closed at or before t) and the account state marked at the close of
-bar t. Its action, decoded by :func:`envs.actions.decode_action`, is applied to bar t+1 by
-:func:`envs.accounting.step_bar` with the ATR of bar t, so a decision at the close of t fills at the
-open of t+1. The reward is computed from the net per-bar equity return (after fees, slippage and
-funding) by :mod:`envs.rewards`.
+bar t. Its action, decoded as by :func:`envs.actions.decode_action`, is applied to bar t+1 by the
+compiled bar step behind :func:`envs.accounting.step_bar` (``envs.kernel``) with the ATR of bar t,
+so a decision at the close of t fills at the open of t+1. The reward is computed from the net
+per-bar equity return (after fees, slippage and funding) with the forms of :mod:`envs.rewards`
+(compiled in ``envs.kernel``, equal to the Python classes bit for bit; tested).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -19,12 +20,20 @@ import pandas as pd
 from gymnasium import spaces
 from pydantic import Field
 
-from envs.accounting import AccountState, Bar, step_bar
+from envs import kernel as K
+from envs.accounting import (
+    AccountState,
+    cost_params,
+    events_from_arrays,
+    raise_kernel_error,
+    state_from_arrays,
+    validate_opening,
+)
 from envs.actions import ActionConfig, decode_action
 from envs.config import CostConfig
-from envs.rewards import RewardConfig, compose_reward, make_reward
+from envs.rewards import RewardConfig
 from market.config_base import StrictConfig
-from market.decision import Decision, PositionView
+from market.decision import Decision, NonFiniteDecisionError, PositionView
 
 ACCOUNT_FEATURES: tuple[str, ...] = (
     "pos_side",
@@ -271,6 +280,11 @@ class EnvConfig(StrictConfig):
     actions: ActionConfig = Field(default_factory=ActionConfig, description="Action decoding.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward form and shaping.")
     costs: CostConfig = Field(default_factory=CostConfig, description="Execution/cost model.")
+    info_level: Literal["lean", "full"] = Field(
+        "lean",
+        description="lean: equity and reward components each step, totals at the episode's end (fast, "
+        "for training); full: account, costs, fills and closed trades every step (backtests, reports).",
+    )
 
 
 def _account_values(
@@ -335,15 +349,104 @@ def account_features(
 # ----------------------------------------------------------------------------------------------
 
 
+def env_params(config: EnvConfig) -> np.ndarray:
+    """The compiled kernel's full parameter vector (``envs.kernel.P_*``) for ``config``.
+
+    Returns
+    -------
+    np.ndarray
+        float64, costs (:func:`envs.accounting.cost_params`), then reward, action decoding and
+        episode rules; a fresh, writeable copy.
+    """
+    p = cost_params(config.costs).copy()
+    rw, act = config.reward, config.actions
+    p[K.P_RKIND] = K.REWARD_KINDS.index(rw.kind)
+    p[K.P_ETA] = rw.eta
+    p[K.P_WARMUP] = rw.warmup_bars
+    p[K.P_FLOOR] = rw.downside_floor
+    p[K.P_CLIP] = rw.clip
+    p[K.P_TURNOVER_PEN] = rw.turnover_penalty
+    p[K.P_DD_PEN] = rw.drawdown_penalty
+    p[K.P_SCALE] = rw.scale
+    p[K.P_DEAD_ZONE] = act.direction_dead_zone
+    p[K.P_MAX_LEV] = act.max_leverage
+    p[K.P_MAX_SIZE] = act.max_size_frac
+    p[K.P_STOP_LO], p[K.P_STOP_HI] = act.stop_atr_range
+    p[K.P_TP_LO], p[K.P_TP_HI] = act.take_profit_atr_range
+    p[K.P_INITIAL_EQUITY] = config.initial_equity_usdt
+    p[K.P_MIN_EQUITY_FRAC] = config.min_equity_frac
+    p[K.P_MAX_DD] = config.max_drawdown_frac
+    p[K.P_MAX_LEV_OBS] = act.max_leverage
+    return p
+
+
+def kernel_arrays(data: EnvData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(bars, times, market_obs)`` as the kernel reads them: float64 (T, 7) with the ``B_*``
+    columns (open, high, low, close, ATR, funding rate, funding flag), int64 (T,) open times,
+    float32 (T, F) market observations; C-contiguous and writeable (copies where needed)."""
+    bars = np.empty((len(data), K.N_BAR), dtype=np.float64)
+    bars[:, K.B_OPEN] = data.open
+    bars[:, K.B_HIGH] = data.high
+    bars[:, K.B_LOW] = data.low
+    bars[:, K.B_CLOSE] = data.close
+    bars[:, K.B_ATR] = data.atr
+    bars[:, K.B_FUNDING_RATE] = data.funding_rate
+    bars[:, K.B_IS_FUNDING] = data.is_funding_time
+    times = np.require(data.open_time_ns, np.int64, ["C", "W"])
+    market_obs = np.require(data.market_obs, np.float32, ["C", "W"])
+    return bars, times, market_obs
+
+
+def episode_summary(fs: np.ndarray, is_: np.ndarray) -> dict[str, Any]:
+    """Cumulative cost and activity totals of an episode (added to ``info`` at its last step)."""
+    f = fs.tolist()
+    i = is_.tolist()
+    return {
+        "fees_paid_usdt": f[K.F_FEES],
+        "funding_paid_usdt": f[K.F_FUNDING],
+        "slippage_paid_usdt": f[K.F_SLIP],
+        "liquidation_fees_usdt": f[K.F_LIQ_FEES],
+        "turnover_usdt": f[K.F_TURNOVER],
+        "n_trades": i[K.I_TRADES],
+        "n_fills": i[K.I_FILLS],
+        "n_skipped_min_notional": i[K.I_SKIPPED],
+        "n_fallback_funding": i[K.I_FALLBACK],
+    }
+
+
+_SHAPE_5 = (5,)
+_MODE_ACTION = K.MODE_ACTION
+_O_EQUITY = K.O_EQUITY
+_O_REWARD = K.O_REWARD
+if K.O_REWARD != K.O_EQUITY + 1:
+    raise RuntimeError("envs.kernel output layout changed: TradingEnv.step reads O_EQUITY, O_REWARD as one slice")
+_env_step = K.env_step
+
+
 class TradingEnv(gym.Env):
     """One-symbol USDT-M perpetual trading env with a 5-dimensional continuous action.
 
     Observation: float32 ``(F + 6,)`` = ``market_obs[t]`` then :data:`ACCOUNT_FEATURES`.
-    Action: float32 ``Box(-1, 1, (5,))`` decoded by :func:`envs.actions.decode_action`.
+    Action: float32 ``Box(-1, 1, (5,))`` decoded as in :func:`envs.actions.decode_action`
+    (direction with a dead zone, leverage, size as the fraction of equity committed as margin, stop
+    and take-profit distances in ATRs; see its docstring for the worked example).
     Episode: from a start index (random when ``random_start``, or ``options["start_index"]``) for
     ``episode_len_bars`` steps or until ``options["end_index"]`` / the last bar; ``truncated`` at the
     end of the span, ``terminated`` when equity falls below ``min_equity_frac`` of the initial equity
-    or the drawdown exceeds ``max_drawdown_frac``.
+    or the drawdown exceeds ``max_drawdown_frac`` (a liquidation that wipes the account does both).
+    The end of the data only ever truncates.
+
+    Each step runs the compiled :func:`envs.kernel.env_step` (the same bar step as
+    :func:`envs.accounting.step_bar`); the state lives in flat arrays and :attr:`account_state`
+    builds the frozen :class:`~envs.accounting.AccountState` on demand.
+
+    ``info`` (``config.info_level``): ``"lean"`` (default, for training: SB3's ``DummyVecEnv``
+    deep-copies every info dict) holds ``equity_usdt`` every step and, at the last step of an
+    episode, the cumulative totals of :func:`episode_summary`; ``"full"`` holds every step the
+    account (cash, margin, position), this bar's costs, fills and closed trades, the cumulative
+    totals, the bar time, return and drawdown, and the reward's components ``reward_base``,
+    ``reward_turnover_penalty``, ``reward_drawdown_penalty`` (see :meth:`full_info`, which a lean env
+    can also call after a step).
 
     Parameters
     ----------
@@ -382,24 +485,17 @@ class TradingEnv(gym.Env):
         self._n_market = n_market
         self.observation_space = spaces.Box(-np.inf, np.inf, (n_market + len(ACCOUNT_FEATURES),), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (5,), np.float32)
-        # Python lists: scalar access in step() without numpy-scalar overhead.
-        self._time = data.open_time_ns.tolist()
-        self._open = data.open.tolist()
-        self._high = data.high.tolist()
-        self._low = data.low.tolist()
-        self._close = data.close.tolist()
-        self._atr = data.atr.tolist()
-        self._funding = data.funding_rate.tolist()
-        self._is_funding = data.is_funding_time.tolist()
+        self._bars, self._times, self._mobs = kernel_arrays(data)
+        self._p = env_params(self.config)
+        self._full = self.config.info_level == "full"
+        self._fs = np.zeros(K.N_ENV_FLOAT, dtype=np.float64)
+        self._is = np.zeros(K.N_INT, dtype=np.int64)
+        self._ev = np.zeros((K.MAX_EVENTS, K.N_EV), dtype=np.float64)
+        self._evi = np.zeros((K.MAX_EVENTS, K.N_EVI), dtype=np.int64)
+        self._out = np.zeros(K.N_OUT, dtype=np.float64)
+        self._dec = np.zeros(5, dtype=np.float64)
         self._obs_buf = np.zeros(self.observation_space.shape, dtype=np.float32)
-        self._reward_fn = make_reward(self.config.reward)
-        self._state = AccountState.initial(self.config.initial_equity_usdt)
-        self._t = 0
-        self._start = 0
-        self._end = 0
-        self._equity = self.config.initial_equity_usdt
-        self._peak = self._equity
-        self._drawdown = 0.0
+        K.reset_env(self._fs, self._is, 0, 0, self._p)
         self._done = True  # reset() required before step()
 
     # -- properties ------------------------------------------------------------------------------
@@ -407,26 +503,26 @@ class TradingEnv(gym.Env):
     @property
     def equity_usdt(self) -> float:
         """Equity marked at the close of the current bar (USDT)."""
-        return self._equity
+        return float(self._fs[K.E_EQUITY])
 
     @property
     def current_index(self) -> int:
         """Index into the data of the bar whose close the agent is deciding at."""
-        return self._t
+        return int(self._fs[K.E_T])
 
     @property
     def account_state(self) -> AccountState:
-        """The current account state (frozen)."""
-        return self._state
+        """The current account state (a frozen snapshot built from the kernel's arrays)."""
+        return state_from_arrays(self._fs, self._is)
 
     @property
     def episode_span(self) -> tuple[int, int]:
         """(start index, end index) of the current episode; it runs ``end - start`` steps."""
-        return self._start, self._end
+        return int(self._fs[K.E_START]), int(self._fs[K.E_END])
 
     def position_view(self) -> PositionView:
         """The open position as seen by a policy."""
-        return self._state.position_view()
+        return self.account_state.position_view()
 
     # -- gymnasium API ---------------------------------------------------------------------------
 
@@ -479,118 +575,158 @@ class TradingEnv(gym.Env):
         """
         super().reset(seed=seed)
         start, end = self._span(options)
-        self._start, self._end, self._t = start, end, start
-        self._state = AccountState.initial(self.config.initial_equity_usdt)
-        self._equity = self._state.cash_usdt
-        self._peak = self._equity
-        self._drawdown = 0.0
-        self._reward_fn.reset()
+        K.reset_env(self._fs, self._is, start, end, self._p)
+        K.write_observation(self._fs, self._is, self._bars, self._mobs, self._p, self._obs_buf)
         self._done = False
-        return self._observation(), {"equity_usdt": self._equity, "bar_open_time_ns": self._time[start]}
+        return self._obs_buf.copy(), {"equity_usdt": float(self._fs[K.E_EQUITY]),
+                                      "bar_open_time_ns": int(self._times[start])}  # fmt: skip
 
     def step(self, action):
-        """Decode ``action`` (shape (5,), in [-1, 1]) and apply it; see :meth:`step_decision`.
+        """Decode ``action`` (shape (5,), in [-1, 1]) and apply it to the next bar.
+
+        Returns
+        -------
+        (observation, reward, terminated, truncated, info); see the class docstring for ``info``.
 
         Raises
         ------
         market.decision.NonFiniteDecisionError
-            If the action holds a NaN or infinite component.
+            If the action holds a NaN or infinite component (no order is placed, the state is unchanged).
+        ValueError
+            If the action does not have 5 elements.
+        RuntimeError
+            If called before :meth:`reset` or after the episode ended.
         """
-        return self.step_decision(decode_action(action, self.config.actions))
+        # Fast path: a C-contiguous float32/float64 vector of 5 goes to the kernel as is (the two
+        # compiled signatures); anything else is converted to float64 first.
+        if (
+            action.__class__ is not np.ndarray
+            or action.shape != _SHAPE_5
+            or action.dtype.char not in "fd"
+            or not action.flags.c_contiguous
+        ):
+            action = np.ascontiguousarray(np.asarray(action, dtype=np.float64).reshape(-1))
+            if action.shape != _SHAPE_5:
+                raise ValueError(f"action must have shape (5,), got {action.shape}")
+        if self._done:
+            raise RuntimeError("step called before reset() or after the episode ended; call reset()")
+        out = self._out
+        code, terminated, truncated = _env_step(
+            _MODE_ACTION, action, self._fs, self._is, self._bars, self._times, self._mobs, self._p,
+            self._obs_buf, self._ev, self._evi, out,
+        )  # fmt: skip
+        if code:
+            self._raise(code, action)
+        if terminated or truncated:
+            self._done = True
+        if self._full:
+            return self._obs_buf.copy(), float(out[_O_REWARD]), terminated, truncated, self.full_info()
+        e, r = out[_O_EQUITY : _O_REWARD + 1].tolist()  # adjacent in envs.kernel's layout
+        info = {"equity_usdt": e}
+        if self._done:
+            info.update(episode_summary(self._fs, self._is))
+        return self._obs_buf.copy(), r, terminated, truncated, info
 
     def step_decision(self, decision: Decision | None):
         """Apply a decision taken at the close of bar t to bar t+1, then move to t+1.
 
         Returns
         -------
-        (observation, reward, terminated, truncated, info); see the module docs for ``info`` keys.
+        (observation, reward, terminated, truncated, info); see the class docstring for ``info``.
 
         Raises
         ------
         RuntimeError
             If called before :meth:`reset` or after the episode ended.
+        market.decision.NonFiniteDecisionError
+            If a decision that opens a position has a non-finite or out-of-range field.
         """
+        if decision is None:
+            return self._step(K.MODE_HOLD, self._dec)
+        if decision.direction != 0 and decision.direction != int(self._is[K.I_SIDE]):
+            validate_opening(decision)
+        dec = self._dec
+        dec[0] = decision.direction
+        dec[1] = decision.leverage
+        dec[2] = decision.size_frac
+        dec[3] = decision.stop_atr
+        dec[4] = decision.take_profit_atr
+        return self._step(K.MODE_DECISION, dec)
+
+    def _step(self, mode: int, action: np.ndarray):
         if self._done:
             raise RuntimeError("step called before reset() or after the episode ended; call reset()")
-        t = self._t
-        i = t + 1
-        bar = Bar(self._time[i], self._open[i], self._high[i], self._low[i], self._close[i],
-                  self._funding[i], self._is_funding[i])  # fmt: skip
-        prev_state = self._state
-        res = step_bar(prev_state, decision, bar, self._atr[t], self.config.costs)
-        state = res.state
-        equity_prev = self._equity
-        equity = res.equity_usdt
-        r = equity / equity_prev - 1.0 if equity_prev > 0 else 0.0
-        base = self._reward_fn.step(r)
-        peak = max(self._peak, equity)
-        drawdown = max(0.0, 1.0 - equity / peak) if peak > 0 else 0.0
-        parts = compose_reward(
-            base,
-            state.turnover_usdt - prev_state.turnover_usdt,
-            equity_prev,
-            self._drawdown,
-            drawdown,
-            self.config.reward,
-        )
-        self._state, self._t, self._equity, self._peak, self._drawdown = state, i, equity, peak, drawdown
-        cfg = self.config
-        terminated = (
-            equity < cfg.min_equity_frac * cfg.initial_equity_usdt or drawdown > cfg.max_drawdown_frac
-        )
-        truncated = (not terminated) and i >= self._end
-        self._done = terminated or truncated
-        close = bar.close
-        info = {
-            "equity_usdt": equity,
-            "cash_usdt": state.cash_usdt,
-            "margin_usdt": state.margin_usdt,
-            "position_side": state.side,
-            "position_qty_base": state.qty_base,
-            "position_entry_price": state.entry_price,
-            "position_notional_usdt": state.qty_base * close,
-            "fees_usdt": res.fees_usdt,
-            "slippage_usdt": res.slippage_usdt,
-            "funding_usdt": res.funding_usdt,
-            "liquidation_fee_usdt": res.liquidation_fee_usdt,
-            "fees_paid_usdt": state.fees_paid_usdt,
-            "funding_paid_usdt": state.funding_paid_usdt,
-            "slippage_paid_usdt": state.slippage_paid_usdt,
-            "liquidation_fees_usdt": state.liquidation_fees_usdt,
-            "turnover_usdt": state.turnover_usdt,
-            "n_trades": state.n_trades,
-            "n_fills": state.n_fills,
-            "n_skipped_min_notional": state.n_skipped_min_notional,
-            "n_fallback_funding": state.n_fallback_funding,
-            "fills": res.fills,
-            "closed_trades": res.closed_trades,
-            "liquidated": res.liquidated,
-            "skipped_min_notional": res.skipped_min_notional,
-            "bar_open_time_ns": bar.open_time_ns,
-            "bar_return": r,
-            "drawdown_frac": drawdown,
-            "reward_base": parts.base,
-            "reward_turnover_penalty": parts.turnover_penalty,
-            "reward_drawdown_penalty": parts.drawdown_penalty,
-        }
-        return self._observation(), parts.total, terminated, truncated, info
-
-    def _observation(self) -> np.ndarray:
-        t = self._t
-        buf = self._obs_buf
-        buf[: self._n_market] = self.data.market_obs[t]
-        st = self._state
-        buf[self._n_market :] = _account_values(
-            st.side, st.qty_base, st.entry_price, st.leverage, st.bars_in_trade,
-            self._close[t], self._equity, self._peak, self.config.actions.max_leverage,
+        fs, out = self._fs, self._out
+        code, terminated, truncated = K.env_step(
+            mode, action, fs, self._is, self._bars, self._times, self._mobs, self._p, self._obs_buf,
+            self._ev, self._evi, out,
         )  # fmt: skip
-        return buf.copy()
+        if code != K.OK:
+            self._raise(code, action)
+        self._done = terminated or truncated
+        if self._full:
+            info = self.full_info()
+        else:  # the same lean info as step()
+            info = {"equity_usdt": float(out[K.O_EQUITY])}
+            if self._done:
+                info.update(episode_summary(fs, self._is))
+        return self._obs_buf.copy(), float(out[K.O_REWARD]), terminated, truncated, info
+
+    def _raise(self, code: int, action: np.ndarray) -> None:
+        if code == K.ERR_ACTION:
+            decode_action(action, self.config.actions)  # raises NonFiniteDecisionError naming the component
+            raise NonFiniteDecisionError(f"action {action!r} is not finite")
+        self._done = True
+        raise_kernel_error(code, self._out, self.config.costs, f"TradingEnv.step at index {self.current_index}")
+
+    def full_info(self) -> dict[str, Any]:
+        """Everything about the last step: the ``"full"`` info (also callable on a lean env).
+
+        Keys: ``equity_usdt cash_usdt margin_usdt position_side position_qty_base
+        position_entry_price position_notional_usdt`` (at the close), this bar's ``fees_usdt
+        slippage_usdt funding_usdt liquidation_fee_usdt fills closed_trades liquidated
+        skipped_min_notional``, the cumulative totals of :func:`episode_summary`,
+        ``bar_open_time_ns bar_return drawdown_frac`` and the reward components. Valid right after a
+        step (the bar-level fields describe the last bar stepped).
+        """
+        fs, is_, out = self._fs, self._is, self._out
+        t = int(fs[K.E_T])
+        time_ns = int(self._times[t])
+        fills, trades = events_from_arrays(self._ev, self._evi, int(out[K.O_N_EVENTS]), time_ns)
+        qty = float(fs[K.F_QTY])
+        info: dict[str, Any] = {
+            "equity_usdt": float(out[K.O_EQUITY]),
+            "cash_usdt": float(fs[K.F_CASH]),
+            "margin_usdt": float(fs[K.F_MARGIN]),
+            "position_side": int(is_[K.I_SIDE]),
+            "position_qty_base": qty,
+            "position_entry_price": float(fs[K.F_ENTRY]),
+            "position_notional_usdt": qty * float(self._bars[t, K.B_CLOSE]),
+            "fees_usdt": float(out[K.O_FEES]),
+            "slippage_usdt": float(out[K.O_SLIP]),
+            "funding_usdt": float(out[K.O_FUNDING]),
+            "liquidation_fee_usdt": float(out[K.O_LIQ_FEE]),
+        }
+        info.update(episode_summary(fs, is_))
+        info.update({
+            "fills": fills,
+            "closed_trades": trades,
+            "liquidated": bool(out[K.O_LIQUIDATED]),
+            "skipped_min_notional": bool(out[K.O_SKIPPED]),
+            "bar_open_time_ns": time_ns,
+            "bar_return": float(out[K.O_R]),
+            "drawdown_frac": float(fs[K.E_DRAWDOWN]),
+            "reward_base": float(out[K.O_BASE]),
+            "reward_turnover_penalty": float(out[K.O_TURNOVER_PEN]),
+            "reward_drawdown_penalty": float(out[K.O_DD_PEN]),
+        })  # fmt: skip
+        return info
 
     def render(self) -> str | None:
         """In "ansi" mode, one line: bar time, equity, position."""
         if self.render_mode != "ansi":
             return None
-        s = self._state
-        when = pd.Timestamp(self._time[self._t], tz="UTC")
-        return (f"{when} equity={self._equity:.2f} side={s.side:+d} qty={s.qty_base:.6g} "
+        s = self.account_state
+        when = pd.Timestamp(int(self._times[self.current_index]), tz="UTC")
+        return (f"{when} equity={self.equity_usdt:.2f} side={s.side:+d} qty={s.qty_base:.6g} "
                 f"entry={s.entry_price:.2f} fees={s.fees_paid_usdt:.2f} funding={s.funding_paid_usdt:.2f}")  # fmt: skip

@@ -13,6 +13,10 @@ Semantics of a decision (used identically by the env, the backtester and the pap
   open, then, if ``direction != 0``, open a new one with ``leverage`` and ``size_frac``; its stop
   and take-profit lie ``stop_atr`` and ``take_profit_atr`` ATRs (ATR of bar t, price units) from
   the fill price.
+* ``new_stop_price`` (optional, default None) asks to move the stop of the open position; it is
+  honoured only on a hold (``direction`` equal to the current, non-zero side), only if, rounded
+  to the tick in the conservative direction (long: down, short: up), it tightens the stop
+  (long: higher, short: lower); otherwise it is ignored. Everything else keeps today's meaning.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ class Decision:
         Stop-loss distance from the fill price in multiples of ATR (price units), > 0.
     take_profit_atr : float
         Take-profit distance from the fill price in multiples of ATR, > 0.
+    new_stop_price : float | None
+        Requested stop price (USDT) of the open position on a hold (trailing stop), finite and
+        > 0; None (default) keeps the stop. Ignored unless ``direction`` equals the current
+        non-zero side and the tick-rounded level tightens the stop (see the module docstring).
 
     Raises
     ------
@@ -57,6 +65,7 @@ class Decision:
     size_frac: float = 0.0
     stop_atr: float = 2.0
     take_profit_atr: float = 4.0
+    new_stop_price: float | None = None
 
     def __post_init__(self) -> None:
         if self.direction not in (-1, 0, 1):
@@ -73,6 +82,12 @@ class Decision:
             raise NonFiniteDecisionError(
                 f"stop_atr and take_profit_atr must be > 0, got {self.stop_atr}, {self.take_profit_atr}"
             )
+        if self.new_stop_price is not None:
+            value = self.new_stop_price
+            if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value) or value <= 0:
+                raise NonFiniteDecisionError(f"new_stop_price must be None or a finite number > 0, got {value!r}")
+            if self.direction == 0:
+                raise NonFiniteDecisionError("new_stop_price needs direction -1 or +1 (a stop of an open position)")
 
     @classmethod
     def flat(cls) -> "Decision":
@@ -114,6 +129,9 @@ class DecisionContext:
         Marked-to-market account equity at the close of bar t.
     observation : np.ndarray | None
         The V2 observation for bar t, float32 of shape (obs_dim,), or None when unavailable.
+    regime_proba : np.ndarray | None
+        Forward-filtered HMM state probabilities at bar t, float64 of shape (K,), states ordered
+        calm -> volatile (``regime.hmm``), or None when no regime model is available.
     """
 
     bar_open_time: pd.Timestamp
@@ -121,6 +139,7 @@ class DecisionContext:
     position: PositionView
     equity_usdt: float
     observation: np.ndarray | None = None
+    regime_proba: np.ndarray | None = None
 
 
 @runtime_checkable

@@ -2,46 +2,109 @@
 
 Every value in row t is computed from candles with open time <= t only: indicators are TA-Lib's
 (forward recursions and trailing windows), rolling statistics are trailing windows that include bar
-t, and funding is forward-filled from settlements. So computing on ``candles.iloc[:t+1]`` gives
-exactly the row t of the full computation (truncation invariance; tested). Recursive indicators
-(EMA, Wilder's ATR/ADX/RSI smoothing) start at the first row of the frame, so their values depend on
-where the frame starts (not on where it ends); :func:`warmup_bars` bounds how much history they need
-to converge.
+t, funding is forward-filled from settlements, and higher-timeframe features are joined by the
+higher bar's *close* time. So computing on ``candles.iloc[:t+1]`` gives exactly the row t of the
+full computation (truncation invariance; tested, and checked for every column by
+``ats check lookahead``). Recursive indicators (EMA, Wilder's ATR/ADX/RSI smoothing, OBV) start at
+the first row of the frame, so their values depend on where the frame starts (not on where it
+ends): :func:`warmup_bars` bounds the leading NaN rows, :func:`min_history_bars` the history a
+serving buffer needs for its last row to match the batch computation.
 
-Columns (float32, in this order; ``{h}``, ``{w}``, ``{p}`` come from :class:`FeatureConfig`):
+Normalisation: every feature is scale-free (a log return, a ratio to price, a bounded oscillator,
+a z-score against a *trailing* window, or a calendar sine/cosine), so no statistic is fitted on
+any period and the same function serves training and serving. The observation normaliser fitted
+on the training period (``agents.observation.ObsNormalizer``) is stored in the bundle.
 
-==================  =============================================================================
-``logret_{h}b``     log(close_t / close_{t-h}), one column per ``return_horizons_bars`` entry
-``atr_pct``         ATR(``atr_period_bars``) / close, a fraction (0.01 = 1 % of price)
-``adx``             ADX(``adx_period_bars``) / 100, in [0, 1]
-``plus_di``         +DI(``adx_period_bars``) / 100, in [0, 1]
-``minus_di``        -DI(``adx_period_bars``) / 100, in [0, 1]
-``rsi``             RSI(``rsi_period_bars``) / 100, in [0, 1]
-``macd_hist_rel``   MACD histogram (fast, slow, signal EMAs) / close
-``bb_width``        Bollinger (upper - lower) / middle (SMA ``bbands_period_bars``, ``bbands_nbdev`` std)
-``bb_pctb``         Bollinger %B = (close - lower) / (upper - lower); 0.5 when the bands coincide
-``rvol_{w}b``       std (ddof=1) of 1-bar log returns over the last ``w`` bars, per ``realized_vol_windows_bars``
-``volume_z``        z-score of log(1 + volume) against its trailing ``volume_z_window_bars`` mean and std
-``ema_dist_{p}b``   close / EMA(p) - 1, per ``ema_periods_bars``
-``funding_bps``     last settled funding rate in basis points (rate x 1e4), forward-filled
-``funding_z``       z-score of the forward-filled funding rate over the trailing ``funding_z_window_bars``
-``hour_sin/cos``    sin/cos(2 pi h / 24), h = hour of the bar's open time (fractional for sub-hour bars)
-``dow_sin/cos``     sin/cos(2 pi d / 7), d = day of week of the open time (Monday 0, fractional)
-``bar_range``       (high - low) / close
-``close_loc``       (close - low) / (high - low); 0.5 when high == low
-==================  =============================================================================
+Columns (float32, in this order; ``{h}``, ``{w}``, ``{p}`` are windows from :class:`FeatureConfig`,
+all in bars of the candle interval; ``r_t = ln(C_t / C_{t-1})``; O H L C V = open, high, low,
+close, volume):
+
+=======================  ==============================================  ===========================  ==============  ============================
+name                     formula or TA-Lib function                      window (default)             unit            source
+=======================  ==============================================  ===========================  ==============  ============================
+``logret_{h}b``          ln(C_t / C_{t-h})                               ``return_horizons_bars``     log return      --
+                                                                         (1, 3, 6, 12, 24, 72)
+``atr_pct``              ``ATR`` / C                                     ``atr_period_bars`` (14)     fraction        Wilder 1978
+``adx``                  ``ADX`` / 100                                   ``adx_period_bars`` (14)     [0, 1]          Wilder 1978
+``plus_di``              ``PLUS_DI`` / 100                               ``adx_period_bars``          [0, 1]          Wilder 1978
+``minus_di``             ``MINUS_DI`` / 100                              ``adx_period_bars``          [0, 1]          Wilder 1978
+``rsi``                  ``RSI`` / 100                                   ``rsi_period_bars`` (14)     [0, 1]          Wilder 1978
+``macd_hist_rel``        ``MACD`` histogram / C                          12 / 26 / 9                  fraction        Appel 1979
+``bb_width``             ``BBANDS`` (upper - lower) / middle             ``bbands_period_bars`` (20)  fraction        Bollinger 2001
+``bb_pctb``              (C - lower) / (upper - lower); 0.5 if equal     ``bbands_period_bars``       ratio           Bollinger 2001
+``rvol_{w}b``            std(r, ddof=1)                                  ``realized_vol_windows_bars``  per-bar log   --
+                                                                         (24, 72)
+``volume_z``             z-score of ln(1 + V)                            ``volume_z_window_bars`` 48  z               --
+``ema_dist_{p}b``        C / ``EMA``(p) - 1                              ``ema_periods_bars``         fraction        --
+                                                                         (20, 50, 200)
+``funding_bps``          last settled funding rate x 1e4 (ffill)         --                           bps             Binance
+``funding_z``            z-score of the forward-filled rate              ``funding_z_window_bars``    z               --
+                                                                         (168)
+``hour_sin/cos``         sin/cos(2 pi hour / 24) of the open time        --                           [-1, 1]         --
+``dow_sin/cos``          sin/cos(2 pi day / 7), Monday 0, fractional     --                           [-1, 1]         --
+``bar_range``            (H - L) / C                                     1                            fraction        --
+``close_loc``            (C - L) / (H - L); 0.5 if H == L                1                            [0, 1]          --
+``parkinson_vol_{w}b``   sqrt(mean(ln(H/L)^2) / (4 ln 2))                ``parkinson_window_bars``    per-bar log     Parkinson 1980
+                                                                         (24)
+``gk_vol_{w}b``          sqrt(mean(0.5 ln(H/L)^2                         ``garman_klass_window_bars`` per-bar log     Garman & Klass 1980
+                         - (2 ln 2 - 1) ln(C/O)^2))                      (24)
+``ema_slope_{p}b``       ln(EMA_t / EMA_{t-k}) / k, k =                  ``ema_periods_bars``         log / bar       --
+                         ``ema_slope_lag_bars`` (5)
+``stochrsi_k``           ``STOCHRSI`` fastk / 100 (0 if RSI flat)        ``stochrsi_period_bars``     [0, 1]          Chande & Kroll 1994
+                                                                         (RSI 14, stoch 14)
+``stochrsi_d``           ``STOCHRSI`` fastd (SMA 3 of fastk) / 100       ``stochrsi_period_bars``     [0, 1]          Chande & Kroll 1994
+``obv_slope_{w}b``       (``OBV``_t - ``OBV``_{t-w}) / sum(V);           ``obv_window_bars`` (24)     [-1, 1]         Granville 1963
+                         0 if no volume
+``vwap_dist_{w}b``       C / VWAP - 1, VWAP = sum(TP V) / sum(V),        ``vwap_window_bars`` (24)    fraction        --
+                         TP = (H+L+C)/3; mean TP if no volume
+``hurst_{w}b``           OLS slope of ln std(x_t - x_{t-k}) on ln k,     ``hurst_window_bars`` (128)  [0, 1]          Mandelbrot & Van Ness 1968;
+                         x = ln C, k = 1, 2, 4, 8, 16; 0.5 if flat                                                    Taqqu et al. 1995
+``er_{w}b``              abs(C_t - C_{t-w}) / sum abs(C_j - C_{j-1});    ``efficiency_window_bars``   [0, 1]          Kaufman 1995
+                         0 if flat                                       (10)
+``sign_entropy_{w}b``    binary Shannon entropy of p = share of r > 0    ``entropy_window_bars`` (24) bits, [0, 1]    Shannon 1948
+``skew_{w}b``            skewness of r (bias-corrected); 0 if flat       ``moments_window_bars`` (72) --              --
+``kurt_{w}b``            excess kurtosis of r (bias-corrected);          ``moments_window_bars``      --              --
+                         0 if flat
+``autocorr1_{w}b``       corr(r_t, r_{t-1}) over the window; 0 if flat   ``moments_window_bars``      [-1, 1]         --
+``dist_high_{w}b``       C / ``MAX``(H) - 1                              ``range_window_bars`` (168)  fraction <= 0   --
+``dist_low_{w}b``        C / ``MIN``(L) - 1                              ``range_window_bars``        fraction >= 0   --
+``funding_cum_{w}b_bps`` sum of funding settled in the last w bars x 1e4 ``funding_cum_window_bars``  bps             Binance
+                                                                         (24 = 24 h of 1h bars)
+``is_gap``               the candles' ``is_gap`` column (1.0 = a bar     --                           {0, 1}          --
+                         filled by the gap policy), else 0.0
+``htf_{tf}_{name}``      higher-timeframe features, see below            in ``tf`` bars               as above        as above
+=======================  ==============================================  ===========================  ==============  ============================
 
 Funding: the rate settled at open time T is known by the close of that bar, so forward-filling it
-is causal. If the candles have no ``funding_rate`` column, ``funding_bps`` and ``funding_z`` are 0.0
-on every row (the schema never changes); if they have one, the rows before the first settlement
-are NaN (warm-up). Z-scores whose trailing std is (numerically) zero are 0.0.
+is causal. If the candles have no ``funding_rate`` column, the three funding features are 0.0 on
+every row (the schema never changes); if they have one, the rows before the first settlement are
+NaN (warm-up). Z-scores whose trailing std is (numerically) zero are 0.0.
 
-Sources: ATR, ADX/DI and RSI by Wilder (1978), *New Concepts in Technical Trading Systems*;
-MACD by Appel (1979); Bollinger bands by Bollinger (2001), *Bollinger on Bollinger Bands*; all as
-implemented by TA-Lib (https://ta-lib.org).
+Higher timeframes (opt-in, ``FeatureConfig.higher_timeframes``, e.g. ``("4h",)``): the candles
+are resampled into bins of ``tf`` anchored on the Unix epoch (4h bins start at 00:00, 04:00, ...
+UTC); only *complete* bins are kept (a bin of ``tf / interval`` bars; the partial first and last
+bins of a frame are dropped). On the complete bins :data:`HTF_FEATURES` are computed (windows in
+``tf`` bars). A row with open time t (closing at t + interval) gets the values of the last bin
+whose close time (bin open + tf) is <= t + interval: a 1h bar never sees a 4h bar that has not
+closed yet (the 1h bar 03:00-04:00 is the first to see the 00:00-04:00 bar). See
+:func:`resample_candles` and :func:`higher_timeframe_features`.
+
+Sources: ATR, ADX/DI and RSI: Wilder (1978), *New Concepts in Technical Trading Systems*; MACD:
+Appel (1979); Bollinger bands: Bollinger (2001), *Bollinger on Bollinger Bands*; Stochastic RSI:
+Chande & Kroll (1994), *The New Technical Trader*; OBV: Granville (1963), *Granville's New Key to
+Stock Market Profits*; all as implemented by TA-Lib (https://ta-lib.org). Parkinson (1980), "The
+extreme value method for estimating the variance of the rate of return", *J. Business* 53(1);
+Garman & Klass (1980), "On the estimation of security price volatilities from historical data",
+*J. Business* 53(1). Hurst exponent: the std of k-lag differences of an fBm path scales as k^H
+(Mandelbrot & Van Ness 1968, *SIAM Review* 10(4)); the log-log regression over lags is the
+variogram / aggregated-variance family of estimators compared in Taqqu, Teverovsky & Willinger
+(1995), "Estimators for long-range dependence: an empirical study", *Fractals* 3(4). Efficiency
+ratio: Kaufman (1995), *Smarter Trading*. Entropy: Shannon (1948).
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pandas as pd
@@ -52,12 +115,37 @@ from market.candles import FUNDING_COLUMN, check_candles
 from market.config_base import StrictConfig
 from market.errors import DataValidationError
 
+IS_GAP_COLUMN = "is_gap"
+"""Optional candle column (float64 0.0/1.0) set by the gap policy ``mark``; passed through as a feature."""
+
 _FUNDING_STD_FLOOR = 1e-12
 """A trailing std of the funding rate at or below this (fraction) counts as zero: z-score 0."""
 _VOLUME_STD_FLOOR = 1e-12
 """A trailing std of log(1 + volume) at or below this counts as zero: z-score 0."""
 _BB_WIDTH_FLOOR = 1e-12
 """Bands closer than this fraction of the middle band count as coinciding: %B 0.5."""
+_RETURN_STD_FLOOR = 1e-12
+"""A trailing std of 1-bar log returns at or below this counts as a flat market (skew, kurtosis,
+autocorrelation 0; Hurst 0.5)."""
+
+HURST_LAGS_BARS: tuple[int, ...] = (1, 2, 4, 8, 16)
+"""Lags k of the Hurst estimator (std of k-lag log-price differences ~ k^H)."""
+
+HTF_RETURN_HORIZONS_BARS: tuple[int, ...] = (1, 6)
+HTF_RVOL_WINDOW_BARS = 12
+HTF_EMA_PERIOD_BARS = 20
+HTF_FEATURES: tuple[str, ...] = (
+    *(f"logret_{h}b" for h in HTF_RETURN_HORIZONS_BARS),
+    f"rvol_{HTF_RVOL_WINDOW_BARS}b",
+    "atr_pct",
+    "rsi",
+    "adx",
+    f"ema_dist_{HTF_EMA_PERIOD_BARS}b",
+)
+"""Features computed on each higher timeframe (windows in bars of that timeframe; ATR, RSI and ADX
+use the periods of :class:`FeatureConfig`); same formulas as the base features of the same name."""
+
+_TIMEFRAME_RE = re.compile(r"^[1-9][0-9]*(min|h|d)$")
 
 
 class FeatureConfig(StrictConfig):
@@ -79,9 +167,30 @@ class FeatureConfig(StrictConfig):
     )
     volume_z_window_bars: int = Field(48, description="trailing window of the volume z-score, bars")
     ema_periods_bars: tuple[int, ...] = Field(
-        (20, 50, 200), description="EMA periods of the close/EMA - 1 distance features, bars"
+        (20, 50, 200), description="EMA periods of the close/EMA - 1 distance and EMA slope features, bars"
     )
     funding_z_window_bars: int = Field(168, description="trailing window of the funding-rate z-score, bars")
+    parkinson_window_bars: int = Field(24, description="window of the Parkinson high-low volatility, bars")
+    garman_klass_window_bars: int = Field(24, description="window of the Garman-Klass OHLC volatility, bars")
+    ema_slope_lag_bars: int = Field(5, description="lag k of the EMA slope ln(EMA_t / EMA_{t-k}) / k, bars")
+    stochrsi_period_bars: int = Field(
+        14, description="Stochastic RSI: RSI period and stochastic window (%D = SMA 3 of %K), bars"
+    )
+    obv_window_bars: int = Field(24, description="window of the OBV slope (signed volume / volume), bars")
+    vwap_window_bars: int = Field(24, description="window of the rolling VWAP, bars")
+    hurst_window_bars: int = Field(128, description="window of log prices of the Hurst estimator, bars")
+    efficiency_window_bars: int = Field(10, description="window of Kaufman's efficiency ratio, bars")
+    entropy_window_bars: int = Field(24, description="window of the entropy of return signs, bars")
+    moments_window_bars: int = Field(
+        72, description="window of the skewness, kurtosis and lag-1 autocorrelation of returns, bars"
+    )
+    range_window_bars: int = Field(168, description="window of the rolling high / low distances, bars")
+    funding_cum_window_bars: int = Field(
+        24, description="window of the cumulative funding (24 = 24 h of 1h bars), bars"
+    )
+    higher_timeframes: tuple[str, ...] = Field(
+        (), description="higher timeframes whose HTF_FEATURES are joined by close time, e.g. ('4h',)"
+    )
 
     @field_validator("return_horizons_bars", "realized_vol_windows_bars", "ema_periods_bars")
     @classmethod
@@ -90,6 +199,16 @@ class FeatureConfig(StrictConfig):
             raise ValueError("must list at least one window")
         if len(set(value)) != len(value):
             raise ValueError(f"windows must be unique, got {value}")
+        return value
+
+    @field_validator("higher_timeframes")
+    @classmethod
+    def _timeframes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"higher_timeframes must be unique, got {value}")
+        for tf in value:
+            if not _TIMEFRAME_RE.match(tf):
+                raise ValueError(f"higher timeframe {tf!r} must look like '15min', '4h' or '1d'")
         return value
 
     @model_validator(mode="after")
@@ -104,6 +223,18 @@ class FeatureConfig(StrictConfig):
             "bbands_period_bars": 2,
             "volume_z_window_bars": 2,
             "funding_z_window_bars": 2,
+            "parkinson_window_bars": 1,
+            "garman_klass_window_bars": 1,
+            "ema_slope_lag_bars": 1,
+            "stochrsi_period_bars": 2,
+            "obv_window_bars": 1,
+            "vwap_window_bars": 1,
+            "hurst_window_bars": 2 * max(HURST_LAGS_BARS) + 2,
+            "efficiency_window_bars": 1,
+            "entropy_window_bars": 2,
+            "moments_window_bars": 4,
+            "range_window_bars": 1,
+            "funding_cum_window_bars": 1,
         }
         for name, low in minimum.items():
             if getattr(self, name) < low:
@@ -123,8 +254,7 @@ class FeatureConfig(StrictConfig):
         return self
 
 
-def feature_names(cfg: FeatureConfig) -> list[str]:
-    """Column names of :func:`compute_features` for ``cfg``, in order, without computing anything."""
+def _base_feature_names(cfg: FeatureConfig) -> list[str]:
     return [
         *(f"logret_{h}b" for h in cfg.return_horizons_bars),
         "atr_pct",
@@ -146,37 +276,159 @@ def feature_names(cfg: FeatureConfig) -> list[str]:
         "dow_cos",
         "bar_range",
         "close_loc",
+        f"parkinson_vol_{cfg.parkinson_window_bars}b",
+        f"gk_vol_{cfg.garman_klass_window_bars}b",
+        *(f"ema_slope_{p}b" for p in cfg.ema_periods_bars),
+        "stochrsi_k",
+        "stochrsi_d",
+        f"obv_slope_{cfg.obv_window_bars}b",
+        f"vwap_dist_{cfg.vwap_window_bars}b",
+        f"hurst_{cfg.hurst_window_bars}b",
+        f"er_{cfg.efficiency_window_bars}b",
+        f"sign_entropy_{cfg.entropy_window_bars}b",
+        f"skew_{cfg.moments_window_bars}b",
+        f"kurt_{cfg.moments_window_bars}b",
+        f"autocorr1_{cfg.moments_window_bars}b",
+        f"dist_high_{cfg.range_window_bars}b",
+        f"dist_low_{cfg.range_window_bars}b",
+        f"funding_cum_{cfg.funding_cum_window_bars}b_bps",
+        IS_GAP_COLUMN,
     ]
 
 
-def warmup_bars(cfg: FeatureConfig) -> int:
+def higher_timeframe_names(timeframe: str) -> list[str]:
+    """Column names of :func:`higher_timeframe_features` for ``timeframe``: ``htf_{tf}_{name}``."""
+    return [f"htf_{timeframe}_{name}" for name in HTF_FEATURES]
+
+
+def feature_names(cfg: FeatureConfig) -> list[str]:
+    """Column names of :func:`compute_features` for ``cfg``, in order, without computing anything."""
+    names = _base_feature_names(cfg)
+    for tf in cfg.higher_timeframes:
+        names += higher_timeframe_names(tf)
+    return names
+
+
+def _htf_factor(timeframe: str, bar_interval: pd.Timedelta | str) -> int:
+    """Number of base bars in one ``timeframe`` bar; ValueError unless it is an integer >= 2."""
+    tf, base = pd.Timedelta(timeframe), pd.Timedelta(bar_interval)
+    if base <= pd.Timedelta(0) or tf.value % base.value != 0 or tf.value // base.value < 2:
+        raise ValueError(
+            f"higher timeframe {timeframe!r} must be a whole multiple (>= 2) of the candle interval {base}"
+        )
+    return int(tf.value // base.value)
+
+
+def _htf_warmup_bars(cfg: FeatureConfig) -> int:
+    """Leading NaN rows of the higher-timeframe features, in bars of that timeframe."""
+    return int(
+        max(
+            3 * HTF_EMA_PERIOD_BARS,
+            5 * max(cfg.adx_period_bars, cfg.atr_period_bars, cfg.rsi_period_bars),
+            HTF_RVOL_WINDOW_BARS + 1,
+            max(HTF_RETURN_HORIZONS_BARS) + 1,
+        )
+    )
+
+
+def warmup_bars(cfg: FeatureConfig, bar_interval: pd.Timedelta | str = "1h") -> int:
     """Conservative number of leading bars before every feature is defined and converged.
 
     Bounds both the NaN warm-up rows of :func:`compute_features` and the history that recursive
     indicators need before their start-up value stops mattering: 3 x the longest EMA (the weight
     of the seed decays as (1 - 2/(p+1))^n, about e^-6 after 3p bars), 3 x (slow + signal) for MACD,
-    5 x the Wilder periods (ADX is smoothed twice), the longest trailing window plus one, and the
-    funding z-score window plus 32 bars (one 8-hour funding interval at 15-minute bars: the wait
-    for the first settlement; bars of 15 minutes or longer are assumed).
+    5 x the Wilder periods (ADX is smoothed twice), 3 x the Stochastic RSI period plus 3, the
+    longest trailing window plus one (the Hurst window plus its longest lag), the funding z-score
+    window plus 32 bars (one 8-hour funding interval at 15-minute bars: the wait for the first
+    settlement; bars of 15 minutes or longer are assumed), and for each higher timeframe its own
+    warm-up (in its bars, plus one partial bin) times the number of base bars per higher bar.
+
+    Parameters
+    ----------
+    cfg : FeatureConfig
+        Windows.
+    bar_interval : pandas.Timedelta or str, default "1h"
+        Interval of the candles; used only to convert ``cfg.higher_timeframes`` into bars.
 
     Returns
     -------
     int
         Number of bars (>= the leading NaN rows of ``compute_features`` on gap-free candles with
         funding settlements every 8 hours).
+
+    Raises
+    ------
+    ValueError
+        If a higher timeframe is not a whole multiple (>= 2) of ``bar_interval``.
     """
-    return int(
-        max(
-            3 * max(cfg.ema_periods_bars),
-            3 * (cfg.macd_slow_bars + cfg.macd_signal_bars),
-            5 * max(cfg.adx_period_bars, cfg.atr_period_bars, cfg.rsi_period_bars),
-            cfg.bbands_period_bars,
-            max(cfg.return_horizons_bars) + 1,
-            max(cfg.realized_vol_windows_bars) + 1,
-            cfg.volume_z_window_bars,
-            cfg.funding_z_window_bars + 32,
-        )
-    )
+    terms = [
+        3 * max(cfg.ema_periods_bars),
+        3 * (cfg.macd_slow_bars + cfg.macd_signal_bars),
+        5 * max(cfg.adx_period_bars, cfg.atr_period_bars, cfg.rsi_period_bars),
+        3 * cfg.stochrsi_period_bars + 3,
+        cfg.bbands_period_bars,
+        max(cfg.return_horizons_bars) + 1,
+        max(cfg.realized_vol_windows_bars) + 1,
+        cfg.volume_z_window_bars,
+        cfg.funding_z_window_bars + 32,
+        cfg.funding_cum_window_bars + 32,
+        max(cfg.ema_periods_bars) + cfg.ema_slope_lag_bars,
+        cfg.parkinson_window_bars,
+        cfg.garman_klass_window_bars,
+        cfg.obv_window_bars + 1,
+        cfg.vwap_window_bars,
+        cfg.hurst_window_bars + 1,
+        cfg.efficiency_window_bars + 1,
+        cfg.entropy_window_bars + 1,
+        cfg.moments_window_bars + 2,
+        cfg.range_window_bars,
+    ]
+    for tf in cfg.higher_timeframes:
+        terms.append((_htf_warmup_bars(cfg) + 1) * _htf_factor(tf, bar_interval))
+    return int(max(terms))
+
+
+def min_history_bars(cfg: FeatureConfig, bar_interval: pd.Timedelta | str = "1h") -> int:
+    """Candles a serving buffer needs so that its last feature row matches the batch computation.
+
+    Trailing-window features are identical once the buffer covers their window; recursive ones
+    (EMA, MACD, Wilder's ATR/ADX/RSI, Stochastic RSI) depend on their seed, whose weight after n
+    bars is (1 - 2/(p+1))^n for an EMA of period p and (1 - 1/p)^n for Wilder smoothing. The
+    bound is 5 x the longest EMA period (seed weight about e^-10 = 4.5e-5), 5 x (MACD slow +
+    signal), 10 x the Wilder periods (ADX smooths twice; e^-10 again), the warm-up of
+    :func:`warmup_bars`, and 2 x the higher-timeframe warm-up in base bars. With the defaults it
+    is 1,000 bars (the serving loop's default ``context_bars``). Measured on the bundled BTCUSDT
+    data (300 buffer end points, float32 outputs): the largest deviation of the buffer's last row
+    from the batch row is 1.9e-5 in ``ema_dist_200b`` (0.002 % of price), 2e-7 in
+    ``ema_slope_200b``, 3e-7 in ``htf_4h_adx``, <= 4e-9 elsewhere
+    (``tests/market/test_features.py`` asserts 5e-5 for EMA-based columns, 1e-6 for the others).
+
+    Parameters
+    ----------
+    cfg : FeatureConfig
+        Windows.
+    bar_interval : pandas.Timedelta or str, default "1h"
+        Interval of the candles; used only to convert ``cfg.higher_timeframes`` into bars.
+
+    Returns
+    -------
+    int
+        Number of candles (the last of them being the bar whose features are served).
+
+    Raises
+    ------
+    ValueError
+        If a higher timeframe is not a whole multiple (>= 2) of ``bar_interval``.
+    """
+    terms = [
+        5 * max(cfg.ema_periods_bars),
+        5 * (cfg.macd_slow_bars + cfg.macd_signal_bars),
+        10 * max(cfg.adx_period_bars, cfg.atr_period_bars, cfg.rsi_period_bars, cfg.stochrsi_period_bars),
+        warmup_bars(cfg, bar_interval),
+    ]
+    for tf in cfg.higher_timeframes:
+        terms.append(2 * (_htf_warmup_bars(cfg) + 1) * _htf_factor(tf, bar_interval))
+    return int(max(terms))
 
 
 def atr(candles: pd.DataFrame, period_bars: int) -> np.ndarray:
@@ -223,13 +475,86 @@ def _rolling_z(x: pd.Series, window: int, std_floor: float) -> np.ndarray:
     return z
 
 
+def _log_returns(log_c: np.ndarray, horizon: int) -> np.ndarray:
+    r = np.full(len(log_c), np.nan)
+    if len(log_c) > horizon:
+        r[horizon:] = log_c[horizon:] - log_c[:-horizon]
+    return r
+
+
+def _rolling_sum(x: np.ndarray, window: int) -> np.ndarray:
+    """Trailing sum over ``window`` rows (inclusive); NaN until the window is full or holds a NaN."""
+    return pd.Series(x).rolling(window, min_periods=window).sum().to_numpy(copy=True)
+
+
+def _safe_ratio(num: np.ndarray, den: np.ndarray, floor: float, fill: float) -> np.ndarray:
+    """num / den where den > floor, ``fill`` where 0 <= den <= floor, NaN where either is NaN."""
+    out = np.divide(num, den, out=np.full(len(num), fill), where=den > floor)
+    out[np.isnan(num) | np.isnan(den)] = np.nan
+    return out
+
+
+def hurst_exponent(log_close: np.ndarray, window_bars: int, lags_bars: tuple[int, ...] = HURST_LAGS_BARS) -> np.ndarray:
+    """Rolling Hurst exponent from the scaling of the std of lagged log-price differences.
+
+    For each lag k, ``s_k(t)`` is the std (ddof=0) of ``x_j - x_{j-k}`` over the ``window_bars - k``
+    differences whose both ends lie in the trailing window ``x_{t-window_bars+1} .. x_t``
+    (x = ln close). For a fractional Brownian motion ``s_k ~ k^H`` (Mandelbrot & Van Ness 1968), so
+    ``H`` is the least-squares slope of ``ln s_k`` on ``ln k``, computed for every t at once as a
+    fixed linear combination of the ``ln s_k`` columns (a variogram estimator; see Taqqu,
+    Teverovsky & Willinger 1995). 0.5 = random walk, > 0.5 trending, < 0.5 mean-reverting.
+    Vectorised: one pandas rolling std per lag, O(T x len(lags)).
+
+    Parameters
+    ----------
+    log_close : numpy.ndarray
+        float64, shape (T,), log prices.
+    window_bars : int
+        Window of log prices, > 2 x the longest lag.
+    lags_bars : tuple of int
+        Lags k (>= 1, at least two distinct).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, shape (T,), clipped to [0, 1]; NaN in the first ``window_bars - 1`` rows; 0.5
+        where the 1-lag std is at most 1e-12 (no movement: no evidence either way).
+
+    Raises
+    ------
+    ValueError
+        If the window is too short for the lags or fewer than two lags are given.
+    """
+    lags = np.asarray(sorted(set(lags_bars)), dtype=np.int64)
+    if len(lags) < 2 or lags[0] < 1:
+        raise ValueError(f"need at least two distinct lags >= 1, got {lags_bars}")
+    if window_bars < 2 * int(lags[-1]) + 2:
+        raise ValueError(f"window_bars={window_bars} must be >= 2 x the longest lag + 2 ({2 * lags[-1] + 2})")
+    x = np.asarray(log_close, dtype=np.float64)
+    log_k = np.log(lags.astype(np.float64))
+    weights = (log_k - log_k.mean()) / np.sum((log_k - log_k.mean()) ** 2)
+    h = np.zeros(len(x))
+    flat = np.zeros(len(x), dtype=bool)
+    for k, wk in zip(lags, weights):
+        d = _log_returns(x, int(k))
+        s = pd.Series(d).rolling(window_bars - int(k), min_periods=window_bars - int(k)).std(ddof=0).to_numpy()
+        if k == lags[0]:
+            flat = s <= _RETURN_STD_FLOOR
+        h += wk * np.log(np.maximum(s, 1e-300))
+    h = np.clip(h, 0.0, 1.0)
+    h[flat] = 0.5
+    h[: window_bars - 1] = np.nan
+    return h
+
+
 def compute_features(candles: pd.DataFrame, cfg: FeatureConfig) -> pd.DataFrame:
     """Compute the causal feature matrix (see the module docstring for the columns).
 
     Parameters
     ----------
     candles : pandas.DataFrame
-        Canonical candles (T rows, gap-free, UTC open-time index), optionally with ``funding_rate``.
+        Canonical candles (T rows, gap-free, UTC open-time index), optionally with ``funding_rate``
+        and ``is_gap`` (float64, 0.0 or 1.0).
     cfg : FeatureConfig
         Windows.
 
@@ -243,23 +568,23 @@ def compute_features(candles: pd.DataFrame, cfg: FeatureConfig) -> pd.DataFrame:
     ------
     DataValidationError
         If the candles break a rule of :func:`market.candles.validate_candles` (checked against
-        their own median spacing): a non-finite price, a gap, an inconsistent bar, ...
+        their own median spacing): a non-finite price, a gap, an inconsistent bar, ...; rule
+        ``is_gap_values`` if an ``is_gap`` value is not 0.0 or 1.0 (the rows are named).
+    ValueError
+        If a higher timeframe of ``cfg`` is not a whole multiple (>= 2) of the candle interval.
     """
     check_candles(candles, source="compute_features input")
     index = candles.index
-    h, l, c, v = (
+    o, h, l, c, v = (
         np.ascontiguousarray(candles[k].to_numpy(dtype=np.float64))
-        for k in ("high", "low", "close", "volume")
+        for k in ("open", "high", "low", "close", "volume")
     )
     n = len(c)
     cols: dict[str, np.ndarray] = {}
     log_c = np.log(c)
 
     for hb in cfg.return_horizons_bars:
-        r = np.full(n, np.nan)
-        if n > hb:
-            r[hb:] = log_c[hb:] - log_c[:-hb]
-        cols[f"logret_{hb}b"] = r
+        cols[f"logret_{hb}b"] = _log_returns(log_c, hb)
 
     cols["atr_pct"] = talib.ATR(h, l, c, timeperiod=cfg.atr_period_bars) / c
     cols["adx"] = talib.ADX(h, l, c, timeperiod=cfg.adx_period_bars) / 100.0
@@ -280,22 +605,29 @@ def compute_features(candles: pd.DataFrame, cfg: FeatureConfig) -> pd.DataFrame:
     pctb[np.isnan(band)] = np.nan
     cols["bb_pctb"] = pctb
 
-    r1 = pd.Series(np.concatenate([[np.nan], np.diff(log_c)]))
+    r1_arr = _log_returns(log_c, 1)
+    r1 = pd.Series(r1_arr)
     for w in cfg.realized_vol_windows_bars:
         cols[f"rvol_{w}b"] = r1.rolling(w, min_periods=w).std(ddof=1).to_numpy()
 
     cols["volume_z"] = _rolling_z(pd.Series(np.log1p(v)), cfg.volume_z_window_bars, _VOLUME_STD_FLOOR)
 
+    emas = {p: talib.EMA(c, timeperiod=p) for p in cfg.ema_periods_bars}
     for p in cfg.ema_periods_bars:
-        cols[f"ema_dist_{p}b"] = c / talib.EMA(c, timeperiod=p) - 1.0
+        cols[f"ema_dist_{p}b"] = c / emas[p] - 1.0
 
     if FUNDING_COLUMN in candles.columns:
-        last_rate = pd.Series(candles[FUNDING_COLUMN].to_numpy(dtype=np.float64)).ffill()
+        rate = candles[FUNDING_COLUMN].to_numpy(dtype=np.float64)
+        last_rate = pd.Series(rate).ffill()
         cols["funding_bps"] = last_rate.to_numpy() * 1e4
         cols["funding_z"] = _rolling_z(last_rate, cfg.funding_z_window_bars, _FUNDING_STD_FLOOR)
+        cum = _rolling_sum(np.nan_to_num(rate, nan=0.0), cfg.funding_cum_window_bars) * 1e4
+        cum[last_rate.isna().to_numpy()] = np.nan  # before the first settlement: unknown, not zero
+        funding_cum = cum
     else:
         cols["funding_bps"] = np.zeros(n)
         cols["funding_z"] = np.zeros(n)
+        funding_cum = np.zeros(n)
 
     hours = (index.hour + index.minute / 60.0).to_numpy(dtype=np.float64)
     days = index.dayofweek.to_numpy(dtype=np.float64) + hours / 24.0
@@ -308,9 +640,235 @@ def compute_features(candles: pd.DataFrame, cfg: FeatureConfig) -> pd.DataFrame:
     cols["bar_range"] = rng / c
     cols["close_loc"] = np.divide(c - l, rng, out=np.full(n, 0.5), where=rng > 0)
 
+    # --- range-based volatility (Parkinson 1980; Garman & Klass 1980), per-bar log units
+    log_hl2 = np.log(h / l) ** 2
+    log_co2 = np.log(c / o) ** 2
+    pk_w, gk_w = cfg.parkinson_window_bars, cfg.garman_klass_window_bars
+    pk_mean = pd.Series(log_hl2).rolling(pk_w, min_periods=pk_w).mean().to_numpy()
+    cols[f"parkinson_vol_{pk_w}b"] = np.sqrt(np.maximum(pk_mean, 0.0) / (4.0 * np.log(2.0)))
+    gk_term = 0.5 * log_hl2 - (2.0 * np.log(2.0) - 1.0) * log_co2
+    gk_mean = pd.Series(gk_term).rolling(gk_w, min_periods=gk_w).mean().to_numpy()
+    cols[f"gk_vol_{gk_w}b"] = np.sqrt(np.maximum(gk_mean, 0.0))
+
+    # --- trend: EMA slopes
+    k = cfg.ema_slope_lag_bars
+    for p in cfg.ema_periods_bars:
+        cols[f"ema_slope_{p}b"] = _log_returns(np.log(emas[p]), k) / k
+
+    # --- Stochastic RSI (TA-Lib: 0 where RSI is flat over the window)
+    sp = cfg.stochrsi_period_bars
+    fastk, fastd = talib.STOCHRSI(c, timeperiod=sp, fastk_period=sp, fastd_period=3, fastd_matype=0)
+    cols["stochrsi_k"] = np.clip(fastk / 100.0, 0.0, 1.0)  # clip: SMA rounding can leave -1e-15
+    cols["stochrsi_d"] = np.clip(fastd / 100.0, 0.0, 1.0)
+
+    # --- volume: OBV slope, VWAP distance
+    ow = cfg.obv_window_bars
+    obv = talib.OBV(c, v)
+    obv_change = np.full(n, np.nan)
+    if n > ow:
+        obv_change[ow:] = obv[ow:] - obv[:-ow]
+    vol_sum_obv = _rolling_sum(v, ow)
+    vol_sum_obv[:ow] = np.nan  # the change needs w + 1 bars
+    cols[f"obv_slope_{ow}b"] = np.clip(_safe_ratio(obv_change, vol_sum_obv, 0.0, 0.0), -1.0, 1.0)
+    vw = cfg.vwap_window_bars
+    tp = (h + l + c) / 3.0
+    pv_sum, v_sum = _rolling_sum(tp * v, vw), _rolling_sum(v, vw)
+    tp_mean = _rolling_sum(tp, vw) / vw
+    vwap = np.where(v_sum > 0.0, np.divide(pv_sum, v_sum, out=np.ones(n), where=v_sum > 0.0), tp_mean)
+    vwap[np.isnan(v_sum)] = np.nan
+    cols[f"vwap_dist_{vw}b"] = c / vwap - 1.0
+
+    # --- structure
+    cols[f"hurst_{cfg.hurst_window_bars}b"] = hurst_exponent(log_c, cfg.hurst_window_bars)
+    ew = cfg.efficiency_window_bars
+    net = np.full(n, np.nan)
+    if n > ew:
+        net[ew:] = np.abs(c[ew:] - c[:-ew])
+    path = _rolling_sum(np.abs(np.concatenate([[np.nan], np.diff(c)])), ew)
+    cols[f"er_{ew}b"] = np.clip(_safe_ratio(net, path, 0.0, 0.0), 0.0, 1.0)
+    nw = cfg.entropy_window_bars
+    up = np.where(np.isnan(r1_arr), np.nan, (r1_arr > 0.0).astype(np.float64))
+    p_up = _rolling_sum(up, nw) / nw
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -(p_up * np.log2(p_up) + (1.0 - p_up) * np.log2(1.0 - p_up))
+    ent[(p_up == 0.0) | (p_up == 1.0)] = 0.0
+    cols[f"sign_entropy_{nw}b"] = ent
+    mw = cfg.moments_window_bars
+    r_roll = r1.rolling(mw, min_periods=mw)
+    r_std = r_roll.std(ddof=0).to_numpy()
+    moving = r_std > _RETURN_STD_FLOOR
+    for name, values in (("skew", r_roll.skew().to_numpy()), ("kurt", r_roll.kurt().to_numpy())):
+        out = np.where(moving & np.isfinite(values), values, 0.0)  # pandas may give NaN at tiny variance
+        out[np.isnan(r_std)] = np.nan
+        cols[f"{name}_{mw}b"] = out
+    lagged = r1.shift(1)
+    ac = r1.rolling(mw, min_periods=mw).corr(lagged).to_numpy()
+    lag_std = lagged.rolling(mw, min_periods=mw).std(ddof=0).to_numpy()
+    ac = np.where(moving & (lag_std > _RETURN_STD_FLOOR) & np.isfinite(ac), np.clip(ac, -1.0, 1.0), 0.0)
+    ac[np.isnan(lag_std) | np.isnan(r_std)] = np.nan
+    cols[f"autocorr1_{mw}b"] = ac
+    rw = cfg.range_window_bars
+    cols[f"dist_high_{rw}b"] = c / talib.MAX(h, timeperiod=rw) - 1.0 if rw > 1 else c / h - 1.0
+    cols[f"dist_low_{rw}b"] = c / talib.MIN(l, timeperiod=rw) - 1.0 if rw > 1 else c / l - 1.0
+
+    # --- funding cumulative, gap flag
+    cols[f"funding_cum_{cfg.funding_cum_window_bars}b_bps"] = funding_cum
+    cols[IS_GAP_COLUMN] = _is_gap_column(candles)
+
+    for tf in cfg.higher_timeframes:
+        htf = higher_timeframe_features(candles, tf, cfg)
+        for name in htf.columns:
+            cols[name] = htf[name].to_numpy()
+
     names = feature_names(cfg)
     assert list(cols) == names, "feature_names and compute_features disagree"
     return pd.DataFrame({k: np.asarray(cols[k], dtype=np.float32) for k in names}, index=index)
+
+
+def _is_gap_column(candles: pd.DataFrame) -> np.ndarray:
+    """The ``is_gap`` candle column as float64 0/1, or zeros when absent; refuses other values."""
+    if IS_GAP_COLUMN not in candles.columns:
+        return np.zeros(len(candles))
+    flag = pd.to_numeric(candles[IS_GAP_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isin(flag, (0.0, 1.0))
+    if bad.any():
+        raise DataValidationError(
+            "is_gap_values",
+            candles.index[bad],
+            source="compute_features input",
+            detail="is_gap must be 0.0 or 1.0",
+        )
+    return flag
+
+
+def resample_candles(candles: pd.DataFrame, timeframe: str) -> pd.DataFrame:
+    """Aggregate gap-free candles into the *complete* bins of a higher timeframe.
+
+    Bins are anchored on the Unix epoch (``floor(open_time / tf)``; 4h bins open at 00:00, 04:00,
+    ... UTC). A bin is complete when it holds ``tf / interval`` candles; incomplete bins (the
+    partial first and last bins of a frame) are dropped, never extrapolated.
+
+    Parameters
+    ----------
+    candles : pandas.DataFrame
+        Canonical candles (float64 ``open high low close volume``, UTC open-time index, regular
+        interval ``interval``), at least 2 rows.
+    timeframe : str
+        Higher timeframe, a whole multiple (>= 2) of the candle interval, e.g. ``"4h"``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        float64 ``open`` (first), ``high`` (max), ``low`` (min), ``close`` (last), ``volume`` (sum),
+        indexed by the bin's UTC open time (``open_time``); one row per complete bin.
+
+    Raises
+    ------
+    ValueError
+        If the candles have fewer than 2 rows or ``timeframe`` is not a whole multiple (>= 2) of
+        their interval.
+    """
+    if len(candles) < 2:
+        raise ValueError(f"need at least 2 candles to infer the interval, got {len(candles)}")
+    ns = candles.index.as_unit("ns").asi8
+    interval = pd.Timedelta(int(np.median(np.diff(ns))))
+    factor = _htf_factor(timeframe, interval)
+    tf_ns = pd.Timedelta(timeframe).value
+    bins = ns // tf_ns
+    starts = np.flatnonzero(np.concatenate([[True], bins[1:] != bins[:-1]]))
+    ends = np.concatenate([starts[1:], [len(ns)]])
+    complete = (ends - starts) == factor
+    starts, ends = starts[complete], ends[complete]
+    cols = {k: np.ascontiguousarray(candles[k].to_numpy(dtype=np.float64)) for k in ("open", "high", "low", "close", "volume")}
+    if len(starts) == 0:
+        out = {k: np.empty(0) for k in cols}
+    else:
+        out = {
+            "open": cols["open"][starts],
+            "high": _reduce(np.maximum, cols["high"], starts, ends),
+            "low": _reduce(np.minimum, cols["low"], starts, ends),
+            "close": cols["close"][ends - 1],
+            "volume": _reduce(np.add, cols["volume"], starts, ends),
+        }
+    index = pd.DatetimeIndex(bins[starts] * tf_ns, tz="UTC", name="open_time") if len(starts) else pd.DatetimeIndex([], tz="UTC", name="open_time")
+    return pd.DataFrame(out, index=index)
+
+
+def _reduce(ufunc: np.ufunc, x: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """ufunc.reduce over each [start, end) segment (segments are contiguous runs of ``x``)."""
+    # reduceat over the segment starts; the last segment may end before len(x) (a dropped partial
+    # bin after it), so reduce over x[:ends[-1]] only.
+    return ufunc.reduceat(x[: ends[-1]], starts)
+
+
+def _htf_columns(bars: pd.DataFrame, cfg: FeatureConfig) -> dict[str, np.ndarray]:
+    """:data:`HTF_FEATURES` of complete higher-timeframe bars (float64, one value per bar)."""
+    h, l, c = (np.ascontiguousarray(bars[k].to_numpy(dtype=np.float64)) for k in ("high", "low", "close"))
+    n = len(c)
+    cols: dict[str, np.ndarray] = {}
+    log_c = np.log(c) if n else np.empty(0)
+    for hb in HTF_RETURN_HORIZONS_BARS:
+        cols[f"logret_{hb}b"] = _log_returns(log_c, hb)
+    w = HTF_RVOL_WINDOW_BARS
+    cols[f"rvol_{w}b"] = pd.Series(_log_returns(log_c, 1)).rolling(w, min_periods=w).std(ddof=1).to_numpy()
+    nan = np.full(n, np.nan)
+    cols["atr_pct"] = talib.ATR(h, l, c, timeperiod=cfg.atr_period_bars) / c if n else nan
+    cols["rsi"] = talib.RSI(c, timeperiod=cfg.rsi_period_bars) / 100.0 if n else nan
+    cols["adx"] = talib.ADX(h, l, c, timeperiod=cfg.adx_period_bars) / 100.0 if n else nan
+    p = HTF_EMA_PERIOD_BARS
+    cols[f"ema_dist_{p}b"] = c / talib.EMA(c, timeperiod=p) - 1.0 if n else nan
+    assert tuple(cols) == HTF_FEATURES
+    return cols
+
+
+def higher_timeframe_features(candles: pd.DataFrame, timeframe: str, cfg: FeatureConfig) -> pd.DataFrame:
+    """Higher-timeframe features on the base candles' rows, joined by the higher bar's close time.
+
+    The candles are aggregated by :func:`resample_candles` (complete bins only),
+    :data:`HTF_FEATURES` are computed on those bars, and the row with open time t (close time
+    t + interval) takes the values of the last higher bar whose close time (bin open + tf) is
+    <= t + interval. So no row sees a higher bar that closes after it: with 1h candles and
+    ``"4h"``, the rows 00:00, 01:00 and 02:00 still see the 4h bar of 20:00-24:00 the day
+    before, and the row 03:00 (closing at 04:00) is the first to see the 00:00-04:00 bar.
+
+    Parameters
+    ----------
+    candles : pandas.DataFrame
+        Canonical, gap-free candles (validated by the caller), at least 2 rows.
+    timeframe : str
+        Higher timeframe, a whole multiple (>= 2) of the candle interval.
+    cfg : FeatureConfig
+        ATR / RSI / ADX periods (in bars of ``timeframe``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        float64, index ``candles.index``, columns :func:`higher_timeframe_names`; NaN on rows
+        before the first complete higher bar has closed and during that timeframe's warm-up.
+
+    Raises
+    ------
+    ValueError
+        As :func:`resample_candles`.
+    """
+    names = higher_timeframe_names(timeframe)
+    if len(candles) < 2:  # no interval to resample by: no higher bar can have closed
+        return pd.DataFrame({k: np.full(len(candles), np.nan) for k in names}, index=candles.index)
+    bars = resample_candles(candles, timeframe)
+    values = _htf_columns(bars, cfg)
+    ns = candles.index.as_unit("ns").asi8
+    interval_ns = int(np.median(np.diff(ns)))
+    tf_ns = pd.Timedelta(timeframe).value
+    bar_close = bars.index.as_unit("ns").asi8 + tf_ns
+    row_close = ns + interval_ns
+    j = np.searchsorted(bar_close, row_close, side="right") - 1
+    seen = j >= 0
+    out = {}
+    for name, col in zip(names, values.values()):
+        joined = np.full(len(ns), np.nan)
+        joined[seen] = col[j[seen]]
+        out[name] = joined
+    return pd.DataFrame(out, index=candles.index)
 
 
 def drop_warmup(features: pd.DataFrame) -> tuple[pd.DataFrame, int]:

@@ -29,7 +29,7 @@ def test_invariants_hold_every_step(seed: int, actions: list[list[float]], vol: 
     data = make_env_data(120, seed=seed, vol_per_bar=vol)
     cfg = EnvConfig(
         episode_len_bars=None, random_start=False, min_equity_frac=0.0, max_drawdown_frac=1.0,
-        actions=ActionConfig(max_leverage=20.0, max_size_frac=1.0),
+        actions=ActionConfig(max_leverage=20.0, max_size_frac=1.0), info_level="full",
     )  # fmt: skip
     env = TradingEnv(data, cfg)
     obs, _ = env.reset(seed=seed)

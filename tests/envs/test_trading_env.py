@@ -21,7 +21,7 @@ from tests.kit.candles import make_candles
 
 NO_COSTS_LOG = EnvConfig(
     episode_len_bars=None, random_start=False, costs=CostConfig(cost_multiplier=0.0),
-    reward=RewardConfig(kind="log_return"),
+    reward=RewardConfig(kind="log_return"), info_level="full",
 )  # fmt: skip
 
 
@@ -253,3 +253,23 @@ def test_account_features_function_matches_env_observation() -> None:
             config=NO_COSTS_LOG,
         )
         assert feats.dtype == np.float32 and np.array_equal(feats, obs[2:])
+
+
+def test_lean_info_has_equity_every_step_and_totals_at_the_end() -> None:
+    data = make_env_data(120, seed=2, vol_per_bar=0.02)
+    lean = TradingEnv(data, EnvConfig(episode_len_bars=8, random_start=False))
+    full = TradingEnv(data, EnvConfig(episode_len_bars=8, random_start=False, info_level="full"))
+    lean.reset()
+    full.reset()
+    actions = np.random.default_rng(3).uniform(-1, 1, (8, 5)).astype(np.float32)
+    for t, a in enumerate(actions):
+        obs_l, rew_l, term_l, trunc_l, info_l = lean.step(a)
+        obs_f, rew_f, term_f, trunc_f, info_f = full.step(a)
+        assert np.array_equal(obs_l, obs_f) and (rew_l, term_l, trunc_l) == (rew_f, term_f, trunc_f)
+        assert lean.full_info() == info_f  # the full snapshot stays available on demand
+        if t < 7:
+            assert info_l == {"equity_usdt": info_f["equity_usdt"]}
+    totals = ("fees_paid_usdt", "funding_paid_usdt", "slippage_paid_usdt", "liquidation_fees_usdt",
+              "turnover_usdt", "n_trades", "n_fills", "n_skipped_min_notional", "n_fallback_funding")  # fmt: skip
+    assert trunc_l and info_l == {"equity_usdt": info_f["equity_usdt"], **{k: info_f[k] for k in totals}}
+    assert info_f["n_trades"] > 0

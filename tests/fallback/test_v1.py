@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from fallback.config import V1Config
+from fallback.config import RegimeAdjustment, V1Config
 from fallback.v1 import V1Policy, size_position
 from market.decision import Decision, DecisionContext, Policy, PositionView
-from tests.fallback.series import mirror, trend_candles
+from tests.fallback.series import mirror, pullback_candles, trend_candles
 
 EQUITY = 10_000.0
 
@@ -117,7 +117,7 @@ def test_direction_layer_alone_fails() -> None:
 def test_trigger_layer_alone_fails() -> None:
     e = _explain(trend_candles(breakout=1.0))  # 1.0 < 0.5 x previous range (3.76)
     assert _only_failed_layer(e) == {"trigger"}
-    assert e["decision"] == Decision.flat() and e["reason"] == "no_breakout"
+    assert e["decision"] == Decision.flat() and e["reason"] == "no_trigger"
 
 
 def test_trigger_against_bias_gives_flat(base: pd.DataFrame) -> None:
@@ -130,7 +130,7 @@ def test_trigger_against_bias_gives_flat(base: pd.DataFrame) -> None:
 def test_open_position_is_held(base: pd.DataFrame, side: int) -> None:
     e = _explain(base, side=side)
     assert e["decision"] == Decision(direction=side)
-    assert e["reason"] == "hold: position open"
+    assert e["reason"].startswith("hold: position open")
     assert e["sizing"] is None
 
 
@@ -232,12 +232,32 @@ def test_config_rejects_bad_orderings_and_unknown_keys() -> None:
 # ---- every config field changes behaviour --------------------------------------------------------
 
 PULLBACK = {"reverse_bars": (540, 585)}
+RECENT_ALIGNMENT = {"reverse_bars": (560, 586)}  # EMAs aligned on the last 1-2 bars only
+OPEN_BB = {"bb_width_pct_min": 0.0}
+P1 = {"alignment_persist_bars": 1}
+EITHER = {"trigger_mode": "either"}
+ON = {"trailing_enabled": True}  # the pullback series pauses: width at the bottom of its history
 
 
-def _field_cases(base_e: dict) -> list[tuple[str, dict, dict, dict, object]]:
-    """(field, series kwargs, reference overrides, changed overrides, check(ref, new)) per field."""
+def _pullback_series(offset: float) -> pd.DataFrame:
+    return pullback_candles(offset)
+
+
+def _trail_position(base_e: dict, base: pd.DataFrame, excursion_r: float) -> PositionView:
+    """A long whose favourable excursion over the last 5 bars is ``excursion_r`` R (R = 1.5 ATR)."""
+    atr = base_e["sizing"]["atr_price"]
+    risk = 1.5 * atr
+    extreme = float(base["high"].iloc[-5:].max())
+    entry = extreme - excursion_r * risk
+    return PositionView(side=1, quantity_base=1.0, entry_price=entry, bars_in_trade=5,
+                        stop_price=entry - risk, take_profit_price=entry + 2 * risk)  # fmt: skip
+
+
+def _field_cases(base_e: dict, base: pd.DataFrame) -> list[tuple]:
+    """(field, candles, reference overrides, changed overrides, check(ref, new), ctx kwargs) per field."""
     f = base_e["filter"]
     flat = Decision.flat()
+    pb0, pb02 = _pullback_series(0.0), _pullback_series(0.2)
 
     def flips_to_flat(ref: dict, new: dict) -> bool:
         return ref["decision"].direction == 1 and new["decision"] == flat
@@ -248,63 +268,74 @@ def _field_cases(base_e: dict) -> list[tuple[str, dict, dict, dict, object]]:
     def resized(ref: dict, new: dict) -> bool:
         return new["decision"].direction == 1 and new["decision"] != ref["decision"]
 
+    def stop_moved_differently(ref: dict, new: dict) -> bool:
+        return ref["decision"].new_stop_price != new["decision"].new_stop_price
+
+    phase2 = {"position": _trail_position(base_e, base, 1.75)}  # default thresholds: phase 2
+    wide_tight = {**ON, "trail_wide_at_r": 2.5, "trail_tight_at_r": 3.0}  # phase 1 at 1.75 R
+    regime2 = (RegimeAdjustment(), RegimeAdjustment(adx_min_delta=200.0))
+    regime_ctx = {"regime_proba": np.array([0.6, 0.4])}
+    b = base
     return [
-        ("adx_period_bars", {}, {}, {"adx_period_bars": 400}, flips_to_flat),  # ADX needs 799 bars
-        ("adx_min", {}, {}, {"adx_min": f["adx"] + 0.01}, flips_to_flat),
-        ("bb_period_bars", {}, {}, {"bb_period_bars": 150}, flips_to_flat),  # 149 + 500 > 600
-        ("bb_width_lookback_bars", {}, {}, {"bb_width_lookback_bars": 590}, flips_to_flat),
-        ("bb_width_pct_min", {}, {}, {"bb_width_pct_min": f["bb_width_pct"] + 0.01}, flips_to_flat),
-        ("bb_width_pct_max", {}, {}, {"bb_width_pct_max": f["bb_width_pct"] - 0.01}, flips_to_flat),
-        (
-            "volume_ma_bars",
-            {},
-            {"volume_min_ratio": 1.2},
-            {"volume_min_ratio": 1.2, "volume_ma_bars": 1},
-            flips_to_flat,
-        ),
-        ("volume_min_ratio", {}, {}, {"volume_min_ratio": f["volume_ratio"] + 0.01}, flips_to_flat),
-        ("ema_fast_bars", PULLBACK, {}, {"ema_fast_bars": 5}, flips_to_long),
-        ("ema_mid_bars", PULLBACK, {}, {"ema_mid_bars": 100}, flips_to_long),
-        ("ema_slow_bars", {}, {}, {"ema_slow_bars": 601}, flips_to_flat),
-        ("breakout_k", {}, {}, {"breakout_k": 2.0}, flips_to_flat),  # 4.0 < 2 x 3.76
-        ("atr_period_bars", {}, {}, {"atr_period_bars": 100}, resized),
-        (
-            "stop_atr_mult",
-            {},
-            {},
-            {"stop_atr_mult": 3.0},
-            lambda r, n: (
-                n["decision"].stop_atr == 3.0
-                and n["decision"].take_profit_atr == 6.0
-                and n["decision"].size_frac < r["decision"].size_frac
-            ),
-        ),
-        (
-            "reward_risk_ratio",
-            {},
-            {},
-            {"reward_risk_ratio": 3.0},
-            lambda r, n: n["decision"].take_profit_atr == 4.5,
-        ),
-        ("risk_per_trade_frac", {}, {}, {"risk_per_trade_frac": 0.005}, resized),
-        (
-            "max_leverage",
-            {},
-            {},
-            {"max_leverage": 2.0},
-            lambda r, n: n["decision"].leverage == 2.0 and n["decision"].size_frac == 1.0,
-        ),
-        ("history_bars", {}, {}, {"history_bars": 601}, flips_to_flat),
-    ]
+        ("adx_period_bars", b, {}, {"adx_period_bars": 400}, flips_to_flat, {}),  # ADX needs 799 bars
+        ("adx_min", b, {}, {"adx_min": f["adx"] + 0.01}, flips_to_flat, {}),
+        ("bb_period_bars", b, {}, {"bb_period_bars": 150}, flips_to_flat, {}),  # 149 + 500 > 600
+        ("bb_width_lookback_bars", b, {}, {"bb_width_lookback_bars": 590}, flips_to_flat, {}),
+        ("bb_width_pct_min", b, {}, {"bb_width_pct_min": f["bb_width_pct"] + 0.01}, flips_to_flat, {}),
+        ("bb_width_pct_max", b, {}, {"bb_width_pct_max": f["bb_width_pct"] - 0.01}, flips_to_flat, {}),
+        ("volume_ma_bars", b, {"volume_min_ratio": 1.2}, {"volume_min_ratio": 1.2, "volume_ma_bars": 1},
+         flips_to_flat, {}),
+        ("volume_min_ratio", b, {}, {"volume_min_ratio": f["volume_ratio"] + 0.01}, flips_to_flat, {}),
+        ("ema_fast_bars", trend_candles(**PULLBACK), P1, {**P1, "ema_fast_bars": 5}, flips_to_long, {}),
+        ("ema_mid_bars", trend_candles(**PULLBACK), P1, {**P1, "ema_mid_bars": 100}, flips_to_long, {}),
+        ("ema_slow_bars", b, {}, {"ema_slow_bars": 601}, flips_to_flat, {}),
+        ("alignment_persist_bars", trend_candles(**RECENT_ALIGNMENT), {}, {"alignment_persist_bars": 3},
+         flips_to_flat, {}),
+        ("trigger_mode", pb0, OPEN_BB, {**OPEN_BB, "trigger_mode": "either"}, flips_to_long, {}),
+        ("breakout_k", b, {}, {"breakout_k": 2.0}, flips_to_flat, {}),  # 4.0 < 2 x 3.76
+        ("pullback_atr_tol", pb02, {**OPEN_BB, **EITHER}, {**OPEN_BB, **EITHER, "pullback_atr_tol": 0.1},
+         flips_to_flat, {}),
+        ("atr_period_bars", b, {}, {"atr_period_bars": 100}, resized, {}),
+        ("stop_atr_mult", b, {}, {"stop_atr_mult": 3.0},
+         lambda r, n: (n["decision"].stop_atr == 3.0 and n["decision"].take_profit_atr == 6.0
+                       and n["decision"].size_frac < r["decision"].size_frac), {}),
+        ("reward_risk_ratio", b, {}, {"reward_risk_ratio": 3.0}, lambda r, n: n["decision"].take_profit_atr == 4.5, {}),
+        ("risk_per_trade_frac", b, {}, {"risk_per_trade_frac": 0.005}, resized, {}),
+        ("max_leverage", b, {}, {"max_leverage": 2.0},
+         lambda r, n: n["decision"].leverage == 2.0 and n["decision"].size_frac == 1.0, {}),
+        ("max_symbol_notional_frac", b, {}, {"max_symbol_notional_frac": 1.0},
+         lambda r, n: resized(r, n) and n["decision"].size_frac * n["decision"].leverage == pytest.approx(1.0), {}),
+        ("max_same_direction_notional_frac", b, {}, {"max_same_direction_notional_frac": 0.5},
+         lambda r, n: resized(r, n) and n["decision"].size_frac * n["decision"].leverage == pytest.approx(0.5), {}),
+        ("history_bars", b, {}, {"history_bars": 601}, flips_to_flat, {}),
+        ("trailing_enabled", b, {}, ON,
+         lambda r, n: r["decision"] == Decision(direction=1) and n["decision"].new_stop_price is not None, phase2),
+        ("trail_breakeven_at_r", b, wide_tight, {**wide_tight, "trail_breakeven_at_r": 1.8},
+         lambda r, n: r["trailing"]["phase"] == 1 and n["trailing"]["phase"] == 0 and stop_moved_differently(r, n),
+         phase2),
+        ("trail_wide_at_r", b, ON, {**ON, "trail_wide_at_r": 1.8},
+         lambda r, n: r["trailing"]["phase"] == 2 and n["trailing"]["phase"] == 1 and stop_moved_differently(r, n),
+         phase2),
+        ("trail_tight_at_r", b, ON, {**ON, "trail_tight_at_r": 1.6},
+         lambda r, n: n["trailing"]["phase"] == 3 and stop_moved_differently(r, n), phase2),
+        ("trail_wide_atr", b, ON, {**ON, "trail_wide_atr": 2.5}, stop_moved_differently, phase2),
+        ("trail_tight_atr", b, {**ON, "trail_tight_at_r": 1.6}, {**ON, "trail_tight_at_r": 1.6, "trail_tight_atr": 0.5},
+         stop_moved_differently, phase2),
+        ("regime_adjustments", b, {}, {"regime_adjustments": (RegimeAdjustment(adx_min_delta=200.0),) * 2},
+         flips_to_flat, regime_ctx),
+        ("regime_mode", b, {"regime_adjustments": regime2}, {"regime_adjustments": regime2, "regime_mode": "expected"},
+         flips_to_flat, regime_ctx),
+    ]  # fmt: skip
 
 
-def test_every_config_field_changes_behaviour(base_explain: dict) -> None:
-    cases = _field_cases(base_explain)
+def test_every_config_field_changes_behaviour(base: pd.DataFrame, base_explain: dict) -> None:
+    cases = _field_cases(base_explain, base)
     assert {c[0] for c in cases} == set(V1Config.model_fields)
-    for field, series_kwargs, ref_over, new_over, check in cases:
-        candles = trend_candles(**series_kwargs)
-        ref = _explain(candles, V1Config(**ref_over))
-        new = _explain(candles, V1Config(**new_over))
+    for field, candles, ref_over, new_over, check, ctx_kw in cases:
+        ctx = DecisionContext(candles.index[-1], candles, ctx_kw.get("position", PositionView()), EQUITY,
+                              regime_proba=ctx_kw.get("regime_proba"))  # fmt: skip
+        ref = V1Policy(V1Config(**ref_over)).explain(ctx)
+        new = V1Policy(V1Config(**new_over)).explain(ctx)
         assert check(ref, new), (
             f"changing {field} did not change the behaviour: {ref['reason']} / {new['reason']}"
         )

@@ -1,0 +1,677 @@
+"""Compiled core (numba) of the one execution/cost model, the rewards and the env step.
+
+Everything that moves money lives here, once: :func:`envs.accounting.step_bar` (backtests, the
+serving paper broker), :class:`envs.trading_env.TradingEnv` and :class:`envs.vector_env.BatchedTradingEnv`
+all run :func:`bar_step`. The Python layers only convert between frozen dataclasses / configs and the
+flat arrays below, validate inputs and raise readable errors.
+
+State layout (all arrays owned by the caller, updated in place)
+-----------------------------------------------------------------
+``fs`` float64, at least :data:`N_ACCOUNT_FLOAT` entries (``F_*`` indices): cash, position quantity,
+entry price, isolated margin, leverage, stop / take-profit / liquidation price (NaN = none), entry fee
+and funding of the open trade, then the cumulative fees, funding, slippage, liquidation fees and
+turnover (USDT). An env appends its own fields (``E_*``: equity, peak, drawdown, bar index, span,
+reward estimates) after them, so one row holds an env's whole float state.
+
+``is_`` int64 (``I_*``): side (-1/0/+1), entry open time in ns (:data:`NO_TIME` = none), bars in
+trade, number of fills, trades, skipped entries (min notional) and funding fallbacks.
+
+``p`` float64 parameters (``P_*``): costs, reward, action ranges, episode rules, then the
+maintenance-bracket table (``p[P_N_BRACKETS]`` rows of cap, mmr, cum from ``P_BRACKETS``).
+
+Formulas and their sources are those of :mod:`envs.accounting` (Binance liquidation price, funding,
+fees), :mod:`envs.rewards` (Moody & Saffell 2001) and :mod:`envs.actions`; the arithmetic is written
+in the same order, so the results equal the former pure-Python implementation bit for bit (tested
+against a frozen copy of it in ``tests/envs``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------------------------
+
+(F_CASH, F_QTY, F_ENTRY, F_MARGIN, F_LEV, F_STOP, F_TP, F_LIQ, F_ENTRY_FEE, F_TRADE_FUNDING,
+ F_FEES, F_FUNDING, F_SLIP, F_LIQ_FEES, F_TURNOVER) = range(15)  # fmt: skip
+N_ACCOUNT_FLOAT = 15
+# Env fields appended to the account's float state.
+(E_EQUITY, E_PEAK, E_DRAWDOWN, E_T, E_START, E_END, E_RW_A, E_RW_B, E_RW_N) = range(15, 24)  # fmt: skip
+N_ENV_FLOAT = 24
+
+(I_SIDE, I_ENTRY_TIME, I_BARS, I_FILLS, I_TRADES, I_SKIPPED, I_FALLBACK) = range(7)  # fmt: skip
+N_INT = 7
+NO_TIME = np.iinfo(np.int64).min
+
+# Parameters.
+(P_FEE_RATE, P_SLIP_BPS, P_SLIP_ATR, P_COST_MULT, P_FUND_FALLBACK, P_LOT, P_TICK, P_MIN_NOTIONAL,
+ P_LOT_POW10, P_TICK_POW10,
+ P_RKIND, P_ETA, P_WARMUP, P_FLOOR, P_CLIP, P_TURNOVER_PEN, P_DD_PEN, P_SCALE,
+ P_DEAD_ZONE, P_MAX_LEV, P_MAX_SIZE, P_STOP_LO, P_STOP_HI, P_TP_LO, P_TP_HI,
+ P_INITIAL_EQUITY, P_MIN_EQUITY_FRAC, P_MAX_DD, P_MAX_LEV_OBS, P_N_BRACKETS) = range(30)  # fmt: skip
+P_BRACKETS = 30
+REWARD_KINDS: tuple[str, ...] = ("sortino", "differential_sharpe", "log_return")
+
+# Per-bar outputs ``out`` (float64, N_OUT).
+# (O_EQUITY .. O_DD_PEN are adjacent, in this order: the env reads them with one slice.)
+(O_FEES, O_SLIP, O_FUNDING, O_LIQ_FEE, O_LIQUIDATED, O_SKIPPED, O_N_EVENTS, O_ERR_VALUE, O_R,
+ O_EQUITY, O_REWARD, O_BASE, O_TURNOVER_PEN, O_DD_PEN) = range(14)  # fmt: skip
+N_OUT = 14
+
+# Events of one bar: ``ev`` float64 (MAX_EVENTS, N_EV): reason code (index into
+# envs.accounting.FILL_REASONS), fill side, qty, price, fee, slippage, trade entry price, trade net PnL;
+# ``evi`` int64 (MAX_EVENTS, N_EVI): trade entry time ns, bars held, trade side.
+(EV_REASON, EV_SIDE, EV_QTY, EV_PRICE, EV_FEE, EV_SLIP, EV_ENTRY, EV_PNL) = range(8)  # fmt: skip
+N_EV = 8
+(EVI_ENTRY_TIME, EVI_BARS, EVI_SIDE) = range(3)  # fmt: skip
+N_EVI = 3
+MAX_EVENTS = 4
+R_ENTRY, R_EXIT_SIGNAL, R_STOP, R_TAKE_PROFIT, R_LIQUIDATION = range(5)
+
+# Bar data columns ``bars`` float64 (T, N_BAR).
+(B_OPEN, B_HIGH, B_LOW, B_CLOSE, B_ATR, B_FUNDING_RATE, B_IS_FUNDING) = range(7)  # fmt: skip
+N_BAR = 7
+
+# Return codes.
+OK = 0
+ERR_BRACKET = 1  # notional above the largest maintenance bracket (value in out[O_ERR_VALUE])
+ERR_ACTION = 2  # non-finite action component (index in out[O_ERR_VALUE])
+ERR_RETURN = 3  # non-finite per-bar return (value in out[O_ERR_VALUE])
+
+#: Columns of ``final_stats`` in :func:`batch_step` (episode totals captured before the autoreset).
+FINAL_STATS: tuple[str, ...] = (
+    "equity_usdt", "fees_paid_usdt", "funding_paid_usdt", "slippage_paid_usdt", "liquidation_fees_usdt",
+    "turnover_usdt", "n_trades", "n_fills", "n_skipped_min_notional", "n_fallback_funding",
+)  # fmt: skip
+
+# Decision modes of the env step.
+MODE_ACTION = 0  # decode the 5-d action
+MODE_DECISION = 1  # ``action`` holds (direction, leverage, size_frac, stop_atr, take_profit_atr)
+MODE_HOLD = 2  # no decision: keep everything as is
+
+# No array is allocated in compiled code, so reference counting (NRT) is off: it would cost an
+# atomic incref/decref per array argument of every call.
+_NUMBA_OPTS = {"cache": True, "nogil": True, "boundscheck": False, "_nrt": False}
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+#: In :func:`batch_step`, the data rows of env ``k + PREFETCH_AHEAD`` are prefetched while env k steps.
+PREFETCH_AHEAD = 8
+
+
+@intrinsic
+def _prefetch(typingctx, address):  # pragma: no cover - compiled
+    """Hint the CPU to fetch the cache line at ``address`` (an integer) for reading (``llvm.prefetch``).
+
+    A hint only: no result, no fault, no effect on any value. The N envs of a batch read N rows
+    scattered over the data, one stream per env, too many for the hardware prefetchers to follow.
+    """
+
+    def codegen(context, builder, sig, args):
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        ptr = builder.inttoptr(args[0], i8p)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # read (0), high temporal locality (3), data cache (1)
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(address), codegen
+
+
+
+@njit(**_NUMBA_OPTS)
+def round_decimals(x, pow10):  # pragma: no cover - compiled
+    """``round(x, d)`` for ``pow10 = 10.0 ** d`` (0 <= d <= 22, finite x): numba's own algorithm for
+    ``round(x, d)`` with the power precomputed (scale, round half to even, unscale)."""
+    return np.rint(x * pow10) / pow10
+
+
+@njit(**_NUMBA_OPTS)
+def round_price(price, tick, mode, pow10):  # pragma: no cover - compiled
+    """Round to the tick: mode +1 up, -1 down, 0 nearest (half to even, like Python's ``round``),
+    then to ``log10(pow10)`` decimals (removes the float noise of ``n * tick``)."""
+    k = price / tick
+    if mode > 0:
+        n = math.ceil(k - 1e-9)
+    elif mode < 0:
+        n = math.floor(k + 1e-9)
+    else:
+        n = round(k)
+    return round_decimals(n * tick, pow10)
+
+
+@njit(**_NUMBA_OPTS)
+def adverse_fill(ref_price, trade_side, slip, tick, pow10):  # pragma: no cover - compiled
+    """Market fill of ``trade_side`` (+1 buy / -1 sell) at ``ref_price`` with adverse slippage,
+    rounded to the tick adversely (buy up, sell down)."""
+    return round_price(ref_price * (1.0 + trade_side * slip), tick, trade_side, pow10)
+
+
+@njit(**_NUMBA_OPTS)
+def liq_price(side, qty, entry, wallet, mmr, cum):  # pragma: no cover - compiled
+    """Binance isolated one-way liquidation price ``(WB + cum - s Q EP) / (Q MMR - s Q)``."""
+    return (wallet + cum - side * qty * entry) / (qty * mmr - side * qty)
+
+
+@njit(**_NUMBA_OPTS)
+def _bracket_row(notional, p):  # pragma: no cover - compiled
+    """Index of the first bracket whose cap >= notional, or -1 above the largest cap."""
+    nb = int(p[P_N_BRACKETS])
+    for k in range(nb):
+        if notional <= p[P_BRACKETS + 3 * k]:
+            return k
+    return -1
+
+
+@njit(**_NUMBA_OPTS)
+def _event(ev, evi, out, reason, fill_side, qty, price, fee, slip, entry, pnl, entry_time, bars, trade_side):  # pragma: no cover
+    k = int(out[O_N_EVENTS])
+    if k < ev.shape[0]:
+        ev[k, EV_REASON] = reason
+        ev[k, EV_SIDE] = fill_side
+        ev[k, EV_QTY] = qty
+        ev[k, EV_PRICE] = price
+        ev[k, EV_FEE] = fee
+        ev[k, EV_SLIP] = slip
+        ev[k, EV_ENTRY] = entry
+        ev[k, EV_PNL] = pnl
+        evi[k, EVI_ENTRY_TIME] = entry_time
+        evi[k, EVI_BARS] = bars
+        evi[k, EVI_SIDE] = trade_side
+    out[O_N_EVENTS] = k + 1
+
+
+@njit(**_NUMBA_OPTS)
+def _flatten(fs, is_):  # pragma: no cover - compiled
+    is_[I_SIDE] = 0
+    fs[F_QTY] = 0.0
+    fs[F_ENTRY] = 0.0
+    fs[F_MARGIN] = 0.0
+    fs[F_LEV] = 1.0
+    fs[F_STOP] = np.nan
+    fs[F_TP] = np.nan
+    fs[F_LIQ] = np.nan
+    is_[I_ENTRY_TIME] = NO_TIME
+    is_[I_BARS] = 0
+    fs[F_ENTRY_FEE] = 0.0
+    fs[F_TRADE_FUNDING] = 0.0
+
+
+@njit(**_NUMBA_OPTS)
+def _close(fs, is_, price, ref_price, reason, bars_held, fee_rate, ev, evi, out):  # pragma: no cover
+    """Close the whole position with a taker order at ``price``."""
+    side = is_[I_SIDE]
+    qty = fs[F_QTY]
+    notional = qty * price
+    fee = notional * fee_rate
+    slip_usdt = qty * abs(price - ref_price)
+    price_pnl = side * qty * (price - fs[F_ENTRY])
+    fs[F_CASH] += fs[F_MARGIN] + price_pnl - fee
+    fs[F_FEES] += fee
+    fs[F_SLIP] += slip_usdt
+    fs[F_TURNOVER] += notional
+    is_[I_FILLS] += 1
+    out[O_FEES] += fee
+    out[O_SLIP] += slip_usdt
+    pnl = price_pnl - fs[F_ENTRY_FEE] - fee - fs[F_TRADE_FUNDING]
+    _event(ev, evi, out, reason, -side, qty, price, fee, slip_usdt, fs[F_ENTRY], pnl,
+           is_[I_ENTRY_TIME], bars_held, side)  # fmt: skip
+    _flatten(fs, is_)
+
+
+@njit(**_NUMBA_OPTS)
+def _liquidate(fs, is_, price, bars_held, ev, evi, out):  # pragma: no cover - compiled
+    """Liquidation at ``price``: the isolated margin is lost; what is left of it above zero is the
+    clearance (liquidation) fee; cash is unchanged."""
+    side = is_[I_SIDE]
+    qty = fs[F_QTY]
+    clearance = max(0.0, fs[F_MARGIN] + side * qty * (price - fs[F_ENTRY]))
+    fs[F_LIQ_FEES] += clearance
+    fs[F_TURNOVER] += qty * price
+    is_[I_FILLS] += 1
+    out[O_LIQ_FEE] += clearance
+    out[O_LIQUIDATED] = 1.0
+    pnl = -fs[F_MARGIN] - fs[F_ENTRY_FEE] - fs[F_TRADE_FUNDING]
+    _event(ev, evi, out, R_LIQUIDATION, -side, qty, price, 0.0, 0.0, fs[F_ENTRY], pnl,
+           is_[I_ENTRY_TIME], bars_held, side)  # fmt: skip
+    _flatten(fs, is_)
+
+
+@njit(**_NUMBA_OPTS)
+def _open(fs, is_, direction, lev, size_frac, stop_atr, tp_atr, o, time_ns, atr, slip, fee_rate, p,
+          ev, evi, out):  # pragma: no cover - compiled  # fmt: skip
+    tick = p[P_TICK]
+    tick_pow = p[P_TICK_POW10]
+    cash = fs[F_CASH]  # flat here, so equity == cash
+    fill = adverse_fill(o, direction, slip, tick, tick_pow)
+    margin_budget = min(size_frac * cash, cash / (1.0 + lev * fee_rate)) if cash > 0 else 0.0
+    lot = p[P_LOT]
+    notional_budget = margin_budget * lev
+    n_lots = math.floor(notional_budget / fill / lot + 1e-9)
+    while n_lots > 0 and n_lots * lot * fill > notional_budget * (1.0 + 1e-12):
+        n_lots -= 1
+    qty = round_decimals(n_lots * lot, p[P_LOT_POW10])
+    notional = qty * fill
+    if qty <= 0 or notional < p[P_MIN_NOTIONAL]:
+        is_[I_SKIPPED] += 1
+        out[O_SKIPPED] = 1.0
+        return OK
+    row = _bracket_row(notional, p)
+    if row < 0:
+        out[O_ERR_VALUE] = notional
+        return ERR_BRACKET
+    mmr = p[P_BRACKETS + 3 * row + 1]
+    cum = p[P_BRACKETS + 3 * row + 2]
+    margin = notional / lev
+    fee = notional * fee_rate
+    slip_usdt = qty * abs(fill - o)
+    fs[F_CASH] -= margin + fee
+    is_[I_SIDE] = direction
+    fs[F_QTY] = qty
+    fs[F_ENTRY] = fill
+    fs[F_MARGIN] = margin
+    fs[F_LEV] = lev
+    fs[F_STOP] = round_price(fill - direction * stop_atr * atr, tick, 0, tick_pow)
+    fs[F_TP] = round_price(fill + direction * tp_atr * atr, tick, 0, tick_pow)
+    fs[F_LIQ] = liq_price(direction, qty, fill, margin, mmr, cum)
+    is_[I_ENTRY_TIME] = time_ns
+    is_[I_BARS] = 0
+    fs[F_ENTRY_FEE] = fee
+    fs[F_TRADE_FUNDING] = 0.0
+    fs[F_FEES] += fee
+    fs[F_SLIP] += slip_usdt
+    fs[F_TURNOVER] += notional
+    is_[I_FILLS] += 1
+    is_[I_TRADES] += 1
+    out[O_FEES] += fee
+    out[O_SLIP] += slip_usdt
+    _event(ev, evi, out, R_ENTRY, direction, qty, fill, fee, slip_usdt, 0.0, 0.0, time_ns, 0, direction)
+    return OK
+
+
+@njit(**_NUMBA_OPTS)
+def _intrabar_exit(fs, is_, o, h, lo, slip, fee_rate, p, ev, evi, out):  # pragma: no cover - compiled
+    s = is_[I_SIDE]
+    stop = fs[F_STOP]
+    liq = fs[F_LIQ]
+    tp = fs[F_TP]
+    has_stop = not math.isnan(stop)
+    has_liq = not math.isnan(liq)
+    has_tp = not math.isnan(tp)
+    bars_held = is_[I_BARS] + 1
+    tick = p[P_TICK]
+    tick_pow = p[P_TICK_POW10]
+    extreme_adv = lo if s > 0 else h
+    extreme_fav = h if s > 0 else lo
+    liq_first = has_liq and ((not has_stop) or s * (liq - stop) >= 0)
+    adv_level = liq if liq_first else stop
+    has_adv = has_liq if liq_first else has_stop
+    if has_adv and s * (adv_level - extreme_adv) >= 0:
+        if has_liq and s * (liq - o) >= 0:  # gap through the liquidation price
+            _liquidate(fs, is_, o, bars_held, ev, evi, out)
+            return
+        if liq_first:  # liquidation price reached intrabar before the stop
+            _liquidate(fs, is_, liq, bars_held, ev, evi, out)
+            return
+        ref = o if s * (stop - o) >= 0 else stop  # gap through the stop fills at the open
+        price = adverse_fill(ref, -s, slip, tick, tick_pow)
+        if has_liq and s * (liq - price) >= 0:  # stop fill would lie past LP: liquidated first
+            _liquidate(fs, is_, liq, bars_held, ev, evi, out)
+            return
+        _close(fs, is_, price, ref, R_STOP, bars_held, fee_rate, ev, evi, out)
+        return
+    if has_tp and s * (extreme_fav - tp) >= 0:
+        ref = o if s * (o - tp) >= 0 else tp  # gap through the take-profit fills at the open
+        _close(fs, is_, adverse_fill(ref, -s, slip, tick, tick_pow), ref, R_TAKE_PROFIT, bars_held, fee_rate,
+               ev, evi, out)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The bar step
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(**_NUMBA_OPTS)
+def bar_step(fs, is_, has_decision, direction, lev, size_frac, stop_atr, tp_atr,
+             time_ns, o, h, lo, c, funding_rate, is_funding, atr, p, ev, evi, out):  # pragma: no cover  # fmt: skip
+    """Apply the decision taken at the close of bar t to bar t+1, in place.
+
+    Same contract and order of events as :func:`envs.accounting.step_bar` (funding at the open,
+    liquidation at the open, fills at the open, stop/liquidation before take-profit intrabar, mark
+    at the close). Inputs are assumed validated (finite OHLC, ATR > 0 when a fill can happen,
+    decision fields in range). ``out[:O_N_EVENTS + 1]`` is reset here.
+
+    Returns
+    -------
+    int
+        :data:`OK`, or :data:`ERR_BRACKET` (the state may then be partly updated: callers work on a
+        copy or stop).
+    """
+    for k in range(O_N_EVENTS + 1):
+        out[k] = 0.0
+    side0 = is_[I_SIDE]
+    changes_side = has_decision and direction != side0
+    opening = changes_side and direction != 0
+    if changes_side or side0 != 0:
+        slip = (p[P_SLIP_BPS] / 1e4 + p[P_SLIP_ATR] * atr / o) * p[P_COST_MULT]
+    else:
+        slip = 0.0
+    fee_rate = p[P_FEE_RATE]
+    # 1. Funding on the position held into the settlement.
+    if is_funding and is_[I_SIDE] != 0:
+        rate = funding_rate
+        if not math.isfinite(rate):
+            rate = p[P_FUND_FALLBACK]
+            is_[I_FALLBACK] += 1
+        payment = is_[I_SIDE] * fs[F_QTY] * o * rate
+        fs[F_MARGIN] -= payment
+        fs[F_FUNDING] += payment
+        fs[F_TRADE_FUNDING] += payment
+        out[O_FUNDING] += payment
+        row = _bracket_row(fs[F_QTY] * fs[F_ENTRY], p)
+        if row < 0:
+            out[O_ERR_VALUE] = fs[F_QTY] * fs[F_ENTRY]
+            return ERR_BRACKET
+        fs[F_LIQ] = liq_price(is_[I_SIDE], fs[F_QTY], fs[F_ENTRY], fs[F_MARGIN],
+                              p[P_BRACKETS + 3 * row + 1], p[P_BRACKETS + 3 * row + 2])  # fmt: skip
+    # 2. Fills at the open; an open at or beyond the liquidation price liquidates first.
+    s = is_[I_SIDE]
+    if s != 0 and not math.isnan(fs[F_LIQ]) and s * (fs[F_LIQ] - o) >= 0:
+        _liquidate(fs, is_, o, is_[I_BARS], ev, evi, out)
+    if changes_side:
+        if is_[I_SIDE] != 0:
+            price = adverse_fill(o, -is_[I_SIDE], slip, p[P_TICK], p[P_TICK_POW10])
+            _close(fs, is_, price, o, R_EXIT_SIGNAL, is_[I_BARS], fee_rate, ev, evi, out)
+        if opening:
+            code = _open(fs, is_, direction, lev, size_frac, stop_atr, tp_atr, o, time_ns, atr, slip,
+                         fee_rate, p, ev, evi, out)  # fmt: skip
+            if code != OK:
+                return code
+    # 3. Intrabar exits of the position held after the open.
+    if is_[I_SIDE] != 0:
+        _intrabar_exit(fs, is_, o, h, lo, slip, fee_rate, p, ev, evi, out)
+    # 4. Mark to market at the close.
+    if is_[I_SIDE] != 0:
+        is_[I_BARS] += 1
+    out[O_EQUITY] = fs[F_CASH] + fs[F_MARGIN] + is_[I_SIDE] * fs[F_QTY] * (c - fs[F_ENTRY])
+    return OK
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards (same forms and arithmetic as envs.rewards)
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(**_NUMBA_OPTS)
+def _unit_clip(x):  # pragma: no cover - compiled
+    """``min(1.0, max(-1.0, x))`` for a finite x."""
+    return 1.0 if x > 1.0 else (-1.0 if x < -1.0 else x)  # noqa: FURB136 (explicit: fast in numba)
+
+
+@njit(**_NUMBA_OPTS)
+def _clip(x, bound):  # pragma: no cover - compiled
+    return bound if x > bound else max(x, -bound)
+
+
+@njit(**_NUMBA_OPTS)
+def _log_return(r, clip):  # pragma: no cover - compiled
+    if r <= -1.0:
+        return -clip
+    return _clip(math.log1p(r), clip)
+
+
+@njit(**_NUMBA_OPTS)
+def reward_step(st, r, p):  # pragma: no cover - compiled
+    """Consume the net return ``r``; ``st[E_RW_A], st[E_RW_B], st[E_RW_N]`` hold A, B (or DD2), n.
+
+    Same formulas, warm-up, floor and clip as :mod:`envs.rewards` (Moody & Saffell 2001)."""
+    kind = int(p[P_RKIND])
+    clip = p[P_CLIP]
+    if kind == 2:
+        return _log_return(r, clip)
+    eta = p[P_ETA]
+    a = st[E_RW_A]
+    b = st[E_RW_B]
+    n = st[E_RW_N]
+    if kind == 0:
+        if n < p[P_WARMUP]:
+            out = _log_return(r, clip)
+        else:
+            dd = max(math.sqrt(b), p[P_FLOOR])
+            x = r - 0.5 * a
+            if r > 0:
+                out = _clip(x / dd, clip)
+            else:
+                out = _clip((dd * dd * x - 0.5 * a * r * r) / (dd * dd * dd), clip)
+        st[E_RW_A] = a + eta * (r - a)
+        neg = min(r, 0.0)
+        st[E_RW_B] = b + eta * (neg * neg - b)
+    else:
+        if n < p[P_WARMUP]:
+            out = _log_return(r, clip)
+        else:
+            sd = max(math.sqrt(max(b - a * a, 0.0)), p[P_FLOOR])
+            d_a = r - a
+            d_b = r * r - b
+            out = _clip((b * d_a - 0.5 * a * d_b) / (sd * sd * sd), clip)
+        st[E_RW_A] = a + eta * (r - a)
+        st[E_RW_B] = b + eta * (r * r - b)
+    st[E_RW_N] = n + 1.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The env step
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(**_NUMBA_OPTS)
+def write_observation(fs, is_, bars, market_obs, p, obs):  # pragma: no cover - compiled
+    """``obs[:F] = market_obs[t]``, then the 6 account features of ``envs.trading_env.ACCOUNT_FEATURES``."""
+    t = int(fs[E_T])
+    nm = market_obs.shape[1]
+    for j in range(nm):
+        obs[j] = market_obs[t, j]
+    side = is_[I_SIDE]
+    equity = fs[E_EQUITY]
+    peak = fs[E_PEAK]
+    mark = bars[t, B_CLOSE]
+    den = max(1e-09, equity)
+    if side == 0:
+        exposure = 0.0
+        lev_frac = 0.0
+        upnl = 0.0
+        bars_frac = 0.0
+    else:
+        qty = fs[F_QTY]
+        exposure = side * qty * mark / den
+        lev_frac = fs[F_LEV] / p[P_MAX_LEV_OBS]
+        upnl = side * qty * (mark - fs[F_ENTRY]) / den
+        bars_frac = min(is_[I_BARS] / 720, 1.0)
+    dd = max(0.0, 1.0 - equity / peak) if peak > 0 else 0.0
+    obs[nm] = float(side)
+    obs[nm + 1] = exposure
+    obs[nm + 2] = lev_frac
+    obs[nm + 3] = upnl
+    obs[nm + 4] = bars_frac
+    obs[nm + 5] = dd
+
+
+@njit(**_NUMBA_OPTS)
+def reset_env(fs, is_, start, end, p):  # pragma: no cover - compiled
+    """Flat account at the initial equity, episode span ``[start, end]``, fresh reward estimates."""
+    fs[F_CASH] = p[P_INITIAL_EQUITY]
+    for k in range(F_QTY, N_ENV_FLOAT):
+        fs[k] = 0.0
+    fs[F_LEV] = 1.0
+    fs[F_STOP] = np.nan
+    fs[F_TP] = np.nan
+    fs[F_LIQ] = np.nan
+    for k in range(N_INT):
+        is_[k] = 0
+    is_[I_ENTRY_TIME] = NO_TIME
+    fs[E_EQUITY] = fs[F_CASH]
+    fs[E_PEAK] = fs[F_CASH]
+    fs[E_T] = start
+    fs[E_START] = start
+    fs[E_END] = end
+
+
+@njit(**_NUMBA_OPTS)
+def env_step(mode, action, fs, is_, bars, times, market_obs, p, obs, ev, evi, out):  # pragma: no cover  # fmt: skip
+    """One env step: decode the action (or take the decision), run :func:`bar_step` on bar t+1,
+    compute the reward, move to t+1 and write its observation into ``obs``.
+
+    Returns
+    -------
+    (code, terminated, truncated) : tuple[int, bool, bool]
+        The reward and its components are in ``out[O_R:O_REWARD + 1]``.
+    """
+    has_decision = mode != MODE_HOLD
+    direction = 0
+    lev = 1.0
+    size = 0.0
+    stop_atr = 1.0
+    tp_atr = 1.0
+    if mode == MODE_ACTION:
+        a0 = np.float64(action[0])
+        a1 = np.float64(action[1])
+        a2 = np.float64(action[2])
+        a3 = np.float64(action[3])
+        a4 = np.float64(action[4])
+        if not (math.isfinite(a0) and math.isfinite(a1) and math.isfinite(a2) and math.isfinite(a3)
+                and math.isfinite(a4)):  # fmt: skip
+            out[O_ERR_VALUE] = 0.0
+            return ERR_ACTION, False, False
+        a0 = _unit_clip(a0)
+        a1 = _unit_clip(a1)
+        a2 = _unit_clip(a2)
+        a3 = _unit_clip(a3)
+        a4 = _unit_clip(a4)
+        dz = p[P_DEAD_ZONE]
+        direction = 1 if a0 > dz else (-1 if a0 < -dz else 0)
+        lev = 1.0 + (a1 + 1.0) * 0.5 * (p[P_MAX_LEV] - 1.0)
+        size = 0.0 + (a2 + 1.0) * 0.5 * (p[P_MAX_SIZE] - 0.0)
+        stop_atr = p[P_STOP_LO] + (a3 + 1.0) * 0.5 * (p[P_STOP_HI] - p[P_STOP_LO])
+        tp_atr = p[P_TP_LO] + (a4 + 1.0) * 0.5 * (p[P_TP_HI] - p[P_TP_LO])
+    elif mode == MODE_DECISION:
+        direction = int(action[0])
+        lev = float(action[1])
+        size = float(action[2])
+        stop_atr = float(action[3])
+        tp_atr = float(action[4])
+    t = int(fs[E_T])
+    i = t + 1
+    turnover_prev = fs[F_TURNOVER]
+    code = bar_step(fs, is_, has_decision, direction, lev, size, stop_atr, tp_atr, times[i],
+                    bars[i, B_OPEN], bars[i, B_HIGH], bars[i, B_LOW], bars[i, B_CLOSE],
+                    bars[i, B_FUNDING_RATE], bars[i, B_IS_FUNDING] != 0.0, bars[t, B_ATR], p, ev, evi, out)  # fmt: skip
+    if code != OK:
+        return code, False, False
+    equity_prev = fs[E_EQUITY]
+    equity = out[O_EQUITY]
+    r = equity / equity_prev - 1.0 if equity_prev > 0 else 0.0
+    if not math.isfinite(r):
+        out[O_ERR_VALUE] = r
+        return ERR_RETURN, False, False
+    base = reward_step(fs, r, p)
+    peak = max(fs[E_PEAK], equity)
+    drawdown = max(0.0, 1.0 - equity / peak) if peak > 0 else 0.0
+    denom = equity_prev if equity_prev > 0 else 1.0
+    turnover = p[P_TURNOVER_PEN] * (fs[F_TURNOVER] - turnover_prev) / denom
+    dd_pen = p[P_DD_PEN] * max(0.0, drawdown - fs[E_DRAWDOWN])
+    sc = p[P_SCALE]
+    base_s = sc * base
+    turnover_s = sc * turnover
+    dd_s = sc * dd_pen
+    out[O_R] = r
+    out[O_BASE] = base_s
+    out[O_TURNOVER_PEN] = turnover_s
+    out[O_DD_PEN] = dd_s
+    out[O_REWARD] = base_s - turnover_s - dd_s
+    fs[E_T] = i
+    fs[E_EQUITY] = equity
+    fs[E_PEAK] = peak
+    fs[E_DRAWDOWN] = drawdown
+    terminated = equity < p[P_MIN_EQUITY_FRAC] * p[P_INITIAL_EQUITY] or drawdown > p[P_MAX_DD]
+    truncated = (not terminated) and i >= fs[E_END]
+    write_observation(fs, is_, bars, market_obs, p, obs)
+    return OK, terminated, truncated
+
+
+@njit(**_NUMBA_OPTS)
+def batch_step(actions, fs, is_, bars, times, market_obs, p, obs, rewards, terminated, truncated,
+               final_obs, final_stats, equity, starts, cursor, ev, evi, out):  # pragma: no cover  # fmt: skip
+    """Step N envs (rows of ``fs``, ``is_``, ``obs``) with ``actions`` (N, 5) by :func:`env_step`.
+
+    ``equity[k]`` receives each env's equity at the close. An env whose episode ends is reset at
+    once (same-step autoreset): its last observation goes to ``final_obs[k]``, its episode totals to
+    ``final_stats[k]`` (:data:`FINAL_STATS` order), and ``obs[k]`` becomes the first observation of
+    the next episode, which starts at ``starts[cursor[0]]`` (drawn by the caller's seeded generator;
+    ``cursor[0]`` advances) and ends ``cursor[1]`` bars later (0: at the end of the data), capped at
+    the last index ``cursor[2]``.
+
+    Returns
+    -------
+    (code, value) : tuple[int, int]
+        :data:`OK` and the number of envs whose episode ended, or the error code and the index of
+        the env that failed (its ``out`` row says more).
+    """
+    n = actions.shape[0]
+    n_done = 0
+    length = cursor[1]
+    last = cursor[2]
+    obs_base = market_obs.ctypes.data
+    obs_row = market_obs.strides[0]
+    bars_base = bars.ctypes.data
+    bars_row = bars.strides[0]
+    for k in range(n):
+        ahead = k + PREFETCH_AHEAD
+        if ahead < n:  # the rows env k + PREFETCH_AHEAD will read at its next bar
+            t_next = int(fs[ahead, E_T]) + 1
+            if t_next < bars.shape[0]:
+                for off in range(0, obs_row + 64, 64):
+                    _prefetch(obs_base + t_next * obs_row + off)
+                _prefetch(bars_base + t_next * bars_row)
+                _prefetch(bars_base + t_next * bars_row + bars_row - 8)
+        code, term, trunc = env_step(MODE_ACTION, actions[k], fs[k], is_[k], bars, times, market_obs, p,
+                                     obs[k], ev[k], evi[k], out[k])  # fmt: skip
+        if code != OK:
+            return code, k
+        rewards[k] = out[k, O_REWARD]
+        terminated[k] = term
+        truncated[k] = trunc
+        equity[k] = fs[k, E_EQUITY]
+        if term or trunc:
+            n_done += 1
+            for j in range(obs.shape[1]):
+                final_obs[k, j] = obs[k, j]
+            row = fs[k]
+            irow = is_[k]
+            final_stats[k, 0] = row[E_EQUITY]
+            final_stats[k, 1] = row[F_FEES]
+            final_stats[k, 2] = row[F_FUNDING]
+            final_stats[k, 3] = row[F_SLIP]
+            final_stats[k, 4] = row[F_LIQ_FEES]
+            final_stats[k, 5] = row[F_TURNOVER]
+            final_stats[k, 6] = irow[I_TRADES]
+            final_stats[k, 7] = irow[I_FILLS]
+            final_stats[k, 8] = irow[I_SKIPPED]
+            final_stats[k, 9] = irow[I_FALLBACK]
+            start = starts[cursor[0]]
+            cursor[0] += 1
+            end = last if length <= 0 else min(start + length, last)
+            reset_env(fs[k], is_[k], start, end, p)
+            write_observation(fs[k], is_[k], bars, market_obs, p, obs[k])
+    return OK, n_done

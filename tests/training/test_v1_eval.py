@@ -1,0 +1,157 @@
+"""V1-only evaluation under the env's cost model, the walk-forward sweep and their commands."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from ats_cli import v1_cmd
+from ats_cli.main import app as main_app
+from envs.accounting import ClosedTrade
+from envs.trading_env import EnvConfig
+from fallback.config import V1Config
+from fallback.v1 import V1Policy
+from market.features import atr as atr_indicator
+from training.backtest import BacktestResult, run_backtest
+from training.v1_eval import (
+    evaluate_v1,
+    grid_configs,
+    load_v1_candles,
+    parse_grid,
+    parse_period,
+    v1_env_data,
+    walk_forward_sweep,
+    window_stats,
+)
+
+T0, T1 = pd.Timestamp("2023-03-01", tz="UTC"), pd.Timestamp("2023-04-01", tz="UTC")
+
+
+@pytest.fixture(scope="module")
+def candles() -> pd.DataFrame:
+    return load_v1_candles(None)
+
+
+def test_evaluate_v1_equals_the_per_bar_policy_backtest(candles: pd.DataFrame) -> None:
+    cfg, env = V1Config(), EnvConfig()
+    fast = evaluate_v1(candles, T0, T1, cfg, env)
+    a, b = (int(np.searchsorted(candles.index, t)) for t in (T0, T1))
+    atr = atr_indicator(candles.iloc[:b], cfg.atr_period_bars)
+    slow = run_backtest(V1Policy(cfg), v1_env_data(candles.iloc[a:b], atr[a:b]), candles.iloc[:b], env, offset=a,
+                        history_bars=cfg.history_bars)  # fmt: skip
+    assert len(fast.equity) == b - a == 744  # 31 days of 1h bars: 743 decisions + the initial mark
+    assert fast.equity.index[0] == T0
+    np.testing.assert_array_equal(fast.equity.to_numpy(), slow.equity.to_numpy())
+    assert fast.trades == slow.trades and len(fast.trades) > 3
+    assert fast.fees_paid_usdt > 0 and "funding_rate" in candles.columns  # costs on, funding joined
+
+
+def test_evaluate_v1_rejects_an_empty_period(candles: pd.DataFrame) -> None:
+    with pytest.raises(ValueError, match="holds 0 bars"):
+        evaluate_v1(candles, pd.Timestamp("2030-01-01", tz="UTC"), pd.Timestamp("2030-02-01", tz="UTC"),
+                    V1Config(), EnvConfig())  # fmt: skip
+
+
+def _trade(exit_ns: int, pnl: float) -> ClosedTrade:
+    return ClosedTrade(0, exit_ns, 1, 1.0, 100.0, 100.0, pnl, "stop", 1)
+
+
+def test_window_stats_by_hand() -> None:
+    idx = pd.date_range("2024-01-01", periods=5, freq="1h", tz="UTC")
+    eq = pd.Series([100.0, 110.0, 99.0, 99.0, 108.9], index=idx)
+    ns = idx.asi8
+    trades = (_trade(ns[1], 10.0), _trade(ns[2], -11.0), _trade(ns[4], 9.9), _trade(ns[4], -2.0))
+    res = BacktestResult("v1", eq, np.zeros(4, np.int8), trades, 0.0, 0.0, 0.0, 0.0, 0.0, 0, False)
+    # window = bar closes at idx[2..4]: returns 99/110 - 1, 0, 0.1; trades exiting at idx[2], idx[4]
+    st = window_stats(res, int(ns[2]), int(ns[4]) + 1, 8760.0)
+    assert st.n_trades == 3
+    assert st.profit_factor == pytest.approx(9.9 / 13.0)
+    assert st.win_rate == pytest.approx(1 / 3)
+    assert st.total_return == pytest.approx(108.9 / 110.0 - 1.0)
+    r = np.array([99 / 110 - 1, 0.0, 0.1])
+    assert st.sortino == pytest.approx(r.mean() / math.sqrt(np.mean(np.minimum(r, 0) ** 2)) * math.sqrt(8760))
+
+
+def test_parsers() -> None:
+    assert parse_period("2024-01-01:2024-02-01") == (pd.Timestamp("2024-01-01", tz="UTC"),
+                                                      pd.Timestamp("2024-02-01", tz="UTC"))  # fmt: skip
+    with pytest.raises(ValueError, match="START must be before END"):
+        parse_period("2024-02-01:2024-01-01")
+    with pytest.raises(ValueError, match="START:END"):
+        parse_period("2024-01-01")
+    assert parse_grid("breakout_k=0.3,1; trigger_mode=breakout,either;trailing_enabled=false") == {
+        "breakout_k": [0.3, 1],
+        "trigger_mode": ["breakout", "either"],
+        "trailing_enabled": [False],
+    }
+    with pytest.raises(ValueError, match="key=v1"):
+        parse_grid("breakout_k")
+    with pytest.raises(ValueError, match="not V1Config fields"):
+        grid_configs(V1Config(), {"breakout": [1.0]})
+    assert len(grid_configs(V1Config(), {"breakout_k": [0.3, 0.6], "stop_atr_mult": [1.0, 2.0]})) == 4
+
+
+@pytest.fixture(scope="module")
+def sweep(candles: pd.DataFrame) -> dict:
+    grid = {"breakout_k": [0.3, 0.8]}
+    return walk_forward_sweep(candles, pd.Timestamp("2023-01-01", tz="UTC"), pd.Timestamp("2023-05-01", tz="UTC"),
+                              grid, EnvConfig(), n_folds=2, min_train_trades=1)  # fmt: skip
+
+
+def test_walk_forward_chooses_on_training_windows_only(sweep: dict) -> None:
+    combos, folds = sweep["combos"], sweep["folds"]
+    assert len(combos) == 4 and len(folds) == 2
+    for k in (1, 2):
+        rows = combos[combos["fold"] == k]
+        best = rows.loc[rows["train_profit_factor"].idxmax()]
+        chosen = folds[folds["fold"] == k].iloc[0]
+        assert json.loads(chosen["chosen"]) == {"breakout_k": best["breakout_k"]}
+        assert chosen["test_profit_factor"] == best["test_profit_factor"]  # reported out of sample
+    assert (
+        folds["train"].iloc[1].split("..")[1] == folds["test"].iloc[1].split("..")[0]
+    )  # expanding, adjacent
+    assert folds["train"].iloc[0].split("..")[0] == folds["train"].iloc[1].split("..")[0]
+    wf = sweep["walk_forward"]
+    assert wf["n_trades"] == folds["test_trades"].sum()
+    assert math.isfinite(wf["sortino"]) and 0.0 <= wf["win_rate"] <= 1.0
+
+
+def test_walk_forward_rejects_too_many_folds(candles: pd.DataFrame) -> None:
+    with pytest.raises(ValueError, match="too few"):
+        walk_forward_sweep(
+            candles, T0, T0 + pd.Timedelta(hours=5), {"breakout_k": [0.5]}, EnvConfig(), n_folds=3
+        )
+
+
+def test_evaluate_command_for_v1_writes_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "v1"
+    r = CliRunner().invoke(main_app, ["evaluate", "--policy", "v1", "--period", "2023-03-01:2023-03-15",
+                                      "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["v1"]["n_bars"] == 14 * 24 - 1
+    assert (out / "report.html").is_file()
+    bad = CliRunner().invoke(main_app, ["evaluate", "--policy", "v1", "--out", str(out)])
+    assert bad.exit_code != 0
+    assert (
+        CliRunner().invoke(main_app, ["evaluate"]).exit_code != 0
+    )  # --run still required for the run report
+
+
+def test_sweep_command_writes_tables(tmp_path: Path) -> None:
+    r = CliRunner().invoke(v1_cmd.app, ["sweep", "--period", "2023-01-01:2023-03-01", "--grid", "breakout_k=0.5",
+                                        "--folds", "1", "--min-train-trades", "0", "--out", str(tmp_path)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    folds = pd.read_csv(tmp_path / "folds.csv")
+    assert len(folds) == 1 and json.loads(folds["chosen"].iloc[0]) == {"breakout_k": 0.5}
+    assert set(json.loads((tmp_path / "walk_forward.json").read_text())) >= {
+        "profit_factor",
+        "win_rate",
+        "sortino",
+    }

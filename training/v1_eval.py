@@ -1,0 +1,344 @@
+"""V1 alone under the env's cost model: one evaluation period, and a walk-forward parameter sweep.
+
+:func:`evaluate_v1` trades V1 (indicators precomputed once, :class:`fallback.v1.V1SeriesPolicy`)
+through :func:`training.backtest.run_backtest`, i.e. the same ``TradingEnv`` / ``envs.accounting``
+fills, fees, slippage, funding and liquidation as every other strategy. The env gets a zero-width
+market observation (V1 reads candles, not features) and the ATR of V1's own ``atr_period_bars``,
+so the env places V1's stop and take-profit at exactly the ATR V1 sized with.
+
+:func:`walk_forward_sweep` chooses V1's parameters on training folds only (expanding windows,
+López de Prado 2018, ch. 7 / Pardo 2008, *The Evaluation and Optimization of Trading Strategies*,
+walk-forward analysis): ``[start, end)`` is cut into ``n_folds + 1`` equal blocks; fold k trains on
+blocks 0..k-1 (all of the past) and is tested on block k. Each combination of the grid is
+backtested once over the whole span (one continuous account); the metrics of a window are those
+of its bars (equity returns) and of the trades that closed in it. The combination with the best
+training score (profit factor or Sortino) is reported on the following test window; the
+walk-forward result pools the test windows (returns concatenated, trades pooled).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from envs.trading_env import EnvConfig, EnvData
+from fallback.config import V1Config
+from fallback.v1 import V1SeriesPolicy
+from market.bundled import bundled_candles_path, bundled_funding_path
+from market.candles import join_funding, load_candles, load_funding
+from market.features import atr as atr_indicator
+from training import metrics as M
+from training.backtest import BacktestResult, run_backtest
+from training.pipeline import summarize_backtest
+from training.report import write_report
+
+Log = Callable[[str], None]
+SelectBy = Literal["profit_factor", "sortino"]
+
+
+def parse_period(text: str) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """``"START:END"`` (UTC dates or times, END exclusive) -> timestamps.
+
+    Raises
+    ------
+    ValueError
+        If the text is not ``START:END`` with parseable, increasing bounds.
+    """
+    parts = text.split(":") if text.count(":") == 1 else text.split("/")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise ValueError(f"period must be START:END (e.g. 2024-01-01:2025-01-01), got {text!r}")
+    try:
+        a, b = (pd.Timestamp(p.strip(), tz="UTC") for p in parts)
+    except ValueError as exc:
+        raise ValueError(f"period {text!r}: {exc}") from exc
+    if not a < b:
+        raise ValueError(f"period {text!r}: START must be before END")
+    return a, b
+
+
+def load_v1_candles(path: str | Path | None) -> pd.DataFrame:
+    """Validated candles with funding joined when a funding file is known.
+
+    ``None`` loads the bundled BTCUSDT 1h candles and funding. For a file ``<SYMBOL>-<tf>.parquet``
+    the funding history ``<SYMBOL>-funding.parquet`` in the same folder is joined if it exists
+    (otherwise the cost model's fallback funding rate applies).
+
+    Raises
+    ------
+    FileNotFoundError, market.errors.DataValidationError
+        From :func:`market.candles.load_candles`.
+    """
+    if path is None:
+        return join_funding(load_candles(bundled_candles_path()), load_funding(bundled_funding_path()))
+    path = Path(path)
+    candles = load_candles(path)
+    funding = path.with_name(path.name.split("-")[0] + "-funding.parquet")
+    if "-" in path.name and funding.is_file() and "funding_rate" not in candles.columns:
+        candles = join_funding(candles, load_funding(funding))
+    return candles
+
+
+def v1_env_data(candles: pd.DataFrame, atr: np.ndarray) -> EnvData:
+    """EnvData with a zero-width market observation (V1 needs none) for the rows of ``candles``."""
+    obs = pd.DataFrame(index=candles.index, dtype=np.float32)
+    return EnvData.from_frames(candles, obs, np.asarray(atr, dtype=np.float64))
+
+
+def _rows(candles: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, v1: V1Config) -> tuple[int, int]:
+    idx = candles.index
+    a, b = int(np.searchsorted(idx, start)), int(np.searchsorted(idx, end))
+    if b - a < 2:
+        raise ValueError(f"period [{start}, {end}) holds {b - a} bars of the candles ({idx[0]} .. {idx[-1]})")
+    return a, b
+
+
+def evaluate_v1(
+    candles: pd.DataFrame,
+    start: pd.Timestamp,
+    end: pd.Timestamp,
+    v1: V1Config,
+    env: EnvConfig,
+    *,
+    regime_proba: np.ndarray | None = None,
+) -> BacktestResult:
+    """Backtest V1 over the bars opening in ``[start, end)`` under the env's cost model.
+
+    Candles before ``start`` are closed history V1 may read (its ``history_bars``); rows whose
+    ATR is not yet defined are skipped at the start of the period and reported in the error if
+    nothing is left.
+
+    Parameters
+    ----------
+    candles : pd.DataFrame
+        Validated candles (``open high low close volume``, optional ``funding_rate``).
+    regime_proba : np.ndarray, optional
+        (T, K) filtered HMM probabilities aligned with ``candles`` (see ``V1SeriesPolicy``).
+
+    Raises
+    ------
+    ValueError
+        If the period holds fewer than 2 bars with a defined ATR.
+    """
+    a, b = _rows(candles, start, end, v1)
+    atr = atr_indicator(candles.iloc[:b], v1.atr_period_bars)
+    first_ok = int(np.argmax(np.isfinite(atr) & (atr > 0)))
+    a = max(a, first_ok)
+    if b - a < 2:
+        raise ValueError(f"period [{start}, {end}) has fewer than 2 bars with a defined ATR")
+    history = candles.iloc[:b]
+    proba = None if regime_proba is None else np.asarray(regime_proba)[:b]
+    policy = V1SeriesPolicy(history, v1, regime_proba=proba)
+    data = v1_env_data(candles.iloc[a:b], atr[a:b])
+    return run_backtest(policy, data, history, env, offset=a, history_bars=v1.history_bars)
+
+
+def write_v1_report(
+    res: BacktestResult, out: Path, *, bar_interval_s: float, notes: Sequence[str] = ()
+) -> dict:
+    """Write ``out/metrics.json`` and ``out/report.html`` for one V1 backtest; return the metrics."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"v1": summarize_backtest(res, bar_interval_s)}
+    (out / "metrics.json").write_text(json.dumps({k: M.to_jsonable(v) for k, v in metrics.items()}, indent=1,
+                                                 allow_nan=False))  # fmt: skip
+    extra = {"costs paid (USDT)": pd.DataFrame({"v1": {
+        "fees": res.fees_paid_usdt, "slippage": res.slippage_paid_usdt, "funding": res.funding_paid_usdt,
+        "liquidation fees": res.liquidation_fees_usdt, "orders skipped (min notional)": res.n_skipped_min_notional}})}  # fmt: skip
+    write_report(out, title="ats V1 evaluation", equity_curves={"v1": res.equity}, metrics=metrics,
+                 notes=list(notes), extra_tables=extra)  # fmt: skip
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Walk-forward sweep
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """Metrics of one window of a backtest: trades closed in it, returns of its bars."""
+
+    profit_factor: float
+    win_rate: float
+    sortino: float
+    n_trades: int
+    total_return: float
+
+
+def window_stats(res: BacktestResult, start_ns: int, end_ns: int, periods_per_year: float) -> WindowStats:
+    """Stats of ``res`` restricted to the bar closes in ``[start_ns, end_ns)`` (open times, UTC ns).
+
+    The returns are those of the equity marks of the window's bars; the trades those whose exit
+    time lies in the window.
+    """
+    t = res.equity.index.asi8
+    eq = res.equity.to_numpy(np.float64)
+    sel = np.flatnonzero((t >= start_ns) & (t < end_ns))
+    if len(sel) == 0:
+        return WindowStats(math.nan, math.nan, math.nan, 0, math.nan)
+    lo = max(sel[0] - 1, 0)
+    window_eq = eq[lo : sel[-1] + 1]
+    trades = [tr for tr in res.trades if start_ns <= tr.exit_time_ns < end_ns]
+    r = M.returns_from_equity(window_eq) if len(window_eq) > 1 else np.zeros(0)
+    return WindowStats(
+        profit_factor=M.profit_factor(trades), win_rate=M.win_rate(trades),
+        sortino=M.sortino_ratio(r, periods_per_year) if len(r) else math.nan,
+        n_trades=len(trades), total_return=float(window_eq[-1] / window_eq[0] - 1.0),
+    )  # fmt: skip
+
+
+def grid_configs(base: V1Config, grid: Mapping[str, Sequence[Any]]) -> list[tuple[dict[str, Any], V1Config]]:
+    """Every combination of ``grid`` applied to ``base`` (validated; invalid combinations raise).
+
+    Raises
+    ------
+    ValueError
+        If a key is not a V1Config field, a value list is empty, or a combination is invalid.
+    """
+    unknown = [k for k in grid if k not in V1Config.model_fields]
+    if unknown:
+        raise ValueError(f"grid keys {unknown} are not V1Config fields")
+    if any(len(v) == 0 for v in grid.values()):
+        raise ValueError("every grid key needs at least one value")
+    keys = list(grid)
+    out = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        params = dict(zip(keys, values))
+        out.append((params, V1Config.model_validate({**base.model_dump(), **params})))
+    return out
+
+
+def parse_grid(text: str) -> dict[str, list[Any]]:
+    """``"breakout_k=0.3,0.5;trigger_mode=breakout,either"`` -> ``{"breakout_k": [0.3, 0.5], ...}``.
+
+    Values are read as int, then float, then bool (true/false), else kept as text.
+
+    Raises
+    ------
+    ValueError
+        If a part is not ``key=v1,v2,...``.
+    """
+
+    def value(s: str) -> Any:
+        s = s.strip()
+        for cast in (int, float):
+            try:
+                return cast(s)
+            except ValueError:
+                pass
+        return {"true": True, "false": False}.get(s.lower(), s)
+
+    grid: dict[str, list[Any]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, sep, vals = part.partition("=")
+        if not sep or not key.strip() or not vals.strip():
+            raise ValueError(f"grid part {part!r} is not key=v1,v2,...")
+        grid[key.strip()] = [value(v) for v in vals.split(",")]
+    return grid
+
+
+DEFAULT_GRID: dict[str, list[Any]] = {
+    "breakout_k": [0.3, 0.6],
+    "stop_atr_mult": [1.0, 2.0],
+    "trigger_mode": ["breakout", "either"],
+}
+
+
+def _span(a_ns: int, b_ns: int) -> str:
+    fmt = "%Y-%m-%d %H:%M"
+    return f"{pd.Timestamp(a_ns, tz='UTC'):{fmt}}..{pd.Timestamp(b_ns, tz='UTC'):{fmt}}"
+
+
+def walk_forward_sweep(
+    candles: pd.DataFrame,
+    start: pd.Timestamp,
+    end: pd.Timestamp,
+    grid: Mapping[str, Sequence[Any]],
+    env: EnvConfig,
+    *,
+    base: V1Config | None = None,
+    n_folds: int = 3,
+    select_by: SelectBy = "profit_factor",
+    min_train_trades: int = 10,
+    log: Log = lambda s: None,
+) -> dict[str, pd.DataFrame | dict[str, float]]:
+    """Walk-forward parameter choice for V1 (see the module docstring).
+
+    Returns
+    -------
+    dict
+        ``combos``: one row per (fold, combination) with train and test profit factor, win rate,
+        Sortino and trades; ``folds``: one row per fold with the chosen parameters, the train score
+        and the chosen set's out-of-sample profit factor, win rate, Sortino, trades;
+        ``walk_forward``: pooled out-of-sample ``profit_factor``, ``win_rate``, ``sortino``,
+        ``n_trades``, ``total_return`` of the chosen sets.
+
+    A combination with fewer than ``min_train_trades`` closed training trades, or a non-finite
+    score other than +inf, is not eligible (score -inf); ties go to the first in grid order.
+
+    Raises
+    ------
+    ValueError
+        If ``n_folds < 1``, the span is too short for the folds, or the grid is invalid.
+    """
+    if n_folds < 1:
+        raise ValueError(f"n_folds must be >= 1, got {n_folds}")
+    if select_by not in ("profit_factor", "sortino"):
+        raise ValueError(f"select_by must be 'profit_factor' or 'sortino', got {select_by!r}")
+    base = base or V1Config()
+    combos = grid_configs(base, grid)
+    a, b = _rows(candles, start, end, base)
+    bounds = np.linspace(a, b, n_folds + 2).round().astype(int)
+    if np.any(np.diff(bounds) < 2):
+        raise ValueError(f"[{start}, {end}) holds {b - a} bars, too few for {n_folds} folds")
+    ns = candles.index.asi8
+    times = [int(ns[i]) if i < len(ns) else int(ns[-1]) + 1 for i in bounds]
+    p = M.bars_per_year(float((candles.index[1] - candles.index[0]).total_seconds()))
+    results = []
+    for i, (params, cfg) in enumerate(combos):
+        res = evaluate_v1(candles, start, end, cfg, env)
+        results.append(res)
+        log(f"combination {i + 1}/{len(combos)} {params}: {len(res.trades)} trades")
+    rows, fold_rows = [], []
+    oos_returns: list[np.ndarray] = []
+    oos_trades = []
+    for k in range(1, n_folds + 1):
+        tr0, tr1, te1 = times[0], times[k], times[k + 1]
+        scored = []
+        for (params, _), res in zip(combos, results):
+            trn = window_stats(res, tr0, tr1, p)
+            tst = window_stats(res, tr1, te1, p)
+            rows.append({"fold": k, **params, "train_profit_factor": trn.profit_factor, "train_win_rate": trn.win_rate,
+                         "train_sortino": trn.sortino, "train_trades": trn.n_trades,
+                         "test_profit_factor": tst.profit_factor, "test_win_rate": tst.win_rate,
+                         "test_sortino": tst.sortino, "test_trades": tst.n_trades})  # fmt: skip
+            score = getattr(trn, select_by)
+            eligible = trn.n_trades >= min_train_trades and (math.isfinite(score) or score == math.inf)
+            scored.append(score if eligible else -math.inf)
+        best = int(np.argmax(scored))  # first best on ties (grid order)
+        params, res = combos[best][0], results[best]
+        tst = window_stats(res, tr1, te1, p)
+        fold_rows.append({"fold": k, "train": _span(tr0, tr1),
+                          "test": _span(tr1, te1),
+                          "chosen": json.dumps(params), f"train_{select_by}": scored[best],
+                          "test_profit_factor": tst.profit_factor, "test_win_rate": tst.win_rate,
+                          "test_sortino": tst.sortino, "test_trades": tst.n_trades,
+                          "test_return": tst.total_return})  # fmt: skip
+        t = res.equity.index.asi8
+        sel = np.flatnonzero((t >= tr1) & (t < te1))
+        eq = res.equity.to_numpy(np.float64)[max(sel[0] - 1, 0) : sel[-1] + 1]
+        oos_returns.append(M.returns_from_equity(eq))
+        oos_trades.extend(tr for tr in res.trades if tr1 <= tr.exit_time_ns < te1)
+    r = np.concatenate(oos_returns)
+    pooled = {"profit_factor": M.profit_factor(oos_trades), "win_rate": M.win_rate(oos_trades),
+              "sortino": M.sortino_ratio(r, p), "n_trades": float(len(oos_trades)),
+              "total_return": float(np.prod(1.0 + r) - 1.0)}  # fmt: skip
+    return {"combos": pd.DataFrame(rows), "folds": pd.DataFrame(fold_rows), "walk_forward": pooled}
