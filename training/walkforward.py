@@ -99,13 +99,12 @@ def fold_windows(wf: WalkForwardConfig, bar: pd.Timedelta) -> list[FoldWindow]:
     return out
 
 
-def fold_run_config(base: RunConfig, w: FoldWindow, seed: int, bar: pd.Timedelta, embargo_bars: int) -> RunConfig:
-    """The base config with this fold's periods and seed (test starts after the embargo gap)."""
+def fold_run_config(base: RunConfig, w: FoldWindow, seed: int, bar: pd.Timedelta) -> RunConfig:
+    """The base config with this fold's periods and seed."""
     margin = bar * (warmup_bars(base.features) + 50)
-    val_end = w.test_start - bar * embargo_bars
     data = base.data.model_copy(update={
         "load_start": str(w.train_start - margin), "train_start": str(w.train_start),
-        "val_start": str(w.val_start), "test_start": str(val_end if embargo_bars == 0 else w.test_start),
+        "val_start": str(w.val_start), "test_start": str(w.test_start),
         "test_end": str(w.test_end),
     })
     return base.model_copy(update={"data": data, "seed": seed, "name": f"{base.name}-fold{w.fold}-seed{seed}"})
@@ -149,11 +148,11 @@ def run_walkforward(wf: WalkForwardConfig, base: RunConfig, out: Path, *, log: L
             if windows is None:
                 prep0 = prepare_data(fold_run_config(base, FoldWindow(0, pd.Timestamp(wf.data_start, tz="UTC"),
                     pd.Timestamp(wf.start, tz="UTC") - bar * wf.val_bars, pd.Timestamp(wf.start, tz="UTC"),
-                    pd.Timestamp(wf.end, tz="UTC")), wf.seeds[0], bar, 0))
+                    pd.Timestamp(wf.end, tz="UTC")), wf.seeds[0], bar))
                 bar = pd.Timedelta(seconds=prep0.info["bar_interval_s"])
                 windows = fold_windows(wf, bar)
             w = windows[k]
-            cfg = fold_run_config(base, w, seed, bar, wf.embargo_bars)
+            cfg = fold_run_config(base, w, seed, bar)
             run_dir = out / f"fold{k}" / f"seed{seed}"
             log(f"fold {k + 1}/{wf.folds}, seed {seed}: train {w.train_start:%Y-%m-%d}..{w.val_start:%Y-%m-%d}, "
                 f"test {w.test_start:%Y-%m-%d}..{w.test_end:%Y-%m-%d}")
