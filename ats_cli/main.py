@@ -80,13 +80,31 @@ def train(
 @app.command("evaluate")
 def evaluate_cmd(
     run: Path = typer.Option(None, "--run", help="run directory written by `ats train` (all strategies)"),
-    policy: str = typer.Option("all", "--policy", help="all: the run's test report; v1: V1 alone on --data/--period"),
-    data: Path = typer.Option(None, "--data", help="with --policy v1: candles parquet (default: bundled BTCUSDT 1h)"),
-    period: str = typer.Option(None, "--period", help="with --policy v1: START:END (UTC, END exclusive)"),
-    out: Path = typer.Option(None, "--out", help="with --policy v1: report folder (metrics.json, report.html)"),
+    bundle: Path = typer.Option(None, "--bundle", help="an existing policy bundle, evaluated on --data/--period"),
+    policy: str = typer.Option("all", "--policy", help="all: every strategy; v1: V1 alone on --data/--period"),
+    data: Path = typer.Option(None, "--data", help="with --bundle or --policy v1: candles parquet (default: bundled "
+                              "BTCUSDT 1h; <SYMBOL>-funding.parquet next to it is joined if present)"),
+    period: str = typer.Option(None, "--period", help="with --bundle or --policy v1: START:END (UTC, END exclusive)"),
+    out: Path = typer.Option(None, "--out", help="with --bundle or --policy v1: report folder (metrics.json, report.html)"),
     config: Path = typer.Option(None, "--config", help="with --policy v1: run config YAML (env and v1 sections)"),
+    seed: int = typer.Option(0, "--seed", help="with --bundle: seed of the random baseline"),
 ) -> None:
-    """Evaluate a run's bundle on its test period (PPO, V1, buy-and-hold, flat), or V1 alone on any period."""
+    """Evaluate PPO, V1, buy-and-hold, flat and random: a run's test period (--run), an existing bundle on any
+    period of any candle file (--bundle --data --period --out), or V1 alone (--policy v1)."""
+    if bundle is not None and policy == "all":
+        from training.evaluate import evaluate_bundle
+        from training.v1_eval import load_v1_candles, parse_period
+
+        if period is None or out is None:
+            raise typer.BadParameter("--bundle needs --period START:END and --out DIR (and optionally --data)")
+        try:
+            start, end = parse_period(period)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        evaluate_bundle(bundle, load_v1_candles(data), start, end, out, data_label=str(data or "bundled BTCUSDT 1h"),
+                        random_seed=seed, log=_log)
+        console.print(f"report: {out / 'report.html'}\nmetrics: {out / 'metrics.json'}")
+        return
     if policy == "v1":
         from training.v1_eval import evaluate_v1, load_v1_candles, parse_period, write_v1_report
 
@@ -125,7 +143,7 @@ def evaluate_cmd(
     if policy != "all":
         raise typer.BadParameter(f"--policy must be all or v1, got {policy!r}")
     if run is None:
-        raise typer.BadParameter("--run is required (or use --policy v1 --data ... --period ...)")
+        raise typer.BadParameter("--run is required (or --bundle ... --period ... --out ..., or --policy v1 ...)")
     from training.evaluate import evaluate_run
 
     evaluate_run(run, log=_log)

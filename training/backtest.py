@@ -37,6 +37,7 @@ class BacktestResult:
     turnover_usdt: float
     n_skipped_min_notional: int
     terminated: bool
+    position_notional_usdt: np.ndarray | None = None  # float64 (n_steps,), |notional| at each bar close, USDT
 
     @property
     def bar_open_times(self) -> pd.DatetimeIndex:
@@ -78,6 +79,7 @@ def run_backtest(
     equity = [info["equity_usdt"]]
     times = [window.index[0]]
     sides: list[int] = []
+    notionals: list[float] = []
     trades: list[ClosedTrade] = []
     terminated = truncated = False
     while not (terminated or truncated):
@@ -94,6 +96,7 @@ def run_backtest(
         equity.append(info["equity_usdt"])
         times.append(window.index[env.current_index])
         sides.append(int(info["position_side"]))
+        notionals.append(abs(float(info["position_notional_usdt"])))
         trades.extend(info["closed_trades"])
     return BacktestResult(
         name=policy.name,
@@ -107,4 +110,5 @@ def run_backtest(
         turnover_usdt=float(info["turnover_usdt"]),
         n_skipped_min_notional=int(info.get("n_skipped_min_notional", 0)),
         terminated=bool(terminated),
+        position_notional_usdt=np.asarray(notionals, dtype=np.float64),
     )

@@ -39,24 +39,32 @@ class DataConfig(StrictConfig):
     load_start: str = Field(..., description="first open time loaded (UTC); includes the feature warm-up")
     train_start: str = Field(..., description="first open time of the training period (UTC)")
     val_start: str = Field(..., description="end of training = first open time of validation (UTC)")
-    test_start: str = Field(..., description="end of validation = first open time of test (UTC)")
+    val_end: str | None = Field(
+        None,
+        description="end (exclusive) of validation (UTC); None = test_start. Bars in [val_end, test_start) are an "
+        "embargo gap: neither trained on nor used for selection, and not traded",
+    )
+    test_start: str = Field(..., description="first open time of test (UTC); end of validation unless val_end is set")
     test_end: str = Field(..., description="end (exclusive) of the test period (UTC)")
 
     @model_validator(mode="after")
     def _ordered(self) -> "DataConfig":
-        times = [pd.Timestamp(getattr(self, k), tz="UTC") for k in self.period_keys()]
+        keys = tuple(k for k in self.period_keys() if getattr(self, k) is not None)
+        times = [pd.Timestamp(getattr(self, k), tz="UTC") for k in keys]
         if any(b <= a for a, b in zip(times, times[1:])):
-            raise ValueError(f"data periods must be strictly increasing: {dict(zip(self.period_keys(), times))}")
+            raise ValueError(f"data periods must be strictly increasing: {dict(zip(keys, times))}")
         if times[-1] > pd.Timestamp("2025-07-01", tz="UTC"):
             raise ValueError("test_end is after 2025-07-01: later data is withheld for evaluation")
         return self
 
     @staticmethod
     def period_keys() -> tuple[str, ...]:
-        return ("load_start", "train_start", "val_start", "test_start", "test_end")
+        return ("load_start", "train_start", "val_start", "val_end", "test_start", "test_end")
 
     def ts(self, key: str) -> pd.Timestamp:
-        """Return the named boundary as a UTC timestamp."""
+        """Return the named boundary as a UTC timestamp (``val_end`` defaults to ``test_start``)."""
+        if key == "val_end" and self.val_end is None:
+            key = "test_start"
         return pd.Timestamp(getattr(self, key), tz="UTC")
 
 

@@ -1,32 +1,126 @@
-"""``ats evaluate``: trade the held-out test period once with PPO, V1, buy-and-hold and flat.
+"""``ats evaluate``: trade a span once with PPO (a bundle), V1, buy-and-hold, flat and a seeded random policy.
+
+Two entry points share everything below them:
+
+* :func:`evaluate_run` trades the held-out test period of a run written by ``ats train``;
+* :func:`evaluate_bundle` trades any period of any candle file a user supplies (their own held-out
+  data) with an existing bundle.
 
 The PPO policy is the exported bundle (loaded the way serving loads it, weights without pickle).
-The regime and signal outputs of the test period come from the bundle's models, which were
-fitted on the training period only; nothing in the test period was used for fitting or selection.
+The regime and signal outputs come from the bundle's models, which were fitted on the bundle's
+training period only; features are recomputed causally from the candles, so the first evaluated
+bar needs the feature warm-up (and the TCN window) of history before it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from agents.baselines import BuyAndHoldPolicy, FlatPolicy
+from agents.baselines import BuyAndHoldPolicy, FlatPolicy, RandomPolicy
 from agents.bundle import PolicyBundle, load_bundle
 from agents.observation import model_outputs
 from agents.policy import FrozenPPOPolicy
-from envs.trading_env import EnvData
+from envs.actions import decode_action
+from envs.trading_env import EnvConfig, EnvData
+from fallback.config import V1Config
 from fallback.v1 import V1Policy
+from market.errors import DataValidationError
+from market.features import atr as atr_indicator
+from market.features import compute_features, drop_warmup
 from training import metrics as M
 from training.backtest import BacktestResult, run_backtest
 from training.config import RunConfig, load_config
 from training.pipeline import Log, PreparedData, prepare_data, summarize_backtest
 from training.report import write_report
 
-STRATEGIES = ("ppo", "v1", "buy_and_hold", "flat")
+STRATEGIES = ("ppo", "v1", "buy_and_hold", "flat", "random")
 COST_MULTIPLIERS = (0.0, 1.0, 2.0)
+COST_SENSITIVE = ("ppo", "v1")
+
+
+@dataclass(frozen=True)
+class EvalSpan:
+    """Rows ``[start_row, end_row)`` of features/candles/ATR aligned row for row (warm-up already dropped).
+
+    Rows before ``start_row`` are closed history: the HMM filter runs through them, the TCN reads its
+    window from them and V1 reads ``history_bars`` of candles from them.
+    """
+
+    candles: pd.DataFrame
+    features: pd.DataFrame
+    atr: np.ndarray  # float64 (n_rows,), price units
+    start_row: int
+    end_row: int
+
+    @classmethod
+    def test_period(cls, prep: PreparedData) -> EvalSpan:
+        """The test period of a prepared run."""
+        return cls(prep.candles, prep.features, prep.atr, prep.test_row, prep.n_rows)
+
+    @property
+    def open_times(self) -> pd.DatetimeIndex:
+        return pd.DatetimeIndex(self.features.index[self.start_row : self.end_row])
+
+
+def span_env_data(bundle: PolicyBundle, span: EvalSpan) -> EnvData:
+    """Env data of the span: candles, the bundle-normalised market observation and ATR.
+
+    Raises
+    ------
+    ValueError
+        If the observation columns differ from the bundle's schema, or from
+        :func:`agents.observation.model_outputs` (history too short, non-finite output).
+    """
+    a, b = span.start_row, span.end_row
+    outputs = model_outputs(span.features, bundle.models, start=a, end=b)
+    market = pd.concat([span.features.iloc[a:b], outputs], axis=1)
+    if list(market.columns) != bundle.market_obs_names:
+        raise ValueError("observation columns differ from the bundle's schema")
+    normed = pd.DataFrame(bundle.normalizer(market.to_numpy(np.float32)), index=market.index, columns=market.columns)
+    return EnvData.from_frames(span.candles.iloc[a:b], normed, span.atr[a:b])
+
+
+def span_backtests(
+    bundle: PolicyBundle,
+    span: EvalSpan,
+    env_cfg: EnvConfig,
+    v1_cfg: V1Config,
+    *,
+    cost_multiplier: float = 1.0,
+    strategies: tuple[str, ...] = STRATEGIES,
+    random_seed: int = 0,
+) -> dict[str, BacktestResult]:
+    """Backtest ``strategies`` on the span through the same env and costs.
+
+    ``cost_multiplier`` scales fees and slippage (cost sensitivity: 0, 1, 2); ``random_seed`` seeds the
+    random policy (uniform actions decoded like the agent's).
+
+    Raises
+    ------
+    KeyError
+        If a strategy name is not one of :data:`STRATEGIES`.
+    """
+    data = span_env_data(bundle, span)
+    candles = span.candles.iloc[: span.end_row]  # history before the span is visible to V1 (closed candles)
+    cfg = env_cfg.model_copy(update={"costs": env_cfg.costs.model_copy(update={"cost_multiplier": cost_multiplier})})
+    factories: dict[str, Callable[[], object]] = {
+        "ppo": lambda: FrozenPPOPolicy(bundle),
+        "v1": lambda: V1Policy(v1_cfg),
+        "buy_and_hold": BuyAndHoldPolicy,
+        "flat": FlatPolicy,
+        "random": lambda: RandomPolicy(lambda x: decode_action(x, env_cfg.actions), seed=random_seed),
+    }
+    return {
+        name: run_backtest(factories[name](), data, candles, cfg, offset=span.start_row,
+                           history_bars=v1_cfg.history_bars)
+        for name in strategies
+    }
 
 
 def test_period_backtests(
@@ -36,110 +130,129 @@ def test_period_backtests(
     *,
     cost_multiplier: float = 1.0,
     strategies: tuple[str, ...] = STRATEGIES,
+    random_seed: int = 0,
 ) -> dict[str, BacktestResult]:
-    """Backtest ``strategies`` (PPO = the bundle, V1, buy-and-hold, flat) on the test period.
-
-    All of them trade through the same env and costs; ``cost_multiplier`` scales fees and slippage
-    (cost sensitivity: 0, 1, 2).
-    """
-    a, b = prep.test_row, prep.n_rows
-    outputs = model_outputs(prep.features, bundle.models, start=a, end=b)
-    market = pd.concat([prep.features.iloc[a:b], outputs], axis=1)
-    if list(market.columns) != bundle.market_obs_names:
-        raise ValueError("test observation columns differ from the bundle's schema")
-    normed = pd.DataFrame(bundle.normalizer(market.to_numpy(np.float32)), index=market.index, columns=market.columns)
-    data = EnvData.from_frames(prep.candles.iloc[a:b], normed, prep.atr[a:b])
-    candles = prep.candles.iloc[:b]  # history before the test period is visible to V1 (closed candles)
-    env_cfg = cfg.env.model_copy(update={"costs": cfg.env.costs.model_copy(update={"cost_multiplier": cost_multiplier})})
-    factories = {
-        "ppo": lambda: FrozenPPOPolicy(bundle),
-        "v1": lambda: V1Policy(cfg.v1),
-        "buy_and_hold": BuyAndHoldPolicy,
-        "flat": FlatPolicy,
-    }
-    return {
-        name: run_backtest(factories[name](), data, candles, env_cfg, offset=a, history_bars=cfg.v1.history_bars)
-        for name in strategies
-    }
+    """:func:`span_backtests` on the test period of a prepared run, with the run's env and V1 config."""
+    return span_backtests(bundle, EvalSpan.test_period(prep), cfg.env, cfg.v1, cost_multiplier=cost_multiplier,
+                          strategies=strategies, random_seed=random_seed)
 
 
-def _sides(res: BacktestResult) -> pd.Series:
-    """Position side held during each bar of a backtest, indexed by bar open time."""
-    return pd.Series(res.position_side, index=res.equity.index[1:])
-
-
-def test_period_regimes(bundle: PolicyBundle, prep: PreparedData) -> np.ndarray:
-    """Most likely forward-filtered HMM state (0 calmest .. K-1 most volatile) at each test bar, int (n,)."""
-    outputs = model_outputs(prep.features, bundle.models, start=prep.test_row, end=prep.n_rows)
+def span_regimes(bundle: PolicyBundle, span: EvalSpan) -> np.ndarray:
+    """Most likely forward-filtered HMM state (0 calmest .. K-1 most volatile) at each span bar, int (n,)."""
+    outputs = model_outputs(span.features, bundle.models, start=span.start_row, end=span.end_row)
     probs = outputs[[f"regime_p{k}" for k in range(bundle.models.n_states)]].to_numpy()
     return probs.argmax(axis=1)
 
 
+def test_period_regimes(bundle: PolicyBundle, prep: PreparedData) -> np.ndarray:
+    """:func:`span_regimes` of the test period."""
+    return span_regimes(bundle, EvalSpan.test_period(prep))
+
+
 def regime_slices(res: BacktestResult, regimes: np.ndarray, bar_s: float) -> dict[str, dict[str, float]]:
-    """Return-based metrics of one backtest, broken down by the regime at decision time.
+    """Metrics of one backtest broken down by the regime at decision time.
 
     The return of bar t+1 belongs to the regime of bar t (where the decision that produced it was
-    taken). Per regime: ``n_bars``, ``share_of_bars``, compounded ``total_return`` over those bars,
-    annualised ``sortino`` and ``sharpe`` of those bar returns, and ``exposure``.
+    taken); so do the bar's position and notional. Per regime: ``n_bars``, ``share_of_bars``,
+    compounded ``total_return`` over those bars, annualised ``sortino`` and ``sharpe`` of those bar
+    returns, ``max_drawdown`` of the equity compounded over those bars only, ``exposure``,
+    ``avg_leverage`` (|notional| / equity while a position is open) and, for trades *entered*
+    (decided) in the regime, ``n_trades``, ``win_rate`` and ``profit_factor``.
+
+    Parameters
+    ----------
+    res : BacktestResult
+        One strategy's backtest (equity length n+1).
+    regimes : numpy.ndarray of int, shape (>= n,)
+        Regime index at each decision bar.
+    bar_s : float
+        Bar length, seconds (annualisation).
     """
     eq = res.equity.to_numpy(np.float64)
     r = np.divide(eq[1:], eq[:-1], out=np.ones(len(eq) - 1), where=eq[:-1] > 0) - 1.0  # 0 after a ruin
-    decided = regimes[: len(r)]
+    n = len(r)
+    decided = np.asarray(regimes)[:n]
     p = M.bars_per_year(bar_s)
+    notional = res.position_notional_usdt if res.position_notional_usdt is not None else np.zeros(n)
+    regime_at = pd.Series(decided, index=res.equity.index[:n])
     out = {}
-    for k in np.unique(regimes):
+    for k in np.unique(decided):
         mask = decided == k
         rk = r[mask]
+        trades_k = [t for t in res.trades if _entry_regime(t, regime_at) == k]
         out[f"regime_{int(k)}"] = {
             "n_bars": float(mask.sum()),
             "share_of_bars": float(mask.mean()),
-            "total_return": float(np.prod(1.0 + rk) - 1.0) if rk.size else float("nan"),
+            "total_return": float(np.prod(1.0 + rk) - 1.0),
             "sortino": M.sortino_ratio(rk, p) if rk.size > 1 else float("nan"),
             "sharpe": M.sharpe_ratio(rk, p) if rk.size > 1 else float("nan"),
-            "exposure": float((res.position_side[: len(r)][mask] != 0).mean()) if rk.size else float("nan"),
+            "max_drawdown": M.max_drawdown(np.concatenate([[1.0], np.cumprod(1.0 + rk)])),
+            "exposure": float((res.position_side[:n][mask] != 0).mean()),
+            "avg_leverage": M.avg_leverage(notional[:n][mask], eq[1:][mask]),
+            "n_trades": float(len(trades_k)),
+            "win_rate": M.win_rate(trades_k),
+            "profit_factor": M.profit_factor(trades_k),
         }
     return out
 
 
-def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """Backtest the four strategies on the test period; write ``report/metrics.json`` and ``report/report.html``."""
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    bundle = load_bundle(run_dir / "bundle", device=device)
-    prep = prepare_data(cfg, log)
-    bar_s = prep.info["bar_interval_s"]
-    results = test_period_backtests(cfg, bundle, prep)
-    metrics: dict[str, dict[str, float]] = {}
-    for name, res in results.items():
-        metrics[name] = summarize_backtest(res, bar_s)
-        log(f"test {name:>12}: return {metrics[name]['total_return']:+.2%}, Sortino {metrics[name]['sortino']:.2f}, "
-            f"max DD {metrics[name]['max_drawdown']:.2%}, trades {metrics[name]['n_trades']:.0f}")
-    out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({k: M.to_jsonable(v) for k, v in metrics.items()}, indent=1, allow_nan=False))
-    costs = cfg.env.costs
-    notes = [
-        f"Symbol {cfg.data.symbol}, bar interval {bar_s / 3600:g} h; test period {prep.info['test'][0]} to "
-        f"{prep.info['test'][1]} ({prep.info['test'][2]} bars), never used for fitting or selection.",
-        f"Training {prep.info['train'][0]} to {prep.info['train'][1]}; validation (PPO checkpoint choice) "
-        f"{prep.info['validation'][0]} to {prep.info['validation'][1]}.",
-        f"Costs for every strategy: taker fee {costs.taker_fee_bps} bps per fill, slippage {costs.slippage_bps} bps + "
-        f"{costs.slippage_atr_coef} x ATR%, 8-hourly funding from the exchange history "
-        f"(fallback rate {costs.funding_fallback_rate} where missing), isolated-margin liquidation.",
-        f"Initial equity {cfg.env.initial_equity_usdt:,.0f} USDT; decisions at bar close, fills at the next open; "
-        "an open position at the end is marked to market.",
-        f"Bundle: {bundle.path} (schema {bundle.manifest['observation']['schema_hash'][:12]}).",
-    ]
-    regimes = test_period_regimes(bundle, prep)
-    slices = {name: regime_slices(res, regimes, bar_s) for name, res in results.items()}
-    sensitivity = {}
+def _entry_regime(trade, regime_at: pd.Series) -> int | None:
+    """Regime of the decision bar that opened ``trade`` (the bar before its entry fill), or None."""
+    entry = pd.Timestamp(int(trade.entry_time_ns), tz="UTC")
+    pos = regime_at.index.searchsorted(entry, side="left") - 1
+    return int(regime_at.iloc[pos]) if 0 <= pos < len(regime_at) else None
+
+
+def signed_leverage(res: BacktestResult) -> pd.Series:
+    """Effective leverage held during each bar, signed by side (short < 0), indexed by bar open time."""
+    eq = res.equity.to_numpy(np.float64)[1:]
+    notional = res.position_notional_usdt if res.position_notional_usdt is not None else np.abs(res.position_side)
+    lev = np.divide(notional, eq, out=np.zeros(len(eq)), where=eq > 0) * np.sign(res.position_side)
+    return pd.Series(lev, index=res.equity.index[1:])
+
+
+def cost_sensitivity(
+    base: dict[str, BacktestResult], rerun: Callable[[float], dict[str, BacktestResult]], bar_s: float
+) -> dict[str, dict[str, float]]:
+    """PPO and V1 re-traded with fees and slippage x 0, x 1 and x 2 (``rerun(multiplier)``; x 1 is ``base``)."""
+    out = {}
     for mult in COST_MULTIPLIERS:
-        runs = results if mult == 1.0 else test_period_backtests(cfg, bundle, prep, cost_multiplier=mult,
-                                                                 strategies=("ppo", "v1"))
-        for name in ("ppo", "v1"):
+        runs = base if mult == 1.0 else rerun(mult)
+        for name in COST_SENSITIVE:
+            if name not in runs:
+                continue
             m = summarize_backtest(runs[name], bar_s)
-            sensitivity[f"{name} costs x{mult:g}"] = {k: m[k] for k in ("total_return", "sortino", "fees_paid",
-                                                                          "slippage_paid", "n_trades")}
+            out[f"{name} costs x{mult:g}"] = {k: m[k] for k in ("total_return", "sortino", "max_drawdown",
+                                                                 "fees_paid", "slippage_paid", "n_trades")}
+    return out
+
+
+def write_evaluation(
+    out: Path,
+    *,
+    title: str,
+    results: dict[str, BacktestResult],
+    regimes: pd.Series,
+    sensitivity: dict[str, dict[str, float]],
+    bar_s: float,
+    notes: list[str],
+    log: Log = print,
+) -> dict[str, dict[str, float]]:
+    """Write ``metrics.json`` (metrics, regime slices, cost sensitivity), the two side files and ``report.html``.
+
+    ``regimes`` is the regime index at each decision bar, indexed by bar open time.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {name: summarize_backtest(res, bar_s) for name, res in results.items()}
+    for name, m in metrics.items():
+        log(f"{name:>12}: return {m['total_return']:+.2%}, Sortino {m['sortino']:.2f}, max DD {m['max_drawdown']:.2%}, "
+            f"trades {m['n_trades']:.0f}, avg leverage {m['avg_leverage']:.2f}")
+    slices = {name: regime_slices(res, regimes.to_numpy(), bar_s) for name, res in results.items()}
+    (out / "metrics.json").write_text(json.dumps(
+        {**{k: M.to_jsonable(v) for k, v in metrics.items()},
+         "regime_slices": M.to_jsonable(slices), "cost_sensitivity": M.to_jsonable(sensitivity)},
+        indent=1, allow_nan=False))
     (out / "regime_slices.json").write_text(json.dumps(M.to_jsonable(slices), indent=1, allow_nan=False))
     (out / "cost_sensitivity.json").write_text(json.dumps(M.to_jsonable(sensitivity), indent=1, allow_nan=False))
     extra = {"costs paid (USDT)": pd.DataFrame(
@@ -149,8 +262,145 @@ def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dic
     extra["cost sensitivity (fees and slippage x 0, 1, 2)"] = pd.DataFrame(sensitivity).round(4)
     for name, table in slices.items():
         extra[f"{name} by regime at decision time (0 = calmest)"] = pd.DataFrame(table).round(4)
-    write_report(out, title=f"ats test-period report: {cfg.name}",
-                 equity_curves={n: r.equity for n, r in results.items()}, metrics=metrics, notes=notes,
-                 extra_tables=extra, positions={n: _sides(r) for n, r in results.items() if n != "flat"},
-                 regimes=pd.Series(regimes, index=prep.features.index[prep.test_row :]))
+    write_report(out, title=title, equity_curves={n: r.equity for n, r in results.items()}, metrics=metrics,
+                 notes=notes, extra_tables=extra,
+                 positions={n: signed_leverage(r) for n, r in results.items() if n != "flat"}, regimes=regimes)
     return metrics
+
+
+def _cost_note(env_cfg: EnvConfig, funding_source: str) -> str:
+    c = env_cfg.costs
+    return (f"Costs for every strategy: taker fee {c.taker_fee_bps} bps per fill, slippage {c.slippage_bps} bps + "
+            f"{c.slippage_atr_coef} x ATR%, 8-hourly funding {funding_source} (fallback rate "
+            f"{c.funding_fallback_rate} per settlement where missing), isolated-margin liquidation; decisions at bar "
+            "close, fills at the next open; an open position at the end is marked to market.")
+
+
+def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Backtest every strategy on a run's test period; write ``run_dir/report/{metrics.json,report.html}``."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    bundle = load_bundle(run_dir / "bundle", device=device)
+    prep = prepare_data(cfg, log)
+    bar_s = prep.info["bar_interval_s"]
+    span = EvalSpan.test_period(prep)
+    results = span_backtests(bundle, span, cfg.env, cfg.v1, random_seed=cfg.seed)
+    sensitivity = cost_sensitivity(
+        results, lambda m: span_backtests(bundle, span, cfg.env, cfg.v1, cost_multiplier=m, strategies=COST_SENSITIVE),
+        bar_s)
+    notes = [
+        (f"Symbol {cfg.data.symbol}, bar interval {bar_s / 3600:g} h; test period {prep.info['test'][0]} to "
+         f"{prep.info['test'][1]} ({prep.info['test'][2]} bars), never used for fitting or selection."),
+        (f"Training {prep.info['train'][0]} to {prep.info['train'][1]}; validation (PPO checkpoint choice) "
+         f"{prep.info['validation'][0]} to {prep.info['validation'][1]}."),
+        _cost_note(cfg.env, "from the exchange history"),
+        f"Initial equity {cfg.env.initial_equity_usdt:,.0f} USDT; random policy seed {cfg.seed}.",
+        f"Bundle: {bundle.path} (schema {bundle.manifest['observation']['schema_hash'][:12]}).",
+    ]
+    regimes = pd.Series(span_regimes(bundle, span), index=span.open_times)
+    return write_evaluation(run_dir / "report", title=f"ats test-period report: {cfg.name}", results=results,
+                            regimes=regimes, sensitivity=sensitivity, bar_s=bar_s, notes=notes, log=log)
+
+
+def bundle_span(bundle: PolicyBundle, candles: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp) -> EvalSpan:
+    """Features, ATR and the row span ``[start, end)`` of user candles for ``bundle``'s feature schema.
+
+    Features are computed from all candles before ``end`` (causal), the warm-up rows are dropped
+    explicitly, and the span must leave the TCN window of history before its first bar.
+
+    Raises
+    ------
+    market.errors.DataValidationError
+        If the candles do not cover ``[start, end)``, or there is not enough history before ``start``
+        for the feature warm-up and the TCN window (the message says how many bars are needed).
+    """
+    hist = candles.loc[candles.index < end]
+    if hist.empty or hist.index[-1] < start:
+        raise DataValidationError("period_in_data", [f"{start}..{end}"], source="--data candles",
+                                  detail="the candles hold no bar in the evaluated period")
+    feats_all = compute_features(hist, bundle.feature_config)
+    feats, n_warm = drop_warmup(feats_all)
+    pos = hist.index.get_indexer(feats.index)
+    a = int(feats.index.searchsorted(start))
+    need = bundle.models.tcn.window_bars - 1
+    if len(feats) == 0 or a < need or a >= len(feats):
+        first = str(hist.index[0])
+        raise DataValidationError(
+            "history_before_period", [str(start)], source="--data candles",
+            detail=(f"candles start {first}; the features need {n_warm} warm-up bars and the TCN {need} more bars "
+                    "of history before the first evaluated bar"),
+        )
+    atr = atr_indicator(hist, bundle.feature_config.atr_period_bars)[pos]
+    return EvalSpan(hist.iloc[pos], feats, atr, a, len(feats))
+
+
+def sample_note(data_info: dict, first: pd.Timestamp, last: pd.Timestamp) -> str:
+    """Say whether bars ``[first, last]`` overlap the bundle's training or validation bars (from its manifest)."""
+    try:
+        fit_start, fit_end = pd.Timestamp(data_info["train"][0]), pd.Timestamp(data_info["validation"][1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return "The bundle's manifest does not record its training span: whether this period is out of sample is unknown."
+    span = f"the bundle was fitted and selected on bars {fit_start} .. {fit_end}"
+    if last < fit_start or first > fit_end:
+        return f"Out of sample: {span}, which this period does not overlap."
+    return f"NOT out of sample: {span}, which this period overlaps; read these numbers as in-sample."
+
+
+def v1_config_of(bundle: PolicyBundle) -> V1Config:
+    """The V1 config stored in the bundle's manifest (the one it was evaluated against); defaults if absent."""
+    raw = bundle.manifest.get("config", {}).get("v1")
+    return V1Config() if raw is None else V1Config.model_validate(raw)
+
+
+def evaluate_bundle(
+    bundle_dir: Path,
+    candles: pd.DataFrame,
+    start: pd.Timestamp,
+    end: pd.Timestamp,
+    out: Path,
+    *,
+    data_label: str,
+    random_seed: int = 0,
+    log: Log = print,
+    device: str = "cpu",
+) -> dict[str, dict[str, float]]:
+    """Trade an existing bundle (and V1, buy-and-hold, flat, random) on bars opening in ``[start, end)``.
+
+    Parameters
+    ----------
+    bundle_dir : Path
+        Policy bundle (hashes and observation schema are verified on load).
+    candles : pandas.DataFrame
+        Validated candles (:func:`market.candles.load_candles`), optionally with ``funding_rate``;
+        must include enough history before ``start`` for the bundle's feature warm-up.
+    start, end : pandas.Timestamp
+        UTC bounds of the evaluated decision bars, ``end`` exclusive.
+    out : Path
+        Report folder: ``metrics.json``, ``regime_slices.json``, ``cost_sensitivity.json``, ``report.html``.
+
+    Raises
+    ------
+    agents.bundle.BundleError (or subclasses), market.errors.DataValidationError
+        A bundle that fails its checks; candles that do not cover the period with its history.
+    """
+    bundle = load_bundle(Path(bundle_dir), device=device)
+    span = bundle_span(bundle, candles, start, end)
+    env_cfg, v1_cfg = bundle.env_config, v1_config_of(bundle)
+    bar_s = float((span.features.index[1] - span.features.index[0]).total_seconds())
+    results = span_backtests(bundle, span, env_cfg, v1_cfg, random_seed=random_seed)
+    sensitivity = cost_sensitivity(
+        results, lambda m: span_backtests(bundle, span, env_cfg, v1_cfg, cost_multiplier=m, strategies=COST_SENSITIVE),
+        bar_s)
+    times = span.open_times
+    funding = "from the file's funding history" if "funding_rate" in candles.columns else "at the fallback rate (no history given)"
+    notes = [
+        (f"Bundle {bundle.path} (schema {bundle.manifest['observation']['schema_hash'][:12]}) evaluated on "
+         f"{data_label}: bars opening {times[0]} to {times[-1]} ({len(times)} bars), bar interval {bar_s / 3600:g} h."),
+        sample_note(bundle.manifest.get("data", {}), times[0], times[-1]),
+        _cost_note(env_cfg, funding),
+        (f"Initial equity {env_cfg.initial_equity_usdt:,.0f} USDT; random policy seed {random_seed}; V1 with the "
+         "bundle's recorded V1 config."),
+    ]
+    regimes = pd.Series(span_regimes(bundle, span), index=times)
+    return write_evaluation(out, title=f"ats evaluate: {Path(bundle_dir).name} on {times[0]:%Y-%m-%d}..{end:%Y-%m-%d}",
+                            results=results, regimes=regimes, sensitivity=sensitivity, bar_s=bar_s, notes=notes, log=log)

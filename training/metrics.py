@@ -38,6 +38,7 @@ __all__ = [
     "TradeLike",
     "annualized_return",
     "avg_holding_bars",
+    "avg_leverage",
     "bars_per_year",
     "block_bootstrap_ci",
     "calmar_ratio",
@@ -82,6 +83,7 @@ METRIC_DESCRIPTIONS: dict[str, str] = {
     "n_trades": "number of closed trades",
     "avg_holding_bars": "mean bars held per closed trade",
     "exposure": "share of bars with an open position",
+    "avg_leverage": "mean effective leverage while a position is open: |position notional| / equity at each bar close",
     "n_bars": "number of bars evaluated",
 }
 """One-line definition of each key returned by :func:`summarize` (used by the HTML report)."""
@@ -565,6 +567,45 @@ def exposure(position_side: np.ndarray) -> float:
     return float(np.mean(side != 0))
 
 
+def avg_leverage(position_notional_usdt: np.ndarray, equity_at_close: np.ndarray) -> float:
+    """Return the mean effective leverage over the bars that hold a position.
+
+    Effective (account) leverage at a bar close is ``|position notional| / equity``, the ratio
+    exchanges and risk reports quote; it differs from the leverage chosen at entry once prices move
+    or when only part of the equity is committed as margin.
+
+    Parameters
+    ----------
+    position_notional_usdt : array_like, shape (T,)
+        Notional of the position held at each bar close, USDT (sign ignored; 0 when flat).
+    equity_at_close : array_like, shape (T,)
+        Marked-to-market equity at the same bar closes, USDT, >= 0.
+
+    Returns
+    -------
+    float
+        Mean of ``|notional| / equity`` over bars with a non-zero notional and positive equity;
+        ``nan`` when there is no such bar.
+
+    Raises
+    ------
+    MetricInputError
+        If the arrays are not 1-D, differ in length, or hold a non-finite value.
+    """
+    notional = _as_1d_float(position_notional_usdt, "position_notional_usdt")
+    eq = _as_1d_float(equity_at_close, "equity_at_close")
+    _check_finite(notional, "position_notional_usdt")
+    _check_finite(eq, "equity_at_close")
+    if notional.size != eq.size:
+        raise MetricInputError(
+            f"position_notional_usdt ({notional.size}) and equity_at_close ({eq.size}) must have the same length"
+        )
+    held = (notional != 0) & (eq > 0)
+    if not held.any():
+        return math.nan
+    return float(np.mean(np.abs(notional[held]) / eq[held]))
+
+
 def turnover_ratio(turnover_usdt: float, mean_equity: float) -> float:
     """Return turnover as traded notional divided by mean equity.
 
@@ -607,6 +648,7 @@ def summarize(
     slippage_paid_usdt: float,
     turnover_usdt: float,
     position_side: np.ndarray | None = None,
+    position_notional_usdt: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Return every evaluation metric of one backtest as a flat dict of floats.
 
@@ -628,13 +670,15 @@ def summarize(
         Cumulative traded notional, USDT, >= 0.
     position_side : array_like, shape (T,), optional
         Side held during each bar (-1/0/+1); without it ``exposure`` is ``nan``.
+    position_notional_usdt : array_like, shape (T,), optional
+        Position notional at each bar close, USDT; without it ``avg_leverage`` is ``nan``.
 
     Returns
     -------
     dict[str, float]
         Keys (definitions in :data:`METRIC_DESCRIPTIONS`): ``total_return, annualized_return, sortino,
         sharpe, calmar, max_drawdown, max_drawdown_duration_bars, profit_factor, win_rate, turnover,
-        fees_paid, funding_paid, slippage_paid, n_trades, avg_holding_bars, exposure, n_bars``.
+        fees_paid, funding_paid, slippage_paid, n_trades, avg_holding_bars, exposure, avg_leverage, n_bars``.
         Returns, drawdown, win rate and exposure are fractions; costs are USDT; ``sortino`` uses
         MAR 0. Values may be ``nan``/``inf`` as documented per metric; use :func:`to_jsonable`
         before writing JSON.
@@ -643,7 +687,8 @@ def summarize(
     ------
     MetricInputError
         On malformed equity (empty, non-finite, negative, not starting positive, or positive again
-        after a zero mark), costs or trades, or a ``position_side`` whose length is not T.
+        after a zero mark), costs or trades, or a ``position_side`` / ``position_notional_usdt``
+        whose length is not T.
 
     Notes
     -----
@@ -666,6 +711,15 @@ def summarize(
                 f"position_side must have one entry per bar ({n_bars} = len(equity) - 1), got {side.size}"
             )
         expo = exposure(side)
+    if position_notional_usdt is None:
+        lev = math.nan
+    else:
+        notional = _as_1d_float(position_notional_usdt, "position_notional_usdt")
+        if notional.size != n_bars:
+            raise MetricInputError(
+                f"position_notional_usdt must have one entry per bar ({n_bars} = len(equity) - 1), got {notional.size}"
+            )
+        lev = avg_leverage(notional, eq[1:])
     return {
         "total_return": total_return(eq),
         "annualized_return": annualized_return(eq, periods),
@@ -683,6 +737,7 @@ def summarize(
         "n_trades": float(len(trades)),
         "avg_holding_bars": avg_holding_bars(trades),
         "exposure": expo,
+        "avg_leverage": lev,
         "n_bars": float(n_bars),
     }
 

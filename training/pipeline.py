@@ -58,6 +58,12 @@ class PreparedData:
     val_row: int  # first validation row
     test_row: int  # first test row
     info: dict = field(default_factory=dict)
+    val_end_row: int | None = None  # end (exclusive) of validation; None = test_row (no embargo gap)
+
+    @property
+    def val_stop(self) -> int:
+        """End (exclusive) of the validation rows; rows ``[val_stop, test_row)`` are the embargo gap."""
+        return self.test_row if self.val_end_row is None else self.val_end_row
 
     @property
     def n_rows(self) -> int:
@@ -101,7 +107,8 @@ def prepare_data(cfg: RunConfig, log: Log = lambda s: None) -> PreparedData:
     idx = feats.index
     val_row = int(np.searchsorted(idx, d.ts("val_start")))
     test_row = int(np.searchsorted(idx, d.ts("test_start")))
-    if not 0 < val_row < test_row < len(idx):
+    val_end_row = int(np.searchsorted(idx, d.ts("val_end")))
+    if not 0 < val_row < val_end_row <= test_row < len(idx):
         raise DataValidationError("period_boundaries", [str(d.ts("val_start")), str(d.ts("test_start"))], source=str(candles_path))
     info = {
         "symbol": d.symbol,
@@ -115,7 +122,8 @@ def prepare_data(cfg: RunConfig, log: Log = lambda s: None) -> PreparedData:
         "warmup_rows_dropped": int(n_warm),
         "rows_before_train_start_dropped": int((~keep).sum()),
         "train": [str(idx[0]), str(idx[val_row - 1]), val_row],
-        "validation": [str(idx[val_row]), str(idx[test_row - 1]), test_row - val_row],
+        "validation": [str(idx[val_row]), str(idx[val_end_row - 1]), val_end_row - val_row],
+        "embargo_bars": test_row - val_end_row,
         "test": [str(idx[test_row]), str(idx[-1]), len(idx) - test_row],
         "bar_interval_s": float((idx[1] - idx[0]).total_seconds()),
     }
@@ -124,7 +132,7 @@ def prepare_data(cfg: RunConfig, log: Log = lambda s: None) -> PreparedData:
         f"{n_warm} warm-up rows dropped; train {info['train'][2]}, "
         f"validation {info['validation'][2]}, test {info['test'][2]} bars"
     )
-    return PreparedData(candles_kept, feats, atr_all[pos], labels_all[pos], val_row, test_row, info)
+    return PreparedData(candles_kept, feats, atr_all[pos], labels_all[pos], val_row, test_row, info, val_end_row)
 
 
 def purge_bars(cfg: RunConfig) -> int:
@@ -221,6 +229,7 @@ def summarize_backtest(res, bar_interval_s: float) -> dict[str, float]:
         slippage_paid_usdt=res.slippage_paid_usdt,
         turnover_usdt=res.turnover_usdt,
         position_side=res.position_side,
+        position_notional_usdt=res.position_notional_usdt,
     )
 
 
@@ -236,8 +245,8 @@ def train_run(cfg: RunConfig, run_dir: Path, *, log: Log = print, on_ppo_progres
     first = fold_starts(prep, cfg)[0]
     normalizer = ObsNormalizer.fit(market_obs.iloc[: prep.val_row - first].to_numpy(np.float32), cfg.ppo.obs_clip)
     train = env_data(prep, market_obs, normalizer, first, prep.val_row)
-    val = env_data(prep, market_obs, normalizer, prep.val_row, prep.test_row)
-    val_candles = prep.candles.iloc[prep.val_row : prep.test_row]
+    val = env_data(prep, market_obs, normalizer, prep.val_row, prep.val_stop)
+    val_candles = prep.candles.iloc[prep.val_row : prep.val_stop]
     bar_s = prep.info["bar_interval_s"]
 
     def validator(model) -> dict[str, float]:

@@ -180,7 +180,8 @@ def monthly_returns(equity_curves: Mapping[str, pd.Series]) -> pd.DataFrame:
 
 
 def _render_positions(positions: Mapping[str, pd.Series], regimes: pd.Series | None) -> bytes:
-    """One panel per strategy: the signed position (side) per bar, with the regime shaded behind it."""
+    """One panel per strategy: the signed effective leverage (notional / equity, short < 0; a side series
+    -1/0/+1 plots as leverage 1) per bar, with the regime shaded behind it."""
     fig = Figure(figsize=(11, 1.2 + 1.3 * len(positions)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(len(positions), 1, sharex=True))
@@ -193,15 +194,17 @@ def _render_positions(positions: Mapping[str, pd.Series], regimes: pd.Series | N
                 ax.fill_between(x, 0, 1, where=reg == k, step="post", transform=ax.get_xaxis_transform(),
                                 color=colours[k % len(colours)], alpha=0.15, linewidth=0,
                                 label=f"regime {k}" if ax is axes[0] else None)
-        ax.step(x, pos.to_numpy(dtype=float), where="post", linewidth=0.8, color="black")
-        ax.set_ylim(-1.2, 1.2)
-        ax.set_yticks([-1, 0, 1], ["short", "flat", "long"])
-        ax.set_ylabel(name, rotation=0, ha="right", va="center")
+        values = pos.to_numpy(dtype=float)
+        ax.step(x, values, where="post", linewidth=0.8, color="black")
+        top = max(1.0, float(np.nanmax(np.abs(values), initial=0.0))) * 1.2
+        ax.set_ylim(-top, top)
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+        ax.set_ylabel(f"{name}\nshort < 0 < long", rotation=0, ha="right", va="center")
         ax.grid(True, alpha=0.3)
     axes[-1].set_xlabel(x_label)
     if regimes is not None:
         axes[0].legend(loc="upper left", fontsize="x-small", ncol=5)
-    axes[0].set_title("Position over time" + (" (background: HMM regime at the bar, 0 = calmest)" if regimes is not None else ""))
+    axes[0].set_title("Position and effective leverage over time (|notional| / equity, signed by side)" + (" (background: HMM regime at the bar, 0 = calmest)" if regimes is not None else ""))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
@@ -273,7 +276,8 @@ def write_report(
     extra_tables : dict[str, pandas.DataFrame], optional
         Section title -> table, rendered with escaped cells (e.g. per-fold results, cost breakdown).
     positions : dict[str, pandas.Series], optional
-        Strategy name -> position side per bar (-1/0/+1), plotted with ``regimes`` shaded behind.
+        Strategy name -> signed effective leverage per bar (|notional| / equity, negative when short;
+        a side series -1/0/+1 works too), plotted with ``regimes`` shaded behind.
     regimes : pandas.Series, optional
         Regime index per bar (int, 0 = calmest), same time index as ``positions``.
 
@@ -317,7 +321,7 @@ def write_report(
     parts.append(f'<img src="data:image/png;base64,{encoded}" alt="equity and drawdown of each strategy">')
     if positions:
         pos_png = base64.b64encode(_render_positions(positions, regimes)).decode("ascii")
-        parts.append("<h2>Positions and regimes</h2>")
+        parts.append("<h2>Position, leverage and regimes</h2>")
         parts.append(f'<img src="data:image/png;base64,{pos_png}" alt="position of each strategy over time">')
     months = monthly_returns(equity_curves)
     if not months.empty:

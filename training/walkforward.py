@@ -9,7 +9,14 @@ whose horizon reaches into the validation window are purged inside the pipeline 
 label horizon, see :func:`training.pipeline.fit_stack`). Because every training window ends before its
 own validation and test windows, no training bar follows a test bar of the same fold: the embargo of
 purged k-fold CV, which guards training data *after* a test window, is satisfied by construction;
-``embargo_bars`` additionally leaves a gap between a validation window and its test window.
+``embargo_bars`` additionally leaves an untraded gap ``[val_end, test_start)`` between a validation
+window and its test window (``DataConfig.val_end``), so checkpoint selection never sees the bars just
+before the test window.
+
+Every strategy (PPO, V1, buy-and-hold, flat, seeded random) trades the same test windows under the same
+cost model. The report adds, on the stitched curves: metrics by HMM regime at decision time (regimes from
+the chosen seed's fold models, states ordered calm -> volatile) and PPO/V1 re-traded with fees and
+slippage x 0, x 1, x 2.
 
 Each fold and seed is a full ``ats train`` run directory under ``OUT/fold{k}/seed{s}``; its windows,
 seed and data hash are in that run's ``config.yaml`` and bundle manifest, and ``OUT/folds.json``
@@ -19,24 +26,29 @@ lists them all. Re-running with the same config reproduces the metrics (seeded e
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from agents.baselines import RandomPolicy
 from agents.bundle import load_bundle
-from envs.actions import decode_action
 from market.config_base import StrictConfig
 from market.features import warmup_bars
 from training import metrics as M
-from training.backtest import BacktestResult, run_backtest
-from training.config import RunConfig, load_config
-from training.evaluate import test_period_backtests
+from training.backtest import BacktestResult
+from training.config import ConfigError, RunConfig, load_config
+from training.evaluate import (
+    COST_MULTIPLIERS,
+    STRATEGIES,
+    regime_slices,
+    signed_leverage,
+    test_period_backtests,
+    test_period_regimes,
+)
 from training.pipeline import Log, prepare_data, summarize_backtest, train_run
 from training.report import write_report
 from training.stats import deflated_sharpe_ratio, probability_of_backtest_overfitting
@@ -58,17 +70,23 @@ class WalkForwardConfig(StrictConfig):
     tuning_trials: int = Field(0, ge=0, description="configurations tried before this study (counted by the DSR)")
     bootstrap_block_bars: int = Field(24, ge=1)
     bootstrap_samples: int = Field(500, ge=50)
+    base_overrides: dict = Field(
+        default_factory=dict,
+        description="nested keys merged into the base run config (e.g. {ppo: {total_timesteps: 100000}})",
+    )
 
 
 @dataclass(frozen=True)
 class FoldWindow:
-    """Bar-time boundaries of one fold (UTC): train [train_start, val_start), val, test."""
+    """Bar-time boundaries of one fold (UTC): train [train_start, val_start), validation
+    [val_start, val_end or test_start), embargo gap [val_end, test_start), test [test_start, test_end)."""
 
     fold: int
     train_start: pd.Timestamp
     val_start: pd.Timestamp
     test_start: pd.Timestamp
     test_end: pd.Timestamp
+    val_end: pd.Timestamp | None = None  # None: validation runs up to test_start (no embargo gap)
 
     def as_json(self) -> dict:
         return {k: (str(v) if isinstance(v, pd.Timestamp) else v) for k, v in self.__dict__.items()}
@@ -95,7 +113,8 @@ def fold_windows(wf: WalkForwardConfig, bar: pd.Timedelta) -> list[FoldWindow]:
                 f"fold {k}: training window {train_start}..{val_start} is shorter than train_bars={wf.train_bars} "
                 f"or starts before data_start={data_start}"
             )
-        out.append(FoldWindow(k, train_start, val_start, a, b))
+        val_end = a - bar * wf.embargo_bars if wf.embargo_bars else None
+        out.append(FoldWindow(k, train_start, val_start, a, b, val_end))
     return out
 
 
@@ -104,19 +123,54 @@ def fold_run_config(base: RunConfig, w: FoldWindow, seed: int, bar: pd.Timedelta
     margin = bar * (warmup_bars(base.features) + 50)
     data = base.data.model_copy(update={
         "load_start": str(w.train_start - margin), "train_start": str(w.train_start),
-        "val_start": str(w.val_start), "test_start": str(w.test_start),
-        "test_end": str(w.test_end),
+        "val_start": str(w.val_start), "val_end": None if w.val_end is None else str(w.val_end),
+        "test_start": str(w.test_start), "test_end": str(w.test_end),
     })
     return base.model_copy(update={"data": data, "seed": seed, "name": f"{base.name}-fold{w.fold}-seed{seed}"})
 
 
 def _stitch(results: list[BacktestResult], initial: float) -> pd.Series:
     """Chain test-window equity curves into one out-of-sample curve starting at ``initial``."""
-    rets = [r.equity.pct_change().iloc[1:] for r in results]
-    r = pd.concat(rets)
-    first = results[0].equity.index[0]
-    eq = initial * np.cumprod(1.0 + r.to_numpy())
-    return pd.Series(np.concatenate([[initial], eq]), index=pd.DatetimeIndex([first, *r.index]))
+    return stitch_results(results, initial).equity
+
+
+def stitch_results(results: list[BacktestResult], initial: float) -> BacktestResult:
+    """Chain consecutive test-window backtests into one, as if one account had traded them all.
+
+    Window k is rescaled by ``f_k`` = stitched equity at its start / its own initial equity; its
+    equity, position notionals, trade PnL and costs are multiplied by ``f_k`` (so ratios such as
+    returns, leverage and profit factor are those of one compounding account) and concatenated.
+
+    Raises
+    ------
+    ValueError
+        If ``results`` is empty.
+    """
+    if not results:
+        raise ValueError("no backtests to stitch")
+    level, eqs, times, trades = float(initial), [np.array([initial], np.float64)], [results[0].equity.index[0]], []
+    sides, notionals, costs = [], [], np.zeros(5)
+    for res in results:
+        e = res.equity.to_numpy(np.float64)
+        f = level / e[0]
+        eqs.append(e[1:] * f)
+        times.extend(res.equity.index[1:])
+        sides.append(res.position_side)
+        n = res.position_notional_usdt if res.position_notional_usdt is not None else np.zeros(len(e) - 1)
+        notionals.append(n * f)
+        trades.extend(replace(t, pnl_usdt=t.pnl_usdt * f) for t in res.trades)
+        costs += f * np.array([res.fees_paid_usdt, res.funding_paid_usdt, res.slippage_paid_usdt,
+                               res.liquidation_fees_usdt, res.turnover_usdt])
+        level = float(e[-1] * f)
+    return BacktestResult(
+        name=results[0].name,
+        equity=pd.Series(np.concatenate(eqs), index=pd.DatetimeIndex(times), name=results[0].name),
+        position_side=np.concatenate(sides).astype(np.int8), trades=tuple(trades),
+        fees_paid_usdt=float(costs[0]), funding_paid_usdt=float(costs[1]), slippage_paid_usdt=float(costs[2]),
+        liquidation_fees_usdt=float(costs[3]), turnover_usdt=float(costs[4]),
+        n_skipped_min_notional=sum(r.n_skipped_min_notional for r in results),
+        terminated=any(r.terminated for r in results), position_notional_usdt=np.concatenate(notionals),
+    )
 
 
 def load_walkforward(path: Path, **overrides: object) -> tuple[WalkForwardConfig, RunConfig]:
@@ -130,7 +184,21 @@ def load_walkforward(path: Path, **overrides: object) -> tuple[WalkForwardConfig
     raw = yaml.safe_load(Path(path).read_text())
     raw.update({k: v for k, v in overrides.items() if v is not None})
     wf = WalkForwardConfig.model_validate(raw)
-    return wf, load_config((Path(path).parent / wf.base_config).resolve())
+    base = load_config((Path(path).parent / wf.base_config).resolve())
+    if wf.base_overrides:
+        try:
+            base = RunConfig.model_validate(deep_merge(base.model_dump(mode="json"), wf.base_overrides))
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: base_overrides: {exc}") from exc
+    return wf, base
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` merged in recursively (mappings merge, anything else replaces)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def run_walkforward(wf: WalkForwardConfig, base: RunConfig, out: Path, *, log: Log = print) -> dict:
@@ -143,6 +211,9 @@ def run_walkforward(wf: WalkForwardConfig, base: RunConfig, out: Path, *, log: L
     ppo_by_seed: dict[int, list[BacktestResult]] = {s: [] for s in wf.seeds}
     val_sortino: dict[int, list[float]] = {s: [] for s in wf.seeds}
     fold_records = []
+    regimes_by_seed: dict[int, list[np.ndarray]] = {s: [] for s in wf.seeds}
+    # cost sensitivity: sens[multiplier]["ppo"][seed] and sens[multiplier]["v1"] lists of fold results
+    sens: dict[float, dict] = {m: {"ppo": {s: [] for s in wf.seeds}, "v1": []} for m in COST_MULTIPLIERS if m != 1.0}
     for seed in wf.seeds:
         for k in range(wf.folds):
             if windows is None:
@@ -159,48 +230,50 @@ def run_walkforward(wf: WalkForwardConfig, base: RunConfig, out: Path, *, log: L
             bundle_dir = train_run(cfg, run_dir, log=lambda s: None)
             bundle = load_bundle(bundle_dir)
             prep = prepare_data(cfg)
-            results = test_period_backtests(cfg, bundle, prep)
+            first_seed = seed == wf.seeds[0]
+            results = test_period_backtests(cfg, bundle, prep, random_seed=k,
+                                            strategies=STRATEGIES if first_seed else ("ppo",))
             ppo_by_seed[seed].append(results["ppo"])
+            n_decisions = len(results["ppo"].position_side)  # the window's last bar decides nothing
+            regimes_by_seed[seed].append(test_period_regimes(bundle, prep)[:n_decisions])
+            for mult, runs in sens.items():
+                again = test_period_backtests(cfg, bundle, prep, cost_multiplier=mult,
+                                              strategies=("ppo", "v1") if first_seed else ("ppo",))
+                runs["ppo"][seed].append(again["ppo"])
+                if first_seed:
+                    runs["v1"].append(again["v1"])
             v = bundle.manifest["metrics"]["validation"].get("sortino")
             val_sortino[seed].append(float(v) if isinstance(v, (int, float)) else np.nan)
             fold_records.append({**w.as_json(), "seed": seed, "run_dir": str(run_dir),
                                  "data_sha256": prep.info["candles_sha256"]})
-            if seed == wf.seeds[0]:  # seed-independent strategies are traded once per fold
-                data_rand = _random_result(cfg, bundle, prep, seed=k)
-                for name in ("v1", "buy_and_hold", "flat"):
+            if first_seed:  # seed-independent strategies are traded once per fold
+                for name in ("v1", "buy_and_hold", "flat", "random"):
                     per_strategy.setdefault(name, []).append(results[name])
-                per_strategy.setdefault("random", []).append(data_rand)
     (out / "folds.json").write_text(json.dumps(fold_records, indent=1))
-    return _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log)
-
-
-def _random_result(cfg: RunConfig, bundle, prep, seed: int) -> BacktestResult:
-    """The seeded random policy on the fold's test window, same env and costs."""
-    from agents.observation import model_outputs
-    from envs.trading_env import EnvData
-
-    a, b = prep.test_row, prep.n_rows
-    market = pd.concat([prep.features.iloc[a:b], model_outputs(prep.features, bundle.models, start=a, end=b)], axis=1)
-    data = EnvData.from_frames(prep.candles.iloc[a:b], pd.DataFrame(bundle.normalizer(market.to_numpy(np.float32)),
-                               index=market.index, columns=market.columns), prep.atr[a:b])
-    policy = RandomPolicy(lambda x: decode_action(x, cfg.env.actions), seed=seed)
-    return run_backtest(policy, data, prep.candles.iloc[:b], cfg.env, offset=a)
+    return _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log,
+                      regimes_by_seed=regimes_by_seed, sens=sens)
 
 
 def _metrics_of(results: list[BacktestResult], bar_s: float, initial: float) -> dict[str, float]:
-    """Metrics of the stitched curve (costs and trades summed over the windows)."""
-    eq = _stitch(results, initial)
-    trades = [t for r in results for t in r.trades]
-    sides = np.concatenate([r.position_side for r in results])
-    return M.summarize(
-        eq.to_numpy(), bar_interval_s=bar_s, trades=trades,
-        fees_paid_usdt=sum(r.fees_paid_usdt for r in results), funding_paid_usdt=sum(r.funding_paid_usdt for r in results),
-        slippage_paid_usdt=sum(r.slippage_paid_usdt for r in results), turnover_usdt=sum(r.turnover_usdt for r in results),
-        position_side=sides,
-    )
+    """Metrics of the stitched out-of-sample backtest (one compounding account over the windows)."""
+    return summarize_backtest(stitch_results(results, initial), bar_s)
 
 
-def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log) -> dict:
+def _sensitivity_table(ppo: list[BacktestResult], v1: list[BacktestResult], sens: dict, seed: int,
+                       bar_s: float, initial: float) -> dict[str, dict[str, float]]:
+    """Stitched PPO (chosen seed) and V1 with fees and slippage x 0, x 1, x 2."""
+    runs = {1.0: {"ppo": ppo, "v1": v1}}
+    runs.update({m: {"ppo": r["ppo"][seed], "v1": r["v1"]} for m, r in sens.items()})
+    out = {}
+    for mult in COST_MULTIPLIERS:
+        for name in ("ppo", "v1"):
+            m = _metrics_of(runs[mult][name], bar_s, initial)
+            out[f"{name} costs x{mult:g}"] = {k: m[k] for k in ("total_return", "sortino", "max_drawdown",
+                                                                 "fees_paid", "slippage_paid", "n_trades")}
+    return out
+
+
+def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, *, regimes_by_seed, sens) -> dict:
     bar_s = bar.total_seconds()
     p = M.bars_per_year(bar_s)
     initial = base.env.initial_equity_usdt
@@ -234,6 +307,10 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log) 
     if len(seeds) >= 2 and np.ptp(seed_returns, axis=1).max() > 0:  # identical seeds leave nothing to rank
         n_blocks = 8 if len(seed_returns) >= 16 * 8 else 4
         pbo = probability_of_backtest_overfitting(seed_returns, n_blocks=n_blocks)
+    stitched = {name: stitch_results(res, initial) for name, res in strategies.items()}
+    regimes = np.concatenate(regimes_by_seed[chosen])
+    slices = {name: regime_slices(res, regimes, bar_s) for name, res in stitched.items()}
+    sensitivity = _sensitivity_table(ppo_by_seed[chosen], per_strategy["v1"], sens, chosen, bar_s, initial)
     summary = {
         "windows": [w for w in json.loads((out / "folds.json").read_text()) if w["seed"] == seeds[0]],
         "seeds": seeds, "chosen_seed_by_validation": chosen,
@@ -246,21 +323,34 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log) 
             "dsr": dsr.dsr, "sr_per_bar": dsr.sr, "sr0_per_bar": dsr.sr0, "skew": dsr.skew, "kurtosis": dsr.kurtosis})},
         "pbo": None if pbo is None else {"pbo": pbo.pbo, "n_blocks": pbo.n_blocks, "configs": "PPO seeds",
                                           "reading": pbo.reading()},
+        "regime_slices": slices,
+        "cost_sensitivity": sensitivity,
     }
     summary = M.to_jsonable(summary)
     (out / "metrics.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
     notes = [
-        f"Walk-forward, {wf.scheme} scheme, {wf.folds} folds over {wf.start} .. {wf.end}; validation {wf.val_bars} bars "
-        f"before each test window; seeds {seeds} (PPO shown: seed {chosen}, chosen on mean validation Sortino).",
+        (f"Walk-forward, {wf.scheme} scheme, {wf.folds} folds over {wf.start} .. {wf.end}; validation {wf.val_bars} "
+         f"bars before each test window (embargo gap {wf.embargo_bars} bars); seeds {seeds} (PPO shown: seed {chosen}, "
+         "chosen on mean validation Sortino)."),
         dsr_reading + f" (trials counted: {n_trials} = {len(seeds)} seeds + {wf.tuning_trials} tuning runs).",
         pbo.reading() + " (configurations: PPO seeds)." if pbo
         else "PBO undefined: fewer than 2 seeds, or all seeds traded identically out of sample.",
         "Sortino 95 % block-bootstrap intervals: " + ", ".join(f"{k} [{v[0]:.2f}, {v[1]:.2f}]" for k, v in ci.items()),
         "All strategies trade the same test windows under the same cost model; equity is stitched across windows.",
     ]
+    extra = {"PPO over seeds (mean, std)": pd.DataFrame(seed_stats).T,
+             "cost sensitivity, stitched (fees and slippage x 0, 1, 2)": pd.DataFrame(sensitivity).round(4),
+             "costs paid, stitched (USDT)": pd.DataFrame(
+                 {n: {"fees": r.fees_paid_usdt, "slippage": r.slippage_paid_usdt, "funding": r.funding_paid_usdt,
+                      "liquidation fees": r.liquidation_fees_usdt} for n, r in stitched.items()}).round(2)}
+    for name, table in slices.items():
+        extra[f"{name} by regime at decision time (0 = calmest; chosen seed's fold models)"] = pd.DataFrame(table).round(4)
+    for name, folds in per_fold.items():
+        extra[f"{name} per fold"] = pd.DataFrame(folds).T.round(4)
     write_report(out, title=f"ats walk-forward: {base.name}",
-                 equity_curves={k: _stitch(v, initial) for k, v in strategies.items()}, metrics=metrics, notes=notes,
-                 extra_tables={"PPO over seeds (mean, std)": pd.DataFrame(seed_stats).T})
+                 equity_curves={k: v.equity for k, v in stitched.items()}, metrics=metrics, notes=notes,
+                 extra_tables=extra, positions={n: signed_leverage(r) for n, r in stitched.items() if n != "flat"},
+                 regimes=pd.Series(regimes, index=stitched["ppo"].equity.index[:-1]))
     for line in notes[:3]:
         log(line)
     return summary

@@ -17,7 +17,7 @@ from serving.store import StateStore
 
 REQUIRED_METRICS = {
     "total_return", "sortino", "sharpe", "max_drawdown", "profit_factor", "win_rate",
-    "turnover", "fees_paid", "funding_paid", "n_trades",
+    "turnover", "fees_paid", "funding_paid", "n_trades", "avg_leverage", "exposure",
 }
 
 
@@ -33,9 +33,10 @@ def test_smoke_run_writes_bundle_and_report(smoke_run):
     assert any((smoke_run / "tb").rglob("events.out.tfevents*"))
 
     metrics = json.loads((smoke_run / "report" / "metrics.json").read_text())
-    assert set(metrics) == {"ppo", "v1", "buy_and_hold", "flat"}
-    for name, m in metrics.items():
-        assert REQUIRED_METRICS <= set(m), name
+    strategies = {"ppo", "v1", "buy_and_hold", "flat", "random"}
+    assert set(metrics) == strategies | {"regime_slices", "cost_sensitivity"}
+    for name in strategies:
+        assert REQUIRED_METRICS <= set(metrics[name]), name
     # flat never trades: exactly zero return, fees and trades under the same cost model
     assert metrics["flat"]["total_return"] == 0.0 and metrics["flat"]["n_trades"] == 0
     assert metrics["flat"]["fees_paid"] == 0.0
@@ -147,3 +148,44 @@ def test_report_has_regime_slices_and_cost_sensitivity(smoke_run):
     assert sens["v1 costs x0"]["fees_paid"] == 0.0 and sens["v1 costs x0"]["slippage_paid"] == 0.0
     assert sens["v1 costs x2"]["fees_paid"] > sens["v1 costs x1"]["fees_paid"] > 0
     assert sens["v1 costs x1"]["total_return"] == pytest.approx(metrics["v1"]["total_return"])
+
+
+def test_evaluate_bundle_on_a_user_period_reproduces_the_run_report(smoke_run, tmp_path):
+    """`ats evaluate --bundle --data --period` on the run's own test period gives the run's numbers."""
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["evaluate", "--bundle", str(smoke_run / "bundle"),
+                                      "--period", "2022-07-15:2022-08-15", "--out", str(out),
+                                      "--seed", "1"])  # the smoke config seeds its random baseline with 1
+    assert result.exit_code == 0, result.output
+    got = json.loads((out / "metrics.json").read_text())
+    want = json.loads((smoke_run / "report" / "metrics.json").read_text())
+    for name in ("ppo", "v1", "buy_and_hold", "flat", "random"):
+        for key in ("total_return", "n_trades", "fees_paid", "avg_leverage"):
+            if want[name][key] is None:  # nan is written as null
+                assert got[name][key] is None, (name, key)
+            else:
+                assert got[name][key] == pytest.approx(want[name][key], rel=1e-9), (name, key)
+    html = (out / "report.html").read_text()
+    assert "NOT out of sample" not in html and "Out of sample" in html
+    assert set(json.loads((out / "cost_sensitivity.json").read_text())) >= {"ppo costs x0", "v1 costs x2"}
+
+
+def test_evaluate_bundle_says_when_the_period_is_in_sample(smoke_run, tmp_path):
+    from training.evaluate import evaluate_bundle
+    from training.v1_eval import load_v1_candles
+
+    out = tmp_path / "insample"
+    evaluate_bundle(smoke_run / "bundle", load_v1_candles(None), pd.Timestamp("2022-06-20", tz="UTC"),
+                    pd.Timestamp("2022-06-25", tz="UTC"), out, data_label="bundled", log=lambda s: None)
+    assert "NOT out of sample" in (out / "report.html").read_text()
+
+
+def test_evaluate_bundle_without_enough_history_names_what_is_missing(smoke_run, tmp_path):
+    from market.errors import DataValidationError
+    from training.evaluate import evaluate_bundle
+    from training.v1_eval import load_v1_candles
+
+    candles = load_v1_candles(None).loc["2022-07-01":"2022-09-01"]
+    with pytest.raises(DataValidationError, match="warm-up bars"):
+        evaluate_bundle(smoke_run / "bundle", candles, pd.Timestamp("2022-07-02", tz="UTC"),
+                        pd.Timestamp("2022-07-20", tz="UTC"), tmp_path / "x", data_label="slice", log=lambda s: None)

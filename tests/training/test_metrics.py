@@ -363,3 +363,26 @@ def test_bootstrap_handles_inf_statistic_and_rejects_bad_args():
         block_bootstrap_ci(r, np.mean, block_len=1, n_boot=10, alpha=1.0, seed=0)
     with pytest.raises(MetricInputError, match="nan"):
         block_bootstrap_ci(r, lambda x: math.nan, block_len=1, n_boot=10, alpha=0.05, seed=0)
+
+
+def test_avg_leverage_is_mean_notional_over_equity_while_a_position_is_open():
+    from training.metrics import avg_leverage
+
+    # bars: 2000/1000 = 2.0, flat (skipped), 1500/1000 = 1.5, 3000/1200 = 2.5 -> mean 2.0
+    notional = np.array([2000.0, 0.0, 1500.0, -3000.0])
+    equity = np.array([1000.0, 1000.0, 1000.0, 1200.0])
+    assert avg_leverage(notional, equity) == pytest.approx(2.0)
+    assert math.isnan(avg_leverage(np.zeros(3), np.ones(3)))
+    with pytest.raises(MetricInputError, match="same length"):
+        avg_leverage(np.ones(2), np.ones(3))
+    with pytest.raises(MetricInputError, match="position_notional_usdt"):
+        avg_leverage(np.array([1.0, np.nan]), np.ones(2))
+
+
+def test_summarize_reports_avg_leverage_against_equity_at_each_bar_close():
+    # equity at the three closes: 1100, 990, 1089; notionals 2200 and 990 -> (2.0 + 1.0) / 2 = 1.5
+    m = _summary(position_notional_usdt=np.array([2200.0, 990.0, 0.0]))
+    assert m["avg_leverage"] == pytest.approx(1.5)
+    assert math.isnan(_summary()["avg_leverage"])
+    with pytest.raises(MetricInputError, match="one entry per bar"):
+        _summary(position_notional_usdt=np.array([1.0, 2.0]))

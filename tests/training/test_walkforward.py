@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -56,4 +57,70 @@ def test_walkforward_smoke_end_to_end(tmp_path):
     # the random policy trades, and every strategy is charged under the same cost model
     assert summary["stitched"]["random"]["n_trades"] > 0 and summary["stitched"]["random"]["fees_paid"] > 0
     assert summary["deflated_sharpe"]["n_trials"] == 2
+    # regime slices and cost sensitivity of the stitched curves
+    for name in ("ppo", "v1", "buy_and_hold", "random"):
+        shares = [p["share_of_bars"] for p in summary["regime_slices"][name].values()]
+        assert sum(shares) == pytest.approx(1.0)
+    sens = summary["cost_sensitivity"]
+    assert sens["v1 costs x0"]["fees_paid"] == 0.0 and sens["v1 costs x2"]["fees_paid"] > sens["v1 costs x1"]["fees_paid"]
+    assert sens["v1 costs x1"]["total_return"] == pytest.approx(summary["stitched"]["v1"]["total_return"])
+    assert "avg_leverage" in summary["stitched"]["random"]
     assert (tmp_path / "out" / "report.html").read_text().count("data:image/png;base64,") >= 1
+
+
+def test_embargo_sets_val_end_so_validation_stops_before_the_gap():
+    from training.config import load_config
+    from training.walkforward import fold_run_config
+
+    ws = fold_windows(_wf(embargo_bars=12), H)
+    base = load_config(REPO / "configs" / "smoke.yaml")
+    for w in ws:
+        assert w.val_end == w.test_start - 12 * H and w.val_start == w.val_end - 48 * H
+        data = fold_run_config(base, w, 0, H).data
+        assert data.ts("val_end") == w.val_end and data.ts("test_start") == w.test_start
+    assert all(w.val_end is None for w in fold_windows(_wf(), H))
+
+
+def _result(equity, sides, notional, trades=(), fees=0.0):
+    from training.backtest import BacktestResult
+
+    idx = pd.date_range("2022-01-01", periods=len(equity), freq="h", tz="UTC")
+    return BacktestResult("x", pd.Series(equity, index=idx), np.asarray(sides, np.int8), tuple(trades), fees, 0.0,
+                          0.0, 0.0, 0.0, 0, False, np.asarray(notional, np.float64))
+
+
+def test_stitch_results_compounds_windows_as_one_account():
+    from envs.accounting import ClosedTrade
+    from training.walkforward import stitch_results
+
+    t = ClosedTrade(entry_time_ns=0, exit_time_ns=1, side=1, qty_base=1.0, entry_price=1.0, exit_price=2.0,
+                    pnl_usdt=50.0, exit_reason="signal", bars_held=1)
+    a = _result([1000.0, 1100.0, 1210.0], [1, 1], [1000.0, 1100.0], fees=2.0)
+    b = _result([500.0, 450.0], [-1], [250.0], trades=[t], fees=1.0)
+    # second window starts from the first window's end (1210): factor 1210 / 500 = 2.42
+    s = stitch_results([a, b], 1000.0)
+    assert s.equity.to_numpy() == pytest.approx([1000.0, 1100.0, 1210.0, 1089.0])
+    assert s.position_notional_usdt == pytest.approx([1000.0, 1100.0, 605.0])
+    assert s.trades[0].pnl_usdt == pytest.approx(121.0) and s.fees_paid_usdt == pytest.approx(2.0 + 2.42)
+    assert list(s.position_side) == [1, 1, -1]
+    with pytest.raises(ValueError, match="no backtests"):
+        stitch_results([], 1000.0)
+
+
+def test_regime_slices_assign_returns_and_trades_to_the_regime_at_decision_time():
+    from envs.accounting import ClosedTrade
+    from training.evaluate import regime_slices
+
+    hour_ns = 3_600_000_000_000
+    t0 = pd.Timestamp("2022-01-01", tz="UTC").value
+    # a trade decided at bar 2 (regime 1) fills at the open of bar 3
+    trade = ClosedTrade(entry_time_ns=t0 + 3 * hour_ns, exit_time_ns=t0 + 4 * hour_ns, side=1, qty_base=1.0,
+                        entry_price=1.0, exit_price=1.1, pnl_usdt=10.0, exit_reason="signal", bars_held=1)
+    res = _result([100.0, 110.0, 99.0, 99.0, 108.9], [1, 1, 0, 1], [200.0, 220.0, 0.0, 99.0], trades=[trade])
+    out = regime_slices(res, np.array([0, 0, 1, 1]), 3600.0)
+    # regime 0: bars 0-1, returns +10 %, -10 %; regime 1: bars 2-3, returns 0, +10 %
+    assert out["regime_0"]["total_return"] == pytest.approx(1.1 * 0.9 - 1)
+    assert out["regime_1"]["total_return"] == pytest.approx(0.1)
+    assert out["regime_0"]["avg_leverage"] == pytest.approx((200 / 110 + 220 / 99) / 2)
+    assert out["regime_1"]["n_trades"] == 1 and out["regime_0"]["n_trades"] == 0
+    assert out["regime_0"]["max_drawdown"] == pytest.approx(0.1)
