@@ -95,6 +95,50 @@ def model_outputs(features: pd.DataFrame, models: StackModels, *, start: int, en
     return pd.DataFrame(out, index=features.index[start:end], columns=model_output_names(models.n_states))
 
 
+def last_row_outputs(features: pd.DataFrame, models: StackModels, regime_proba: np.ndarray) -> np.ndarray:
+    """Model outputs of the LAST row of ``features``, given its filtered regime probabilities.
+
+    The serving twin of :func:`model_outputs` for one bar: the caller advances the HMM filter
+    itself (``RegimeHMM.filtered_proba_step``, O(K^2) per bar instead of a pass over the history);
+    the LightGBM model reads the last row and the TCN the last ``window_bars`` rows, exactly as
+    :func:`model_outputs` does for that row.
+
+    Parameters
+    ----------
+    features : pd.DataFrame
+        Feature rows (warm-up dropped), the last being the bar to serve; >= ``window_bars`` rows.
+    models : StackModels
+        The bundle's models.
+    regime_proba : np.ndarray
+        (K,) forward-filtered state probabilities of the last row.
+
+    Returns
+    -------
+    np.ndarray
+        float32, shape (2K + 3,), in the order of :func:`model_output_names`.
+
+    Raises
+    ------
+    ValueError
+        If there are fewer than ``window_bars`` rows, ``regime_proba`` has the wrong shape, or an
+        output is non-finite.
+    """
+    window = models.tcn.window_bars
+    if len(features) < window:
+        raise ValueError(f"{len(features)} feature rows < window_bars={window} for the TCN")
+    k = models.n_states
+    regime = np.asarray(regime_proba, dtype=np.float64).reshape(-1)
+    if regime.shape != (k,):
+        raise ValueError(f"regime_proba must have shape ({k},), got {regime.shape}")
+    feats = features.to_numpy(np.float32)
+    ahead = models.transition.predict_proba(feats[-1:])
+    signal = models.tcn.predict_proba(feats[-window:])[-1:]
+    out = np.concatenate([regime[None, :], ahead, signal], axis=1).astype(np.float32)[0]
+    if not np.isfinite(out).all():
+        raise ValueError(f"non-finite model outputs at {features.index[-1]}: {out.tolist()}")
+    return out
+
+
 @dataclass(frozen=True)
 class ObsNormalizer:
     """Fixed standardisation of the market observation, fitted on the agent's training rows."""
@@ -104,7 +148,7 @@ class ObsNormalizer:
     clip: float
 
     @classmethod
-    def fit(cls, market_obs: np.ndarray, clip: float) -> "ObsNormalizer":
+    def fit(cls, market_obs: np.ndarray, clip: float) -> ObsNormalizer:
         mean = market_obs.mean(axis=0).astype(np.float32)
         std = np.maximum(market_obs.std(axis=0), 1e-6).astype(np.float32)
         return cls(mean=mean, std=std, clip=float(clip))

@@ -20,6 +20,7 @@ from stable_baselines3.common.logger import HParam, configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 
+from agents.tb_logging import EXPOSURE_FROM_END
 from envs.trading_env import EnvConfig, EnvData, TradingEnv
 
 EpisodeStats = Callable[[np.ndarray], dict[str, float]]  # equity path (n+1,) -> stats
@@ -59,23 +60,37 @@ def make_vec_env(
 
 
 class EpisodeMetricsCallback(BaseCallback):
-    """Log trading statistics of every finished training episode to TensorBoard (``episode/*``)."""
+    """Log trading statistics of every finished training episode to TensorBoard (``episode/*``).
+
+    The same names and definitions as the RLlib backend's ``TradingEpisodeCallback``: the stats of
+    the equity path, the env's episode totals, and ``avg_leverage`` = mean |``pos_exposure``|
+    (signed notional / equity, read from the raw observation: no observation normalisation is used).
+    """
 
     def __init__(self, episode_stats: EpisodeStats, initial_equity_usdt: float):
         super().__init__()
         self._stats = episode_stats
         self._initial = initial_equity_usdt
         self._paths: list[list[float]] = []
+        self._exposure: list[list[float]] = []
 
     def _on_training_start(self) -> None:
         self._paths = [[] for _ in range(self.training_env.num_envs)]
+        self._exposure = [[] for _ in range(self.training_env.num_envs)]
 
     def _on_step(self) -> bool:
+        new_obs = self.locals.get("new_obs")
         for i, (info, done) in enumerate(zip(self.locals["infos"], self.locals["dones"])):
             path = self._paths[i]
             if not path:
                 path.append(self._initial)  # every episode starts flat at the initial equity
             path.append(info["equity_usdt"])
+            if done:  # the env was reset: new_obs[i] is the next episode's first observation
+                terminal = info.get("terminal_observation")
+                if terminal is not None:
+                    self._exposure[i].append(abs(float(terminal[-EXPOSURE_FROM_END])))
+            elif new_obs is not None:
+                self._exposure[i].append(abs(float(new_obs[i][-EXPOSURE_FROM_END])))
             if done:
                 stats = self._stats(np.asarray(path, dtype=np.float64))
                 stats.update(
@@ -83,11 +98,12 @@ class EpisodeMetricsCallback(BaseCallback):
                     funding_usdt=info["funding_paid_usdt"],
                     n_trades=info["n_trades"],
                     turnover_usdt=info["turnover_usdt"],
+                    avg_leverage=float(np.mean(self._exposure[i])) if self._exposure[i] else float("nan"),
                 )
                 for key, value in stats.items():
                     if np.isfinite(value):
                         self.logger.record_mean(f"episode/{key}", float(value))
-                self._paths[i] = []
+                self._paths[i], self._exposure[i] = [], []
         return True
 
 

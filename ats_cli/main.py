@@ -21,8 +21,9 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-class Mode(str, Enum):
-    paper = "paper"
+class Backend(str, Enum):
+    sb3 = "sb3"
+    rllib = "rllib"
 
 
 def _log(msg: str) -> None:
@@ -49,18 +50,33 @@ def train(
     out: Path = typer.Option(..., "--out", help="run directory to create"),
     device: Device = typer.Option(None, "--device", help="where torch runs (default: the config's)"),
     evaluate: bool = typer.Option(True, help="evaluate on the test period at the end"),
+    backend: Backend = typer.Option(None, "--backend", help="PPO implementation (default: the config's, sb3)"),
+    ray_address: str = typer.Option(None, "--ray-address", help="rllib: join this Ray cluster (auto | HOST:PORT)"),
+    num_env_runners: int = typer.Option(None, "--num-env-runners", min=0, help="rllib: sampling processes"),
+    num_gpus_per_learner: float = typer.Option(None, "--num-gpus-per-learner", min=0, help="rllib: GPUs per learner"),
+    wandb: bool = typer.Option(False, "--wandb", help="also log to Weights & Biases (offline without WANDB_API_KEY)"),
 ) -> None:
     """Fit regime and signal models, train PPO, export the bundle, and evaluate on the test period."""
     import torch
 
-    from training.config import load_config
+    from agents.devices import torch_threads_for
+    from training.config import RLlibConfig, load_config
     from training.evaluate import evaluate_run
     from training.pipeline import train_run
+    from training.tracking import wandb_tracking
 
     t0 = time.perf_counter()
-    cfg = load_config(config, device=device.value if device else None)
-    torch.set_num_threads(cfg.torch_threads)
-    with _progress() as progress:
+    cfg = load_config(config, device=device.value if device else None, backend=backend.value if backend else None)
+    rllib_updates = {"ray_address": ray_address, "num_env_runners": num_env_runners,
+                     "num_gpus_per_learner": num_gpus_per_learner}
+    rllib_updates = {k: v for k, v in rllib_updates.items() if v is not None}
+    if rllib_updates:
+        cfg = cfg.model_copy(update={"rllib": RLlibConfig.model_validate({**cfg.rllib.model_dump(), **rllib_updates})})
+    torch.set_num_threads(torch_threads_for(cfg.backend, cfg.torch_threads, n_env_runners=cfg.rllib.num_env_runners,
+                                            joins_cluster=bool(cfg.rllib.ray_address)))
+    _log(f"backend: {cfg.backend}, torch threads: {torch.get_num_threads()}")
+    with wandb_tracking(wandb, config=cfg.model_dump(mode="json"), run_dir=out, name=cfg.name, log=_log), \
+            _progress() as progress:
         task = progress.add_task("PPO", total=cfg.ppo.total_timesteps, visible=False)
 
         def on_ppo(step: int) -> None:
@@ -151,33 +167,6 @@ def evaluate_cmd(
 
 
 @app.command()
-def serve(
-    mode: Mode = typer.Option(Mode.paper, "--mode", help="paper: paper broker with the env's cost model"),
-    replay: Path = typer.Option(..., "--replay", help="candles parquet replayed bar by bar as if live"),
-    bundle: Path = typer.Option(..., "--bundle", help="policy bundle directory"),
-    db: Path = typer.Option(..., "--db", help="SQLite state file (decisions, fills, equity, events)"),
-    warmup_bars: int = typer.Option(1200, help="bars observed before the first decision"),
-    max_bars: int = typer.Option(0, help="stop after this many decision bars (0 = all)"),
-    initial_equity: float = typer.Option(10_000.0, help="paper account equity, USDT"),
-) -> None:
-    """Replay candles through the frozen policy with V1 fallback, executing on a paper broker."""
-    from serving.app import serve_replay
-
-    summary = serve_replay(
-        replay=replay, bundle_dir=bundle, db_path=db, warmup_bars=warmup_bars, max_bars=max_bars,
-        initial_equity_usdt=initial_equity, log=_log, progress_factory=_progress,
-    )
-    console.print(
-        f"\n[bold green]served[/] {summary.bars} bars: {summary.decisions_v2} decided by V2, {summary.decisions_v1} by V1; "
-        f"final equity {summary.final_equity_usdt:,.2f} USDT"
-    )
-    if summary.fallback_reasons:
-        for reason, count in summary.fallback_reasons.most_common(5):
-            console.print(f"  fallback x{count}: {reason}")
-    console.print(f"  state database: {db}")
-
-
-@app.command()
 def walkforward(
     config: Path = typer.Option(..., "--config", help="walk-forward YAML (see configs/walkforward_smoke.yaml)"),
     out: Path = typer.Option(..., "--out", help="output directory"),
@@ -215,14 +204,18 @@ def gate(
     console.print(f"  recorded in {bundle / 'manifest.json'}")
 
 
-
 def _register_subcommands() -> None:
     """Sub-command groups that live in their own modules."""
-    from ats_cli import check_cmd, data_cmd, v1_cmd
+    from ats_cli import check_cmd, data_cmd, serve_cmd, status_cmd, tune_cmd, v1_cmd
 
     app.add_typer(data_cmd.app, name="data", help="market data: download (ccxt) and quality check")
     app.add_typer(check_cmd.app, name="check", help="checks: look-ahead (truncation) check of features and models")
     app.command("sweep-v1", help="walk-forward parameter sweep of the V1 rules")(v1_cmd.sweep)
+    app.command("tune", help="Ray Tune search of PPO/reward parameters (validation folds)")(tune_cmd.tune)
+    app.add_typer(serve_cmd.app, name="serve")
+    app.command("status", help="serving state: mode, position, equity, today's PnL, risk, V2/V1 shares")(
+        status_cmd.status
+    )
 
 
 _register_subcommands()

@@ -10,7 +10,9 @@ Timing (see ``market.decision``): a decision taken at the close of bar t is appl
 ``step_bar(state, decision, bar_{t+1}, atr_t, cfg)`` in four stages:
 
 1. funding settlement at the open of bar t+1 (charged on the position held into it),
-2. fills at the open (close the old position and/or open the new one, taker, adverse slippage),
+2. trailing: on a hold, ``decision.new_stop_price`` moves the stop if it tightens it (tick-rounded
+   conservatively); then fills at the open (close the old position and/or open the new one, taker,
+   adverse slippage),
 3. intrabar exits from the bar's high/low (stop or liquidation first, then take-profit),
 4. mark to market at the close.
 
@@ -491,7 +493,11 @@ def step_bar(
     (``payment = side * qty * open * rate``, positive = paid, taken from the isolated margin; a NaN
     rate is replaced by ``cfg.funding_fallback_rate`` and counted); (2) fills at the open: a
     position whose liquidation price the open has reached is liquidated at the open first (the
-    decision is then applied as if from flat, except that a "hold" stays flat); when
+    decision is then applied as if from flat, except that a "hold" stays flat); on a hold
+    (``decision.direction == state.side != 0``) a ``decision.new_stop_price`` moves the stop to that
+    level rounded to the tick conservatively (long: down, short: up) if it tightens the stop (long:
+    higher, short: lower), otherwise it is ignored (also on a side change, when flat, or after a
+    liquidation at the open); an open already through the moved stop fills it at the open (3.); when
     ``decision.direction != state.side``: close at ``open * (1 - side * slip)``, then open
     ``direction`` at ``open * (1 + direction * slip)`` (tick-rounded adversely) with
     ``margin = size_frac * cash`` (reduced so that margin + fee <= cash), ``qty`` floored to the lot,
@@ -549,13 +555,14 @@ def step_bar(
     evi = np.zeros((K.MAX_EVENTS, K.N_EVI), dtype=np.int64)
     out = np.zeros(K.N_OUT, dtype=np.float64)
     if decision is None:
-        has, direction, lev, size, stop, tp = False, 0, 1.0, 0.0, 1.0, 1.0
+        has, direction, lev, size, stop, tp, new_stop = False, 0, 1.0, 0.0, 1.0, 1.0, math.nan
     else:
         has, direction = True, int(decision.direction)
         lev, size = float(decision.leverage), float(decision.size_frac)
         stop, tp = float(decision.stop_atr), float(decision.take_profit_atr)
+        new_stop = math.nan if decision.new_stop_price is None else float(decision.new_stop_price)
     code = K.bar_step(
-        fs, is_, has, direction, lev, size, stop, tp, int(bar.open_time_ns), float(bar.open),
+        fs, is_, has, direction, lev, size, stop, tp, new_stop, int(bar.open_time_ns), float(bar.open),
         float(bar.high), float(bar.low), float(bar.close), float(bar.funding_rate),
         bool(bar.is_funding_time), atr if math.isfinite(atr) else 1.0, cost_params(cfg), ev, evi, out,
     )  # fmt: skip

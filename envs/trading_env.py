@@ -493,7 +493,7 @@ class TradingEnv(gym.Env):
         self._ev = np.zeros((K.MAX_EVENTS, K.N_EV), dtype=np.float64)
         self._evi = np.zeros((K.MAX_EVENTS, K.N_EVI), dtype=np.int64)
         self._out = np.zeros(K.N_OUT, dtype=np.float64)
-        self._dec = np.zeros(5, dtype=np.float64)
+        self._dec = np.zeros(6, dtype=np.float64)  # decision fields + new_stop_price (NaN = none)
         self._obs_buf = np.zeros(self.observation_space.shape, dtype=np.float32)
         K.reset_env(self._fs, self._is, 0, 0, self._p)
         self._done = True  # reset() required before step()
@@ -630,6 +630,9 @@ class TradingEnv(gym.Env):
     def step_decision(self, decision: Decision | None):
         """Apply a decision taken at the close of bar t to bar t+1, then move to t+1.
 
+        Same semantics as :func:`envs.accounting.step_bar`, ``decision.new_stop_price`` included
+        (on a hold it moves the stop if, tick-rounded conservatively, it tightens it).
+
         Returns
         -------
         (observation, reward, terminated, truncated, info); see the class docstring for ``info``.
@@ -651,6 +654,7 @@ class TradingEnv(gym.Env):
         dec[2] = decision.size_frac
         dec[3] = decision.stop_atr
         dec[4] = decision.take_profit_atr
+        dec[5] = np.nan if decision.new_stop_price is None else decision.new_stop_price
         return self._step(K.MODE_DECISION, dec)
 
     def _step(self, mode: int, action: np.ndarray):

@@ -48,8 +48,8 @@ class BatchedTradingEnv(VectorEnv):
     num_envs : int
         N >= 1.
     copy : bool
-        Return copies of the observation/reward/flag buffers (default); False returns the internal
-        buffers, overwritten by the next call.
+        True (default): every ``step`` returns new arrays the caller owns (the kernel writes into
+        them directly); False returns the internal buffers, overwritten by the next call.
 
     Raises
     ------
@@ -194,6 +194,18 @@ class BatchedTradingEnv(VectorEnv):
             raise ValueError(f"actions must have shape ({self.num_envs}, 5), got {a.shape}")
         if self._cursor[0] > self._refill_at:
             self._refill_starts()
+        if self.copy:
+            # Fresh arrays the kernel writes into (every row of obs, rewards, flags and equity is
+            # written each step; final_obs/final_stats rows where an episode ended): the caller owns
+            # them, and no second copy is made.
+            n = self.num_envs
+            self._obs = np.empty_like(self._obs)
+            self._rewards = np.empty(n, dtype=np.float64)
+            self._terminated = np.empty(n, dtype=np.bool_)
+            self._truncated = np.empty(n, dtype=np.bool_)
+            self._equity = np.empty(n, dtype=np.float64)
+            self._final_obs = np.empty_like(self._final_obs)
+            self._final_stats = np.empty((n, len(K.FINAL_STATS)), dtype=np.float64)
         code, value = K.batch_step(
             a, self._fs, self._is, self._bars, self._times, self._mobs, self._p, self._obs, self._rewards,
             self._terminated, self._truncated, self._final_obs, self._final_stats, self._equity,
@@ -208,16 +220,15 @@ class BatchedTradingEnv(VectorEnv):
                 except NonFiniteDecisionError as exc:
                     raise NonFiniteDecisionError(f"env {k}: {exc}") from None
             raise_kernel_error(code, self._out[k], self.config.costs, f"BatchedTradingEnv.step, env {k}")
-        infos: dict[str, Any] = {"equity_usdt": self._equity.copy() if self.copy else self._equity}
+        infos: dict[str, Any] = {"equity_usdt": self._equity}
         if value:
             done = self._terminated | self._truncated
-            infos["final_obs"] = self._final_obs.copy() if self.copy else self._final_obs
+            infos["final_obs"] = self._final_obs
             infos["_final_obs"] = done
-            infos["final_info"] = dict(zip(K.FINAL_STATS, self._final_stats.T.copy()))
+            # copy=True: views of this step's fresh array; copy=False: copies (the buffer is reused)
+            stats = self._final_stats.T if self.copy else self._final_stats.T.copy()
+            infos["final_info"] = dict(zip(K.FINAL_STATS, stats))
             infos["_final_info"] = done
-        if self.copy:
-            return (self._obs.copy(), self._rewards.copy(), self._terminated.copy(), self._truncated.copy(),
-                    infos)  # fmt: skip
         return self._obs, self._rewards, self._terminated, self._truncated, infos
 
     @property

@@ -1,7 +1,9 @@
 """Composition root of ``ats serve --mode paper --replay``: wires candles, bundle, V1 and the store.
 
 A bundle that fails to load does not stop serving: every bar is then decided by V1 and the
-load error is recorded as the fallback reason of each decision.
+load error is recorded as the fallback reason of each decision (the load is retried after the
+backoff). The risk guard (state persisted in the same database), hot-swap and notifications are
+wired here.
 """
 
 from __future__ import annotations
@@ -9,17 +11,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
-from agents.bundle import load_bundle
-from agents.policy import FrozenPPOPolicy
 from envs.config import CostConfig
 from fallback.config import V1Config
 from fallback.v1 import V1Policy
 from market.candles import load_candles
 from market.features import FeatureConfig
 from market.features import atr as atr_indicator
+from serving.hotswap import BackoffConfig, PolicySlot, reload_request_path
 from serving.loop import ReplaySummary, ServeConfig, run_replay
+from serving.notify import NotifyConfig, make_notifier, notify_config_from_env
+from serving.risk import RiskConfig, RiskGuard
 from serving.store import StateStore
+
+DEFAULT_RISK = RiskConfig()
 
 
 def _v1_config_from_manifest(bundle_dir: Path) -> V1Config:
@@ -36,36 +42,82 @@ def serve_replay(
     replay: Path,
     bundle_dir: Path,
     db_path: Path,
-    warmup_bars: int = 1200,
+    warmup_bars: int | None = None,
     max_bars: int = 0,
-    initial_equity_usdt: float = 10_000.0,
+    initial_equity_usdt: float | None = None,
+    risk: RiskConfig | None = DEFAULT_RISK,
+    backoff: BackoffConfig | None = None,
+    config: ServeConfig | None = None,
+    watch_dir: Path | None = None,
+    notify: NotifyConfig | None | Literal["env"] = "env",
+    torch_threads: int | None = 1,
     log: Callable[[str], None] = print,
     progress_factory: Callable | None = None,
 ) -> ReplaySummary:
-    """Replay ``replay`` candles bar by bar: V2 from the bundle, V1 on any V2 failure, paper fills."""
+    """Replay ``replay`` candles bar by bar: V2 from the bundle, V1 on any V2 failure, paper fills.
+
+    Parameters
+    ----------
+    warmup_bars, initial_equity_usdt, backoff
+        Shortcuts for the fields of ``config`` (warm-up bars, paper equity in USDT, backoff); given
+        explicitly they override it.
+    max_bars : int
+        Stop after this many decision bars (0: the whole file).
+    config : ServeConfig | None
+        The loop's settings (deadline ``decision_timeout_ms``, ``run_id``, ``context_bars`` ...);
+        default ``ServeConfig(warmup_bars=1200)``.
+    risk : RiskConfig | None
+        Limits of the risk guard (its state is kept in ``db_path``, scope ``default``); None: no guard.
+    backoff : BackoffConfig | None
+        Bars V1 decides alone after primary failures (default :class:`BackoffConfig`).
+    watch_dir : Path | None
+        Directory watched for new bundles (hot-swap between bars). A reload request written by
+        :func:`serving.hotswap.request_reload` to ``reload_request_path(db_path)`` is always honoured.
+    notify : NotifyConfig | None | "env"
+        Webhook notifications; "env" reads :func:`serving.notify.notify_config_from_env`.
+    torch_threads : int | None
+        torch intra-op threads of this (serving) process, None: leave as is. The TCN and the actor
+        see one window per bar; on the 2 shared cores of the dev machine one thread took ~1 ms per
+        TCN call where two took ~25 ms (thread oversubscription), so the default is 1.
+    """
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(int(torch_threads))
+    config = config if config is not None else ServeConfig(warmup_bars=1200)
+    overrides = {"warmup_bars": warmup_bars, "initial_equity_usdt": initial_equity_usdt, "primary_backoff": backoff}
+    config = ServeConfig.model_validate({**config.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+    warmup_bars, backoff = config.warmup_bars, config.primary_backoff
     candles = load_candles(replay)
     if max_bars:
         candles = candles.iloc[: warmup_bars + max_bars]
-    primary, load_error = None, None
+    slot = PolicySlot.from_bundle(
+        bundle_dir, backoff=backoff, watch_dir=watch_dir, reload_file=reload_request_path(db_path)
+    )
     costs, feature_cfg = CostConfig(), FeatureConfig()
-    try:
-        bundle = load_bundle(bundle_dir)
-        primary = FrozenPPOPolicy(bundle)
+    bundle = getattr(slot.policy, "bundle", None)
+    if bundle is not None:
         costs, feature_cfg = bundle.env_config.costs, bundle.feature_config
         log(f"bundle loaded: {bundle_dir} (schema {bundle.manifest['observation']['schema_hash'][:12]})")
-    except Exception as exc:  # any load failure -> V1 decides every bar, and the reason is recorded
-        load_error = f"{type(exc).__name__}: {exc}"
-        log(f"[yellow]bundle failed to load, V1 decides every bar[/]: {load_error}")
+    else:  # any load failure -> V1 decides every bar (until a reload succeeds), and the reason is recorded
+        log(f"[yellow]bundle failed to load, V1 decides every bar[/]: {slot.load_error}")
     fallback = V1Policy(_v1_config_from_manifest(bundle_dir))
     atr = atr_indicator(candles, feature_cfg.atr_period_bars)
     store = StateStore.sqlite(db_path)
-    config = ServeConfig(initial_equity_usdt=initial_equity_usdt, warmup_bars=warmup_bars)
+    guard = RiskGuard(risk, store) if risk is not None else None
+    if guard is not None and guard.state.value != "ACTIVE":
+        log(f"[red]risk guard is {guard.state.value}[/] (persisted): {'; '.join(guard.status.reasons)}")
+    notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
     n = max(0, len(candles) - warmup_bars)
-    if progress_factory is None:
-        return run_replay(candles, primary=primary, fallback=fallback, atr=atr, costs=costs, store=store,
-                          config=config, primary_load_error=load_error)
-    with progress_factory() as progress:
-        task = progress.add_task("replay", total=n)
-        return run_replay(candles, primary=primary, fallback=fallback, atr=atr, costs=costs, store=store,
-                          config=config, primary_load_error=load_error,
-                          progress=lambda i, total: progress.update(task, completed=i, total=total))
+    kwargs = {"fallback": fallback, "atr": atr, "costs": costs, "store": store, "config": config,
+              "guard": guard, "notifier": notifier}
+    try:
+        if progress_factory is None:
+            return run_replay(candles, primary=slot, **kwargs)
+        with progress_factory() as progress:
+            task = progress.add_task("replay", total=n)
+            return run_replay(candles, primary=slot, **kwargs,
+                              progress=lambda i, total: progress.update(task, completed=i, total=total))
+    finally:
+        if notifier is not None:
+            notifier.close()

@@ -2,17 +2,26 @@
 
 For every bar t from ``warmup_bars`` on:
 
+0. between bars, the primary's :class:`serving.hotswap.PolicySlot` may swap in a validated new
+   bundle (watched directory or ``ats serve reload`` request) or re-load a bundle that failed;
 1. the broker processes bar t with the decision taken at the close of bar t-1 (fills at the
    open, stops/take-profits/liquidation inside the bar, funding at settlement times); its fills
-   and the equity marked at the close are recorded;
+   and the equity marked at the close are recorded; closed round trips go to the risk guard;
 2. a :class:`market.decision.DecisionContext` is built from the candles up to bar t;
-3. the primary (V2) policy decides; if it is missing (bundle failed to load), raises, answers
-   something that is not a :class:`Decision`, builds a non-finite decision
+3. the primary (V2) policy decides; if it is missing (bundle failed to load), backing off after
+   a recent failure (``config.primary_backoff``), raises, answers something that is not a
+   :class:`Decision`, builds a non-finite decision
    (:class:`market.decision.NonFiniteDecisionError`) or answers later than
    ``decision_timeout_ms`` (measured with the injected ``clock``; the late answer is discarded),
-   the fallback (V1) policy decides instead and the reason is recorded;
+   the fallback (V1) policy decides instead and the reason is recorded (``backoff: ...`` on the
+   bars the primary was not asked);
 4. if the fallback fails too, the loop decides flat (close any position) and records an event;
-5. the decision is submitted with ``atr[t]`` and its row is written.
+   the risk guard (:class:`serving.risk.RiskGuard`, optional) reviews the decision;
+5. the decision is submitted with ``atr[t]`` and its row is written; the notifier (optional)
+   gets the bar's events and fills.
+
+Every processed bar has exactly one decision row and one source ('v2', 'v1', or 'guard' when the
+loop or the risk guard imposed the decision).
 
 All rows of one bar go to the store in one transaction. The loop never stops for a policy
 failure. A candle row that fails validation (non-finite or non-positive price, negative or
@@ -44,9 +53,15 @@ from pydantic import Field
 from envs.accounting import Bar, is_funding_time
 from envs.config import CostConfig
 from market.config_base import StrictConfig
-from market.decision import Decision, DecisionContext, NonFiniteDecisionError, Policy
+from market.decision import Decision, DecisionContext, Policy
+from serving.choice import Choice as _Choice
+from serving.choice import choose as _choose
+from serving.choice import reason_kind
 from serving.errors import DataQualityError
+from serving.hotswap import BackoffConfig, PolicySlot
+from serving.notify import Notifier
 from serving.paper import PaperBroker
+from serving.risk import AccountSnapshot, RiskGuard
 from serving.store import DecisionRecord, EquityRecord, EventRecord, FillRecord, StateStore
 
 _REQUIRED_COLUMNS = ("open", "high", "low", "close", "volume")
@@ -75,6 +90,10 @@ class ServeConfig(StrictConfig):
         description="Trailing candles passed to the policies in the decision context (None: the whole "
         "history); must cover the fallback's history_bars.",
     )
+    primary_backoff: BackoffConfig = Field(
+        default_factory=BackoffConfig,
+        description="Bars V1 decides without asking the primary after consecutive primary failures.",
+    )
 
 
 @dataclass(frozen=True)
@@ -82,7 +101,8 @@ class ReplaySummary:
     """Outcome of :func:`run_replay`.
 
     ``bars`` counts the bars processed (from ``warmup_bars`` on, quarantined ones included);
-    ``decisions_*`` count decision rows by source ('guard': a flat/hold imposed by the loop);
+    ``decisions_*`` count decision rows by source ('guard': a flat/hold imposed by the loop or the
+    risk guard); ``risk_state`` is the guard's state after the last bar (None without a guard);
     ``fallback_reasons`` counts, per reason kind (the text before the first ':', e.g.
     ``deadline_exceeded``), the bars on which the primary was not used. Money in USDT; costs are
     cumulative over the run (``funding_paid_usdt`` > 0: paid).
@@ -103,11 +123,7 @@ class ReplaySummary:
     slippage_paid_usdt: float
     liquidation_fees_usdt: float
     events: Counter[str] = field(default_factory=Counter)
-
-
-def reason_kind(reason: str) -> str:
-    """The kind of a fallback reason: the text before the first ':' (``"deadline_exceeded"``)."""
-    return reason.split(":", 1)[0].strip()
+    risk_state: str | None = None
 
 
 def _validate_candles(candles: pd.DataFrame) -> None:
@@ -156,96 +172,29 @@ def row_problems(candles: pd.DataFrame) -> list[str | None]:
     return out
 
 
-def _raw_action(policy: Any) -> tuple[float, ...] | None:
-    raw = getattr(policy, "last_raw_action", None)
-    if raw is None:
-        return None
-    try:
-        return tuple(float(x) for x in np.asarray(raw, dtype=np.float64).ravel())
-    except (TypeError, ValueError):
-        return None
-
-
-@dataclass
-class _Choice:
-    decision: Decision
-    source: str
-    reason: str | None
-    raw_action: tuple[float, ...] | None
-    latency_ms: float
-    events: list[tuple[str, dict[str, Any]]]
-
-
-def _choose(
-    ctx: DecisionContext,
-    primary: Policy | None,
-    fallback: Policy,
-    primary_load_error: str | None,
-    timeout_ms: float,
-    clock: Callable[[], float],
-) -> _Choice:
-    """Ask the primary, else the fallback, else decide flat. Never raises for a policy failure.
-
-    ``raw_action`` is the primary's (V2's) ``last_raw_action`` of this call, whatever the final
-    source: it is reset to None before the call, so a stale vector is never recorded.
-    """
-    t0 = clock()
-    reason: str | None
-    raw: tuple[float, ...] | None = None
-    if primary is None:
-        reason = f"bundle_load_failed: {primary_load_error or 'no primary policy'}"
-    else:
-        if hasattr(primary, "last_raw_action"):
-            try:
-                primary.last_raw_action = None  # type: ignore[attr-defined]
-            except (AttributeError, TypeError):
-                pass
-        try:
-            answer = primary.decide(ctx)
-        except NonFiniteDecisionError as exc:
-            reason = f"non_finite_action: {exc}"
-        except Exception as exc:  # noqa: BLE001 - any model failure means fallback
-            reason = f"exception: {type(exc).__name__}: {exc}"
-        else:
-            reason = None
-        latency_ms = (clock() - t0) * 1_000.0
-        raw = _raw_action(primary)
-        if reason is None:
-            if latency_ms > timeout_ms:
-                reason = f"deadline_exceeded: {latency_ms:.0f} ms > {timeout_ms:.0f} ms"
-            elif not isinstance(answer, Decision):
-                reason = f"invalid_return: expected Decision, got {type(answer).__name__}"
-            else:
-                return _Choice(answer, "v2", None, raw, latency_ms, [])
-    try:
-        answer = fallback.decide(ctx)
-        if not isinstance(answer, Decision):
-            raise TypeError(f"fallback returned {type(answer).__name__}, not a Decision")
-    except Exception as exc:  # noqa: BLE001 - the loop must go on: decide flat
-        error = f"{type(exc).__name__}: {exc}"
-        latency_ms = (clock() - t0) * 1_000.0
-        event = ("fallback_failed", {"primary_reason": reason, "fallback_error": error})
-        return _Choice(
-            Decision.flat(), "guard", f"{reason}; fallback_failed: {error}", raw, latency_ms, [event]
-        )
-    latency_ms = (clock() - t0) * 1_000.0
-    return _Choice(answer, "v1", reason, raw, latency_ms, [])
-
-
 def _decision_detail(d: Decision | None) -> dict[str, Any] | None:
     return None if d is None else asdict(d)
+
+
+def _account_snapshot(ts: pd.Timestamp, equity_usdt: float, state: Any, close: float) -> AccountSnapshot:
+    return AccountSnapshot(
+        time=ts, equity_usdt=float(equity_usdt), position_side=int(state.side), position_qty_base=float(state.qty_base),
+        position_notional_usdt=float(state.qty_base) * float(close), leverage=float(state.leverage),
+    )  # fmt: skip
 
 
 def run_replay(
     candles: pd.DataFrame,
     *,
-    primary: Policy | None,
+    primary: Policy | PolicySlot | None,
     fallback: Policy,
     atr: np.ndarray,
     costs: CostConfig,
     store: StateStore,
     config: ServeConfig,
     primary_load_error: str | None = None,
+    guard: RiskGuard | None = None,
+    notifier: Notifier | None = None,
     progress: Callable[[int, int], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -258,10 +207,12 @@ def run_replay(
         Index: strictly increasing UTC open times; columns ``open high low close volume``
         (float64) and optionally ``funding_rate`` (NaN where none; NaN at a funding time uses the
         cost model's fallback rate).
-    primary : Policy | None
-        The V2 policy, or None when its bundle failed to load (see ``primary_load_error``). May
-        expose ``last_raw_action`` (its raw action vector): it is reset to None before each call
-        and stored in the decision row (also when the primary failed or was overruled).
+    primary : Policy | PolicySlot | None
+        The V2 policy, a :class:`serving.hotswap.PolicySlot` holding it (backoff, hot-swap), or
+        None when its bundle failed to load (see ``primary_load_error``). A bare policy is wrapped
+        in a slot with ``config.primary_backoff`` and no hot-swap. The policy may expose
+        ``last_raw_action`` (its raw action vector): it is reset to None before each call and
+        stored in the decision row (also when the primary failed or was overruled).
     fallback : Policy
         The V1 policy. If it has ``history_bars``, ``config.context_bars`` must cover it.
     atr : np.ndarray
@@ -271,9 +222,16 @@ def run_replay(
     store : StateStore
         Where decisions, fills, equity snapshots and events are appended.
     config : ServeConfig
-        Equity, deadline, warm-up, run id, context length.
+        Equity, deadline, warm-up, run id, context length, backoff.
     primary_load_error : str | None
         Why ``primary`` is None (recorded as ``bundle_load_failed: <text>``).
+    guard : RiskGuard | None
+        Risk guard reviewing every decided bar (not quarantined ones, whose decision is already
+        hold-or-flat); None: no guard. A decision whose direction it changes is recorded with
+        source 'guard' and reason ``risk: ...``; a clipped size keeps the policy's source and adds a
+        ``risk_clipped`` event; each state change is a ``risk_state_changed`` event.
+    notifier : Notifier | None
+        Receives the bar's events and fills after they are stored (never raises, never blocks).
     progress : Callable[[int, int], None] | None
         Called after each processed bar with (bars consumed so far, total bars).
     clock : Callable[[], float]
@@ -306,6 +264,11 @@ def run_replay(
         raise ValueError(
             f"config.context_bars={config.context_bars} is shorter than the fallback's history_bars={need}"
         )
+    slot = (
+        primary
+        if isinstance(primary, PolicySlot)
+        else PolicySlot(primary, load_error=primary_load_error, backoff=config.primary_backoff)
+    )
 
     run_id = config.run_id
     broker = PaperBroker(config.initial_equity_usdt, costs)
@@ -323,18 +286,23 @@ def run_replay(
     n_quarantined = 0
     last_valid_atr = math.nan
     last_kind: str | None = None  # reason kind of the previous decided bar (None: primary used)
+    last_ctx: DecisionContext | None = None
+    risk_state = guard.state.value if guard is not None else None
 
     start_events = [EventRecord(run_id, index[0] if n else pd.Timestamp(0, tz="UTC"), "run_started", {
-        "bars": n, "warmup_bars": config.warmup_bars, "primary": getattr(primary, "name", None),
+        "bars": n, "warmup_bars": config.warmup_bars, "primary": getattr(slot.policy, "name", None),
         "fallback": getattr(fallback, "name", None), "initial_equity_usdt": config.initial_equity_usdt,
+        "risk_state": risk_state, "mode": "paper",
     })]  # fmt: skip
-    if primary is None:
+    if slot.policy is None:
         start_events.append(
-            EventRecord(run_id, start_events[0].time, "primary_unavailable", {"error": primary_load_error})
+            EventRecord(run_id, start_events[0].time, "primary_unavailable", {"error": slot.load_error})
         )
     store.append(events=start_events)
     for e in start_events:
         event_counts[e.kind] += 1
+    if notifier is not None:
+        notifier.publish(start_events, [])
 
     for t in range(config.warmup_bars, n):
         ts = index[t]
@@ -342,7 +310,12 @@ def run_replay(
         events: list[EventRecord] = []
         problem = problems[t]
 
+        # (0) between bars: hot-swap / reload of the primary
+        for kind, detail in slot.poll(t, last_ctx):
+            events.append(EventRecord(run_id, ts, kind, detail))
+
         # (1) the broker processes bar t with the decision taken at the close of t-1
+        closed_trades: tuple = ()
         if problem is not None:
             n_quarantined += 1
             discarded = broker.cancel_pending()
@@ -358,6 +331,7 @@ def run_replay(
             )  # fmt: skip
             result = broker.on_bar(bar)
             fills = [FillRecord.from_fill(run_id, f) for f in result.fills]
+            closed_trades = result.closed_trades
             if result.liquidated:
                 events.append(
                     EventRecord(
@@ -369,6 +343,9 @@ def run_replay(
             equity_usdt = result.equity_usdt
         state = broker.state
         equity_row = EquityRecord(run_id, ts, float(equity_usdt), state.cash_usdt, state.side, state.qty_base)
+        if guard is not None:
+            for trade in closed_trades:
+                guard.record_closed_trade(ts, trade.pnl_usdt)
 
         atr_t = float(atr_arr[t])
         atr_ok = problem is None and math.isfinite(atr_t) and atr_t > 0
@@ -390,11 +367,15 @@ def run_replay(
                 position=broker.position_view(),
                 equity_usdt=float(equity_usdt),
             )
-            choice = _choose(ctx, primary, fallback, primary_load_error, config.decision_timeout_ms, clock)
+            last_ctx = ctx
+            policy, unavailable = slot.acquire(t)
+            choice = _choose(ctx, policy, fallback, unavailable, config.decision_timeout_ms, clock)
+            if policy is not None:
+                choice.events.extend(slot.record(t, choice.primary_failure))
             if choice.source != "v2" and choice.reason is not None:
                 kind = reason_kind(choice.reason)
                 fallback_reasons[kind] += 1
-                if kind != last_kind:
+                if last_kind is None:
                     choice.events.append(("fallback_engaged", {"reason": choice.reason}))
                 last_kind = kind
             else:
@@ -415,6 +396,27 @@ def run_replay(
                 choice.raw_action, choice.latency_ms, choice.events,
             )  # fmt: skip
 
+        # (4b) the risk guard (independent of the policy)
+        if guard is not None and problem is None:
+            verdict = guard.review(decision, _account_snapshot(ts, equity_usdt, state, c[t]))
+            if verdict.state != risk_state:
+                choice.events.append(("risk_state_changed", {
+                    "from": risk_state, "to": verdict.state, "reasons": list(verdict.reasons),
+                }))  # fmt: skip
+                risk_state = verdict.state
+            if verdict.decision != decision:
+                if verdict.decision.direction != decision.direction:
+                    why = "; ".join(verdict.reasons)
+                    choice = _Choice(
+                        verdict.decision, "guard", f"{choice.reason + '; ' if choice.reason else ''}risk: {why}",
+                        choice.raw_action, choice.latency_ms, choice.events,
+                    )  # fmt: skip
+                else:
+                    choice.events.append(("risk_clipped", {
+                        "reasons": list(verdict.reasons), "requested": _decision_detail(decision),
+                    }))  # fmt: skip
+                decision = verdict.decision
+
         # (5) submit and record
         broker.submit(decision, atr_t if atr_ok else last_valid_atr)
         counts[choice.source] += 1
@@ -427,6 +429,8 @@ def run_replay(
             fallback_reason=choice.reason, latency_ms=choice.latency_ms, created_at=now(),
         )  # fmt: skip
         store.append(decisions=[record], fills=fills, equity=[equity_row], events=events)
+        if notifier is not None:
+            notifier.publish(events, fills)
         if progress is not None:
             progress(t + 1, n)
 
@@ -447,12 +451,16 @@ def run_replay(
         slippage_paid_usdt=final.slippage_paid_usdt,
         liquidation_fees_usdt=final.liquidation_fees_usdt,
         events=event_counts,
+        risk_state=risk_state,
     )
     end_time = index[-1] if n else pd.Timestamp(0, tz="UTC")
-    store.append(events=[EventRecord(run_id, end_time, "run_finished", {
+    end_events = [EventRecord(run_id, end_time, "run_finished", {
         "bars": summary.bars, "decisions_v2": summary.decisions_v2, "decisions_v1": summary.decisions_v1,
         "decisions_guard": summary.decisions_guard, "fallback_reasons": dict(fallback_reasons),
-        "final_equity_usdt": summary.final_equity_usdt, "n_fills": summary.n_fills,
-    })])  # fmt: skip
+        "final_equity_usdt": summary.final_equity_usdt, "n_fills": summary.n_fills, "risk_state": risk_state,
+    })]  # fmt: skip
+    store.append(events=end_events)
+    if notifier is not None:
+        notifier.publish(end_events, [])
     summary.events["run_finished"] += 1
     return summary

@@ -68,7 +68,7 @@ def run_backtest(
     """
     n = len(data.close)
     window = candles.iloc[offset : offset + n]
-    if len(window) != n or not np.array_equal(window.index.asi8, np.asarray(data.open_time_ns, dtype=np.int64)):
+    if len(window) != n or not np.array_equal(window.index.as_unit("ns").asi8, np.asarray(data.open_time_ns, dtype=np.int64)):
         raise ValueError(f"candles[{offset}:{offset + n}] ({len(window)} rows) and env data ({n} rows) are not aligned")
     cfg = env_config.model_copy(
         update={"episode_len_bars": None, "random_start": False, "min_equity_frac": 0.0, "max_drawdown_frac": 1.0,

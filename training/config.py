@@ -96,6 +96,28 @@ class PPOConfig(StrictConfig):
     obs_clip: float = Field(10.0, gt=0, description="clip of the standardised market observation")
 
 
+class RLlibConfig(StrictConfig):
+    """Ray RLlib backend (``backend: rllib``): where Ray runs and how sampling/learning is spread.
+
+    The PPO hyperparameters themselves come from the ``ppo`` section (same meaning as for SB3).
+    """
+
+    ray_address: str | None = Field(
+        None, description="None = start a local Ray; 'auto' or HOST:PORT = join that running Ray cluster"
+    )
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None = all); ignored with an address")
+    num_env_runners: int = Field(0, ge=0, description="remote sampling processes; 0 = sample in the driver")
+    num_envs_per_env_runner: int | None = Field(
+        None, ge=1, description="envs stepped by each runner; None = ppo.n_envs / max(1, num_env_runners)"
+    )
+    num_learners: int = Field(0, ge=0, description="remote learner processes; 0 = learn in the driver")
+    num_gpus_per_learner: float | None = Field(
+        None, ge=0, description="GPUs per learner; None = 1 when the device resolves to cuda, else 0"
+    )
+    train_batch_size: int | None = Field(None, ge=8, description="env steps per iteration; None = ppo.n_envs * ppo.n_steps")
+    minibatch_size: int | None = Field(None, ge=8, description="SGD minibatch; None = ppo.batch_size")
+
+
 class RunConfig(StrictConfig):
     """Everything one ``ats train`` run needs."""
 
@@ -114,6 +136,8 @@ class RunConfig(StrictConfig):
     stacking: StackingConfig = StackingConfig()
     env: EnvConfig = EnvConfig()
     ppo: PPOConfig = PPOConfig()
+    backend: Literal["sb3", "rllib"] = Field("sb3", description="PPO implementation: sb3 (one process) or rllib (Ray)")
+    rllib: RLlibConfig = RLlibConfig()
     v1: V1Config = V1Config()
 
 

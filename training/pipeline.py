@@ -30,6 +30,7 @@ from agents.bundle import save_bundle
 from agents.observation import ObsNormalizer, StackModels, model_outputs
 from agents.policy import SB3ActorPolicy
 from agents.ppo_sb3 import resolve_device, train_ppo
+from agents.tb_logging import write_layout_to
 from envs.trading_env import EnvData
 from market.bundled import bundled_candles_path, bundled_funding_path
 from market.candles import join_funding, load_candles, load_funding
@@ -254,19 +255,37 @@ def train_run(cfg: RunConfig, run_dir: Path, *, log: Log = print, on_ppo_progres
         return summarize_backtest(res, bar_s)
 
     t0 = time.perf_counter()
-    result = train_ppo(
-        train, cfg.env, cfg.ppo, seed=cfg.seed, device=device, tensorboard_dir=run_dir / "tb",
-        episode_stats=episode_stats(bar_s), validator=validator, on_progress=on_ppo_progress,
-        hparams={"seed": cfg.seed, **{f"ppo/{k}": v for k, v in cfg.ppo.model_dump().items() if isinstance(v, (int, float))},
-                 "reward/kind": cfg.env.reward.kind, "reward/eta": cfg.env.reward.eta},
-    )
+    hparams = {"seed": cfg.seed, "backend": cfg.backend,
+               **{f"ppo/{k}": v for k, v in cfg.ppo.model_dump().items() if isinstance(v, (int, float))},
+               "reward/kind": cfg.env.reward.kind, "reward/eta": cfg.env.reward.eta}
+    if cfg.backend == "rllib":
+        from agents.ppo_rllib import ActorPolicy, train_ppo_rllib
+
+        def actor_validator(actor) -> dict[str, float]:
+            res = run_backtest(ActorPolicy(actor, cfg.env.actions), val, val_candles, cfg.env)
+            return summarize_backtest(res, bar_s)
+
+        result = train_ppo_rllib(
+            train, cfg.env, cfg.ppo, cfg.rllib, seed=cfg.seed, device=device, tensorboard_dir=run_dir / "tb",
+            episode_stats=episode_stats(bar_s), validator=actor_validator, on_progress=on_ppo_progress,
+            hparams={**hparams, **{f"rllib/{k}": v for k, v in cfg.rllib.model_dump().items() if v is not None}},
+            log=log,
+        )
+        actor_tensors = result.actor_tensors
+    else:
+        result = train_ppo(
+            train, cfg.env, cfg.ppo, seed=cfg.seed, device=device, tensorboard_dir=run_dir / "tb",
+            episode_stats=episode_stats(bar_s), validator=validator, on_progress=on_ppo_progress, hparams=hparams,
+        )
+        write_layout_to(run_dir / "tb" / "PPO_1")
+        actor_tensors = actor_state_from_sb3(result.model.policy)
     log(f"PPO: {cfg.ppo.total_timesteps} steps in {time.perf_counter() - t0:.0f} s; best validation Sortino "
         f"{result.best_metrics.get('sortino', float('nan')):.3f} at step {result.best_step}")
     (run_dir / "folds.json").write_text(json.dumps(folds, indent=1))
     (run_dir / "validation_history.json").write_text(json.dumps([M.to_jsonable(h) for h in result.history], indent=1))
     bundle = save_bundle(
         run_dir / "bundle",
-        actor_tensors=actor_state_from_sb3(result.model.policy),
+        actor_tensors=actor_tensors,
         hidden=tuple(cfg.ppo.net_arch),
         activation="tanh",
         normalizer=normalizer,

@@ -35,6 +35,7 @@ from fallback.v1 import V1SeriesPolicy
 from market.bundled import bundled_candles_path, bundled_funding_path
 from market.candles import join_funding, load_candles, load_funding
 from market.features import atr as atr_indicator
+from regime.config import RegimeConfig
 from training import metrics as M
 from training.backtest import BacktestResult, run_backtest
 from training.pipeline import summarize_backtest
@@ -100,6 +101,74 @@ def _rows(candles: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, v1: V1C
     return a, b
 
 
+#: Feature columns the regime HMM observes by default (as ``training.config.RunConfig.regime_input_features``).
+REGIME_COLUMNS: tuple[str, ...] = ("logret_24b", "rvol_24b")
+
+
+def causal_regime_proba(
+    candles: pd.DataFrame,
+    fit_end: pd.Timestamp,
+    regime: RegimeConfig | None = None,
+    *,
+    columns: Sequence[str] = REGIME_COLUMNS,
+) -> np.ndarray:
+    """Forward-filtered HMM regime probabilities for every row of ``candles``, fitted before ``fit_end``.
+
+    The causal features of :func:`market.features.compute_features` (default ``FeatureConfig``)
+    give the HMM input ``columns``; :class:`regime.hmm.RegimeHMM` is fitted on the rows whose open
+    time is before ``fit_end`` (and whose features are defined), then its forward filter (Rabiner
+    1989; row t uses rows up to t only) runs from the first defined row through the end. So the
+    probabilities of an evaluation period starting at ``fit_end`` use no bar of that period for
+    fitting and no later bar for filtering.
+
+    Parameters
+    ----------
+    candles : pd.DataFrame
+        Validated candles (T rows).
+    fit_end : pd.Timestamp
+        End (exclusive, UTC) of the fitting span; normally the start of the evaluated period.
+    regime : RegimeConfig, optional
+        HMM settings (``n_states`` K, restarts, seed); default ``RegimeConfig()``.
+    columns : sequence of str
+        Feature columns the HMM observes.
+
+    Returns
+    -------
+    np.ndarray
+        float64 (T, K); rows sum to 1, NaN rows where the features are not yet defined (warm-up).
+        States are ordered calm -> volatile, as ``V1Config.regime_adjustments`` expects.
+
+    Raises
+    ------
+    ValueError
+        If a column is not a feature, or fewer than 10 K defined rows lie before ``fit_end``.
+    """
+    from market.features import FeatureConfig, compute_features
+    from regime.hmm import RegimeHMM
+
+    regime = regime or RegimeConfig()
+    feats = compute_features(candles, FeatureConfig())
+    missing = [c for c in columns if c not in feats.columns]
+    if missing:
+        raise ValueError(f"regime columns {missing} are not feature columns")
+    x = feats[list(columns)].to_numpy(np.float64)
+    ok = np.isfinite(x).all(axis=1)
+    first = int(np.argmax(ok)) if ok.any() else len(x)
+    if not ok[first:].all():
+        bad = first + int(np.argmin(ok[first:]))
+        raise ValueError(f"regime features are non-finite at row {bad} ({candles.index[bad]}) after the warm-up")
+    n_fit = int(np.searchsorted(candles.index, fit_end)) - first
+    need = 10 * regime.n_states
+    if n_fit < need:
+        raise ValueError(
+            f"only {max(n_fit, 0)} bars with regime features before {fit_end}; the HMM needs at least {need}"
+        )
+    hmm = RegimeHMM(regime).fit(x[first : first + n_fit])
+    out = np.full((len(x), regime.n_states), np.nan)
+    out[first:] = hmm.filtered_proba(x[first:])
+    return out
+
+
 def evaluate_v1(
     candles: pd.DataFrame,
     start: pd.Timestamp,
@@ -108,6 +177,8 @@ def evaluate_v1(
     env: EnvConfig,
     *,
     regime_proba: np.ndarray | None = None,
+    fit_regime: RegimeConfig | None = None,
+    regime_columns: Sequence[str] = REGIME_COLUMNS,
 ) -> BacktestResult:
     """Backtest V1 over the bars opening in ``[start, end)`` under the env's cost model.
 
@@ -121,13 +192,30 @@ def evaluate_v1(
         Validated candles (``open high low close volume``, optional ``funding_rate``).
     regime_proba : np.ndarray, optional
         (T, K) filtered HMM probabilities aligned with ``candles`` (see ``V1SeriesPolicy``).
+    fit_regime : RegimeConfig, optional
+        Regime input for V1's regime-conditional thresholds, built causally: an HMM fitted on the
+        bars before ``start`` and forward-filtered through the period (:func:`causal_regime_proba`).
+        Needs ``v1.regime_adjustments`` with one entry per HMM state; not with ``regime_proba``.
+    regime_columns : sequence of str
+        Feature columns the fitted HMM observes (``RunConfig.regime_input_features``).
 
     Raises
     ------
     ValueError
-        If the period holds fewer than 2 bars with a defined ATR.
+        If the period holds fewer than 2 bars with a defined ATR; if ``fit_regime`` is given with
+        ``regime_proba``, or ``v1.regime_adjustments`` does not hold ``fit_regime.n_states``
+        entries (the probabilities would be unused or rejected), or too little history precedes ``start``.
     """
     a, b = _rows(candles, start, end, v1)
+    if fit_regime is not None:
+        if regime_proba is not None:
+            raise ValueError("evaluate_v1: give regime_proba or fit_regime, not both")
+        if len(v1.regime_adjustments) != fit_regime.n_states:
+            raise ValueError(
+                f"evaluate_v1: fit_regime has {fit_regime.n_states} states but V1Config.regime_adjustments holds "
+                f"{len(v1.regime_adjustments)} entries (need one per state, calm -> volatile)"
+            )
+        regime_proba = causal_regime_proba(candles.iloc[:b], start, fit_regime, columns=regime_columns)
     atr = atr_indicator(candles.iloc[:b], v1.atr_period_bars)
     first_ok = int(np.argmax(np.isfinite(atr) & (atr > 0)))
     a = max(a, first_ok)

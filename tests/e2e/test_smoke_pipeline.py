@@ -189,3 +189,21 @@ def test_evaluate_bundle_without_enough_history_names_what_is_missing(smoke_run,
     with pytest.raises(DataValidationError, match="warm-up bars"):
         evaluate_bundle(smoke_run / "bundle", candles, pd.Timestamp("2022-07-02", tz="UTC"),
                         pd.Timestamp("2022-07-20", tz="UTC"), tmp_path / "x", data_label="slice", log=lambda s: None)
+
+
+def test_cli_paper_serve_then_status_and_reset_risk(smoke_run, tmp_path):
+    """The README's serving commands: `ats serve` (paper), `ats status`, `ats serve reset-risk`."""
+    db = tmp_path / "state.sqlite"
+    runner = CliRunner()
+    r = runner.invoke(app, ["serve", "--mode", "paper", "--replay", str(smoke_run / "replay" / "test_candles.parquet"),
+                            "--bundle", str(smoke_run / "bundle"), "--db", str(db), "--warmup-bars", "700",
+                            "--max-bars", "12"])
+    assert r.exit_code == 0, r.output
+    assert "served 12 bars" in r.output
+    decisions = StateStore.sqlite(db).decisions()
+    assert len(decisions) == 12 and decisions["bar_open_time"].is_unique
+    r = runner.invoke(app, ["status", "--db", str(db)])
+    assert r.exit_code == 0 and "risk state" in r.output and "decided by V2" in r.output
+    r = runner.invoke(app, ["serve", "reset-risk", "--db", str(db), "--note", "test reset"])
+    assert r.exit_code == 0 and "reset to" in r.output
+    assert StateStore.sqlite(db).latest_risk_state("default").state == "ACTIVE"

@@ -2,7 +2,8 @@
 
 The product runs the compiled kernel (``envs.kernel``); ``tests/envs/test_kernel_equivalence.py``
 proves it gives the same numbers as this implementation, bit for bit, over many random sequences.
-Not used by the product.
+Not used by the product. Extended once since (issue 8): the trailing-stop rule of
+``Decision.new_stop_price`` (step 2b of :func:`step_bar`), written independently of the kernel.
 
 Timing (see ``market.decision``): a decision taken at the close of bar t is applied to bar t+1 by
 ``step_bar(state, decision, bar_{t+1}, atr_t, cfg)`` in four stages:
@@ -627,6 +628,13 @@ def step_bar(
     # the margin) liquidates the position first: the liquidation engine acts before any order.
     if w.side != 0 and w.liquidation_price is not None and w.side * (w.liquidation_price - bar.open) >= 0:
         w.liquidate(bar.open, bar.open_time_ns, w.bars_in_trade)
+    # 2b. Trailing (market.decision): on a hold of the open side, a requested stop is rounded to the
+    # tick away from the market (long down, short up) and kept only if it tightens the stop.
+    if (decision is not None and not changes_side and w.side != 0
+            and decision.new_stop_price is not None):  # fmt: skip
+        level = _round_price(decision.new_stop_price, cfg.tick_size_quote, -w.side)
+        if w.stop_price is None or w.side * (level - w.stop_price) > 0:
+            w.stop_price = level
     if changes_side:
         if w.side != 0:
             price = _adverse_fill(bar.open, -w.side, slip, cfg.tick_size_quote)

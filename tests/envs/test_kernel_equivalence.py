@@ -43,7 +43,21 @@ def _random_bars(rng: np.random.Generator, n: int) -> list[tuple]:
     return out
 
 
-def _random_decision(rng: np.random.Generator) -> Decision | None:
+def _random_decision(
+    rng: np.random.Generator, state: AccountState | None = None, next_open: float | None = None
+) -> Decision | None:
+    """A random decision; with ``state`` holding a position, often a hold asking for a new stop:
+    near the current stop (tighter or looser), or through the next open (gap rule)."""
+    if state is not None and state.side != 0 and state.stop_price is not None and rng.random() < 0.5:
+        s = state.side
+        u = rng.random()
+        if u < 0.6:
+            level = state.stop_price * (1 + rng.uniform(-0.01, 0.02) * s)
+        elif u < 0.8 and next_open is not None:
+            level = next_open * (1 + s * rng.uniform(0.0, 0.01))  # at or through the open
+        else:
+            level = state.entry_price * (1 + rng.uniform(-0.03, 0.03))
+        return Decision(s, new_stop_price=float(level))
     if rng.random() < 0.15:
         return None
     return Decision(
@@ -75,7 +89,7 @@ def test_step_bar_equals_pure_python_reference(seed: int) -> None:
     new_state, old_state = AccountState.initial(equity), ref.AccountState.initial(equity)
     n_compared = 0
     for bar_args in _random_bars(rng, 120):
-        decision = _random_decision(rng)
+        decision = _random_decision(rng, new_state, bar_args[1])
         atr = float(rng.choice([bar_args[1] * rng.uniform(0.002, 0.03), math.nan]) if rng.random() < 0.05
                     else bar_args[1] * rng.uniform(0.002, 0.03))  # fmt: skip
         got, got_err = _run(accounting, new_state, decision, bar_args, atr, cfg)
@@ -90,22 +104,32 @@ def test_step_bar_equals_pure_python_reference(seed: int) -> None:
 
 
 def test_reference_sequences_cover_liquidations_stops_and_funding() -> None:
-    """The random sequences above do reach every fill reason and the funding fallback."""
+    """The random sequences above do reach every fill reason, the funding fallback, and stop-move
+    requests that move the stop, that are ignored, and that the next open gaps through."""
     reasons: set[str] = set()
-    fallbacks = 0
+    fallbacks = moved = ignored = gapped = 0
     for seed in range(40):
         rng = np.random.default_rng(seed)
         cfg = CostConfig()
         state = AccountState.initial(10_000.0)
         for bar_args in _random_bars(rng, 120):
+            decision = _random_decision(rng, state, bar_args[1])
             try:
-                res = step_bar(state, _random_decision(rng), Bar(*bar_args), bar_args[1] * 0.01, cfg)
+                res = step_bar(state, decision, Bar(*bar_args), bar_args[1] * 0.01, cfg)
             except ValueError:
                 continue
             reasons.update(f.reason for f in res.fills)
+            if decision is not None and decision.new_stop_price is not None:
+                if res.fills and res.fills[0].reason == "stop" and state.side * (decision.new_stop_price - bar_args[1]) >= 0:
+                    gapped += 1
+                elif res.state.stop_price != state.stop_price and res.state.side == state.side:
+                    moved += 1
+                elif res.state.side == state.side:
+                    ignored += 1
             state = res.state
         fallbacks += state.n_fallback_funding
     assert reasons == {"entry", "exit_signal", "stop", "take_profit", "liquidation"} and fallbacks > 0
+    assert moved >= 10 and ignored >= 10 and gapped >= 10, (moved, ignored, gapped)
 
 
 def _env_configs() -> list[EnvConfig]:
@@ -156,3 +180,29 @@ def test_env_equals_pure_python_reference_env(config_index: int, seed: int) -> N
             obs_n, _ = new.reset()
             obs_o, _ = old.reset()
             assert np.array_equal(obs_n, obs_o)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_env_step_decision_with_stop_moves_equals_reference_env(seed: int) -> None:
+    """``TradingEnv.step_decision`` (kernel, 6-field decision) equals the reference env, trailing included."""
+    cfg = _env_configs()[1]
+    data = make_env_data(400, seed=seed, vol_per_bar=0.03)
+    new, old = TradingEnv(data, cfg), ReferenceTradingEnv(data, cfg)
+    rng = np.random.default_rng(100 + seed)
+    new.reset(options={"start_index": 0, "end_index": 399})
+    old.reset(options={"start_index": 0, "end_index": 399})
+    moved = 0
+    for _ in range(399):
+        state = new.account_state
+        decision = _random_decision(rng, state, float(data.open[new.current_index + 1]))
+        if decision is not None and decision.direction != state.side and decision.direction != 0:
+            decision = dataclasses.replace(decision, leverage=min(decision.leverage, 20.0))
+        got, want = new.step_decision(decision), old.step_decision(decision)
+        assert np.array_equal(got[0], want[0]) and got[1:4] == want[1:4]
+        assert all(_same(got[4][k], want[4][k]) for k in want[4])
+        after = new.account_state
+        assert dataclasses.astuple(after) == dataclasses.astuple(old.account_state)
+        moved += after.side == state.side != 0 and after.stop_price != state.stop_price
+        if got[2] or got[3]:
+            break
+    assert moved >= 5

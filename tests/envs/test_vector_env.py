@@ -103,3 +103,32 @@ def test_step_errors_name_the_problem() -> None:
         env.step(bad)
     with pytest.raises(ValueError, match="env 0: evaluation span"):
         env.reset(options={"start_index": [50, 10], "end_index": [40, 20]})
+
+
+def test_copy_true_returns_arrays_the_next_step_does_not_overwrite() -> None:
+    data = make_env_data(200, seed=4, vol_per_bar=0.02)
+    actions = np.random.default_rng(2).uniform(-1, 1, (12, 3, 5)).astype(np.float32)
+    owned, shared = BatchedTradingEnv(data, EnvConfig(episode_len_bars=5), 3), \
+        BatchedTradingEnv(data, EnvConfig(episode_len_bars=5), 3, copy=False)  # fmt: skip
+    owned.reset(seed=0)
+    shared.reset(seed=0)
+    kept, snapshots = [], []
+    for a in actions:
+        out = owned.step(a)
+        ref = shared.step(a)
+        kept.append(out)
+        snapshots.append([np.array(x, copy=True) for x in ref[:4]] + [
+            {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else
+                 {n: np.array(c, copy=True) for n, c in v.items()}) for k, v in ref[4].items()}])  # fmt: skip
+    # every earlier result still holds its own step's values (equal to the copy=False env's at that step)
+    for out, snap in zip(kept, snapshots):
+        for x, y in zip(out[:4], snap[:4]):
+            assert np.array_equal(x, y)
+        assert out[4].keys() == snap[4].keys()
+        assert np.array_equal(out[4]["equity_usdt"], snap[4]["equity_usdt"])
+        if "final_info" in snap[4]:
+            done = snap[4]["_final_obs"]
+            assert np.array_equal(out[4]["final_obs"][done], snap[4]["final_obs"][done])
+            assert all(np.array_equal(out[4]["final_info"][k][done], snap[4]["final_info"][k][done])
+                       for k in snap[4]["final_info"])  # fmt: skip
+    assert sum("final_info" in s[4] for s in snapshots) >= 2

@@ -18,15 +18,43 @@ timeout), ``overlap`` (the page starts ``bars`` earlier than asked), ``duplicate
 ``reverse`` (rows out of order), ``null_rows`` (a 200 page of ``null`` values) and ``past_end``
 (klines: ``endTime`` ignored, so the page runs up to the still-open bar). Every request is
 recorded in :attr:`FakeBinance.requests` as ``(path, params)``.
+
+Trading (signed endpoints; signatures are not checked), one account in one-way mode, USDT margin:
+
+* ``POST /fapi/v1/leverage``, ``POST /fapi/v1/marginType`` (-4046 when already set);
+* ``POST|GET|DELETE /fapi/v1/order`` (MARKET only; by ``orderId`` or ``origClientOrderId``),
+  ``GET /fapi/v1/openOrders``, ``GET /fapi/v1/allOrders``;
+* ``POST|GET|DELETE /fapi/v1/algoOrder`` (conditional STOP_MARKET / TAKE_PROFIT_MARKET, by
+  ``algoId`` or ``clientAlgoId``), ``GET /fapi/v1/openAlgoOrders``, ``GET /fapi/v1/allAlgoOrders``;
+* ``GET /fapi/v1/positionSide/dual`` (hedge mode flag), ``GET /fapi/v1/leverageBracket``,
+* ``GET /fapi/v1/userTrades`` (``fromId``/``startTime``), ``GET /fapi/v2|v3/positionRisk``,
+  ``GET /fapi/v2|v3/account``, ``GET /fapi/v2|v3/balance``.
+
+Matching model: a market order fills at once at the *current price* (the open of the bar that
+contains ``now_ms``), taker fee ``fee_rate`` of the notional; a reduce-only order is capped at the
+position (-2022 when flat). Conditional orders trigger when the clock is moved
+(:attr:`now_ms` setter) past the close of a bar whose low/high crosses them (stop checked before
+take-profit), and fill at the trigger price; ``closePosition`` orders close whatever is open.
+Client ids are unique only among OPEN orders (-4116), as on Binance, so a filled market order can
+be re-sent with the same id: :meth:`FakeBinance.orders_by_client_id` shows such duplicates.
+Extra fault kinds for trading endpoints: ``accept_then_delay`` (the order is applied, the answer
+comes after ``delay_s``, past the client timeout), ``drop`` (the order is applied, the connection
+is closed without an answer), ``partial_fill`` (the next market order fills ``fill_ratio`` of
+its quantity, the rest expires), ``auth_error`` (401, Binance code -2015), ``echo_key`` (a 400 whose message quotes the
+``X-MBX-APIKEY`` header, to test redaction); for klines also
+``nan_close`` (the last closed bar's close is ``"NaN"``) and ``gap`` (a row in the middle is missing). With ``state_path`` the trading state is loaded from that JSON
+file at start and written after every change, so a restarted server sees the same exchange.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import parse_qs, urlsplit
 
@@ -34,11 +62,14 @@ import numpy as np
 import pandas as pd
 
 FaultKind = Literal[
-    "status_429", "html_5xx", "json_5xx", "delay", "overlap", "duplicate", "reverse", "null_rows", "past_end"
+    "status_429", "html_5xx", "json_5xx", "delay", "overlap", "duplicate", "reverse", "null_rows", "past_end",
+    "accept_then_delay", "drop", "partial_fill", "auth_error", "nan_close", "gap", "echo_key",
 ]
 
 KLINES = "/fapi/v1/klines"
 FUNDING = "/fapi/v1/fundingRate"
+ORDER = "/fapi/v1/order"
+ALGO_ORDER = "/fapi/v1/algoOrder"
 
 _TF_MS = {"1m": 60_000, "5m": 300_000, "15m": 900_000, "1h": 3_600_000, "4h": 14_400_000, "1d": 86_400_000}
 
@@ -51,6 +82,7 @@ class Fault:
     retry_after_s: int = 1
     delay_s: float = 1.0
     bars: int = 3
+    fill_ratio: float = 0.5
 
 
 def _exchange_info(now_ms: int) -> dict[str, Any]:
@@ -80,6 +112,23 @@ def _ms(index: pd.DatetimeIndex) -> np.ndarray:
     return index.as_unit("ms").asi8
 
 
+@dataclass
+class _TradingState:
+    """The account of the fake exchange (JSON-serialisable)."""
+
+    wallet_usdt: float = 10_000.0
+    position_amt: float = 0.0
+    entry_price: float = 0.0
+    leverage: int = 20
+    margin_type: str = "CROSSED"
+    dual_side: bool = False
+    next_order_id: int = 1000
+    next_trade_id: int = 5000
+    orders: list[dict[str, Any]] = field(default_factory=list)
+    algo_orders: list[dict[str, Any]] = field(default_factory=list)
+    trades: list[dict[str, Any]] = field(default_factory=list)
+
+
 class FakeBinance:
     """Threaded HTTP server on 127.0.0.1 (a free port) speaking the Binance USDⓈ-M market-data API.
 
@@ -98,16 +147,32 @@ class FakeBinance:
     Use as a context manager; :attr:`url` is ``http://127.0.0.1:<port>``.
     """
 
-    def __init__(self, candles: pd.DataFrame, funding: pd.Series, *, now_ms: int, timeframe: str = "1h") -> None:
+    def __init__(
+        self,
+        candles: pd.DataFrame,
+        funding: pd.Series,
+        *,
+        now_ms: int,
+        timeframe: str = "1h",
+        wallet_usdt: float = 10_000.0,
+        fee_rate: float = 0.0004,
+        state_path: str | Path | None = None,
+    ) -> None:
         self.timeframe = timeframe
         self.tf_ms = _TF_MS[timeframe]
-        self.now_ms = int(now_ms)
+        self._now_ms = int(now_ms)
+        self.fee_rate = float(fee_rate)
+        self.state_path = None if state_path is None else Path(state_path)
+        self.trading = _TradingState(wallet_usdt=float(wallet_usdt))
+        if self.state_path is not None and self.state_path.exists():
+            self.trading = _TradingState(**json.loads(self.state_path.read_text()))
         self._times = _ms(candles.index)
         self._ohlcv = candles[["open", "high", "low", "close", "volume"]].to_numpy(dtype=np.float64)
         self._f_times = _ms(funding.index)
         self._f_rates = funding.to_numpy(dtype=np.float64)
         self._faults: dict[str, deque[Fault]] = {}
         self._lock = threading.Lock()
+        self._tlock = threading.RLock()
         self._release = threading.Event()
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -147,6 +212,334 @@ class FakeBinance:
             queue = self._faults.get(path)
             return queue.popleft() if queue else None
 
+    # -- trading ---------------------------------------------------------------------------------
+    @property
+    def now_ms(self) -> int:
+        """Server clock (ms since the epoch). Setting it later triggers conditional orders of the bars closed."""
+        return self._now_ms
+
+    @now_ms.setter
+    def now_ms(self, value: int) -> None:
+        with self._tlock:
+            old, self._now_ms = self._now_ms, int(value)
+            if self._now_ms > old:
+                self._trigger_conditionals(old, self._now_ms)
+
+    def current_price(self) -> float:
+        """Price market orders fill at: the open of the bar containing ``now_ms`` (else the last close)."""
+        i = int(np.searchsorted(self._times, self._now_ms, side="right")) - 1
+        if i < 0:
+            raise _BadRequest(-1121, "no price yet")
+        if self._times[i] + self.tf_ms > self._now_ms:
+            return float(self._ohlcv[i, 0])
+        return float(self._ohlcv[i, 3])
+
+    def orders_by_client_id(self) -> dict[str, int]:
+        """How many orders (regular and conditional, any status) the server holds per client id."""
+        with self._tlock:
+            out: dict[str, int] = {}
+            for o in self.trading.orders:
+                if not o.get("triggered_by"):
+                    out[o["clientOrderId"]] = out.get(o["clientOrderId"], 0) + 1
+            for a in self.trading.algo_orders:
+                out[a["clientAlgoId"]] = out.get(a["clientAlgoId"], 0) + 1
+            return out
+
+    def position(self) -> tuple[float, float]:
+        """``(signed position quantity in base units, entry price)``."""
+        with self._tlock:
+            return self.trading.position_amt, self.trading.entry_price
+
+    def set_position(self, amt: float, entry_price: float) -> None:
+        """Force a position (an 'external' trade the client does not know about)."""
+        with self._tlock:
+            self.trading.position_amt, self.trading.entry_price = float(amt), float(entry_price)
+            self._save()
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self.trading)))
+        os.replace(tmp, self.state_path)
+
+    def _apply_fill(self, side: str, qty: float, price: float, order: dict[str, Any]) -> None:
+        st = self.trading
+        signed = qty if side == "BUY" else -qty
+        pos, entry = st.position_amt, st.entry_price
+        realized = 0.0
+        if pos == 0 or (pos > 0) == (signed > 0):
+            new = pos + signed
+            entry = (abs(pos) * entry + qty * price) / abs(new)
+        else:
+            closed = min(abs(pos), qty)
+            realized = closed * (price - entry) * (1 if pos > 0 else -1)
+            new = pos + signed
+            if abs(new) < 1e-12:
+                new, entry = 0.0, 0.0
+            elif (new > 0) != (pos > 0):
+                entry = price
+        fee = qty * price * self.fee_rate
+        st.position_amt, st.entry_price = round(new, 8), entry
+        st.wallet_usdt += realized - fee
+        st.next_trade_id += 1
+        st.trades.append({
+            "buyer": side == "BUY", "commission": repr(fee), "commissionAsset": "USDT", "id": st.next_trade_id,
+            "maker": False, "orderId": order["orderId"], "price": repr(price), "qty": repr(qty),
+            "quoteQty": repr(qty * price), "realizedPnl": repr(realized), "side": side, "positionSide": "BOTH",
+            "symbol": "BTCUSDT", "time": self._now_ms,
+        })
+        executed = float(order["executedQty"]) + qty
+        cum = float(order["cumQuote"]) + qty * price
+        order.update(executedQty=repr(round(executed, 8)), cumQuote=repr(cum), avgPrice=repr(cum / executed),
+                     updateTime=self._now_ms)
+
+    def _new_market_order(self, p: dict[str, str], fault: Fault | None, triggered_by: str | None = None,
+                          close_position: bool = False, side: str | None = None) -> dict[str, Any]:
+        st = self.trading
+        side = side or p.get("side", "").upper()
+        if side not in ("BUY", "SELL"):
+            raise _BadRequest(-1102, "side is mandatory")
+        otype = p.get("type", "MARKET").upper()
+        if otype != "MARKET":
+            raise _BadRequest(-1116, f"order type {otype} not supported by the fake (use algoOrder)")
+        cid = p.get("newClientOrderId") or f"fake-{st.next_order_id + 1}"
+        if any(o["clientOrderId"] == cid and o["status"] in ("NEW", "PARTIALLY_FILLED") for o in st.orders):
+            raise _BadRequest(-4116, "ClientOrderId is duplicated.")
+        reduce_only = p.get("reduceOnly", "false").lower() == "true" or close_position
+        pos = st.position_amt
+        if close_position:
+            qty = abs(pos)
+        else:
+            try:
+                qty = float(p["quantity"])
+            except (KeyError, ValueError):
+                raise _BadRequest(-1102, "quantity is mandatory") from None
+            if not np.isfinite(qty) or qty <= 0:
+                raise _BadRequest(-1111, "bad quantity")
+        if reduce_only:
+            closing = (pos > 0 and side == "SELL") or (pos < 0 and side == "BUY")
+            if not closing or pos == 0:
+                raise _BadRequest(-2022, "ReduceOnly Order is rejected.")
+            qty = min(qty, abs(pos))
+        price = self.current_price() if triggered_by is None else float(p["fill_price"])
+        if not reduce_only and qty * price < 100.0:
+            raise _BadRequest(-4164, "Order's notional must be no smaller than 100")
+        st.next_order_id += 1
+        order = {
+            "orderId": st.next_order_id, "symbol": "BTCUSDT", "status": "NEW", "clientOrderId": cid, "price": "0",
+            "avgPrice": "0", "origQty": repr(qty), "executedQty": "0", "cumQuote": "0", "timeInForce": "GTC",
+            "type": "MARKET", "reduceOnly": reduce_only, "closePosition": close_position, "side": side,
+            "positionSide": "BOTH", "stopPrice": "0", "workingType": "CONTRACT_PRICE", "priceProtect": False,
+            "origType": "MARKET", "time": self._now_ms, "updateTime": self._now_ms, "triggered_by": triggered_by,
+        }
+        st.orders.append(order)
+        fill_qty = qty
+        if fault is not None and fault.kind == "partial_fill":
+            fill_qty = float(np.floor(qty * fault.fill_ratio * 1000) / 1000)
+        if fill_qty > 0:
+            self._apply_fill(side, fill_qty, price, order)
+        order["status"] = "FILLED" if fill_qty >= qty else "EXPIRED"
+        return order
+
+    def _new_algo_order(self, p: dict[str, str]) -> dict[str, Any]:
+        st = self.trading
+        otype = p.get("type", "").upper()
+        if otype not in ("STOP_MARKET", "TAKE_PROFIT_MARKET"):
+            raise _BadRequest(-1116, f"algo order type {otype!r} not supported by the fake")
+        side = p.get("side", "").upper()
+        try:
+            trigger = float(p["triggerPrice"])
+        except (KeyError, ValueError):
+            raise _BadRequest(-1102, "triggerPrice is mandatory") from None
+        if round(trigger / 0.1) * 0.1 - trigger > 1e-6 or trigger <= 0:
+            raise _BadRequest(-4014, "Price not increased by tick size.")
+        cid = p.get("clientAlgoId") or f"fakealgo-{st.next_order_id + 1}"
+        if any(a["clientAlgoId"] == cid and a["algoStatus"] == "NEW" for a in st.algo_orders):
+            raise _BadRequest(-4116, "ClientOrderId is duplicated.")
+        price = self.current_price()
+        is_stop = otype == "STOP_MARKET"
+        immediate = (side == "SELL" and (trigger >= price if is_stop else trigger <= price)) or (
+            side == "BUY" and (trigger <= price if is_stop else trigger >= price)
+        )
+        if immediate:
+            raise _BadRequest(-2021, "Order would immediately trigger.")
+        close_position = p.get("closePosition", "false").lower() == "true"
+        st.next_order_id += 1
+        algo = {
+            "algoId": st.next_order_id, "clientAlgoId": cid, "algoType": "CONDITIONAL", "orderType": otype,
+            "symbol": "BTCUSDT", "side": side, "positionSide": "BOTH", "timeInForce": "GTC",
+            "quantity": p.get("quantity", "0"), "algoStatus": "NEW", "triggerPrice": repr(trigger), "price": "0",
+            "icebergQuantity": None, "selfTradePreventionMode": "NONE", "workingType": "CONTRACT_PRICE",
+            "priceMatch": "NONE", "closePosition": close_position,
+            "priceProtect": False, "reduceOnly": p.get("reduceOnly", "false").lower() == "true",
+            "createTime": self._now_ms, "updateTime": self._now_ms, "triggerTime": 0, "goodTillDate": 0,
+        }
+        st.algo_orders.append(algo)
+        return algo
+
+    def _trigger_conditionals(self, old_ms: int, new_ms: int) -> None:
+        st = self.trading
+        closed = np.flatnonzero((self._times + self.tf_ms > old_ms) & (self._times + self.tf_ms <= new_ms))
+        changed = False
+        for i in closed:
+            _, high, low, _, _ = self._ohlcv[i]
+            for kind in ("STOP_MARKET", "TAKE_PROFIT_MARKET"):  # stop first, as the env
+                for a in st.algo_orders:
+                    if a["algoStatus"] != "NEW" or a["orderType"] != kind:
+                        continue
+                    trig = float(a["triggerPrice"])
+                    sell = a["side"] == "SELL"
+                    hit = (low <= trig if sell else high >= trig) if kind == "STOP_MARKET" else (
+                        high >= trig if sell else low <= trig)
+                    if not hit:
+                        continue
+                    changed = True
+                    a["triggerTime"] = a["updateTime"] = int(self._times[i] + self.tf_ms)
+                    pos = st.position_amt
+                    closing = (pos > 0 and sell) or (pos < 0 and not sell)
+                    if not closing:
+                        a["algoStatus"] = "EXPIRED"
+                        continue
+                    a["algoStatus"] = "FINISHED"
+                    params = {"newClientOrderId": a["clientAlgoId"], "quantity": a["quantity"], "fill_price": trig,
+                              "reduceOnly": "true"}
+                    self._new_market_order(params, None, triggered_by=a["clientAlgoId"],
+                                           close_position=bool(a["closePosition"]), side=a["side"])
+        if changed:
+            self._save()
+
+    def _find(self, items: list[dict[str, Any]], p: dict[str, str], id_key: str, cid_keys: tuple[str, ...],
+              cid_field: str) -> dict[str, Any]:
+        if id_key in p:
+            hits = [o for o in items if str(o[id_key]) == p[id_key]]
+        else:
+            cid = next((p[k] for k in cid_keys if k in p), None)
+            if cid is None:
+                raise _BadRequest(-1102, f"{id_key} or {cid_keys[0]} is mandatory")
+            hits = [o for o in items if o[cid_field] == cid and not o.get("triggered_by")]
+        if not hits:
+            raise _BadRequest(-2013, "Order does not exist.")
+        return hits[-1]  # the latest order with that client id, as Binance
+
+    @staticmethod
+    def _public(order: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in order.items() if k != "triggered_by"}
+
+    def _account(self) -> dict[str, Any]:
+        st = self.trading
+        price = self.current_price()
+        upnl = st.position_amt * (price - st.entry_price) if st.position_amt else 0.0
+        notional = abs(st.position_amt) * price
+        margin = notional / max(st.leverage, 1)
+        pos = self._position_risk()[0]
+        asset = {
+            "asset": "USDT", "walletBalance": repr(st.wallet_usdt), "unrealizedProfit": repr(upnl),
+            "marginBalance": repr(st.wallet_usdt + upnl), "maintMargin": "0", "initialMargin": repr(margin),
+            "positionInitialMargin": repr(margin), "openOrderInitialMargin": "0", "crossWalletBalance": "0",
+            "crossUnPnl": "0", "availableBalance": repr(st.wallet_usdt - margin),
+            "maxWithdrawAmount": repr(st.wallet_usdt - margin), "marginAvailable": True, "updateTime": self._now_ms,
+        }
+        return {
+            "totalInitialMargin": repr(margin), "totalMaintMargin": "0", "totalWalletBalance": repr(st.wallet_usdt),
+            "totalUnrealizedProfit": repr(upnl), "totalMarginBalance": repr(st.wallet_usdt + upnl),
+            "totalPositionInitialMargin": repr(margin), "totalOpenOrderInitialMargin": "0",
+            "totalCrossWalletBalance": "0", "totalCrossUnPnl": "0", "availableBalance": repr(st.wallet_usdt - margin),
+            "maxWithdrawAmount": repr(st.wallet_usdt - margin), "canTrade": True, "assets": [asset],
+            "positions": [pos],
+        }
+
+    def _position_risk(self) -> list[dict[str, Any]]:
+        st = self.trading
+        price = self.current_price()
+        upnl = st.position_amt * (price - st.entry_price) if st.position_amt else 0.0
+        notional = st.position_amt * price
+        return [{
+            "symbol": "BTCUSDT", "positionSide": "BOTH", "positionAmt": repr(st.position_amt),
+            "entryPrice": repr(st.entry_price), "breakEvenPrice": repr(st.entry_price), "markPrice": repr(price),
+            "unRealizedProfit": repr(upnl), "unrealizedProfit": repr(upnl), "liquidationPrice": "0",
+            "isolatedMargin": repr(abs(notional) / max(st.leverage, 1)), "notional": repr(notional),
+            "marginAsset": "USDT", "isolatedWallet": repr(abs(notional) / max(st.leverage, 1)),
+            "initialMargin": repr(abs(notional) / max(st.leverage, 1)), "maintMargin": "0",
+            "positionInitialMargin": repr(abs(notional) / max(st.leverage, 1)), "openOrderInitialMargin": "0",
+            "adl": 0, "bidNotional": "0", "askNotional": "0", "updateTime": self._now_ms,
+            "leverage": str(st.leverage), "marginType": st.margin_type.lower(), "isolated": st.margin_type == "ISOLATED",
+            "maxNotionalValue": "1000000", "isAutoAddMargin": "false",
+        }]
+
+    def _trading_route(self, method: str, path: str, p: dict[str, str], fault: Fault | None) -> Any:
+        """Answer a trading request (under the trading lock); None when ``path`` is not a trading route."""
+        st = self.trading
+        if method == "POST" and path == "/fapi/v1/leverage":
+            lev = int(p.get("leverage", "0"))
+            if not 1 <= lev <= 125:
+                raise _BadRequest(-4028, f"Leverage {lev} is not valid")
+            st.leverage = lev
+            return {"leverage": lev, "maxNotionalValue": "1000000", "symbol": p.get("symbol", "BTCUSDT")}
+        if method == "POST" and path == "/fapi/v1/marginType":
+            mt = p.get("marginType", "").upper()
+            if mt not in ("ISOLATED", "CROSSED"):
+                raise _BadRequest(-1102, "bad marginType")
+            if mt == st.margin_type:
+                raise _BadRequest(-4046, "No need to change margin type.")
+            st.margin_type = mt
+            return {"code": 200, "msg": "success"}
+        if path == ORDER:
+            if method == "POST":
+                return self._public(self._new_market_order(p, fault))
+            order = self._find(st.orders, p, "orderId", ("origClientOrderId",), "clientOrderId")
+            if method == "DELETE":
+                if order["status"] not in ("NEW", "PARTIALLY_FILLED"):
+                    raise _BadRequest(-2011, "Unknown order sent.")
+                order["status"] = "CANCELED"
+            return self._public(order)
+        if path == ALGO_ORDER:
+            if method == "POST":
+                return self._new_algo_order(p)
+            algo = self._find(st.algo_orders, p, "algoId", ("clientAlgoId", "origClientOrderId"), "clientAlgoId")
+            if method == "DELETE":
+                if algo["algoStatus"] != "NEW":
+                    raise _BadRequest(-2011, "Unknown order sent.")
+                algo["algoStatus"] = "CANCELED"
+                algo["updateTime"] = self._now_ms
+                return {"algoId": algo["algoId"], "clientAlgoId": algo["clientAlgoId"], "code": "200",
+                        "msg": "success"}
+            return algo
+        if method != "GET":
+            return None
+        if path == "/fapi/v1/positionSide/dual":
+            return {"dualSidePosition": st.dual_side}
+        if path == "/fapi/v1/leverageBracket":
+            return [{"symbol": "BTCUSDT", "notionalCoef": 1.0, "brackets": [
+                {"bracket": 1, "initialLeverage": 125, "notionalCap": 10_000_000, "notionalFloor": 0,
+                 "maintMarginRatio": 0.004, "cum": 0.0}]}]
+        if path == "/fapi/v1/openOrders":
+            return [self._public(o) for o in st.orders if o["status"] in ("NEW", "PARTIALLY_FILLED")]
+        if path == "/fapi/v1/allOrders":
+            return [self._public(o) for o in st.orders][-int(p.get("limit", 500)):]
+        if path in ("/fapi/v1/openAlgoOrders", "/fapi/v1/algoOpenOrders"):
+            return [a for a in st.algo_orders if a["algoStatus"] == "NEW"]
+        if path in ("/fapi/v1/allAlgoOrders", "/fapi/v1/algoOrders"):
+            return list(st.algo_orders)[-int(p.get("limit", 500)):]
+        if path == "/fapi/v1/userTrades":
+            trades = st.trades
+            if "fromId" in p:
+                trades = [t for t in trades if t["id"] >= int(p["fromId"])]
+            elif "startTime" in p:
+                trades = [t for t in trades if t["time"] >= int(p["startTime"])]
+            return trades[: int(p.get("limit", 500))]
+        if path in ("/fapi/v2/positionRisk", "/fapi/v3/positionRisk"):
+            return self._position_risk()
+        if path in ("/fapi/v2/account", "/fapi/v3/account"):
+            return self._account()
+        if path in ("/fapi/v2/balance", "/fapi/v3/balance"):
+            acc = self._account()["assets"][0]
+            return [{"accountAlias": "fake", "asset": "USDT", "balance": acc["walletBalance"],
+                     "crossWalletBalance": "0", "crossUnPnl": "0", "availableBalance": acc["availableBalance"],
+                     "maxWithdrawAmount": acc["maxWithdrawAmount"], "marginAvailable": True,
+                     "updateTime": self._now_ms}]
+        return None
+
     # -- responses -------------------------------------------------------------------------------
     def _klines(self, params: dict[str, str], fault: Fault | None) -> list[list[Any]]:
         if params.get("interval") != self.timeframe:
@@ -178,6 +571,10 @@ class FakeBinance:
             rows = rows[::-1]
         if fault is not None and fault.kind == "null_rows":
             rows = [[None] * 12 for _ in rows]
+        if fault is not None and fault.kind == "nan_close" and len(rows) > 2:
+            rows[-2][4] = "NaN"  # the last closed bar (the last row is still open)
+        if fault is not None and fault.kind == "gap" and len(rows) > 4:
+            del rows[len(rows) // 2]
         return rows
 
     def _funding(self, params: dict[str, str], fault: Fault | None) -> list[dict[str, Any]]:
@@ -217,12 +614,25 @@ class FakeBinance:
                     pass  # the client gave up (timeout fault)
 
             def do_GET(self) -> None:
+                self._dispatch("GET")
+
+            def do_POST(self) -> None:
+                self._dispatch("POST")
+
+            def do_DELETE(self) -> None:
+                self._dispatch("DELETE")
+
+            def _dispatch(self, method: str) -> None:
                 parts = urlsplit(self.path)
                 params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    body_text = self.rfile.read(length).decode()
+                    params.update({k: v[-1] for k, v in parse_qs(body_text).items()})
                 path = parts.path
                 with fake._lock:
-                    fake.requests.append((path, params))
-                fault = fake._next_fault(path)
+                    fake.requests.append((path if method == "GET" else f"{method} {path}", params))
+                fault = fake._next_fault(f"{method} {path}") or (fake._next_fault(path) if method == "GET" else None)
                 if fault is not None:
                     if fault.kind == "status_429":
                         body = json.dumps({"code": -1003, "msg": "Too many requests; current limit is 2400."})
@@ -232,6 +642,13 @@ class FakeBinance:
                     if fault.kind == "json_5xx":
                         body = json.dumps({"code": -1000, "msg": "An unknown error occurred while processing."})
                         return self._send(500, body)
+                    if fault.kind == "echo_key":  # a careless venue error quoting the API key
+                        key = self.headers.get("X-MBX-APIKEY", "")
+                        body = json.dumps({"code": -1111, "msg": f"Invalid order for API-key {key}"})
+                        return self._send(400, body)
+                    if fault.kind == "auth_error":
+                        body = json.dumps({"code": -2015, "msg": "Invalid API-key, IP, or permissions for action."})
+                        return self._send(401, body)
                     if fault.kind == "delay":
                         fake._release.wait(fault.delay_s)
                 try:
@@ -244,9 +661,23 @@ class FakeBinance:
                     elif path == FUNDING:
                         body = fake._funding(params, fault)
                     else:
-                        return self._send(404, json.dumps({"code": -1, "msg": f"no route {path}"}))
+                        with fake._tlock:
+                            body = fake._trading_route(method, path, params, fault)
+                            if body is not None and method != "GET":
+                                fake._save()
+                        if body is None:
+                            return self._send(404, json.dumps({"code": -1, "msg": f"no route {method} {path}"}))
                 except _BadRequest as exc:
                     return self._send(400, json.dumps({"code": exc.code, "msg": exc.msg}))
+                if fault is not None and fault.kind == "drop":
+                    self.close_connection = True
+                    try:
+                        self.connection.shutdown(2)  # socket.SHUT_RDWR: no answer at all
+                    except OSError:
+                        pass
+                    return None
+                if fault is not None and fault.kind == "accept_then_delay":
+                    fake._release.wait(fault.delay_s)
                 self._send(200, json.dumps(body))
 
         return Handler

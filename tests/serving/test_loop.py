@@ -16,6 +16,7 @@ from fallback.config import V1Config
 from fallback.v1 import V1Policy
 from market.decision import Decision, DecisionContext
 from serving.errors import DataQualityError
+from serving.hotswap import BackoffConfig
 from serving.loop import ServeConfig, reason_kind, run_replay
 from serving.store import StateStore
 from tests.kit.candles import make_candles
@@ -45,6 +46,9 @@ def _run(primary, fallback=None, candles=None, atr=None, clock=None, primary_loa
     candles = make_candles(N_BARS, seed=5) if candles is None else candles
     atr = _atr(candles) if atr is None else atr
     store = StateStore("sqlite://")
+    # these tests check the per-bar fallback of every failure: backoff off unless a test sets it
+    # (the backoff itself is tested in test_hotswap.py)
+    cfg.setdefault("primary_backoff", BackoffConfig(initial_bars=0))
     config = ServeConfig(warmup_bars=WARMUP, run_id="t", context_bars=50, **cfg)
     kwargs = {k: v for k, v in (("clock", clock),) if v is not None}
     summary = run_replay(

@@ -155,3 +155,62 @@ def test_sweep_command_writes_tables(tmp_path: Path) -> None:
         "win_rate",
         "sortino",
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Regime input (causal HMM) for V1's regime-conditional thresholds
+# ---------------------------------------------------------------------------------------------
+
+def _fast_hmm():  # noqa: ANN202 (a RegimeConfig; imported lazily)
+    from regime.config import RegimeConfig
+
+    return RegimeConfig(n_restarts=1, n_iter=20)
+
+
+def test_causal_regime_proba_uses_no_later_bar(candles: pd.DataFrame) -> None:
+    from training.v1_eval import causal_regime_proba
+
+    window = candles.loc["2022-10-01":"2023-04-01"]
+    cut = int(np.searchsorted(window.index, T0))
+    short = causal_regime_proba(window.iloc[: cut + 200], T0, _fast_hmm())
+    full = causal_regime_proba(window, T0, _fast_hmm())
+    assert short.shape == (cut + 200, 3)
+    # appending bars after the cut changes neither the fit (bars before T0) nor the filter up to the cut
+    np.testing.assert_array_equal(short, full[: cut + 200])
+    ok = np.isfinite(full).all(axis=1)
+    assert ok[cut:].all() and not ok[0]  # warm-up rows are NaN, the evaluated period is covered
+    np.testing.assert_allclose(full[ok].sum(axis=1), 1.0, atol=1e-12)
+    # a different fitting span gives different probabilities (the fit really ends at fit_end)
+    other = causal_regime_proba(window, T0 - pd.Timedelta(days=60), _fast_hmm())
+    assert not np.array_equal(other[cut:], full[cut:])
+
+
+def test_evaluate_v1_with_a_fitted_regime_applies_the_adjustments(candles: pd.DataFrame) -> None:
+    from fallback.config import RegimeAdjustment
+
+    window = candles.loc["2022-06-01":"2023-04-01"]
+    base = V1Config()
+    # raise the ADX bar by 100 points in the two volatile states only
+    adj = (RegimeAdjustment(), RegimeAdjustment(adx_min_delta=100.0), RegimeAdjustment(adx_min_delta=100.0))
+    cfg = base.model_copy(update={"regime_adjustments": adj})
+    plain = evaluate_v1(window, T0, T1, cfg, EnvConfig())  # no regime input: base thresholds
+    fitted = evaluate_v1(window, T0, T1, cfg, EnvConfig(), fit_regime=_fast_hmm())
+    assert len(fitted.trades) < len(plain.trades)
+    blocked = cfg.model_copy(update={"regime_adjustments": (RegimeAdjustment(adx_min_delta=100.0),) * 3})
+    assert evaluate_v1(window, T0, T1, blocked, EnvConfig(), fit_regime=_fast_hmm()).trades == ()
+
+
+def test_evaluate_v1_fit_regime_errors(candles: pd.DataFrame) -> None:
+    window = candles.loc["2022-06-01":"2023-04-01"]
+    with pytest.raises(ValueError, match="regime_adjustments holds 0"):
+        evaluate_v1(window, T0, T1, V1Config(), EnvConfig(), fit_regime=_fast_hmm())
+    from fallback.config import RegimeAdjustment
+
+    cfg = V1Config(regime_adjustments=(RegimeAdjustment(),) * 3)
+    with pytest.raises(ValueError, match="not both"):
+        evaluate_v1(window, T0, T1, cfg, EnvConfig(), regime_proba=np.ones((len(window), 3)) / 3,
+                    fit_regime=_fast_hmm())  # fmt: skip
+    from training.v1_eval import causal_regime_proba
+
+    with pytest.raises(ValueError, match="the HMM needs at least 30"):
+        causal_regime_proba(window, window.index[30], _fast_hmm())

@@ -1,0 +1,122 @@
+"""``ats serve``: run the serving loop (paper replay, testnet, live), plus ``reload`` and ``reset-risk``.
+
+``ats serve --mode paper --replay CANDLES --bundle B --db STATE``   replay candles on a paper broker
+``ats serve --mode testnet --bundle B --db STATE``                 Binance USDⓈ-M testnet (ccxt sandbox)
+``ats serve --mode live --live --bundle B --db STATE``             real orders (PASS gate + arming phrase)
+``ats serve reload --db STATE --bundle NEW``                       hot-swap request to a running loop
+``ats serve reset-risk --db STATE --note "..."``                   leave a kill switch (the only way)
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ats_cli import status_cmd
+
+app = typer.Typer(add_completion=False, help="serve a bundle bar by bar (V1 fallback, risk guard, durable state)")
+console = Console()
+
+
+class Mode(str, Enum):
+    paper = "paper"
+    testnet = "testnet"
+    live = "live"
+
+
+def _log(msg: str) -> None:
+    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+    )
+
+
+@app.callback(invoke_without_command=True)
+def serve(
+    ctx: typer.Context,
+    mode: Mode = typer.Option(Mode.paper, "--mode", help="paper (replayed candles, paper broker) | testnet | live"),
+    bundle: Path = typer.Option(None, "--bundle", help="policy bundle directory"),
+    db: Path = typer.Option(None, "--db", help="SQLite state file (decisions, intents, orders, fills, equity, events)"),
+    config: Path = typer.Option(None, "--config", help="serve YAML: paper/live/risk sections (see configs/serve.yaml)"),
+    replay: Path = typer.Option(None, "--replay", help="paper: candles parquet replayed bar by bar as if live"),
+    warmup_bars: int = typer.Option(None, "--warmup-bars", min=0, help="paper: bars observed before the first decision"),
+    max_bars: int = typer.Option(0, "--max-bars", min=0, help="stop after this many bars (0 = no limit)"),
+    initial_equity: float = typer.Option(None, "--initial-equity", min=0, help="paper: account equity, USDT"),
+    watch_dir: Path = typer.Option(None, "--watch-dir", help="directory watched for new bundles (hot-swap)"),
+    no_risk: bool = typer.Option(False, "--no-risk", help="paper only: run without the risk guard"),
+    symbol: str = typer.Option(None, "--symbol", help="testnet/live: unified ccxt symbol (default BTC/USDT:USDT)"),
+    timeframe: str = typer.Option(None, "--timeframe", help="testnet/live: bar length (default 1h)"),
+    env_file: Path = typer.Option(None, "--env-file", help="testnet/live: .env with the API key (chmod 600)"),
+    live: bool = typer.Option(False, "--live", help="live: confirm that real orders are intended"),
+    force_gate: bool = typer.Option(False, "--force-gate", help="live: serve a bundle whose gate is not PASS"),
+) -> None:
+    """Serve the bundle bar by bar: V2 if it answers in time with finite outputs, else V1, else flat;
+    every bar has one recorded decision. Stop with Ctrl-C (between bars)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from serving.errors import FatalError
+    from serving.settings import load_serve_settings
+
+    if bundle is None or db is None:
+        raise typer.BadParameter("--bundle and --db are required")
+    try:
+        settings = load_serve_settings(config)
+    except FatalError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    watch = watch_dir if watch_dir is not None else settings.watch_dir
+    if mode is Mode.paper:
+        _serve_paper(settings, replay=replay, bundle=bundle, db=db, warmup_bars=warmup_bars, max_bars=max_bars,
+                     initial_equity=initial_equity, watch_dir=watch, no_risk=no_risk)
+        return
+    if no_risk or settings.risk is None:
+        raise typer.BadParameter("the risk guard cannot be disabled on testnet or live")
+    if replay is not None:
+        raise typer.BadParameter("--replay is for --mode paper; testnet/live poll the exchange's closed candles")
+    from ats_cli.serve_live import serve_live
+    from serving.live import LiveConfig
+
+    updates = {k: v for k, v in {"symbol": symbol, "timeframe": timeframe}.items() if v is not None}
+    live_cfg = LiveConfig.model_validate({**settings.live.model_dump(), **updates})
+    try:
+        bars = serve_live(mode=mode.value, bundle_dir=bundle, db_path=db, env_file=env_file, live=live,
+                          force_gate=force_gate, max_bars=max_bars or None, live_config=live_cfg, risk=settings.risk,
+                          watch_dir=watch, log=_log)
+    except FatalError as exc:
+        console.print(f"[bold red]stopped[/]: {exc}")
+        raise typer.Exit(code=2) from exc
+    console.print(f"\n[bold]stopped[/] after {bars} bars; state database: {db} (`ats status --db {db}`)")
+
+
+def _serve_paper(settings, *, replay: Path | None, bundle: Path, db: Path, warmup_bars: int | None, max_bars: int,
+                 initial_equity: float | None, watch_dir: Path | None, no_risk: bool) -> None:
+    from serving.app import serve_replay
+
+    if replay is None:
+        raise typer.BadParameter("--mode paper needs --replay CANDLES (a candles parquet replayed as if live)")
+    summary = serve_replay(
+        replay=replay, bundle_dir=bundle, db_path=db, config=settings.paper, warmup_bars=warmup_bars,
+        initial_equity_usdt=initial_equity, max_bars=max_bars, risk=None if no_risk else settings.risk,
+        watch_dir=watch_dir, log=_log, progress_factory=_progress,
+    )
+    console.print(
+        f"\n[bold green]served[/] {summary.bars} bars: {summary.decisions_v2} decided by V2, {summary.decisions_v1} "
+        f"by V1, {summary.decisions_guard} by the guard; final equity {summary.final_equity_usdt:,.2f} USDT"
+    )
+    if summary.risk_state not in (None, "ACTIVE"):
+        console.print(f"  [yellow]risk guard {summary.risk_state}[/] (reset: `ats serve reset-risk --db {db} --note ...`)")
+    for reason, count in summary.fallback_reasons.most_common(5):
+        console.print(f"  fallback x{count}: {reason}")
+    console.print(f"  state database: {db} (`ats status --db {db}`)")
+
+
+app.command("reload", help="validate a bundle and swap it into the running loop between bars")(status_cmd.reload)
+app.command("reset-risk", help="reset a HALTED/REDUCING risk guard to ACTIVE (recorded)")(status_cmd.reset_risk)

@@ -1,0 +1,160 @@
+"""``ats serve --mode testnet|live``: composition root of the live loop (called by ``ats_cli.main``).
+
+* ``testnet``: Binance USDⓈ-M futures testnet (ccxt sandbox mode) with testnet keys.
+* ``live``: real money. Starts only if ``--live`` is given, the bundle's manifest carries a PASS
+  gate verdict (``manifest["gate"]["verdict"]``, written by ``ats gate``) unless ``--force-gate``,
+  and the user types the arming phrase (:func:`arming_phrase`) at the prompt.
+  :func:`check_arming` is the pure check of these rules.
+
+Keys: :func:`serving.secrets.load_credentials` (environment or a ``chmod 600`` ``.env`` file).
+The bundle, the V1 fallback and the risk guard are wired as in paper serving: a bundle that fails
+to load leaves V1 deciding every bar (the reason is recorded with every decision).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from serving.errors import FatalError
+
+MODES = ("testnet", "live")
+
+
+def arming_phrase(symbol: str) -> str:
+    """The exact text a user must type to arm live trading on ``symbol``."""
+    return f"ARM LIVE TRADING {symbol}"
+
+
+def check_arming(
+    *,
+    mode: str,
+    live_flag: bool,
+    manifest: dict[str, Any] | None,
+    force_gate: bool,
+    typed_phrase: str | None,
+    symbol: str,
+) -> list[str]:
+    """Whether the live loop may start in ``mode`` (pure). Returns warnings to show.
+
+    Rules: ``mode`` in {testnet, live}; for live: ``live_flag`` True, gate verdict PASS in
+    ``manifest`` (or ``force_gate``), ``typed_phrase`` equal to :func:`arming_phrase` (surrounding
+    whitespace ignored). On testnet a missing/non-PASS verdict is only a warning.
+
+    Raises
+    ------
+    FatalError
+        Naming the first rule broken.
+    """
+    if mode not in MODES:
+        raise FatalError(f"mode must be one of {MODES}, got {mode!r}")
+    verdict = ((manifest or {}).get("gate") or {}).get("verdict")
+    warnings: list[str] = []
+    if mode == "testnet":
+        if verdict != "PASS":
+            warnings.append(f"bundle gate verdict is {verdict or 'absent'} (allowed on testnet)")
+        return warnings
+    if not live_flag:
+        raise FatalError("live trading needs the --live flag")
+    if verdict != "PASS":
+        if not force_gate:
+            raise FatalError(f"bundle gate verdict is {verdict or 'absent'}, not PASS; run `ats gate` or --force-gate")
+        warnings.append(f"gate verdict {verdict or 'absent'} overridden by --force-gate")
+    if typed_phrase is None or typed_phrase.strip() != arming_phrase(symbol):
+        raise FatalError("arming phrase not typed correctly; live trading not armed")
+    return warnings
+
+
+def _read_manifest(bundle_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(bundle_dir) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def serve_live(
+    *,
+    mode: str,
+    bundle_dir: Path,
+    db_path: Path,
+    symbol: str = "BTC/USDT:USDT",
+    timeframe: str = "1h",
+    env_file: Path | None = None,
+    live: bool = False,
+    force_gate: bool = False,
+    max_bars: int | None = None,
+    use_guard: bool = True,
+    prompt: Callable[[str], str] = input,
+    log: Callable[[str], None] = print,
+    base_url: str | None = None,
+    live_config: Any = None,
+    risk: Any = None,
+    watch_dir: Path | None = None,
+) -> int:
+    """Run the live loop until SIGTERM/SIGINT (or ``max_bars`` bars); returns the bars processed.
+
+    ``base_url`` redirects the exchange client to a local server (tests). ``live_config``
+    (:class:`serving.live.LiveConfig`) overrides ``symbol``/``timeframe`` and the loop's settings;
+    ``risk`` (:class:`serving.risk.RiskConfig`) sets the guard's limits (default limits when None;
+    ``use_guard=False`` is for tests only: the CLI always runs the guard).
+    ``watch_dir``: directory watched for new bundles; ``ats serve reload --db`` also works.
+    Raises :class:`FatalError` when arming, credentials or the exchange setup fail.
+    """
+    from serving.exchange import BinanceFuturesBroker, make_client
+    from serving.hotswap import PolicySlot, reload_request_path
+    from serving.live import LiveConfig, LiveLoop
+    from serving.secrets import load_credentials
+    from serving.store import StateStore
+
+    if live_config is not None:
+        symbol, timeframe = live_config.symbol, live_config.timeframe
+    manifest = _read_manifest(bundle_dir)
+    typed = prompt(f"Type '{arming_phrase(symbol)}' to arm LIVE trading: ") if mode == "live" and live else None
+    for w in check_arming(mode=mode, live_flag=live, manifest=manifest, force_gate=force_gate, typed_phrase=typed,
+                          symbol=symbol):
+        log(f"[yellow]warning[/]: {w}")
+    creds = load_credentials(env_file=env_file)
+    log(f"credentials loaded from {creds.source} (values hidden)")
+
+    v1_cfg = _v1_config(manifest)
+    slot = PolicySlot.from_bundle(bundle_dir, watch_dir=watch_dir, reload_file=reload_request_path(db_path))
+    primary, load_error = slot.policy, slot.load_error
+    if primary is None:
+        log(f"[yellow]bundle failed to load, V1 decides every bar[/]: {load_error}")
+    from fallback.v1 import V1Policy
+
+    fallback = V1Policy(v1_cfg)
+    history = int(getattr(fallback, "history_bars", 0) or 0)
+    if primary is not None and hasattr(primary, "history_bars"):
+        import pandas as pd
+
+        history = max(history, int(primary.history_bars(pd.Timedelta(timeframe))))
+    context = min(1500, max(100, history + 10))
+    base = live_config if live_config is not None else LiveConfig(symbol=symbol, timeframe=timeframe)
+    loop_cfg = base.model_copy(update={"run_id": mode, "context_bars": max(base.context_bars, context)})
+    store = StateStore.sqlite(db_path)
+    client = make_client(api_key=creds.api_key.reveal(), secret=creds.api_secret.reveal(),
+                         sandbox=mode == "testnet", base_url=base_url)
+    broker = BinanceFuturesBroker(client, symbol)
+    guard = None
+    if use_guard:
+        from serving.risk import RiskConfig, RiskGuard
+
+        # the default scope: the one `ats status` shows and `ats serve reset-risk` resets
+        guard = RiskGuard(risk if risk is not None else RiskConfig(), store)
+    loop = LiveLoop(broker, store, loop_cfg, primary=slot, fallback=fallback, primary_load_error=load_error,
+                    guard=guard, redact=creds.redact)
+    log(f"serving {symbol} {timeframe} on {mode}; state in {db_path}; stop with Ctrl-C (between bars)")
+    return loop.run(max_steps=max_bars)
+
+
+def _v1_config(manifest: dict[str, Any] | None):
+    """The V1 config the bundle was evaluated with (defaults when the manifest is unreadable)."""
+    from fallback.config import V1Config
+
+    try:
+        return V1Config.model_validate((manifest or {})["config"]["v1"])
+    except Exception:  # noqa: BLE001 - an unreadable manifest must not stop the fallback from running
+        return V1Config()

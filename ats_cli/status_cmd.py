@@ -1,0 +1,96 @@
+"""``ats status --db STATE`` (mode, position, equity, today's PnL, risk state, V2/V1 shares), and the
+``ats serve reset-risk`` and ``ats serve reload`` commands (registered in :mod:`ats_cli.serve_cmd`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+_SIDE = {1: "long", -1: "short", 0: "flat"}
+
+
+def status(
+    db: Path = typer.Option(..., "--db", help="serving state database (SQLite file)"),
+    run_id: str = typer.Option(None, "--run-id", help="run to show (default: the latest)"),
+) -> None:
+    """Print the state of a serving database (read-only)."""
+    from serving.status import read_status
+    from serving.store import StateStore
+
+    if not db.is_file():
+        console.print(f"[red]no state database at {db}[/]")
+        raise typer.Exit(code=2)
+    with StateStore.sqlite(db) as store:
+        try:
+            s = read_status(store, run_id)
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(code=2) from exc
+    table = Table(title=f"ats status: {db}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    money = lambda x: "n/a" if x is None else f"{x:,.2f} USDT"
+    pct = lambda x: "n/a" if math.isnan(x) else f"{x:.1%}"
+    risk_style = {"ACTIVE": "green", "REDUCING": "yellow", "HALTED": "bold red"}.get(s.risk_state, "")
+    table.add_row("run", str(s.run_id))
+    table.add_row("mode", str(s.mode))
+    table.add_row("last bar", str(s.last_bar))
+    table.add_row(
+        "position", f"{_SIDE[s.position_side]} {s.position_qty_base:.6g}" if s.position_side else "flat"
+    )
+    table.add_row("equity", money(s.equity_usdt))
+    table.add_row(f"today's PnL ({s.day} UTC)", money(s.today_pnl_usdt))
+    table.add_row(
+        "risk state",
+        f"[{risk_style}]{s.risk_state}[/]" + (f" since {s.risk_since}" if s.risk_since is not None else ""),
+    )
+    for r in s.risk_reasons:
+        table.add_row("", r)
+    table.add_row("bars decided", str(s.bars))
+    table.add_row("decided by V2", f"{s.decided_v2} ({pct(s.share('v2'))})")
+    table.add_row("decided by V1", f"{s.decided_v1} ({pct(s.share('v1'))})")
+    table.add_row("decided by guard", f"{s.decided_guard} ({pct(s.share('guard'))})")
+    console.print(table)
+
+
+def reset_risk(
+    db: Path = typer.Option(..., "--db", help="serving state database (SQLite file)"),
+    scope: str = typer.Option("default", "--scope", help="risk-guard scope (account/symbol)"),
+    note: str = typer.Option(..., "--note", help="who resets and why (recorded)"),
+) -> None:
+    """Reset a HALTED/REDUCING risk guard to ACTIVE (the only way out of a kill switch)."""
+    from serving.risk import reset_risk as _reset
+    from serving.store import StateStore
+
+    if not db.is_file():
+        console.print(f"[red]no state database at {db}[/]")
+        raise typer.Exit(code=2)
+    with StateStore.sqlite(db) as store:
+        before = store.latest_risk_state(scope)
+        _reset(store, scope=scope, note=note)
+    if before is None:
+        was = "ACTIVE (no history)"
+    else:
+        was = before.state + (f": {'; '.join(before.reasons)}" if before.reasons else "")
+    console.print(f"risk guard [bold]{scope}[/] reset to [green]ACTIVE[/] (was {was})")
+
+
+def reload(
+    db: Path = typer.Option(..., "--db", help="state database of the running `ats serve`"),
+    bundle: Path = typer.Option(..., "--bundle", help="bundle directory to validate and swap in"),
+) -> None:
+    """Ask the running serving loop to validate ``--bundle`` and swap it in between bars."""
+    from serving.hotswap import reload_request_path, request_reload
+
+    try:
+        path = request_reload(reload_request_path(db), bundle)
+    except FileNotFoundError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from exc
+    console.print(f"reload requested: {bundle} (request file {path}); the loop validates it before the next bar")

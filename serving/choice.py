@@ -1,0 +1,109 @@
+"""Per-bar policy selection shared by the serving loops: primary (V2 bundle) -> fallback (V1) -> flat.
+
+Extracted so that the live loop (``serving.live``) can use it without importing the paper replay
+loop (and, through it, torch); the paper loop (``serving.loop``) uses it too. The rules:
+
+* the primary is used only if it exists, does not raise, returns a :class:`Decision` (whose
+  constructor rejects non-finite values: :class:`NonFiniteDecisionError`) and answers within
+  ``timeout_ms`` (measured with the injected ``clock``; a late answer is discarded);
+* otherwise the fallback decides the same bar and the reason is returned
+  (``bundle_load_failed: ...``, ``exception: ...``, ``non_finite_action: ...``,
+  ``deadline_exceeded: ...``, ``invalid_return: ...``);
+* if the fallback fails too, the decision is flat with source 'guard' and a ``fallback_failed``
+  event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from market.decision import Decision, DecisionContext, NonFiniteDecisionError, Policy
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a fallback reason: the text before the first ':' (``"deadline_exceeded"``)."""
+    return reason.split(":", 1)[0].strip()
+
+
+def raw_action(policy: Any) -> tuple[float, ...] | None:
+    """The policy's ``last_raw_action`` as a tuple of floats (None when absent or not numeric)."""
+    raw = getattr(policy, "last_raw_action", None)
+    if raw is None:
+        return None
+    try:
+        return tuple(float(x) for x in np.asarray(raw, dtype=np.float64).ravel())
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class Choice:
+    """Outcome of :func:`choose`. ``source`` is 'v2', 'v1' or 'guard'; ``latency_ms`` in ms;
+    ``events`` are ``(kind, detail)`` pairs to record; ``primary_failure`` is the reason when the
+    primary was asked and its answer not used."""
+
+    decision: Decision
+    source: str
+    reason: str | None
+    raw_action: tuple[float, ...] | None
+    latency_ms: float
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    primary_failure: str | None = None
+
+
+def choose(
+    ctx: DecisionContext,
+    primary: Policy | None,
+    fallback: Policy,
+    unavailable_reason: str | None,
+    timeout_ms: float,
+    clock: Callable[[], float],
+) -> Choice:
+    """Ask the primary, else the fallback, else decide flat (module docstring). Never raises for a
+    policy failure. ``unavailable_reason`` is the fallback reason when ``primary`` is None."""
+    t0 = clock()
+    reason: str | None
+    raw: tuple[float, ...] | None = None
+    if primary is None:
+        reason = unavailable_reason or "bundle_load_failed: no primary policy"
+    else:
+        if hasattr(primary, "last_raw_action"):
+            try:
+                primary.last_raw_action = None  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):
+                pass
+        try:
+            answer = primary.decide(ctx)
+        except NonFiniteDecisionError as exc:
+            reason = f"non_finite_action: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any model failure means fallback
+            reason = f"exception: {type(exc).__name__}: {exc}"
+        else:
+            reason = None
+        latency_ms = (clock() - t0) * 1_000.0
+        raw = raw_action(primary)
+        if reason is None:
+            if latency_ms > timeout_ms:
+                reason = f"deadline_exceeded: {latency_ms:.0f} ms > {timeout_ms:.0f} ms"
+            elif not isinstance(answer, Decision):
+                reason = f"invalid_return: expected Decision, got {type(answer).__name__}"
+            else:
+                return Choice(answer, "v2", None, raw, latency_ms, [])
+    try:
+        answer = fallback.decide(ctx)
+        if not isinstance(answer, Decision):
+            raise TypeError(f"fallback returned {type(answer).__name__}, not a Decision")
+    except Exception as exc:  # noqa: BLE001 - the loop must go on: decide flat
+        error = f"{type(exc).__name__}: {exc}"
+        latency_ms = (clock() - t0) * 1_000.0
+        event = ("fallback_failed", {"primary_reason": reason, "fallback_error": error})
+        return Choice(
+            Decision.flat(), "guard", f"{reason}; fallback_failed: {error}", raw, latency_ms, [event],
+            reason if primary is not None else None,
+        )
+    latency_ms = (clock() - t0) * 1_000.0
+    return Choice(answer, "v1", reason, raw, latency_ms, [], reason if primary is not None else None)

@@ -1,0 +1,509 @@
+"""Binance USDⓈ-M futures broker over ccxt ``binanceusdm`` (testnet/sandbox or live).
+
+What it does: isolated margin and integer leverage per symbol, market entries/exits, reduce-only
+``closePosition`` STOP_MARKET / TAKE_PROFIT_MARKET orders (conditional "algo" orders on current
+Binance: ccxt routes them to ``/fapi/v1/algoOrder`` and they are fetched/cancelled with
+``params={"trigger": True}``), cancel and lookup by client id, positions, open orders, fills
+(user trades), equity, server time and candles. Precision and limits come from
+``load_markets`` (``exchangeInfo`` filters) as :class:`serving.intents.MarketRules`.
+
+Every ccxt exception is mapped to a class of :mod:`serving.errors` by :func:`classify_error`
+(following the ccxt Manual, "Error Handling", and ``../shared/reference/ccxt-notes.md``):
+
+* ``AuthenticationError``, ``PermissionDenied``, ``AccountSuspended`` -> :class:`FatalError`;
+* ``DDoSProtection`` / ``RateLimitExceeded`` (HTTP 429/418; siblings in ccxt 4.5) ->
+  :class:`RateLimitedError` (a :class:`RetryableError` carrying ``Retry-After``), on reads and
+  creates alike: the request was refused by the rate limiter, but the live loop still looks the
+  client id up before it sends again;
+* ``RequestTimeout``, other ``NetworkError`` (incl. ``ExchangeNotAvailable``) and
+  ``OperationFailed`` (Binance -1000/-1001 in a 5xx body, not a ``NetworkError`` in ccxt) ->
+  :class:`RetryableError` on reads, :class:`AmbiguousOutcomeError` on a create (it may have been
+  accepted); any non-ccxt exception likewise;
+* ``InvalidOrder``, ``InsufficientFunds``, ``BadRequest``, ``BadSymbol``, other
+  ``ExchangeError`` -> :class:`RejectedError` (deterministic for the same input).
+
+Reads are retried with tenacity (:meth:`BinanceFuturesBroker._read`), honouring ``Retry-After``
+and otherwise with capped exponential backoff with jitter. **A create is never retried here**:
+an ambiguous create must be resolved by :meth:`BinanceFuturesBroker.lookup` (client id) by the
+caller (``serving.live``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import ccxt
+import pandas as pd
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+
+from serving.errors import AmbiguousOutcomeError, FatalError, RejectedError, RetryableError, ServingError
+from serving.intents import ExchangePosition, MarketRules, OrderIntent
+from serving.secrets import install_log_redaction
+
+T = TypeVar("T")
+
+
+class RateLimitedError(RetryableError):
+    """HTTP 429/418: back off for ``retry_after_s`` seconds (from the ``Retry-After`` header) before any request."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = float(retry_after_s)
+
+
+def _retry_after_s(client: Any, default_s: float = 1.0) -> float:
+    headers = getattr(client, "last_response_headers", None) or {}
+    for key, value in dict(headers).items():
+        if str(key).lower() == "retry-after":
+            try:
+                return max(0.0, float(value))
+            except (TypeError, ValueError):
+                break
+    return default_s
+
+
+def classify_error(exc: BaseException, *, during_create: bool, client: Any = None) -> ServingError:
+    """Map an exception raised by a ccxt call to a :mod:`serving.errors` class (module table).
+
+    Parameters
+    ----------
+    exc : BaseException
+        What the ccxt call raised (a non-ccxt exception during a create is ambiguous too: the
+        request may have left).
+    during_create : bool
+        True for ``create_order``: a network/timeout/5xx outcome is then ambiguous.
+    client : ccxt.Exchange | None
+        Used to read the ``Retry-After`` header of a 429.
+    """
+    msg = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ServingError):
+        return exc
+    if isinstance(exc, (ccxt.AuthenticationError, ccxt.PermissionDenied, ccxt.AccountSuspended)):
+        return FatalError(msg)
+    if isinstance(exc, (ccxt.DDoSProtection, ccxt.RateLimitExceeded)):
+        return RateLimitedError(msg, _retry_after_s(client))
+    if isinstance(exc, (ccxt.NetworkError, ccxt.OperationFailed)):
+        return AmbiguousOutcomeError(msg) if during_create else RetryableError(msg)
+    if isinstance(exc, (ccxt.InvalidOrder, ccxt.InsufficientFunds, ccxt.BadRequest, ccxt.BadSymbol,
+                        ccxt.ArgumentsRequired, ccxt.ExchangeError)):  # fmt: skip
+        return RejectedError(msg)
+    return AmbiguousOutcomeError(msg) if during_create else RetryableError(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class OrderSnapshot:
+    """An exchange order as seen now.
+
+    ``status``: ccxt unified ('open', 'closed', 'canceled', 'expired', 'rejected');
+    ``filled_base`` / ``amount_base`` in base units (``amount_base`` may be 0 for closePosition
+    orders); ``average_price`` USDT or None before any fill; ``conditional``: a stop/take-profit
+    (algo) order.
+    """
+
+    client_id: str
+    exchange_id: str
+    status: str
+    side: str
+    order_type: str
+    amount_base: float
+    filled_base: float
+    average_price: float | None
+    trigger_price: float | None
+    conditional: bool
+    reduce_only: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TradeFill:
+    """One user trade: ``side`` +1 buy / -1 sell, ``qty_base`` > 0, money in USDT, ``time`` UTC."""
+
+    trade_id: int
+    exchange_order_id: str
+    side: int
+    qty_base: float
+    price: float
+    fee_usdt: float
+    realized_pnl_usdt: float
+    time: pd.Timestamp
+
+
+def _finite(name: str, value: Any, where: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise RetryableError(f"{where}: field {name!r} is not a number: {value!r}") from None
+    if not math.isfinite(x):
+        raise RetryableError(f"{where}: field {name!r} is not finite: {value!r}")
+    return x
+
+
+def _redirect_urls(urls: Any, base_url: str) -> Any:
+    """Copy of a ccxt ``urls`` tree with every http(s) URL's scheme+host replaced by ``base_url``."""
+    base = base_url.rstrip("/")
+    if isinstance(urls, dict):
+        return {k: _redirect_urls(v, base) for k, v in urls.items()}
+    if isinstance(urls, list):
+        return [_redirect_urls(v, base) for v in urls]
+    if isinstance(urls, str) and urls.startswith(("http://", "https://")):
+        parts = urlsplit(urls)
+        return base + parts.path
+    return urls
+
+
+def make_client(
+    *,
+    api_key: str | None,
+    secret: str | None,
+    sandbox: bool = True,
+    base_url: str | None = None,
+    timeout_ms: int = 10_000,
+    rate_limit: bool = True,
+) -> ccxt.binanceusdm:
+    """A configured ccxt ``binanceusdm`` client (one per key: it owns the rate limiter).
+
+    ``sandbox=True`` switches to the Binance futures testnet (``set_sandbox_mode(True)`` is called
+    before any request). ``base_url`` (tests) redirects every URL group, including ``test`` and
+    ``demo``, to a local server and applies the USDⓈ-M error-code table to it. The key and
+    secret are scrubbed from the ccxt/urllib3 loggers (:func:`serving.secrets.install_log_redaction`). ``rate_limit``
+    (ccxt's own request throttle) stays on except against a local test server.
+    """
+    if api_key or secret:
+        install_log_redaction([api_key or "", secret or ""])  # ccxt logs request headers at DEBUG
+    client = ccxt.binanceusdm({
+        "apiKey": api_key or "", "secret": secret or "", "enableRateLimit": bool(rate_limit),
+        "timeout": int(timeout_ms),
+        "options": {"fetchCurrencies": False, "adjustForTimeDifference": False,
+                    "fetchOpenOrders": {"warnWithoutSymbol": False}},
+    })  # fmt: skip
+    if base_url is not None:
+        for group in ("api", "test", "demo"):
+            if group in client.urls:
+                client.urls[group] = _redirect_urls(client.urls[group], base_url)
+        linear = client.exceptions.get("linear", {})
+        client.exceptions["exact"] = {**client.exceptions.get("exact", {}), **linear.get("exact", {})}
+        client.exceptions["broad"] = {**client.exceptions.get("broad", {}), **linear.get("broad", {})}
+    if sandbox:
+        client.set_sandbox_mode(True)
+    return client
+
+
+def _default_wait(state: RetryCallState, base_s: float, cap_s: float) -> float:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    if isinstance(exc, RateLimitedError):
+        return exc.retry_after_s
+    return min(cap_s, base_s * 2 ** (state.attempt_number - 1)) * (0.5 + random.random() / 2)
+
+
+class BinanceFuturesBroker:
+    """Orders, positions and fills of one USDⓈ-M perpetual on Binance via ccxt.
+
+    Parameters
+    ----------
+    client : ccxt.binanceusdm
+        From :func:`make_client` (keep one instance per key for the rate limiter).
+    symbol : str
+        Unified ccxt symbol, e.g. ``"BTC/USDT:USDT"``.
+    read_attempts : int
+        Tries of a read (fetch, cancel lookups) on a retryable error, >= 1.
+    backoff_base_s, backoff_cap_s : float
+        Exponential backoff with jitter: ``min(cap, base * 2**(n-1)) * U(0.5, 1)`` seconds;
+        a 429 waits its ``Retry-After`` instead.
+    sleep : Callable[[float], None]
+        Injected for tests (``time.sleep`` by default).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        symbol: str = "BTC/USDT:USDT",
+        *,
+        read_attempts: int = 4,
+        backoff_base_s: float = 0.5,
+        backoff_cap_s: float = 8.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if read_attempts < 1:
+            raise ValueError(f"read_attempts must be >= 1, got {read_attempts}")
+        self.client = client
+        self.symbol = symbol
+        self.read_attempts = int(read_attempts)
+        self.backoff_base_s, self.backoff_cap_s = float(backoff_base_s), float(backoff_cap_s)
+        self._sleep = sleep
+        self._rules: MarketRules | None = None
+        self._market_id: str | None = None
+        self.sleeps: list[float] = []  # every backoff slept, for audits and tests
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _call(self, fn: Callable[[], T], *, during_create: bool = False) -> T:
+        try:
+            return fn()
+        except Exception as exc:
+            raise classify_error(exc, during_create=during_create, client=self.client) from exc
+
+    def _read(self, fn: Callable[[], T]) -> T:
+        """Run a read with retries on :class:`RetryableError` (tenacity), re-raising the last error."""
+
+        def sleep(seconds: float) -> None:
+            self.sleeps.append(seconds)
+            self._sleep(seconds)
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(RetryableError),
+            stop=stop_after_attempt(self.read_attempts),
+            wait=lambda s: _default_wait(s, self.backoff_base_s, self.backoff_cap_s),
+            sleep=sleep,
+            reraise=True,
+        )
+        return retrying(self._call, fn)
+
+    @property
+    def rules(self) -> MarketRules:
+        """Precision and limits of the symbol (after :meth:`load`)."""
+        if self._rules is None:
+            raise RuntimeError("call load() first")
+        return self._rules
+
+    @property
+    def market_id(self) -> str:
+        """Exchange symbol, e.g. ``BTCUSDT`` (after :meth:`load`)."""
+        if self._market_id is None:
+            raise RuntimeError("call load() first")
+        return self._market_id
+
+    # -- setup ----------------------------------------------------------------------------------
+    def load(self) -> MarketRules:
+        """Load markets and derive :class:`MarketRules` from the symbol's filters.
+
+        Raises
+        ------
+        FatalError
+            Unknown symbol or filters missing/non-finite (the loop cannot size orders).
+        """
+        markets = self._read(lambda: self.client.load_markets())
+        if self.symbol not in markets:
+            raise FatalError(f"symbol {self.symbol!r} not listed by the exchange")
+        m = markets[self.symbol]
+        info = m.get("info") or {}
+        filters = {f.get("filterType"): f for f in info.get("filters", [])}
+        try:
+            lot = filters.get("MARKET_LOT_SIZE") or filters["LOT_SIZE"]
+            rules = MarketRules(
+                symbol=str(m["id"]),
+                tick_size_usdt=float(filters["PRICE_FILTER"]["tickSize"]),
+                step_size_base=float(lot["stepSize"]),
+                min_qty_base=float(lot["minQty"]),
+                max_qty_base=float(lot.get("maxQty", math.inf)),
+                min_notional_usdt=float(filters["MIN_NOTIONAL"]["notional"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FatalError(f"market {self.symbol!r}: cannot read precision/limits from exchangeInfo: {exc}") from exc
+        self._rules, self._market_id = rules, str(m["id"])
+        return rules
+
+    def set_isolated_margin(self) -> None:
+        """Switch the symbol to isolated margin (already isolated is fine)."""
+        try:
+            self._read(lambda: self.client.set_margin_mode("isolated", self.symbol))
+        except RejectedError as exc:
+            if "MarginModeAlreadySet" in str(exc) or "-4046" in str(exc) or "No need to change" in str(exc):
+                return
+            raise
+
+    def require_one_way_mode(self) -> None:
+        """Refuse a hedge-mode account (positions are read and closed as one net position per symbol).
+
+        Raises
+        ------
+        FatalError
+            The account is in hedge (dual-side) mode.
+        """
+        mode = self._read(lambda: self.client.fetch_position_mode(self.symbol))
+        if (mode or {}).get("hedged"):
+            raise FatalError("the account is in hedge (dual-side) position mode; switch it to one-way mode")
+
+    def set_leverage(self, leverage: int) -> None:
+        """Set integer leverage (1..125) on the symbol."""
+        if not isinstance(leverage, int) or not 1 <= leverage <= 125:
+            raise RejectedError(f"leverage must be an int in [1, 125], got {leverage!r}")
+        self._read(lambda: self.client.set_leverage(leverage, self.symbol))
+
+    # -- market data ----------------------------------------------------------------------------
+    def server_time_ms(self) -> int:
+        """Exchange clock, ms since the epoch."""
+        value = self._read(lambda: self.client.fetch_time())
+        if value is None:
+            raise RetryableError("fetch_time returned no server time (malformed answer)")
+        return int(value)
+
+    def fetch_ohlcv(self, timeframe: str, since_ms: int | None, limit: int) -> list[list[Any]]:
+        """Raw ``[[open_ms, o, h, l, c, v], ...]`` rows as the exchange gave them (validate before use)."""
+        rows = self._read(lambda: self.client.fetch_ohlcv(self.symbol, timeframe, since_ms, limit))
+        if not isinstance(rows, list):
+            raise RetryableError(f"fetch_ohlcv returned {type(rows).__name__}, not a list")
+        return rows
+
+    def fetch_funding(self, since_ms: int, limit: int = 1000) -> list[tuple[int, float]]:
+        """Funding settlements ``(funding time ms, rate)`` from ``since_ms``, oldest first.
+
+        Raises
+        ------
+        RetryableError
+            A settlement without a time or with a non-numeric/non-finite rate (never used).
+        """
+        rows = self._read(lambda: self.client.fetch_funding_rate_history(self.symbol, since_ms, limit))
+        out: list[tuple[int, float]] = []
+        for r in rows or []:
+            ts = r.get("timestamp")
+            if ts is None:
+                raise RetryableError(f"funding row without a time: {r!r}")
+            out.append((int(ts), _finite("fundingRate", r.get("fundingRate"), "funding")))
+        return sorted(out)
+
+    # -- orders ---------------------------------------------------------------------------------
+    def _snapshot(self, order: dict[str, Any], conditional: bool, where: str) -> OrderSnapshot:
+        if not isinstance(order, dict) or order.get("id") is None:
+            raise AmbiguousOutcomeError(f"{where}: answer without an order id: {order!r}")
+        info = order.get("info") or {}
+        cid = order.get("clientOrderId") or info.get("clientOrderId") or info.get("clientAlgoId") or ""
+        filled = order.get("filled")
+        avg = order.get("average")
+        trigger = order.get("triggerPrice") or order.get("stopPrice")
+        return OrderSnapshot(
+            client_id=str(cid), exchange_id=str(order["id"]), status=str(order.get("status") or "open"),
+            side=str(order.get("side") or info.get("side") or "").lower(),
+            order_type=str(info.get("orderType") or info.get("type") or order.get("type") or "").lower(),
+            amount_base=float(order.get("amount") or 0.0),
+            filled_base=0.0 if filled is None else _finite("filled", filled, where),
+            average_price=None if not avg else _finite("average", avg, where),
+            trigger_price=None if not trigger else _finite("triggerPrice", trigger, where),
+            conditional=conditional, reduce_only=bool(order.get("reduceOnly") or info.get("closePosition")),
+        )  # fmt: skip
+
+    def create(self, intent: OrderIntent) -> OrderSnapshot:
+        """Send ``intent`` ONCE (never retried).
+
+        Raises
+        ------
+        AmbiguousOutcomeError
+            Timeout, network error, 5xx or a malformed answer: the order may exist; look it up by
+            ``intent.client_id`` before anything else.
+        RateLimitedError
+            HTTP 429: not sent; wait ``retry_after_s``.
+        RejectedError
+            The exchange refused it (do not resend the same input).
+        FatalError
+            Authentication/permission.
+        """
+        conditional = intent.order_type in ("stop_market", "take_profit_market")
+        params: dict[str, Any] = {"clientOrderId": intent.client_id}
+        if conditional:
+            params["triggerPrice"] = intent.trigger_price
+            if intent.close_position:
+                params["closePosition"] = True
+            else:
+                params["reduceOnly"] = True
+            otype = "STOP_MARKET" if intent.order_type == "stop_market" else "TAKE_PROFIT_MARKET"
+            amount = None if intent.close_position else intent.qty_base
+        else:
+            if intent.reduce_only:
+                params["reduceOnly"] = True
+            otype, amount = "market", intent.qty_base
+        order = self._call(
+            lambda: self.client.create_order(self.symbol, otype, intent.side, amount, None, params),
+            during_create=True,
+        )
+        return self._snapshot(order, conditional, f"create {intent.client_id}")
+
+    def lookup(self, client_id: str, *, conditional: bool) -> OrderSnapshot | None:
+        """The order with ``client_id`` (latest one if reused), None if the exchange has none."""
+        params: dict[str, Any] = {"origClientOrderId": client_id}
+        if conditional:
+            params["trigger"] = True
+
+        def fetch() -> Any:
+            try:
+                return self.client.fetch_order(None, self.symbol, params)
+            except ccxt.OrderNotFound:
+                return None
+
+        order = self._read(fetch)
+        return None if order is None else self._snapshot(order, conditional, f"lookup {client_id}")
+
+    def cancel(self, client_id: str, *, conditional: bool) -> OrderSnapshot | None:
+        """Cancel the order ``client_id``; None if it no longer exists or is no longer open."""
+        params: dict[str, Any] = {"origClientOrderId": client_id}
+        if conditional:
+            params["trigger"] = True
+
+        def cancel() -> Any:
+            try:
+                return self.client.cancel_order(None, self.symbol, params)
+            except ccxt.OrderNotFound:
+                return None
+
+        order = self._read(cancel)
+        if order is None:
+            return None
+        snap = self._snapshot(order, conditional, f"cancel {client_id}")
+        return dataclasses.replace(snap, client_id=snap.client_id or client_id, status="canceled")
+
+    def open_orders(self) -> list[OrderSnapshot]:
+        """Open regular and conditional orders of the symbol."""
+        regular = self._read(lambda: self.client.fetch_open_orders(self.symbol))
+        algo = self._read(lambda: self.client.fetch_open_orders(self.symbol, None, None, {"trigger": True}))
+        return [self._snapshot(o, False, "open orders") for o in regular] + [
+            self._snapshot(o, True, "open conditional orders") for o in algo
+        ]
+
+    # -- account --------------------------------------------------------------------------------
+    def position(self) -> ExchangePosition:
+        """The one-way position of the symbol (side, absolute quantity, entry price)."""
+        rows = self._read(lambda: self.client.fetch_positions([self.symbol]))
+        amt, entry = 0.0, 0.0
+        for p in rows:
+            if p.get("symbol") != self.symbol:
+                continue
+            info = p.get("info") or {}
+            amt += _finite("positionAmt", info.get("positionAmt", 0.0), "positions")
+            entry = _finite("entryPrice", info.get("entryPrice", 0.0), "positions")
+        if amt == 0:
+            return ExchangePosition()
+        return ExchangePosition(1 if amt > 0 else -1, abs(amt), entry)
+
+    def equity_usdt(self) -> float:
+        """Margin balance (wallet + unrealised PnL) in USDT."""
+        bal = self._read(lambda: self.client.fetch_balance())
+        info = bal.get("info") or {}
+        if "totalMarginBalance" in info:
+            return _finite("totalMarginBalance", info["totalMarginBalance"], "balance")
+        return _finite("USDT total", (bal.get("USDT") or {}).get("total"), "balance")
+
+    def fills_since(self, last_trade_id: int | None, since_ms: int | None = None) -> list[TradeFill]:
+        """User trades with id > ``last_trade_id`` (all recent ones when None), oldest first."""
+        params: dict[str, Any] = {}
+        if last_trade_id is not None:
+            params["fromId"] = int(last_trade_id) + 1
+        since = None if last_trade_id is not None else since_ms
+        trades = self._read(lambda: self.client.fetch_my_trades(self.symbol, since, 1000, params))
+        out: list[TradeFill] = []
+        for t in trades:
+            info = t.get("info") or {}
+            tid = int(t["id"])
+            if last_trade_id is not None and tid <= last_trade_id:
+                continue
+            fee = (t.get("fee") or {}).get("cost") or 0.0
+            out.append(TradeFill(
+                trade_id=tid, exchange_order_id=str(t.get("order")), side=1 if t.get("side") == "buy" else -1,
+                qty_base=_finite("amount", t.get("amount"), "trades"), price=_finite("price", t.get("price"), "trades"),
+                fee_usdt=_finite("fee", fee, "trades"),
+                realized_pnl_usdt=_finite("realizedPnl", info.get("realizedPnl", 0.0), "trades"),
+                time=pd.Timestamp(int(t["timestamp"]), unit="ms", tz="UTC"),
+            ))  # fmt: skip
+        return sorted(out, key=lambda f: f.trade_id)

@@ -1,0 +1,360 @@
+"""Order intents: what the live loop must send this bar, derived by pure functions.
+
+An *intent* is one order the loop has decided to send, with a **deterministic client order id**
+built from (symbol, bar open time, intent kind). Written to the store before it is sent, the id
+lets a restarted process find out whether the order already reached the exchange (Binance
+enforces ``newClientOrderId`` uniqueness only among *open* orders, so a filled market order can
+be sent twice with the same id: the loop must look it up first, see ``serving.live``).
+
+Binance rule for ``newClientOrderId`` (USDⓈ-M "New Order (TRADE)" endpoint documentation):
+``^[\\.A-Z\\:/a-z0-9_\\-]{1,36}$``.
+
+Mapping from a :class:`market.decision.Decision` to intents (same semantics as the env, see
+``market.decision``):
+
+* hold (``direction`` == current non-zero side): no market order; a ``new_stop_price`` that,
+  rounded to the tick conservatively (long: down, short: up), tightens the current stop gives a
+  ``stopmv`` intent (cancel the old stop, place the new one);
+* change of side: an ``exit`` (market, reduce-only, the whole position) if a position is open,
+  the cancel of its stop/take-profit, then, if ``direction != 0`` and entries are allowed, an
+  ``entry`` (market) of ``floor(equity * size_frac * leverage / price, step)`` base units;
+* after the entry fill, :func:`protective_intents` gives the ``stop`` (STOP_MARKET) and ``tp``
+  (TAKE_PROFIT_MARKET) orders, both ``closePosition`` (they close whatever is open, so a partial
+  fill is covered), ``stop_atr`` / ``take_profit_atr`` ATRs from the average fill price, rounded
+  to the tick away from the position's favour for the stop (long: down, short: up) and towards the
+  entry for the take-profit (long: down, short: up), i.e. a tick-rounded level is never worse
+  than the ATR distance asked for the take-profit and never tighter than asked for the stop;
+* ``unprot``: a reduce-only market close of a position whose stop the exchange refused (see
+  ``serving.live``): a position is never left open without its stop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import Literal
+
+import pandas as pd
+
+from market.decision import Decision
+
+IntentKind = Literal["entry", "exit", "stop", "tp", "stopmv", "unprot"]
+INTENT_KINDS: tuple[str, ...] = ("entry", "exit", "stop", "tp", "stopmv", "unprot")
+OrderType = Literal["market", "stop_market", "take_profit_market"]
+CLIENT_ID_PATTERN = re.compile(r"^[\.A-Z\:/a-z0-9_\-]{1,36}$")
+CLIENT_ID_PREFIX = "ats"
+
+
+class IntentError(ValueError):
+    """Bad input to an intent function (non-finite price, unknown kind, bad market rules)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MarketRules:
+    """Trading rules of one symbol, from the exchange's ``exchangeInfo`` filters.
+
+    ``tick_size_usdt`` (PRICE_FILTER.tickSize), ``step_size_base`` (LOT_SIZE.stepSize),
+    ``min_qty_base`` / ``max_qty_base`` (MARKET_LOT_SIZE or LOT_SIZE), ``min_notional_usdt``
+    (MIN_NOTIONAL.notional). All finite and > 0 (``max_qty_base`` may be ``inf``).
+    """
+
+    symbol: str
+    tick_size_usdt: float
+    step_size_base: float
+    min_qty_base: float
+    min_notional_usdt: float
+    max_qty_base: float = math.inf
+
+    def __post_init__(self) -> None:
+        for name in ("tick_size_usdt", "step_size_base", "min_qty_base", "min_notional_usdt"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise IntentError(f"MarketRules.{name} of {self.symbol!r} must be finite and > 0, got {v!r}")
+        if not self.max_qty_base > 0:
+            raise IntentError(f"MarketRules.max_qty_base of {self.symbol!r} must be > 0, got {self.max_qty_base!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangePosition:
+    """The exchange's view of the position: ``side`` -1/0/+1, ``qty_base`` >= 0, ``entry_price`` USDT."""
+
+    side: int = 0
+    qty_base: float = 0.0
+    entry_price: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class OpenProtection:
+    """The open protective orders of the position (client ids and trigger prices), None when absent."""
+
+    stop_client_id: str | None = None
+    stop_price: float | None = None
+    tp_client_id: str | None = None
+    tp_price: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OrderIntent:
+    """One order to send.
+
+    ``side`` 'buy'/'sell'; ``qty_base`` > 0 for market orders, None for ``close_position``
+    orders; ``trigger_price`` (USDT, tick-rounded) for stop/take-profit orders, else None.
+    """
+
+    client_id: str
+    kind: str
+    symbol: str
+    bar_open_time: pd.Timestamp
+    side: str
+    order_type: str
+    qty_base: float | None
+    trigger_price: float | None
+    reduce_only: bool
+    close_position: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BarPlan:
+    """What :func:`plan_bar` decided for one bar.
+
+    ``cancels``: client ids of protective orders to cancel first; ``orders``: market/stop orders to
+    send in this order; ``entry_side``: side of the new position when an entry is in ``orders``
+    (its stop/take-profit follow from :func:`protective_intents` after the fill), else 0;
+    ``notes``: why something asked for was not done (e.g. below min notional).
+    """
+
+    cancels: tuple[str, ...]
+    orders: tuple[OrderIntent, ...]
+    entry_side: int
+    notes: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# ids and rounding
+# ---------------------------------------------------------------------------------------------
+
+
+def client_order_id(symbol: str, bar_open_time: pd.Timestamp, kind: str) -> str:
+    """Deterministic client order id ``ats-<SYMBOL>-<bar open, epoch s>-<kind>``.
+
+    Symbols that would make the id longer than 36 characters are replaced by the first 8 hex digits
+    of their SHA-1. Same inputs always give the same id; different (symbol, bar, kind) give
+    different ids.
+
+    Raises
+    ------
+    IntentError
+        Unknown ``kind``, naive/NaT time, or a symbol with characters outside the Binance rule.
+    """
+    if kind not in INTENT_KINDS:
+        raise IntentError(f"unknown intent kind {kind!r}; expected one of {INTENT_KINDS}")
+    ts = pd.Timestamp(bar_open_time)
+    if pd.isna(ts) or ts.tzinfo is None:
+        raise IntentError(f"bar_open_time must be a tz-aware timestamp, got {bar_open_time!r}")
+    secs = int(ts.tz_convert("UTC").value // 1_000_000_000)
+    cid = f"{CLIENT_ID_PREFIX}-{symbol}-{secs}-{kind}"
+    if len(cid) > 36:
+        cid = f"{CLIENT_ID_PREFIX}-{hashlib.sha1(symbol.encode()).hexdigest()[:8]}-{secs}-{kind}"
+    if not CLIENT_ID_PATTERN.fullmatch(cid):
+        raise IntentError(f"client id {cid!r} (symbol {symbol!r}) breaks Binance's newClientOrderId rule")
+    return cid
+
+
+def parse_client_order_id(client_id: str) -> tuple[str, int, str] | None:
+    """``(symbol or symbol hash, bar open epoch s, kind)`` of one of our ids, None for a foreign id."""
+    parts = client_id.split("-")
+    if len(parts) != 4 or parts[0] != CLIENT_ID_PREFIX or parts[3] not in INTENT_KINDS or not parts[2].isdigit():
+        return None
+    return parts[1], int(parts[2]), parts[3]
+
+
+def _check_finite_positive(name: str, value: float) -> float:
+    x = float(value)
+    if not math.isfinite(x) or x <= 0:
+        raise IntentError(f"{name} must be finite and > 0, got {value!r}")
+    return x
+
+
+def round_to_step(value: float, step: float, mode: Literal["down", "up"]) -> float:
+    """``value`` rounded to a multiple of ``step`` (down: floor, up: ceil), in exact decimal arithmetic.
+
+    Raises
+    ------
+    IntentError
+        If ``value`` is not finite or ``step`` is not finite and > 0.
+    """
+    if not math.isfinite(value):
+        raise IntentError(f"cannot round a non-finite value {value!r}")
+    _check_finite_positive("step", step)
+    d_step = Decimal(str(step))
+    units = (Decimal(str(value)) / d_step).to_integral_value(rounding=ROUND_FLOOR if mode == "down" else ROUND_CEILING)
+    return float(units * d_step)
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+# ---------------------------------------------------------------------------------------------
+
+
+def entry_quantity(
+    equity_usdt: float, size_frac: float, leverage: float, price_usdt: float, rules: MarketRules
+) -> tuple[float, str | None]:
+    """Base quantity of a new position and, when it is 0, why.
+
+    ``qty = floor(equity * size_frac * leverage / price, step)``, capped at ``max_qty_base``; 0 if
+    below ``min_qty_base`` or ``qty * price < min_notional_usdt``.
+
+    Raises
+    ------
+    IntentError
+        Non-finite or non-positive equity/price/leverage, or ``size_frac`` outside [0, 1].
+    """
+    eq = _check_finite_positive("equity_usdt", equity_usdt)
+    price = _check_finite_positive("price_usdt", price_usdt)
+    lev = _check_finite_positive("leverage", leverage)
+    if not (math.isfinite(size_frac) and 0.0 <= size_frac <= 1.0):
+        raise IntentError(f"size_frac must be in [0, 1], got {size_frac!r}")
+    qty = round_to_step(min(eq * size_frac * lev / price, rules.max_qty_base), rules.step_size_base, "down")
+    if qty < rules.min_qty_base:
+        return 0.0, f"qty {qty} below min_qty {rules.min_qty_base}"
+    if qty * price < rules.min_notional_usdt:
+        return 0.0, f"notional {qty * price:.2f} USDT below min_notional {rules.min_notional_usdt}"
+    return qty, None
+
+
+def _close_side(position_side: int) -> str:
+    return "sell" if position_side > 0 else "buy"
+
+
+def protective_intents(
+    symbol: str,
+    bar_open_time: pd.Timestamp,
+    position_side: int,
+    fill_price_usdt: float,
+    atr_usdt: float,
+    decision: Decision,
+    rules: MarketRules,
+) -> tuple[OrderIntent, OrderIntent]:
+    """The ``stop`` and ``tp`` intents of a position just opened (see the module docstring).
+
+    Raises
+    ------
+    IntentError
+        ``position_side`` not +-1, non-finite/non-positive fill price or ATR, or a stop at or
+        below zero.
+    """
+    if position_side not in (-1, 1):
+        raise IntentError(f"position_side must be -1 or +1, got {position_side!r}")
+    fill = _check_finite_positive("fill_price_usdt", fill_price_usdt)
+    atr = _check_finite_positive("atr_usdt", atr_usdt)
+    tick = rules.tick_size_usdt
+    if position_side > 0:
+        stop = round_to_step(fill - decision.stop_atr * atr, tick, "down")
+        tp = round_to_step(fill + decision.take_profit_atr * atr, tick, "down")
+    else:
+        stop = round_to_step(fill + decision.stop_atr * atr, tick, "up")
+        tp = round_to_step(fill - decision.take_profit_atr * atr, tick, "up")
+    if stop <= 0 or tp <= 0:
+        raise IntentError(f"protective prices must be > 0, got stop={stop} tp={tp} (fill {fill}, atr {atr})")
+    side = _close_side(position_side)
+    return (
+        OrderIntent(client_order_id(symbol, bar_open_time, "stop"), "stop", symbol, bar_open_time, side,
+                    "stop_market", None, stop, True, True),
+        OrderIntent(client_order_id(symbol, bar_open_time, "tp"), "tp", symbol, bar_open_time, side,
+                    "take_profit_market", None, tp, True, True),
+    )  # fmt: skip
+
+
+def tightened_stop(position_side: int, current_stop: float | None, requested: float, tick: float) -> float | None:
+    """The tick-rounded ``requested`` stop if it tightens ``current_stop``, else None.
+
+    Long: rounded down, must be higher than the current stop; short: rounded up, must be lower.
+    With no current stop any valid level is accepted.
+    """
+    level = round_to_step(_check_finite_positive("requested stop", requested), tick, "down" if position_side > 0 else "up")
+    if level <= 0:
+        return None
+    if current_stop is None:
+        return level
+    return level if (level > current_stop if position_side > 0 else level < current_stop) else None
+
+
+def plan_bar(
+    *,
+    symbol: str,
+    bar_open_time: pd.Timestamp,
+    position: ExchangePosition,
+    protection: OpenProtection,
+    decision: Decision,
+    price_usdt: float,
+    equity_usdt: float,
+    rules: MarketRules,
+    allow_entry: bool = True,
+) -> BarPlan:
+    """Orders for this bar from the exchange position and the decision (module docstring).
+
+    Parameters
+    ----------
+    price_usdt : float
+        Reference price for sizing the entry (the close of the decided bar), finite > 0.
+    equity_usdt : float
+        Account equity (USDT) used for sizing.
+    allow_entry : bool
+        False on a quarantined bar, an unreconciled position, or a guard in REDUCING/HALTED:
+        exits and stop moves are still planned, entries are not.
+
+    Raises
+    ------
+    IntentError
+        On a non-finite price/equity when an entry is sized, or an inconsistent position.
+    """
+    if position.side not in (-1, 0, 1) or (position.side != 0 and not position.qty_base > 0):
+        raise IntentError(f"inconsistent position {position!r}")
+    cancels: list[str] = []
+    orders: list[OrderIntent] = []
+    notes: list[str] = []
+    side = position.side
+    if decision.direction == side and side != 0:
+        if decision.new_stop_price is not None:
+            level = tightened_stop(side, protection.stop_price, decision.new_stop_price, rules.tick_size_usdt)
+            if level is None:
+                notes.append(f"new_stop_price {decision.new_stop_price} does not tighten stop {protection.stop_price}")
+            else:
+                if protection.stop_client_id is not None:
+                    cancels.append(protection.stop_client_id)
+                orders.append(OrderIntent(client_order_id(symbol, bar_open_time, "stopmv"), "stopmv", symbol,
+                                          bar_open_time, _close_side(side), "stop_market", None, level, True, True))
+        return BarPlan(tuple(cancels), tuple(orders), 0, tuple(notes))
+    if decision.direction == side:  # flat and stays flat
+        return BarPlan((), (), 0, ())
+    if side != 0:
+        cancels += [c for c in (protection.stop_client_id, protection.tp_client_id) if c is not None]
+        orders.append(OrderIntent(client_order_id(symbol, bar_open_time, "exit"), "exit", symbol, bar_open_time,
+                                  _close_side(side), "market", float(position.qty_base), None, True, False))
+    entry_side = 0
+    if decision.direction != 0:
+        if not allow_entry:
+            notes.append("entry blocked")
+        else:
+            qty, why = entry_quantity(equity_usdt, decision.size_frac, decision.leverage, price_usdt, rules)
+            if why is not None:
+                notes.append(f"entry skipped: {why}")
+            else:
+                entry_side = decision.direction
+                orders.append(OrderIntent(client_order_id(symbol, bar_open_time, "entry"), "entry", symbol,
+                                          bar_open_time, "buy" if entry_side > 0 else "sell", "market", qty, None,
+                                          False, False))
+    return BarPlan(tuple(cancels), tuple(orders), entry_side, tuple(notes))
+
+
+def exchange_leverage(decision_leverage: float, max_leverage: int = 125) -> int:
+    """Integer leverage to set on the exchange: ``ceil(leverage)`` clipped to [1, max_leverage].
+
+    Binance takes integer leverage; rounding up keeps the isolated margin at or below
+    ``equity * size_frac`` for the quantity of :func:`entry_quantity`.
+    """
+    lev = _check_finite_positive("leverage", decision_leverage)
+    return int(min(max(1, math.ceil(lev - 1e-9)), max_leverage))

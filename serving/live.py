@@ -1,0 +1,878 @@
+"""Live bar loop for Binance USDⓈ-M (testnet or live): decide once per closed bar, never send twice.
+
+One call of :meth:`LiveLoop.step` does, in this order (every phase is idempotent, so a process
+killed anywhere and restarted carries on where it stopped):
+
+1. **Clock**: read the exchange time; ``offset = server - wall`` (injected wall clock). The bar
+   to decide is the last one *closed by the exchange clock*, so a jump of the local clock never
+   skips or repeats a bar; an offset beyond ``max_clock_offset_ms`` blocks entries (event).
+2. **Reconcile** (:meth:`LiveLoop.reconcile`): resolve every unresolved intent of earlier bars by
+   client id (found: record it; absent: 'abandoned'), store new fills since the last seen trade
+   id (dedup on trade id), compare the exchange position with ``last position row + signed fills
+   after its trade id``: equal -> a 'reconcile' row; different -> an 'unreconciled' row and an
+   event, and entries stay blocked until :meth:`LiveLoop.reset_position_baseline`; cancel our
+   protective orders left open on a flat position. Each repair is an event.
+3. **Candles**: ``fetch_ohlcv`` of the last ``context_bars`` closed bars; the window must be
+   complete, unique, sorted, gapless, finite and OHLC-consistent and end at the bar to decide.
+   Otherwise the bar is **quarantined**: the policy is not asked (a 'guard' decision holds the
+   position; stops stay on the exchange; entries are impossible). The funding history of the
+   window is joined as ``funding_rate`` (:func:`with_funding_column`); if it cannot be fetched
+   the bar is quarantined too.
+4. **Decide** (only if the bar has no decision row yet): bundle -> V1 -> flat with
+   :func:`serving.choice.choose`; then the optional risk guard
+   (``guard.review(decision, AccountSnapshot) -> GuardVerdict``; a guard that raises blocks
+   entries: fail closed). The decision row and its intents (:func:`serving.intents.plan_bar`) are
+   written in ONE transaction **before** anything is sent.
+5. **Execute** the bar's intents: exit (after cancelling our open protective orders), entry
+   (after setting leverage), stop move; then, once the entry has a fill, its ``stop`` and ``tp``
+   (written, then sent); if the exchange refuses the stop, the position is closed at once
+   (``unprot`` intent); a held position found without its stop or take-profit gets them again
+   (:meth:`LiveLoop._repair_protection`). Before a resend (status 'sent'/'unknown'/'not_found') the client id is
+   looked up; a create that timed out is resolved by lookup, and re-sent (same id) only when the
+   lookup proves the exchange never got it.
+6. Record fills, position and an equity snapshot.
+
+Crash points: :func:`crash_point` kills the process with SIGKILL when the environment variable
+``ATS_CRASH_AT`` names the point (``after_intent_written``, ``after_send``, ``after_ack``,
+``after_fill``, ``during_reconciliation``); used by ``tests/serving/test_crash_recovery.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from market.config_base import StrictConfig
+from market.decision import Decision, DecisionContext, Policy, PositionView
+from market.features import atr as atr_indicator
+from serving.choice import choose, reason_kind
+from serving.errors import AmbiguousOutcomeError, FatalError, RejectedError, RetryableError
+from serving.exchange import BinanceFuturesBroker, OrderSnapshot, RateLimitedError
+from serving.hotswap import PolicySlot
+from serving.intents import (
+    ExchangePosition,
+    OpenProtection,
+    OrderIntent,
+    client_order_id,
+    exchange_leverage,
+    parse_client_order_id,
+    plan_bar,
+    protective_intents,
+)
+from serving.store import DecisionRecord, EquityRecord, EventRecord, ExchangeFillRecord, StateStore
+
+CRASH_POINTS: tuple[str, ...] = (
+    "after_intent_written", "after_send", "after_ack", "after_fill", "during_reconciliation",
+)  # fmt: skip
+CRASH_ENV = "ATS_CRASH_AT"
+_TF_MS = {"1m": 60_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000, "1h": 3_600_000, "4h": 14_400_000}
+
+
+_CRASH_COUNTS: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process when ``ATS_CRASH_AT`` names this point (a no-op otherwise).
+
+    ``ATS_CRASH_AT=name`` kills at the first pass through the point, ``name:N`` at the N-th pass
+    in this process (test hook; unset in production).
+    """
+    if name not in CRASH_POINTS:
+        raise ValueError(f"unknown crash point {name!r}; expected one of {CRASH_POINTS}")
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+    if _CRASH_COUNTS[name] >= (int(nth) if nth else 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class LiveConfig(StrictConfig):
+    """Settings of :class:`LiveLoop` (units in the names)."""
+
+    run_id: str = Field("live", min_length=1, max_length=128, description="Key of this run's rows in the store.")
+    symbol: str = Field("BTC/USDT:USDT", description="Unified ccxt symbol.")
+    timeframe: str = Field("1h", description="Bar length; one of 1m 5m 15m 30m 1h 4h.")
+    context_bars: int = Field(300, ge=20, le=1500, description="Closed candles given to the policies.")
+    atr_period_bars: int = Field(14, ge=1, description="ATR period for stop/take-profit distances.")
+    decision_timeout_ms: float = Field(2_000.0, gt=0, description="Deadline of the primary policy, ms.")
+    close_delay_s: float = Field(3.0, ge=0, description="Wait after a bar close before polling its candle, s.")
+    poll_interval_s: float = Field(1.0, gt=0, description="Minimum sleep between two steps, s.")
+    max_clock_offset_ms: float = Field(
+        2_500.0, gt=0, description="Largest |exchange - local| clock offset with which entries are allowed, ms."
+    )
+    max_leverage: int = Field(20, ge=1, le=125, description="Upper bound of the leverage set on the exchange.")
+    rate_limit_max_wait_s: float = Field(30.0, gt=0, description="Longest Retry-After honoured inside a bar, s.")
+    with_funding: bool = Field(
+        True, description="Join the funding history as ``funding_rate`` (features use it); a failed fetch "
+        "quarantines the bar."
+    )
+
+
+class GuardLike(Protocol):
+    """The risk guard interface (``serving.risk.RiskGuard``)."""
+
+    def review(self, decision: Decision, account: Any) -> Any: ...
+
+    def record_closed_trade(self, time: pd.Timestamp, pnl_usdt: float) -> None: ...
+
+
+def _account_snapshot(**kw: Any) -> Any:
+    try:
+        from serving.risk import AccountSnapshot
+    except ImportError:  # pragma: no cover - risk.py is part of the package
+        return _FallbackAccountSnapshot(**kw)
+    return AccountSnapshot(**kw)
+
+
+@dataclass(frozen=True)
+class _FallbackAccountSnapshot:
+    time: pd.Timestamp
+    equity_usdt: float
+    position_side: int
+    position_qty_base: float
+    position_notional_usdt: float
+    leverage: float
+
+
+# ---------------------------------------------------------------------------------------------
+# candles
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CandleWindow:
+    """Result of :func:`validate_window`: ``candles`` (None when quarantined) and the problems found."""
+
+    candles: pd.DataFrame | None
+    problems: tuple[str, ...]
+
+
+def _num(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def validate_window(rows: Sequence[Sequence[Any]], last_closed_open_ms: int, tf_ms: int, context_bars: int) -> CandleWindow:
+    """Check the closed-candle window ending at ``last_closed_open_ms`` (pure).
+
+    ``rows`` are raw ccxt OHLCV rows ``[open_ms, o, h, l, c, v]``; rows opening after
+    ``last_closed_open_ms`` (the still-open bar) are ignored. Problems (any one quarantines the
+    bar): a row that is not 6 values, a non-integer open time, duplicate or out-of-order open
+    times, a gap, a non-finite or non-positive price, a negative or non-finite volume, high/low
+    not enclosing open/close, fewer than ``context_bars`` rows, or no row for the bar to decide.
+
+    Returns
+    -------
+    CandleWindow
+        ``candles``: UTC open-time index, float64 ``open high low close volume`` (exactly the last
+        ``context_bars`` rows) when there is no problem, else None.
+    """
+    problems: list[str] = []
+    times: list[int] = []
+    values: list[list[float]] = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, (list, tuple)) or len(r) < 6:
+            problems.append(f"row {i} is not [time, o, h, l, c, v]: {r!r}")
+            continue
+        t = _num(r[0])
+        if not math.isfinite(t) or t != int(t):
+            problems.append(f"row {i} has a bad open time {r[0]!r}")
+            continue
+        if int(t) > last_closed_open_ms:
+            continue
+        times.append(int(t))
+        values.append([_num(x) for x in r[1:6]])
+    if problems:
+        return CandleWindow(None, tuple(problems))
+    t_arr = np.asarray(times, dtype=np.int64)
+    if len(t_arr) and len(np.unique(t_arr)) != len(t_arr):
+        values_, counts = np.unique(t_arr, return_counts=True)
+        first = pd.Timestamp(int(values_[counts > 1][0]), unit="ms", tz="UTC")
+        problems.append(f"duplicate open times ({len(t_arr) - len(values_)} extra rows, first at {first})")
+    if len(t_arr) > 1 and np.any(np.diff(t_arr) < 0):
+        problems.append("rows out of order (open time goes back)")
+    if problems:
+        return CandleWindow(None, tuple(problems))
+    if len(t_arr) > 1 and np.any(np.diff(t_arr) != tf_ms):
+        k = int(np.flatnonzero(np.diff(t_arr) != tf_ms)[0])
+        problems.append(f"gap after {pd.Timestamp(int(t_arr[k]), unit='ms', tz='UTC')}: next bar at "
+                        f"{pd.Timestamp(int(t_arr[k + 1]), unit='ms', tz='UTC')}")
+    if not len(t_arr) or t_arr[-1] != last_closed_open_ms:
+        last = "none" if not len(t_arr) else str(pd.Timestamp(int(t_arr[-1]), unit="ms", tz="UTC"))
+        problems.append(f"stale feed: last closed bar {pd.Timestamp(last_closed_open_ms, unit='ms', tz='UTC')} "
+                        f"missing (latest row {last})")
+    if len(t_arr) < context_bars:
+        problems.append(f"only {len(t_arr)} closed bars, {context_bars} needed")
+    v = np.asarray(values, dtype=np.float64).reshape(-1, 5)[-context_bars:]
+    if len(v):
+        o, h, lo, c, vol = v.T
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(v).all(axis=1) | (v[:, :4] <= 0).any(axis=1) | (vol < 0) | (h < lo) | (
+                lo > np.minimum(o, c)) | (h < np.maximum(o, c))
+        for k in np.flatnonzero(bad)[:3]:
+            ts = pd.Timestamp(int(t_arr[-len(v):][k]), unit="ms", tz="UTC")
+            problems.append(f"invalid candle at {ts}: open={o[k]!r} high={h[k]!r} low={lo[k]!r} close={c[k]!r} "
+                            f"volume={vol[k]!r}")
+    if problems:
+        return CandleWindow(None, tuple(problems))
+    idx = pd.DatetimeIndex(pd.to_datetime(t_arr[-context_bars:], unit="ms", utc=True), name="open_time")
+    df = pd.DataFrame(v, index=idx, columns=["open", "high", "low", "close", "volume"], dtype=np.float64)
+    return CandleWindow(df, ())
+
+
+def with_funding_column(candles: pd.DataFrame, funding: Sequence[tuple[int, float]], tf_ms: int) -> pd.DataFrame:
+    """``candles`` plus a float64 ``funding_rate`` column: the rate settled in each bar (funding time
+    floored to the bar's open time, as the training data), NaN in bars without a settlement.
+    Settlements outside the window are ignored (pure)."""
+    out = candles.copy()
+    col = np.full(len(out), np.nan)
+    pos = {int(t.value // 1_000_000): i for i, t in enumerate(out.index)}
+    for t_ms, rate in funding:
+        i = pos.get((int(t_ms) // tf_ms) * tf_ms)
+        if i is not None:
+            col[i] = float(rate)
+    out["funding_rate"] = col
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    """What one :meth:`LiveLoop.step` did. ``bar_open_time`` None: no new closed bar yet."""
+
+    bar_open_time: pd.Timestamp | None
+    source: str | None = None
+    decision: Decision | None = None
+    quarantined: bool = False
+    entries_blocked: tuple[str, ...] = ()
+    sent: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+
+
+_PROTECTIVE = ("stop_market", "take_profit_market")
+_UNRESOLVED = ("written", "sent", "unknown", "not_found")
+
+
+class LiveLoop:
+    """The live serving loop over a :class:`serving.exchange.BinanceFuturesBroker` (module docstring).
+
+    Parameters
+    ----------
+    broker : BinanceFuturesBroker
+    store : StateStore
+    config : LiveConfig
+    primary : Policy | PolicySlot | None
+        The V2 policy (None when its bundle failed to load; ``primary_load_error`` says why and is
+        recorded as ``bundle_load_failed: <why>`` with every decision), or a
+        :class:`serving.hotswap.PolicySlot` holding it: then failures back off (V1 decides the
+        skipped bars) and new bundles (watched directory, ``ats serve reload``) are validated and
+        swapped in between bars, exactly as in paper serving. A plain policy is wrapped in a slot
+        without a loader (backoff only).
+    fallback : Policy
+        The V1 policy.
+    guard : GuardLike | None
+        Optional risk guard (``serving.risk.RiskGuard``); None = no guard.
+    wall_clock_s : Callable[[], float]
+        Local wall clock, seconds since the epoch (injected for clock-jump tests).
+    monotonic_s : Callable[[], float]
+        Monotonic clock for decision latency.
+    sleep : Callable[[float], None]
+        Used between steps and for Retry-After waits.
+    redact : Callable[[str], str]
+        Applied to every error text before it is recorded (e.g. ``ApiCredentials.redact``).
+    """
+
+    def __init__(
+        self,
+        broker: BinanceFuturesBroker,
+        store: StateStore,
+        config: LiveConfig,
+        *,
+        primary: Policy | PolicySlot | None,
+        fallback: Policy,
+        primary_load_error: str | None = None,
+        guard: GuardLike | None = None,
+        wall_clock_s: Callable[[], float] = time.time,
+        monotonic_s: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
+        redact: Callable[[str], str] = lambda text: text,
+    ) -> None:
+        if config.timeframe not in _TF_MS:
+            raise ValueError(f"timeframe {config.timeframe!r} not supported; use one of {sorted(_TF_MS)}")
+        self.broker, self.store, self.config = broker, store, config
+        if primary is None and primary_load_error and not primary_load_error.startswith("bundle_load_failed"):
+            primary_load_error = f"bundle_load_failed: {primary_load_error}"
+        self.slot = primary if isinstance(primary, PolicySlot) else PolicySlot(primary, load_error=primary_load_error)
+        self.fallback, self.primary_load_error = fallback, primary_load_error
+        self._last_ctx: DecisionContext | None = None
+        self.guard = guard
+        self.wall_clock_s, self.monotonic_s, self._sleep = wall_clock_s, monotonic_s, sleep
+        self._safe = redact
+        self.tf_ms = _TF_MS[config.timeframe]
+        self.stop_requested = threading.Event()
+        self._started = False
+        self._last_reason_kind: str | None = None
+        self.clock_offset_ms: float = 0.0
+
+    # -- helpers --------------------------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self.config.run_id
+
+    @property
+    def market_id(self) -> str:
+        return self.broker.market_id
+
+    def _event(self, time_: pd.Timestamp, kind: str, detail: dict[str, Any] | None = None) -> None:
+        self.store.append_event(self.run_id, time_, kind, detail or {})
+
+    def _now_ts(self) -> pd.Timestamp:
+        return pd.Timestamp(int(self.wall_clock_s() * 1000), unit="ms", tz="UTC")
+
+    def start(self) -> None:
+        """Load market rules, require one-way position mode, set isolated margin (once per process)."""
+        if self._started:
+            return
+        self.broker.load()
+        self.broker.require_one_way_mode()
+        self.broker.set_isolated_margin()
+        self._started = True
+        self._event(self._now_ts(), "live_started", {"symbol": self.config.symbol, "timeframe": self.config.timeframe,
+                                                     "primary": getattr(self.primary, "name", None)})
+
+    @property
+    def primary(self) -> Policy | None:
+        """The current V2 policy (None while unavailable)."""
+        return self.slot.policy
+
+    # -- reconciliation -------------------------------------------------------------------------
+    def _record_snapshot(self, snap: OrderSnapshot, client_id: str, when: pd.Timestamp) -> None:
+        self.store.record_order(client_id, snap.exchange_id, snap.status, snap.filled_base, snap.average_price, when)
+        if snap.status == "rejected":
+            status = "rejected"
+        elif snap.status in ("canceled", "expired") and snap.filled_base <= 0:
+            status = "cancelled"
+        elif snap.filled_base > 0 and snap.status in ("closed", "expired", "canceled"):
+            status = "filled"
+        else:
+            status = "acked"
+        if self.store.intent_status(client_id) != status:
+            self.store.mark_intent(client_id, status, when, {"exchange_id": snap.exchange_id,
+                                                             "filled_base": snap.filled_base})
+
+    def reconcile(self, current_bar: pd.Timestamp | None) -> dict[str, Any]:
+        """Bring the store in line with the exchange (module docstring, phase 2).
+
+        Returns a dict with ``position`` (:class:`ExchangePosition`), ``protection``
+        (:class:`OpenProtection`), ``blocked`` (bool: the position is unreconciled), ``open_orders``.
+        """
+        now = self._now_ts()
+        sym = self.market_id
+        # (a) unresolved intents of earlier bars
+        for it in self.store.unresolved_intents(self.run_id):
+            if current_bar is not None and it["bar_open_time"] >= current_bar:
+                continue  # this bar's intents are executed by the step itself
+            conditional = it["order_type"] in _PROTECTIVE
+            snap = self.broker.lookup(it["client_id"], conditional=conditional)
+            if snap is not None:
+                self._record_snapshot(snap, it["client_id"], now)
+                self._event(now, "intent_resolved", {"client_id": it["client_id"], "status": snap.status})
+            else:
+                self.store.mark_intent(it["client_id"], "abandoned", now, {"reason": "not on the exchange, bar passed"})
+                self._event(now, "intent_abandoned", {"client_id": it["client_id"], "was": it["status"]})
+        # (b) fills and position
+        position = self._sync_position(now, crash=True)
+        # (c) open orders: orphans on a flat position
+        opened = self.broker.open_orders()
+        ours = [o for o in opened if parse_client_order_id(o.client_id) is not None]
+        if position.side == 0:
+            for o in ours:
+                if o.conditional:
+                    self.broker.cancel(o.client_id, conditional=True)
+                    self._event(now, "orphan_order_cancelled", {"client_id": o.client_id})
+                    if self.store.intent_status(o.client_id) is not None:
+                        self.store.mark_intent(o.client_id, "cancelled", now, {"reason": "position flat"})
+            ours = [o for o in ours if not o.conditional]
+        stops = [o for o in ours if o.conditional and o.order_type == "stop_market"]
+        tps = [o for o in ours if o.conditional and o.order_type == "take_profit_market"]
+        protection = OpenProtection(
+            stops[-1].client_id if stops else None, stops[-1].trigger_price if stops else None,
+            tps[-1].client_id if tps else None, tps[-1].trigger_price if tps else None,
+        )
+        if position.side != 0 and not stops:
+            self._event(now, "position_without_stop", {"side": position.side, "qty_base": position.qty_base})
+        return {"position": position, "protection": protection, "blocked": self.store.position_blocked(sym),
+                "open_orders": ours}
+
+    def _report_closed_trades(self, records: list[ExchangeFillRecord], now: pd.Timestamp) -> None:
+        by_order: dict[str, float] = {}
+        for r in records:
+            if r.realized_pnl_usdt != 0.0:
+                key = r.exchange_order_id or str(r.trade_id)
+                by_order[key] = by_order.get(key, 0.0) + r.realized_pnl_usdt - r.fee_usdt
+        for pnl in by_order.values():
+            try:
+                self.guard.record_closed_trade(now, float(pnl))  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - the guard fails closed on its own
+                self._event(now, "guard_error", {"where": "record_closed_trade", "error": self._safe(repr(exc))[:500]})
+
+    def reset_position_baseline(self) -> None:
+        """Operator action: accept the exchange position as the new reference (unblocks entries)."""
+        self.start()
+        pos = self.broker.position()
+        now = self._now_ts()
+        self.store.record_position(self.run_id, self.market_id, now, pos.side, pos.qty_base, pos.entry_price,
+                                   "baseline", self.store.last_trade_id(self.market_id),
+                                   events=[EventRecord(self.run_id, now, "position_baseline_reset",
+                                                       {"signed_qty": pos.side * pos.qty_base})])
+
+    # -- sending --------------------------------------------------------------------------------
+    def _intent_from_row(self, r: dict[str, Any]) -> OrderIntent:
+        return OrderIntent(r["client_id"], r["kind"], r["symbol"], pd.Timestamp(r["bar_open_time"]), r["side"],
+                           r["order_type"], r["qty_base"], r["trigger_price"], bool(r["reduce_only"]),
+                           bool(r["close_position"]))
+
+    def _ensure_sent(self, intent: OrderIntent, result: StepResult) -> OrderSnapshot | None:
+        """Send ``intent`` unless the exchange already has it; returns the exchange's view (None: not placed)."""
+        cid = intent.client_id
+        conditional = intent.order_type in _PROTECTIVE
+        status = self.store.intent_status(cid)
+        if status in ("acked", "filled"):
+            row = self.store.latest_order(cid)
+            if row is None:
+                return None
+            return OrderSnapshot(cid, row["exchange_order_id"] or "", row["status"], intent.side, intent.order_type,
+                                 intent.qty_base or 0.0, row["filled_qty_base"], row["avg_price"],
+                                 intent.trigger_price, conditional, intent.reduce_only)
+        if status in ("rejected", "abandoned", "cancelled"):
+            return None
+        for attempt in range(3):
+            now = self._now_ts()
+            if status in ("sent", "unknown", "not_found") or attempt > 0:
+                snap = self.broker.lookup(cid, conditional=conditional)  # never send twice
+                if snap is not None:
+                    self._record_snapshot(snap, cid, now)
+                    result.events.append(f"found_by_client_id:{cid}")
+                    return snap
+                if status != "not_found":
+                    self.store.mark_intent(cid, "not_found", now)
+            self.store.mark_intent(cid, "sent", now)
+            try:
+                snap = self.broker.create(intent)
+            except AmbiguousOutcomeError as exc:
+                self.store.mark_intent(cid, "unknown", self._now_ts(), {"error": self._safe(str(exc))[:500]})
+                self._event(self._now_ts(), "ambiguous_create", {"client_id": cid, "error": self._safe(str(exc))[:500]})
+                status = "unknown"
+                continue  # next attempt starts with a lookup
+            except RateLimitedError as exc:
+                wait = min(exc.retry_after_s, self.config.rate_limit_max_wait_s)
+                self._event(self._now_ts(), "rate_limited", {"client_id": cid, "retry_after_s": exc.retry_after_s})
+                self._sleep(wait)
+                status = "sent"
+                continue
+            except RejectedError as exc:
+                self.store.mark_intent(cid, "rejected", self._now_ts(), {"error": self._safe(str(exc))[:500]})
+                self._event(self._now_ts(), "order_rejected", {"client_id": cid, "error": self._safe(str(exc))[:500]})
+                return None
+            crash_point("after_send")
+            self._record_snapshot(snap, cid, self._now_ts())
+            result.sent.append(cid)
+            crash_point("after_ack")
+            return snap
+        self._event(self._now_ts(), "intent_unresolved", {"client_id": cid})
+        return None
+
+    def _cancel_protection(self, open_orders: list[OrderSnapshot], kinds: tuple[str, ...], bar: pd.Timestamp) -> None:
+        now = self._now_ts()
+        for o in open_orders:
+            parsed = parse_client_order_id(o.client_id)
+            if not o.conditional or parsed is None or parsed[2] not in kinds:
+                continue
+            if pd.Timestamp(parsed[1], unit="s", tz="UTC") >= bar:
+                continue  # this bar's own protective orders stay
+            self.broker.cancel(o.client_id, conditional=True)
+            if self.store.intent_status(o.client_id) is not None:
+                self.store.mark_intent(o.client_id, "cancelled", now, {"reason": "replaced"})
+
+    # -- one bar --------------------------------------------------------------------------------
+    def last_closed_bar_ms(self, server_ms: int) -> int:
+        """Open time (ms) of the last bar closed at ``server_ms``."""
+        return (server_ms // self.tf_ms) * self.tf_ms - self.tf_ms
+
+    def step(self) -> StepResult:
+        """Process the last closed bar if it is new or unfinished (module docstring)."""
+        self.start()
+        cfg = self.config
+        server_ms = self.broker.server_time_ms()
+        wall_ms = self.wall_clock_s() * 1000.0
+        self.clock_offset_ms = server_ms - wall_ms
+        bar_ms = self.last_closed_bar_ms(server_ms)
+        bar = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
+        state = self.reconcile(bar)
+        decided = self.store.decision_at(self.run_id, bar)
+        result = StepResult(bar)
+        if decided is not None:
+            intents = self.store.bar_intents(self.run_id, bar)
+            unfinished = any(i["status"] in _UNRESOLVED for i in intents)
+            entry = next((i for i in intents if i["kind"] == "entry"), None)
+            needs_protection = entry is not None and entry["status"] in ("acked", "filled") and not any(
+                i["kind"] in ("stop", "tp") for i in intents)
+            if not unfinished and not needs_protection:
+                return StepResult(None)  # nothing new
+            result.source = str(decided["source"])
+            result.decision = Decision(int(decided["direction"]), float(decided["leverage"]),
+                                       float(decided["size_frac"]), float(decided["stop_atr"]),
+                                       float(decided["take_profit_atr"]))
+            self._event(bar, "bar_resumed", {"unfinished": [i["client_id"] for i in intents if i["status"] in _UNRESOLVED]})
+            window = self._fetch_window(bar_ms)
+            atr_t = self._atr(window.candles)
+            self._execute(bar, [self._intent_from_row(i) for i in intents if i["kind"] in ("exit", "entry", "stopmv", "unprot")],
+                          state, result, atr_t)
+            self._finish(bar, state, result)
+            return result
+
+        blocked: list[str] = []
+        if abs(self.clock_offset_ms) > cfg.max_clock_offset_ms:
+            blocked.append(f"clock_offset: {self.clock_offset_ms:.0f} ms")
+        if state["blocked"]:
+            blocked.append("position_unreconciled")
+        window = self._fetch_window(bar_ms)
+        position: ExchangePosition = state["position"]
+        equity = self.broker.equity_usdt()
+        events: list[EventRecord] = []
+        raw: tuple[float, ...] | None = None
+        latency_ms = 0.0
+        if window.candles is None:
+            result.quarantined = True
+            blocked.append("quarantine")
+            decision = Decision(direction=position.side) if position.side != 0 else Decision.flat()
+            source, reason = "guard", f"quarantine: {'; '.join(window.problems)}"[:2000]
+            events.append(EventRecord(self.run_id, bar, "quarantine", {"problems": list(window.problems)}))
+            atr_t = math.nan
+        else:
+            atr_t = self._atr(window.candles)
+            view = self._position_view(position, state["protection"], bar)
+            ctx = DecisionContext(bar_open_time=bar, candles=window.candles, position=view, equity_usdt=equity)
+            bar_index = bar_ms // self.tf_ms  # the slot's backoff counts bars
+            for kind, detail in self.slot.poll(bar_index, self._last_ctx):  # hot-swap between bars
+                events.append(EventRecord(self.run_id, bar, kind, detail))
+            policy, unavailable = self.slot.acquire(bar_index)
+            choice = choose(ctx, policy, self.fallback, unavailable or self.primary_load_error, cfg.decision_timeout_ms,
+                            self.monotonic_s)
+            if policy is not None:
+                for kind, detail in self.slot.record(bar_index, choice.primary_failure):
+                    events.append(EventRecord(self.run_id, bar, kind, detail))
+            self._last_ctx = ctx
+            decision, source, reason, raw, latency_ms = (choice.decision, choice.source, choice.reason,
+                                                          choice.raw_action, choice.latency_ms)
+            for kind, detail in choice.events:
+                events.append(EventRecord(self.run_id, bar, kind, detail))
+            if source != "v2" and reason is not None:
+                kind = reason_kind(reason)
+                if kind != self._last_reason_kind:
+                    events.append(EventRecord(self.run_id, bar, "fallback_engaged", {"reason": reason}))
+                self._last_reason_kind = kind
+            else:
+                self._last_reason_kind = None
+        if not (math.isfinite(atr_t) and atr_t > 0):
+            blocked.append(f"atr_invalid: {atr_t!r}")
+        if not equity > 0:
+            blocked.append(f"equity_not_positive: {equity!r}")
+        # the close of the decided bar sizes an entry; on a quarantined bar there is none (entries blocked)
+        price = float(window.candles["close"].iloc[-1]) if window.candles is not None else math.nan
+        if self.guard is not None:
+            decision, guard_blocks, guard_events = self._review(decision, bar, equity, position, price)
+            blocked += guard_blocks
+            events += guard_events
+        plan = plan_bar(symbol=self.market_id, bar_open_time=bar, position=position, protection=state["protection"],
+                        decision=decision, price_usdt=price, equity_usdt=equity, rules=self.broker.rules,
+                        allow_entry=not blocked)
+        if plan.notes:
+            events.append(EventRecord(self.run_id, bar, "plan_notes", {"notes": list(plan.notes), "blocked": blocked}))
+        record = DecisionRecord.from_decision(
+            self.run_id, bar, source, decision, raw_action=raw, fallback_reason=reason, latency_ms=latency_ms,
+            created_at=self._now_ts().to_pydatetime(),
+        )
+        self.store.write_intents(self.run_id, plan.orders, self._now_ts(), decisions=[record], events=events)
+        crash_point("after_intent_written")
+        result.source, result.decision, result.entries_blocked = source, decision, tuple(blocked)
+        self._execute(bar, list(plan.orders), state, result, atr_t)
+        if position.side != 0 and decision.direction == position.side:
+            self._repair_protection(bar, position, state["protection"], atr_t, result)
+        self._finish(bar, state, result)
+        return result
+
+    def _repair_protection(self, bar: pd.Timestamp, position: ExchangePosition, protection: OpenProtection,
+                           atr_t: float, result: StepResult) -> None:
+        """A held position without its stop (or take-profit): place the missing one(s) again.
+
+        Levels: ``stop_atr`` / ``take_profit_atr`` of the decision that opened the position (defaults
+        of :class:`Decision` for a position we did not open) times the ATR of this bar, from the
+        exchange's entry price; ids of this bar. A stop the exchange refuses (price already beyond
+        it) closes the position (``unprot``).
+        """
+        missing = [k for k, present in (("stop", protection.stop_price), ("tp", protection.tp_price)) if present is None]
+        if not missing or not (math.isfinite(atr_t) and atr_t > 0) or not position.entry_price > 0:
+            return
+        opening = self._opening_decision(position) or Decision(direction=position.side)
+        stop, tp = protective_intents(self.market_id, bar, position.side, position.entry_price, atr_t, opening,
+                                      self.broker.rules)
+        todo = [i for i in (stop, tp) if i.kind in missing]
+        self.store.write_intents(self.run_id, todo, self._now_ts(), events=[EventRecord(
+            self.run_id, bar, "protection_repaired", {"missing": missing, "atr": atr_t})])
+        for intent in todo:
+            self._ensure_sent(intent, result)
+        if "stop" in missing and self.store.intent_status(stop.client_id) == "rejected":
+            self._close_unprotected(bar, result)
+
+    def _our_entry(self, position: ExchangePosition) -> tuple[pd.Timestamp, dict[str, Any]] | None:
+        """(bar, decision row) of our latest filled entry on the side of ``position``; None if none."""
+        if position.side == 0:
+            return None
+        intents = self.store.intents(self.run_id)
+        side = "buy" if position.side > 0 else "sell"
+        mine = intents[(intents["kind"] == "entry") & (intents["status"] == "filled") & (intents["side"] == side)]
+        if not len(mine):
+            return None
+        entry_bar = mine["bar_open_time"].iloc[-1]
+        row = self.store.decision_at(self.run_id, entry_bar)
+        return None if row is None else (entry_bar, row)
+
+    def _opening_decision(self, position: ExchangePosition) -> Decision | None:
+        """The decision of our latest filled entry on the side of ``position`` (None if none)."""
+        found = self._our_entry(position)
+        if found is None:
+            return None
+        row = found[1]
+        return Decision(int(row["direction"]), float(row["leverage"]), float(row["size_frac"]),
+                        float(row["stop_atr"]), float(row["take_profit_atr"]))
+
+    def _position_view(self, position: ExchangePosition, protection: OpenProtection, bar: pd.Timestamp
+                       ) -> PositionView:
+        """The position as the policies saw it in training: leverage of the deciding bar and closed bars
+        since the fill (the entry of bar b fills at the open of b+1), from our latest filled entry of
+        this side; an entry we did not make gives leverage 1 and 0 bars."""
+        leverage, bars = 1.0, 0
+        found = self._our_entry(position)
+        if found is not None:
+            entry_bar, row = found
+            leverage = float(row["leverage"])
+            bars = max(0, int((bar - entry_bar) / pd.Timedelta(milliseconds=self.tf_ms)))
+        return PositionView(side=position.side, quantity_base=position.qty_base, entry_price=position.entry_price,
+                            leverage=leverage, bars_in_trade=bars, stop_price=protection.stop_price,
+                            take_profit_price=protection.tp_price)
+
+    def _review(self, decision: Decision, bar: pd.Timestamp, equity: float, position: ExchangePosition,
+                mark_usdt: float) -> tuple[Decision, list[str], list[EventRecord]]:
+        if not math.isfinite(mark_usdt):
+            mark_usdt = position.entry_price  # quarantined bar: no trusted close, mark at entry
+        try:
+            notional = position.qty_base * mark_usdt
+            snap = _account_snapshot(time=bar, equity_usdt=float(equity), position_side=position.side,
+                                     position_qty_base=position.qty_base, position_notional_usdt=notional,
+                                     # effective account leverage (the exchange reports none per position)
+                                     leverage=1.0 if position.side == 0 else max(1.0, notional / equity))
+            verdict = self.guard.review(decision, snap)  # type: ignore[union-attr]
+            if not isinstance(verdict.decision, Decision):
+                raise TypeError(f"guard returned {type(verdict.decision).__name__}")
+        except Exception as exc:  # noqa: BLE001 - fail closed: no entries
+            return (Decision(direction=position.side) if position.side else Decision.flat(), ["guard_error"],
+                    [EventRecord(self.run_id, bar, "guard_error", {"error": self._safe(repr(exc))[:500]})])
+        blocks = [] if verdict.state == "ACTIVE" else [f"guard_{verdict.state}"]
+        events = [] if not verdict.reasons else [EventRecord(self.run_id, bar, "guard_verdict", {
+            "state": verdict.state, "reasons": list(verdict.reasons)})]
+        return verdict.decision, blocks, events
+
+    def _fetch_window(self, bar_ms: int) -> CandleWindow:
+        n = self.config.context_bars
+        rows = self.broker.fetch_ohlcv(self.config.timeframe, bar_ms - (n - 1) * self.tf_ms, n + 1)
+        window = validate_window(rows, bar_ms, self.tf_ms, n)
+        if window.candles is None or not self.config.with_funding:
+            return window
+        try:
+            funding = self.broker.fetch_funding(int(window.candles.index[0].value // 1_000_000))
+        except RetryableError as exc:
+            return CandleWindow(None, (f"funding history unavailable: {self._safe(str(exc))[:300]}",))
+        return CandleWindow(with_funding_column(window.candles, funding, self.tf_ms), ())
+
+    def _atr(self, candles: pd.DataFrame | None) -> float:
+        if candles is None:
+            return math.nan
+        return float(atr_indicator(candles, self.config.atr_period_bars)[-1])
+
+    def _execute(self, bar: pd.Timestamp, orders: list[OrderIntent], state: dict[str, Any], result: StepResult,
+                 atr_t: float) -> None:
+        open_orders: list[OrderSnapshot] = state["open_orders"]
+        entry_snap: OrderSnapshot | None = None
+        entry_intent: OrderIntent | None = None
+        for intent in orders:
+            if intent.kind == "exit":
+                self._cancel_protection(open_orders, ("stop", "tp", "stopmv"), bar)
+            elif intent.kind == "stopmv":
+                self._cancel_protection(open_orders, ("stop", "stopmv"), bar)
+            elif intent.kind == "entry":
+                decision = result.decision or Decision.flat()
+                self.broker.set_leverage(exchange_leverage(decision.leverage, self.config.max_leverage))
+            snap = self._ensure_sent(intent, result)
+            if intent.kind == "entry":
+                entry_snap, entry_intent = snap, intent
+            if snap is not None and snap.filled_base > 0:
+                crash_point("after_fill")
+        if entry_intent is None or entry_snap is None or entry_snap.filled_base <= 0:
+            return
+        fill_price = entry_snap.average_price
+        decision = result.decision
+        if decision is None or fill_price is None or not (math.isfinite(atr_t) and atr_t > 0):
+            self._event(bar, "protection_skipped", {"why": f"fill_price={fill_price!r} atr={atr_t!r}"})
+            return
+        side = 1 if entry_intent.side == "buy" else -1
+        stop, tp = protective_intents(self.market_id, bar, side, fill_price, atr_t, decision, self.broker.rules)
+        self.store.write_intents(self.run_id, [stop, tp], self._now_ts())
+        for intent in (stop, tp):
+            self._ensure_sent(intent, result)
+        if self.store.intent_status(stop.client_id) == "rejected":
+            self._close_unprotected(bar, result)
+
+    def _close_unprotected(self, bar: pd.Timestamp, result: StepResult) -> None:
+        """The exchange refused the stop of a new position: close it (reduce-only market, own intent)."""
+        position = self.broker.position()
+        if position.side == 0:
+            return
+        intent = OrderIntent(client_order_id(self.market_id, bar, "unprot"), "unprot", self.market_id, bar,
+                             "sell" if position.side > 0 else "buy", "market", position.qty_base, None, True, False)
+        self.store.write_intents(self.run_id, [intent], self._now_ts(), events=[EventRecord(
+            self.run_id, bar, "stop_rejected_closing", {"signed_qty": position.side * position.qty_base})])
+        self._ensure_sent(intent, result)
+        for o in self.broker.open_orders():  # its take-profit is now an orphan
+            if o.conditional and parse_client_order_id(o.client_id) is not None:
+                self.broker.cancel(o.client_id, conditional=True)
+                if self.store.intent_status(o.client_id) is not None:
+                    self.store.mark_intent(o.client_id, "cancelled", self._now_ts(), {"reason": "stop rejected"})
+
+    def _sync_position(self, now: pd.Timestamp, *, crash: bool = False) -> ExchangePosition:
+        """Store fills after the last seen trade id and the position, checked against them (one transaction).
+
+        Expected signed position = the last position row + signed fills after its ``last_trade_id``
+        (a pure function of stored rows, so a crash between any two calls changes nothing). With no
+        row yet, the exchange position becomes the 'baseline'; a non-zero one is 'unreconciled'
+        (an external position is never adopted silently).
+        """
+        sym = self.market_id
+        last = self.store.last_position(sym)
+        last_tid = self.store.last_trade_id(sym)
+        fills = self.broker.fills_since(last_tid)
+        if crash:
+            crash_point("during_reconciliation")
+        position = self.broker.position()
+        records = [
+            ExchangeFillRecord(self.run_id, sym, f.trade_id, f.exchange_order_id,
+                               self.store.client_id_of_order(f.exchange_order_id), f.side, f.qty_base, f.price,
+                               f.fee_usdt, f.realized_pnl_usdt, f.time)
+            for f in fills
+        ]  # fmt: skip
+        ids = [f.trade_id for f in fills] + ([last_tid] if last_tid is not None else [])
+        new_last_tid = max(ids) if ids else None
+        signed = position.side * position.qty_base
+        half_step = self.broker.rules.step_size_base / 2
+        events: list[EventRecord] = []
+        if records:
+            events.append(EventRecord(self.run_id, now, "fills_recorded", {"trade_ids": [r.trade_id for r in records]}))
+        if last is None:
+            events.append(EventRecord(self.run_id, now, "position_baseline", {"signed_qty": signed}))
+            self.store.record_position(self.run_id, sym, now, position.side, position.qty_base, position.entry_price,
+                                       "baseline", new_last_tid, fills=records, events=events)
+            if abs(signed) > half_step:
+                self.store.record_position(
+                    self.run_id, sym, now, position.side, position.qty_base, position.entry_price, "unreconciled",
+                    new_last_tid, events=[EventRecord(self.run_id, now, "position_unreconciled", {
+                        "exchange_signed_qty": signed, "expected_signed_qty": 0.0, "why": "external position"})],
+                )  # fmt: skip
+            return position
+        stored = self.store.exchange_fills(sym)
+        known = stored[stored["trade_id"] > (last["last_trade_id"] or 0)]
+        known_ids = {int(x) for x in known["trade_id"]}
+        expected = last["side"] * last["qty_base"] + float((known["side"] * known["qty_base"]).sum())
+        expected += sum(r.side * r.qty_base for r in records if r.trade_id not in known_ids)
+        ok = abs(expected - signed) <= half_step
+        if not ok:
+            events.append(EventRecord(self.run_id, now, "position_unreconciled", {
+                "exchange_signed_qty": signed, "expected_signed_qty": expected}))
+        n_new = self.store.record_position(self.run_id, sym, now, position.side, position.qty_base,
+                                           position.entry_price, "reconcile" if ok else "unreconciled", new_last_tid,
+                                           fills=records, events=events)
+        if n_new and self.guard is not None:
+            self._report_closed_trades(records, now)
+        return position
+
+    def _finish(self, bar: pd.Timestamp, state: dict[str, Any], result: StepResult) -> None:
+        position = self._sync_position(self._now_ts())
+        equity = self.broker.equity_usdt()
+        self.store.append(equity=[EquityRecord(self.run_id, bar, equity, equity, position.side, position.qty_base)])
+
+    # -- running --------------------------------------------------------------------------------
+    def seconds_to_next_poll(self) -> float:
+        """Seconds until ``close_delay_s`` after the next bar close, by the exchange-corrected wall clock."""
+        now_ms = self.wall_clock_s() * 1000.0 + self.clock_offset_ms
+        next_close = (now_ms // self.tf_ms + 1) * self.tf_ms
+        wait = (next_close - now_ms) / 1000.0 + self.config.close_delay_s
+        return float(min(max(wait, self.config.poll_interval_s), self.tf_ms / 1000.0))
+
+    def run(self, *, max_steps: int | None = None, install_signal_handlers: bool = True,
+            poll_s: float | None = None) -> int:
+        """Step until stopped (SIGTERM/SIGINT, :attr:`stop_requested`) or ``max_steps`` bars decided.
+
+        A signal only sets :attr:`stop_requested`; the bar in progress finishes first. Retryable,
+        ambiguous and rejected errors end the step (recorded as ``step_failed``; the next poll
+        resumes the bar by client id); a :class:`FatalError` stops the loop (re-raised).
+        Returns the number of bars processed.
+        """
+        previous: dict[int, Any] = {}
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, lambda *_: self.stop_requested.set())
+        try:
+            return self._run(max_steps, poll_s)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _run(self, max_steps: int | None, poll_s: float | None) -> int:
+        done = 0
+        while not self.stop_requested.is_set():
+            try:
+                result = self.step()
+                if result.bar_open_time is not None:
+                    done += 1
+            except (RetryableError, AmbiguousOutcomeError, RejectedError) as exc:
+                self._event(self._now_ts(), "step_failed", {"error": self._safe(f"{type(exc).__name__}: {exc}")[:1000]})
+            except FatalError as exc:
+                self._event(self._now_ts(), "fatal_error", {"error": self._safe(f"{type(exc).__name__}: {exc}")[:1000]})
+                raise
+            if max_steps is not None and done >= max_steps:
+                break
+            wait = self.seconds_to_next_poll() if poll_s is None else poll_s
+            end = self.monotonic_s() + wait
+            while not self.stop_requested.is_set() and self.monotonic_s() < end:
+                self._sleep(min(0.05, max(0.0, end - self.monotonic_s())))
+        self._event(self._now_ts(), "live_stopped", {"bars": done})
+        return done

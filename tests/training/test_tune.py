@@ -1,0 +1,88 @@
+"""``ats tune``: parameters apply with validation, folds never reach the test period, the results table
+ranks completed trials first, and a tiny Ray Tune search on the smoke config writes its outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from tests.conftest import REPO
+from training.config import RunConfig, load_config
+from training.tune import METRIC, SORTINO_CAP, apply_params, results_table, score, tuning_windows
+
+BAR = pd.Timedelta(hours=1)
+
+
+@pytest.fixture(scope="module")
+def smoke_cfg() -> RunConfig:
+    return load_config(REPO / "configs" / "smoke.yaml")
+
+
+def test_apply_params_sets_nested_fields_and_validates(smoke_cfg):
+    cfg = apply_params(smoke_cfg, {"ppo.learning_rate": 5e-4, "env.reward.kind": "differential_sharpe"})
+    assert cfg.ppo.learning_rate == 5e-4 and cfg.env.reward.kind == "differential_sharpe"
+    assert cfg.ppo.n_steps == smoke_cfg.ppo.n_steps  # untouched fields kept
+    with pytest.raises(KeyError, match="no field 'learning_rat'"):
+        apply_params(smoke_cfg, {"ppo.learning_rat": 1e-3})
+    with pytest.raises(ValidationError):
+        apply_params(smoke_cfg, {"env.reward.eta": -1.0})
+
+
+@pytest.mark.parametrize("folds", [1, 2, 3])
+def test_tuning_folds_validate_before_the_test_period(smoke_cfg, folds):
+    windows = tuning_windows(smoke_cfg, folds, None, BAR)
+    test_start = smoke_cfg.data.ts("test_start")
+    assert len(windows) == folds
+    for w in windows:
+        assert smoke_cfg.data.ts("train_start") == w.train_start < w.val_start < w.test_start <= test_start
+        assert w.test_end <= test_start  # nothing of the fold, even its unused window, reaches the test period
+    assert windows[-1].test_end == test_start
+
+
+def test_score_clips_and_penalises_nan():
+    assert score(1.5) == 1.5
+    assert score(math.inf) == SORTINO_CAP and score(-50) == -SORTINO_CAP
+    assert score(math.nan) == -SORTINO_CAP
+
+
+def test_results_table_ranks_completed_trials_first():
+    rows = [
+        {"trial_id": "a", "error": None, METRIC: 3.0, "folds_done": 1},  # pruned after one good fold
+        {"trial_id": "b", "error": None, METRIC: 0.5, "folds_done": 2},
+        {"trial_id": "c", "error": "RuntimeError: boom"},
+        {"trial_id": "d", "error": None, METRIC: 1.0, "folds_done": 2},
+    ]
+    table = results_table(rows, n_folds=2)
+    assert list(table["trial_id"]) == ["d", "b", "a", "c"]
+    assert list(table["status"]) == ["completed", "completed", "stopped_early", "error"]
+
+
+@pytest.mark.slow
+def test_tiny_search_writes_table_best_config_and_trial_count(smoke_cfg, tmp_path):
+    from training.tune import TuneConfig, run_tune
+
+    # the smoke config with a lighter regime/signal stack and 256 PPO steps per fold, to stay fast on 2 cores
+    base = apply_params(smoke_cfg, {"ppo.total_timesteps": 256, "ppo.n_steps": 128, "ppo.eval_every_steps": 256,
+                                    "stacking.n_folds": 1, "regime.n_iter": 10})
+    out = tmp_path / "tune"
+    summary = run_tune(base, TuneConfig(trials=2, folds=2, seed=3), out, log=lambda s: None)
+    import ray
+
+    assert not ray.is_initialized()
+    trials = json.loads((out / "trials.json").read_text())
+    assert trials["n_trials"] == summary["n_trials"] == 2
+    assert trials["n_completed"] + trials["n_stopped_early"] + trials["n_errors"] == 2 and trials["n_errors"] == 0
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 2 and {METRIC, "val_sortino_fold0", "config/ppo.learning_rate"} <= set(table.columns)
+    best = RunConfig.model_validate(yaml.safe_load((out / "best_config.yaml").read_text()))
+    assert best.data == smoke_cfg.data  # the run's own periods, ready for `ats train`
+    assert best.stacking.n_folds == 1 and best.ppo.total_timesteps == 256  # the base config's other settings
+    assert best.ppo.learning_rate == pytest.approx(table.loc[0, "config/ppo.learning_rate"])
+    assert best.env.reward.kind == table.loc[0, "config/env.reward.kind"]
+    for fold in trials["folds"]:
+        assert pd.Timestamp(fold["val_end"]) <= smoke_cfg.data.ts("test_start")
