@@ -99,7 +99,9 @@ class FrozenPPOPolicy:
             keep = self.history_bars(candles.index[-1] - candles.index[-2])
             if len(candles) > keep:
                 candles = candles.iloc[-keep:]
-        feats, _ = drop_warmup(compute_features(candles, b.feature_config))
+        # the serving loops validated these candles (gaps, order, finite OHLCV) before building ctx;
+        # anything non-finite that got here ends as a non-finite observation, refused in decide()
+        feats, _ = drop_warmup(compute_features(candles, b.feature_config, validate=False))
         if len(feats) == 0 or feats.index[-1] != ctx.candles.index[-1]:
             raise ValueError(f"no complete feature row for {ctx.bar_open_time}: history too short")
         outputs = last_row_outputs(feats, self._models, self._regime_proba(feats))

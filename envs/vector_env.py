@@ -196,16 +196,14 @@ class BatchedTradingEnv(VectorEnv):
             self._refill_starts()
         if self.copy:
             # Fresh arrays the kernel writes into (every row of obs, rewards, flags and equity is
-            # written each step; final_obs/final_stats rows where an episode ended): the caller owns
-            # them, and no second copy is made.
+            # written each step): the caller owns them, and no second copy is made. final_obs and
+            # final_stats stay scratch buffers, copied below only on steps where an episode ended.
             n = self.num_envs
             self._obs = np.empty_like(self._obs)
             self._rewards = np.empty(n, dtype=np.float64)
             self._terminated = np.empty(n, dtype=np.bool_)
             self._truncated = np.empty(n, dtype=np.bool_)
             self._equity = np.empty(n, dtype=np.float64)
-            self._final_obs = np.empty_like(self._final_obs)
-            self._final_stats = np.empty((n, len(K.FINAL_STATS)), dtype=np.float64)
         code, value = K.batch_step(
             a, self._fs, self._is, self._bars, self._times, self._mobs, self._p, self._obs, self._rewards,
             self._terminated, self._truncated, self._final_obs, self._final_stats, self._equity,
@@ -223,11 +221,10 @@ class BatchedTradingEnv(VectorEnv):
         infos: dict[str, Any] = {"equity_usdt": self._equity}
         if value:
             done = self._terminated | self._truncated
-            infos["final_obs"] = self._final_obs
+            # copy=True: the caller owns a copy; copy=False: the buffer itself (overwritten next step)
+            infos["final_obs"] = self._final_obs.copy() if self.copy else self._final_obs
             infos["_final_obs"] = done
-            # copy=True: views of this step's fresh array; copy=False: copies (the buffer is reused)
-            stats = self._final_stats.T if self.copy else self._final_stats.T.copy()
-            infos["final_info"] = dict(zip(K.FINAL_STATS, stats))
+            infos["final_info"] = dict(zip(K.FINAL_STATS, self._final_stats.T.copy()))
             infos["_final_info"] = done
         return self._obs, self._rewards, self._terminated, self._truncated, infos
 

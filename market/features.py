@@ -547,7 +547,7 @@ def hurst_exponent(log_close: np.ndarray, window_bars: int, lags_bars: tuple[int
     return h
 
 
-def compute_features(candles: pd.DataFrame, cfg: FeatureConfig) -> pd.DataFrame:
+def compute_features(candles: pd.DataFrame, cfg: FeatureConfig, *, validate: bool = True) -> pd.DataFrame:
     """Compute the causal feature matrix (see the module docstring for the columns).
 
     Parameters
@@ -557,6 +557,11 @@ def compute_features(candles: pd.DataFrame, cfg: FeatureConfig) -> pd.DataFrame:
         and ``is_gap`` (float64, 0.0 or 1.0).
     cfg : FeatureConfig
         Windows.
+    validate : bool
+        Check the candles first (default). ``False`` is for callers that have validated these very
+        candles already: the serving loops validate every candle before a decision context is built
+        (``serving.loop``, ``serving.live.validate_window``), and the serving policy re-checks its
+        observation for non-finite values; skipping saves ~2 ms per bar on a 1,000-bar history.
 
     Returns
     -------
@@ -573,7 +578,8 @@ def compute_features(candles: pd.DataFrame, cfg: FeatureConfig) -> pd.DataFrame:
     ValueError
         If a higher timeframe of ``cfg`` is not a whole multiple (>= 2) of the candle interval.
     """
-    check_candles(candles, source="compute_features input")
+    if validate:
+        check_candles(candles, source="compute_features input")
     index = candles.index
     o, h, l, c, v = (
         np.ascontiguousarray(candles[k].to_numpy(dtype=np.float64))
@@ -722,7 +728,10 @@ def compute_features(candles: pd.DataFrame, cfg: FeatureConfig) -> pd.DataFrame:
 
     names = feature_names(cfg)
     assert list(cols) == names, "feature_names and compute_features disagree"
-    return pd.DataFrame({k: np.asarray(cols[k], dtype=np.float32) for k in names}, index=index)
+    matrix = np.empty((n, len(names)), dtype=np.float32)  # one block: far cheaper than a dict of columns
+    for j, k in enumerate(names):
+        matrix[:, j] = cols[k]
+    return pd.DataFrame(matrix, index=index, columns=names, copy=False)
 
 
 def _is_gap_column(candles: pd.DataFrame) -> np.ndarray:
