@@ -104,6 +104,8 @@ def evaluate_cmd(
     out: Path = typer.Option(None, "--out", help="with --bundle or --policy v1: report folder (metrics.json, report.html)"),
     config: Path = typer.Option(None, "--config", help="with --policy v1: run config YAML (env and v1 sections)"),
     seed: int = typer.Option(0, "--seed", help="with --bundle: seed of the random baseline"),
+    regime: bool = typer.Option(False, "--regime", help="with --policy v1 --config: regime-conditional thresholds "
+                                "from an HMM fitted before the period and forward-filtered through it"),
 ) -> None:
     """Evaluate PPO, V1, buy-and-hold, flat and random: a run's test period (--run), an existing bundle on any
     period of any candle file (--bundle --data --period --out), or V1 alone (--policy v1)."""
@@ -130,23 +132,33 @@ def evaluate_cmd(
             start, end = parse_period(period)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
+        regime_kw: dict = {}
         if config is None:
             from envs.trading_env import EnvConfig
             from fallback.config import V1Config
 
+            if regime:
+                raise typer.BadParameter("--regime needs --config (its regime section and v1.regime_adjustments)")
             env_cfg, v1_cfg = EnvConfig(), V1Config()
         else:
             from training.config import load_config
 
             run_cfg = load_config(config)
             env_cfg, v1_cfg = run_cfg.env, run_cfg.v1
+            if regime:
+                regime_kw = {"fit_regime": run_cfg.regime, "regime_columns": run_cfg.regime_input_features}
         candles = load_v1_candles(data)
-        res = evaluate_v1(candles, start, end, v1_cfg, env_cfg)
+        try:
+            res = evaluate_v1(candles, start, end, v1_cfg, env_cfg, **regime_kw)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
         bar_s = float((candles.index[1] - candles.index[0]).total_seconds())
         costs = env_cfg.costs
         notes = [
             (f"V1 alone on {data or 'bundled BTCUSDT 1h'}: bars opening in [{start}, {end}) "
              f"({len(res.equity) - 1} decisions), bar interval {bar_s / 3600:g} h."),
+            ("Regime-conditional thresholds: HMM fitted on the bars before the period, forward-filtered "
+             "through it." if regime else "Base thresholds (no regime input)."),
             (f"Costs: taker fee {costs.taker_fee_bps} bps per fill, slippage {costs.slippage_bps} bps + "
              f"{costs.slippage_atr_coef} x ATR%, 8-hourly funding (history where the file has one), "
              "isolated-margin liquidation; decisions at bar close, fills at the next open."),

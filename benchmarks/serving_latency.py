@@ -17,7 +17,8 @@ ready, with the real code of ``serving.loop``:
 
 Not timed: the paper broker's fill simulation (the exchange's job live) and the SQLite commit
 (reported separately as ``store_ms``: local disk, not exchange I/O). ``--breakdown`` also
-times ``compute_features`` alone on the same history (``features_*_ms``). Timings are per bar,
+times ``compute_features`` alone as the policy calls it on that history (already validated candles,
+trailing-window statistics for the TCN's rows only: ``features_*_ms``). Timings are per bar,
 ``time.perf_counter``; p50/p99 over all bars; the load average is printed because the machine
 may be shared. ``--torch-threads`` (default 1) sets torch's intra-op threads: on 2 shared cores
 one thread is faster for the small TCN/actor. ``--json PATH`` writes ``{"p50_ms", "p99_ms",
@@ -117,7 +118,8 @@ def measure(bundle_dir: Path, n_bars: int, context_bars: int = 1_000, breakdown:
         store_ms.append((time.perf_counter() - t1) * 1e3)
         if breakdown:
             t2 = time.perf_counter()
-            compute_features(candles.iloc[t + 1 - keep : t + 1], bundle.feature_config)
+            compute_features(candles.iloc[t + 1 - keep : t + 1], bundle.feature_config, validate=False,
+                             tail_rows=bundle.models.tcn.window_bars + 1)
             feat_ms.append((time.perf_counter() - t2) * 1e3)
         lat.append((t1 - t0) * 1e3)
         sources[choice.source] += 1

@@ -104,6 +104,7 @@ ratio: Kaufman (1995), *Smarter Trading*. Entropy: Shannon (1948).
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -114,6 +115,7 @@ from pydantic import Field, field_validator, model_validator
 from market.candles import FUNDING_COLUMN, check_candles
 from market.config_base import StrictConfig
 from market.errors import DataValidationError
+from market.rolling import rolling_corr, rolling_kurt, rolling_mean, rolling_skew, rolling_std, rolling_sum
 
 IS_GAP_COLUMN = "is_gap"
 """Optional candle column (float64 0.0/1.0) set by the gap policy ``mark``; passed through as a feature."""
@@ -465,13 +467,12 @@ def atr(candles: pd.DataFrame, period_bars: int) -> np.ndarray:
     return np.asarray(talib.ATR(high, low, close, timeperiod=period_bars), dtype=np.float64)
 
 
-def _rolling_z(x: pd.Series, window: int, std_floor: float) -> np.ndarray:
+def _rolling_z(x: np.ndarray, window: int, std_floor: float, first_row: int = 0) -> np.ndarray:
     """Z-score of x_t against the trailing window ending at t (inclusive); 0 where std <= floor."""
-    roll = x.rolling(window, min_periods=window)
-    mean = roll.mean().to_numpy()
-    std = roll.std(ddof=1).to_numpy()
-    z = np.divide(x.to_numpy() - mean, std, out=np.zeros_like(mean), where=std > std_floor)
-    z[np.isnan(std) | np.isnan(x.to_numpy())] = np.nan
+    mean = rolling_mean(x, window, first_row)
+    std = rolling_std(x, window, 1, first_row)
+    z = np.divide(x - mean, std, out=np.zeros_like(mean), where=std > std_floor)
+    z[np.isnan(std) | np.isnan(x)] = np.nan
     return z
 
 
@@ -482,9 +483,9 @@ def _log_returns(log_c: np.ndarray, horizon: int) -> np.ndarray:
     return r
 
 
-def _rolling_sum(x: np.ndarray, window: int) -> np.ndarray:
+def _rolling_sum(x: np.ndarray, window: int, first_row: int = 0) -> np.ndarray:
     """Trailing sum over ``window`` rows (inclusive); NaN until the window is full or holds a NaN."""
-    return pd.Series(x).rolling(window, min_periods=window).sum().to_numpy(copy=True)
+    return rolling_sum(x, window, first_row)
 
 
 def _safe_ratio(num: np.ndarray, den: np.ndarray, floor: float, fill: float) -> np.ndarray:
@@ -494,7 +495,9 @@ def _safe_ratio(num: np.ndarray, den: np.ndarray, floor: float, fill: float) -> 
     return out
 
 
-def hurst_exponent(log_close: np.ndarray, window_bars: int, lags_bars: tuple[int, ...] = HURST_LAGS_BARS) -> np.ndarray:
+def hurst_exponent(
+    log_close: np.ndarray, window_bars: int, lags_bars: tuple[int, ...] = HURST_LAGS_BARS, first_row: int = 0
+) -> np.ndarray:
     """Rolling Hurst exponent from the scaling of the std of lagged log-price differences.
 
     For each lag k, ``s_k(t)`` is the std (ddof=0) of ``x_j - x_{j-k}`` over the ``window_bars - k``
@@ -503,7 +506,7 @@ def hurst_exponent(log_close: np.ndarray, window_bars: int, lags_bars: tuple[int
     ``H`` is the least-squares slope of ``ln s_k`` on ``ln k``, computed for every t at once as a
     fixed linear combination of the ``ln s_k`` columns (a variogram estimator; see Taqqu,
     Teverovsky & Willinger 1995). 0.5 = random walk, > 0.5 trending, < 0.5 mean-reverting.
-    Vectorised: one pandas rolling std per lag, O(T x len(lags)).
+    One trailing std per lag (:func:`market.rolling.rolling_std`), O(T x window x len(lags)).
 
     Parameters
     ----------
@@ -513,6 +516,8 @@ def hurst_exponent(log_close: np.ndarray, window_bars: int, lags_bars: tuple[int
         Window of log prices, > 2 x the longest lag.
     lags_bars : tuple of int
         Lags k (>= 1, at least two distinct).
+    first_row : int
+        Rows before it are NaN (not computed).
 
     Returns
     -------
@@ -537,17 +542,19 @@ def hurst_exponent(log_close: np.ndarray, window_bars: int, lags_bars: tuple[int
     flat = np.zeros(len(x), dtype=bool)
     for k, wk in zip(lags, weights):
         d = _log_returns(x, int(k))
-        s = pd.Series(d).rolling(window_bars - int(k), min_periods=window_bars - int(k)).std(ddof=0).to_numpy()
+        s = rolling_std(d, window_bars - int(k), 0, first_row)
         if k == lags[0]:
             flat = s <= _RETURN_STD_FLOOR
         h += wk * np.log(np.maximum(s, 1e-300))
     h = np.clip(h, 0.0, 1.0)
     h[flat] = 0.5
-    h[: window_bars - 1] = np.nan
+    h[: max(window_bars - 1, first_row)] = np.nan
     return h
 
 
-def compute_features(candles: pd.DataFrame, cfg: FeatureConfig, *, validate: bool = True) -> pd.DataFrame:
+def compute_features(
+    candles: pd.DataFrame, cfg: FeatureConfig, *, validate: bool = True, tail_rows: int | None = None
+) -> pd.DataFrame:
     """Compute the causal feature matrix (see the module docstring for the columns).
 
     Parameters
@@ -562,6 +569,12 @@ def compute_features(candles: pd.DataFrame, cfg: FeatureConfig, *, validate: boo
         candles already: the serving loops validate every candle before a decision context is built
         (``serving.loop``, ``serving.live.validate_window``), and the serving policy re-checks its
         observation for non-finite values; skipping saves ~2 ms per bar on a 1,000-bar history.
+    tail_rows : int | None
+        Compute the trailing-window statistics only for the last ``tail_rows`` rows (the earlier rows
+        are NaN, dropped by :func:`drop_warmup`); None: every row. Rows that are computed are
+        identical to the full computation's (each window statistic depends on its window only). The
+        recursive TA-Lib indicators always run over the whole frame. Serving uses it: the policy
+        needs the last TCN window of rows, not the whole history.
 
     Returns
     -------
@@ -586,6 +599,9 @@ def compute_features(candles: pd.DataFrame, cfg: FeatureConfig, *, validate: boo
         for k in ("open", "high", "low", "close", "volume")
     )
     n = len(c)
+    if tail_rows is not None and tail_rows < 1:
+        raise ValueError(f"tail_rows must be >= 1 or None, got {tail_rows}")
+    first = 0 if tail_rows is None else max(0, n - int(tail_rows))
     cols: dict[str, np.ndarray] = {}
     log_c = np.log(c)
 
@@ -612,11 +628,10 @@ def compute_features(candles: pd.DataFrame, cfg: FeatureConfig, *, validate: boo
     cols["bb_pctb"] = pctb
 
     r1_arr = _log_returns(log_c, 1)
-    r1 = pd.Series(r1_arr)
     for w in cfg.realized_vol_windows_bars:
-        cols[f"rvol_{w}b"] = r1.rolling(w, min_periods=w).std(ddof=1).to_numpy()
+        cols[f"rvol_{w}b"] = rolling_std(r1_arr, w, 1, first)
 
-    cols["volume_z"] = _rolling_z(pd.Series(np.log1p(v)), cfg.volume_z_window_bars, _VOLUME_STD_FLOOR)
+    cols["volume_z"] = _rolling_z(np.log1p(v), cfg.volume_z_window_bars, _VOLUME_STD_FLOOR, first)
 
     emas = {p: talib.EMA(c, timeperiod=p) for p in cfg.ema_periods_bars}
     for p in cfg.ema_periods_bars:
@@ -626,8 +641,8 @@ def compute_features(candles: pd.DataFrame, cfg: FeatureConfig, *, validate: boo
         rate = candles[FUNDING_COLUMN].to_numpy(dtype=np.float64)
         last_rate = pd.Series(rate).ffill()
         cols["funding_bps"] = last_rate.to_numpy() * 1e4
-        cols["funding_z"] = _rolling_z(last_rate, cfg.funding_z_window_bars, _FUNDING_STD_FLOOR)
-        cum = _rolling_sum(np.nan_to_num(rate, nan=0.0), cfg.funding_cum_window_bars) * 1e4
+        cols["funding_z"] = _rolling_z(last_rate.to_numpy(), cfg.funding_z_window_bars, _FUNDING_STD_FLOOR, first)
+        cum = _rolling_sum(np.nan_to_num(rate, nan=0.0), cfg.funding_cum_window_bars, first) * 1e4
         cum[last_rate.isna().to_numpy()] = np.nan  # before the first settlement: unknown, not zero
         funding_cum = cum
     else:
@@ -635,8 +650,9 @@ def compute_features(candles: pd.DataFrame, cfg: FeatureConfig, *, validate: boo
         cols["funding_z"] = np.zeros(n)
         funding_cum = np.zeros(n)
 
-    hours = (index.hour + index.minute / 60.0).to_numpy(dtype=np.float64)
-    days = index.dayofweek.to_numpy(dtype=np.float64) + hours / 24.0
+    ns = index.as_unit("ns").asi8  # UTC epoch; 1970-01-01 was a Thursday (Monday = 0 -> + 3)
+    hours = (ns // 3_600_000_000_000) % 24 + ((ns // 60_000_000_000) % 60) / 60.0
+    days = ((ns // 86_400_000_000_000) + 3) % 7 + hours / 24.0
     cols["hour_sin"] = np.sin(2.0 * np.pi * hours / 24.0)
     cols["hour_cos"] = np.cos(2.0 * np.pi * hours / 24.0)
     cols["dow_sin"] = np.sin(2.0 * np.pi * days / 7.0)
@@ -650,10 +666,10 @@ def compute_features(candles: pd.DataFrame, cfg: FeatureConfig, *, validate: boo
     log_hl2 = np.log(h / l) ** 2
     log_co2 = np.log(c / o) ** 2
     pk_w, gk_w = cfg.parkinson_window_bars, cfg.garman_klass_window_bars
-    pk_mean = pd.Series(log_hl2).rolling(pk_w, min_periods=pk_w).mean().to_numpy()
+    pk_mean = rolling_mean(log_hl2, pk_w, first)
     cols[f"parkinson_vol_{pk_w}b"] = np.sqrt(np.maximum(pk_mean, 0.0) / (4.0 * np.log(2.0)))
     gk_term = 0.5 * log_hl2 - (2.0 * np.log(2.0) - 1.0) * log_co2
-    gk_mean = pd.Series(gk_term).rolling(gk_w, min_periods=gk_w).mean().to_numpy()
+    gk_mean = rolling_mean(gk_term, gk_w, first)
     cols[f"gk_vol_{gk_w}b"] = np.sqrt(np.maximum(gk_mean, 0.0))
 
     # --- trend: EMA slopes
@@ -673,43 +689,43 @@ def compute_features(candles: pd.DataFrame, cfg: FeatureConfig, *, validate: boo
     obv_change = np.full(n, np.nan)
     if n > ow:
         obv_change[ow:] = obv[ow:] - obv[:-ow]
-    vol_sum_obv = _rolling_sum(v, ow)
+    vol_sum_obv = _rolling_sum(v, ow, first)
     vol_sum_obv[:ow] = np.nan  # the change needs w + 1 bars
     cols[f"obv_slope_{ow}b"] = np.clip(_safe_ratio(obv_change, vol_sum_obv, 0.0, 0.0), -1.0, 1.0)
     vw = cfg.vwap_window_bars
     tp = (h + l + c) / 3.0
-    pv_sum, v_sum = _rolling_sum(tp * v, vw), _rolling_sum(v, vw)
-    tp_mean = _rolling_sum(tp, vw) / vw
+    pv_sum, v_sum = _rolling_sum(tp * v, vw, first), _rolling_sum(v, vw, first)
+    tp_mean = _rolling_sum(tp, vw, first) / vw
     vwap = np.where(v_sum > 0.0, np.divide(pv_sum, v_sum, out=np.ones(n), where=v_sum > 0.0), tp_mean)
     vwap[np.isnan(v_sum)] = np.nan
     cols[f"vwap_dist_{vw}b"] = c / vwap - 1.0
 
     # --- structure
-    cols[f"hurst_{cfg.hurst_window_bars}b"] = hurst_exponent(log_c, cfg.hurst_window_bars)
+    cols[f"hurst_{cfg.hurst_window_bars}b"] = hurst_exponent(log_c, cfg.hurst_window_bars, first_row=first)
     ew = cfg.efficiency_window_bars
     net = np.full(n, np.nan)
     if n > ew:
         net[ew:] = np.abs(c[ew:] - c[:-ew])
-    path = _rolling_sum(np.abs(np.concatenate([[np.nan], np.diff(c)])), ew)
+    path = _rolling_sum(np.abs(np.concatenate([[np.nan], np.diff(c)])), ew, first)
     cols[f"er_{ew}b"] = np.clip(_safe_ratio(net, path, 0.0, 0.0), 0.0, 1.0)
     nw = cfg.entropy_window_bars
     up = np.where(np.isnan(r1_arr), np.nan, (r1_arr > 0.0).astype(np.float64))
-    p_up = _rolling_sum(up, nw) / nw
+    p_up = _rolling_sum(up, nw, first) / nw
     with np.errstate(divide="ignore", invalid="ignore"):
         ent = -(p_up * np.log2(p_up) + (1.0 - p_up) * np.log2(1.0 - p_up))
     ent[(p_up == 0.0) | (p_up == 1.0)] = 0.0
     cols[f"sign_entropy_{nw}b"] = ent
     mw = cfg.moments_window_bars
-    r_roll = r1.rolling(mw, min_periods=mw)
-    r_std = r_roll.std(ddof=0).to_numpy()
+    r_std = rolling_std(r1_arr, mw, 0, first)
     moving = r_std > _RETURN_STD_FLOOR
-    for name, values in (("skew", r_roll.skew().to_numpy()), ("kurt", r_roll.kurt().to_numpy())):
+    for name, values in (("skew", rolling_skew(r1_arr, mw, first)), ("kurt", rolling_kurt(r1_arr, mw, first))):
         out = np.where(moving & np.isfinite(values), values, 0.0)  # pandas may give NaN at tiny variance
         out[np.isnan(r_std)] = np.nan
         cols[f"{name}_{mw}b"] = out
-    lagged = r1.shift(1)
-    ac = r1.rolling(mw, min_periods=mw).corr(lagged).to_numpy()
-    lag_std = lagged.rolling(mw, min_periods=mw).std(ddof=0).to_numpy()
+    lagged = np.full(n, np.nan)
+    lagged[1:] = r1_arr[:-1]
+    ac = rolling_corr(r1_arr, lagged, mw, first)
+    lag_std = rolling_std(lagged, mw, 0, first)
     ac = np.where(moving & (lag_std > _RETURN_STD_FLOOR) & np.isfinite(ac), np.clip(ac, -1.0, 1.0), 0.0)
     ac[np.isnan(lag_std) | np.isnan(r_std)] = np.nan
     cols[f"autocorr1_{mw}b"] = ac
@@ -731,7 +747,13 @@ def compute_features(candles: pd.DataFrame, cfg: FeatureConfig, *, validate: boo
     matrix = np.empty((n, len(names)), dtype=np.float32)  # one block: far cheaper than a dict of columns
     for j, k in enumerate(names):
         matrix[:, j] = cols[k]
-    return pd.DataFrame(matrix, index=index, columns=names, copy=False)
+    return pd.DataFrame(matrix, index=index, columns=_column_index(tuple(names)), copy=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _column_index(names: tuple[str, ...]) -> pd.Index:
+    """The feature columns as a (cached, immutable) pandas Index: building it costs ~0.5 ms per call."""
+    return pd.Index(names)
 
 
 def _is_gap_column(candles: pd.DataFrame) -> np.ndarray:
@@ -819,7 +841,7 @@ def _htf_columns(bars: pd.DataFrame, cfg: FeatureConfig) -> dict[str, np.ndarray
     for hb in HTF_RETURN_HORIZONS_BARS:
         cols[f"logret_{hb}b"] = _log_returns(log_c, hb)
     w = HTF_RVOL_WINDOW_BARS
-    cols[f"rvol_{w}b"] = pd.Series(_log_returns(log_c, 1)).rolling(w, min_periods=w).std(ddof=1).to_numpy()
+    cols[f"rvol_{w}b"] = rolling_std(_log_returns(log_c, 1), w, 1)
     nan = np.full(n, np.nan)
     cols["atr_pct"] = talib.ATR(h, l, c, timeperiod=cfg.atr_period_bars) / c if n else nan
     cols["rsi"] = talib.RSI(c, timeperiod=cfg.rsi_period_bars) / 100.0 if n else nan

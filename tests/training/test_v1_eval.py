@@ -214,3 +214,29 @@ def test_evaluate_v1_fit_regime_errors(candles: pd.DataFrame) -> None:
 
     with pytest.raises(ValueError, match="the HMM needs at least 30"):
         causal_regime_proba(window, window.index[30], _fast_hmm())
+
+
+def test_cli_v1_with_regime_thresholds(tmp_path) -> None:
+    """`ats evaluate --policy v1 --config C --regime`: the HMM is fitted before the period, and refused
+    without a config or without one adjustment per state."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from ats_cli.main import app
+
+    root = Path(__file__).resolve().parents[2]
+    raw = yaml.safe_load((root / "configs" / "smoke.yaml").read_text())
+    raw["v1"] = {"regime_adjustments": [{}, {"adx_min_delta": 5.0}, {"adx_min_delta": 100.0}]}
+    cfg = tmp_path / "v1_regime.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    args = ["evaluate", "--policy", "v1", "--period", "2022-07-15:2022-08-15"]
+    r = runner.invoke(app, [*args, "--config", str(cfg), "--regime", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    assert "Regime-conditional thresholds" in (tmp_path / "r" / "report.html").read_text()
+    r = runner.invoke(app, [*args, "--regime", "--out", str(tmp_path / "r2")])
+    assert r.exit_code != 0 and "--regime needs --config" in r.output
+    raw["v1"] = {"regime_adjustments": [{}]}
+    cfg.write_text(yaml.safe_dump(raw))
+    r = runner.invoke(app, [*args, "--config", str(cfg), "--regime", "--out", str(tmp_path / "r3")])
+    assert r.exit_code != 0 and "regime_adjustments" in r.output
