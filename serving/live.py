@@ -69,6 +69,7 @@ from serving.intents import (
     plan_bar,
     protective_intents,
 )
+from serving.risk import AccountSnapshot
 from serving.store import DecisionRecord, EquityRecord, EventRecord, ExchangeFillRecord, StateStore
 
 CRASH_POINTS: tuple[str, ...] = (
@@ -128,24 +129,6 @@ class GuardLike(Protocol):
     def review(self, decision: Decision, account: Any) -> Any: ...
 
     def record_closed_trade(self, time: pd.Timestamp, pnl_usdt: float) -> None: ...
-
-
-def _account_snapshot(**kw: Any) -> Any:
-    try:
-        from serving.risk import AccountSnapshot
-    except ImportError:  # pragma: no cover - risk.py is part of the package
-        return _FallbackAccountSnapshot(**kw)
-    return AccountSnapshot(**kw)
-
-
-@dataclass(frozen=True)
-class _FallbackAccountSnapshot:
-    time: pd.Timestamp
-    equity_usdt: float
-    position_side: int
-    position_qty_base: float
-    position_notional_usdt: float
-    leverage: float
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,7 +671,7 @@ class LiveLoop:
             mark_usdt = position.entry_price  # quarantined bar: no trusted close, mark at entry
         try:
             notional = position.qty_base * mark_usdt
-            snap = _account_snapshot(time=bar, equity_usdt=float(equity), position_side=position.side,
+            snap = AccountSnapshot(time=bar, equity_usdt=float(equity), position_side=position.side,
                                      position_qty_base=position.qty_base, position_notional_usdt=notional,
                                      # effective account leverage (the exchange reports none per position)
                                      leverage=1.0 if position.side == 0 else max(1.0, notional / equity))
