@@ -90,7 +90,7 @@ def serve(
         bars = serve_live(mode=mode.value, bundle_dir=bundle, db_path=db, env_file=env_file, live=live,
                           force_gate=force_gate, max_bars=max_bars or None, live_config=live_cfg, risk=settings.risk,
                           watch_dir=watch, log=_log)
-    except FatalError as exc:
+    except (FatalError, ValueError) as exc:  # arming, credentials, exchange set-up, a bad setting
         console.print(f"[bold red]stopped[/]: {exc}")
         raise typer.Exit(code=2) from exc
     console.print(f"\n[bold]stopped[/] after {bars} bars; state database: {db} (`ats status --db {db}`)")
@@ -102,11 +102,16 @@ def _serve_paper(settings, *, replay: Path | None, bundle: Path, db: Path, warmu
 
     if replay is None:
         raise typer.BadParameter("--mode paper needs --replay CANDLES (a candles parquet replayed as if live)")
-    summary = serve_replay(
-        replay=replay, bundle_dir=bundle, db_path=db, config=settings.paper, warmup_bars=warmup_bars,
-        initial_equity_usdt=initial_equity, max_bars=max_bars, risk=None if no_risk else settings.risk,
-        watch_dir=watch_dir, log=_log, progress_factory=_progress,
-    )
+    from pydantic import ValidationError
+
+    try:
+        summary = serve_replay(
+            replay=replay, bundle_dir=bundle, db_path=db, config=settings.paper, warmup_bars=warmup_bars,
+            initial_equity_usdt=initial_equity, max_bars=max_bars, risk=None if no_risk else settings.risk,
+            watch_dir=watch_dir, log=_log, progress_factory=_progress,
+        )
+    except ValidationError as exc:  # an option outside its range (e.g. --initial-equity 0)
+        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
     console.print(
         f"\n[bold green]served[/] {summary.bars} bars: {summary.decisions_v2} decided by V2, {summary.decisions_v1} "
         f"by V1, {summary.decisions_guard} by the guard; final equity {summary.final_equity_usdt:,.2f} USDT"
