@@ -350,6 +350,8 @@ def cost_params(cfg: CostConfig) -> np.ndarray:
     p[K.P_MIN_NOTIONAL] = cfg.min_notional_usdt
     p[K.P_LOT_POW10] = 10.0 ** _decimals(cfg.lot_size_base)
     p[K.P_TICK_POW10] = 10.0 ** _decimals(cfg.tick_size_quote)
+    p[K.P_MAKER_FEE_RATE] = cfg.maker_fee_bps / 1e4 * cfg.cost_multiplier
+    p[K.P_TP_LIMIT] = 1.0 if cfg.take_profit_order == "limit" else 0.0
     p[K.P_N_BRACKETS] = len(cfg.maintenance_brackets)
     p[K.P_BRACKETS :] = brackets
     return p

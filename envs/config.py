@@ -6,6 +6,8 @@ broker, so that all three charge the same fees, slippage, funding and liquidatio
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from market.config_base import StrictConfig
@@ -24,7 +26,7 @@ BTCUSDT_MAINTENANCE_BRACKETS: tuple[tuple[float, float, float], ...] = (
 class CostConfig(StrictConfig):
     """Costs and exchange rules of Binance USDT-M perpetual futures (isolated margin, one-way mode).
 
-    Sources: Binance fee schedule (VIP0 USDT-M taker 0.05 %), Binance "How to Calculate Liquidation
+    Sources: Binance fee schedule (VIP0 USDT-M taker 0.05 %, maker 0.02 %), Binance "How to Calculate Liquidation
     Price of USDⓈ-M Contracts", Binance funding-rate documentation (settlement every 8 h at 00/08/16
     UTC), BTCUSDT exchange filters (LOT_SIZE step 0.001, PRICE_FILTER tick 0.1, MIN_NOTIONAL 100).
     """
@@ -34,6 +36,18 @@ class CostConfig(StrictConfig):
         ge=0.0,
         description="Taker fee in basis points of fill notional (VIP0 USDT-M 0.05 %); market, "
         "stop-market and take-profit-market fills are taker.",
+    )
+    maker_fee_bps: float = Field(
+        2.0,
+        ge=0.0,
+        description="Maker fee in basis points of fill notional (VIP0 USDT-M 0.02 %); charged on "
+        "take-profit fills when take_profit_order is 'limit'.",
+    )
+    take_profit_order: Literal["market", "limit"] = Field(
+        "market",
+        description="'market': a reduce-only TAKE_PROFIT_MARKET order (taker fee, adverse slippage); "
+        "'limit': a resting reduce-only limit order at the level (maker fee, no slippage; fills at "
+        "the open when the bar gaps through it).",
     )
     slippage_bps: float = Field(
         1.0, ge=0.0, description="Fixed part of slippage in basis points of price, adverse, per fill."
@@ -57,7 +71,8 @@ class CostConfig(StrictConfig):
     )
     funding_fallback_rate: float = Field(
         0.0001,
-        description="Funding rate used at a funding time whose rate is NaN/missing (counted and reported).",
+        description="Funding rate per settlement, as a fraction of position notional (0.0001 = 0.01 %, "
+        "Binance's base rate), used at a funding time whose rate is NaN/missing (counted and reported).",
     )
     lot_size_base: float = Field(
         0.001, gt=0.0, description="Quantity step in base units (BTCUSDT 0.001 BTC)."

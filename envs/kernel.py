@@ -55,8 +55,9 @@ NO_TIME = np.iinfo(np.int64).min
  P_LOT_POW10, P_TICK_POW10,
  P_RKIND, P_ETA, P_WARMUP, P_FLOOR, P_CLIP, P_TURNOVER_PEN, P_DD_PEN, P_SCALE,
  P_DEAD_ZONE, P_MAX_LEV, P_MAX_SIZE, P_STOP_LO, P_STOP_HI, P_TP_LO, P_TP_HI,
- P_INITIAL_EQUITY, P_MIN_EQUITY_FRAC, P_MAX_DD, P_MAX_LEV_OBS, P_N_BRACKETS) = range(30)  # fmt: skip
-P_BRACKETS = 30
+ P_INITIAL_EQUITY, P_MIN_EQUITY_FRAC, P_MAX_DD, P_MAX_LEV_OBS, P_N_BRACKETS,
+ P_MAKER_FEE_RATE, P_TP_LIMIT) = range(32)  # fmt: skip
+P_BRACKETS = 32
 REWARD_KINDS: tuple[str, ...] = ("sortino", "differential_sharpe", "log_return")
 
 # Per-bar outputs ``out`` (float64, N_OUT).
@@ -321,6 +322,9 @@ def _intrabar_exit(fs, is_, o, h, lo, slip, fee_rate, p, ev, evi, out):  # pragm
     tick_pow = p[P_TICK_POW10]
     extreme_adv = lo if s > 0 else h
     extreme_fav = h if s > 0 else lo
+    if has_tp and s * (o - tp) >= 0:  # the open gapped through the take-profit: it fills first, at the open
+        _take_profit(fs, is_, o, o, slip, fee_rate, p, bars_held, ev, evi, out)
+        return
     liq_first = has_liq and ((not has_stop) or s * (liq - stop) >= 0)
     adv_level = liq if liq_first else stop
     has_adv = has_liq if liq_first else has_stop
@@ -339,9 +343,19 @@ def _intrabar_exit(fs, is_, o, h, lo, slip, fee_rate, p, ev, evi, out):  # pragm
         _close(fs, is_, price, ref, R_STOP, bars_held, fee_rate, ev, evi, out)
         return
     if has_tp and s * (extreme_fav - tp) >= 0:
-        ref = o if s * (o - tp) >= 0 else tp  # gap through the take-profit fills at the open
-        _close(fs, is_, adverse_fill(ref, -s, slip, tick, tick_pow), ref, R_TAKE_PROFIT, bars_held, fee_rate,
-               ev, evi, out)  # fmt: skip
+        _take_profit(fs, is_, o, tp, slip, fee_rate, p, bars_held, ev, evi, out)
+
+
+@njit(**_INLINE_OPTS)
+def _take_profit(fs, is_, o, ref, slip, fee_rate, p, bars_held, ev, evi, out):  # pragma: no cover - compiled
+    """Close at the take-profit: ``ref`` is the level, or the open when the bar gapped through it.
+    A take-profit-market order fills as taker with adverse slippage; a resting limit order
+    (``p[P_TP_LIMIT]``) fills at ``ref`` without slippage and pays the maker fee."""
+    if p[P_TP_LIMIT] > 0.0:
+        _close(fs, is_, ref, ref, R_TAKE_PROFIT, bars_held, p[P_MAKER_FEE_RATE], ev, evi, out)
+    else:
+        price = adverse_fill(ref, -is_[I_SIDE], slip, p[P_TICK], p[P_TICK_POW10])
+        _close(fs, is_, price, ref, R_TAKE_PROFIT, bars_held, fee_rate, ev, evi, out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -421,7 +421,7 @@ class _Work:
     def close(
         self, price: float, ref_price: float, reason: str, time_ns: int, bars_held: int, fee_rate: float
     ) -> None:
-        """Close the whole position with a taker order at ``price``."""
+        """Close the whole position at ``price``, paying ``fee_rate`` of its notional."""
         side, qty = self.side, self.qty_base
         notional = qty * price
         fee = notional * fee_rate
@@ -523,6 +523,16 @@ def _intrabar_exit(w: _Work, bar: Bar, slip: float, fee_rate: float, cfg: CostCo
     def beyond(price: float, level: float) -> bool:  # price at or past level, moving adversely
         return s * (level - price) >= 0
 
+    def take_profit(ref: float) -> None:
+        if cfg.take_profit_order == "limit":  # resting limit order: maker fee, no slippage
+            w.close(ref, ref, "take_profit", bar.open_time_ns, bars_held,
+                    cfg.maker_fee_bps / 1e4 * cfg.cost_multiplier)  # fmt: skip
+        else:
+            w.close(_adverse_fill(ref, -s, slip, tick), ref, "take_profit", bar.open_time_ns, bars_held, fee_rate)
+
+    if tp is not None and s * (o - tp) >= 0:  # the open gapped through the take-profit: it fills first
+        take_profit(o)
+        return
     liq_first = liq is not None and (stop is None or s * (liq - stop) >= 0)
     adv_level = liq if liq_first else stop
     if adv_level is not None and beyond(extreme_adv, adv_level):
@@ -540,8 +550,7 @@ def _intrabar_exit(w: _Work, bar: Bar, slip: float, fee_rate: float, cfg: CostCo
         w.close(price, ref, "stop", bar.open_time_ns, bars_held, fee_rate)
         return
     if tp is not None and s * (extreme_fav - tp) >= 0:
-        ref = o if s * (o - tp) >= 0 else tp  # gap through the take-profit fills at the open
-        w.close(_adverse_fill(ref, -s, slip, tick), ref, "take_profit", bar.open_time_ns, bars_held, fee_rate)
+        take_profit(tp)
 
 
 def step_bar(

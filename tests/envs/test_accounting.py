@@ -282,6 +282,47 @@ def test_gap_through_take_profit_fills_at_open() -> None:
     assert [(f.reason, f.price) for f in r.fills] == [("take_profit", 10_498.9)]
 
 
+def test_open_gapping_through_take_profit_fills_there_even_if_the_bar_later_reaches_the_stop() -> None:
+    # The open (10500) is already past the TP (10401): the take-profit order fills at the open, before
+    # the bar trades down through the stop (9801). "Stop first" applies only to intrabar touches.
+    s1 = _long_entry()
+    r = step_bar(s1, None, bar(2, 10_500, 10_600, 9_700, 9_750), 100.0, FIXED_SLIP)
+    assert [(f.reason, f.price) for f in r.fills] == [("take_profit", 10_498.9)]
+    assert r.state.side == 0
+
+
+def test_short_open_gapping_through_take_profit_fills_at_the_open() -> None:
+    s1 = step_bar(AccountState.initial(10_000.0), Decision(-1, 1.0, 0.5, 2.0, 4.0), bar(1, 10_000, 10_100, 9_900, 10_000),
+                  100.0, FIXED_SLIP).state  # fmt: skip
+    tp = s1.take_profit_price  # 9999 - 400 = 9599.0
+    assert tp == 9_599.0
+    r = step_bar(s1, None, bar(2, 9_500, 10_400, 9_450, 10_300), 100.0, FIXED_SLIP)
+    # buy back at 9500 * 1.0001 = 9500.95 -> tick up 9501.0, although the high (10400) passes the stop
+    assert [(f.reason, f.price) for f in r.fills] == [("take_profit", 9_501.0)]
+
+
+LIMIT_TP = CostConfig(slippage_atr_coef=0.0, take_profit_order="limit")  # maker 2 bp on the take-profit
+
+
+def test_limit_take_profit_fills_at_the_level_with_maker_fee_and_no_slippage() -> None:
+    s1 = step_bar(AccountState.initial(10_000.0), Decision(1, 1.0, 0.5, 2.0, 4.0), bar(1, 10_000, 10_100, 9_900, 10_050),
+                  100.0, LIMIT_TP).state  # fmt: skip
+    assert (s1.entry_price, s1.take_profit_price) == (10_001.0, 10_401.0)
+    r = step_bar(s1, None, bar(2, 10_100, 10_450, 10_050, 10_420), 100.0, LIMIT_TP)
+    (fill,) = r.fills
+    assert (fill.reason, fill.price, fill.slippage_usdt) == ("take_profit", 10_401.0, 0.0)
+    assert fill.fee_usdt == approx(0.499 * 10_401.0 * 0.0002)
+    entry_fee = 0.499 * 10_001.0 * 0.0005
+    assert r.closed_trades[0].pnl_usdt == approx(0.499 * 400.0 - entry_fee - 0.499 * 10_401.0 * 0.0002)
+
+
+def test_limit_take_profit_gapped_through_fills_at_the_open() -> None:
+    s1 = step_bar(AccountState.initial(10_000.0), Decision(1, 1.0, 0.5, 2.0, 4.0), bar(1, 10_000, 10_100, 9_900, 10_050),
+                  100.0, LIMIT_TP).state  # fmt: skip
+    r = step_bar(s1, None, bar(2, 10_500, 10_600, 10_450, 10_550), 100.0, LIMIT_TP)
+    assert [(f.reason, f.price, f.fee_usdt) for f in r.fills] == [("take_profit", 10_500.0, approx(0.499 * 10_500 * 2e-4))]
+
+
 def test_stop_and_take_profit_both_touched_stop_wins() -> None:
     s1 = _long_entry()
     r = step_bar(s1, None, bar(2, 10_000, 10_500, 9_700, 10_400), 100.0, FIXED_SLIP)

@@ -84,6 +84,7 @@ def test_step_bar_equals_pure_python_reference(seed: int) -> None:
         min_notional_usdt=float(rng.choice([0.0, 100.0, 5_000.0])),
         funding_fallback_rate=float(rng.choice([0.0, 0.0001, -0.0003])),
         slippage_atr_coef=float(rng.choice([0.0, 0.05, 0.3])),
+        take_profit_order=str(rng.choice(["market", "limit"])),
     )
     equity = float(rng.choice([200.0, 10_000.0, 1e6, 5e7]))
     new_state, old_state = AccountState.initial(equity), ref.AccountState.initial(equity)
