@@ -296,6 +296,41 @@ def liquidation_price(
     )
 
 
+def position_liquidation_price(
+    side: int, qty_base: float, entry_price: float, wallet_usdt: float, cfg: CostConfig
+) -> float:
+    """Liquidation price of an isolated position with the maintenance bracket Binance applies.
+
+    :func:`liquidation_price` with the bracket of the entry notional ``qty_base * entry_price``; if
+    the notional at that liquidation price, ``qty_base * LP``, lies in another bracket, LP is
+    recomputed with that bracket's rate and amount (Binance, "How to Calculate Liquidation Price of
+    USDⓈ-M Contracts": "if your position (calculated at the liquidation price) and the current
+    position (calculated at the opening price) are of different levels, substitute the maintenance
+    margin rate and the maintenance amount of the level at the liquidation price"). The compiled
+    kernel (:func:`envs.kernel.position_liq_price`) computes the same.
+
+    Returns
+    -------
+    float
+        LP in USDT (may be <= 0 for a long with a large margin: never reached).
+
+    Raises
+    ------
+    ValueError
+        As :func:`maintenance_bracket` and :func:`liquidation_price`.
+    """
+    mmr, cum = maintenance_bracket(qty_base * entry_price, cfg)
+    lp = liquidation_price(side, qty_base, entry_price, wallet_usdt, mmr, cum)
+    if lp > 0:
+        try:
+            mmr_lp, cum_lp = maintenance_bracket(qty_base * lp, cfg)
+        except ValueError:  # above the largest cap: keep the entry bracket, as the kernel does
+            return lp
+        if (mmr_lp, cum_lp) != (mmr, cum):
+            lp = liquidation_price(side, qty_base, entry_price, wallet_usdt, mmr_lp, cum_lp)
+    return lp
+
+
 def slippage_frac(atr_at_decision: float, ref_price: float, cfg: CostConfig) -> float:
     """Adverse slippage as a fraction of price.
 

@@ -13,7 +13,9 @@ from pydantic import Field, field_validator, model_validator
 from market.config_base import StrictConfig
 
 #: BTCUSDT-like USDT-M leverage brackets: (notional cap USDT, maintenance margin rate, maintenance
-#: amount "cum" USDT), from Binance's ``GET /fapi/v1/leverageBracket`` endpoint.
+#: amount "cum" USDT), the first five rows of Binance's BTCUSDT table (``GET /fapi/v1/leverageBracket``)
+#: as published in 2024-2025. Binance revises these tables; for serving, the ccxt broker reads the
+#: live table, and a backtest of another symbol or period should set its own.
 BTCUSDT_MAINTENANCE_BRACKETS: tuple[tuple[float, float, float], ...] = (
     (50_000.0, 0.004, 0.0),
     (600_000.0, 0.005, 50.0),

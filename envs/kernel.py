@@ -183,6 +183,21 @@ def _bracket_row(notional, p):  # pragma: no cover - compiled
 
 
 @njit(**_INLINE_OPTS)
+def position_liq_price(side, qty, entry, wallet, row, p):  # pragma: no cover - compiled
+    """Liquidation price with the bracket of the notional *at the liquidation price*: computed with
+    bracket ``row`` (the entry notional's), then, if ``qty * LP`` falls in another bracket, recomputed
+    with that one (Binance, "How to Calculate Liquidation Price": "if your position calculated at the
+    liquidation price and at the opening price are of different levels, substitute the maintenance
+    margin rate and amount of the level at the liquidation price")."""
+    lp = liq_price(side, qty, entry, wallet, p[P_BRACKETS + 3 * row + 1], p[P_BRACKETS + 3 * row + 2])
+    if lp > 0.0:
+        row_lp = _bracket_row(qty * lp, p)
+        if row_lp >= 0 and row_lp != row:
+            lp = liq_price(side, qty, entry, wallet, p[P_BRACKETS + 3 * row_lp + 1], p[P_BRACKETS + 3 * row_lp + 2])
+    return lp
+
+
+@njit(**_INLINE_OPTS)
 def _event(ev, evi, out, reason, fill_side, qty, price, fee, slip, entry, pnl, entry_time, bars, trade_side):  # pragma: no cover
     k = int(out[O_N_EVENTS])
     if k < ev.shape[0]:
@@ -279,8 +294,6 @@ def _open(fs, is_, direction, lev, size_frac, stop_atr, tp_atr, o, time_ns, atr,
     if row < 0:
         out[O_ERR_VALUE] = notional
         return ERR_BRACKET
-    mmr = p[P_BRACKETS + 3 * row + 1]
-    cum = p[P_BRACKETS + 3 * row + 2]
     margin = notional / lev
     fee = notional * fee_rate
     slip_usdt = qty * abs(fill - o)
@@ -292,7 +305,7 @@ def _open(fs, is_, direction, lev, size_frac, stop_atr, tp_atr, o, time_ns, atr,
     fs[F_LEV] = lev
     fs[F_STOP] = round_price(fill - direction * stop_atr * atr, tick, 0, tick_pow)
     fs[F_TP] = round_price(fill + direction * tp_atr * atr, tick, 0, tick_pow)
-    fs[F_LIQ] = liq_price(direction, qty, fill, margin, mmr, cum)
+    fs[F_LIQ] = position_liq_price(direction, qty, fill, margin, row, p)
     is_[I_ENTRY_TIME] = time_ns
     is_[I_BARS] = 0
     fs[F_ENTRY_FEE] = fee
@@ -428,8 +441,7 @@ def bar_step(fs, is_, has_decision, direction, lev, size_frac, stop_atr, tp_atr,
         if row < 0:
             out[O_ERR_VALUE] = fs[F_QTY] * fs[F_ENTRY]
             return ERR_BRACKET
-        fs[F_LIQ] = liq_price(is_[I_SIDE], fs[F_QTY], fs[F_ENTRY], fs[F_MARGIN],
-                              p[P_BRACKETS + 3 * row + 1], p[P_BRACKETS + 3 * row + 2])  # fmt: skip
+        fs[F_LIQ] = position_liq_price(is_[I_SIDE], fs[F_QTY], fs[F_ENTRY], fs[F_MARGIN], row, p)
     # 2. Fills at the open; an open at or beyond the liquidation price liquidates first.
     s = is_[I_SIDE]
     if s != 0 and not math.isnan(fs[F_LIQ]) and s * (fs[F_LIQ] - o) >= 0:
@@ -659,7 +671,7 @@ def env_step(mode, action, fs, is_, bars, times, market_obs, p, obs, ev, evi, ou
     fs[E_EQUITY] = equity
     fs[E_PEAK] = peak
     fs[E_DRAWDOWN] = drawdown
-    terminated = equity < p[P_MIN_EQUITY_FRAC] * p[P_INITIAL_EQUITY] or drawdown > p[P_MAX_DD]
+    terminated = equity <= 0.0 or equity < p[P_MIN_EQUITY_FRAC] * p[P_INITIAL_EQUITY] or drawdown > p[P_MAX_DD]
     truncated = (not terminated) and i >= fs[E_END]
     write_observation(fs, is_, bars, market_obs, p, obs)
     return OK, terminated, truncated

@@ -418,6 +418,7 @@ _SHAPE_5 = (5,)
 _MODE_ACTION = K.MODE_ACTION
 _O_EQUITY = K.O_EQUITY
 _O_REWARD = K.O_REWARD
+_O_DD_PEN = K.O_DD_PEN
 if K.O_REWARD != K.O_EQUITY + 1:
     raise RuntimeError("envs.kernel output layout changed: TradingEnv.step reads O_EQUITY, O_REWARD as one slice")
 _env_step = K.env_step
@@ -433,7 +434,7 @@ class TradingEnv(gym.Env):
     Episode: from a start index (random when ``random_start``, or ``options["start_index"]``) for
     ``episode_len_bars`` steps or until ``options["end_index"]`` / the last bar; ``truncated`` at the
     end of the span, ``terminated`` when equity falls below ``min_equity_frac`` of the initial equity
-    or the drawdown exceeds ``max_drawdown_frac`` (a liquidation that wipes the account does both).
+    (or to 0, whatever the fraction) or the drawdown exceeds ``max_drawdown_frac`` (a liquidation that wipes the account does both).
     The end of the data only ever truncates.
 
     Each step runs the compiled :func:`envs.kernel.env_step` (the same bar step as
@@ -441,12 +442,14 @@ class TradingEnv(gym.Env):
     builds the frozen :class:`~envs.accounting.AccountState` on demand.
 
     ``info`` (``config.info_level``): ``"lean"`` (default, for training: SB3's ``DummyVecEnv``
-    deep-copies every info dict) holds ``equity_usdt`` every step and, at the last step of an
-    episode, the cumulative totals of :func:`episode_summary`; ``"full"`` holds every step the
-    account (cash, margin, position), this bar's costs, fills and closed trades, the cumulative
-    totals, the bar time, return and drawdown, and the reward's components ``reward_base``,
-    ``reward_turnover_penalty``, ``reward_drawdown_penalty`` (see :meth:`full_info`, which a lean env
-    can also call after a step).
+    deep-copies every info dict) holds every step ``equity_usdt`` and the reward's components
+    ``reward_base`` (the selected reward before penalties), ``reward_turnover_penalty`` and
+    ``reward_drawdown_penalty``, each already multiplied by ``reward.scale``, so that
+    ``reward = reward_base - reward_turnover_penalty - reward_drawdown_penalty`` (see
+    :mod:`envs.rewards`) and, at the last step of an episode, the cumulative totals of
+    :func:`episode_summary`; ``"full"`` adds every step the account (cash, margin, position), this
+    bar's costs, fills and closed trades, the cumulative totals, the bar time, return and drawdown
+    (see :meth:`full_info`, which a lean env can also call after a step).
 
     Parameters
     ----------
@@ -621,8 +624,9 @@ class TradingEnv(gym.Env):
             self._done = True
         if self._full:
             return self._obs_buf.copy(), float(out[_O_REWARD]), terminated, truncated, self.full_info()
-        e, r = out[_O_EQUITY : _O_REWARD + 1].tolist()  # adjacent in envs.kernel's layout
-        info = {"equity_usdt": e}
+        e, r, base, turnover_pen, dd_pen = out[_O_EQUITY : _O_DD_PEN + 1].tolist()  # adjacent in the kernel
+        info = {"equity_usdt": e, "reward_base": base, "reward_turnover_penalty": turnover_pen,
+                "reward_drawdown_penalty": dd_pen}  # fmt: skip
         if self._done:
             info.update(episode_summary(self._fs, self._is))
         return self._obs_buf.copy(), r, terminated, truncated, info
@@ -671,7 +675,9 @@ class TradingEnv(gym.Env):
         if self._full:
             info = self.full_info()
         else:  # the same lean info as step()
-            info = {"equity_usdt": float(out[K.O_EQUITY])}
+            e, _, base, turnover_pen, dd_pen = out[K.O_EQUITY : K.O_DD_PEN + 1].tolist()
+            info = {"equity_usdt": e, "reward_base": base, "reward_turnover_penalty": turnover_pen,
+                    "reward_drawdown_penalty": dd_pen}  # fmt: skip
             if self._done:
                 info.update(episode_summary(fs, self._is))
         return self._obs_buf.copy(), float(out[K.O_REWARD]), terminated, truncated, info

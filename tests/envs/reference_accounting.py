@@ -241,6 +241,20 @@ def maintenance_bracket(notional_usdt: float, cfg: CostConfig) -> tuple[float, f
     )
 
 
+def position_liquidation_price(side: int, qty: float, entry: float, wallet: float, cfg: CostConfig) -> float:
+    """LP with the entry notional's bracket, recomputed with the bracket of ``qty * LP`` when that
+    differs (Binance's rule for a liquidation price in another bracket)."""
+    mmr, cum = maintenance_bracket(qty * entry, cfg)
+    lp = liquidation_price(side, qty, entry, wallet, mmr, cum)
+    if lp > 0:
+        for cap, mmr_lp, cum_lp in cfg.maintenance_brackets:
+            if qty * lp <= cap:
+                if (mmr_lp, cum_lp) != (mmr, cum):
+                    lp = liquidation_price(side, qty, entry, wallet, mmr_lp, cum_lp)
+                break
+    return lp
+
+
 def liquidation_price(
     side: int,
     qty_base: float,
@@ -482,7 +496,6 @@ def _open_position(
         w.n_skipped_min_notional += 1
         w.skipped = True
         return
-    mmr, cum = maintenance_bracket(notional, cfg)
     margin = notional / lev
     fee = notional * fee_rate
     slip_usdt = qty * abs(fill - bar.open)
@@ -495,7 +508,7 @@ def _open_position(
     tick = cfg.tick_size_quote
     w.stop_price = _round_price(fill - direction * decision.stop_atr * atr, tick, 0)
     w.take_profit_price = _round_price(fill + direction * decision.take_profit_atr * atr, tick, 0)
-    w.liquidation_price = liquidation_price(direction, qty, fill, margin, mmr, cum)
+    w.liquidation_price = position_liquidation_price(direction, qty, fill, margin, cfg)
     w.entry_time_ns = bar.open_time_ns
     w.bars_in_trade = 0
     w.entry_fee_usdt = fee
@@ -630,8 +643,7 @@ def step_bar(
         w.funding_paid_usdt += payment
         w.trade_funding_usdt += payment
         w.funding += payment
-        mmr, cum = maintenance_bracket(w.qty_base * w.entry_price, cfg)
-        w.liquidation_price = liquidation_price(w.side, w.qty_base, w.entry_price, w.margin_usdt, mmr, cum)
+        w.liquidation_price = position_liquidation_price(w.side, w.qty_base, w.entry_price, w.margin_usdt, cfg)
 
     # 2. Fills at the open. An open at or beyond the liquidation price (a gap, or funding that ate
     # the margin) liquidates the position first: the liquidation engine acts before any order.

@@ -222,7 +222,7 @@ class ReferenceTradingEnv(gym.Env):
         self._state, self._t, self._equity, self._peak, self._drawdown = state, i, equity, peak, drawdown
         cfg = self.config
         terminated = (
-            equity < cfg.min_equity_frac * cfg.initial_equity_usdt or drawdown > cfg.max_drawdown_frac
+            equity <= 0.0 or equity < cfg.min_equity_frac * cfg.initial_equity_usdt or drawdown > cfg.max_drawdown_frac
         )
         truncated = (not terminated) and i >= self._end
         self._done = terminated or truncated

@@ -46,6 +46,25 @@ def test_liquidation_price_short_and_cum() -> None:
     assert liquidation_price(-1, 2.0, 20_000.0, 8_000.0, 0.005, 50.0) == approx(48_050.0 / 2.01)
 
 
+def test_liquidation_price_uses_the_bracket_of_the_notional_at_the_liquidation_price() -> None:
+    # Short 5 BTC at 9,900 (notional 49,500: bracket 1, MMR 0.4 %, cum 0) with WB 4,950 (10x):
+    # LP with the entry bracket = (49500 + 4950) / (5 * 1.004) = 10846.61..., where the notional
+    # 5 * 10846.6 = 54,233 is in bracket 2 (MMR 0.5 %, cum 50): Binance recomputes with it,
+    # LP = (49500 + 4950 + 50) / (5 * 1.005) = 54500 / 5.025.
+    from envs.accounting import position_liquidation_price
+
+    assert liquidation_price(-1, 5.0, 9_900.0, 4_950.0, 0.004, 0.0) == approx(54_450.0 / 5.02)
+    assert position_liquidation_price(-1, 5.0, 9_900.0, 4_950.0, DEFAULT) == approx(54_500.0 / 5.025)
+    # A long's LP notional is lower: 5.05 BTC at 9,990 (50,449.5, bracket 2) at 10x, WB 5,044.95:
+    # LP(bracket 2) = (50449.5 - 5044.95 - 50) / (5.05 * 0.995) -> notional ~45,355 is in bracket 1,
+    # so LP = (50449.5 - 5044.95) / (5.05 * 0.996).
+    assert position_liquidation_price(1, 5.05, 9_990.0, 5_044.95, DEFAULT) == approx(
+        (50_449.5 - 5_044.95) / (5.05 * 0.996)
+    )
+    # Within one bracket nothing changes (the 20x example above).
+    assert position_liquidation_price(1, 1.0, 10_000.0, 500.0, DEFAULT) == approx(9500.0 / 0.996)
+
+
 def test_liquidation_price_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="side"):
         liquidation_price(0, 1.0, 10_000.0, 500.0, 0.004, 0.0)

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from envs.actions import ActionConfig
+from market.decision import NonFiniteDecisionError
 from envs.trading_env import EnvConfig, TradingEnv
 from tests.envs.helpers import make_env_data
 
@@ -38,6 +39,7 @@ def test_invariants_hold_every_step(seed: int, actions: list[list[float]], vol: 
     signed_qty = 0.0  # signed sum of fills since flat
     closed_pnl = 0.0
     initial = cfg.initial_equity_usdt
+    taker_rate = cfg.costs.taker_fee_bps / 1e4
     for a in actions:
         prev = env.account_state
         obs, reward, terminated, truncated, info = env.step(np.asarray(a, dtype=np.float32))
@@ -53,6 +55,11 @@ def test_invariants_hold_every_step(seed: int, actions: list[list[float]], vol: 
             slippage += f.slippage_usdt
             turnover += f.qty_base * f.price
             signed_qty += f.side * f.qty_base
+            # independent fee check: notional x the fee rate of the order type (taker unless liquidation)
+            if f.reason != "liquidation":
+                assert math.isclose(f.fee_usdt, f.qty_base * f.price * taker_rate, rel_tol=1e-12, abs_tol=1e-12)
+            if f.reason == "entry" and f is info["fills"][-1]:  # still open: notional = margin x leverage
+                assert abs(s.margin_usdt * s.leverage - f.qty_base * f.price) <= 1e-6 * f.qty_base * f.price
         fees_bar = sum(f.fee_usdt for f in info["fills"])
         assert math.isclose(info["fees_usdt"], fees_bar, rel_tol=1e-12, abs_tol=1e-12)
         assert math.isclose(s.fees_paid_usdt, fees, rel_tol=1e-9, abs_tol=1e-9)
@@ -74,6 +81,9 @@ def test_invariants_hold_every_step(seed: int, actions: list[list[float]], vol: 
         closed_pnl += sum(t.pnl_usdt for t in info["closed_trades"])
         if s.side == 0:
             assert math.isclose(info["equity_usdt"], initial + closed_pnl, rel_tol=1e-9, abs_tol=1e-6)
+        else:  # in a trade: + the open trade's price PnL at the close, less its entry fee and funding so far
+            open_pnl = s.side * s.qty_base * (close - s.entry_price) - s.entry_fee_usdt - s.trade_funding_usdt
+            assert math.isclose(info["equity_usdt"], initial + closed_pnl + open_pnl, rel_tol=1e-9, abs_tol=1e-6)
         # isolated margin: a position never takes more than its margin, so cash never goes negative
         assert s.cash_usdt >= -1e-9
         # nothing non-finite
@@ -86,3 +96,39 @@ def test_invariants_hold_every_step(seed: int, actions: list[list[float]], vol: 
         if truncated:
             break
     assert math.isclose(s.liquidation_fees_usdt, liq_fees, abs_tol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    actions=st.lists(action, min_size=2, max_size=40),
+    bad_step=st.integers(0, 39),
+    bad_component=st.integers(0, 4),
+    bad_value=st.sampled_from([math.nan, math.inf, -math.inf]),
+)
+def test_a_non_finite_action_sends_no_order_and_leaves_the_account_unchanged(
+    seed: int, actions: list[list[float]], bad_step: int, bad_component: int, bad_value: float
+) -> None:
+    data = make_env_data(60, seed=seed, vol_per_bar=0.02)
+    cfg = EnvConfig(episode_len_bars=None, random_start=False, min_equity_frac=0.0, max_drawdown_frac=1.0,
+                    info_level="full")  # fmt: skip
+    env = TradingEnv(data, cfg)
+    env.reset(seed=seed)
+    bad_step = bad_step % len(actions)
+    for k, a in enumerate(actions):
+        if k == bad_step:
+            before, index = env.account_state, env.current_index
+            bad = np.asarray(a, dtype=np.float32)
+            bad[bad_component] = bad_value
+            try:
+                env.step(bad)
+            except NonFiniteDecisionError as exc:
+                assert str(bad_component) in str(exc) or "finite" in str(exc)
+            else:
+                raise AssertionError(f"action {bad!r} was accepted")
+            assert env.account_state == before  # no fill, no fee, no funding, same bar
+            assert env.current_index == index
+            # the env stays usable: the next finite action steps normally
+        *_, truncated, _ = env.step(np.asarray(a, dtype=np.float32))
+        if truncated:
+            break
