@@ -205,10 +205,14 @@ def gate(
     require_beat_v1: bool = typer.Option(True, help="PPO test Sortino must exceed V1's"),
 ) -> None:
     """Write PASS, HOLD or REJECT with reasons into the bundle's manifest."""
-    from training.gate import GateConfig, apply_gate
+    from training.gate import GateConfig, ReportMismatchError, apply_gate
 
     cfg = GateConfig(min_dsr=min_dsr, max_pbo=max_pbo, max_drawdown_frac=max_drawdown, require_beat_v1=require_beat_v1)
-    result = apply_gate(bundle, report, cfg)
+    try:
+        result = apply_gate(bundle, report, cfg)
+    except (FileNotFoundError, ReportMismatchError) as exc:
+        console.print(f"[bold red]gate refused:[/] {exc}")
+        raise typer.Exit(code=2) from exc
     colour = {"PASS": "green", "HOLD": "yellow", "REJECT": "red"}[result["verdict"]]
     console.print(f"[bold {colour}]{result['verdict']}[/]")
     for reason in result["reasons"]:

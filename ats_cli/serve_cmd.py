@@ -57,7 +57,7 @@ def serve(
     timeframe: str = typer.Option(None, "--timeframe", help="testnet/live: bar length (default 1h)"),
     env_file: Path = typer.Option(None, "--env-file", help="testnet/live: .env with the API key (chmod 600)"),
     live: bool = typer.Option(False, "--live", help="live: confirm that real orders are intended"),
-    force_gate: bool = typer.Option(False, "--force-gate", help="live: serve a bundle whose gate is not PASS"),
+    force_gate: bool = typer.Option(False, "--force-gate", help="testnet/live: serve a bundle whose gate verdict is not PASS (and accept such hot-swaps)"),
 ) -> None:
     """Serve the bundle bar by bar: V2 if it answers in time with finite outputs, else V1, else flat;
     every bar has one recorded decision. Stop with Ctrl-C (between bars)."""

@@ -41,7 +41,7 @@ def check_arming(
 
     Rules: ``mode`` in {testnet, live}; for live: ``live_flag`` True, gate verdict PASS in
     ``manifest`` (or ``force_gate``), ``typed_phrase`` equal to :func:`arming_phrase` (surrounding
-    whitespace ignored). On testnet a missing/non-PASS verdict is only a warning.
+    whitespace ignored). On testnet: gate verdict PASS (or ``force_gate``).
 
     Raises
     ------
@@ -54,7 +54,10 @@ def check_arming(
     warnings: list[str] = []
     if mode == "testnet":
         if verdict != "PASS":
-            warnings.append(f"bundle gate verdict is {verdict or 'absent'} (allowed on testnet)")
+            if not force_gate:
+                raise FatalError(f"bundle gate verdict is {verdict or 'absent'}, not PASS; testnet serves only a "
+                                 "PASS bundle: run `ats gate`, or --force-gate to serve it anyway")  # fmt: skip
+            warnings.append(f"gate verdict {verdict or 'absent'} overridden by --force-gate (testnet)")
         return warnings
     if not live_flag:
         raise FatalError("live trading needs the --live flag")
@@ -119,7 +122,9 @@ def serve_live(
     log(f"credentials loaded from {creds.source} (values hidden)")
 
     v1_cfg = _v1_config(manifest)
-    slot = PolicySlot.from_bundle(bundle_dir, watch_dir=watch_dir, reload_file=reload_request_path(db_path))
+    # hot-swapped bundles need PASS too; --force-gate (an explicit override) lifts it for the whole session
+    slot = PolicySlot.from_bundle(bundle_dir, watch_dir=watch_dir, reload_file=reload_request_path(db_path),
+                                  require_gate_pass=not force_gate)  # fmt: skip
     primary, load_error = slot.policy, slot.load_error
     if primary is None:
         log(f"[yellow]bundle failed to load, V1 decides every bar[/]: {load_error}")
@@ -133,7 +138,7 @@ def serve_live(
         history = max(history, int(primary.history_bars(pd.Timedelta(timeframe))))
     context = min(1500, max(100, history + 10))
     base = live_config if live_config is not None else LiveConfig(symbol=symbol, timeframe=timeframe)
-    loop_cfg = base.model_copy(update={"run_id": mode, "context_bars": max(base.context_bars, context)})
+    loop_cfg = base.model_copy(update={"run_id": mode, "mode": mode, "context_bars": max(base.context_bars, context)})
     store = StateStore.sqlite(db_path)
     client = make_client(api_key=creds.api_key.reveal(), secret=creds.api_secret.reveal(),
                          sandbox=mode == "testnet", base_url=base_url)

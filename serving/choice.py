@@ -5,7 +5,11 @@ loop (and, through it, torch); the paper loop (``serving.loop``) uses it too. Th
 
 * the primary is used only if it exists, does not raise, returns a :class:`Decision` (whose
   constructor rejects non-finite values: :class:`NonFiniteDecisionError`) and answers within
-  ``timeout_ms`` (measured with the injected ``clock``; a late answer is discarded);
+  ``timeout_ms``. The deadline is enforced: the primary runs in a worker thread that the bar
+  waits for at most ``timeout_ms`` (wall time), so a hung model cannot stall the bar (Python
+  cannot kill the thread: it finishes in the background and its answer is discarded; the
+  caller's backoff keeps a failing primary from being asked every bar). Latency is also measured
+  with the injected ``clock`` and a late answer discarded (deterministic tests use a fake clock);
 * otherwise the fallback decides the same bar and the reason is returned
   (``bundle_load_failed: ...``, ``exception: ...``, ``non_finite_action: ...``,
   ``deadline_exceeded: ...``, ``invalid_return: ...``);
@@ -15,6 +19,7 @@ loop (and, through it, torch); the paper loop (``serving.loop``) uses it too. Th
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +43,28 @@ def raw_action(policy: Any) -> tuple[float, ...] | None:
         return tuple(float(x) for x in np.asarray(raw, dtype=np.float64).ravel())
     except (TypeError, ValueError):
         return None
+
+
+def call_with_deadline(fn: Callable[[Any], Any], arg: Any, timeout_s: float) -> tuple[bool, Any, BaseException | None]:
+    """Run ``fn(arg)`` in a daemon thread and wait at most ``timeout_s`` seconds.
+
+    Returns ``(answered, result, error)``: ``answered`` False when the deadline passed (the thread
+    is left to finish on its own); ``error`` the exception ``fn`` raised (``result`` None then).
+    """
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = fn(arg)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    worker = threading.Thread(target=work, name="ats-primary-decide", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        return False, None, None
+    return True, box.get("result"), box.get("error")
 
 
 @dataclass
@@ -76,16 +103,17 @@ def choose(
                 primary.last_raw_action = None  # type: ignore[attr-defined]
             except (AttributeError, TypeError):
                 pass
-        try:
-            answer = primary.decide(ctx)
-        except NonFiniteDecisionError as exc:
-            reason = f"non_finite_action: {exc}"
-        except Exception as exc:  # noqa: BLE001 - any model failure means fallback
-            reason = f"exception: {type(exc).__name__}: {exc}"
+        answered, answer, error = call_with_deadline(primary.decide, ctx, timeout_ms / 1_000.0)
+        if not answered:
+            reason = f"deadline_exceeded: no answer within {timeout_ms:.0f} ms (worker abandoned)"
+        elif isinstance(error, NonFiniteDecisionError):
+            reason = f"non_finite_action: {error}"
+        elif error is not None:  # any model failure means fallback
+            reason = f"exception: {type(error).__name__}: {error}"
         else:
             reason = None
         latency_ms = (clock() - t0) * 1_000.0
-        raw = raw_action(primary)
+        raw = raw_action(primary) if answered else None
         if reason is None:
             if latency_ms > timeout_ms:
                 reason = f"deadline_exceeded: {latency_ms:.0f} ms > {timeout_ms:.0f} ms"

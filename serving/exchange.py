@@ -91,6 +91,10 @@ def classify_error(exc: BaseException, *, during_create: bool, client: Any = Non
         return RateLimitedError(msg, _retry_after_s(client))
     if isinstance(exc, (ccxt.NetworkError, ccxt.OperationFailed)):
         return AmbiguousOutcomeError(msg) if during_create else RetryableError(msg)
+    if during_create and ("-4116" in str(exc) or "duplicate" in str(exc).lower()):
+        # Binance -4116 "ClientOrderId is duplicated": an open order already has this id, i.e. an
+        # earlier attempt did reach the exchange. Not a rejection of the intent: look it up.
+        return AmbiguousOutcomeError(f"duplicate client order id, the order exists: {msg}")
     if isinstance(exc, (ccxt.InvalidOrder, ccxt.InsufficientFunds, ccxt.BadRequest, ccxt.BadSymbol,
                         ccxt.ArgumentsRequired, ccxt.ExchangeError)):  # fmt: skip
         return RejectedError(msg)

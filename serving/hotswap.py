@@ -144,11 +144,25 @@ def probe_policy(policy: Policy, ctx: DecisionContext | None) -> None:
             raise BundleRejected(f"probe: non-finite raw action {np.asarray(raw).tolist()}")
 
 
-def validate_candidate(path: Path, loader: PolicyLoader, probe_ctx: DecisionContext | None) -> Policy:
-    """Load ``path`` with every check of the module docstring; raise :class:`BundleRejected` otherwise."""
+def validate_candidate(
+    path: Path, loader: PolicyLoader, probe_ctx: DecisionContext | None, *, require_gate_pass: bool = False
+) -> Policy:
+    """Load ``path`` with every check of the module docstring; raise :class:`BundleRejected` otherwise.
+
+    ``require_gate_pass`` (testnet and live serving): the manifest's ``ats gate`` verdict must be
+    ``PASS``, as for the bundle the loop started with.
+    """
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise BundleRejected(f"{path}: no {MANIFEST}")
+    if require_gate_pass:
+        try:
+            verdict = (json.loads((path / MANIFEST).read_text()).get("gate") or {}).get("verdict")
+        except (OSError, ValueError) as exc:
+            raise BundleRejected(f"{path}: unreadable {MANIFEST}: {exc}") from exc
+        if verdict != "PASS":
+            raise BundleRejected(f"gate verdict is {verdict or 'absent'}, not PASS (required on testnet and live; "
+                                 "run `ats gate`)")  # fmt: skip
     payloads = find_pickle_payloads(path)
     if payloads:
         raise BundleRejected(f"pickle payload refused: {', '.join(payloads)}")
@@ -231,8 +245,10 @@ class PolicySlot:
         backoff: BackoffConfig | None = None,
         watch_dir: Path | None = None,
         reload_file: Path | None = None,
+        require_gate_pass: bool = False,
     ) -> None:
         self._policy = policy
+        self.require_gate_pass = require_gate_pass
         self.source = None if source is None else Path(source)
         self.load_error = load_error if policy is None else None
         self._loader = loader
@@ -250,7 +266,9 @@ class PolicySlot:
     ) -> PolicySlot:
         """Slot whose primary is the validated bundle at ``path`` (None with the reason if invalid)."""
         try:
-            policy, error = validate_candidate(Path(path), loader, None), None
+            policy = validate_candidate(Path(path), loader, None,
+                                        require_gate_pass=kwargs.get("require_gate_pass", False))  # fmt: skip
+            error = None
         except BundleRejected as exc:
             policy, error = None, str(exc)
         return cls(policy, source=Path(path), load_error=error, loader=loader, **kwargs)
@@ -298,7 +316,7 @@ class PolicySlot:
             return events
         if self._policy is None and self.source is not None and bar >= self._retry_at:
             try:
-                self._swap(validate_candidate(self.source, self._loader, probe_ctx), self.source)
+                self._swap(validate_candidate(self.source, self._loader, probe_ctx, require_gate_pass=self.require_gate_pass), self.source)
                 events.append(
                     ("bundle_swapped", {"bundle": str(self.source), "trigger": "retry_after_load_failure"})
                 )
@@ -311,7 +329,8 @@ class PolicySlot:
                 }))  # fmt: skip
         for trigger, candidate in self._candidates(events):
             try:
-                policy = validate_candidate(candidate, self._loader, probe_ctx)
+                policy = validate_candidate(candidate, self._loader, probe_ctx,
+                                            require_gate_pass=self.require_gate_pass)
             except BundleRejected as exc:
                 events.append(
                     (

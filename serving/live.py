@@ -10,7 +10,8 @@ killed anywhere and restarted carries on where it stopped):
    client id (found: record it; absent: 'abandoned'), store new fills since the last seen trade
    id (dedup on trade id), compare the exchange position with ``last position row + signed fills
    after its trade id``: equal -> a 'reconcile' row; different -> an 'unreconciled' row and an
-   event, and entries stay blocked until :meth:`LiveLoop.reset_position_baseline`; cancel our
+   event, and the loop refuses to trade (no order at all, exits included; the decision is still
+   recorded) until :meth:`LiveLoop.reset_position_baseline`; cancel our
    protective orders left open on a flat position. Each repair is an event.
 3. **Candles**: ``fetch_ohlcv`` of the last ``context_bars`` closed bars; the window must be
    complete, unique, sorted, gapless, finite and OHLC-consistent and end at the bar to decide.
@@ -28,9 +29,15 @@ killed anywhere and restarted carries on where it stopped):
    (written, then sent); if the exchange refuses the stop, the position is closed at once
    (``unprot`` intent); a held position found without its stop or take-profit gets them again
    (:meth:`LiveLoop._repair_protection`). Before a resend (status 'sent'/'unknown'/'not_found') the client id is
-   looked up; a create that timed out is resolved by lookup, and re-sent (same id) only when the
-   lookup proves the exchange never got it.
+   looked up; a create that timed out (or answered -4116, duplicate client id) is resolved by
+   ``lookup_attempts`` spaced lookups, and re-sent (same id) only when none finds it.
 6. Record fills, position and an equity snapshot.
+
+Failures (:meth:`LiveLoop.run`): a retryable, ambiguous or rejected error ends the step; it is
+retried within the same bar after ``step_retry_initial_s`` (doubling, at most ``step_retry_max_s``
+and never past the next bar close). Any other exception is recorded (redacted, with its
+traceback) as ``internal_error`` and halts entries for the rest of the process (exits are still
+sent); a :class:`FatalError` stops the loop.
 
 Crash points: :func:`crash_point` kills the process with SIGKILL when the environment variable
 ``ATS_CRASH_AT`` names the point (``after_intent_written``, ``after_send``, ``after_ack``,
@@ -44,9 +51,10 @@ import os
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -105,6 +113,7 @@ class LiveConfig(StrictConfig):
     """Settings of :class:`LiveLoop` (units in the names)."""
 
     run_id: str = Field("live", min_length=1, max_length=128, description="Key of this run's rows in the store.")
+    mode: Literal["testnet", "live"] = Field("testnet", description="Recorded in the live_started event (ats status).")
     symbol: str = Field("BTC/USDT:USDT", description="Unified ccxt symbol.")
     timeframe: str = Field("1h", description="Bar length; one of 1m 5m 15m 30m 1h 4h.")
     context_bars: int = Field(300, ge=20, le=1500, description="Closed candles given to the policies.")
@@ -117,6 +126,14 @@ class LiveConfig(StrictConfig):
     )
     max_leverage: int = Field(20, ge=1, le=125, description="Upper bound of the leverage set on the exchange.")
     rate_limit_max_wait_s: float = Field(30.0, gt=0, description="Longest Retry-After honoured inside a bar, s.")
+    lookup_attempts: int = Field(
+        3, ge=1, le=10, description="Lookups by client id (spaced, doubling) before an unconfirmed intent is resent."
+    )
+    lookup_spacing_s: float = Field(1.0, ge=0, description="Wait before the second lookup, s (doubles after).")
+    step_retry_initial_s: float = Field(
+        2.0, gt=0, description="A failed step is retried within the bar after this wait, s (doubling)."
+    )
+    step_retry_max_s: float = Field(60.0, gt=0, description="Longest wait between retries of a failed step, s.")
     with_funding: bool = Field(
         True, description="Join the funding history as ``funding_rate`` (features use it); a failed fetch "
         "quarantines the bar."
@@ -316,6 +333,8 @@ class LiveLoop:
         self._started = False
         self._last_reason_kind: str | None = None
         self.clock_offset_ms: float = 0.0
+        #: set by an unexpected exception in a step: entries stay halted for this process's life
+        self.internal_error: str | None = None
 
     # -- helpers --------------------------------------------------------------------------------
     @property
@@ -340,7 +359,7 @@ class LiveLoop:
         self.broker.require_one_way_mode()
         self.broker.set_isolated_margin()
         self._started = True
-        self._event(self._now_ts(), "live_started", {"symbol": self.config.symbol, "timeframe": self.config.timeframe,
+        self._event(self._now_ts(), "live_started", {"mode": self.config.mode, "symbol": self.config.symbol, "timeframe": self.config.timeframe,
                                                      "primary": getattr(self.primary, "name", None)})
 
     @property
@@ -452,9 +471,9 @@ class LiveLoop:
         for attempt in range(3):
             now = self._now_ts()
             if status in ("sent", "unknown", "not_found") or attempt > 0:
-                snap = self.broker.lookup(cid, conditional=conditional)  # never send twice
+                snap = self._lookup_spaced(cid, conditional, spaced=status == "unknown")  # never send twice
                 if snap is not None:
-                    self._record_snapshot(snap, cid, now)
+                    self._record_snapshot(snap, cid, self._now_ts())
                     result.events.append(f"found_by_client_id:{cid}")
                     return snap
                 if status != "not_found":
@@ -483,6 +502,21 @@ class LiveLoop:
             crash_point("after_ack")
             return snap
         self._event(self._now_ts(), "intent_unresolved", {"client_id": cid})
+        return None
+
+    def _lookup_spaced(self, cid: str, conditional: bool, *, spaced: bool) -> OrderSnapshot | None:
+        """Look ``cid`` up (open and closed orders); after an ambiguous create (``spaced``), up to
+        ``lookup_attempts`` times, ``lookup_spacing_s`` apart and doubling, because an order that
+        reached the exchange may take a moment to be visible by client id."""
+        attempts = self.config.lookup_attempts if spaced else 1
+        wait = self.config.lookup_spacing_s
+        for k in range(attempts):
+            if k:
+                self._sleep(wait)
+                wait *= 2.0
+            snap = self.broker.lookup(cid, conditional=conditional)
+            if snap is not None:
+                return snap
         return None
 
     def _cancel_protection(self, open_orders: list[OrderSnapshot], kinds: tuple[str, ...], bar: pd.Timestamp) -> None:
@@ -539,6 +573,8 @@ class LiveLoop:
             blocked.append(f"clock_offset: {self.clock_offset_ms:.0f} ms")
         if state["blocked"]:
             blocked.append("position_unreconciled")
+        if self.internal_error is not None:
+            blocked.append(f"internal_error: {self.internal_error}")
         window = self._fetch_window(bar_ms)
         position: ExchangePosition = state["position"]
         equity = self.broker.equity_usdt()
@@ -596,11 +632,20 @@ class LiveLoop:
             self.run_id, bar, source, decision, raw_action=raw, fallback_reason=reason, latency_ms=latency_ms,
             created_at=self._now_ts().to_pydatetime(),
         )
-        self.store.write_intents(self.run_id, plan.orders, self._now_ts(), decisions=[record], events=events)
+        orders = list(plan.orders)
+        if state["blocked"] or self.internal_error is not None:
+            # an unreconciled position (or an unexpected error earlier in this process): no order at
+            # all, exits included, since their size would rest on a position we cannot vouch for
+            why = "position_unreconciled" if state["blocked"] else f"internal_error: {self.internal_error}"
+            if orders or state["blocked"]:
+                events.append(EventRecord(self.run_id, bar, "trading_refused", {
+                    "reason": why, "orders_not_sent": [o.client_id for o in orders]}))  # fmt: skip
+            orders = [] if state["blocked"] else [o for o in orders if o.reduce_only]
+        self.store.write_intents(self.run_id, orders, self._now_ts(), decisions=[record], events=events)
         crash_point("after_intent_written")
         result.source, result.decision, result.entries_blocked = source, decision, tuple(blocked)
-        self._execute(bar, list(plan.orders), state, result, atr_t)
-        if position.side != 0 and decision.direction == position.side:
+        self._execute(bar, orders, state, result, atr_t)
+        if position.side != 0 and decision.direction == position.side and not state["blocked"]:
             self._repair_protection(bar, position, state["protection"], atr_t, result)
         self._finish(bar, state, result)
         return result
@@ -841,19 +886,35 @@ class LiveLoop:
 
     def _run(self, max_steps: int | None, poll_s: float | None) -> int:
         done = 0
+        failures = 0  # consecutive failed steps: retried within the bar, with a doubling wait
         while not self.stop_requested.is_set():
+            failed = False
             try:
                 result = self.step()
                 if result.bar_open_time is not None:
                     done += 1
             except (RetryableError, AmbiguousOutcomeError, RejectedError) as exc:
-                self._event(self._now_ts(), "step_failed", {"error": self._safe(f"{type(exc).__name__}: {exc}")[:1000]})
+                failed = True
+                self._event(self._now_ts(), "step_failed", {"error": self._safe(f"{type(exc).__name__}: {exc}")[:1000],
+                                                            "consecutive": failures + 1})  # fmt: skip
             except FatalError as exc:
                 self._event(self._now_ts(), "fatal_error", {"error": self._safe(f"{type(exc).__name__}: {exc}")[:1000]})
                 raise
+            except Exception as exc:  # a bug or an unforeseen library error: keep serving exits, no entries
+                failed = True
+                self.internal_error = self._safe(f"{type(exc).__name__}: {exc}")[:300]
+                self._event(self._now_ts(), "internal_error", {
+                    "error": self._safe(f"{type(exc).__name__}: {exc}")[:1000],
+                    "traceback": self._safe(traceback.format_exc())[-3000:],
+                    "effect": "entries halted until restart; exits still sent"})  # fmt: skip
+            failures = failures + 1 if failed else 0
             if max_steps is not None and done >= max_steps:
                 break
-            wait = self.seconds_to_next_poll() if poll_s is None else poll_s
+            if failed and poll_s is None:
+                retry = min(self.config.step_retry_initial_s * 2.0 ** (failures - 1), self.config.step_retry_max_s)
+                wait = min(retry, self.seconds_to_next_poll())
+            else:
+                wait = self.seconds_to_next_poll() if poll_s is None else poll_s
             end = self.monotonic_s() + wait
             while not self.stop_requested.is_set() and self.monotonic_s() < end:
                 self._sleep(min(0.05, max(0.0, end - self.monotonic_s())))

@@ -3,7 +3,8 @@
 Everything is derived from the append-only tables of :class:`serving.store.StateStore`:
 
 * run: the run of the latest decision row (or the one asked for); its mode from the ``mode`` of
-  its ``run_started`` event (``paper`` when the event has none: the replay loop is paper only);
+  its ``run_started`` (paper/replay loop; ``paper`` when absent) or ``live_started`` (testnet/live
+  loop) event;
 * position and equity: its latest ``equity`` snapshot (marked at that bar's close);
 * today's PnL: latest equity minus the equity at the end of the previous UTC day (the last
   snapshot before the day of the latest snapshot; the run's initial equity if the run started
@@ -66,12 +67,13 @@ def read_status(store: StateStore, run_id: str | None = None, *, scope: str = DE
         raise ValueError(f"run {run_id!r} has no decisions in {store.url}")
     equity = store.equity(run_id) if run_id is not None else store.equity().iloc[0:0]
     events = store.events(run_id) if run_id is not None else store.events().iloc[0:0]
-    started = events[events.kind == "run_started"]
+    # the replay/paper loop writes run_started, the testnet/live loop live_started
+    started = events[events.kind.isin(["run_started", "live_started"])]
     mode = None
     initial = None
     if len(started):
         detail = started.detail.iloc[-1] or {}
-        mode = detail.get("mode", "paper")
+        mode = detail.get("mode", "paper" if started.kind.iloc[-1] == "run_started" else None)
         initial = detail.get("initial_equity_usdt")
     last_bar = equity_usdt = today_pnl = day = None
     side, qty = 0, 0.0

@@ -37,6 +37,7 @@ from training import metrics as M
 from training.backtest import BacktestResult, run_backtest
 from training.config import RunConfig, load_config
 from training.pipeline import Log, PreparedData, prepare_data, summarize_backtest
+from training.provenance import bundle_identity, flatten_config, provenance_note, provenance_record
 from training.report import write_report
 
 STRATEGIES = ("ppo", "v1", "buy_and_hold", "flat", "random")
@@ -237,10 +238,14 @@ def write_evaluation(
     bar_s: float,
     notes: list[str],
     log: Log = print,
+    provenance: dict | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Write ``metrics.json`` (metrics, regime slices, cost sensitivity), the two side files and ``report.html``.
+    """Write ``metrics.json`` (metrics, regime slices, cost sensitivity, ``provenance``), the two side
+    files and ``report.html``.
 
-    ``regimes`` is the regime index at each decision bar, indexed by bar open time.
+    ``regimes`` is the regime index at each decision bar, indexed by bar open time; ``provenance``
+    (:func:`training.provenance.provenance_record`) goes into ``metrics.json`` and, as a note and
+    the "run config" table, into the report.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -251,7 +256,8 @@ def write_evaluation(
     slices = {name: regime_slices(res, regimes.to_numpy(), bar_s) for name, res in results.items()}
     (out / "metrics.json").write_text(json.dumps(
         {**{k: M.to_jsonable(v) for k, v in metrics.items()},
-         "regime_slices": M.to_jsonable(slices), "cost_sensitivity": M.to_jsonable(sensitivity)},
+         "regime_slices": M.to_jsonable(slices), "cost_sensitivity": M.to_jsonable(sensitivity),
+         **({} if provenance is None else {"provenance": M.to_jsonable(provenance)})},
         indent=1, allow_nan=False))
     (out / "regime_slices.json").write_text(json.dumps(M.to_jsonable(slices), indent=1, allow_nan=False))
     (out / "cost_sensitivity.json").write_text(json.dumps(M.to_jsonable(sensitivity), indent=1, allow_nan=False))
@@ -262,18 +268,25 @@ def write_evaluation(
     extra["cost sensitivity (fees and slippage x 0, 1, 2)"] = pd.DataFrame(sensitivity).round(4)
     for name, table in slices.items():
         extra[f"{name} by regime at decision time (0 = calmest)"] = pd.DataFrame(table).round(4)
+    if provenance is not None:
+        notes = [*notes, provenance_note(provenance)]
+        extra["run config"] = pd.DataFrame({"value": flatten_config(provenance["config"])})
     write_report(out, title=title, equity_curves={n: r.equity for n, r in results.items()}, metrics=metrics,
                  notes=notes, extra_tables=extra,
                  positions={n: signed_leverage(r) for n, r in results.items() if n != "flat"}, regimes=regimes)
     return metrics
 
 
-def _cost_note(env_cfg: EnvConfig, funding_source: str) -> str:
+def cost_note(env_cfg: EnvConfig, funding_source: str) -> str:
+    """The report line that states the cost model every strategy traded under."""
     c = env_cfg.costs
-    return (f"Costs for every strategy: taker fee {c.taker_fee_bps} bps per fill, slippage {c.slippage_bps} bps + "
-            f"{c.slippage_atr_coef} x ATR%, 8-hourly funding {funding_source} (fallback rate "
+    tp = (f"take-profit as a resting limit order (maker fee {c.maker_fee_bps} bps, no slippage)"
+          if c.take_profit_order == "limit" else "take-profit-market orders (taker)")
+    return (f"Costs for every strategy: taker fee {c.taker_fee_bps} bps per fill, {tp}, slippage {c.slippage_bps} bps + "
+            f"{c.slippage_atr_coef} x ATR%, {c.funding_interval_hours}-hourly funding {funding_source} (fallback rate "
             f"{c.funding_fallback_rate} per settlement where missing), isolated-margin liquidation; decisions at bar "
-            "close, fills at the next open; an open position at the end is marked to market.")
+            "close, fills at the next open; an open position at the end is marked to market. The cost-sensitivity "
+            "runs scale fees and slippage only; funding is charged at its recorded rates in every run.")
 
 
 def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dict[str, dict[str, float]]:
@@ -293,13 +306,16 @@ def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dic
          f"{prep.info['test'][1]} ({prep.info['test'][2]} bars), never used for fitting or selection."),
         (f"Training {prep.info['train'][0]} to {prep.info['train'][1]}; validation (PPO checkpoint choice) "
          f"{prep.info['validation'][0]} to {prep.info['validation'][1]}."),
-        _cost_note(cfg.env, "from the exchange history"),
+        cost_note(cfg.env, "from the exchange history"),
         f"Initial equity {cfg.env.initial_equity_usdt:,.0f} USDT; random policy seed {cfg.seed}.",
         f"Bundle: {bundle.path} (schema {bundle.manifest['observation']['schema_hash'][:12]}).",
     ]
     regimes = pd.Series(span_regimes(bundle, span), index=span.open_times)
+    prov = provenance_record(bundle.manifest["config"], bundle=bundle_identity(bundle.manifest),
+                             data_sha256=prep.info["candles_sha256"])  # fmt: skip
     return write_evaluation(run_dir / "report", title=f"ats test-period report: {cfg.name}", results=results,
-                            regimes=regimes, sensitivity=sensitivity, bar_s=bar_s, notes=notes, log=log)
+                            regimes=regimes, sensitivity=sensitivity, bar_s=bar_s, notes=notes, log=log,
+                            provenance=prov)  # fmt: skip
 
 
 def bundle_span(bundle: PolicyBundle, candles: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp) -> EvalSpan:
@@ -397,10 +413,12 @@ def evaluate_bundle(
         (f"Bundle {bundle.path} (schema {bundle.manifest['observation']['schema_hash'][:12]}) evaluated on "
          f"{data_label}: bars opening {times[0]} to {times[-1]} ({len(times)} bars), bar interval {bar_s / 3600:g} h."),
         sample_note(bundle.manifest.get("data", {}), times[0], times[-1]),
-        _cost_note(env_cfg, funding),
+        cost_note(env_cfg, funding),
         (f"Initial equity {env_cfg.initial_equity_usdt:,.0f} USDT; random policy seed {random_seed}; V1 with the "
          "bundle's recorded V1 config."),
     ]
     regimes = pd.Series(span_regimes(bundle, span), index=times)
     return write_evaluation(out, title=f"ats evaluate: {Path(bundle_dir).name} on {times[0]:%Y-%m-%d}..{end:%Y-%m-%d}",
-                            results=results, regimes=regimes, sensitivity=sensitivity, bar_s=bar_s, notes=notes, log=log)
+                            results=results, regimes=regimes, sensitivity=sensitivity, bar_s=bar_s, notes=notes, log=log,
+                            provenance=provenance_record(bundle.manifest["config"],
+                                                         bundle=bundle_identity(bundle.manifest)))  # fmt: skip

@@ -9,6 +9,7 @@ so a bundle judged on it alone is at best ``HOLD``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from market.config_base import StrictConfig
+from training.provenance import report_mismatches
 
 VERDICTS = ("PASS", "HOLD", "REJECT")
 
@@ -40,8 +42,19 @@ class Criterion:
     detail: str
 
 
+class ReportMismatchError(ValueError):
+    """The report was not computed for this bundle (see :func:`training.provenance.report_mismatches`)."""
+
+
 def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) else None
+    """A finite or infinite number from the report (JSON writes +-inf as a string), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value in ("inf", "Infinity", "-inf", "-Infinity"):
+        return float(value.replace("Infinity", "inf"))
+    return None
 
 
 def evaluate_criteria(report: dict[str, Any], cfg: GateConfig) -> list[Criterion]:
@@ -76,22 +89,36 @@ def apply_gate(bundle_dir: Path, report_dir: Path, cfg: GateConfig, *,
                now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> dict[str, Any]:
     """Judge ``report_dir/metrics.json`` and record the verdict in ``bundle_dir/manifest.json`` (atomic rewrite).
 
+    The report must describe this bundle: its ``provenance`` must match the bundle's file table
+    (an ``ats evaluate`` report) or its strategy config and observation schema (an ``ats
+    walkforward`` report); see :mod:`training.provenance`. The verdict records the report's
+    path and the SHA-256 of its ``metrics.json``.
+
     Raises
     ------
     FileNotFoundError
         Missing report metrics or bundle manifest.
+    ReportMismatchError
+        The report was computed for another bundle or configuration (nothing is written).
     """
-    report = json.loads((Path(report_dir) / "metrics.json").read_text())
+    metrics_path = Path(report_dir) / "metrics.json"
+    raw = metrics_path.read_bytes()
+    report = json.loads(raw)
+    manifest_path = Path(bundle_dir) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    mismatches = report_mismatches(report.get("provenance"), manifest)
+    if mismatches:
+        raise ReportMismatchError(f"{metrics_path} does not describe the bundle {bundle_dir}: " + "; ".join(mismatches))
     criteria = evaluate_criteria(report, cfg)
     gate = {
         "verdict": verdict_of(criteria),
         "reasons": [f"{c.name}: {c.status} ({c.detail})" for c in criteria],
         "thresholds": cfg.model_dump(),
         "report": str(Path(report_dir).resolve()),
+        "report_sha256": hashlib.sha256(raw).hexdigest(),
+        "report_kind": "evaluate" if "bundle" in report["provenance"] else "walkforward",
         "decided_at": now().isoformat(),
     }
-    manifest_path = Path(bundle_dir) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
     manifest["gate"] = gate
     tmp = manifest_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=1, allow_nan=False))

@@ -56,6 +56,28 @@ def probabilistic_sharpe_ratio(sr: float, sr_benchmark: float, n_obs: int, skew:
     return float(stats.norm.cdf((sr - sr_benchmark) * math.sqrt(n_obs - 1) / math.sqrt(var_term)))
 
 
+def sharpe_sampling_variance(sr: float, n_obs: int, skew: float, kurtosis: float) -> float:
+    """Variance of the Sharpe-ratio estimator, ``(1 − γ₃ SR + (γ₄ − 1)/4 · SR²) / (T − 1)``
+    (Mertens 2002; Bailey & López de Prado 2012, "The Sharpe Ratio Efficient Frontier", eq. 4),
+    per-bar SR, ``kurtosis`` not excess.
+
+    Under the null of the deflated Sharpe ratio (every trial has true Sharpe 0) this is the spread of
+    the trials' estimated Sharpe ratios, so it stands in for ``V[SR_n]`` when too few trials were
+    recorded to estimate their cross-sectional variance.
+
+    Raises
+    ------
+    ValueError
+        If ``n_obs < 2`` or the variance term is not positive.
+    """
+    if n_obs < 2:
+        raise ValueError(f"n_obs must be >= 2, got {n_obs}")
+    var_term = 1.0 - skew * sr + (kurtosis - 1.0) / 4.0 * sr * sr
+    if not var_term > 0:
+        raise ValueError(f"non-positive variance term {var_term} (skew={skew}, kurtosis={kurtosis}, sr={sr})")
+    return float(var_term / (n_obs - 1))
+
+
 def expected_max_sharpe(n_trials: int, sr_variance: float) -> float:
     """Expected maximum Sharpe ratio of ``n_trials`` independent trials with true Sharpe 0.
 

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from pydantic import Field, ValidationError
+from scipy import stats
 
 from agents.bundle import load_bundle
 from market.config_base import StrictConfig
@@ -43,6 +44,7 @@ from training.backtest import BacktestResult
 from training.config import ConfigError, RunConfig, load_config
 from training.evaluate import (
     COST_MULTIPLIERS,
+    cost_note,
     STRATEGIES,
     regime_slices,
     signed_leverage,
@@ -50,8 +52,9 @@ from training.evaluate import (
     test_period_regimes,
 )
 from training.pipeline import Log, prepare_data, summarize_backtest, train_run
+from training.provenance import flatten_config, provenance_note, provenance_record
 from training.report import write_report
-from training.stats import deflated_sharpe_ratio, probability_of_backtest_overfitting
+from training.stats import deflated_sharpe_ratio, probability_of_backtest_overfitting, sharpe_sampling_variance
 
 
 class WalkForwardConfig(StrictConfig):
@@ -66,7 +69,9 @@ class WalkForwardConfig(StrictConfig):
     train_bars: int = Field(4000, ge=500, description="rolling scheme: training length; expanding: minimum")
     val_bars: int = Field(720, ge=24, description="validation window before each test window")
     embargo_bars: int = Field(0, ge=0, description="gap between a validation window and its test window")
-    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1, description="PPO/model seeds per fold")
+    seeds: tuple[int, ...] = Field(
+        (0, 1, 2), min_length=3, description="PPO/model seeds per fold (at least 3: mean, std and the DSR's trials)"
+    )
     tuning_trials: int = Field(0, ge=0, description="configurations tried before this study (counted by the DSR)")
     bootstrap_block_bars: int = Field(24, ge=1)
     bootstrap_samples: int = Field(500, ge=50)
@@ -244,8 +249,9 @@ def run_walkforward(wf: WalkForwardConfig, base: RunConfig, out: Path, *, log: L
                     runs["v1"].append(again["v1"])
             v = bundle.manifest["metrics"]["validation"].get("sortino")
             val_sortino[seed].append(float(v) if isinstance(v, (int, float)) else np.nan)
-            fold_records.append({**w.as_json(), "seed": seed, "run_dir": str(run_dir),
-                                 "data_sha256": prep.info["candles_sha256"]})
+            fold_records.append({**w.as_json(), "seed": seed, "random_policy_seed": k, "run_dir": str(run_dir),
+                                 "data_sha256": prep.info["candles_sha256"],
+                                 "schema_hash": bundle.manifest["observation"]["schema_hash"]})
             if first_seed:  # seed-independent strategies are traded once per fold
                 for name in ("v1", "buy_and_hold", "flat", "random"):
                     per_strategy.setdefault(name, []).append(results[name])
@@ -278,6 +284,11 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
     p = M.bars_per_year(bar_s)
     initial = base.env.initial_equity_usdt
     seeds = list(ppo_by_seed)
+    folds = json.loads((out / "folds.json").read_text())
+    schemas = sorted({f["schema_hash"] for f in folds})
+    provenance = provenance_record(base.model_dump(mode="json"), walkforward_config=wf.model_dump(mode="json"),
+                                   schema_hash=schemas[0] if len(schemas) == 1 else schemas,
+                                   data_sha256=sorted({f["data_sha256"] for f in folds}))  # fmt: skip
     # PPO seed chosen on validation only (mean validation Sortino over the folds), never on test
     chosen = max(seeds, key=lambda s: np.nanmean(val_sortino[s]) if np.isfinite(val_sortino[s]).any() else -np.inf)
     strategies = {"ppo": ppo_by_seed[chosen], **per_strategy}
@@ -295,24 +306,27 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
             ci[name] = M.block_bootstrap_ci(r, lambda x: M.sortino_ratio(x, p), block_len=wf.bootstrap_block_bars,
                                             n_boot=wf.bootstrap_samples, alpha=0.05, seed=0)
     seed_returns = np.column_stack([M.returns_from_equity(_stitch(ppo_by_seed[s], initial).to_numpy()) for s in seeds])
-    seed_sharpes = seed_returns.mean(axis=0) / np.maximum(seed_returns.std(axis=0, ddof=1), 1e-12)
     n_trials = len(seeds) + wf.tuning_trials
     chosen_returns = seed_returns[:, seeds.index(chosen)]
-    dsr = None
+    dsr, sr_var = None, None
     if chosen_returns.std() > 0:
-        dsr = deflated_sharpe_ratio(chosen_returns, n_trials=n_trials,
-                                    sr_variance=float(np.var(seed_sharpes, ddof=1)) if len(seeds) > 1 else 0.0)
+        sr_var = dsr_trial_variance(seed_returns, chosen_returns)
+        dsr = deflated_sharpe_ratio(chosen_returns, n_trials=n_trials, sr_variance=sr_var["used"])
     dsr_reading = dsr.reading() if dsr else "DSR undefined: the chosen PPO seed never changed its equity (no trades)"
+    # PBO over the configurations one would choose among: every PPO seed and the V1 rules
+    v1_returns = M.returns_from_equity(_stitch(per_strategy["v1"], initial).to_numpy())
+    pbo_matrix = np.column_stack([seed_returns, v1_returns])
+    pbo_columns = [f"ppo seed {s}" for s in seeds] + ["v1"]
     pbo = None
-    if len(seeds) >= 2 and np.ptp(seed_returns, axis=1).max() > 0:  # identical seeds leave nothing to rank
-        n_blocks = 8 if len(seed_returns) >= 16 * 8 else 4
-        pbo = probability_of_backtest_overfitting(seed_returns, n_blocks=n_blocks)
+    if np.ptp(pbo_matrix, axis=1).max() > 0:  # identical columns leave nothing to rank
+        n_blocks = 8 if len(pbo_matrix) >= 16 * 8 else 4
+        pbo = probability_of_backtest_overfitting(pbo_matrix, n_blocks=n_blocks)
     stitched = {name: stitch_results(res, initial) for name, res in strategies.items()}
     regimes = np.concatenate(regimes_by_seed[chosen])
     slices = {name: regime_slices(res, regimes, bar_s) for name, res in stitched.items()}
     sensitivity = _sensitivity_table(ppo_by_seed[chosen], per_strategy["v1"], sens, chosen, bar_s, initial)
     summary = {
-        "windows": [w for w in json.loads((out / "folds.json").read_text()) if w["seed"] == seeds[0]],
+        "windows": [w for w in folds if w["seed"] == seeds[0]],
         "seeds": seeds, "chosen_seed_by_validation": chosen,
         "validation_sortino_by_seed": {str(s): val_sortino[s] for s in seeds},
         "stitched": {k: M.to_jsonable(v) for k, v in metrics.items()},
@@ -320,9 +334,11 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         "per_fold": {k: [M.to_jsonable(m) for m in v] for k, v in per_fold.items()},
         "sortino_ci95": {k: [float(v[0]), float(v[1])] for k, v in ci.items()},
         "deflated_sharpe": {"reading": dsr_reading, "n_trials": n_trials, **({} if dsr is None else {
-            "dsr": dsr.dsr, "sr_per_bar": dsr.sr, "sr0_per_bar": dsr.sr0, "skew": dsr.skew, "kurtosis": dsr.kurtosis})},
-        "pbo": None if pbo is None else {"pbo": pbo.pbo, "n_blocks": pbo.n_blocks, "configs": "PPO seeds",
+            "dsr": dsr.dsr, "sr_per_bar": dsr.sr, "sr0_per_bar": dsr.sr0, "skew": dsr.skew, "kurtosis": dsr.kurtosis,
+            "sr_variance_per_bar": sr_var})},
+        "pbo": None if pbo is None else {"pbo": pbo.pbo, "n_blocks": pbo.n_blocks, "configs": pbo_columns,
                                           "reading": pbo.reading()},
+        "provenance": provenance,
         "regime_slices": slices,
         "cost_sensitivity": sensitivity,
     }
@@ -333,10 +349,14 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
          f"bars before each test window (embargo gap {wf.embargo_bars} bars); seeds {seeds} (PPO shown: seed {chosen}, "
          "chosen on mean validation Sortino)."),
         dsr_reading + f" (trials counted: {n_trials} = {len(seeds)} seeds + {wf.tuning_trials} tuning runs).",
-        pbo.reading() + " (configurations: PPO seeds)." if pbo
-        else "PBO undefined: fewer than 2 seeds, or all seeds traded identically out of sample.",
+        pbo.reading() + f" (configurations: {', '.join(pbo_columns)})." if pbo
+        else "PBO undefined: every configuration (PPO seeds, V1) traded identically out of sample.",
         "Sortino 95 % block-bootstrap intervals: " + ", ".join(f"{k} [{v[0]:.2f}, {v[1]:.2f}]" for k, v in ci.items()),
         "All strategies trade the same test windows under the same cost model; equity is stitched across windows.",
+        cost_note(base.env, "from the exchange history"),
+        (f"Data {base.data.symbol}, candles sha256 {', '.join(sorted({d[:12] for d in provenance['data_sha256']}))}; "
+         f"random policy seed = fold index; folds, seeds and windows in folds.json."),
+        provenance_note(provenance),
     ]
     extra = {"PPO over seeds (mean, std)": pd.DataFrame(seed_stats).T,
              "cost sensitivity, stitched (fees and slippage x 0, 1, 2)": pd.DataFrame(sensitivity).round(4),
@@ -347,6 +367,8 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         extra[f"{name} by regime at decision time (0 = calmest; chosen seed's fold models)"] = pd.DataFrame(table).round(4)
     for name, folds in per_fold.items():
         extra[f"{name} per fold"] = pd.DataFrame(folds).T.round(4)
+    extra["walk-forward config"] = pd.DataFrame({"value": flatten_config(wf.model_dump(mode="json"))})
+    extra["run config"] = pd.DataFrame({"value": flatten_config(provenance["config"])})
     write_report(out, title=f"ats walk-forward: {base.name}",
                  equity_curves={k: v.equity for k, v in stitched.items()}, metrics=metrics, notes=notes,
                  extra_tables=extra, positions={n: signed_leverage(r) for n, r in stitched.items() if n != "flat"},
@@ -354,6 +376,24 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
     for line in notes[:3]:
         log(line)
     return summary
+
+
+def dsr_trial_variance(trial_returns: np.ndarray, chosen_returns: np.ndarray) -> dict[str, float]:
+    """``V[SR_n]`` for the deflated Sharpe ratio, per bar.
+
+    ``across_trials``: the sample variance of the trials' Sharpe ratios (columns of
+    ``trial_returns``, bars x trials; NaN with fewer than 2 trials); ``sampling``: the variance of
+    the Sharpe estimator of ``chosen_returns`` (:func:`training.stats.sharpe_sampling_variance`),
+    which is the trials' spread under the DSR's null when every trial has true Sharpe 0. With a
+    handful of seeds the cross-trial estimate is noisy and can be near 0 (which would deflate
+    nothing), so ``used`` is the larger of the two: the conservative choice.
+    """
+    sr = trial_returns.mean(axis=0) / np.maximum(trial_returns.std(axis=0, ddof=1), 1e-12)
+    across = float(np.var(sr, ddof=1)) if trial_returns.shape[1] > 1 else float("nan")
+    c = chosen_returns
+    sampling = sharpe_sampling_variance(float(c.mean() / c.std(ddof=1)), len(c), float(stats.skew(c, bias=False)),
+                                        float(stats.kurtosis(c, fisher=False, bias=False)))  # fmt: skip
+    return {"across_trials": across, "sampling": sampling, "used": float(np.nanmax([across, sampling]))}
 
 
 def summarize_fold(res: BacktestResult, bar_s: float) -> dict[str, float]:

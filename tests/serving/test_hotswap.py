@@ -290,6 +290,40 @@ def test_reload_request_swaps_and_is_consumed(good_bundle, other_bundle, candles
         request_reload(req, tmp_path)
 
 
+def _with_verdict(bundle: Path, dest: Path, verdict: str | None) -> Path:
+    import json
+
+    out = kit.copy_bundle(bundle, dest)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("gate", None)
+    if verdict:
+        manifest["gate"] = {"verdict": verdict}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_testnet_hot_swap_needs_a_pass_verdict(good_bundle, other_bundle, candles, tmp_path) -> None:
+    start = _with_verdict(good_bundle, tmp_path / "start", "PASS")
+    held = _with_verdict(other_bundle, tmp_path / "held", "HOLD")
+    passed = _with_verdict(other_bundle, tmp_path / "passed", "PASS")
+    with pytest.raises(BundleRejected, match="verdict is HOLD, not PASS"):
+        validate_candidate(held, load_frozen_policy, None, require_gate_pass=True)
+    with pytest.raises(BundleRejected, match="absent"):
+        validate_candidate(_with_verdict(other_bundle, tmp_path / "none", None), load_frozen_policy, None,
+                           require_gate_pass=True)  # fmt: skip
+    validate_candidate(held, load_frozen_policy, None)  # paper: the verdict is not required
+    req = reload_request_path(tmp_path / "state.sqlite")
+    slot = PolicySlot.from_bundle(start, reload_file=req, require_gate_pass=True)
+    assert slot.policy is not None
+    requests = {1: held, 3: passed}
+    _, store = _replay(candles, slot, progress=lambda i, n: (i - WARMUP) in requests
+                       and request_reload(req, requests[i - WARMUP]))  # fmt: skip
+    ev = store.events()
+    rejected = ev[ev.kind == "bundle_rejected"]
+    assert len(rejected) == 1 and "HOLD" in rejected.detail.iloc[0]["reason"]
+    assert slot.source == passed.resolve()
+
+
 def test_failed_load_is_retried_after_backoff(good_bundle, candles, tmp_path) -> None:
     bundle = kit.copy_bundle(good_bundle, tmp_path / "b")
     kit.truncate_weights(bundle)

@@ -231,14 +231,16 @@ def test_wall_clock_jumps_forward_and_back(fake):
     _assert_consistent(fake, store)
 
 
-def test_external_position_blocks_entries_until_reset(fake):
+def test_external_position_refuses_all_trading_until_reset(fake):
     fake.set_position(0.3, 29_000.0)
     loop, store = _loop(fake, CountingPolicy(Decision(direction=-1, leverage=2.0, size_frac=0.5)))
     result = loop.step()
     assert "position_unreconciled" in result.entries_blocked
-    assert "position_unreconciled" in set(store.events()["kind"])
-    assert fake.position()[0] == 0.0  # the exit (reduce-only) is still allowed ...
-    assert not any(k.endswith("-entry") for k in fake.orders_by_client_id())  # ... the entry is not
+    kinds = set(store.events()["kind"])
+    assert "position_unreconciled" in kinds and "trading_refused" in kinds
+    assert fake.position()[0] == 0.3  # no order at all on a position we cannot vouch for, exits included
+    assert fake.orders_by_client_id() == {}
+    assert len(store.decisions()) == 1  # the bar still has its recorded decision
     loop.reset_position_baseline()
     fake.now_ms += H
     assert loop.step().entries_blocked == ()
@@ -430,3 +432,87 @@ def test_primary_failures_back_off_and_a_reloaded_bundle_is_swapped_in_between_b
     assert loop.step().source == "v2" and loop.primary is good and len(good.contexts) >= 1
     kinds = loop.store.events("live")["kind"].tolist()
     assert "primary_backoff" in kinds and "bundle_swapped" in kinds
+
+
+class SimClock:
+    """Monotonic clock and sleep that advance together (no real waiting)."""
+
+    def __init__(self) -> None:
+        self.t, self.sleeps = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.t += seconds
+
+
+def _sim_loop(fake, policy, **cfg):
+    clock = SimClock()
+    client = make_client(api_key="k", secret="s", base_url=fake.url, timeout_ms=2_000, rate_limit=False)
+    broker = BinanceFuturesBroker(client, read_attempts=3, sleep=clock.sleep)
+    store = StateStore("sqlite://")
+    loop = LiveLoop(broker, store, LiveConfig(context_bars=CONTEXT, **cfg), primary=policy, fallback=ScriptedFallback(),
+                    wall_clock_s=lambda: fake.now_ms / 1000.0, monotonic_s=clock.monotonic, sleep=clock.sleep)
+    return loop, store, clock
+
+
+def _failing_first(loop, exc, times=1):
+    real, calls = loop.step, {"n": 0}
+
+    def step():
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise exc
+        return real()
+
+    loop.step = step
+    return calls
+
+
+def test_a_failed_step_is_retried_within_the_bar_with_a_doubling_wait(fake):
+    from serving.errors import RetryableError
+
+    loop, store, clock = _sim_loop(fake, CountingPolicy(LONG), step_retry_initial_s=2.0)
+    calls = _failing_first(loop, RetryableError("exchange 502"), times=2)
+    assert loop.run(max_steps=1, install_signal_handlers=False) == 1
+    assert calls["n"] == 3
+    waited = sum(clock.sleeps)
+    assert waited == pytest.approx(2.0 + 4.0)  # retried after 2 s, then 4 s; not at the next bar close
+    assert list(store.events().query("kind == 'step_failed'").detail.map(lambda d: d["consecutive"])) == [1, 2]
+    assert len(store.decisions()) == 1 and fake.position()[0] > 0  # the bar was decided and traded
+
+
+def test_an_unexpected_exception_is_recorded_and_halts_entries_but_the_loop_keeps_serving(fake):
+    loop, store, clock = _sim_loop(fake, CountingPolicy(LONG))
+    _failing_first(loop, KeyError("k secret-free bug"))
+    assert loop.run(max_steps=1, install_signal_handlers=False) == 1
+    ev = store.events()
+    err = ev[ev.kind == "internal_error"].detail.iloc[0]
+    assert "KeyError" in err["error"] and "Traceback" in err["traceback"]
+    d = store.decisions()
+    assert len(d) == 1 and fake.position()[0] == 0.0  # decided, but no entry after an internal error
+    assert not any(k.endswith("-entry") for k in fake.orders_by_client_id())
+
+
+def test_spaced_lookups_find_an_order_that_becomes_visible_late(fake):
+    loop, store, clock = _sim_loop(fake, CountingPolicy(LONG), lookup_attempts=3, lookup_spacing_s=0.5)
+    answers = iter([None, None, "found"])
+    loop.broker.lookup = lambda cid, conditional: next(answers)
+    assert loop._lookup_spaced("ats-x", False, spaced=True) == "found"
+    assert clock.sleeps == [0.5, 1.0]
+    answers = iter([None, "late"])
+    assert loop._lookup_spaced("ats-x", False, spaced=False) is None  # a plain resend check looks once
+
+
+def test_duplicate_client_id_on_create_is_ambiguous_not_a_rejection():
+    import ccxt
+
+    from serving.errors import AmbiguousOutcomeError, RejectedError
+    from serving.exchange import classify_error
+
+    exc = ccxt.InvalidOrder('binanceusdm {"code":-4116,"msg":"ClientOrderId is duplicated."}')
+    assert isinstance(classify_error(exc, during_create=True), AmbiguousOutcomeError)
+    assert isinstance(classify_error(ccxt.InvalidOrder("-2019 Margin is insufficient"), during_create=True),
+                      RejectedError)  # fmt: skip

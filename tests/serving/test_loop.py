@@ -14,7 +14,7 @@ from envs.accounting import AccountState, Bar, is_funding_time, step_bar
 from envs.config import CostConfig
 from fallback.config import V1Config
 from fallback.v1 import V1Policy
-from market.decision import Decision, DecisionContext
+from market.decision import Decision, DecisionContext, PositionView
 from serving.errors import DataQualityError
 from serving.hotswap import BackoffConfig
 from serving.loop import ServeConfig, reason_kind, run_replay
@@ -178,6 +178,35 @@ def test_deadline_comes_from_config() -> None:
     clock = FakeClock()
     _, store, _, _ = _run(SlowPolicy(clock, 1.9, LONG), clock=clock, decision_timeout_ms=1_000.0)
     assert set(store.decisions().fallback_reason) == {"deadline_exceeded: 1900 ms > 1000 ms"}
+
+
+def test_a_hung_primary_cannot_stall_the_bar() -> None:
+    """The deadline is enforced in wall time, not only measured: a model that never answers is
+    abandoned after decision_timeout_ms and V1 decides the same bar."""
+    import threading
+    import time
+
+    from serving.choice import choose
+
+    release = threading.Event()
+
+    class Hung:
+        name = "v2"
+
+        def decide(self, ctx):
+            release.wait(30.0)
+            return LONG
+
+    candles = make_candles(300, seed=4)
+    ctx = DecisionContext(candles.index[-1], candles, PositionView(), 10_000.0)
+    fallback = V1Policy(V1Config())
+    t0 = time.monotonic()
+    choice = choose(ctx, Hung(), fallback, None, 150.0, time.monotonic)
+    elapsed = time.monotonic() - t0
+    release.set()
+    assert choice.source == "v1" and choice.reason.startswith("deadline_exceeded: no answer within 150 ms")
+    assert choice.primary_failure == choice.reason and choice.raw_action is None
+    assert elapsed < 2.0  # not the 30 s the model would have taken
 
 
 class _LongThenBroken:

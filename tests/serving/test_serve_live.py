@@ -41,12 +41,17 @@ def test_live_arms_only_with_flag_pass_gate_and_phrase():
         _arm(mode="paper")
 
 
-def test_testnet_needs_no_arming_but_warns_without_pass():
+def test_testnet_needs_no_arming_but_refuses_a_bundle_without_pass_unless_forced():
     assert check_arming(mode="testnet", live_flag=False, manifest=PASS, force_gate=False, typed_phrase=None,
                         symbol=SYM) == []
-    warn = check_arming(mode="testnet", live_flag=False, manifest=None, force_gate=False, typed_phrase=None,
-                        symbol=SYM)
-    assert "absent" in warn[0]
+    for manifest, verdict in ((None, "absent"), ({"gate": {"verdict": "HOLD"}}, "HOLD"),
+                              ({"gate": {"verdict": "REJECT"}}, "REJECT")):
+        with pytest.raises(FatalError, match=f"verdict is {verdict}, not PASS"):
+            check_arming(mode="testnet", live_flag=False, manifest=manifest, force_gate=False, typed_phrase=None,
+                         symbol=SYM)
+        warn = check_arming(mode="testnet", live_flag=False, manifest=manifest, force_gate=True, typed_phrase=None,
+                            symbol=SYM)
+        assert verdict in warn[0] and "--force-gate" in warn[0]
 
 
 def test_live_refused_before_any_exchange_call(tmp_path):
@@ -72,11 +77,18 @@ def test_serve_live_testnet_one_bar_with_v1_fallback(tmp_path, monkeypatch):
     (bundle / "manifest.json").write_text(json.dumps({"gate": {"verdict": "HOLD"}}))
     logs: list[str] = []
     with FakeBinance(candles, candles["funding_rate"].dropna(), now_ms=t0) as fake:
+        with pytest.raises(FatalError, match="HOLD"):  # refused before any order without --force-gate
+            serve_live(mode="testnet", bundle_dir=bundle, db_path=tmp_path / "s.sqlite", env_file=env,
+                       max_bars=1, log=logs.append, base_url=fake.url, use_guard=False)
         done = serve_live(mode="testnet", bundle_dir=bundle, db_path=tmp_path / "s.sqlite", env_file=env,
-                          max_bars=1, log=logs.append, base_url=fake.url, use_guard=False)
+                          max_bars=1, log=logs.append, base_url=fake.url, use_guard=False, force_gate=True)
     assert done == 1
     store = StateStore.sqlite(tmp_path / "s.sqlite")
     d = store.decisions("testnet")
     assert len(d) == 1 and d["source"].iloc[0] == "v1"
     assert d["fallback_reason"].iloc[0].startswith("bundle_load_failed")
     assert any("HOLD" in m for m in logs) and not any("testkey1234" in m for m in logs)
+    from serving.status import read_status
+
+    status = read_status(store)
+    assert status.mode == "testnet" and status.run_id == "testnet"

@@ -13,6 +13,7 @@ from training.stats import (
     expected_max_sharpe,
     probabilistic_sharpe_ratio,
     probability_of_backtest_overfitting,
+    sharpe_sampling_variance,
 )
 
 
@@ -105,3 +106,16 @@ def test_pbo_input_errors():
     bad[7, 1] = np.inf
     with pytest.raises(ValueError, match="rows \\[7\\]"):
         probability_of_backtest_overfitting(bad, n_blocks=4)
+
+
+def test_sharpe_sampling_variance_matches_the_spread_of_simulated_sharpe_estimates():
+    # Independent check: the variance of SR estimates over many simulated samples of length T.
+    rng = np.random.default_rng(3)
+    t, mu, sd = 500, 0.05, 1.0
+    samples = rng.normal(mu, sd, size=(20_000, t))
+    srs = samples.mean(axis=1) / samples.std(axis=1, ddof=1)
+    assert sharpe_sampling_variance(mu / sd, t, 0.0, 3.0) == pytest.approx(srs.var(), rel=0.05)
+    # fat tails and negative skew widen it (the paper's example: skew -3, kurtosis 10)
+    assert sharpe_sampling_variance(0.1581, 1250, -3.0, 10.0) > sharpe_sampling_variance(0.1581, 1250, 0.0, 3.0)
+    with pytest.raises(ValueError, match="n_obs"):
+        sharpe_sampling_variance(0.1, 1, 0.0, 3.0)
