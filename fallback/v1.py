@@ -19,6 +19,10 @@ before t; indicator definitions in :mod:`fallback.indicators`):
 probabilities, calm -> volatile) and K ``regime_adjustments``, the deltas of the argmax state
 (``regime_mode="argmax"``) or the probability-weighted deltas (``"expected"``) are added to
 ``adx_min``, ``volume_min_ratio`` and the long/short ``breakout_k``; without them the base values apply.
+Where the probabilities come from: in backtests and reports (``ats evaluate``, ``ats walkforward``,
+``ats evaluate --policy v1 --regime``) the bundle's / a causally fitted HMM's filtered probabilities
+at each decision bar (:func:`training.evaluate.span_regime_proba`). In serving, V1 decides exactly
+when the bundle failed, so no probabilities from it are trusted and the base thresholds apply.
 
 **Exits**: stop ``stop_atr_mult`` ATRs and take-profit ``reward_risk_ratio x stop_atr_mult`` ATRs
 from the fill (2:1 by default, break-even win rate 1/3), then the phased trailing of

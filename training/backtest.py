@@ -52,11 +52,15 @@ def run_backtest(
     *,
     offset: int = 0,
     history_bars: int = 600,
+    regime_proba: np.ndarray | None = None,
 ) -> BacktestResult:
     """Trade ``policy`` over the whole of ``data``.
 
     ``candles.iloc[offset : offset + len(data)]`` must be the bars of ``data``; earlier rows are
     closed history a policy may read (V1 needs ``history_bars`` of it to decide at the first bar).
+    ``regime_proba`` (float (len(data), K), optional): forward-filtered HMM state probabilities at
+    each bar, given to the policy as ``DecisionContext.regime_proba`` (V1's regime-conditional
+    thresholds).
 
     The training-time episode rules that end an episode early (equity floor, drawdown limit) are
     switched off here, so a report always covers the whole span; the drawdown shows in the metrics.
@@ -70,6 +74,8 @@ def run_backtest(
     window = candles.iloc[offset : offset + n]
     if len(window) != n or not np.array_equal(window.index.as_unit("ns").asi8, np.asarray(data.open_time_ns, dtype=np.int64)):
         raise ValueError(f"candles[{offset}:{offset + n}] ({len(window)} rows) and env data ({n} rows) are not aligned")
+    if regime_proba is not None and (np.ndim(regime_proba) != 2 or len(regime_proba) != n):
+        raise ValueError(f"regime_proba must have shape ({n}, K), got {np.shape(regime_proba)}")
     cfg = env_config.model_copy(
         update={"episode_len_bars": None, "random_start": False, "min_equity_frac": 0.0, "max_drawdown_frac": 1.0,
                 "info_level": "full"}
@@ -91,6 +97,7 @@ def run_backtest(
             position=env.position_view(),
             equity_usdt=env.equity_usdt,
             observation=obs,
+            regime_proba=None if regime_proba is None else regime_proba[t],
         )
         obs, _, terminated, truncated, info = env.step_decision(policy.decide(ctx))
         equity.append(info["equity_usdt"])

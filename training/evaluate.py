@@ -117,9 +117,11 @@ def span_backtests(
         "flat": FlatPolicy,
         "random": lambda: RandomPolicy(lambda x: decode_action(x, env_cfg.actions), seed=random_seed),
     }
+    # V1's regime-conditional thresholds read the bundle's forward-filtered HMM probabilities
+    regime = span_regime_proba(bundle, span) if "v1" in strategies and v1_cfg.regime_adjustments else None
     return {
         name: run_backtest(factories[name](), data, candles, cfg, offset=span.start_row,
-                           history_bars=v1_cfg.history_bars)
+                           history_bars=v1_cfg.history_bars, regime_proba=regime if name == "v1" else None)
         for name in strategies
     }
 
@@ -138,11 +140,16 @@ def test_period_backtests(
                           strategies=strategies, random_seed=random_seed)
 
 
+def span_regime_proba(bundle: PolicyBundle, span: EvalSpan) -> np.ndarray:
+    """Forward-filtered HMM state probabilities (states ordered calm -> volatile) at each span bar,
+    float64 (n, K); rows sum to 1."""
+    outputs = model_outputs(span.features, bundle.models, start=span.start_row, end=span.end_row)
+    return outputs[[f"regime_p{k}" for k in range(bundle.models.n_states)]].to_numpy(np.float64)
+
+
 def span_regimes(bundle: PolicyBundle, span: EvalSpan) -> np.ndarray:
     """Most likely forward-filtered HMM state (0 calmest .. K-1 most volatile) at each span bar, int (n,)."""
-    outputs = model_outputs(span.features, bundle.models, start=span.start_row, end=span.end_row)
-    probs = outputs[[f"regime_p{k}" for k in range(bundle.models.n_states)]].to_numpy()
-    return probs.argmax(axis=1)
+    return span_regime_proba(bundle, span).argmax(axis=1)
 
 
 def test_period_regimes(bundle: PolicyBundle, prep: PreparedData) -> np.ndarray:

@@ -200,6 +200,29 @@ def test_evaluate_v1_with_a_fitted_regime_applies_the_adjustments(candles: pd.Da
     assert evaluate_v1(window, T0, T1, blocked, EnvConfig(), fit_regime=_fast_hmm()).trades == ()
 
 
+def test_per_bar_v1_backtest_reads_regime_proba_from_the_context(candles: pd.DataFrame) -> None:
+    """The path reports and walk-forwards use (run_backtest with V1Policy) applies the regime
+    adjustments from DecisionContext.regime_proba, and equals the vectorised evaluate_v1."""
+    from fallback.config import RegimeAdjustment
+    from training.v1_eval import causal_regime_proba
+
+    window = candles.loc["2022-06-01":"2023-04-01"]
+    adj = (RegimeAdjustment(), RegimeAdjustment(adx_min_delta=100.0), RegimeAdjustment(adx_min_delta=100.0))
+    cfg = V1Config(regime_adjustments=adj)
+    a, b = (int(np.searchsorted(window.index, t)) for t in (T0, T1))
+    proba = causal_regime_proba(window.iloc[:b], T0, _fast_hmm())
+    atr = atr_indicator(window.iloc[:b], cfg.atr_period_bars)
+    data = v1_env_data(window.iloc[a:b], atr[a:b])
+    with_regime = run_backtest(V1Policy(cfg), data, window.iloc[:b], EnvConfig(), offset=a,
+                               history_bars=cfg.history_bars, regime_proba=proba[a:b])  # fmt: skip
+    without = run_backtest(V1Policy(cfg), data, window.iloc[:b], EnvConfig(), offset=a, history_bars=cfg.history_bars)
+    assert len(with_regime.trades) < len(without.trades)
+    fast = evaluate_v1(window, T0, T1, cfg, EnvConfig(), regime_proba=proba)
+    np.testing.assert_array_equal(fast.equity.to_numpy(), with_regime.equity.to_numpy())
+    with pytest.raises(ValueError, match="regime_proba must have shape"):
+        run_backtest(V1Policy(cfg), data, window.iloc[:b], EnvConfig(), offset=a, regime_proba=proba[a : b - 1])
+
+
 def test_evaluate_v1_fit_regime_errors(candles: pd.DataFrame) -> None:
     window = candles.loc["2022-06-01":"2023-04-01"]
     with pytest.raises(ValueError, match="regime_adjustments holds 0"):
