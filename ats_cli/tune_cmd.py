@@ -42,6 +42,11 @@ def tune(
     max_concurrent: int = typer.Option(1, "--max-concurrent", min=1, help="trials at once (1 CPU each)"),
     gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", min=0, help="GPUs reserved per trial"),
     ray_address: str = typer.Option(None, "--ray-address", help="join this Ray cluster (auto | HOST:PORT)"),
+    storage_path: str = typer.Option(
+        None, "--storage-path",
+        help="Ray Tune results/checkpoints: a folder every node can reach (NFS) or s3://, gs:// (multi-node); "
+        "default OUT/ray_results on the driver",
+    ),
 ) -> None:
     """Search PPO and reward parameters; objective: mean validation Sortino over walk-forward folds."""
     from training.config import load_config
@@ -58,7 +63,7 @@ def tune(
     tcfg = TuneConfig(trials=trials, folds=folds, val_bars=val_bars, backend=backend.value, scheduler=scheduler.value,
                       search=search.value, max_concurrent=max_concurrent, gpus_per_trial=gpus_per_trial,
                       seed=base.seed)
-    summary = run_tune(base, tcfg, out, ray_address=ray_address, log=log)
+    summary = run_tune(base, tcfg, out, ray_address=ray_address, storage_path=storage_path, log=log)
     console.print(f"\n[bold green]done[/] in {time.perf_counter() - t0:.0f} s: {summary['n_trials']} trials")
     console.print(f"  results table: {out / 'results.csv'}")
     console.print(f"  best config:   {out / 'best_config.yaml'}   (ats train --config {out / 'best_config.yaml'} ...)")

@@ -240,8 +240,14 @@ def results_table(rows: list[dict[str, Any]], n_folds: int) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def run_tune(base: RunConfig, tcfg: TuneConfig, out: Path, *, ray_address: str | None = None, log: Log = print) -> dict:
+def run_tune(base: RunConfig, tcfg: TuneConfig, out: Path, *, ray_address: str | None = None,
+             storage_path: str | None = None, log: Log = print) -> dict:
     """Run the search into ``out``; return the summary written to ``out/trials.json``.
+
+    ``storage_path``: where Ray Tune keeps trial results and checkpoints (default
+    ``out/ray_results``). On a multi-node cluster it must be reachable from every node: a shared
+    filesystem path or a cloud URI (``s3://bucket/prefix``), as Ray's "Configuring Persistent
+    Storage" guide requires; the summary files are still written to ``out`` on the driver.
 
     Raises
     ------
@@ -301,7 +307,8 @@ def run_tune(base: RunConfig, tcfg: TuneConfig, out: Path, *, ray_address: str |
             param_space=search_space(),
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=tcfg.trials, search_alg=search,
                                         scheduler=scheduler),
-            run_config=tune.RunConfig(name="tune", storage_path=str(out / "ray_results"), verbose=1),
+            run_config=tune.RunConfig(name="tune", storage_path=storage_path or str(Path(out).resolve() / "ray_results"),
+                                     verbose=1),
         )
         grid = tuner.fit()
         rows = []
