@@ -46,6 +46,10 @@ def serve(
     mode: Mode = typer.Option(Mode.paper, "--mode", help="paper (replayed candles, paper broker) | testnet | live"),
     bundle: Path = typer.Option(None, "--bundle", help="policy bundle directory"),
     db: Path = typer.Option(None, "--db", help="SQLite state file (decisions, intents, orders, fills, equity, events)"),
+    db_url: str = typer.Option(
+        None, "--db-url", help="testnet/live: keep the state in this SQLAlchemy database (e.g. postgresql+psycopg://"
+        "user@host/ats) instead of the --db SQLite file; --db still names the reload-request file",
+    ),
     config: Path = typer.Option(None, "--config", help="serve YAML: paper/live/risk sections (see configs/serve.yaml)"),
     replay: Path = typer.Option(None, "--replay", help="paper: candles parquet replayed bar by bar as if live"),
     warmup_bars: int = typer.Option(None, "--warmup-bars", min=0, help="paper: bars observed before the first decision"),
@@ -73,6 +77,8 @@ def serve(
     except FatalError as exc:
         raise typer.BadParameter(str(exc)) from exc
     watch = watch_dir if watch_dir is not None else settings.watch_dir
+    if db_url is not None and mode is Mode.paper:
+        raise typer.BadParameter("--db-url is for testnet/live; paper serving keeps its state in the --db file")
     if mode is Mode.paper:
         _serve_paper(settings, replay=replay, bundle=bundle, db=db, warmup_bars=warmup_bars, max_bars=max_bars,
                      initial_equity=initial_equity, watch_dir=watch, no_risk=no_risk)
@@ -87,7 +93,7 @@ def serve(
     updates = {k: v for k, v in {"symbol": symbol, "timeframe": timeframe}.items() if v is not None}
     live_cfg = LiveConfig.model_validate({**settings.live.model_dump(), **updates})
     try:
-        bars = serve_live(mode=mode.value, bundle_dir=bundle, db_path=db, env_file=env_file, live=live,
+        bars = serve_live(mode=mode.value, bundle_dir=bundle, db_path=db, db_url=db_url, env_file=env_file, live=live,
                           force_gate=force_gate, max_bars=max_bars or None, live_config=live_cfg, risk=settings.risk,
                           watch_dir=watch, log=_log)
     except (FatalError, ValueError) as exc:  # arming, credentials, exchange set-up, a bad setting

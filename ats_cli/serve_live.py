@@ -82,6 +82,7 @@ def serve_live(
     mode: str,
     bundle_dir: Path,
     db_path: Path,
+    db_url: str | None = None,
     symbol: str = "BTC/USDT:USDT",
     timeframe: str = "1h",
     env_file: Path | None = None,
@@ -103,6 +104,8 @@ def serve_live(
     ``risk`` (:class:`serving.risk.RiskConfig`) sets the guard's limits (default limits when None;
     ``use_guard=False`` is for tests only: the CLI always runs the guard).
     ``watch_dir``: directory watched for new bundles; ``ats serve reload --db`` also works.
+    ``db_url``: a SQLAlchemy URL for the state (any backend SQLAlchemy speaks; tested on SQLite);
+    ``db_path`` then only names the reload-request file.
     Raises :class:`FatalError` when arming, credentials or the exchange setup fail.
     """
     from serving.exchange import BinanceFuturesBroker, make_client
@@ -139,7 +142,7 @@ def serve_live(
     context = min(1500, max(100, history + 10))
     base = live_config if live_config is not None else LiveConfig(symbol=symbol, timeframe=timeframe)
     loop_cfg = base.model_copy(update={"run_id": mode, "mode": mode, "context_bars": max(base.context_bars, context)})
-    store = StateStore.sqlite(db_path)
+    store = StateStore(db_url) if db_url else StateStore.sqlite(db_path)
     client = make_client(api_key=creds.api_key.reveal(), secret=creds.api_secret.reveal(),
                          sandbox=mode == "testnet", base_url=base_url)
     broker = BinanceFuturesBroker(client, symbol)

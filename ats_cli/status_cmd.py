@@ -16,23 +16,24 @@ _SIDE = {1: "long", -1: "short", 0: "flat"}
 
 
 def status(
-    db: Path = typer.Option(..., "--db", help="serving state database (SQLite file)"),
+    db: str = typer.Option(..., "--db", help="serving state database: a SQLite file or a SQLAlchemy URL"),
     run_id: str = typer.Option(None, "--run-id", help="run to show (default: the latest)"),
 ) -> None:
     """Print the state of a serving database (read-only)."""
     from serving.status import read_status
     from serving.store import StateStore
 
-    if not db.is_file():
+    if "://" not in db and not Path(db).is_file():
         console.print(f"[red]no state database at {db}[/]")
         raise typer.Exit(code=2)
-    with StateStore.sqlite(db) as store:
+    with StateStore.open(db) as store:
         try:
             s = read_status(store, run_id)
         except ValueError as exc:
             console.print(f"[red]{exc}[/]")
             raise typer.Exit(code=2) from exc
-    table = Table(title=f"ats status: {db}", show_header=False)
+        shown = store.display_url if "://" in db else db
+    table = Table(title=f"ats status: {shown}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     money = lambda x: "n/a" if x is None else f"{x:,.2f} USDT"
@@ -60,7 +61,7 @@ def status(
 
 
 def reset_risk(
-    db: Path = typer.Option(..., "--db", help="serving state database (SQLite file)"),
+    db: str = typer.Option(..., "--db", help="serving state database: a SQLite file or a SQLAlchemy URL"),
     scope: str = typer.Option("default", "--scope", help="risk-guard scope (account/symbol)"),
     note: str = typer.Option(..., "--note", help="who resets and why (recorded)"),
 ) -> None:
@@ -68,10 +69,10 @@ def reset_risk(
     from serving.risk import reset_risk as _reset
     from serving.store import StateStore
 
-    if not db.is_file():
+    if "://" not in db and not Path(db).is_file():
         console.print(f"[red]no state database at {db}[/]")
         raise typer.Exit(code=2)
-    with StateStore.sqlite(db) as store:
+    with StateStore.open(db) as store:
         before = store.latest_risk_state(scope)
         _reset(store, scope=scope, note=note)
     if before is None:

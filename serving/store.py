@@ -486,6 +486,18 @@ class StateStore:
         p.parent.mkdir(parents=True, exist_ok=True)
         return cls(sa.engine.URL.create("sqlite", database=str(p)).render_as_string(hide_password=False))
 
+    @classmethod
+    def open(cls, target: str | Path) -> StateStore:
+        """A SQLAlchemy URL (``postgresql+psycopg://user:pw@host/db``, ``sqlite:///abs.db``: anything
+        with ``://``) or a SQLite file path."""
+        text = str(target)
+        return cls(text) if "://" in text else cls.sqlite(text)
+
+    @property
+    def display_url(self) -> str:
+        """The URL with any password hidden (for logs and tables)."""
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
     def journal_mode(self) -> str:
         """The SQLite journal mode of a connection (``wal`` for a file store); '' on other backends."""
         if self._engine.dialect.name != "sqlite":

@@ -101,6 +101,17 @@ def test_cli_prints_the_table(tmp_path) -> None:
     assert missing.exit_code == 2 and "no state database" in missing.output
     unknown = CliRunner().invoke(app, ["status", "--db", str(db), "--run-id", "zzz"])
     assert unknown.exit_code == 2 and "has no decisions" in unknown.output
+    # any SQLAlchemy URL works in place of the file path (here the same SQLite file by URL)
+    by_url = CliRunner().invoke(app, ["status", "--db", f"sqlite:///{db}"], env={"COLUMNS": "200"})
+    assert by_url.exit_code == 0 and f"{s.equity_usdt:,.2f} USDT" in by_url.output
+
+
+def test_store_open_takes_a_url_or_a_path_and_hides_passwords(tmp_path) -> None:
+    assert StateStore.open(tmp_path / "a.sqlite").journal_mode() == "wal"
+    assert StateStore.open("sqlite://").url == "sqlite://"
+    store = StateStore.__new__(StateStore)
+    store.url = "postgresql+psycopg://ats:hunter2@db.example/ats"
+    assert "hunter2" not in store.display_url and "db.example" in store.display_url
 
 
 def test_reset_risk_and_reload_commands(tmp_path) -> None:
