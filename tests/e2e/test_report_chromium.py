@@ -1,29 +1,25 @@
-"""The HTML report renders in headless Chromium (Debian's chromium package; `.ci/run` installs it)."""
+"""The HTML reports render in headless Chromium (Debian's chromium package; `.ci/run` installs it)
+without console errors."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 
-CHROMIUM = shutil.which("chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from tests.kit.chromium import CHROMIUM, render
+
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (CI installs it in .ci/run)")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (CI installs it in .ci/run)")
+@needs_chromium
 def test_report_renders_in_headless_chromium(smoke_run, tmp_path):
-    report = smoke_run / "report" / "report.html"
-    dom = subprocess.run(
-        [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", report.as_uri()],
-        capture_output=True, text=True, timeout=120, check=True,
-    ).stdout
-    assert "ats test-period report" in dom and "buy_and_hold" in dom
-    shot = tmp_path / "report.png"
-    subprocess.run(
-        [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
-         "--window-size=1200,1600", report.as_uri()],
-        capture_output=True, timeout=120, check=True,
-    )
-    assert shot.stat().st_size > 20_000  # a rendered page with the plot, not a blank image
+    page = render(smoke_run / "report" / "report.html", tmp_path)
+    assert "ats test-period report" in page.dom and "buy_and_hold" in page.dom
+    assert page.console == []  # no script error, no failed resource, nothing logged
+    assert page.screenshot_bytes > 20_000  # a rendered page with the plot, not a blank image
+
+
+@needs_chromium
+def test_the_console_check_sees_a_script_error(tmp_path):
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><p>x</p><script>undefinedFn();</script></body></html>")
+    assert any("undefinedFn" in m for m in render(bad, tmp_path).console)

@@ -77,6 +77,12 @@ def test_walkforward_smoke_end_to_end(tmp_path):
         apply_gate(fold_bundle, tmp_path / "out", GateConfig())
     html = (tmp_path / "out" / "report.html").read_text()
     assert "run config" in html and "strategy config sha256" in html and "funding is charged" in html
+    from tests.kit.chromium import CHROMIUM, render
+
+    if CHROMIUM is not None:  # the walk-forward report renders in headless Chromium without console errors
+        page = render(tmp_path / "out" / "report.html", tmp_path)
+        assert "ats walk-forward" in page.dom and "deflated" in page.dom.lower()
+        assert page.console == [] and page.screenshot_bytes > 20_000
     # regime slices and cost sensitivity of the stitched curves
     for name in ("ppo", "v1", "buy_and_hold", "random"):
         shares = [p["share_of_bars"] for p in summary["regime_slices"][name].values()]
