@@ -900,7 +900,7 @@ class LiveLoop:
             except FatalError as exc:
                 self._event(self._now_ts(), "fatal_error", {"error": self._safe(f"{type(exc).__name__}: {exc}")[:1000]})
                 raise
-            except Exception as exc:  # a bug or an unforeseen library error: keep serving exits, no entries
+            except Exception as exc:  # noqa: BLE001 - a bug or unforeseen error: exits go on, entries stop
                 failed = True
                 self.internal_error = self._safe(f"{type(exc).__name__}: {exc}")[:300]
                 self._event(self._now_ts(), "internal_error", {

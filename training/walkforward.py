@@ -26,6 +26,7 @@ lists them all. Re-running with the same config reproduces the metrics (seeded e
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -219,6 +220,11 @@ def run_walkforward(wf: WalkForwardConfig, base: RunConfig, out: Path, *, log: L
     regimes_by_seed: dict[int, list[np.ndarray]] = {s: [] for s in wf.seeds}
     # cost sensitivity: sens[multiplier]["ppo"][seed] and sens[multiplier]["v1"] lists of fold results
     sens: dict[float, dict] = {m: {"ppo": {s: [] for s in wf.seeds}, "v1": []} for m in COST_MULTIPLIERS if m != 1.0}
+    n_runs, t0 = len(wf.seeds) * wf.folds, time.monotonic()
+
+    def elapsed_s() -> float:
+        return time.monotonic() - t0
+
     for seed in wf.seeds:
         for k in range(wf.folds):
             if windows is None:
@@ -230,8 +236,11 @@ def run_walkforward(wf: WalkForwardConfig, base: RunConfig, out: Path, *, log: L
             w = windows[k]
             cfg = fold_run_config(base, w, seed, bar)
             run_dir = out / f"fold{k}" / f"seed{seed}"
+            done = len(fold_records)
+            eta = "" if not done else (
+                f"; {done}/{n_runs} trainings done in {elapsed_s() / 60:.1f} min, ETA {elapsed_s() / done * (n_runs - done) / 60:.0f} min")
             log(f"fold {k + 1}/{wf.folds}, seed {seed}: train {w.train_start:%Y-%m-%d}..{w.val_start:%Y-%m-%d}, "
-                f"test {w.test_start:%Y-%m-%d}..{w.test_end:%Y-%m-%d}")
+                f"test {w.test_start:%Y-%m-%d}..{w.test_end:%Y-%m-%d}{eta}")
             bundle_dir = train_run(cfg, run_dir, log=lambda s: None)
             bundle = load_bundle(bundle_dir)
             prep = prepare_data(cfg)

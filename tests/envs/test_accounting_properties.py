@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from envs.actions import ActionConfig
-from market.decision import NonFiniteDecisionError
 from envs.trading_env import EnvConfig, TradingEnv
+from market.decision import NonFiniteDecisionError
 from tests.envs.helpers import make_env_data
 
 action = st.lists(st.floats(-1.0, 1.0, allow_nan=False, width=32), min_size=5, max_size=5)
