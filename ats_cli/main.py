@@ -70,6 +70,9 @@ def train(
     rllib_updates = {"ray_address": ray_address, "num_env_runners": num_env_runners,
                      "num_gpus_per_learner": num_gpus_per_learner}
     rllib_updates = {k: v for k, v in rllib_updates.items() if v is not None}
+    if rllib_updates and cfg.backend != "rllib":
+        flags = ", ".join("--" + k.replace("_", "-") for k in rllib_updates)
+        raise typer.BadParameter(f"{flags} only apply to --backend rllib (this run uses {cfg.backend})")
     if rllib_updates:
         cfg = cfg.model_copy(update={"rllib": RLlibConfig.model_validate({**cfg.rllib.model_dump(), **rllib_updates})})
     torch.set_num_threads(torch_threads_for(cfg.backend, cfg.torch_threads, n_env_runners=cfg.rllib.num_env_runners,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -207,3 +208,10 @@ def test_cli_paper_serve_then_status_and_reset_risk(smoke_run, tmp_path):
     r = runner.invoke(app, ["serve", "reset-risk", "--db", str(db), "--note", "test reset"])
     assert r.exit_code == 0 and "reset to" in r.output
     assert StateStore.sqlite(db).latest_risk_state("default").state == "ACTIVE"
+
+
+def test_train_refuses_rllib_flags_with_the_sb3_backend(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--config", str(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"), "--out",
+                                      str(tmp_path / "r"), "--num-env-runners", "2"])  # fmt: skip
+    assert result.exit_code == 2 and "--num-env-runners only apply to --backend rllib" in result.output
+    assert not (tmp_path / "r").exists()  # refused before anything ran
