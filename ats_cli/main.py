@@ -187,13 +187,22 @@ def walkforward(
     out: Path = typer.Option(..., "--out", help="output directory"),
     folds: int = typer.Option(None, "--folds", help="override the number of folds"),
     scheme: str = typer.Option(None, "--scheme", help="override: expanding | rolling"),
+    tuning_dir: Path = typer.Option(
+        None, "--tuning-dir",
+        help="output directory of the `ats tune` search that chose this config: its trials.json n_trials is "
+        "added to the deflated Sharpe ratio's trial count (on top of tuning_trials) and recorded in provenance",
+    ),
 ) -> None:
     """Refit the pipeline on forward folds and judge the stitched out-of-sample result (DSR, PBO, seeds)."""
-    from training.walkforward import load_walkforward, run_walkforward
+    from training.walkforward import load_tuning_record, load_walkforward, run_walkforward
 
+    try:
+        tuning = None if tuning_dir is None else load_tuning_record(tuning_dir)
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--tuning-dir") from exc
     wf, base = load_walkforward(config, folds=folds, scheme=scheme)
     t0 = time.perf_counter()
-    run_walkforward(wf, base, out, log=_log)
+    run_walkforward(wf, base, out, log=_log, tuning=tuning)
     console.print(f"\n[bold green]done[/] in {time.perf_counter() - t0:.0f} s")
     console.print(f"  report: {out / 'report.html'}\n  metrics: {out / 'metrics.json'}\n  folds: {out / 'folds.json'}")
 

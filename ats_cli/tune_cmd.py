@@ -67,4 +67,5 @@ def tune(
     console.print(f"\n[bold green]done[/] in {time.perf_counter() - t0:.0f} s: {summary['n_trials']} trials")
     console.print(f"  results table: {out / 'results.csv'}")
     console.print(f"  best config:   {out / 'best_config.yaml'}   (ats train --config {out / 'best_config.yaml'} ...)")
-    console.print(f"  trial count:   {out / 'trials.json'}   (n_trials={summary['n_trials']}: use as tuning_trials)")
+    console.print(f"  trial count:   {out / 'trials.json'}   (n_trials={summary['n_trials']}: "
+                  f"ats walkforward ... --tuning-dir {out} counts them)")

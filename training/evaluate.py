@@ -39,6 +39,7 @@ from training.config import RunConfig, load_config
 from training.pipeline import Log, PreparedData, prepare_data, summarize_backtest
 from training.provenance import bundle_identity, flatten_config, provenance_note, provenance_record
 from training.report import write_report
+from training.v1_eval import v1_env_data
 
 STRATEGIES = ("ppo", "v1", "buy_and_hold", "flat", "random")
 COST_MULTIPLIERS = (0.0, 1.0, 2.0)
@@ -55,7 +56,7 @@ class EvalSpan:
 
     candles: pd.DataFrame
     features: pd.DataFrame
-    atr: np.ndarray  # float64 (n_rows,), price units
+    atr: np.ndarray  # float64 (n_rows,), price units; the feature config's ATR period (V1: span_v1_env_data)
     start_row: int
     end_row: int
 
@@ -87,8 +88,27 @@ def span_env_data(bundle: PolicyBundle, span: EvalSpan) -> EnvData:
     return EnvData.from_frames(span.candles.iloc[a:b], normed, span.atr[a:b])
 
 
+def span_v1_env_data(span: EvalSpan, v1_cfg: V1Config) -> EnvData:
+    """Env data V1 trades the span with: a zero-width market observation and the ATR of V1's own
+    ``atr_period_bars`` (float64, price units).
+
+    The env places a decision's stop and take-profit ``stop_atr`` / ``take_profit_atr`` ATRs from the
+    fill with the ATR it is given. V1 sizes a position so that its stop risks ``risk_per_trade_frac``
+    of equity at *its* ATR (:func:`fallback.v1.size_position`); with the feature ATR (``span.atr``, the
+    feature config's period) a different period would scale V1's risk per trade by the ratio of the
+    two ATRs. The ATR is computed on ``span.candles[:end_row]``, the candles V1 itself reads, so it
+    equals the ATR V1 sized with; the env's ATR slippage term uses it too (as in
+    :func:`training.v1_eval.evaluate_v1`). Span rows where V1's ATR is not yet defined (fewer than
+    ``atr_period_bars`` candles before them) take the feature ATR: V1 cannot size an entry there.
+    """
+    a, b = span.start_row, span.end_row
+    atr = atr_indicator(span.candles.iloc[:b], v1_cfg.atr_period_bars)[a:b]
+    atr = np.where(np.isfinite(atr) & (atr > 0), atr, span.atr[a:b])
+    return v1_env_data(span.candles.iloc[a:b], atr)
+
+
 def span_backtests(
-    bundle: PolicyBundle,
+    bundle: PolicyBundle | None,
     span: EvalSpan,
     env_cfg: EnvConfig,
     v1_cfg: V1Config,
@@ -100,14 +120,20 @@ def span_backtests(
     """Backtest ``strategies`` on the span through the same env and costs.
 
     ``cost_multiplier`` scales fees and slippage (cost sensitivity: 0, 1, 2); ``random_seed`` seeds the
-    random policy (uniform actions decoded like the agent's).
+    random policy (uniform actions decoded like the agent's). V1 trades :func:`span_v1_env_data`
+    (stops and targets at V1's own ATR period), the others the bundle's observation and the feature
+    ATR; ``bundle`` may be None when ``strategies`` is ``("v1",)`` and V1 has no regime adjustments.
 
     Raises
     ------
     KeyError
         If a strategy name is not one of :data:`STRATEGIES`.
+    ValueError
+        If ``bundle`` is None while a strategy or V1's regime adjustments need it.
     """
-    data = span_env_data(bundle, span)
+    if bundle is None and (set(strategies) - {"v1"} or ("v1" in strategies and v1_cfg.regime_adjustments)):
+        raise ValueError(f"span_backtests: strategies {strategies} need a bundle")
+    data = span_env_data(bundle, span) if set(strategies) - {"v1"} else None
     candles = span.candles.iloc[: span.end_row]  # history before the span is visible to V1 (closed candles)
     cfg = env_cfg.model_copy(update={"costs": env_cfg.costs.model_copy(update={"cost_multiplier": cost_multiplier})})
     factories: dict[str, Callable[[], object]] = {
@@ -120,8 +146,9 @@ def span_backtests(
     # V1's regime-conditional thresholds read the bundle's forward-filtered HMM probabilities
     regime = span_regime_proba(bundle, span) if "v1" in strategies and v1_cfg.regime_adjustments else None
     return {
-        name: run_backtest(factories[name](), data, candles, cfg, offset=span.start_row,
-                           history_bars=v1_cfg.history_bars, regime_proba=regime if name == "v1" else None)
+        name: run_backtest(factories[name](), span_v1_env_data(span, v1_cfg) if name == "v1" else data, candles,
+                           cfg, offset=span.start_row, history_bars=v1_cfg.history_bars,
+                           regime_proba=regime if name == "v1" else None)
         for name in strategies
     }
 

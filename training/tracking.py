@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,20 @@ def wandb_tracking(
     name: str,
     project: str | None = None,
     log: Callable[[str], None] = print,
+    init: Callable[..., Any] | None = None,
 ) -> Iterator[Any | None]:
     """Context manager: a W&B run mirroring TensorBoard while the block runs (None when disabled/failed).
 
     Must be entered *before* the backends create their TensorBoard writers (the sync patches them).
+    ``init`` starts the run (default ``wandb.init``; tests inject one). The TensorBoard patch is
+    process-global and must precede ``init`` (W&B's rule for ``root_logdir``), so it is undone on every
+    exit: after the block, and at once when ``init`` fails (otherwise every later run in the process
+    would find TensorBoard "already patched" and lose its W&B mirror). Never raises for a W&B failure.
     """
     if not enabled:
         yield None
         return
-    run = None
+    run, patched = None, False
     try:
         import wandb
 
@@ -51,7 +56,8 @@ def wandb_tracking(
         directory.mkdir(parents=True, exist_ok=True)
         # both backends write their events to tb/PPO_1: as the root, tags keep their TensorBoard names
         wandb.tensorboard.patch(root_logdir=str(Path(run_dir).resolve() / "tb" / "PPO_1"))
-        run = wandb.init(
+        patched = True
+        run = (init or wandb.init)(
             project=project or os.environ.get("WANDB_PROJECT", "ats"),
             name=name,
             config=dict(config),
@@ -61,12 +67,23 @@ def wandb_tracking(
         log(f"W&B: {wandb_mode()} run {run.id} in {run.dir}")
     except Exception as exc:  # noqa: BLE001 -- W&B is optional: never fail a training run because of it
         log(f"[yellow]W&B disabled[/]: {type(exc).__name__}: {exc}")
-        run = None
+        with suppress(Exception):  # the patch is undone even if finishing the half-started run fails
+            _close(run, patched)
+        run, patched = None, False
     try:
         yield run
     finally:
+        _close(run, patched)
+
+
+def _close(run: Any | None, patched: bool) -> None:
+    """Finish ``run`` (when one started), then undo the TensorBoard patch (when applied) even if finishing
+    raised, so a later run in this process can patch with its own root."""
+    try:
         if run is not None:
             run.finish()
+    finally:
+        if patched:
             import wandb
 
-            wandb.tensorboard.unpatch()  # a later run in this process patches with its own root
+            wandb.tensorboard.unpatch()

@@ -19,9 +19,9 @@ as ``-SORTINO_CAP``.
 
 Outputs in ``out``: ``results.csv`` (one row per trial: parameters, per-fold scores, mean, status),
 ``best_config.yaml`` (the run config with the best completed trial's parameters, for ``ats train``),
-``trials.json`` (``n_trials`` = every configuration tried, including stopped and failed ones: pass it
-as ``tuning_trials`` to ``ats walkforward`` so the deflated Sharpe ratio (Bailey & López de Prado
-2014) counts the search), ``folds.json`` (the fold windows) and Ray's own trial logs under
+``trials.json`` (``n_trials`` = every configuration tried, including stopped and failed ones:
+``ats walkforward --tuning-dir OUT`` adds it to the trial count of the deflated Sharpe ratio (Bailey &
+López de Prado 2014)), ``folds.json`` (the fold windows) and Ray's own trial logs under
 ``ray_results/``.
 """
 
@@ -40,7 +40,7 @@ import yaml
 from pydantic import Field
 
 from market.config_base import StrictConfig
-from training.config import RunConfig
+from training.config import RLlibConfig, RunConfig
 from training.walkforward import FoldWindow, WalkForwardConfig, fold_run_config, fold_windows
 
 SORTINO_CAP = 10.0
@@ -59,9 +59,48 @@ class TuneConfig(StrictConfig):
     backend: Literal["sb3", "rllib"] = "sb3"
     scheduler: Literal["asha", "median", "none"] = "asha"
     search: Literal["optuna", "random"] = "optuna"
-    max_concurrent: int = Field(1, ge=1, description="trials running at once (each takes 1 CPU)")
+    max_concurrent: int = Field(
+        1, ge=1, description="trials running at once (each takes 1 CPU, plus 1 per RLlib env runner or learner)"
+    )
     gpus_per_trial: float = Field(0.0, ge=0.0, description="GPUs reserved per trial (device cuda when > 0)")
     seed: int = 0
+
+
+def trial_bundles(backend: str, rllib: RLlibConfig, *, gpus_per_trial: float) -> list[dict[str, float]]:
+    """Ray placement-group bundles of one tuning trial (``{"CPU": n, "GPU": g}``, logical Ray units).
+
+    Bundle 0 is the trial process itself: 1 CPU and ``gpus_per_trial`` GPUs (with the RLlib backend
+    and remote learners the GPUs go to the learners instead). With the RLlib backend the algorithm the
+    trial builds starts actors of its own, which must fit in the trial's placement group (Tune
+    schedules them there) or the trial waits forever for CPUs the local Ray does not have: one
+    ``{"CPU": 1}`` bundle per env runner (``num_cpus_per_env_runner=1``, see
+    :func:`agents.ppo_rllib.build_ppo_config`) and one per remote learner (1 CPU without a GPU, else
+    0 CPU and :func:`agents.devices.rllib_num_gpus` GPUs). These are the rules of RLlib's
+    ``Algorithm.default_resource_request`` for the same config.
+
+    Raises
+    ------
+    ValueError
+        If ``gpus_per_trial`` < 0, or ``rllib.num_gpus_per_learner`` > 0 while ``gpus_per_trial`` is 0
+        (the trial runs on CPU).
+    """
+    from agents.devices import rllib_num_gpus
+
+    if gpus_per_trial < 0:
+        raise ValueError(f"gpus_per_trial must be >= 0, got {gpus_per_trial}")
+    if backend != "rllib":
+        return [{"CPU": 1.0, "GPU": float(gpus_per_trial)}]
+    learner_gpus = rllib_num_gpus("cuda" if gpus_per_trial > 0 else "cpu", rllib.num_gpus_per_learner)
+    n_learners = int(rllib.num_learners)
+    main = {"CPU": 1.0, "GPU": float(gpus_per_trial) if n_learners == 0 else 0.0}
+    runners = [{"CPU": 1.0, "GPU": 0.0} for _ in range(int(rllib.num_env_runners))]
+    learners = [{"CPU": 0.0 if learner_gpus > 0 else 1.0, "GPU": learner_gpus} for _ in range(n_learners)]
+    return [main, *runners, *learners]
+
+
+def local_ray_cpus(bundles: list[dict[str, float]], max_concurrent: int) -> int:
+    """Logical CPUs a local Ray needs to run ``max_concurrent`` trials of ``bundles`` at once (>= 1)."""
+    return max(1, math.ceil(max_concurrent * sum(b.get("CPU", 0.0) for b in bundles)))
 
 
 def search_space() -> dict[str, Any]:
@@ -272,13 +311,15 @@ def run_tune(base: RunConfig, tcfg: TuneConfig, out: Path, *, ray_address: str |
     (out / "folds.json").write_text(json.dumps([window_json(w) for w in windows], indent=1))
     folds = [prepare_fold(fold_run_config(cfg, w, cfg.seed, bar), w, device=stack_device, log=log) for w in windows]
     fold_cfg = fold_run_config(cfg, windows[0], cfg.seed, bar)  # periods differ per fold; PPO/env/reward do not
+    bundles = trial_bundles(tcfg.backend, cfg.rllib, gpus_per_trial=tcfg.gpus_per_trial)
 
     started = False
     if not ray.is_initialized():
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False)
         else:
-            ray.init(num_cpus=max(1, tcfg.max_concurrent), include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=local_ray_cpus(bundles, tcfg.max_concurrent), include_dashboard=False,
+                     log_to_driver=False)
         started = True
     try:
         if tcfg.search == "optuna":
@@ -300,7 +341,7 @@ def run_tune(base: RunConfig, tcfg: TuneConfig, out: Path, *, ray_address: str |
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=fold_cfg.model_dump(mode="json"), folds=folds, backend=tcfg.backend,
                                  device=device, out=str(out)),
-            {"cpu": 1, "gpu": tcfg.gpus_per_trial},
+            tune.PlacementGroupFactory(bundles, strategy="PACK"),  # RLlib's env runners/learners included
         )
         tuner = tune.Tuner(
             trainable,
@@ -348,7 +389,8 @@ def run_tune(base: RunConfig, tcfg: TuneConfig, out: Path, *, ray_address: str |
         "folds": [window_json(w) for w in windows],
         "best": {"params": {k: (v.item() if isinstance(v, np.generic) else v) for k, v in best_params.items()},
                  METRIC: float(best_row[METRIC]), "status": str(best_row["status"])},
-        "note": "pass n_trials as tuning_trials to `ats walkforward` so the deflated Sharpe ratio counts this search",
+        "note": "`ats walkforward --tuning-dir` with this directory adds n_trials to the deflated Sharpe ratio's "
+                "trial count",
     }
     (out / "trials.json").write_text(json.dumps(summary, indent=1, default=str))
     log(f"tune: {summary['n_trials']} trials ({summary['n_completed']} completed, {summary['n_stopped_early']} "

@@ -25,6 +25,7 @@ lists them all. Re-running with the same config reproduces the metrics (seeded e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -45,8 +46,8 @@ from training.backtest import BacktestResult
 from training.config import ConfigError, RunConfig, load_config
 from training.evaluate import (
     COST_MULTIPLIERS,
-    cost_note,
     STRATEGIES,
+    cost_note,
     regime_slices,
     signed_leverage,
     test_period_backtests,
@@ -55,7 +56,11 @@ from training.evaluate import (
 from training.pipeline import Log, prepare_data, summarize_backtest, train_run
 from training.provenance import flatten_config, provenance_note, provenance_record
 from training.report import write_report
-from training.stats import deflated_sharpe_ratio, probability_of_backtest_overfitting, sharpe_sampling_variance
+from training.stats import (
+    deflated_sharpe_ratio,
+    probability_of_backtest_overfitting,
+    sharpe_sampling_variance,
+)
 
 
 class WalkForwardConfig(StrictConfig):
@@ -199,6 +204,59 @@ def load_walkforward(path: Path, **overrides: object) -> tuple[WalkForwardConfig
     return wf, base
 
 
+@dataclass(frozen=True)
+class TuningRecord:
+    """An ``ats tune`` search whose configurations the deflated Sharpe ratio must count as trials."""
+
+    trials_json: str  # resolved path of the search's trials.json
+    sha256: str  # of that file's bytes
+    n_trials: int  # every configuration tried (completed, stopped early or failed)
+
+    def as_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def load_tuning_record(tuning_dir: Path) -> TuningRecord:
+    """Read ``tuning_dir/trials.json`` (written by :func:`training.tune.run_tune`).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``tuning_dir/trials.json`` does not exist.
+    ValueError
+        If the file is not JSON or its ``n_trials`` is not an integer >= 0.
+    """
+    path = (Path(tuning_dir) / "trials.json").resolve()
+    raw = path.read_bytes()
+    try:
+        n = json.loads(raw).get("n_trials")
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a trials.json object ({exc})") from exc
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"{path}: n_trials must be an integer >= 0, got {n!r}")
+    return TuningRecord(str(path), hashlib.sha256(raw).hexdigest(), n)
+
+
+def dsr_trial_count(n_seeds: int, tuning_trials: int, tuning: TuningRecord | None = None) -> dict[str, int]:
+    """Trials the deflated Sharpe ratio deflates for (Bailey & López de Prado 2014): the PPO seeds, the
+    config's ``tuning_trials`` and the configurations of an ``ats tune`` search (``--tuning-dir``).
+
+    The two tuning counts are added, never merged: a search counted in both is counted twice, which
+    deflates more (the conservative error). Returns ``seeds``, ``tuning_trials_config``,
+    ``tuning_dir`` and their sum ``total``.
+
+    Raises
+    ------
+    ValueError
+        If a count is negative.
+    """
+    from_dir = 0 if tuning is None else tuning.n_trials
+    if min(n_seeds, tuning_trials, from_dir) < 0:
+        raise ValueError(f"trial counts must be >= 0, got {n_seeds}, {tuning_trials}, {from_dir}")
+    return {"seeds": n_seeds, "tuning_trials_config": tuning_trials, "tuning_dir": from_dir,
+            "total": n_seeds + tuning_trials + from_dir}
+
+
 def deep_merge(base: dict, overrides: dict) -> dict:
     """``base`` with ``overrides`` merged in recursively (mappings merge, anything else replaces)."""
     out = dict(base)
@@ -207,8 +265,14 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def run_walkforward(wf: WalkForwardConfig, base: RunConfig, out: Path, *, log: Log = print) -> dict:
-    """Run the study into ``out``; return the summary written to ``out/metrics.json``."""
+def run_walkforward(
+    wf: WalkForwardConfig, base: RunConfig, out: Path, *, log: Log = print, tuning: TuningRecord | None = None
+) -> dict:
+    """Run the study into ``out``; return the summary written to ``out/metrics.json``.
+
+    ``tuning`` (:func:`load_tuning_record`): the search that chose ``base``; its trials join the DSR's
+    count (:func:`dsr_trial_count`) and it is recorded in the provenance.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bar = pd.Timedelta(seconds=3600)  # refined from the data below
@@ -266,7 +330,7 @@ def run_walkforward(wf: WalkForwardConfig, base: RunConfig, out: Path, *, log: L
                     per_strategy.setdefault(name, []).append(results[name])
     (out / "folds.json").write_text(json.dumps(fold_records, indent=1))
     return _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log,
-                      regimes_by_seed=regimes_by_seed, sens=sens)
+                      regimes_by_seed=regimes_by_seed, sens=sens, tuning=tuning)
 
 
 def _metrics_of(results: list[BacktestResult], bar_s: float, initial: float) -> dict[str, float]:
@@ -288,7 +352,8 @@ def _sensitivity_table(ppo: list[BacktestResult], v1: list[BacktestResult], sens
     return out
 
 
-def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, *, regimes_by_seed, sens) -> dict:
+def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, *, regimes_by_seed, sens,
+               tuning=None) -> dict:
     bar_s = bar.total_seconds()
     p = M.bars_per_year(bar_s)
     initial = base.env.initial_equity_usdt
@@ -297,7 +362,8 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
     schemas = sorted({f["schema_hash"] for f in folds})
     provenance = provenance_record(base.model_dump(mode="json"), walkforward_config=wf.model_dump(mode="json"),
                                    schema_hash=schemas[0] if len(schemas) == 1 else schemas,
-                                   data_sha256=sorted({f["data_sha256"] for f in folds}))  # fmt: skip
+                                   data_sha256=sorted({f["data_sha256"] for f in folds}),
+                                   **({} if tuning is None else {"tuning": tuning.as_json()}))  # fmt: skip
     # PPO seed chosen on validation only (mean validation Sortino over the folds), never on test
     chosen = max(seeds, key=lambda s: np.nanmean(val_sortino[s]) if np.isfinite(val_sortino[s]).any() else -np.inf)
     strategies = {"ppo": ppo_by_seed[chosen], **per_strategy}
@@ -315,7 +381,8 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
             ci[name] = M.block_bootstrap_ci(r, lambda x: M.sortino_ratio(x, p), block_len=wf.bootstrap_block_bars,
                                             n_boot=wf.bootstrap_samples, alpha=0.05, seed=0)
     seed_returns = np.column_stack([M.returns_from_equity(_stitch(ppo_by_seed[s], initial).to_numpy()) for s in seeds])
-    n_trials = len(seeds) + wf.tuning_trials
+    trial_count = dsr_trial_count(len(seeds), wf.tuning_trials, tuning)
+    n_trials = trial_count["total"]
     chosen_returns = seed_returns[:, seeds.index(chosen)]
     dsr, sr_var = None, None
     if chosen_returns.std() > 0:
@@ -342,7 +409,8 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         "ppo_over_seeds": M.to_jsonable({f"{k}.{stat}": v[stat] for k, v in seed_stats.items() for stat in v}),
         "per_fold": {k: [M.to_jsonable(m) for m in v] for k, v in per_fold.items()},
         "sortino_ci95": {k: [float(v[0]), float(v[1])] for k, v in ci.items()},
-        "deflated_sharpe": {"reading": dsr_reading, "n_trials": n_trials, **({} if dsr is None else {
+        "deflated_sharpe": {"reading": dsr_reading, "n_trials": n_trials, "trials_counted": trial_count,
+                            **({} if dsr is None else {
             "dsr": dsr.dsr, "sr_per_bar": dsr.sr, "sr0_per_bar": dsr.sr0, "skew": dsr.skew, "kurtosis": dsr.kurtosis,
             "sr_variance_per_bar": sr_var})},
         "pbo": None if pbo is None else {"pbo": pbo.pbo, "n_blocks": pbo.n_blocks, "configs": pbo_columns,
@@ -357,7 +425,8 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         (f"Walk-forward, {wf.scheme} scheme, {wf.folds} folds over {wf.start} .. {wf.end}; validation {wf.val_bars} "
          f"bars before each test window (embargo gap {wf.embargo_bars} bars); seeds {seeds} (PPO shown: seed {chosen}, "
          "chosen on mean validation Sortino)."),
-        dsr_reading + f" (trials counted: {n_trials} = {len(seeds)} seeds + {wf.tuning_trials} tuning runs).",
+        dsr_reading + f" (trials counted: {n_trials} = {len(seeds)} seeds + {wf.tuning_trials} tuning runs"
+        + ("" if tuning is None else f" + {tuning.n_trials} trials of the search in {tuning.trials_json}") + ").",
         pbo.reading() + f" (configurations: {', '.join(pbo_columns)})." if pbo
         else "PBO undefined: every configuration (PPO seeds, V1) traded identically out of sample.",
         "Sortino 95 % block-bootstrap intervals: " + ", ".join(f"{k} [{v[0]:.2f}, {v[1]:.2f}]" for k, v in ci.items()),

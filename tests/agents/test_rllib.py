@@ -100,6 +100,11 @@ def test_episode_means_and_sb3_tags_from_a_result_dict():
     assert not any("timers" in k for k in scalars) and "episode/fees_usdt" not in scalars
 
 
+#: Issue 7: the 1-2 iteration RLlib smoke run must finish in under 90 s (about 25 s on 2 cores). pytest-timeout
+#: counts fixture setup, so whichever of these tests runs first (and builds ``rllib_run``) is held to it.
+RLLIB_SMOKE_TIMEOUT = pytest.mark.timeout(90)
+
+
 @pytest.fixture(scope="module")
 def rllib_run(tmp_path_factory):
     """Two RLlib PPO iterations (512 env steps each, local Ray, sampling in the driver) on the smoke config."""
@@ -120,6 +125,7 @@ def rllib_run(tmp_path_factory):
     return run_dir
 
 
+@RLLIB_SMOKE_TIMEOUT
 def test_rllib_bundle_loads_and_serves_bars(rllib_run, tmp_path):
     from agents.bundle import load_bundle
     from serving.app import serve_replay
@@ -143,6 +149,7 @@ def test_rllib_bundle_loads_and_serves_bars(rllib_run, tmp_path):
     assert all(len(a) == 5 and np.isfinite(a).all() for a in raw)
 
 
+@RLLIB_SMOKE_TIMEOUT
 def test_rllib_tensorboard_has_trading_metrics_hparams_and_layout(rllib_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

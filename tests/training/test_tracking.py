@@ -54,3 +54,33 @@ def test_two_runs_in_one_process_both_track(tmp_path, monkeypatch):
         with wandb_tracking(True, config={"i": i}, run_dir=tmp_path / f"run{i}", name=f"t{i}") as run:
             assert run is not None
     assert len(list((tmp_path / "wb" / "wandb").glob("offline-run-*"))) == 2
+
+
+@pytest.fixture
+def tensorboard_unpatched():
+    """Leave W&B's process-global TensorBoard patch as the test found it (unpatched), even on failure."""
+    wandb = pytest.importorskip("wandb")
+    assert wandb.patched["tensorboard"] == []
+    yield wandb
+    if wandb.patched["tensorboard"]:
+        wandb.tensorboard.unpatch()
+
+
+def test_failed_init_undoes_the_tensorboard_patch_and_a_later_run_tracks(tmp_path, monkeypatch, tensorboard_unpatched):
+    wandb = tensorboard_unpatched
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    def failing_init(**kwargs):
+        assert wandb.patched["tensorboard"], "the patch precedes init"
+        raise RuntimeError("wandb init failed")
+
+    logs = []
+    with wandb_tracking(True, config={}, run_dir=tmp_path / "run0", name="t0", log=logs.append,
+                        init=failing_init) as run:  # fmt: skip
+        assert run is None
+        assert wandb.patched["tensorboard"] == []  # undone at once, not left for the block
+    with wandb_tracking(True, config={}, run_dir=tmp_path / "run1", name="t1", log=logs.append) as run:
+        assert run is not None, logs  # not "Tensorboard already patched"
+    assert wandb.patched["tensorboard"] == []

@@ -12,8 +12,17 @@ import yaml
 from pydantic import ValidationError
 
 from tests.conftest import REPO
-from training.config import RunConfig, load_config
-from training.tune import METRIC, SORTINO_CAP, apply_params, results_table, score, tuning_windows
+from training.config import RLlibConfig, RunConfig, load_config
+from training.tune import (
+    METRIC,
+    SORTINO_CAP,
+    apply_params,
+    local_ray_cpus,
+    results_table,
+    score,
+    trial_bundles,
+    tuning_windows,
+)
 
 BAR = pd.Timedelta(hours=1)
 
@@ -63,6 +72,42 @@ def test_results_table_ranks_completed_trials_first():
 
 
 @pytest.mark.slow
+def test_trial_resources_include_rllib_env_runners_and_learners():
+    """Issue 7: an RLlib trial with env runners reserves a CPU for each, and the local Ray holds them all."""
+    assert trial_bundles("sb3", RLlibConfig(num_env_runners=4), gpus_per_trial=0.5) == [{"CPU": 1.0, "GPU": 0.5}]
+    assert trial_bundles("rllib", RLlibConfig(), gpus_per_trial=0.0) == [{"CPU": 1.0, "GPU": 0.0}]
+    two = trial_bundles("rllib", RLlibConfig(num_env_runners=2), gpus_per_trial=0.0)
+    assert two == [{"CPU": 1.0, "GPU": 0.0}] * 3
+    assert local_ray_cpus(two, max_concurrent=2) == 6 and local_ray_cpus(two, max_concurrent=1) == 3
+    gpu = trial_bundles("rllib", RLlibConfig(num_env_runners=1, num_learners=2), gpus_per_trial=1.0)
+    assert gpu == [{"CPU": 1.0, "GPU": 0.0}, {"CPU": 1.0, "GPU": 0.0}, {"CPU": 0.0, "GPU": 1.0}, {"CPU": 0.0, "GPU": 1.0}]
+    with pytest.raises(ValueError, match="contradicts device=cpu"):
+        trial_bundles("rllib", RLlibConfig(num_gpus_per_learner=1.0), gpus_per_trial=0.0)
+    with pytest.raises(ValueError, match="gpus_per_trial"):
+        trial_bundles("sb3", RLlibConfig(), gpus_per_trial=-1.0)
+
+
+@pytest.mark.parametrize(("runners", "learners", "gpus"), [(0, 0, 0.0), (2, 0, 0.0), (1, 2, 0.0), (1, 0, 1.0), (2, 2, 1.0)])
+def test_trial_resources_equal_rllibs_own_request_for_the_trial_algorithm(smoke_cfg, runners, learners, gpus):
+    """The bundles equal RLlib's ``default_resource_request`` for the PPO config a trial builds."""
+    pytest.importorskip("ray.rllib")
+    from ray.rllib.algorithms.ppo import PPO
+
+    from agents.devices import rllib_num_gpus
+    from agents.ppo_rllib import build_ppo_config
+    from envs.trading_env import EnvData
+    from tests.kit.candles import make_candles
+
+    candles = make_candles(64)
+    data = EnvData.from_frames(candles, pd.DataFrame(index=candles.index, dtype="float32"), candles["close"] * 0.01)
+    rllib = RLlibConfig(num_env_runners=runners, num_learners=learners)
+    config = build_ppo_config(data, smoke_cfg.env, smoke_cfg.ppo, rllib, seed=0,
+                              num_gpus_per_learner=rllib_num_gpus("cuda" if gpus else "cpu", None))  # fmt: skip
+    theirs = PPO.default_resource_request(config).bundles
+    ours = [{k: v for k, v in b.items() if v} for b in trial_bundles("rllib", rllib, gpus_per_trial=gpus)]
+    assert ours == theirs
+
+
 def test_tiny_search_writes_table_best_config_and_trial_count(smoke_cfg, tmp_path):
     from training.tune import TuneConfig, run_tune
 

@@ -52,6 +52,35 @@ def test_evaluate_v1_equals_the_per_bar_policy_backtest(candles: pd.DataFrame) -
     assert fast.fees_paid_usdt > 0 and "funding_rate" in candles.columns  # costs on, funding joined
 
 
+def test_report_v1_baseline_uses_v1s_atr_period_like_evaluate_v1(candles: pd.DataFrame) -> None:
+    """Issue 8: with a feature ATR period != V1's, the report's V1 backtest (span_backtests, used by
+    ``ats evaluate`` and ``ats walkforward``) places stops at V1's own ATR, exactly as evaluate_v1 does."""
+    from training.evaluate import EvalSpan, span_backtests
+
+    v1, env = V1Config(atr_period_bars=7), EnvConfig()
+    a, b = (int(np.searchsorted(candles.index, t)) for t in (T0, T1))
+    hist = candles.iloc[:b]
+    feature_atr = atr_indicator(hist, 30)  # the feature config's period differs from V1's
+    span = EvalSpan(hist, pd.DataFrame(index=hist.index), feature_atr, a, b)
+    report = span_backtests(None, span, env, v1, strategies=("v1",))["v1"]
+    alone = evaluate_v1(candles, T0, T1, v1, env)
+    np.testing.assert_array_equal(report.equity.to_numpy(), alone.equity.to_numpy())
+    assert report.trades == alone.trades and len(alone.trades) > 3
+    # the check is sensitive: stops at the feature ATR (the old baseline) trade differently
+    at_feature_atr = run_backtest(V1Policy(v1), v1_env_data(hist.iloc[a:b], feature_atr[a:b]), hist, env, offset=a,
+                                  history_bars=v1.history_bars)  # fmt: skip
+    assert at_feature_atr.trades != alone.trades
+
+
+def test_span_backtests_without_a_bundle_only_runs_v1(candles: pd.DataFrame) -> None:
+    from training.evaluate import EvalSpan, span_backtests
+
+    hist = candles.iloc[:800]
+    span = EvalSpan(hist, pd.DataFrame(index=hist.index), atr_indicator(hist, 14), 700, 800)
+    with pytest.raises(ValueError, match="need a bundle"):
+        span_backtests(None, span, EnvConfig(), V1Config(), strategies=("v1", "flat"))
+
+
 def test_evaluate_v1_rejects_an_empty_period(candles: pd.DataFrame) -> None:
     with pytest.raises(ValueError, match="holds 0 bars"):
         evaluate_v1(candles, pd.Timestamp("2030-01-01", tz="UTC"), pd.Timestamp("2030-02-01", tz="UTC"),

@@ -181,3 +181,56 @@ def test_seeds_must_be_at_least_three():
 
     with pytest.raises(ValidationError, match="seeds"):
         _wf(seeds=(0, 1))
+
+
+def _trials_json(directory: Path, n_trials) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "trials.json").write_text(json.dumps({"n_trials": n_trials, "n_completed": 1, "backend": "sb3"}))
+    return directory
+
+
+def test_tuning_dir_trials_join_the_deflated_sharpe_count(tmp_path):
+    """Issue 7: ``--tuning-dir`` adds the search's n_trials to the DSR's trial count, which deflates more."""
+    from training.stats import deflated_sharpe_ratio
+    from training.walkforward import dsr_trial_count, load_tuning_record
+
+    record = load_tuning_record(_trials_json(tmp_path / "tune", 12))
+    assert record.n_trials == 12 and record.trials_json == str((tmp_path / "tune" / "trials.json").resolve())
+    assert len(record.sha256) == 64
+    assert dsr_trial_count(3, 2) == {"seeds": 3, "tuning_trials_config": 2, "tuning_dir": 0, "total": 5}
+    counted = dsr_trial_count(3, 2, record)
+    assert counted == {"seeds": 3, "tuning_trials_config": 2, "tuning_dir": 12, "total": 17}
+    returns = np.random.default_rng(0).normal(2e-3, 1e-2, 2000)
+    without, with_search = (deflated_sharpe_ratio(returns, n_trials=n, sr_variance=1e-3) for n in (5, counted["total"]))
+    assert with_search.n_trials == 17 and with_search.dsr < without.dsr
+
+
+def test_tuning_record_errors(tmp_path):
+    from training.walkforward import load_tuning_record
+
+    with pytest.raises(FileNotFoundError):
+        load_tuning_record(tmp_path / "missing")
+    for bad in (-1, "12", None, True):
+        with pytest.raises(ValueError, match="n_trials"):
+            load_tuning_record(_trials_json(tmp_path / f"bad{bad}", bad))
+    (tmp_path / "notjson").mkdir()
+    (tmp_path / "notjson" / "trials.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="trials.json"):
+        load_tuning_record(tmp_path / "notjson")
+
+
+def test_walkforward_cli_passes_the_tuning_record(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import training.walkforward as wf_mod
+    from ats_cli.main import app
+
+    seen = {}
+    monkeypatch.setattr(wf_mod, "run_walkforward", lambda wf, base, out, *, log, tuning: seen.update(tuning=tuning))
+    args = ["walkforward", "--config", str(REPO / "configs" / "walkforward_smoke.yaml"), "--out", str(tmp_path / "o")]
+    res = CliRunner().invoke(app, [*args, "--tuning-dir", str(_trials_json(tmp_path / "tune", 7))])
+    assert res.exit_code == 0, res.output
+    assert seen["tuning"].n_trials == 7
+    seen.clear()
+    res = CliRunner().invoke(app, [*args, "--tuning-dir", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and seen == {}  # refused before any fold is trained
