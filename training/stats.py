@@ -117,8 +117,9 @@ class DeflatedSharpe:
     def reading(self) -> str:
         """One-line plain reading of the DSR."""
         if self.dsr >= 0.95:
-            return f"DSR {self.dsr:.2f}: the Sharpe ratio survives {self.n_trials} trials at 95 % confidence"
-        return (f"DSR {self.dsr:.2f}: not significant after {self.n_trials} trials "
+            return (f"Deflated Sharpe ratio (DSR) {self.dsr:.2f}: the Sharpe ratio survives {self.n_trials} "
+                    "trials at 95 % confidence")
+        return (f"Deflated Sharpe ratio (DSR) {self.dsr:.2f}: not significant after {self.n_trials} trials "
                 "(the Sharpe ratio is explainable by selection among trials and non-normal returns)")
 
 

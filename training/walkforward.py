@@ -388,7 +388,8 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
     if chosen_returns.std() > 0:
         sr_var = dsr_trial_variance(seed_returns, chosen_returns)
         dsr = deflated_sharpe_ratio(chosen_returns, n_trials=n_trials, sr_variance=sr_var["used"])
-    dsr_reading = dsr.reading() if dsr else "DSR undefined: the chosen PPO seed never changed its equity (no trades)"
+    dsr_reading = dsr.reading() if dsr else (
+        "Deflated Sharpe ratio (DSR) undefined: the chosen PPO seed never changed its equity (no trades)")
     # PBO over the configurations one would choose among: every PPO seed and the V1 rules
     v1_returns = M.returns_from_equity(_stitch(per_strategy["v1"], initial).to_numpy())
     pbo_matrix = np.column_stack([seed_returns, v1_returns])

@@ -35,7 +35,12 @@ def test_smoke_run_writes_bundle_and_report(smoke_run):
 
     metrics = json.loads((smoke_run / "report" / "metrics.json").read_text())
     strategies = {"ppo", "v1", "buy_and_hold", "flat", "random"}
-    assert set(metrics) == strategies | {"regime_slices", "cost_sensitivity"}
+    assert set(metrics) == strategies | {"regime_slices", "cost_sensitivity", "provenance"}
+    # the report names the bundle it judged: its schema, file table and strategy config match the manifest
+    from training.provenance import report_mismatches
+
+    assert metrics["provenance"]["bundle"]["schema_hash"] == manifest["observation"]["schema_hash"]
+    assert report_mismatches(metrics["provenance"], manifest) == []
     for name in strategies:
         assert REQUIRED_METRICS <= set(metrics[name]), name
     # flat never trades: exactly zero return, fees and trades under the same cost model

@@ -267,9 +267,12 @@ def test_lean_info_has_equity_every_step_and_totals_at_the_end() -> None:
         obs_f, rew_f, term_f, trunc_f, info_f = full.step(a)
         assert np.array_equal(obs_l, obs_f) and (rew_l, term_l, trunc_l) == (rew_f, term_f, trunc_f)
         assert lean.full_info() == info_f  # the full snapshot stays available on demand
+        components = ("reward_base", "reward_turnover_penalty", "reward_drawdown_penalty")
+        assert rew_l == pytest.approx(info_l["reward_base"] - info_l["reward_turnover_penalty"]
+                                      - info_l["reward_drawdown_penalty"], abs=1e-12)
         if t < 7:
-            assert info_l == {"equity_usdt": info_f["equity_usdt"]}
+            assert info_l == {"equity_usdt": info_f["equity_usdt"], **{k: info_f[k] for k in components}}
     totals = ("fees_paid_usdt", "funding_paid_usdt", "slippage_paid_usdt", "liquidation_fees_usdt",
               "turnover_usdt", "n_trades", "n_fills", "n_skipped_min_notional", "n_fallback_funding")  # fmt: skip
-    assert trunc_l and info_l == {"equity_usdt": info_f["equity_usdt"], **{k: info_f[k] for k in totals}}
+    assert trunc_l and info_l == {"equity_usdt": info_f["equity_usdt"], **{k: info_f[k] for k in components + totals}}
     assert info_f["n_trades"] > 0
