@@ -5,6 +5,7 @@
 ``ats serve --mode live --live --bundle B --db STATE``             real orders (PASS gate + arming phrase)
 ``ats serve reload --db STATE --bundle NEW``                       hot-swap request to a running loop
 ``ats serve reset-risk --db STATE --note "..."``                   leave a kill switch (the only way)
+``ats serve accept-position --db STATE --note "..."``              adopt the exchange position (unreconciled)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import time
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -43,25 +45,35 @@ def _progress() -> Progress:
 @app.callback(invoke_without_command=True)
 def serve(
     ctx: typer.Context,
-    mode: Mode = typer.Option(Mode.paper, "--mode", help="paper (replayed candles, paper broker) | testnet | live"),
-    bundle: Path = typer.Option(None, "--bundle", help="policy bundle directory"),
-    db: Path = typer.Option(None, "--db", help="SQLite state file (decisions, intents, orders, fills, equity, events)"),
-    db_url: str = typer.Option(
-        None, "--db-url", help="testnet/live: keep the state in this SQLAlchemy database (e.g. postgresql+psycopg://"
-        "user@host/ats) instead of the --db SQLite file; --db still names the reload-request file",
-    ),
-    config: Path = typer.Option(None, "--config", help="serve YAML: paper/live/risk sections (see configs/serve.yaml)"),
-    replay: Path = typer.Option(None, "--replay", help="paper: candles parquet replayed bar by bar as if live"),
-    warmup_bars: int = typer.Option(None, "--warmup-bars", min=0, help="paper: bars observed before the first decision"),
-    max_bars: int = typer.Option(0, "--max-bars", min=0, help="stop after this many bars (0 = no limit)"),
-    initial_equity: float = typer.Option(None, "--initial-equity", min=0, help="paper: account equity, USDT"),
-    watch_dir: Path = typer.Option(None, "--watch-dir", help="directory watched for new bundles (hot-swap)"),
-    no_risk: bool = typer.Option(False, "--no-risk", help="paper only: run without the risk guard"),
-    symbol: str = typer.Option(None, "--symbol", help="testnet/live: unified ccxt symbol (default BTC/USDT:USDT)"),
-    timeframe: str = typer.Option(None, "--timeframe", help="testnet/live: bar length (default 1h)"),
-    env_file: Path = typer.Option(None, "--env-file", help="testnet/live: .env with the API key (chmod 600)"),
-    live: bool = typer.Option(False, "--live", help="live: confirm that real orders are intended"),
-    force_gate: bool = typer.Option(False, "--force-gate", help="testnet/live: serve a bundle whose gate verdict is not PASS (and accept such hot-swaps)"),
+    mode: Annotated[Mode, typer.Option(
+        "--mode", help="paper (replayed candles, paper broker) | testnet | live")] = Mode.paper,
+    bundle: Annotated[Path | None, typer.Option("--bundle", help="policy bundle directory")] = None,
+    db: Annotated[Path | None, typer.Option(
+        "--db", help="SQLite state file (decisions, intents, orders, fills, equity, events)")] = None,
+    db_url: Annotated[str | None, typer.Option(
+        "--db-url", help="testnet/live: keep the state in this SQLAlchemy database (e.g. postgresql+psycopg://"
+        "user@host/ats) instead of the --db SQLite file; --db still names the reload-request file")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="serve YAML: paper/live/risk sections (see configs/serve.yaml)")] = None,
+    replay: Annotated[Path | None, typer.Option(
+        "--replay", help="paper: candles parquet replayed bar by bar as if live")] = None,
+    warmup_bars: Annotated[int | None, typer.Option(
+        "--warmup-bars", min=0, help="paper: bars observed before the first decision")] = None,
+    max_bars: Annotated[int, typer.Option("--max-bars", min=0, help="stop after this many bars (0 = no limit)")] = 0,
+    initial_equity: Annotated[float | None, typer.Option(
+        "--initial-equity", min=0, help="paper: account equity, USDT")] = None,
+    watch_dir: Annotated[Path | None, typer.Option(
+        "--watch-dir", help="directory watched for new bundles (hot-swap)")] = None,
+    no_risk: Annotated[bool, typer.Option("--no-risk", help="paper only: run without the risk guard")] = False,
+    symbol: Annotated[str | None, typer.Option(
+        "--symbol", help="testnet/live: unified ccxt symbol (default BTC/USDT:USDT)")] = None,
+    timeframe: Annotated[str | None, typer.Option("--timeframe", help="testnet/live: bar length (default 1h)")] = None,
+    env_file: Annotated[Path | None, typer.Option(
+        "--env-file", help="testnet/live: .env with the API key (chmod 600)")] = None,
+    live: Annotated[bool, typer.Option("--live", help="live: confirm that real orders are intended")] = False,
+    force_gate: Annotated[bool, typer.Option(
+        "--force-gate", help="testnet/live: serve a bundle whose gate verdict is not PASS (and accept such hot-swaps)",
+    )] = False,
 ) -> None:
     """Serve the bundle bar by bar: V2 if it answers in time with finite outputs, else V1, else flat;
     every bar has one recorded decision. Stop with Ctrl-C (between bars)."""
@@ -131,3 +143,6 @@ def _serve_paper(settings, *, replay: Path | None, bundle: Path, db: Path, warmu
 
 app.command("reload", help="validate a bundle and swap it into the running loop between bars")(status_cmd.reload)
 app.command("reset-risk", help="reset a HALTED/REDUCING risk guard to ACTIVE (recorded)")(status_cmd.reset_risk)
+app.command("accept-position", help="adopt the exchange's position of an unreconciled symbol at the next bar (recorded)")(
+    status_cmd.accept_position
+)

@@ -96,6 +96,7 @@ def serve_live(
     live_config: Any = None,
     risk: Any = None,
     watch_dir: Path | None = None,
+    notify: Any = "env",
 ) -> int:
     """Run the live loop until SIGTERM/SIGINT (or ``max_bars`` bars); returns the bars processed.
 
@@ -106,6 +107,9 @@ def serve_live(
     ``watch_dir``: directory watched for new bundles; ``ats serve reload --db`` also works.
     ``db_url``: a SQLAlchemy URL for the state (any backend SQLAlchemy speaks; tested on SQLite);
     ``db_path`` then only names the reload-request file.
+    ``notify``: a :class:`serving.notify.NotifyConfig`, None (off) or "env" (default:
+    :func:`serving.notify.notify_config_from_env`, i.e. ``ATS_DISCORD_WEBHOOK_URL`` or
+    ``ATS_TELEGRAM_BOT_TOKEN`` + ``ATS_TELEGRAM_CHAT_ID``); a failing webhook never stops the loop.
     Raises :class:`FatalError` when arming, credentials or the exchange setup fail.
     """
     from serving.exchange import BinanceFuturesBroker, make_client
@@ -152,10 +156,18 @@ def serve_live(
 
         # the default scope: the one `ats status` shows and `ats serve reset-risk` resets
         guard = RiskGuard(risk if risk is not None else RiskConfig(), store)
+    from serving.notify import make_notifier, notify_config_from_env
+
+    notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
     loop = LiveLoop(broker, store, loop_cfg, primary=slot, fallback=fallback, primary_load_error=load_error,
-                    guard=guard, redact=creds.redact)
-    log(f"serving {symbol} {timeframe} on {mode}; state in {db_path}; stop with Ctrl-C (between bars)")
-    return loop.run(max_steps=max_bars)
+                    guard=guard, redact=creds.redact, notifier=notifier)
+    log(f"serving {symbol} {timeframe} on {mode}; state in {db_path}; stop with Ctrl-C (between bars)"
+        + ("; notifications on" if notifier is not None else ""))
+    try:
+        return loop.run(max_steps=max_bars)
+    finally:
+        if notifier is not None:
+            notifier.close()
 
 
 def _v1_config(manifest: dict[str, Any] | None):

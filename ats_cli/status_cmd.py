@@ -1,10 +1,12 @@
 """``ats status --db STATE`` (mode, position, equity, today's PnL, risk state, V2/V1 shares), and the
-``ats serve reset-risk`` and ``ats serve reload`` commands (registered in :mod:`ats_cli.serve_cmd`)."""
+``ats serve reset-risk``, ``ats serve accept-position`` and ``ats serve reload`` commands (registered
+in :mod:`ats_cli.serve_cmd`)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -57,6 +59,8 @@ def status(
     table.add_row("decided by V2", f"{s.decided_v2} ({pct(s.share('v2'))})")
     table.add_row("decided by V1", f"{s.decided_v1} ({pct(s.share('v1'))})")
     table.add_row("decided by guard", f"{s.decided_guard} ({pct(s.share('guard'))})")
+    if s.decided_missed:
+        table.add_row("missed (no decision)", f"{s.decided_missed} ({pct(s.share('missed'))})")
     console.print(table)
 
 
@@ -82,9 +86,46 @@ def reset_risk(
     console.print(f"risk guard [bold]{scope}[/] reset to [green]ACTIVE[/] (was {was})")
 
 
+def _market_id(symbol: str) -> str:
+    """``BTC/USDT:USDT`` or ``BTCUSDT`` -> ``BTCUSDT`` (the id the position rows are stored under)."""
+    return symbol.split(":")[0].replace("/", "").upper()
+
+
+def accept_position(
+    db: str = typer.Option(..., "--db", help="serving state database: a SQLite file or a SQLAlchemy URL"),
+    note: str = typer.Option(..., "--note", help="who accepts and why (recorded)"),
+    symbol: str = typer.Option(None, "--symbol", help="symbol (BTC/USDT:USDT or BTCUSDT); default: the one blocked"),
+) -> None:
+    """Accept the exchange's position of an unreconciled symbol: the live loop adopts it as its new
+    reference at its next bar (or next start), recorded with the note, and trading resumes."""
+    from datetime import UTC, datetime
+
+    import pandas as pd
+
+    from serving.store import StateStore
+
+    if "://" not in db and not Path(db).is_file():
+        console.print(f"[red]no state database at {db}[/]")
+        raise typer.Exit(code=2)
+    with StateStore.open(db) as store:
+        blocked = store.blocked_symbols()
+        if symbol is None and len(blocked) != 1:
+            console.print("[red]no unreconciled position: nothing to accept[/]" if not blocked else
+                          f"[red]several unreconciled symbols {blocked}: choose one with --symbol[/]")
+            raise typer.Exit(code=2)
+        target = _market_id(symbol) if symbol is not None else blocked[0]
+        try:
+            detail = store.request_position_accept(target, note, pd.Timestamp(datetime.now(UTC)))
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(code=2) from exc
+    console.print(f"accept requested for [bold]{target}[/] (exchange position last seen: {detail['seen_signed_qty']:+.6g} "
+                  "base); the live loop adopts the exchange position at its next bar or start")
+
+
 def reload(
-    db: Path = typer.Option(..., "--db", help="state database of the running `ats serve`"),
-    bundle: Path = typer.Option(..., "--bundle", help="bundle directory to validate and swap in"),
+    db: Annotated[Path, typer.Option("--db", help="state database of the running `ats serve`")],
+    bundle: Annotated[Path, typer.Option("--bundle", help="bundle directory to validate and swap in")],
 ) -> None:
     """Ask the running serving loop to validate ``--bundle`` and swap it in between bars."""
     from serving.hotswap import reload_request_path, request_reload

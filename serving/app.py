@@ -33,7 +33,7 @@ def _v1_config_from_manifest(bundle_dir: Path) -> V1Config:
     try:
         manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
         return V1Config.model_validate(manifest["config"]["v1"])
-    except Exception:  # an unreadable manifest must not stop the fallback from running
+    except Exception:  # noqa: BLE001 - an unreadable manifest must not stop the fallback from running
         return V1Config()
 
 

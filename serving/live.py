@@ -6,12 +6,23 @@ killed anywhere and restarted carries on where it stopped):
 1. **Clock**: read the exchange time; ``offset = server - wall`` (injected wall clock). The bar
    to decide is the last one *closed by the exchange clock*, so a jump of the local clock never
    skips or repeats a bar; an offset beyond ``max_clock_offset_ms`` blocks entries (event).
+   **Missed bars**: every bar has exactly one decision row. The loop only ever decides the last
+   closed bar, so a bar with no decision row when a later bar is reached can no longer be
+   decided: it is recorded afterwards as source 'missed' (:func:`missed_bar_records`), with
+   the side of the last recorded position as its direction (nothing was sent for it: the
+   position and its exchange-side stop/take-profit were left as they were) and a reason saying
+   why: every attempt of that bar failed in this process (attempt count and last error), or no
+   step ran for it (process stopped, restarting, or failing before the bar was known). One
+   ``bars_missed`` event per gap. A new run (no decision yet) has no gap.
 2. **Reconcile** (:meth:`LiveLoop.reconcile`): resolve every unresolved intent of earlier bars by
    client id (found: record it; absent: 'abandoned'), store new fills since the last seen trade
    id (dedup on trade id), compare the exchange position with ``last position row + signed fills
    after its trade id``: equal -> a 'reconcile' row; different -> an 'unreconciled' row and an
    event, and the loop refuses to trade (no order at all, exits included; the decision is still
-   recorded) until :meth:`LiveLoop.reset_position_baseline`; cancel our
+   recorded) until an operator accepts the exchange position: ``ats serve accept-position --db
+   STATE --note "who and why"`` writes a request (:meth:`serving.store.StateStore.request_position_accept`)
+   that the next reconciliation applies (a new 'baseline' row and a ``position_accepted`` event,
+   so the same bar may trade), or :meth:`LiveLoop.reset_position_baseline` in-process; cancel our
    protective orders left open on a flat position. Each repair is an event.
 3. **Candles**: ``fetch_ohlcv`` of the last ``context_bars`` closed bars; the window must be
    complete, unique, sorted, gapless, finite and OHLC-consistent and end at the bar to decide.
@@ -32,6 +43,12 @@ killed anywhere and restarted carries on where it stopped):
    looked up; a create that timed out (or answered -4116, duplicate client id) is resolved by
    ``lookup_attempts`` spaced lookups, and re-sent (same id) only when none finds it.
 6. Record fills, position and an equity snapshot.
+
+Notifications (optional ``notifier``, :mod:`serving.notify`): after every step, successful or
+not, the events of this run written since the last publish and the exchange fills stored since
+(entries, exits, stops, take-profits, external fills) go to ``notifier.publish``; only the first
+``step_failed`` of a streak is passed on. A notifier that raises is ignored: it never stops the
+loop.
 
 Failures (:meth:`LiveLoop.run`): a retryable, ambiguous or rejected error ends the step; it is
 retried within the same bar after ``step_retry_initial_s`` (doubling, at most ``step_retry_max_s``
@@ -77,8 +94,16 @@ from serving.intents import (
     plan_bar,
     protective_intents,
 )
+from serving.notify import Notifier
 from serving.risk import AccountSnapshot
-from serving.store import DecisionRecord, EquityRecord, EventRecord, ExchangeFillRecord, StateStore
+from serving.store import (
+    DecisionRecord,
+    EquityRecord,
+    EventRecord,
+    ExchangeFillRecord,
+    FillRecord,
+    StateStore,
+)
 
 CRASH_POINTS: tuple[str, ...] = (
     "after_intent_written", "after_send", "after_ack", "after_fill", "during_reconciliation",
@@ -251,6 +276,46 @@ def with_funding_column(candles: pd.DataFrame, funding: Sequence[tuple[int, floa
     return out
 
 
+def missed_bars(last_decided: pd.Timestamp | None, bar: pd.Timestamp, tf_ms: int) -> list[pd.Timestamp]:
+    """Open times strictly between ``last_decided`` and ``bar`` (pure): bars that closed with no decision.
+
+    Empty when ``last_decided`` is None (a new run) or not earlier than the bar before ``bar``.
+    """
+    if last_decided is None:
+        return []
+    step = pd.Timedelta(milliseconds=tf_ms)
+    first = last_decided + step
+    return list(pd.date_range(first, bar - step, freq=step)) if first < bar else []
+
+
+def missed_bar_records(run_id: str, bars: Sequence[pd.Timestamp], side: int, reasons: dict[pd.Timestamp, str],
+                       default_reason: str, created_at: pd.Timestamp) -> list[DecisionRecord]:
+    """Decision rows (source 'missed') of ``bars`` (pure): direction ``side`` (the position left in
+    place), default sizing, no raw action, latency 0, reason ``reasons.get(bar, default_reason)``."""
+    decision = Decision(direction=int(side)) if side else Decision.flat()
+    return [DecisionRecord.from_decision(run_id, b, "missed", decision, raw_action=None,
+                                         fallback_reason=reasons.get(b, default_reason), latency_ms=0.0,
+                                         created_at=created_at.to_pydatetime()) for b in bars]  # fmt: skip
+
+
+def fill_notices(fills: Sequence[ExchangeFillRecord]) -> list[FillRecord]:
+    """Exchange trades as :class:`FillRecord` for :func:`serving.notify.messages` (pure).
+
+    ``reason`` is the intent kind of our client id ('entry', 'exit', 'stop', 'tp', 'unprot',
+    'stopmv'), 'external' for a trade of an order we did not place; the bar is the trade time.
+    """
+    out = []
+    for f in fills:
+        parsed = parse_client_order_id(f.client_id) if f.client_id else None
+        out.append(FillRecord(f.run_id, f.time, int(f.side), float(f.qty_base), float(f.price), float(f.fee_usdt),
+                              0.0, parsed[2] if parsed else "external"))
+    return out
+
+
+MISSED_NO_STEP = ("missed: no step ran for this bar before the next close (process stopped or restarting, or every "
+                  "attempt failed before the bar was known); nothing was sent, the position was left as it was")
+
+
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +365,9 @@ class LiveLoop:
         Used between steps and for Retry-After waits.
     redact : Callable[[str], str]
         Applied to every error text before it is recorded (e.g. ``ApiCredentials.redact``).
+    notifier : Notifier | None
+        Receives the run's new events and exchange fills after every step (module docstring);
+        None: no notifications.
     """
 
     def __init__(
@@ -316,6 +384,7 @@ class LiveLoop:
         monotonic_s: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], None] = time.sleep,
         redact: Callable[[str], str] = lambda text: text,
+        notifier: Notifier | None = None,
     ) -> None:
         if config.timeframe not in _TF_MS:
             raise ValueError(f"timeframe {config.timeframe!r} not supported; use one of {sorted(_TF_MS)}")
@@ -335,6 +404,12 @@ class LiveLoop:
         self.clock_offset_ms: float = 0.0
         #: set by an unexpected exception in a step: entries stay halted for this process's life
         self.internal_error: str | None = None
+        self.notifier = notifier
+        self._notified: tuple[int, int] | None = None  # (events id, exchange fills id) already published
+        self._risk_state: str | None = None  # the guard's state at the last review
+        self._attempt_bar: pd.Timestamp | None = None  # bar of the step in progress (None: not known yet)
+        #: bar -> (failed attempts, last error) for bars whose steps failed in this process
+        self._bar_failures: dict[pd.Timestamp, tuple[int, str]] = {}
 
     # -- helpers --------------------------------------------------------------------------------
     @property
@@ -359,6 +434,8 @@ class LiveLoop:
         self.broker.require_one_way_mode()
         self.broker.set_isolated_margin()
         self._started = True
+        if self._notified is None:
+            self._notified = self.store.max_ids()  # notify from now on, not the history
         self._event(self._now_ts(), "live_started", {"mode": self.config.mode, "symbol": self.config.symbol, "timeframe": self.config.timeframe,
                                                      "primary": getattr(self.primary, "name", None)})
 
@@ -402,8 +479,13 @@ class LiveLoop:
             else:
                 self.store.mark_intent(it["client_id"], "abandoned", now, {"reason": "not on the exchange, bar passed"})
                 self._event(now, "intent_abandoned", {"client_id": it["client_id"], "was": it["status"]})
-        # (b) fills and position
+        # (b) fills and position; an operator's accept-position request is applied here
         position = self._sync_position(now, crash=True)
+        request = self.store.pending_position_accept(sym)
+        if request is not None:
+            self._adopt_exchange_position(position, now, "position_accepted", {
+                "note": request.get("note"), "request_id": request["request_id"],
+                "seen_signed_qty": request.get("seen_signed_qty")})  # fmt: skip
         # (c) open orders: orphans on a flat position
         opened = self.broker.open_orders()
         ours = [o for o in opened if parse_client_order_id(o.client_id) is not None]
@@ -439,14 +521,18 @@ class LiveLoop:
                 self._event(now, "guard_error", {"where": "record_closed_trade", "error": self._safe(repr(exc))[:500]})
 
     def reset_position_baseline(self) -> None:
-        """Operator action: accept the exchange position as the new reference (unblocks entries)."""
+        """Operator action in-process: accept the exchange position as the new reference (unblocks
+        trading). From the command line: ``ats serve accept-position`` (module docstring)."""
         self.start()
-        pos = self.broker.position()
-        now = self._now_ts()
+        self._adopt_exchange_position(self.broker.position(), self._now_ts(), "position_baseline_reset", {})
+
+    def _adopt_exchange_position(self, pos: ExchangePosition, now: pd.Timestamp, kind: str,
+                                 detail: dict[str, Any]) -> None:
+        """Write ``pos`` as the new 'baseline' (fills stored so far included) with a ``kind`` event."""
         self.store.record_position(self.run_id, self.market_id, now, pos.side, pos.qty_base, pos.entry_price,
                                    "baseline", self.store.last_trade_id(self.market_id),
-                                   events=[EventRecord(self.run_id, now, "position_baseline_reset",
-                                                       {"signed_qty": pos.side * pos.qty_base})])
+                                   events=[EventRecord(self.run_id, now, kind,
+                                                       {**detail, "signed_qty": pos.side * pos.qty_base})])
 
     # -- sending --------------------------------------------------------------------------------
     def _intent_from_row(self, r: dict[str, Any]) -> OrderIntent:
@@ -537,7 +623,15 @@ class LiveLoop:
         return (server_ms // self.tf_ms) * self.tf_ms - self.tf_ms
 
     def step(self) -> StepResult:
-        """Process the last closed bar if it is new or unfinished (module docstring)."""
+        """Process the last closed bar if it is new or unfinished (module docstring); then publish the
+        new events and fills to the notifier. Errors of the step propagate (see :meth:`run`)."""
+        try:
+            return self._step()
+        finally:
+            self.publish_notifications()
+
+    def _step(self) -> StepResult:
+        self._attempt_bar = None
         self.start()
         cfg = self.config
         server_ms = self.broker.server_time_ms()
@@ -545,6 +639,8 @@ class LiveLoop:
         self.clock_offset_ms = server_ms - wall_ms
         bar_ms = self.last_closed_bar_ms(server_ms)
         bar = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
+        self._attempt_bar = bar
+        self._record_missed(bar)
         state = self.reconcile(bar)
         decided = self.store.decision_at(self.run_id, bar)
         result = StepResult(bar)
@@ -650,6 +746,46 @@ class LiveLoop:
         self._finish(bar, state, result)
         return result
 
+    def _record_missed(self, bar: pd.Timestamp) -> None:
+        """Record the bars before ``bar`` that closed without a decision (source 'missed'; module docstring)."""
+        gap = missed_bars(self.store.last_decision_bar(self.run_id), bar, self.tf_ms)
+        if not gap:
+            self._bar_failures = {b: v for b, v in self._bar_failures.items() if b >= bar}
+            return
+        reasons = {b: (f"missed: every attempt to process this bar failed before its decision was recorded ({n} "
+                       f"attempts; last: {err}); nothing was sent, the position was left as it was")
+                   for b, (n, err) in self._bar_failures.items()}  # fmt: skip
+        last = self.store.last_position(self.market_id)
+        side = int(last["side"]) if last is not None else 0
+        now = self._now_ts()
+        rows = missed_bar_records(self.run_id, gap, side, reasons, MISSED_NO_STEP, now)
+        failed = [b for b in gap if b in self._bar_failures]
+        self.store.append(decisions=rows, events=[EventRecord(self.run_id, now, "bars_missed", {
+            "first": str(gap[0]), "last": str(gap[-1]), "count": len(gap), "failed_in_process": len(failed),
+            "position_side": side})])  # fmt: skip
+        self._bar_failures = {b: v for b, v in self._bar_failures.items() if b >= bar}
+
+    def _note_failure(self, error: str) -> None:
+        """Count a failed attempt of the bar in progress (its reason if it ends up missed)."""
+        if self._attempt_bar is None:
+            return
+        n, _ = self._bar_failures.get(self._attempt_bar, (0, ""))
+        self._bar_failures[self._attempt_bar] = (n + 1, error[:300])
+
+    def publish_notifications(self) -> None:
+        """Hand the run's events and fills stored since the last call to the notifier; never raises."""
+        if self.notifier is None or self._notified is None:
+            return
+        try:
+            events, ev_id = self.store.events_after(self.run_id, self._notified[0])
+            fills, fill_id = self.store.exchange_fills_after(self.market_id, self._notified[1])
+            self._notified = (ev_id, fill_id)
+            events = [e for e in events if not (e.kind == "step_failed" and e.detail.get("consecutive", 1) > 1)]
+            if events or fills:
+                self.notifier.publish(events, fill_notices(fills))
+        except Exception:  # noqa: BLE001 - a notification must never stop trading
+            return
+
     def _repair_protection(self, bar: pd.Timestamp, position: ExchangePosition, protection: OpenProtection,
                            atr_t: float, result: StepResult) -> None:
         """A held position without its stop (or take-profit): place the missing one(s) again.
@@ -729,6 +865,10 @@ class LiveLoop:
         blocks = [] if verdict.state == "ACTIVE" else [f"guard_{verdict.state}"]
         events = [] if not verdict.reasons else [EventRecord(self.run_id, bar, "guard_verdict", {
             "state": verdict.state, "reasons": list(verdict.reasons)})]
+        previous, self._risk_state = self._risk_state, str(verdict.state)
+        if self._risk_state != previous and not (previous is None and self._risk_state == "ACTIVE"):
+            events.append(EventRecord(self.run_id, bar, "risk_state_changed", {
+                "from": previous, "to": self._risk_state, "reasons": list(verdict.reasons)}))  # fmt: skip
         return verdict.decision, blocks, events
 
     def _fetch_window(self, bar_ms: int) -> CandleWindow:
@@ -889,24 +1029,30 @@ class LiveLoop:
         failures = 0  # consecutive failed steps: retried within the bar, with a doubling wait
         while not self.stop_requested.is_set():
             failed = False
+            self._attempt_bar = None
             try:
                 result = self.step()
                 if result.bar_open_time is not None:
                     done += 1
             except (RetryableError, AmbiguousOutcomeError, RejectedError) as exc:
                 failed = True
+                self._note_failure(self._safe(f"{type(exc).__name__}: {exc}"))
                 self._event(self._now_ts(), "step_failed", {"error": self._safe(f"{type(exc).__name__}: {exc}")[:1000],
                                                             "consecutive": failures + 1})  # fmt: skip
             except FatalError as exc:
                 self._event(self._now_ts(), "fatal_error", {"error": self._safe(f"{type(exc).__name__}: {exc}")[:1000]})
+                self.publish_notifications()
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug or unforeseen error: exits go on, entries stop
                 failed = True
                 self.internal_error = self._safe(f"{type(exc).__name__}: {exc}")[:300]
+                self._note_failure(self.internal_error)
                 self._event(self._now_ts(), "internal_error", {
                     "error": self._safe(f"{type(exc).__name__}: {exc}")[:1000],
                     "traceback": self._safe(traceback.format_exc())[-3000:],
                     "effect": "entries halted until restart; exits still sent"})  # fmt: skip
+            if failed:
+                self.publish_notifications()
             failures = failures + 1 if failed else 0
             if max_steps is not None and done >= max_steps:
                 break
@@ -919,4 +1065,5 @@ class LiveLoop:
             while not self.stop_requested.is_set() and self.monotonic_s() < end:
                 self._sleep(min(0.05, max(0.0, end - self.monotonic_s())))
         self._event(self._now_ts(), "live_stopped", {"bars": done})
+        self.publish_notifications()
         return done

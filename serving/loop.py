@@ -32,6 +32,16 @@ hold-or-flat only (an open position keeps its stop and take-profit, no new posit
 that would open a position while ``atr[t]`` is non-finite or <= 0 is replaced by flat (never
 trade on a non-finite number).
 
+No invalid row ever reaches a policy. The rule is the live loop's
+(:func:`serving.live.validate_window`): a policy is asked only when *every* row of its context
+window (the last ``context_bars`` rows up to t; the whole history when ``context_bars`` is None)
+is valid. A valid bar whose window still contains a quarantined row is *held*: the broker
+processes it normally (fills, stops, take-profits, liquidation: exits happen), the risk guard
+reviews it (it can flatten), but no policy is asked and the decision is hold-or-flat (source
+'guard', reason ``quarantine_window: ...`` naming the invalid row), so no entry is taken until
+the bad row has left the window (``context_bars`` bars later). A ``context_window_invalid``
+event marks the first held bar of each stretch.
+
 In a live setting the deadline must also be enforced by running the policy in a worker; in a
 replay the call runs to completion and a late answer is simply not used.
 """
@@ -103,6 +113,8 @@ class ReplaySummary:
     ``bars`` counts the bars processed (from ``warmup_bars`` on, quarantined ones included);
     ``decisions_*`` count decision rows by source ('guard': a flat/hold imposed by the loop or the
     risk guard); ``risk_state`` is the guard's state after the last bar (None without a guard);
+    ``n_quarantined`` counts bars whose own row is invalid, ``n_window_held`` valid bars held
+    because their context window still contains an invalid row (both decided 'guard');
     ``fallback_reasons`` counts, per reason kind (the text before the first ':', e.g.
     ``deadline_exceeded``), the bars on which the primary was not used. Money in USDT; costs are
     cumulative over the run (``funding_paid_usdt`` > 0: paid).
@@ -124,6 +136,7 @@ class ReplaySummary:
     liquidation_fees_usdt: float
     events: Counter[str] = field(default_factory=Counter)
     risk_state: str | None = None
+    n_window_held: int = 0
 
 
 def _validate_candles(candles: pd.DataFrame) -> None:
@@ -170,6 +183,37 @@ def row_problems(candles: pd.DataFrame) -> list[str | None]:
                     f"close={c[i]!r} volume={v[i]!r}"
                 )
     return out
+
+
+def last_invalid_row(problems: list[str | None]) -> np.ndarray:
+    """Per row t, the index of the last invalid row at or before t (-1 when there is none).
+
+    ``problems`` is the output of :func:`row_problems`. Returns an int64 array of the same length;
+    the context window ``[start, t]`` of bar t contains an invalid row iff ``out[t] >= start``.
+    """
+    bad = np.fromiter((p is not None for p in problems), dtype=bool, count=len(problems))
+    idx = np.where(bad, np.arange(len(problems), dtype=np.int64), -1)
+    return np.maximum.accumulate(idx) if len(idx) else idx
+
+
+def window_start(t: int, context_bars: int | None) -> int:
+    """First row of the context window of bar t (``context_bars`` rows ending at t, or the whole history)."""
+    return 0 if context_bars is None else max(0, t + 1 - context_bars)
+
+
+def _window_reason(index: pd.DatetimeIndex, bad: int, context_bars: int | None) -> str:
+    """Decision reason of a bar held because its context window contains the invalid row ``bad``."""
+    if context_bars is None:
+        until = "it never leaves the window (context_bars=None: the whole history)"
+    elif bad + context_bars < len(index):
+        until = f"no policy is asked before {index[bad + context_bars]}"
+    else:
+        until = "it stays in the window to the end of the candles"
+    return f"quarantine_window: the context window holds the invalid row {index[bad]}; {until}"
+
+
+def _hold(side: int) -> Decision:
+    return Decision(direction=side) if side != 0 else Decision.flat()
 
 
 def _decision_detail(d: Decision | None) -> dict[str, Any] | None:
@@ -273,6 +317,7 @@ def run_replay(
     run_id = config.run_id
     broker = PaperBroker(config.initial_equity_usdt, costs)
     problems = row_problems(candles)
+    last_bad = last_invalid_row(problems)
     index = candles.index
     o, h, lo, c = (candles[k].to_numpy(np.float64) for k in ("open", "high", "low", "close"))
     funding = (
@@ -284,6 +329,8 @@ def run_replay(
     fallback_reasons: Counter[str] = Counter()
     event_counts: Counter[str] = Counter()
     n_quarantined = 0
+    n_window_held = 0
+    held_by: int | None = None  # the invalid row holding the current stretch of bars (None: none)
     last_valid_atr = math.nan
     last_kind: str | None = None  # reason kind of the previous decided bar (None: primary used)
     last_ctx: DecisionContext | None = None
@@ -353,14 +400,18 @@ def run_replay(
             last_valid_atr = atr_t
 
         # (2)-(4) decide
+        start = window_start(t, config.context_bars)
+        tainted = problem is None and last_bad[t] >= start
         if problem is not None:
-            side = state.side
-            choice = _Choice(
-                Decision(direction=side) if side != 0 else Decision.flat(),
-                "guard", f"quarantine: {problem}", None, 0.0, [],
-            )  # fmt: skip
+            choice = _Choice(_hold(state.side), "guard", f"quarantine: {problem}", None, 0.0, [])
+        elif tainted:
+            bad = int(last_bad[t])
+            n_window_held += 1
+            choice = _Choice(_hold(state.side), "guard", _window_reason(index, bad, config.context_bars), None, 0.0, [])
+            if held_by != bad:
+                choice.events.append(("context_window_invalid", {"invalid_row": str(index[bad]),
+                                                                 "problem": problems[bad]}))
         else:
-            start = 0 if config.context_bars is None else max(0, t + 1 - config.context_bars)
             ctx = DecisionContext(
                 bar_open_time=ts,
                 candles=candles.iloc[start : t + 1],
@@ -383,6 +434,7 @@ def run_replay(
                     choice.events.append(("primary_recovered", {"previous_reason_kind": last_kind}))
                 last_kind = None
 
+        held_by = int(last_bad[t]) if tainted else None
         decision = choice.decision
         opens = decision.direction != 0 and decision.direction != state.side
         if opens and not atr_ok:
@@ -452,12 +504,14 @@ def run_replay(
         liquidation_fees_usdt=final.liquidation_fees_usdt,
         events=event_counts,
         risk_state=risk_state,
+        n_window_held=n_window_held,
     )
     end_time = index[-1] if n else pd.Timestamp(0, tz="UTC")
     end_events = [EventRecord(run_id, end_time, "run_finished", {
         "bars": summary.bars, "decisions_v2": summary.decisions_v2, "decisions_v1": summary.decisions_v1,
         "decisions_guard": summary.decisions_guard, "fallback_reasons": dict(fallback_reasons),
         "final_equity_usdt": summary.final_equity_usdt, "n_fills": summary.n_fills, "risk_state": risk_state,
+        "n_quarantined": n_quarantined, "n_window_held": n_window_held,
     })]  # fmt: skip
     store.append(events=end_events)
     if notifier is not None:

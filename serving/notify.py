@@ -9,7 +9,14 @@ and never waits on the network.
 
 Sent: entries and exits (fills), ``fallback_engaged`` / ``primary_recovered`` /
 ``fallback_failed``, kill switches and every other ``risk_state_changed``, bundle swaps and
-rejections, liquidations, quarantined bars and run start/finish (:data:`DEFAULT_KINDS`).
+rejections, liquidations, quarantined bars and run start/finish; from the live loop also its
+start/stop, errors (``step_failed``, ``internal_error``, ``fatal_error``, ``guard_error``,
+``order_rejected``), an unreconciled or accepted position, a stop the exchange refused, and
+missed bars (:data:`DEFAULT_KINDS`).
+
+Settings: environment variables only (they hold secrets, which ``configs/*.yaml`` must not):
+``ATS_DISCORD_WEBHOOK_URL``, or ``ATS_TELEGRAM_BOT_TOKEN`` with ``ATS_TELEGRAM_CHAT_ID``
+(:func:`notify_config_from_env`); none set: notifications off.
 
 Endpoints: Discord ``POST <webhook_url>`` with ``{"content": text}`` (Discord "Execute Webhook");
 Telegram ``POST <api_base_url>/bot<token>/sendMessage`` with ``{"chat_id", "text"}`` (Telegram Bot
@@ -35,6 +42,10 @@ DEFAULT_KINDS: tuple[str, ...] = (
     "run_started", "run_finished", "fallback_engaged", "primary_recovered", "fallback_failed",
     "risk_state_changed", "bundle_swapped", "bundle_rejected", "liquidation", "quarantine",
     "primary_unavailable", "guard_error",
+    # live loop (serving.live)
+    "live_started", "live_stopped", "step_failed", "internal_error", "fatal_error", "order_rejected",
+    "position_unreconciled", "position_accepted", "position_baseline_reset", "stop_rejected_closing",
+    "bars_missed",
 )  # fmt: skip
 
 
@@ -95,7 +106,7 @@ def messages(
     """The texts to send for a bar's ``events`` (only ``kinds``) and ``fills`` (entries and exits)."""
     out = []
     for f in fills:
-        what = "entry" if f.reason == "entry" else f"exit ({f.reason})"
+        what = {"entry": "entry", "external": "external fill"}.get(f.reason, f"exit ({f.reason})")
         side = "buy" if f.side > 0 else "sell"
         out.append(
             f"{prefix} {f.run_id} {f.bar_open_time}: {what} {side} {f.qty_base:.6g} @ {f.price:.2f} USDT"

@@ -12,7 +12,8 @@ Everything is derived from the append-only tables of :class:`serving.store.State
   reports its last replayed day;
 * risk state: the latest ``risk_state`` row of the scope (ACTIVE when the guard never wrote one),
   "since" the last row that changed the state or its reasons;
-* share of bars decided by V2, V1 and the guard: decision rows by ``source`` / all rows of the run.
+* share of bars decided by V2, V1 and the guard, and of bars 'missed' (no decision at the bar's
+  close, recorded afterwards by the live loop): decision rows by ``source`` / all rows of the run.
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ class ServeStatus:
     decided_v2: int
     decided_v1: int
     decided_guard: int
+    decided_missed: int = 0
 
     def share(self, source: str) -> float:
-        """Share of the run's bars decided by ``source`` ('v2', 'v1', 'guard'); NaN without bars."""
-        n = {"v2": self.decided_v2, "v1": self.decided_v1, "guard": self.decided_guard}[source]
+        """Share of the run's bars decided by ``source`` ('v2', 'v1', 'guard', 'missed'); NaN without bars."""
+        n = {"v2": self.decided_v2, "v1": self.decided_v1, "guard": self.decided_guard,
+             "missed": self.decided_missed}[source]
         return n / self.bars if self.bars else float("nan")
 
 
@@ -105,5 +108,5 @@ def read_status(store: StateStore, run_id: str | None = None, *, scope: str = DE
         risk_reasons=() if risk is None else tuple(risk.reasons),
         risk_since=risk_since,
         bars=len(decisions), decided_v2=int(counts.get("v2", 0)), decided_v1=int(counts.get("v1", 0)),
-        decided_guard=int(counts.get("guard", 0)),
+        decided_guard=int(counts.get("guard", 0)), decided_missed=int(counts.get("missed", 0)),
     )  # fmt: skip

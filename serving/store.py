@@ -2,9 +2,10 @@
 
 Four tables, written only by inserts:
 
-* ``decisions`` -- one row per decided bar: which policy decided (``source`` 'v2', 'v1' or
-  'guard' when the loop itself imposed a safe decision), the action, V2's raw action, the
-  fallback reason and the decision latency.
+* ``decisions`` -- one row per bar: which policy decided (``source`` 'v2', 'v1', 'guard' when
+  the loop itself imposed a safe decision, or 'missed' when the live loop made no decision at
+  the bar's close and records that afterwards), the action, V2's raw action, the fallback reason
+  and the decision latency.
 * ``fills`` -- every execution of the broker (:class:`envs.accounting.Fill`).
 * ``equity`` -- one snapshot per processed bar, marked at its close.
 * ``events`` -- anything worth an alert or an audit line (fallbacks, quarantines, ...).
@@ -34,7 +35,7 @@ import sqlalchemy as sa
 from envs.accounting import Fill
 from market.decision import Decision
 
-DECISION_SOURCES: tuple[str, ...] = ("v2", "v1", "guard")
+DECISION_SOURCES: tuple[str, ...] = ("v2", "v1", "guard", "missed")
 
 _metadata = sa.MetaData()
 
@@ -296,7 +297,7 @@ def _loads_raw_action(text: str | None) -> list[float] | None:
 
 @dataclass(frozen=True, slots=True)
 class DecisionRecord:
-    """One row of ``decisions``. ``source`` is 'v2', 'v1' or 'guard'; ``latency_ms`` in milliseconds."""
+    """One row of ``decisions``. ``source`` is one of :data:`DECISION_SOURCES`; ``latency_ms`` in ms."""
 
     run_id: str
     bar_open_time: pd.Timestamp
@@ -898,13 +899,100 @@ class StateStore:
 
     def position_blocked(self, symbol: str) -> bool:
         """True when an 'unreconciled' position row was written after the latest 'baseline' row."""
+        return self._latest_position_id(symbol, "unreconciled") > self._latest_position_id(symbol, "baseline")
+
+    def _latest_position_id(self, symbol: str, source: str) -> int:
         t = positions_table
         with self._engine.connect() as conn:
-            base = conn.execute(sa.select(sa.func.max(t.c.id)).where(
-                (t.c.symbol == symbol) & (t.c.source == "baseline"))).scalar() or 0  # fmt: skip
-            bad = conn.execute(sa.select(sa.func.max(t.c.id)).where(
-                (t.c.symbol == symbol) & (t.c.source == "unreconciled"))).scalar() or 0  # fmt: skip
-        return bad > base
+            value = conn.execute(sa.select(sa.func.max(t.c.id)).where(
+                (t.c.symbol == symbol) & (t.c.source == source))).scalar()  # fmt: skip
+        return int(value or 0)
+
+    def blocked_symbols(self) -> list[str]:
+        """Symbols whose position is unreconciled now (:meth:`position_blocked`), sorted."""
+        with self._engine.connect() as conn:
+            symbols = conn.execute(sa.select(positions_table.c.symbol).distinct()).scalars().all()
+        return sorted(s for s in symbols if self.position_blocked(s))
+
+    def request_position_accept(self, symbol: str, note: str, time: pd.Timestamp) -> dict[str, Any]:
+        """Operator request (``ats serve accept-position``): adopt the exchange position of ``symbol``.
+
+        Appends a ``position_accept_requested`` event (run of the latest unreconciled row) whose
+        detail names the symbol, the note, the exchange position last seen and the id of the
+        current 'baseline' row. The live loop applies it at its next reconciliation
+        (:meth:`pending_position_accept`); a request is tied to the discrepancy present when it
+        was made, so it never adopts a later one.
+
+        Returns
+        -------
+        dict
+            The event detail written.
+
+        Raises
+        ------
+        ValueError
+            If the position of ``symbol`` is not unreconciled (nothing to accept) or ``note`` is blank.
+        """
+        if not note.strip():
+            raise ValueError("a note (who accepts and why) is required")
+        if not self.position_blocked(symbol):
+            raise ValueError(f"the position of {symbol} is not unreconciled: nothing to accept")
+        t = positions_table
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(t).where((t.c.symbol == symbol) & (t.c.source == "unreconciled"))
+                               .order_by(t.c.id.desc()).limit(1)).mappings().first()  # fmt: skip
+        assert row is not None  # blocked implies an unreconciled row
+        detail = {"symbol": symbol, "note": note.strip(), "baseline_id": self._latest_position_id(symbol, "baseline"),
+                  "seen_signed_qty": float(row["side"]) * float(row["qty_base"]), "seen_at": row["time"]}
+        self.append_event(str(row["run_id"]), time, "position_accept_requested", detail)
+        return detail
+
+    def pending_position_accept(self, symbol: str) -> dict[str, Any] | None:
+        """The operator's request to adopt the exchange position of ``symbol``, if one applies now.
+
+        A request applies while the position is unreconciled and no 'baseline' row was written
+        since the request was made. Returns its detail plus ``request_id`` (the event id), or None.
+        """
+        if not self.position_blocked(symbol):
+            return None
+        baseline_id = self._latest_position_id(symbol, "baseline")
+        t = events_table
+        stmt = sa.select(t.c.id, t.c.detail).where(t.c.kind == "position_accept_requested").order_by(t.c.id.desc())
+        with self._engine.connect() as conn:
+            for event_id, text in conn.execute(stmt):
+                detail = json.loads(text) if text else {}
+                if detail.get("symbol") == symbol and detail.get("baseline_id") == baseline_id:
+                    return {**detail, "request_id": int(event_id)}
+        return None
+
+    def max_ids(self) -> tuple[int, int]:
+        """(largest ``events`` id, largest ``exchange_fills`` id); 0 for an empty table."""
+        with self._engine.connect() as conn:
+            ev = conn.execute(sa.select(sa.func.max(events_table.c.id))).scalar()
+            fi = conn.execute(sa.select(sa.func.max(exchange_fills_table.c.id))).scalar()
+        return int(ev or 0), int(fi or 0)
+
+    def events_after(self, run_id: str, after_id: int) -> tuple[list[EventRecord], int]:
+        """Events of ``run_id`` with id > ``after_id`` (insertion order) and the largest id seen."""
+        t = events_table
+        stmt = sa.select(t).where((t.c.run_id == run_id) & (t.c.id > after_id)).order_by(t.c.id)
+        with self._engine.connect() as conn:
+            rows = conn.execute(stmt).mappings().all()
+        out = [EventRecord(r["run_id"], pd.Timestamp(r["time"]).tz_convert("UTC"), r["kind"],
+                           json.loads(r["detail"]) if r["detail"] else {}) for r in rows]  # fmt: skip
+        return out, max([after_id, *(int(r["id"]) for r in rows)])
+
+    def exchange_fills_after(self, symbol: str, after_id: int) -> tuple[list[ExchangeFillRecord], int]:
+        """Exchange trades of ``symbol`` stored with row id > ``after_id`` and the largest id seen."""
+        t = exchange_fills_table
+        stmt = sa.select(t).where((t.c.symbol == symbol) & (t.c.id > after_id)).order_by(t.c.id)
+        with self._engine.connect() as conn:
+            rows = conn.execute(stmt).mappings().all()
+        out = [ExchangeFillRecord(r["run_id"], r["symbol"], int(r["trade_id"]), r["exchange_order_id"], r["client_id"],
+                                  int(r["side"]), float(r["qty_base"]), float(r["price"]), float(r["fee_usdt"]),
+                                  float(r["realized_pnl_usdt"]), pd.Timestamp(r["time"]).tz_convert("UTC"))
+               for r in rows]  # fmt: skip
+        return out, max([after_id, *(int(r["id"]) for r in rows)])
 
     def decision_at(self, run_id: str, bar_open_time: pd.Timestamp) -> dict[str, Any] | None:
         """The decision row of (run, bar) as a dict, None when the bar was not decided."""

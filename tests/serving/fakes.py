@@ -105,3 +105,28 @@ class ScriptedFallback:
         if self.fail:
             raise ValueError("fallback broken")
         return Decision.flat()
+
+
+class ValidatingPolicy:
+    """Records every window it is asked on, and each one holding an invalid candle row.
+
+    Invalid: any rule of :func:`serving.loop.row_problems` (non-finite or non-positive price,
+    bad volume, high/low not enclosing open/close). The loop turns an exception of a policy into a
+    fallback, so a violation is recorded in ``violations`` (tests assert it stays empty) rather
+    than raised. Answers ``decision`` (default flat).
+    """
+
+    history_bars = 10
+
+    def __init__(self, decision: Decision | None = None, name: str = "v2") -> None:
+        self.decision = decision if decision is not None else Decision.flat()
+        self.name = name
+        self.seen: list[object] = []
+        self.violations: list[str] = []
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        from serving.loop import row_problems
+
+        self.seen.append(ctx.bar_open_time)
+        self.violations += [p for p in row_problems(ctx.candles) if p is not None]
+        return self.decision

@@ -375,7 +375,7 @@ def test_refused_stop_closes_the_new_position(fake):
 
 def test_hedge_mode_account_is_refused(fake):
     fake.trading.dual_side = True
-    loop, store = _loop(fake, CountingPolicy(LONG))
+    loop, _store = _loop(fake, CountingPolicy(LONG))
     with pytest.raises(FatalError, match="hedge"):
         loop.step()
     assert fake.orders_by_client_id() == {}
@@ -485,7 +485,7 @@ def test_a_failed_step_is_retried_within_the_bar_with_a_doubling_wait(fake):
 
 
 def test_an_unexpected_exception_is_recorded_and_halts_entries_but_the_loop_keeps_serving(fake):
-    loop, store, clock = _sim_loop(fake, CountingPolicy(LONG))
+    loop, store, _clock = _sim_loop(fake, CountingPolicy(LONG))
     _failing_first(loop, KeyError("k secret-free bug"))
     assert loop.run(max_steps=1, install_signal_handlers=False) == 1
     ev = store.events()
@@ -497,7 +497,7 @@ def test_an_unexpected_exception_is_recorded_and_halts_entries_but_the_loop_keep
 
 
 def test_spaced_lookups_find_an_order_that_becomes_visible_late(fake):
-    loop, store, clock = _sim_loop(fake, CountingPolicy(LONG), lookup_attempts=3, lookup_spacing_s=0.5)
+    loop, _store, clock = _sim_loop(fake, CountingPolicy(LONG), lookup_attempts=3, lookup_spacing_s=0.5)
     answers = iter([None, None, "found"])
     loop.broker.lookup = lambda cid, conditional: next(answers)
     assert loop._lookup_spaced("ats-x", False, spaced=True) == "found"

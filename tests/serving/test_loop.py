@@ -28,6 +28,7 @@ from tests.serving.fakes import (
     RaisingPolicy,
     ScriptedFallback,
     SlowPolicy,
+    ValidatingPolicy,
     WrongTypePolicy,
 )
 
@@ -287,6 +288,59 @@ def test_quarantined_rows_hold_the_position_and_skip_the_bar() -> None:
     f = store.fills()
     assert list(f.reason) == ["entry"]  # held through both bad rows
     assert set(store.equity().position_side[1:]) == {1}
+
+
+def test_no_invalid_row_reaches_a_policy_and_entries_wait_until_it_leaves_the_window() -> None:
+    candles = make_candles(N_BARS, seed=5)
+    q = WARMUP + 10
+    candles.iloc[q, candles.columns.get_loc("close")] = np.nan
+    primary, fallback = ValidatingPolicy(LONG, "v2"), ValidatingPolicy(name="v1")
+    # every third call of the primary fails, so V1 decides some bars too (and must never see the row)
+    calls = {"n": 0}
+    real = primary.decide
+
+    def flaky(ctx):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise RuntimeError("down")
+        return real(ctx)
+
+    primary.decide = flaky
+    summary, store, _, _ = _run(primary, fallback=fallback, candles=candles, atr=_atr(make_candles(N_BARS, seed=5)))
+    context = 50
+    held = list(candles.index[q + 1 : q + context])  # windows of q+1 .. q+49 still hold row q
+    assert primary.violations == [] and fallback.violations == []
+    asked = set(primary.seen) | set(fallback.seen)
+    assert asked.isdisjoint(held) and candles.index[q] not in asked
+    assert candles.index[q + context] in asked  # the row has left the window: the policy decides again
+    assert summary.n_quarantined == 1 and summary.n_window_held == len(held) == context - 1
+    d = store.decisions().set_index("bar_open_time")
+    assert (d.loc[held, "source"] == "guard").all()
+    assert d.loc[held, "fallback_reason"].str.startswith("quarantine_window:").all()
+    assert str(candles.index[q + context]) in d.loc[held[0], "fallback_reason"]
+    e = store.equity().set_index("bar_open_time")
+    assert (d.loc[held, "direction"] == e.loc[held, "position_side"]).all()  # hold what is open, nothing new
+    ev = store.events()
+    assert list(ev[ev.kind == "context_window_invalid"].time) == [held[0]]  # one event per stretch
+    f = store.fills()
+    assert not ((f.reason == "entry") & f.bar_open_time.isin(held[1:] + [candles.index[q + context]])).any()
+
+
+def test_exits_still_happen_while_the_window_holds_an_invalid_row() -> None:
+    candles = make_candles(N_BARS, seed=5)
+    q = WARMUP + 2
+    candles.iloc[q, candles.columns.get_loc("volume")] = -1.0
+    # entry filled at bar q-1; on the clean path its stop triggers at bar q+2
+    tight = Decision(direction=1, leverage=2.0, size_frac=0.5, stop_atr=1.0, take_profit_atr=1.0)
+    policy = ValidatingPolicy(tight)
+    summary, store, _, _ = _run(policy, candles=candles)
+    assert policy.violations == []
+    held = set(candles.index[q + 1 : q + 50])
+    f = store.fills()
+    in_held = f[f.bar_open_time.isin(held)]
+    assert summary.n_window_held == 49
+    assert len(in_held) == 1 and in_held.reason.iloc[0] in ("stop", "take_profit")  # the position was closed
+    assert not (in_held.reason == "entry").any()  # ... and not reopened while held
 
 
 def test_non_finite_atr_blocks_entries() -> None:

@@ -7,10 +7,13 @@ import os
 import pickle
 
 import pytest
+from typer.testing import CliRunner
 
+from ats_cli.main import app
 from serving.errors import FatalError
 from serving.exchange import BinanceFuturesBroker, make_client
 from serving.live import LiveConfig, LiveLoop
+from serving.notify import DEFAULT_KINDS, messages
 from serving.secrets import ENV_API_KEY, ENV_API_SECRET, Secret, check_private_file, load_credentials, redact
 from serving.store import StateStore
 from tests.kit.candles import make_candles
@@ -65,6 +68,19 @@ def test_redact():
     assert redact("abc", ["", "ab"]) == "abc"  # too short to redact safely
 
 
+class _TextNotifier:
+    """Keeps the texts a webhook would have received."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def publish(self, events, fills) -> None:
+        self.texts += messages(events, fills, DEFAULT_KINDS)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        pass
+
+
 def test_sentinel_key_never_in_logs_or_database(tmp_path, caplog, capsys):
     creds = load_credentials(env={}, env_file=_env_file(tmp_path))
     candles = make_candles(200, seed=1)
@@ -75,9 +91,10 @@ def test_sentinel_key_never_in_logs_or_database(tmp_path, caplog, capsys):
         client = make_client(api_key=creds.api_key.reveal(), secret=creds.api_secret.reveal(), base_url=fake.url,
                              timeout_ms=2000, rate_limit=False)
         store = StateStore.sqlite(db)
+        notifier = _TextNotifier()
         loop = LiveLoop(BinanceFuturesBroker(client, read_attempts=2, sleep=lambda s: None), store,
                         LiveConfig(context_bars=40), primary=CountingPolicy(LONG), fallback=CountingPolicy(LONG),
-                        wall_clock_s=lambda: fake.now_ms / 1000.0, redact=creds.redact)
+                        wall_clock_s=lambda: fake.now_ms / 1000.0, redact=creds.redact, notifier=notifier)
         fake.add_fault(f"POST {ORDER}", Fault("echo_key"))  # the venue quotes the key in an error
         loop.step()
         fake.now_ms += 3_600_000
@@ -87,8 +104,15 @@ def test_sentinel_key_never_in_logs_or_database(tmp_path, caplog, capsys):
         store.close()
     rejected = [e for e in StateStore.sqlite(db).events()["detail"] if e and "API-key" in str(e.get("error", ""))]
     assert rejected, "the echoed error must have been recorded (redacted)"
-    blobs = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("state.sqlite"))
+    status = CliRunner().invoke(app, ["status", "--db", str(db)])
+    assert status.exit_code == 0 and "testnet" in status.output, status.output  # the status table was printed
+    # every file the run wrote in its directory (database, WAL, reload requests, reports...), not the key file
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".env"]
+    assert any(p.name.startswith("state.sqlite") for p in written)
+    blobs = b"".join(p.read_bytes() for p in written)
     out = capsys.readouterr()
     for sentinel in (KEY, SECRET):
         assert sentinel.encode() not in blobs
         assert sentinel not in caplog.text and sentinel not in out.out and sentinel not in out.err
+        assert sentinel not in status.output
+        assert sentinel not in " ".join(notifier.texts)

@@ -54,3 +54,24 @@ def test_paper_needs_replay_and_required_options(tmp_path):
     assert r.exit_code != 0 and "--replay" in r.output
     r = runner.invoke(app, ["serve", "--mode", "paper"])
     assert r.exit_code != 0 and "--bundle and --db are required" in r.output
+
+
+def test_readme_testnet_example_passes_the_gate_check_of_an_ungated_bundle(tmp_path, monkeypatch):
+    """The README's testnet line must get past the PASS-gate check with the demo bundle (no PASS verdict):
+    run with the paths swapped for temporary ones, it stops at the (missing) key file, not at the gate."""
+    import json
+    import shlex
+
+    line = next(x for x in (ROOT / "README.md").read_text().splitlines() if x.startswith("ats serve --mode testnet"))
+    args = shlex.split(line.split("#")[0])[1:]
+    swap = {"runs/demo/bundle": str(tmp_path / "bundle"), "runs/testnet.sqlite": str(tmp_path / "t.sqlite"),
+            ".env": str(tmp_path / "missing.env")}
+    args = [swap.get(a, a) for a in args]
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "manifest.json").write_text(json.dumps({"gate": {"verdict": "HOLD"}}))
+    for var in ("ATS_BINANCE_API_KEY", "ATS_BINANCE_API_SECRET", "ATS_DISCORD_WEBHOOK_URL", "ATS_TELEGRAM_BOT_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "not PASS" not in r.output and "missing.env" in r.output, r.output
+    without = runner.invoke(app, [a for a in args if a != "--force-gate"])
+    assert without.exit_code == 2 and "not PASS" in without.output  # the gate itself is unchanged

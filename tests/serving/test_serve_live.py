@@ -92,3 +92,26 @@ def test_serve_live_testnet_one_bar_with_v1_fallback(tmp_path, monkeypatch):
 
     status = read_status(store)
     assert status.mode == "testnet" and status.run_id == "testnet"
+
+
+def test_serve_live_sends_notifications_from_the_environment(tmp_path, monkeypatch):
+    from tests.serving.test_notify import _Server
+
+    candles = make_candles(1_000, seed=3)
+    t0 = int(candles.index[900].value // 1_000_000) + 60_000
+    for var in (ENV_API_KEY, ENV_API_SECRET):
+        monkeypatch.setenv(var, "notifykey1234" if var == ENV_API_KEY else "notifysecret5678")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    server = _Server("ok")
+    monkeypatch.setenv("ATS_DISCORD_WEBHOOK_URL", f"{server.url}/api/webhooks/1/tok")
+    try:
+        with FakeBinance(candles, candles["funding_rate"].dropna(), now_ms=t0) as fake:
+            done = serve_live(mode="testnet", bundle_dir=bundle, db_path=tmp_path / "s.sqlite", max_bars=1,
+                              log=lambda m: None, base_url=fake.url, force_gate=True)
+    finally:
+        server.close()
+    assert done == 1
+    texts = [b["content"] for b in server.bodies]  # serve_live closes (drains) the notifier before returning
+    assert any("live_started" in t for t in texts) and any("live_stopped" in t for t in texts)
+    assert any("fallback_engaged" in t for t in texts)  # no bundle: V1 decides
