@@ -64,6 +64,12 @@ class FrozenPPOPolicy:
         # filtered log-probabilities of the last two served feature rows: {open time: log alpha}
         self._filter_state: dict[pd.Timestamp, np.ndarray] = {}
 
+    @property
+    def atr_period_bars(self) -> int:
+        """ATR period (bars) of the stop/take-profit distances: the env's ATR, i.e. the feature ATR
+        period the agent was trained with (``bundle.feature_config.atr_period_bars``)."""
+        return int(self.bundle.feature_config.atr_period_bars)
+
     def history_bars(self, bar_interval: pd.Timedelta) -> int:
         """Candles used for the features of one bar (``min_history_bars``, >= warm-up + TCN window)."""
         if bar_interval not in self._history_bars:

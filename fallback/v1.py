@@ -364,6 +364,12 @@ class V1Policy:
         """Trailing candles the engine needs (callers pass at least this many rows)."""
         return self.config.history_bars
 
+    @property
+    def atr_period_bars(self) -> int:
+        """ATR period (bars) in whose units this engine's ``stop_atr`` / ``take_profit_atr`` are meant:
+        the executor must place its stops with the ATR of this period (it sized with it)."""
+        return self.config.atr_period_bars
+
     def decide(self, ctx: DecisionContext) -> Decision:
         """Return the target position for the next bar (see :meth:`explain` for the why).
 

@@ -102,15 +102,17 @@ def serve_replay(
     else:  # any load failure -> V1 decides every bar (until a reload succeeds), and the reason is recorded
         log(f"[yellow]bundle failed to load, V1 decides every bar[/]: {slot.load_error}")
     fallback = V1Policy(_v1_config_from_manifest(bundle_dir))
+    # each policy's stops in the units it decided them in: the bundle's feature ATR, V1's own ATR
     atr = atr_indicator(candles, feature_cfg.atr_period_bars)
+    fallback_atr = atr_indicator(candles, fallback.atr_period_bars)
     store = StateStore.sqlite(db_path)
     guard = RiskGuard(risk, store) if risk is not None else None
     if guard is not None and guard.state.value != "ACTIVE":
         log(f"[red]risk guard is {guard.state.value}[/] (persisted): {'; '.join(guard.status.reasons)}")
     notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
     n = max(0, len(candles) - warmup_bars)
-    kwargs = {"fallback": fallback, "atr": atr, "costs": costs, "store": store, "config": config,
-              "guard": guard, "notifier": notifier}
+    kwargs = {"fallback": fallback, "atr": atr, "fallback_atr": fallback_atr, "costs": costs, "store": store,
+              "config": config, "guard": guard, "notifier": notifier}
     try:
         if progress_factory is None:
             return run_replay(candles, primary=slot, **kwargs)

@@ -142,7 +142,9 @@ class LiveConfig(StrictConfig):
     symbol: str = Field("BTC/USDT:USDT", description="Unified ccxt symbol.")
     timeframe: str = Field("1h", description="Bar length; one of 1m 5m 15m 30m 1h 4h.")
     context_bars: int = Field(300, ge=20, le=1500, description="Closed candles given to the policies.")
-    atr_period_bars: int = Field(14, ge=1, description="ATR period for stop/take-profit distances.")
+    atr_period_bars: int = Field(
+        14, ge=1, description="ATR period for stop/take-profit distances of a policy that does not state its own "
+        "(V2 and V1 state theirs: atr_period_bars of the bundle's features and of V1's config).")
     decision_timeout_ms: float = Field(2_000.0, gt=0, description="Deadline of the primary policy, ms.")
     close_delay_s: float = Field(3.0, ge=0, description="Wait after a bar close before polling its candle, s.")
     poll_interval_s: float = Field(1.0, gt=0, description="Minimum sleep between two steps, s.")
@@ -658,7 +660,7 @@ class LiveLoop:
                                        float(decided["take_profit_atr"]))
             self._event(bar, "bar_resumed", {"unfinished": [i["client_id"] for i in intents if i["status"] in _UNRESOLVED]})
             window = self._fetch_window(bar_ms)
-            atr_t = self._atr(window.candles)
+            atr_t = self._atr(window.candles, result.source)
             self._execute(bar, [self._intent_from_row(i) for i in intents if i["kind"] in ("exit", "entry", "stopmv", "unprot")],
                           state, result, atr_t)
             self._finish(bar, state, result)
@@ -685,7 +687,6 @@ class LiveLoop:
             events.append(EventRecord(self.run_id, bar, "quarantine", {"problems": list(window.problems)}))
             atr_t = math.nan
         else:
-            atr_t = self._atr(window.candles)
             view = self._position_view(position, state["protection"], bar)
             ctx = DecisionContext(bar_open_time=bar, candles=window.candles, position=view, equity_usdt=equity)
             bar_index = bar_ms // self.tf_ms  # the slot's backoff counts bars
@@ -709,6 +710,7 @@ class LiveLoop:
                 self._last_reason_kind = kind
             else:
                 self._last_reason_kind = None
+            atr_t = self._atr(window.candles, source)  # in the deciding policy's ATR units
         if not (math.isfinite(atr_t) and atr_t > 0):
             blocked.append(f"atr_invalid: {atr_t!r}")
         if not equity > 0:
@@ -742,7 +744,7 @@ class LiveLoop:
         result.source, result.decision, result.entries_blocked = source, decision, tuple(blocked)
         self._execute(bar, orders, state, result, atr_t)
         if position.side != 0 and decision.direction == position.side and not state["blocked"]:
-            self._repair_protection(bar, position, state["protection"], atr_t, result)
+            self._repair_protection(bar, position, state["protection"], window.candles, result)
         self._finish(bar, state, result)
         return result
 
@@ -787,16 +789,20 @@ class LiveLoop:
             return
 
     def _repair_protection(self, bar: pd.Timestamp, position: ExchangePosition, protection: OpenProtection,
-                           atr_t: float, result: StepResult) -> None:
+                           candles: pd.DataFrame | None, result: StepResult) -> None:
         """A held position without its stop (or take-profit): place the missing one(s) again.
 
         Levels: ``stop_atr`` / ``take_profit_atr`` of the decision that opened the position (defaults
-        of :class:`Decision` for a position we did not open) times the ATR of this bar, from the
-        exchange's entry price; ids of this bar. A stop the exchange refuses (price already beyond
+        of :class:`Decision` for a position we did not open) times the ATR of this bar in the opening
+        policy's period (:meth:`_atr_period`), from the exchange's entry price; ids of this bar. A stop the exchange refuses (price already beyond
         it) closes the position (``unprot``).
         """
         missing = [k for k, present in (("stop", protection.stop_price), ("tp", protection.tp_price)) if present is None]
-        if not missing or not (math.isfinite(atr_t) and atr_t > 0) or not position.entry_price > 0:
+        if not missing or not position.entry_price > 0:
+            return
+        found = self._our_entry(position)
+        atr_t = self._atr(candles, None if found is None else str(found[1]["source"]))
+        if not (math.isfinite(atr_t) and atr_t > 0):
             return
         opening = self._opening_decision(position) or Decision(direction=position.side)
         stop, tp = protective_intents(self.market_id, bar, position.side, position.entry_price, atr_t, opening,
@@ -883,10 +889,19 @@ class LiveLoop:
             return CandleWindow(None, (f"funding history unavailable: {self._safe(str(exc))[:300]}",))
         return CandleWindow(with_funding_column(window.candles, funding, self.tf_ms), ())
 
-    def _atr(self, candles: pd.DataFrame | None) -> float:
+    def _atr_period(self, source: str | None) -> int:
+        """ATR period (bars) in whose units the decisions of ``source`` place stops: the deciding
+        policy's ``atr_period_bars`` (V2: the bundle's feature ATR, V1: its own), else
+        ``config.atr_period_bars``."""
+        policy = {"v1": self.fallback, "v2": self.slot.policy}.get(source or "")
+        period = getattr(policy, "atr_period_bars", None)
+        return int(period) if period else self.config.atr_period_bars
+
+    def _atr(self, candles: pd.DataFrame | None, source: str | None) -> float:
+        """ATR of the last bar of ``candles`` (price units) in ``source``'s period; NaN without candles."""
         if candles is None:
             return math.nan
-        return float(atr_indicator(candles, self.config.atr_period_bars)[-1])
+        return float(atr_indicator(candles, self._atr_period(source))[-1])
 
     def _execute(self, bar: pd.Timestamp, orders: list[OrderIntent], state: dict[str, Any], result: StepResult,
                  atr_t: float) -> None:

@@ -236,6 +236,7 @@ def run_replay(
     costs: CostConfig,
     store: StateStore,
     config: ServeConfig,
+    fallback_atr: np.ndarray | None = None,
     primary_load_error: str | None = None,
     guard: RiskGuard | None = None,
     notifier: Notifier | None = None,
@@ -260,7 +261,13 @@ def run_replay(
     fallback : Policy
         The V1 policy. If it has ``history_bars``, ``config.context_bars`` must cover it.
     atr : np.ndarray
-        Shape (len(candles),), float: ATR of each bar in price units (USDT), NaN where unknown.
+        Shape (len(candles),), float: ATR of each bar in price units (USDT), NaN where unknown, of the
+        primary's period (``primary.atr_period_bars``: a stop of ``stop_atr`` is ``stop_atr * atr[t]``
+        from the fill). Used for every decision not made by the fallback.
+    fallback_atr : np.ndarray | None
+        Shape (len(candles),): the ATR of the fallback's own period (``fallback.atr_period_bars``),
+        used for the bars the fallback decides, so V1 places its stops at the distance it sized its
+        risk with; None: ``atr`` for every bar.
     costs : CostConfig
         The shared cost model (same as the env's).
     store : StateStore
@@ -296,13 +303,16 @@ def run_replay(
         If ``candles`` is not a UTC-indexed, sorted, unique DataFrame with the required columns
         (row-level problems are quarantined instead).
     ValueError
-        If ``atr`` has the wrong shape, or ``context_bars`` is shorter than the fallback's history.
+        If ``atr`` or ``fallback_atr`` has the wrong shape, or ``context_bars`` is shorter than the fallback's history.
     """
     _validate_candles(candles)
     n = len(candles)
     atr_arr = np.asarray(atr, dtype=np.float64)
     if atr_arr.shape != (n,):
         raise ValueError(f"atr must have shape ({n},) like candles, got {atr_arr.shape}")
+    fb_atr_arr = atr_arr if fallback_atr is None else np.asarray(fallback_atr, dtype=np.float64)
+    if fb_atr_arr.shape != (n,):
+        raise ValueError(f"fallback_atr must have shape ({n},) like candles, got {fb_atr_arr.shape}")
     need = int(getattr(fallback, "history_bars", 0) or 0)
     if config.context_bars is not None and config.context_bars < need:
         raise ValueError(
@@ -331,7 +341,7 @@ def run_replay(
     n_quarantined = 0
     n_window_held = 0
     held_by: int | None = None  # the invalid row holding the current stretch of bars (None: none)
-    last_valid_atr = math.nan
+    last_valid_atr = {"primary": math.nan, "fallback": math.nan}  # by whose ATR period
     last_kind: str | None = None  # reason kind of the previous decided bar (None: primary used)
     last_ctx: DecisionContext | None = None
     risk_state = guard.state.value if guard is not None else None
@@ -394,11 +404,6 @@ def run_replay(
             for trade in closed_trades:
                 guard.record_closed_trade(ts, trade.pnl_usdt)
 
-        atr_t = float(atr_arr[t])
-        atr_ok = problem is None and math.isfinite(atr_t) and atr_t > 0
-        if atr_ok:
-            last_valid_atr = atr_t
-
         # (2)-(4) decide
         start = window_start(t, config.context_bars)
         tainted = problem is None and last_bad[t] >= start
@@ -435,6 +440,13 @@ def run_replay(
                 last_kind = None
 
         held_by = int(last_bad[t]) if tainted else None
+        # the ATR in whose units the deciding policy meant its stop and take-profit distances
+        for key, arr in (("primary", atr_arr), ("fallback", fb_atr_arr)):
+            if problem is None and math.isfinite(arr[t]) and arr[t] > 0:
+                last_valid_atr[key] = float(arr[t])
+        atr_key = "fallback" if choice.source == "v1" else "primary"
+        atr_t = float((fb_atr_arr if atr_key == "fallback" else atr_arr)[t])
+        atr_ok = problem is None and math.isfinite(atr_t) and atr_t > 0
         decision = choice.decision
         opens = decision.direction != 0 and decision.direction != state.side
         if opens and not atr_ok:
@@ -470,7 +482,7 @@ def run_replay(
                 decision = verdict.decision
 
         # (5) submit and record
-        broker.submit(decision, atr_t if atr_ok else last_valid_atr)
+        broker.submit(decision, atr_t if atr_ok else last_valid_atr[atr_key])
         counts[choice.source] += 1
         for kind, detail in choice.events:
             events.append(EventRecord(run_id, ts, kind, detail))

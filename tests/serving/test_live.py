@@ -516,3 +516,33 @@ def test_duplicate_client_id_on_create_is_ambiguous_not_a_rejection():
     assert isinstance(classify_error(exc, during_create=True), AmbiguousOutcomeError)
     assert isinstance(classify_error(ccxt.InvalidOrder("-2019 Margin is insufficient"), during_create=True),
                       RejectedError)  # fmt: skip
+
+
+class _V1WithOwnAtr:
+    """V1 stand-in that states its ATR period (as :class:`fallback.v1.V1Policy` does) and goes long."""
+
+    name = "v1"
+    history_bars = 10
+    atr_period_bars = 5
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        return LONG
+
+
+def test_a_v1_entry_is_protected_at_v1s_own_atr_distance(fake):
+    """V1 sized its risk with its own ATR period; the stop the exchange holds must be that far."""
+    from market.features import atr as atr_indicator
+
+    client = make_client(api_key="k", secret="s", base_url=fake.url, rate_limit=False)
+    store = StateStore("sqlite://")
+    loop = LiveLoop(BinanceFuturesBroker(client, read_attempts=3, sleep=Sleeps()), store,
+                    LiveConfig(context_bars=CONTEXT, atr_period_bars=14), primary=RaisingPolicy(),
+                    fallback=_V1WithOwnAtr(), wall_clock_s=lambda: fake.now_ms / 1000.0, sleep=Sleeps())
+    result = loop.step()
+    assert result.source == "v1" and fake.position()[0] > 0
+    window = CANDLES.loc[:result.bar_open_time].iloc[-CONTEXT:]
+    atr5, atr14 = (float(atr_indicator(window, p)[-1]) for p in (5, 14))
+    assert abs(atr5 - atr14) > 1.0  # the two periods give distances far apart on these candles
+    stop = next(float(a["triggerPrice"]) for a in fake.trading.algo_orders if a["orderType"] == "STOP_MARKET")
+    entry = fake.position()[1]
+    assert entry - stop == pytest.approx(LONG.stop_atr * atr5, abs=0.11)  # tick 0.10, rounded down

@@ -422,3 +422,51 @@ def test_input_validation() -> None:
         run_replay(candles, atr=atr[:-1], config=ServeConfig(warmup_bars=10), **kw)
     with pytest.raises(ValueError, match="history_bars"):
         run_replay(candles, atr=atr, config=ServeConfig(warmup_bars=10, context_bars=5), **kw)
+
+
+class _EvenHourPrimary:
+    """V2 stand-in: long on even open hours, raises on odd ones (so V1 decides those bars)."""
+
+    name = "v2"
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        if ctx.bar_open_time.hour % 2:
+            raise RuntimeError("odd hour")
+        return LONG
+
+
+class _ShortFallback:
+    name = "v1"
+    history_bars = 10
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        return Decision(direction=-1, leverage=2.0, size_frac=0.5, stop_atr=1.0, take_profit_atr=1.5)
+
+
+def test_each_policy_stops_in_its_own_atr_units() -> None:
+    """V1 sizes its risk with its own ATR period: the bars it decides are submitted with
+    ``fallback_atr``, the primary's with ``atr`` (the two differ here by a factor 2.5)."""
+    candles = make_candles(N_BARS, seed=5)
+    atr = _atr(candles)
+    fallback_atr = 2.5 * atr
+    store = StateStore("sqlite://")
+    config = ServeConfig(warmup_bars=WARMUP, run_id="t", context_bars=50,
+                         primary_backoff=BackoffConfig(initial_bars=0))
+    summary = run_replay(candles, primary=_EvenHourPrimary(), fallback=_ShortFallback(), atr=atr,
+                         fallback_atr=fallback_atr, costs=COSTS, store=store, config=config, now=lambda: FIXED_NOW)
+    sources = store.decisions().set_index("bar_open_time")["source"]
+    assert set(sources) == {"v1", "v2"}
+    used = atr.copy()
+    is_v1 = np.zeros(len(candles), bool)
+    is_v1[WARMUP:] = (sources.reindex(candles.index[WARMUP:]) == "v1").to_numpy()
+    used[is_v1] = fallback_atr[is_v1]
+    _assert_store_consistent(summary, store, candles, used)
+    # and the choice mattered: with the primary's ATR for every bar the fills would differ
+    assert _direct_replay(store, candles, atr, WARMUP)[0] != _direct_replay(store, candles, used, WARMUP)[0]
+
+
+def test_fallback_atr_of_the_wrong_shape_is_refused() -> None:
+    candles = make_candles(60, seed=1)
+    with pytest.raises(ValueError, match="fallback_atr must have shape"):
+        run_replay(candles, primary=None, fallback=ScriptedFallback(), atr=_atr(candles), fallback_atr=np.ones(3),
+                   costs=COSTS, store=StateStore("sqlite://"), config=ServeConfig(warmup_bars=20, run_id="t"))
