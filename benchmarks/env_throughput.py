@@ -5,7 +5,7 @@ Usage::
     python benchmarks/env_throughput.py [--repeats 5] [--json PATH]   (or python -m benchmarks.env_throughput)
         [--bundle runs/demo/bundle --replay runs/demo/replay/test_candles.parquet]
 
-Measures, on the bundled BTCUSDT 1h data (28 features + 9 regime/signal columns, full cost model,
+Measures, on the bundled BTCUSDT 1h data (the 47 causal features + 9 regime/signal columns, full cost model,
 default ``EnvConfig``: 720-bar episodes from random starts, resets included), with pre-drawn uniform
 random actions:
 
@@ -55,7 +55,7 @@ BATCH_N = 256
 
 
 def load_env_data() -> EnvData:
-    """Bundled BTCUSDT 1h candles + funding, 28 causal features and 9 zero regime/signal columns."""
+    """Bundled BTCUSDT 1h candles + funding, the causal features (47 by default) and 9 zero regime/signal columns."""
     candles = join_funding(load_candles(bundled_candles_path()), load_funding(bundled_funding_path()))
     feats, n_warm = drop_warmup(compute_features(candles, FeatureConfig()))
     atr_all = atr(candles, 14)
