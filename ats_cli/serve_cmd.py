@@ -1,5 +1,6 @@
 """``ats serve``: run the serving loop (paper replay, testnet, live), plus ``reload`` and ``reset-risk``.
 
+``ats serve --mode paper --bundle B --db STATE``                   live candles (public klines), paper broker
 ``ats serve --mode paper --replay CANDLES --bundle B --db STATE``   replay candles on a paper broker
 ``ats serve --mode testnet --bundle B --db STATE``                 Binance USDⓈ-M testnet (ccxt sandbox)
 ``ats serve --mode live --live --bundle B --db STATE``             real orders (PASS gate + arming phrase)
@@ -46,7 +47,8 @@ def _progress() -> Progress:
 def serve(
     ctx: typer.Context,
     mode: Annotated[Mode, typer.Option(
-        "--mode", help="paper (replayed candles, paper broker) | testnet | live")] = Mode.paper,
+        "--mode", help="paper (paper broker on the exchange's live candles, or on --replay candles) | testnet | live",
+    )] = Mode.paper,
     bundle: Annotated[Path | None, typer.Option("--bundle", help="policy bundle directory")] = None,
     db: Annotated[Path | None, typer.Option(
         "--db", help="SQLite state file (decisions, intents, orders, fills, equity, events)")] = None,
@@ -56,18 +58,25 @@ def serve(
     config: Annotated[Path | None, typer.Option(
         "--config", help="serve YAML: paper/live/risk sections (see configs/serve.yaml)")] = None,
     replay: Annotated[Path | None, typer.Option(
-        "--replay", help="paper: candles parquet replayed bar by bar as if live")] = None,
+        "--replay", help="paper: replay this candles parquet bar by bar instead of polling the exchange's live "
+        "candles")] = None,
     warmup_bars: Annotated[int | None, typer.Option(
-        "--warmup-bars", min=0, help="paper: bars observed before the first decision")] = None,
-    max_bars: Annotated[int, typer.Option("--max-bars", min=0, help="stop after this many bars (0 = no limit)")] = 0,
+        "--warmup-bars", min=0, help="paper --replay: bars observed before the first decision")] = None,
+    max_bars: Annotated[int, typer.Option(
+        "--max-bars", min=0, help="stop after this many decided bars (0 = no limit)")] = 0,
     initial_equity: Annotated[float | None, typer.Option(
         "--initial-equity", min=0, help="paper: account equity, USDT")] = None,
     watch_dir: Annotated[Path | None, typer.Option(
         "--watch-dir", help="directory watched for new bundles (hot-swap)")] = None,
     no_risk: Annotated[bool, typer.Option("--no-risk", help="paper only: run without the risk guard")] = False,
     symbol: Annotated[str | None, typer.Option(
-        "--symbol", help="testnet/live: unified ccxt symbol (default BTC/USDT:USDT)")] = None,
-    timeframe: Annotated[str | None, typer.Option("--timeframe", help="testnet/live: bar length (default 1h)")] = None,
+        "--symbol", help="testnet/live and paper on live candles: unified ccxt symbol (default BTC/USDT:USDT)")] = None,
+    timeframe: Annotated[str | None, typer.Option(
+        "--timeframe", help="testnet/live and paper on live candles: bar length (default 1h)")] = None,
+    testnet_data: Annotated[bool, typer.Option(
+        "--testnet-data", help="paper on live candles: poll the Binance futures testnet's public candles")] = False,
+    base_url: Annotated[str | None, typer.Option(
+        "--base-url", help="paper on live candles: exchange REST base URL (e.g. a local test server)")] = None,
     env_file: Annotated[Path | None, typer.Option(
         "--env-file", help="testnet/live: .env with the API key (chmod 600)")] = None,
     live: Annotated[bool, typer.Option("--live", help="live: confirm that real orders are intended")] = False,
@@ -91,10 +100,19 @@ def serve(
     watch = watch_dir if watch_dir is not None else settings.watch_dir
     if db_url is not None and mode is Mode.paper:
         raise typer.BadParameter("--db-url is for testnet/live; paper serving keeps its state in the --db file")
+    if mode is Mode.paper and replay is None:
+        if warmup_bars is not None:
+            raise typer.BadParameter("--warmup-bars is for --replay; on live candles the context comes from the exchange")
+        _serve_paper_live(settings, bundle=bundle, db=db, symbol=symbol, timeframe=timeframe, max_bars=max_bars,
+                          initial_equity=initial_equity, watch_dir=watch, no_risk=no_risk, testnet_data=testnet_data,
+                          base_url=base_url)
+        return
     if mode is Mode.paper:
         _serve_paper(settings, replay=replay, bundle=bundle, db=db, warmup_bars=warmup_bars, max_bars=max_bars,
                      initial_equity=initial_equity, watch_dir=watch, no_risk=no_risk)
         return
+    if testnet_data or base_url is not None:
+        raise typer.BadParameter("--testnet-data and --base-url are for paper on live candles")
     if no_risk or settings.risk is None:
         raise typer.BadParameter("the risk guard cannot be disabled on testnet or live")
     if replay is not None:
@@ -116,11 +134,9 @@ def serve(
 
 def _serve_paper(settings, *, replay: Path | None, bundle: Path, db: Path, warmup_bars: int | None, max_bars: int,
                  initial_equity: float | None, watch_dir: Path | None, no_risk: bool) -> None:
-    from serving.app import serve_replay
-
-    if replay is None:
-        raise typer.BadParameter("--mode paper needs --replay CANDLES (a candles parquet replayed as if live)")
     from pydantic import ValidationError
+
+    from serving.app import serve_replay
 
     try:
         summary = serve_replay(
@@ -130,9 +146,41 @@ def _serve_paper(settings, *, replay: Path | None, bundle: Path, db: Path, warmu
         )
     except ValidationError as exc:  # an option outside its range (e.g. --initial-equity 0)
         raise typer.BadParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+    _print_summary(summary, db)
+
+
+def _serve_paper_live(settings, *, bundle: Path, db: Path, symbol: str | None, timeframe: str | None, max_bars: int,
+                      initial_equity: float | None, watch_dir: Path | None, no_risk: bool, testnet_data: bool,
+                      base_url: str | None) -> None:
+    """``ats serve --mode paper`` without ``--replay``: the paper broker on the exchange's live candles."""
+    from pydantic import ValidationError
+
+    from serving.app import serve_paper_live
+    from serving.errors import FatalError
+    from serving.paper_live import FeedConfig
+
+    updates = {k: v for k, v in {"symbol": symbol, "timeframe": timeframe}.items() if v is not None}
+    try:
+        feed = FeedConfig.model_validate({**FeedConfig.from_live(settings.live).model_dump(), **updates})
+        summary = serve_paper_live(
+            bundle_dir=bundle, db_path=db, feed=feed, config=settings.paper, initial_equity_usdt=initial_equity,
+            max_bars=max_bars or None, risk=None if no_risk else settings.risk, watch_dir=watch_dir,
+            testnet_data=testnet_data, base_url=base_url, log=_log,
+        )
+    except ValidationError as exc:
+        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+    except (FatalError, ValueError) as exc:  # a DB holding the run, an unknown symbol, a bad setting
+        console.print(f"[bold red]stopped[/]: {exc}")
+        raise typer.Exit(code=2) from exc
+    _print_summary(summary, db)
+
+
+def _print_summary(summary, db: Path) -> None:
     console.print(
         f"\n[bold green]served[/] {summary.bars} bars: {summary.decisions_v2} decided by V2, {summary.decisions_v1} "
-        f"by V1, {summary.decisions_guard} by the guard; final equity {summary.final_equity_usdt:,.2f} USDT"
+        f"by V1, {summary.decisions_guard} by the guard"
+        + (f", {summary.decisions_missed} missed" if summary.decisions_missed else "")
+        + f"; final equity {summary.final_equity_usdt:,.2f} USDT"
     )
     if summary.risk_state not in (None, "ACTIVE"):
         console.print(f"  [yellow]risk guard {summary.risk_state}[/] (reset: `ats serve reset-risk --db {db} --note ...`)")

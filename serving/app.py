@@ -1,4 +1,7 @@
-"""Composition root of ``ats serve --mode paper --replay``: wires candles, bundle, V1 and the store.
+"""Composition roots of ``ats serve --mode paper``: wire candles, bundle, V1 and the store.
+
+:func:`serve_replay` (``--replay CANDLES``) replays a candles file; :func:`serve_paper_live` (no
+``--replay``) polls the exchange's public klines (:mod:`serving.paper_live`), no API key needed.
 
 A bundle that fails to load does not stop serving: every bar is then decided by V1 and the
 load error is recorded as the fallback reason of each decision (the load is retried after the
@@ -19,9 +22,11 @@ from fallback.v1 import V1Policy
 from market.candles import load_candles
 from market.features import FeatureConfig
 from market.features import atr as atr_indicator
+from serving.errors import FatalError
 from serving.hotswap import BackoffConfig, PolicySlot, reload_request_path
 from serving.loop import ReplaySummary, ServeConfig, run_replay
 from serving.notify import NotifyConfig, make_notifier, notify_config_from_env
+from serving.paper_live import FeedConfig
 from serving.risk import RiskConfig, RiskGuard
 from serving.store import StateStore
 
@@ -35,6 +40,31 @@ def _v1_config_from_manifest(bundle_dir: Path) -> V1Config:
         return V1Config.model_validate(manifest["config"]["v1"])
     except Exception:  # noqa: BLE001 - an unreadable manifest must not stop the fallback from running
         return V1Config()
+
+
+def _policies(bundle_dir: Path, backoff: BackoffConfig, watch_dir: Path | None, db_path: Path,
+              log: Callable[[str], None]) -> tuple[PolicySlot, V1Policy, CostConfig, FeatureConfig]:
+    """The primary's slot (hot-swap from ``watch_dir`` and reload requests), V1 with the bundle's
+    V1 config, and the bundle's cost and feature configs (defaults when the bundle failed to load:
+    then V1 decides every bar until a reload succeeds, and the reason is recorded)."""
+    slot = PolicySlot.from_bundle(
+        bundle_dir, backoff=backoff, watch_dir=watch_dir, reload_file=reload_request_path(db_path)
+    )
+    costs, feature_cfg = CostConfig(), FeatureConfig()
+    bundle = getattr(slot.policy, "bundle", None)
+    if bundle is not None:
+        costs, feature_cfg = bundle.env_config.costs, bundle.feature_config
+        log(f"bundle loaded: {bundle_dir} (schema {bundle.manifest['observation']['schema_hash'][:12]})")
+    else:
+        log(f"[yellow]bundle failed to load, V1 decides every bar[/]: {slot.load_error}")
+    return slot, V1Policy(_v1_config_from_manifest(bundle_dir)), costs, feature_cfg
+
+
+def _set_torch_threads(torch_threads: int | None) -> None:
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(int(torch_threads))
 
 
 def serve_replay(
@@ -80,10 +110,7 @@ def serve_replay(
         see one window per bar; on the 2 shared cores of the dev machine one thread took ~1 ms per
         TCN call where two took ~25 ms (thread oversubscription), so the default is 1.
     """
-    if torch_threads is not None:
-        import torch
-
-        torch.set_num_threads(int(torch_threads))
+    _set_torch_threads(torch_threads)
     config = config if config is not None else ServeConfig(warmup_bars=1200)
     overrides = {"warmup_bars": warmup_bars, "initial_equity_usdt": initial_equity_usdt, "primary_backoff": backoff}
     config = ServeConfig.model_validate({**config.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
@@ -91,17 +118,7 @@ def serve_replay(
     candles = load_candles(replay)
     if max_bars:
         candles = candles.iloc[: warmup_bars + max_bars]
-    slot = PolicySlot.from_bundle(
-        bundle_dir, backoff=backoff, watch_dir=watch_dir, reload_file=reload_request_path(db_path)
-    )
-    costs, feature_cfg = CostConfig(), FeatureConfig()
-    bundle = getattr(slot.policy, "bundle", None)
-    if bundle is not None:
-        costs, feature_cfg = bundle.env_config.costs, bundle.feature_config
-        log(f"bundle loaded: {bundle_dir} (schema {bundle.manifest['observation']['schema_hash'][:12]})")
-    else:  # any load failure -> V1 decides every bar (until a reload succeeds), and the reason is recorded
-        log(f"[yellow]bundle failed to load, V1 decides every bar[/]: {slot.load_error}")
-    fallback = V1Policy(_v1_config_from_manifest(bundle_dir))
+    slot, fallback, costs, feature_cfg = _policies(bundle_dir, backoff, watch_dir, db_path, log)
     # each policy's stops in the units it decided them in: the bundle's feature ATR, V1's own ATR
     atr = atr_indicator(candles, feature_cfg.atr_period_bars)
     fallback_atr = atr_indicator(candles, fallback.atr_period_bars)
@@ -120,6 +137,81 @@ def serve_replay(
             task = progress.add_task("replay", total=n)
             return run_replay(candles, primary=slot, **kwargs,
                               progress=lambda i, total: progress.update(task, completed=i, total=total))
+    finally:
+        if notifier is not None:
+            notifier.close()
+
+
+def serve_paper_live(
+    *,
+    bundle_dir: Path,
+    db_path: Path,
+    feed: FeedConfig | None = None,
+    config: ServeConfig | None = None,
+    initial_equity_usdt: float | None = None,
+    max_bars: int | None = None,
+    risk: RiskConfig | None = DEFAULT_RISK,
+    watch_dir: Path | None = None,
+    testnet_data: bool = False,
+    base_url: str | None = None,
+    notify: NotifyConfig | None | Literal["env"] = "env",
+    torch_threads: int | None = 1,
+    log: Callable[[str], None] = print,
+) -> ReplaySummary:
+    """Forward-test the bundle on the exchange's live candles with the paper broker (no key, no order).
+
+    Polls the public klines of ``feed.symbol`` / ``feed.timeframe`` shortly after each bar close
+    and decides every new closed bar as the replay does (:mod:`serving.paper_live`), until
+    SIGINT/SIGTERM (between bars) or ``max_bars`` decided bars.
+
+    Parameters
+    ----------
+    feed : FeedConfig | None
+        Symbol, timeframe, poll timing (default :class:`serving.paper_live.FeedConfig`).
+    config : ServeConfig | None
+        Paper settings (``context_bars`` <= 1,499; ``warmup_bars`` unused); default
+        ``ServeConfig(warmup_bars=1200)`` as for the replay.
+    initial_equity_usdt : float | None
+        Overrides ``config.initial_equity_usdt`` (USDT).
+    risk, watch_dir, notify, torch_threads, log
+        As :func:`serve_replay`.
+    testnet_data : bool
+        Read the Binance futures testnet's public candles instead of the real market's.
+    base_url : str | None
+        Redirect the exchange client to this URL (a local test server).
+
+    Raises
+    ------
+    FatalError
+        ``db_path`` already holds this paper run (no resume; use a new file), or the exchange does
+        not list the symbol.
+    ValueError
+        A setting out of range (``context_bars`` None or above 1,499, shorter than V1's history).
+
+    A failed poll (network, 5xx, 429) is recorded and retried, never raised.
+    """
+    from serving.exchange import BinanceFuturesBroker, make_client
+    from serving.paper_live import PaperLiveLoop
+
+    _set_torch_threads(torch_threads)
+    feed = feed if feed is not None else FeedConfig()
+    config = config if config is not None else ServeConfig(warmup_bars=1200)
+    if initial_equity_usdt is not None:
+        config = ServeConfig.model_validate({**config.model_dump(), "initial_equity_usdt": initial_equity_usdt})
+    slot, fallback, costs, _ = _policies(bundle_dir, config.primary_backoff, watch_dir, db_path, log)
+    store = StateStore.sqlite(db_path)
+    if store.last_decision_bar(config.run_id) is not None:  # before the guard or anything else writes
+        raise FatalError(f"{db_path} already holds paper run {config.run_id!r}; a paper account cannot be "
+                         "resumed after a restart: start the forward test with a new --db")  # fmt: skip
+    client = make_client(api_key=None, secret=None, sandbox=testnet_data, base_url=base_url)
+    guard = RiskGuard(risk, store) if risk is not None else None
+    notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
+    loop = PaperLiveLoop(BinanceFuturesBroker(client, feed.symbol), store, config, feed, primary=slot,
+                         fallback=fallback, costs=costs, guard=guard, notifier=notifier)  # fmt: skip
+    log(f"paper on live candles: {feed.symbol} {feed.timeframe} from the {'testnet' if testnet_data else 'real'} "
+        f"market{f' at {base_url}' if base_url else ''}; state in {db_path}; stop with Ctrl-C (between bars)")
+    try:
+        return loop.run(max_bars=max_bars)
     finally:
         if notifier is not None:
             notifier.close()

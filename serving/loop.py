@@ -1,5 +1,7 @@
 """Bar-by-bar replay loop with V2 -> V1 fallback, on the paper broker, recorded in the state store.
 
+The per-bar logic below is :class:`PaperStepper`; :func:`run_replay` feeds it the rows of a
+DataFrame, :class:`serving.paper_live.PaperLiveLoop` the exchange's live closed candles.
 For every bar t from ``warmup_bars`` on:
 
 0. between bars, the primary's :class:`serving.hotswap.PolicySlot` may swap in a validated new
@@ -116,7 +118,9 @@ class ReplaySummary:
     ``n_quarantined`` counts bars whose own row is invalid, ``n_window_held`` valid bars held
     because their context window still contains an invalid row (both decided 'guard');
     ``fallback_reasons`` counts, per reason kind (the text before the first ':', e.g.
-    ``deadline_exceeded``), the bars on which the primary was not used. Money in USDT; costs are
+    ``deadline_exceeded``), the bars on which the primary was not used; ``decisions_missed`` counts
+    bars that closed without a decision (source 'missed': only the live-candle paper loop has
+    them, see :meth:`PaperStepper.skip`). Money in USDT; costs are
     cumulative over the run (``funding_paid_usdt`` > 0: paid).
     """
 
@@ -137,6 +141,7 @@ class ReplaySummary:
     events: Counter[str] = field(default_factory=Counter)
     risk_state: str | None = None
     n_window_held: int = 0
+    decisions_missed: int = 0
 
 
 def _validate_candles(candles: pd.DataFrame) -> None:
@@ -227,6 +232,334 @@ def _account_snapshot(ts: pd.Timestamp, equity_usdt: float, state: Any, close: f
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class WindowTaint:
+    """Why a bar whose own row is valid is still *held*: its context window holds a flaw.
+
+    ``key`` identifies the flaw (the first bar held by a new key gets a ``context_window_invalid``
+    event with ``detail``); ``reason`` is the decision row's reason (``quarantine_window: ...``).
+    """
+
+    key: str
+    reason: str
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BarInput:
+    """One bar as :class:`PaperStepper` takes it.
+
+    Attributes
+    ----------
+    t : int
+        Bar counter of the primary's backoff and hot-swap (replay: the row; live candles: open
+        time in ms // bar length in ms).
+    time : pd.Timestamp
+        UTC open time of the bar.
+    bar : Bar
+        The candle (prices in USDT, funding rate settled in it, NaN if none); not used when
+        ``problem`` is set.
+    window : pd.DataFrame | None
+        The context window (candles up to and including this bar) handed to the policies; may be
+        None when the bar is not decided (``problem`` or ``taint`` set).
+    atr, fallback_atr : float
+        ATR of this bar in price units (USDT), in the primary's and in the fallback's period; NaN
+        when unknown.
+    problem : str | None
+        The bar's own candle is invalid or missing (quarantined): why.
+    taint : WindowTaint | None
+        The bar is valid but its context window is not (held); ignored when ``problem`` is set.
+    """
+
+    t: int
+    time: pd.Timestamp
+    bar: Bar
+    window: pd.DataFrame | None
+    atr: float
+    fallback_atr: float
+    problem: str | None = None
+    taint: WindowTaint | None = None
+
+
+class PaperStepper:
+    """The per-bar logic of paper serving (module docstring, steps 0-5), with its state.
+
+    Shared by :func:`run_replay` (bars of a DataFrame) and the live-candle paper loop
+    (:class:`serving.paper_live.PaperLiveLoop`), so both charge through one paper broker
+    (:class:`serving.paper.PaperBroker`, the env's accounting) and decide by the same rules.
+    Usage: :meth:`start` once, then, in open-time order, :meth:`step` for every bar to decide or
+    :meth:`skip` for a bar that closed without a decision (source 'missed'), then :meth:`finish`.
+
+    Parameters are those of :func:`run_replay`; ``slot`` is the primary's
+    :class:`serving.hotswap.PolicySlot`.
+
+    Raises
+    ------
+    ValueError
+        If ``config.context_bars`` is shorter than the fallback's ``history_bars``.
+    """
+
+    def __init__(
+        self,
+        *,
+        slot: PolicySlot,
+        fallback: Policy,
+        costs: CostConfig,
+        store: StateStore,
+        config: ServeConfig,
+        guard: RiskGuard | None = None,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        need = int(getattr(fallback, "history_bars", 0) or 0)
+        if config.context_bars is not None and config.context_bars < need:
+            raise ValueError(
+                f"config.context_bars={config.context_bars} is shorter than the fallback's history_bars={need}"
+            )
+        self.slot, self.fallback, self.costs, self.store, self.config = slot, fallback, costs, store, config
+        self.guard, self.notifier, self._clock, self._now = guard, notifier, clock, now
+        self.run_id = config.run_id
+        self.broker = PaperBroker(config.initial_equity_usdt, costs)
+        self.counts: Counter[str] = Counter()  # decision rows by source
+        self.fallback_reasons: Counter[str] = Counter()
+        self.event_counts: Counter[str] = Counter()
+        self.bars = self.n_quarantined = self.n_window_held = 0
+        self.risk_state: str | None = guard.state.value if guard is not None else None
+        self._held_by: str | None = None  # key of the flaw holding the current stretch of bars
+        self._last_valid_atr = {"primary": math.nan, "fallback": math.nan}  # by whose ATR period
+        self._last_kind: str | None = None  # reason kind of the previous decided bar (None: primary used)
+        self._last_ctx: DecisionContext | None = None
+
+    # -- run boundaries ---------------------------------------------------------------------------
+    def start(self, time: pd.Timestamp, **detail: Any) -> None:
+        """Write ``run_started`` at ``time`` (``detail`` first in its detail; mode 'paper'), and
+        ``primary_unavailable`` when the slot holds no primary."""
+        events = [EventRecord(self.run_id, time, "run_started", {
+            **detail, "primary": getattr(self.slot.policy, "name", None), "fallback": getattr(self.fallback, "name", None),
+            "initial_equity_usdt": self.config.initial_equity_usdt, "risk_state": self.risk_state, "mode": "paper",
+        })]  # fmt: skip
+        if self.slot.policy is None:
+            events.append(EventRecord(self.run_id, time, "primary_unavailable", {"error": self.slot.load_error}))
+        self.store.append(events=events)
+        self._publish(events, [])
+
+    def summary(self) -> ReplaySummary:
+        """The run so far (:class:`ReplaySummary`; ``events`` is the live event counter)."""
+        final = self.broker.state
+        return ReplaySummary(
+            run_id=self.run_id, bars=self.bars, decisions_v2=self.counts["v2"], decisions_v1=self.counts["v1"],
+            decisions_guard=self.counts["guard"], fallback_reasons=self.fallback_reasons,
+            n_quarantined=self.n_quarantined, final_equity_usdt=self.broker.equity_usdt, n_fills=final.n_fills,
+            n_trades=final.n_trades, fees_paid_usdt=final.fees_paid_usdt, funding_paid_usdt=final.funding_paid_usdt,
+            slippage_paid_usdt=final.slippage_paid_usdt, liquidation_fees_usdt=final.liquidation_fees_usdt,
+            events=self.event_counts, risk_state=self.risk_state, n_window_held=self.n_window_held,
+            decisions_missed=self.counts["missed"],
+        )  # fmt: skip
+
+    def finish(self, time: pd.Timestamp, **detail: Any) -> ReplaySummary:
+        """Write ``run_finished`` at ``time`` (run totals, then ``detail``) and return the summary."""
+        s = self.summary()
+        events = [EventRecord(self.run_id, time, "run_finished", {
+            "bars": s.bars, "decisions_v2": s.decisions_v2, "decisions_v1": s.decisions_v1,
+            "decisions_guard": s.decisions_guard, "fallback_reasons": dict(s.fallback_reasons),
+            "final_equity_usdt": s.final_equity_usdt, "n_fills": s.n_fills, "risk_state": s.risk_state,
+            "n_quarantined": s.n_quarantined, "n_window_held": s.n_window_held, **detail,
+        })]  # fmt: skip
+        self.store.append(events=events)
+        if self.notifier is not None:
+            self.notifier.publish(events, [])
+        s.events["run_finished"] += 1
+        return s
+
+    # -- one bar ----------------------------------------------------------------------------------
+    def step(self, bar: BarInput) -> DecisionRecord:
+        """Process and decide ``bar`` (module docstring, steps 0-5); returns its decision row (stored).
+
+        Raises
+        ------
+        ValueError
+            From the broker, if ``bar`` is not later than the previous bar.
+        """
+        events = [EventRecord(self.run_id, bar.time, kind, detail) for kind, detail in self.slot.poll(bar.t, self._last_ctx)]
+        fills, equity_usdt, equity_row = self._process(bar, events)
+        state = self.broker.state
+        choice = self._decide(bar, state, equity_usdt)
+        self._held_by = bar.taint.key if bar.problem is None and bar.taint is not None else None
+        for key, value in (("primary", bar.atr), ("fallback", bar.fallback_atr)):
+            if bar.problem is None and math.isfinite(value) and value > 0:
+                self._last_valid_atr[key] = float(value)
+        # the ATR in whose units the deciding policy meant its stop and take-profit distances
+        atr_key = "fallback" if choice.source == "v1" else "primary"
+        atr_t = float(bar.fallback_atr if atr_key == "fallback" else bar.atr)
+        atr_ok = bar.problem is None and math.isfinite(atr_t) and atr_t > 0
+        decision = choice.decision
+        if decision.direction != 0 and decision.direction != state.side and not atr_ok:
+            choice.events.append(("entry_blocked_atr", {"atr": atr_t, "decision": _decision_detail(decision)}))
+            decision = Decision.flat()
+            choice = _Choice(
+                decision, "guard",
+                f"{choice.reason + '; ' if choice.reason else ''}atr_invalid: atr[t]={atr_t!r}, no new position",
+                choice.raw_action, choice.latency_ms, choice.events,
+            )  # fmt: skip
+        if self.guard is not None and bar.problem is None:
+            choice, decision = self._review(bar, choice, decision, equity_usdt, state)
+        self.broker.submit(decision, atr_t if atr_ok else self._last_valid_atr[atr_key])
+        return self._record(bar, choice, decision, fills, events, equity_row)
+
+    def skip(self, bar: BarInput, reason: str) -> DecisionRecord:
+        """Record ``bar``, which closed without a decision: a decision row of source 'missed'.
+
+        The broker still processes the bar as an exchange would treat resting orders: the
+        decision of the last decided bar fills at its open, stops, take-profits, liquidation and
+        funding apply (unless ``bar.problem`` is set: then it is quarantined, the pending decision
+        discarded). Nothing is submitted, so the position is held into the next bar. The row's
+        direction is the side after the bar, its reason ``reason``. Returns the row (stored).
+        """
+        events: list[EventRecord] = []
+        fills, _, equity_row = self._process(bar, events)
+        decision = _hold(self.broker.state.side)
+        return self._record(bar, _Choice(decision, "missed", reason, None, 0.0, []), decision, fills, events, equity_row)
+
+    def _process(self, bar: BarInput, events: list[EventRecord]) -> tuple[list[FillRecord], float, EquityRecord]:
+        """Step 1: the broker processes ``bar`` with the pending decision (or quarantines it); closed
+        round trips go to the guard. Returns (fills, equity marked at the close in USDT, equity row)."""
+        ts, fills, closed_trades = bar.time, [], ()
+        if bar.problem is not None:
+            self.n_quarantined += 1
+            discarded = self.broker.cancel_pending()
+            events.append(EventRecord(self.run_id, ts, "quarantine", {
+                "problem": bar.problem, "discarded_decision": _decision_detail(discarded),
+            }))  # fmt: skip
+            equity_usdt = self.broker.equity_usdt
+        else:
+            result = self.broker.on_bar(bar.bar)
+            fills = [FillRecord.from_fill(self.run_id, f) for f in result.fills]
+            closed_trades = result.closed_trades
+            if result.liquidated:
+                events.append(EventRecord(self.run_id, ts, "liquidation",
+                                          {"liquidation_fee_usdt": result.liquidation_fee_usdt}))
+            if result.skipped_min_notional:
+                events.append(EventRecord(self.run_id, ts, "skipped_min_notional", {}))
+            equity_usdt = result.equity_usdt
+        state = self.broker.state
+        row = EquityRecord(self.run_id, ts, float(equity_usdt), state.cash_usdt, state.side, state.qty_base)
+        if self.guard is not None:
+            for trade in closed_trades:
+                self.guard.record_closed_trade(ts, trade.pnl_usdt)
+        return fills, float(equity_usdt), row
+
+    def _decide(self, bar: BarInput, state: Any, equity_usdt: float) -> _Choice:
+        """Steps 2-4: hold on a quarantined or held bar, else bundle -> V1 -> flat."""
+        if bar.problem is not None:
+            return _Choice(_hold(state.side), "guard", f"quarantine: {bar.problem}", None, 0.0, [])
+        if bar.taint is not None:
+            self.n_window_held += 1
+            choice = _Choice(_hold(state.side), "guard", bar.taint.reason, None, 0.0, [])
+            if self._held_by != bar.taint.key:
+                choice.events.append(("context_window_invalid", dict(bar.taint.detail)))
+            return choice
+        ctx = DecisionContext(bar_open_time=bar.time, candles=bar.window, position=self.broker.position_view(),
+                              equity_usdt=float(equity_usdt))  # fmt: skip
+        self._last_ctx = ctx
+        policy, unavailable = self.slot.acquire(bar.t)
+        choice = _choose(ctx, policy, self.fallback, unavailable, self.config.decision_timeout_ms, self._clock)
+        if policy is not None:
+            choice.events.extend(self.slot.record(bar.t, choice.primary_failure))
+        if choice.source != "v2" and choice.reason is not None:
+            kind = reason_kind(choice.reason)
+            self.fallback_reasons[kind] += 1
+            if self._last_kind is None:
+                choice.events.append(("fallback_engaged", {"reason": choice.reason}))
+            self._last_kind = kind
+        else:
+            if self._last_kind is not None:
+                choice.events.append(("primary_recovered", {"previous_reason_kind": self._last_kind}))
+            self._last_kind = None
+        return choice
+
+    def _review(self, bar: BarInput, choice: _Choice, decision: Decision, equity_usdt: float,
+                state: Any) -> tuple[_Choice, Decision]:
+        """Step 4b: the risk guard reviews ``decision`` (independent of the policy)."""
+        verdict = self.guard.review(decision, _account_snapshot(bar.time, equity_usdt, state, bar.bar.close))  # type: ignore[union-attr]
+        if verdict.state != self.risk_state:
+            choice.events.append(("risk_state_changed", {
+                "from": self.risk_state, "to": verdict.state, "reasons": list(verdict.reasons),
+            }))  # fmt: skip
+            self.risk_state = verdict.state
+        if verdict.decision != decision:
+            if verdict.decision.direction != decision.direction:
+                why = "; ".join(verdict.reasons)
+                choice = _Choice(
+                    verdict.decision, "guard", f"{choice.reason + '; ' if choice.reason else ''}risk: {why}",
+                    choice.raw_action, choice.latency_ms, choice.events,
+                )  # fmt: skip
+            else:
+                choice.events.append(("risk_clipped", {
+                    "reasons": list(verdict.reasons), "requested": _decision_detail(decision),
+                }))  # fmt: skip
+            decision = verdict.decision
+        return choice, decision
+
+    def _record(self, bar: BarInput, choice: _Choice, decision: Decision, fills: list[FillRecord],
+                events: list[EventRecord], equity_row: EquityRecord) -> DecisionRecord:
+        """Step 5: the bar's decision row, fills, equity and events in one transaction, then notify."""
+        self.bars += 1
+        self.counts[choice.source] += 1
+        events.extend(EventRecord(self.run_id, bar.time, kind, detail) for kind, detail in choice.events)
+        record = DecisionRecord.from_decision(
+            self.run_id, bar.time, choice.source, decision, raw_action=choice.raw_action,
+            fallback_reason=choice.reason, latency_ms=choice.latency_ms, created_at=self._now(),
+        )  # fmt: skip
+        self.store.append(decisions=[record], fills=fills, equity=[equity_row], events=events)
+        self._publish(events, fills)
+        return record
+
+    def note(self, time: pd.Timestamp, kind: str, detail: dict[str, Any]) -> None:
+        """Write one event of the run outside a bar's transaction (stored, counted, notified)."""
+        events = [EventRecord(self.run_id, time, kind, detail)]
+        self.store.append(events=events)
+        self._publish(events, [])
+
+    def _publish(self, events: list[EventRecord], fills: list[FillRecord]) -> None:
+        for e in events:
+            self.event_counts[e.kind] += 1
+        if self.notifier is not None:
+            self.notifier.publish(events, fills)
+
+
+class _ReplayBars:
+    """The bars of a replayed DataFrame as :class:`BarInput` (row problems and windows precomputed)."""
+
+    def __init__(self, candles: pd.DataFrame, atr: np.ndarray, fallback_atr: np.ndarray, context_bars: int | None,
+                 funding_interval_hours: int) -> None:
+        n = len(candles)
+        self.candles, self.atr, self.fallback_atr, self.context_bars = candles, atr, fallback_atr, context_bars
+        self.funding_interval_hours = funding_interval_hours
+        self.problems = row_problems(candles)
+        self.last_bad = last_invalid_row(self.problems)
+        self.o, self.h, self.lo, self.c = (candles[k].to_numpy(np.float64) for k in ("open", "high", "low", "close"))
+        self.funding = (candles["funding_rate"].to_numpy(np.float64) if "funding_rate" in candles.columns
+                        else np.full(n, np.nan))  # fmt: skip
+
+    def __getitem__(self, t: int) -> BarInput:
+        ts = self.candles.index[t]
+        ns = int(ts.value)
+        bar = Bar(open_time_ns=ns, open=float(self.o[t]), high=float(self.h[t]), low=float(self.lo[t]),
+                  close=float(self.c[t]), funding_rate=float(self.funding[t]),
+                  is_funding_time=is_funding_time(ns, self.funding_interval_hours))  # fmt: skip
+        problem = self.problems[t]
+        start = window_start(t, self.context_bars)
+        taint = None
+        if problem is None and self.last_bad[t] >= start:
+            bad = int(self.last_bad[t])
+            index = self.candles.index
+            taint = WindowTaint(str(bad), _window_reason(index, bad, self.context_bars),
+                                {"invalid_row": str(index[bad]), "problem": self.problems[bad]})
+        window = self.candles.iloc[start : t + 1] if problem is None and taint is None else None
+        return BarInput(t, ts, bar, window, float(self.atr[t]), float(self.fallback_atr[t]), problem, taint)
+
+
 def run_replay(
     candles: pd.DataFrame,
     *,
@@ -313,220 +646,18 @@ def run_replay(
     fb_atr_arr = atr_arr if fallback_atr is None else np.asarray(fallback_atr, dtype=np.float64)
     if fb_atr_arr.shape != (n,):
         raise ValueError(f"fallback_atr must have shape ({n},) like candles, got {fb_atr_arr.shape}")
-    need = int(getattr(fallback, "history_bars", 0) or 0)
-    if config.context_bars is not None and config.context_bars < need:
-        raise ValueError(
-            f"config.context_bars={config.context_bars} is shorter than the fallback's history_bars={need}"
-        )
     slot = (
         primary
         if isinstance(primary, PolicySlot)
         else PolicySlot(primary, load_error=primary_load_error, backoff=config.primary_backoff)
     )
-
-    run_id = config.run_id
-    broker = PaperBroker(config.initial_equity_usdt, costs)
-    problems = row_problems(candles)
-    last_bad = last_invalid_row(problems)
-    index = candles.index
-    o, h, lo, c = (candles[k].to_numpy(np.float64) for k in ("open", "high", "low", "close"))
-    funding = (
-        candles["funding_rate"].to_numpy(np.float64)
-        if "funding_rate" in candles.columns
-        else np.full(n, np.nan)
-    )
-    counts: Counter[str] = Counter()
-    fallback_reasons: Counter[str] = Counter()
-    event_counts: Counter[str] = Counter()
-    n_quarantined = 0
-    n_window_held = 0
-    held_by: int | None = None  # the invalid row holding the current stretch of bars (None: none)
-    last_valid_atr = {"primary": math.nan, "fallback": math.nan}  # by whose ATR period
-    last_kind: str | None = None  # reason kind of the previous decided bar (None: primary used)
-    last_ctx: DecisionContext | None = None
-    risk_state = guard.state.value if guard is not None else None
-
-    start_events = [EventRecord(run_id, index[0] if n else pd.Timestamp(0, tz="UTC"), "run_started", {
-        "bars": n, "warmup_bars": config.warmup_bars, "primary": getattr(slot.policy, "name", None),
-        "fallback": getattr(fallback, "name", None), "initial_equity_usdt": config.initial_equity_usdt,
-        "risk_state": risk_state, "mode": "paper",
-    })]  # fmt: skip
-    if slot.policy is None:
-        start_events.append(
-            EventRecord(run_id, start_events[0].time, "primary_unavailable", {"error": slot.load_error})
-        )
-    store.append(events=start_events)
-    for e in start_events:
-        event_counts[e.kind] += 1
-    if notifier is not None:
-        notifier.publish(start_events, [])
-
+    stepper = PaperStepper(slot=slot, fallback=fallback, costs=costs, store=store, config=config, guard=guard,
+                           notifier=notifier, clock=clock, now=now)  # fmt: skip
+    bars = _ReplayBars(candles, atr_arr, fb_atr_arr, config.context_bars, costs.funding_interval_hours)
+    epoch = pd.Timestamp(0, tz="UTC")
+    stepper.start(candles.index[0] if n else epoch, bars=n, warmup_bars=config.warmup_bars)
     for t in range(config.warmup_bars, n):
-        ts = index[t]
-        fills: list[FillRecord] = []
-        events: list[EventRecord] = []
-        problem = problems[t]
-
-        # (0) between bars: hot-swap / reload of the primary
-        for kind, detail in slot.poll(t, last_ctx):
-            events.append(EventRecord(run_id, ts, kind, detail))
-
-        # (1) the broker processes bar t with the decision taken at the close of t-1
-        closed_trades: tuple = ()
-        if problem is not None:
-            n_quarantined += 1
-            discarded = broker.cancel_pending()
-            events.append(EventRecord(run_id, ts, "quarantine", {
-                "problem": problem, "discarded_decision": _decision_detail(discarded),
-            }))  # fmt: skip
-            equity_usdt = broker.equity_usdt
-        else:
-            bar = Bar(
-                open_time_ns=int(ts.value), open=float(o[t]), high=float(h[t]), low=float(lo[t]),
-                close=float(c[t]), funding_rate=float(funding[t]),
-                is_funding_time=is_funding_time(int(ts.value), costs.funding_interval_hours),
-            )  # fmt: skip
-            result = broker.on_bar(bar)
-            fills = [FillRecord.from_fill(run_id, f) for f in result.fills]
-            closed_trades = result.closed_trades
-            if result.liquidated:
-                events.append(
-                    EventRecord(
-                        run_id, ts, "liquidation", {"liquidation_fee_usdt": result.liquidation_fee_usdt}
-                    )
-                )
-            if result.skipped_min_notional:
-                events.append(EventRecord(run_id, ts, "skipped_min_notional", {}))
-            equity_usdt = result.equity_usdt
-        state = broker.state
-        equity_row = EquityRecord(run_id, ts, float(equity_usdt), state.cash_usdt, state.side, state.qty_base)
-        if guard is not None:
-            for trade in closed_trades:
-                guard.record_closed_trade(ts, trade.pnl_usdt)
-
-        # (2)-(4) decide
-        start = window_start(t, config.context_bars)
-        tainted = problem is None and last_bad[t] >= start
-        if problem is not None:
-            choice = _Choice(_hold(state.side), "guard", f"quarantine: {problem}", None, 0.0, [])
-        elif tainted:
-            bad = int(last_bad[t])
-            n_window_held += 1
-            choice = _Choice(_hold(state.side), "guard", _window_reason(index, bad, config.context_bars), None, 0.0, [])
-            if held_by != bad:
-                choice.events.append(("context_window_invalid", {"invalid_row": str(index[bad]),
-                                                                 "problem": problems[bad]}))
-        else:
-            ctx = DecisionContext(
-                bar_open_time=ts,
-                candles=candles.iloc[start : t + 1],
-                position=broker.position_view(),
-                equity_usdt=float(equity_usdt),
-            )
-            last_ctx = ctx
-            policy, unavailable = slot.acquire(t)
-            choice = _choose(ctx, policy, fallback, unavailable, config.decision_timeout_ms, clock)
-            if policy is not None:
-                choice.events.extend(slot.record(t, choice.primary_failure))
-            if choice.source != "v2" and choice.reason is not None:
-                kind = reason_kind(choice.reason)
-                fallback_reasons[kind] += 1
-                if last_kind is None:
-                    choice.events.append(("fallback_engaged", {"reason": choice.reason}))
-                last_kind = kind
-            else:
-                if last_kind is not None:
-                    choice.events.append(("primary_recovered", {"previous_reason_kind": last_kind}))
-                last_kind = None
-
-        held_by = int(last_bad[t]) if tainted else None
-        # the ATR in whose units the deciding policy meant its stop and take-profit distances
-        for key, arr in (("primary", atr_arr), ("fallback", fb_atr_arr)):
-            if problem is None and math.isfinite(arr[t]) and arr[t] > 0:
-                last_valid_atr[key] = float(arr[t])
-        atr_key = "fallback" if choice.source == "v1" else "primary"
-        atr_t = float((fb_atr_arr if atr_key == "fallback" else atr_arr)[t])
-        atr_ok = problem is None and math.isfinite(atr_t) and atr_t > 0
-        decision = choice.decision
-        opens = decision.direction != 0 and decision.direction != state.side
-        if opens and not atr_ok:
-            choice.events.append(
-                ("entry_blocked_atr", {"atr": atr_t, "decision": _decision_detail(decision)})
-            )
-            decision = Decision.flat()
-            choice = _Choice(
-                decision, "guard",
-                f"{choice.reason + '; ' if choice.reason else ''}atr_invalid: atr[t]={atr_t!r}, no new position",
-                choice.raw_action, choice.latency_ms, choice.events,
-            )  # fmt: skip
-
-        # (4b) the risk guard (independent of the policy)
-        if guard is not None and problem is None:
-            verdict = guard.review(decision, _account_snapshot(ts, equity_usdt, state, c[t]))
-            if verdict.state != risk_state:
-                choice.events.append(("risk_state_changed", {
-                    "from": risk_state, "to": verdict.state, "reasons": list(verdict.reasons),
-                }))  # fmt: skip
-                risk_state = verdict.state
-            if verdict.decision != decision:
-                if verdict.decision.direction != decision.direction:
-                    why = "; ".join(verdict.reasons)
-                    choice = _Choice(
-                        verdict.decision, "guard", f"{choice.reason + '; ' if choice.reason else ''}risk: {why}",
-                        choice.raw_action, choice.latency_ms, choice.events,
-                    )  # fmt: skip
-                else:
-                    choice.events.append(("risk_clipped", {
-                        "reasons": list(verdict.reasons), "requested": _decision_detail(decision),
-                    }))  # fmt: skip
-                decision = verdict.decision
-
-        # (5) submit and record
-        broker.submit(decision, atr_t if atr_ok else last_valid_atr[atr_key])
-        counts[choice.source] += 1
-        for kind, detail in choice.events:
-            events.append(EventRecord(run_id, ts, kind, detail))
-        for e in events:
-            event_counts[e.kind] += 1
-        record = DecisionRecord.from_decision(
-            run_id, ts, choice.source, decision, raw_action=choice.raw_action,
-            fallback_reason=choice.reason, latency_ms=choice.latency_ms, created_at=now(),
-        )  # fmt: skip
-        store.append(decisions=[record], fills=fills, equity=[equity_row], events=events)
-        if notifier is not None:
-            notifier.publish(events, fills)
+        stepper.step(bars[t])
         if progress is not None:
             progress(t + 1, n)
-
-    final = broker.state
-    summary = ReplaySummary(
-        run_id=run_id,
-        bars=max(0, n - config.warmup_bars),
-        decisions_v2=counts["v2"],
-        decisions_v1=counts["v1"],
-        decisions_guard=counts["guard"],
-        fallback_reasons=fallback_reasons,
-        n_quarantined=n_quarantined,
-        final_equity_usdt=broker.equity_usdt,
-        n_fills=final.n_fills,
-        n_trades=final.n_trades,
-        fees_paid_usdt=final.fees_paid_usdt,
-        funding_paid_usdt=final.funding_paid_usdt,
-        slippage_paid_usdt=final.slippage_paid_usdt,
-        liquidation_fees_usdt=final.liquidation_fees_usdt,
-        events=event_counts,
-        risk_state=risk_state,
-        n_window_held=n_window_held,
-    )
-    end_time = index[-1] if n else pd.Timestamp(0, tz="UTC")
-    end_events = [EventRecord(run_id, end_time, "run_finished", {
-        "bars": summary.bars, "decisions_v2": summary.decisions_v2, "decisions_v1": summary.decisions_v1,
-        "decisions_guard": summary.decisions_guard, "fallback_reasons": dict(fallback_reasons),
-        "final_equity_usdt": summary.final_equity_usdt, "n_fills": summary.n_fills, "risk_state": risk_state,
-        "n_quarantined": n_quarantined, "n_window_held": n_window_held,
-    })]  # fmt: skip
-    store.append(events=end_events)
-    if notifier is not None:
-        notifier.publish(end_events, [])
-    summary.events["run_finished"] += 1
-    return summary
+    return stepper.finish(candles.index[-1] if n else epoch)

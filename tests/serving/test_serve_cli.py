@@ -49,11 +49,46 @@ def test_live_without_the_flag_stops_before_touching_anything(tmp_path):
     assert not (tmp_path / "s.sqlite").exists()
 
 
-def test_paper_needs_replay_and_required_options(tmp_path):
-    r = runner.invoke(app, ["serve", "--bundle", str(tmp_path), "--db", str(tmp_path / "s.sqlite")])
-    assert r.exit_code != 0 and "--replay" in r.output
+def test_paper_required_options_and_flags_of_the_other_source(tmp_path):
     r = runner.invoke(app, ["serve", "--mode", "paper"])
     assert r.exit_code != 0 and "--bundle and --db are required" in r.output
+    base = ["serve", "--bundle", str(tmp_path), "--db", str(tmp_path / "s.sqlite")]
+    r = runner.invoke(app, [*base, "--warmup-bars", "10"])  # live candles: the context comes from the exchange
+    assert r.exit_code != 0 and "--warmup-bars is for --replay" in r.output
+    r = runner.invoke(app, [*base, "--mode", "testnet", "--base-url", "http://127.0.0.1:9"])
+    assert r.exit_code != 0 and "paper on live candles" in r.output
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+def test_paper_without_replay_serves_live_candles_and_refuses_to_reuse_its_db(tmp_path, monkeypatch):
+    """``ats serve --mode paper`` (no --replay) against the fake exchange: one live bar decided by V1
+    (the bundle does not load), no key needed; a second start on the same database is refused."""
+    import json
+
+    from serving.status import read_status
+    from serving.store import StateStore
+    from tests.kit.candles import make_candles
+    from tests.kit.fake_binance import FakeBinance
+
+    for var in ("ATS_BINANCE_API_KEY", "ATS_BINANCE_API_SECRET", "ATS_DISCORD_WEBHOOK_URL", "ATS_TELEGRAM_BOT_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    candles = make_candles(1_100, seed=3)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"gate": {"verdict": "HOLD"}}))
+    db = tmp_path / "paper.sqlite"
+    now_ms = int(candles.index[1_050].value // 1_000_000) + 60_000
+    args = ["serve", "--mode", "paper", "--bundle", str(bundle), "--db", str(db), "--max-bars", "1"]
+    with FakeBinance(candles, candles["funding_rate"].dropna(), now_ms=now_ms) as fake:
+        r = runner.invoke(app, [*args, "--base-url", fake.url])
+        assert r.exit_code == 0, r.output
+        again = runner.invoke(app, [*args, "--base-url", fake.url])
+    assert again.exit_code == 2 and "cannot be resumed" in again.output
+    store = StateStore.sqlite(db)
+    d = store.decisions("paper")
+    assert list(d.bar_open_time) == [candles.index[1_049]] and d.source.iloc[0] == "v1"
+    assert d.fallback_reason.iloc[0].startswith("bundle_load_failed")
+    assert read_status(store).mode == "paper"
 
 
 def test_readme_testnet_example_passes_the_gate_check_of_an_ungated_bundle(tmp_path, monkeypatch):

@@ -1,0 +1,511 @@
+"""Paper serving on live candles: ``ats serve --mode paper`` without ``--replay``.
+
+A forward test of a bundle on the real market without keys and without orders: the loop polls
+the exchange's public klines (ccxt ``binanceusdm`` ``fetch_ohlcv``, through
+:class:`serving.exchange.BinanceFuturesBroker` used read-only; no API key) shortly after each bar
+close and runs every new closed bar through :class:`serving.loop.PaperStepper`, the per-bar logic
+of the replay (:func:`serving.loop.run_replay`): paper broker with the env's accounting, bundle ->
+V1 -> flat, deadline, risk guard, quarantine, hot-swap, notifications, one decision row per bar.
+
+One :meth:`PaperLiveLoop.step`:
+
+1. **Clock.** Read the exchange time (``fetch_time``); ``clock_offset_ms = server - wall`` (the
+   injected wall clock). The bar to decide is the last one *closed by the exchange clock*, so a
+   jump of the local clock never skips or repeats a bar; an offset beyond
+   ``max_clock_offset_ms`` is recorded (``clock_offset`` event) and only shifts the poll times:
+   no order exists whose timing it could spoil.
+2. **Candles.** One page of klines from ``context_bars - 1`` bars before that bar (more when bars
+   were missed) up to the still-open bar, which is dropped (:func:`parse_page`); the funding
+   history of the page is joined as ``funding_rate`` (:func:`serving.live.with_funding_column`).
+3. **Missed bars.** Bars that closed after the last processed bar and before the bar to decide
+   (the process could not poll: failed fetches, a suspended machine) can no longer be decided:
+   each gets a decision row of source 'missed' (:meth:`serving.loop.PaperStepper.skip`: its candle
+   still goes through the paper broker, so the decision already taken fills and stops,
+   take-profits and liquidation apply as resting orders would; a candle the exchange does not
+   serve is quarantined) and one ``bars_missed`` event per gap.
+4. **Decide** the bar (:meth:`serving.loop.PaperStepper.step`). Its own candle is *quarantined*
+   when invalid (:func:`serving.loop.row_problems`), missing (gap or stale feed), when the page
+   is malformed (a row that is not ``[time, o, h, l, c, v]``, duplicate, out-of-order or
+   misaligned open times), or when the funding history cannot be fetched (``with_funding``). A
+   valid bar whose context window has an invalid row or lacks bars is *held* (no policy is asked;
+   hold-or-flat). The window is fetched anew every bar, so a row the exchange later serves
+   corrected no longer holds the bars after it. No policy ever sees the open bar or an invalid row.
+
+ATR: each bar's ATR (stop and take-profit distances, slippage) is computed over its context
+window in the deciding policy's period (``atr_period_bars`` of the bundle's features or of V1,
+else ``FeedConfig.atr_period_bars``); with the default 1,000 bars of context, Wilder's smoothing
+has forgotten its seed, so it equals the full-history ATR of a replay to float noise.
+
+Restart: the paper account lives in this process only. A store that already holds decisions of
+the run id is refused (:class:`serving.errors.FatalError`) rather than resumed from a fresh
+account, which would silently restart the equity curve inside the same run: start a new run
+with a new ``--db`` (or another ``run_id``). ``ats status --db`` reads the finished run.
+
+Failures (:meth:`PaperLiveLoop.run`): a retryable error (network, 5xx, 429 after the broker's
+own retries) or a rejected request ends the step (``step_failed`` event) and it is retried after
+``step_retry_initial_s`` (doubling, at most ``step_retry_max_s``, never past the next poll); bars
+that pass meanwhile become 'missed'. A :class:`serving.errors.FatalError` or any other exception
+is recorded (``fatal_error`` / ``internal_error`` with the traceback) and stops the loop.
+SIGTERM/SIGINT stop it between bars. Every stop writes ``run_finished``.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
+
+from envs.accounting import Bar, is_funding_time
+from envs.config import CostConfig
+from market.config_base import StrictConfig
+from market.decision import Policy
+from market.features import atr as atr_indicator
+from serving.errors import FatalError, RejectedError, RetryableError
+from serving.hotswap import PolicySlot
+from serving.live import _TF_MS, LiveConfig, with_funding_column
+from serving.loop import BarInput, PaperStepper, ReplaySummary, ServeConfig, WindowTaint, row_problems
+from serving.notify import Notifier
+from serving.risk import RiskGuard
+from serving.store import DecisionRecord, StateStore
+
+MAX_PAGE_ROWS = 1_500  # Binance's largest klines page
+_COLUMNS = ["open", "high", "low", "close", "volume"]
+
+
+class FeedConfig(StrictConfig):
+    """Where and when the live-candle paper loop reads candles (units in the names).
+
+    ``ats serve`` fills it from the ``live`` section of the serve config (:meth:`from_live`), so
+    paper and testnet forward tests poll alike.
+    """
+
+    symbol: str = Field("BTC/USDT:USDT", description="Unified ccxt symbol.")
+    timeframe: str = Field("1h", description="Bar length; one of 1m 5m 15m 30m 1h 4h.")
+    close_delay_s: float = Field(3.0, ge=0, description="Wait after a bar close before polling its candle, s.")
+    poll_interval_s: float = Field(1.0, gt=0, description="Minimum wait between two polls, s.")
+    max_clock_offset_ms: float = Field(
+        2_500.0, gt=0, description="|exchange - local| clock offset above which a clock_offset event is recorded, ms."
+    )
+    atr_period_bars: int = Field(
+        14, ge=1, description="ATR period for the stops of a policy that does not state its own atr_period_bars."
+    )
+    step_retry_initial_s: float = Field(2.0, gt=0, description="First wait before retrying a failed poll, s.")
+    step_retry_max_s: float = Field(60.0, gt=0, description="Longest wait between retries of a failed poll, s.")
+    with_funding: bool = Field(
+        True, description="Join the funding history as funding_rate (a failed fetch quarantines the bar)."
+    )
+
+    @model_validator(mode="after")
+    def _known_timeframe(self) -> FeedConfig:
+        if self.timeframe not in _TF_MS:
+            raise ValueError(f"timeframe {self.timeframe!r} not supported; use one of {sorted(_TF_MS)}")
+        return self
+
+    @classmethod
+    def from_live(cls, live: LiveConfig) -> FeedConfig:
+        """The feed settings of a :class:`serving.live.LiveConfig` (same symbol, timeframe, timing)."""
+        return cls(**{k: getattr(live, k) for k in cls.model_fields})
+
+
+class CandleFeed(Protocol):
+    """Public market data (:class:`serving.exchange.BinanceFuturesBroker` without keys)."""
+
+    def load(self) -> Any: ...
+
+    def server_time_ms(self) -> int: ...
+
+    def fetch_ohlcv(self, timeframe: str, since_ms: int | None, limit: int) -> list[list[Any]]: ...
+
+    def fetch_funding(self, since_ms: int, limit: int = 1000) -> list[tuple[int, float]]: ...
+
+
+@dataclass(frozen=True)
+class Page:
+    """Closed candles of one klines page (:func:`parse_page`).
+
+    ``candles``: float64 ``open high low close volume`` (NaN where a value is missing or not a
+    number) indexed by UTC open time, sorted and unique; ``problem``: why the whole page is not
+    trusted (None when it is; then ``candles`` is empty).
+    """
+
+    candles: pd.DataFrame
+    problem: str | None = None
+
+
+def _num(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _empty_frame() -> pd.DataFrame:
+    return pd.DataFrame(columns=_COLUMNS, index=pd.DatetimeIndex([], tz="UTC", name="open_time"), dtype=np.float64)
+
+
+def parse_page(rows: Sequence[Any], last_closed_open_ms: int, tf_ms: int) -> Page:
+    """Closed candles of a raw ccxt OHLCV page ``[[open_ms, o, h, l, c, v], ...]`` (pure).
+
+    Rows opening after ``last_closed_open_ms`` (the still-open bar) are dropped. Row *values* are
+    not judged here (a NaN or an inconsistent high/low stays, for :func:`serving.loop.row_problems`
+    to quarantine); the page is rejected (``problem`` set) when a row is not at least 6 values or
+    has a non-integer open time, or when open times are duplicated, out of order or not multiples
+    of ``tf_ms`` (ms).
+    """
+    times: list[int] = []
+    values: list[list[float]] = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, (list, tuple)) or len(r) < 6:
+            return Page(_empty_frame(), f"row {i} is not [time, o, h, l, c, v]: {r!r}"[:300])
+        t = _num(r[0])
+        if not math.isfinite(t) or t != int(t):
+            return Page(_empty_frame(), f"row {i} has a bad open time {r[0]!r}"[:300])
+        if int(t) <= last_closed_open_ms:
+            times.append(int(t))
+            values.append([_num(x) for x in r[1:6]])
+    t_arr = np.asarray(times, dtype=np.int64)
+    if len(t_arr) > 1 and np.any(np.diff(t_arr) == 0):
+        return Page(_empty_frame(), "duplicate open times")
+    if len(t_arr) > 1 and np.any(np.diff(t_arr) < 0):
+        return Page(_empty_frame(), "rows out of order (open time goes back)")
+    if np.any(t_arr % tf_ms):
+        return Page(_empty_frame(), f"open times not on the {tf_ms} ms bar grid")
+    idx = pd.DatetimeIndex(pd.to_datetime(t_arr, unit="ms", utc=True), name="open_time")
+    return Page(pd.DataFrame(np.asarray(values, dtype=np.float64).reshape(-1, 5), index=idx, columns=_COLUMNS))
+
+
+def window_taint(window: pd.DataFrame, bar: pd.Timestamp, context_bars: int, tf_ms: int) -> WindowTaint | None:
+    """Why the context window of ``bar`` may not go to a policy (pure); None when it may.
+
+    ``window``: the page's rows from ``context_bars - 1`` bars before ``bar`` up to ``bar``. Flaws:
+    bars the exchange did not serve (a gap; also fewer closed bars than ``context_bars`` exist),
+    then the latest invalid row before ``bar`` (:func:`serving.loop.row_problems`).
+    """
+    step = pd.Timedelta(milliseconds=tf_ms)
+    if len(window) < context_bars:
+        expected = pd.date_range(bar - (context_bars - 1) * step, bar, freq=step)
+        missing = expected.difference(window.index)
+        return WindowTaint(
+            f"missing:{missing[-1]}",
+            f"quarantine_window: the context window lacks {len(missing)} of its {context_bars} bars (latest "
+            f"missing {missing[-1]}: a gap in the exchange's candles, or not that much history)",
+            {"missing_bars": len(missing), "latest_missing": str(missing[-1]), "context_bars": context_bars},
+        )
+    problems = row_problems(window)
+    bad = [i for i, p in enumerate(problems) if p is not None]
+    if not bad:
+        return None
+    row = window.index[bad[-1]]
+    return WindowTaint(
+        str(row),
+        f"quarantine_window: the context window holds the invalid row {row}; no policy is asked before "
+        f"{row + context_bars * step} unless the exchange serves that row corrected",
+        {"invalid_row": str(row), "problem": problems[bad[-1]]},
+    )
+
+
+def _bar(candles: pd.DataFrame, ts: pd.Timestamp, funding_interval_hours: int) -> Bar:
+    """The :class:`Bar` of row ``ts`` of ``candles`` (NaN prices when the row is absent)."""
+    ns = int(ts.value)
+    if ts in candles.index:
+        row = candles.loc[ts]
+        o, h, lo, c = (float(row[k]) for k in ("open", "high", "low", "close"))
+        funding = float(row["funding_rate"]) if "funding_rate" in candles.columns else math.nan
+    else:
+        o = h = lo = c = funding = math.nan
+    return Bar(ns, o, h, lo, c, funding, is_funding_time(ns, funding_interval_hours))
+
+
+MISSED_REASON = ("missed: the bar closed while the loop could not poll (failed fetches, or the process was not "
+                 "running); nothing was decided, its candle went through the paper broker with the position held")
+
+
+class PaperLiveLoop:
+    """The live-candle paper loop (module docstring).
+
+    Parameters
+    ----------
+    feed : CandleFeed
+        Public market data, e.g. ``BinanceFuturesBroker(make_client(api_key=None, secret=None,
+        sandbox=False))``.
+    store : StateStore
+        Where the run's decisions, fills, equity and events go; must not hold the run id yet.
+    config : ServeConfig
+        Paper settings (equity, deadline, ``run_id``, ``context_bars``: an int of at most
+        1,499, backoff); ``warmup_bars`` is not used (the context comes from the exchange).
+    feed_config : FeedConfig
+        Symbol, timeframe, poll timing, clock-offset limit, funding.
+    primary, fallback, costs, guard, notifier
+        As :func:`serving.loop.run_replay`.
+    wall_clock_s : Callable[[], float]
+        Local wall clock, seconds since the epoch (tests inject it).
+    monotonic_s : Callable[[], float]
+        Monotonic seconds: decision latency and the waits between polls.
+    sleep : Callable[[float], None]
+        Sleeps the given seconds (tests inject one that moves their clocks).
+    now : Callable[[], datetime]
+        Wall clock for ``created_at`` of decision rows (default: ``wall_clock_s``).
+
+    Raises
+    ------
+    ValueError
+        If ``config.context_bars`` is None or above 1,499 (one klines page), or shorter than the
+        fallback's ``history_bars``.
+    """
+
+    def __init__(
+        self,
+        feed: CandleFeed,
+        store: StateStore,
+        config: ServeConfig,
+        feed_config: FeedConfig,
+        *,
+        primary: Policy | PolicySlot | None,
+        fallback: Policy,
+        costs: CostConfig,
+        primary_load_error: str | None = None,
+        guard: RiskGuard | None = None,
+        notifier: Notifier | None = None,
+        wall_clock_s: Callable[[], float] = time.time,
+        monotonic_s: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
+        now: Callable[[], datetime] | None = None,
+    ) -> None:
+        n = config.context_bars
+        if n is None or n > MAX_PAGE_ROWS - 1:
+            raise ValueError(f"context_bars must be an int <= {MAX_PAGE_ROWS - 1} on live candles (one klines page), "
+                             f"got {n!r}")  # fmt: skip
+        slot = primary if isinstance(primary, PolicySlot) else PolicySlot(
+            primary, load_error=primary_load_error, backoff=config.primary_backoff)  # fmt: skip
+        self.wall_clock_s, self.monotonic_s, self._sleep = wall_clock_s, monotonic_s, sleep
+        now = now or (lambda: datetime.fromtimestamp(self.wall_clock_s(), UTC))
+        self.stepper = PaperStepper(slot=slot, fallback=fallback, costs=costs, store=store, config=config,
+                                    guard=guard, notifier=notifier, clock=monotonic_s, now=now)  # fmt: skip
+        self.feed, self.store, self.config, self.feed_config = feed, store, config, feed_config
+        self.costs = costs
+        self.tf_ms = _TF_MS[feed_config.timeframe]
+        self.stop_requested = threading.Event()
+        self.clock_offset_ms = 0.0
+        self.last_bar: pd.Timestamp | None = None  # the last bar decided or recorded as missed
+        self._started = False
+        self._offset_flagged = False
+        self._failures = 0  # consecutive failed polls
+        self._last_error: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.config.run_id
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Refuse a store holding this run, load the market (symbol check), write ``run_started``.
+
+        Raises
+        ------
+        FatalError
+            The store already holds decisions of ``config.run_id`` (module docstring: Restart),
+            or the exchange does not list the symbol.
+        """
+        if self._started:
+            return
+        last = self.store.last_decision_bar(self.run_id)
+        if last is not None:
+            raise FatalError(
+                f"the state database already holds paper run {self.run_id!r} (last bar {last}); a paper account "
+                "cannot be resumed after a restart: use a new --db (or another run_id) for a new forward test"
+            )
+        self.feed.load()
+        fc = self.feed_config
+        self.stepper.start(self._now_ts(), candles="live", symbol=fc.symbol, timeframe=fc.timeframe,
+                           context_bars=self.config.context_bars)  # fmt: skip
+        self._started = True
+
+    def summary(self) -> ReplaySummary:
+        """The run so far (see :class:`serving.loop.ReplaySummary`)."""
+        return self.stepper.summary()
+
+    def _now_ts(self) -> pd.Timestamp:
+        return pd.Timestamp(int(self.wall_clock_s() * 1000), unit="ms", tz="UTC")
+
+    def _note(self, kind: str, detail: dict[str, Any], when: pd.Timestamp | None = None) -> None:
+        self.stepper.note(when if when is not None else self._now_ts(), kind, detail)
+
+    # -- one poll ---------------------------------------------------------------------------------
+    def last_closed_bar_ms(self, server_ms: int) -> int:
+        """Open time (ms) of the last bar closed at exchange time ``server_ms`` (ms)."""
+        return (server_ms // self.tf_ms) * self.tf_ms - self.tf_ms
+
+    def step(self) -> list[DecisionRecord]:
+        """Process every bar closed since the last poll (module docstring); returns the decision rows
+        written (missed bars first, the decided bar last; empty when no new bar has closed).
+
+        Raises
+        ------
+        RetryableError, RejectedError
+            A fetch failed (nothing of this poll was recorded; the next poll retries).
+        FatalError
+            From :meth:`start`.
+        """
+        self.start()
+        server_ms = int(self.feed.server_time_ms())
+        self._check_offset(server_ms)
+        bar_ms = self.last_closed_bar_ms(server_ms)
+        last_ms = None if self.last_bar is None else int(self.last_bar.value // 1_000_000)
+        if last_ms is not None and bar_ms <= last_ms:
+            return []
+        missed = [] if last_ms is None else list(range(last_ms + self.tf_ms, bar_ms, self.tf_ms))
+        page, funding_problem = self._fetch(bar_ms, len(missed))
+        rows = [self._skip(page, ms) for ms in missed]
+        if missed:
+            self._note("bars_missed", {"first": str(rows[0].bar_open_time), "last": str(rows[-1].bar_open_time),
+                                       "count": len(missed), "last_error": self._last_error})  # fmt: skip
+        rows.append(self.stepper.step(self._decided_input(page, bar_ms, funding_problem)))
+        self.last_bar = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
+        self._failures, self._last_error = 0, None
+        return rows
+
+    def _check_offset(self, server_ms: int) -> None:
+        """Record a ``clock_offset`` event when |exchange - local| crosses ``max_clock_offset_ms``."""
+        self.clock_offset_ms = server_ms - self.wall_clock_s() * 1000.0
+        large = abs(self.clock_offset_ms) > self.feed_config.max_clock_offset_ms
+        if large != self._offset_flagged:
+            self._note("clock_offset", {"offset_ms": round(self.clock_offset_ms, 1), "large": large,
+                                        "limit_ms": self.feed_config.max_clock_offset_ms})  # fmt: skip
+        self._offset_flagged = large
+
+    def _fetch(self, bar_ms: int, n_missed: int) -> tuple[Page, str | None]:
+        """The klines page ending at ``bar_ms`` (open bar dropped) with ``funding_rate`` joined, and
+        why funding is unknown (None when joined or not wanted)."""
+        n = int(self.config.context_bars)  # type: ignore[arg-type]
+        extra = min(n_missed, MAX_PAGE_ROWS - 1 - n)
+        since = bar_ms - (n - 1 + extra) * self.tf_ms
+        raw = self.feed.fetch_ohlcv(self.feed_config.timeframe, since, n + extra + 1)
+        page = parse_page(raw, bar_ms, self.tf_ms)
+        if page.problem is not None or not self.feed_config.with_funding:
+            return page, None
+        try:
+            funding = self.feed.fetch_funding(since)
+        except RetryableError as exc:
+            return page, f"funding history unavailable: {exc}"[:300]
+        return Page(with_funding_column(page.candles, funding, self.tf_ms)), None
+
+    def _problem(self, page: Page, ts: pd.Timestamp) -> str | None:
+        """Why the candle of ``ts`` is not usable (None when it is)."""
+        if page.problem is not None:
+            return f"candle page rejected: {page.problem}"
+        if ts not in page.candles.index:
+            return f"no candle at {ts}: missing from the exchange's candles (gap or stale feed)"
+        return row_problems(page.candles.loc[[ts]])[0]
+
+    def _skip(self, page: Page, ms: int) -> DecisionRecord:
+        ts = pd.Timestamp(ms, unit="ms", tz="UTC")
+        bar = BarInput(ms // self.tf_ms, ts, _bar(page.candles, ts, self.costs.funding_interval_hours), None,
+                       math.nan, math.nan, self._problem(page, ts))  # fmt: skip
+        reason = MISSED_REASON if self._last_error is None else f"{MISSED_REASON}; last error: {self._last_error}"
+        return self.stepper.skip(bar, reason[:2000])
+
+    def _decided_input(self, page: Page, bar_ms: int, funding_problem: str | None) -> BarInput:
+        """The :class:`BarInput` of the bar to decide: candle, context window, ATRs, problem, taint."""
+        ts = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
+        n = int(self.config.context_bars)  # type: ignore[arg-type]
+        problem = self._problem(page, ts) or funding_problem
+        window = page.candles.loc[ts - (n - 1) * pd.Timedelta(milliseconds=self.tf_ms) : ts]
+        taint = None if problem is not None else window_taint(window, ts, n, self.tf_ms)
+        primary_period = getattr(self.stepper.slot.policy, "atr_period_bars", None) or self.feed_config.atr_period_bars
+        fallback_period = getattr(self.stepper.fallback, "atr_period_bars", None) or self.feed_config.atr_period_bars
+        return BarInput(bar_ms // self.tf_ms, ts, _bar(page.candles, ts, self.costs.funding_interval_hours),
+                        window if problem is None and taint is None else None, _last_atr(window, primary_period),
+                        _last_atr(window, fallback_period), problem, taint)  # fmt: skip
+
+    # -- running ----------------------------------------------------------------------------------
+    def seconds_to_next_poll(self) -> float:
+        """Seconds until ``close_delay_s`` after the next bar close, by the exchange-corrected wall
+        clock, within [``poll_interval_s``, one bar]."""
+        now_ms = self.wall_clock_s() * 1000.0 + self.clock_offset_ms
+        next_close = (now_ms // self.tf_ms + 1) * self.tf_ms
+        wait = (next_close - now_ms) / 1000.0 + self.feed_config.close_delay_s
+        return float(min(max(wait, self.feed_config.poll_interval_s), self.tf_ms / 1000.0))
+
+    def run(self, *, max_bars: int | None = None, install_signal_handlers: bool = True) -> ReplaySummary:
+        """Poll until SIGTERM/SIGINT (:attr:`stop_requested`) or ``max_bars`` bars decided; returns
+        the run's summary after writing ``run_finished``.
+
+        A signal only sets :attr:`stop_requested`; the bar in progress finishes first.
+
+        Raises
+        ------
+        FatalError
+            From :meth:`start` (store holds the run, unknown symbol) or the exchange (recorded).
+        Exception
+            Any unexpected error of a step, recorded as ``internal_error`` with its traceback.
+        """
+        previous: dict[int, Any] = {}
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, lambda *_: self.stop_requested.set())
+        try:
+            self.start()
+            decided = self._run(max_bars)
+            return self.stepper.finish(self._now_ts(), decided_bars=decided, stopped="max_bars"
+                                       if max_bars is not None and decided >= max_bars else "signal")  # fmt: skip
+        except BaseException as exc:
+            if self._started:
+                self.stepper.finish(self._now_ts(), stopped=f"{type(exc).__name__}: {exc}"[:500])
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _run(self, max_bars: int | None) -> int:
+        decided = 0
+        while not self.stop_requested.is_set():
+            failed = False
+            try:
+                decided += 1 if self.step() else 0
+            except (RetryableError, RejectedError) as exc:
+                failed = True
+                self._failures += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"[:300]
+                self._note("step_failed", {"error": self._last_error, "consecutive": self._failures})
+            except FatalError as exc:
+                self._note("fatal_error", {"error": f"{type(exc).__name__}: {exc}"[:1000]})
+                raise
+            except Exception as exc:
+                self._note("internal_error", {"error": f"{type(exc).__name__}: {exc}"[:1000],
+                                              "traceback": traceback.format_exc()[-3000:]})  # fmt: skip
+                raise
+            if max_bars is not None and decided >= max_bars:
+                break
+            self._wait(failed)
+        return decided
+
+    def _wait(self, failed: bool) -> None:
+        """Sleep until the next poll (a failed poll: the retry wait, doubling) in slices of at most
+        1 s, so that a signal stops the loop promptly."""
+        wait = self.seconds_to_next_poll()
+        if failed:
+            retry = self.feed_config.step_retry_initial_s * 2.0 ** (self._failures - 1)
+            wait = min(retry, self.feed_config.step_retry_max_s, wait)
+        end = self.monotonic_s() + wait
+        while not self.stop_requested.is_set():
+            left = end - self.monotonic_s()
+            if left <= 0:
+                return
+            self._sleep(min(1.0, left))
+
+
+def _last_atr(window: pd.DataFrame, period_bars: int) -> float:
+    """ATR (price units) of the last row of ``window`` in ``period_bars``; NaN when too short or empty."""
+    if len(window) <= period_bars:
+        return math.nan
+    return float(atr_indicator(window, int(period_bars))[-1])
