@@ -63,13 +63,14 @@ Crash points: :func:`crash_point` kills the process with SIGKILL when the enviro
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -195,6 +196,54 @@ def _num(x: Any) -> float:
         return math.nan
 
 
+def parse_ohlcv_row(i: int, row: Any) -> tuple[int, list[float]] | str:
+    """``(open time ms, [o, h, l, c, v])`` of raw ccxt OHLCV row number ``i`` (pure; values NaN where
+    not numbers), or why the row is malformed: not a list of at least 6 values, or an open time
+    that is not an integer."""
+    if not isinstance(row, (list, tuple)) or len(row) < 6:
+        return f"row {i} is not [time, o, h, l, c, v]: {row!r}"
+    t = _num(row[0])
+    if not math.isfinite(t) or t != int(t):
+        return f"row {i} has a bad open time {row[0]!r}"
+    return int(t), [_num(x) for x in row[1:6]]
+
+
+def last_closed_bar_ms(server_ms: int, tf_ms: int) -> int:
+    """Open time (ms) of the last bar of ``tf_ms`` ms closed at exchange time ``server_ms`` (pure)."""
+    return (server_ms // tf_ms) * tf_ms - tf_ms
+
+
+def seconds_to_next_poll(now_ms: float, tf_ms: int, close_delay_s: float, poll_interval_s: float) -> float:
+    """Seconds from ``now_ms`` (exchange-corrected wall clock, ms) until ``close_delay_s`` after the
+    next bar close, within [``poll_interval_s``, one bar] (pure)."""
+    next_close = (now_ms // tf_ms + 1) * tf_ms
+    wait = (next_close - now_ms) / 1000.0 + close_delay_s
+    return float(min(max(wait, poll_interval_s), tf_ms / 1000.0))
+
+
+def atr_period_of(policy: object, default_bars: int) -> int:
+    """ATR period (bars) in whose units ``policy`` means its stop and take-profit distances: its
+    ``atr_period_bars`` (the bundle's feature ATR for V2, V1's own), else ``default_bars``."""
+    period = getattr(policy, "atr_period_bars", None)
+    return int(period) if period else int(default_bars)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event, *, install: bool = True) -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT only set ``stop`` (the loop finishes its bar first);
+    the previous handlers come back afterwards. Nothing is installed outside the main thread or
+    when ``install`` is False."""
+    previous: dict[int, Any] = {}
+    if install and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def validate_window(rows: Sequence[Sequence[Any]], last_closed_open_ms: int, tf_ms: int, context_bars: int) -> CandleWindow:
     """Check the closed-candle window ending at ``last_closed_open_ms`` (pure).
 
@@ -214,17 +263,12 @@ def validate_window(rows: Sequence[Sequence[Any]], last_closed_open_ms: int, tf_
     times: list[int] = []
     values: list[list[float]] = []
     for i, r in enumerate(rows):
-        if not isinstance(r, (list, tuple)) or len(r) < 6:
-            problems.append(f"row {i} is not [time, o, h, l, c, v]: {r!r}")
-            continue
-        t = _num(r[0])
-        if not math.isfinite(t) or t != int(t):
-            problems.append(f"row {i} has a bad open time {r[0]!r}")
-            continue
-        if int(t) > last_closed_open_ms:
-            continue
-        times.append(int(t))
-        values.append([_num(x) for x in r[1:6]])
+        parsed = parse_ohlcv_row(i, r)
+        if isinstance(parsed, str):
+            problems.append(parsed)
+        elif parsed[0] <= last_closed_open_ms:
+            times.append(parsed[0])
+            values.append(parsed[1])
     if problems:
         return CandleWindow(None, tuple(problems))
     t_arr = np.asarray(times, dtype=np.int64)
@@ -622,7 +666,7 @@ class LiveLoop:
     # -- one bar --------------------------------------------------------------------------------
     def last_closed_bar_ms(self, server_ms: int) -> int:
         """Open time (ms) of the last bar closed at ``server_ms``."""
-        return (server_ms // self.tf_ms) * self.tf_ms - self.tf_ms
+        return last_closed_bar_ms(server_ms, self.tf_ms)
 
     def step(self) -> StepResult:
         """Process the last closed bar if it is new or unfinished (module docstring); then publish the
@@ -893,9 +937,8 @@ class LiveLoop:
         """ATR period (bars) in whose units the decisions of ``source`` place stops: the deciding
         policy's ``atr_period_bars`` (V2: the bundle's feature ATR, V1: its own), else
         ``config.atr_period_bars``."""
-        policy = {"v1": self.fallback, "v2": self.slot.policy}.get(source or "")
-        period = getattr(policy, "atr_period_bars", None)
-        return int(period) if period else self.config.atr_period_bars
+        return atr_period_of({"v1": self.fallback, "v2": self.slot.policy}.get(source or ""),
+                             self.config.atr_period_bars)
 
     def _atr(self, candles: pd.DataFrame | None, source: str | None) -> float:
         """ATR of the last bar of ``candles`` (price units) in ``source``'s period; NaN without candles."""
@@ -1015,10 +1058,8 @@ class LiveLoop:
     # -- running --------------------------------------------------------------------------------
     def seconds_to_next_poll(self) -> float:
         """Seconds until ``close_delay_s`` after the next bar close, by the exchange-corrected wall clock."""
-        now_ms = self.wall_clock_s() * 1000.0 + self.clock_offset_ms
-        next_close = (now_ms // self.tf_ms + 1) * self.tf_ms
-        wait = (next_close - now_ms) / 1000.0 + self.config.close_delay_s
-        return float(min(max(wait, self.config.poll_interval_s), self.tf_ms / 1000.0))
+        return seconds_to_next_poll(self.wall_clock_s() * 1000.0 + self.clock_offset_ms, self.tf_ms,
+                                    self.config.close_delay_s, self.config.poll_interval_s)
 
     def run(self, *, max_steps: int | None = None, install_signal_handlers: bool = True,
             poll_s: float | None = None) -> int:
@@ -1029,15 +1070,8 @@ class LiveLoop:
         resumes the bar by client id); a :class:`FatalError` stops the loop (re-raised).
         Returns the number of bars processed.
         """
-        previous: dict[int, Any] = {}
-        if install_signal_handlers and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, lambda *_: self.stop_requested.set())
-        try:
+        with stop_on_signals(self.stop_requested, install=install_signal_handlers):
             return self._run(max_steps, poll_s)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def _run(self, max_steps: int | None, poll_s: float | None) -> int:
         done = 0

@@ -367,9 +367,7 @@ class PaperStepper:
             "n_quarantined": s.n_quarantined, "n_window_held": s.n_window_held, **detail,
         })]  # fmt: skip
         self.store.append(events=events)
-        if self.notifier is not None:
-            self.notifier.publish(events, [])
-        s.events["run_finished"] += 1
+        self._publish(events, [])  # counts run_finished in s.events (the live counter)
         return s
 
     # -- one bar ----------------------------------------------------------------------------------

@@ -52,7 +52,6 @@ SIGTERM/SIGINT stop it between bars. Every stop writes ``run_finished``.
 from __future__ import annotations
 
 import math
-import signal
 import threading
 import time
 import traceback
@@ -72,7 +71,16 @@ from market.decision import Policy
 from market.features import atr as atr_indicator
 from serving.errors import FatalError, RejectedError, RetryableError
 from serving.hotswap import PolicySlot
-from serving.live import _TF_MS, LiveConfig, with_funding_column
+from serving.live import (
+    _TF_MS,
+    LiveConfig,
+    atr_period_of,
+    last_closed_bar_ms,
+    parse_ohlcv_row,
+    seconds_to_next_poll,
+    stop_on_signals,
+    with_funding_column,
+)
 from serving.loop import BarInput, PaperStepper, ReplaySummary, ServeConfig, WindowTaint, row_problems
 from serving.notify import Notifier
 from serving.risk import RiskGuard
@@ -142,13 +150,6 @@ class Page:
     problem: str | None = None
 
 
-def _num(x: Any) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _empty_frame() -> pd.DataFrame:
     return pd.DataFrame(columns=_COLUMNS, index=pd.DatetimeIndex([], tz="UTC", name="open_time"), dtype=np.float64)
 
@@ -165,14 +166,12 @@ def parse_page(rows: Sequence[Any], last_closed_open_ms: int, tf_ms: int) -> Pag
     times: list[int] = []
     values: list[list[float]] = []
     for i, r in enumerate(rows):
-        if not isinstance(r, (list, tuple)) or len(r) < 6:
-            return Page(_empty_frame(), f"row {i} is not [time, o, h, l, c, v]: {r!r}"[:300])
-        t = _num(r[0])
-        if not math.isfinite(t) or t != int(t):
-            return Page(_empty_frame(), f"row {i} has a bad open time {r[0]!r}"[:300])
-        if int(t) <= last_closed_open_ms:
-            times.append(int(t))
-            values.append([_num(x) for x in r[1:6]])
+        parsed = parse_ohlcv_row(i, r)
+        if isinstance(parsed, str):
+            return Page(_empty_frame(), parsed[:300])
+        if parsed[0] <= last_closed_open_ms:
+            times.append(parsed[0])
+            values.append(parsed[1])
     t_arr = np.asarray(times, dtype=np.int64)
     if len(t_arr) > 1 and np.any(np.diff(t_arr) == 0):
         return Page(_empty_frame(), "duplicate open times")
@@ -343,7 +342,7 @@ class PaperLiveLoop:
     # -- one poll ---------------------------------------------------------------------------------
     def last_closed_bar_ms(self, server_ms: int) -> int:
         """Open time (ms) of the last bar closed at exchange time ``server_ms`` (ms)."""
-        return (server_ms // self.tf_ms) * self.tf_ms - self.tf_ms
+        return last_closed_bar_ms(server_ms, self.tf_ms)
 
     def step(self) -> list[DecisionRecord]:
         """Process every bar closed since the last poll (module docstring); returns the decision rows
@@ -421,8 +420,8 @@ class PaperLiveLoop:
         problem = self._problem(page, ts) or funding_problem
         window = page.candles.loc[ts - (n - 1) * pd.Timedelta(milliseconds=self.tf_ms) : ts]
         taint = None if problem is not None else window_taint(window, ts, n, self.tf_ms)
-        primary_period = getattr(self.stepper.slot.policy, "atr_period_bars", None) or self.feed_config.atr_period_bars
-        fallback_period = getattr(self.stepper.fallback, "atr_period_bars", None) or self.feed_config.atr_period_bars
+        primary_period = atr_period_of(self.stepper.slot.policy, self.feed_config.atr_period_bars)
+        fallback_period = atr_period_of(self.stepper.fallback, self.feed_config.atr_period_bars)
         return BarInput(bar_ms // self.tf_ms, ts, _bar(page.candles, ts, self.costs.funding_interval_hours),
                         window if problem is None and taint is None else None, _last_atr(window, primary_period),
                         _last_atr(window, fallback_period), problem, taint)  # fmt: skip
@@ -431,10 +430,9 @@ class PaperLiveLoop:
     def seconds_to_next_poll(self) -> float:
         """Seconds until ``close_delay_s`` after the next bar close, by the exchange-corrected wall
         clock, within [``poll_interval_s``, one bar]."""
-        now_ms = self.wall_clock_s() * 1000.0 + self.clock_offset_ms
-        next_close = (now_ms // self.tf_ms + 1) * self.tf_ms
-        wait = (next_close - now_ms) / 1000.0 + self.feed_config.close_delay_s
-        return float(min(max(wait, self.feed_config.poll_interval_s), self.tf_ms / 1000.0))
+        fc = self.feed_config
+        return seconds_to_next_poll(self.wall_clock_s() * 1000.0 + self.clock_offset_ms, self.tf_ms,
+                                    fc.close_delay_s, fc.poll_interval_s)
 
     def run(self, *, max_bars: int | None = None, install_signal_handlers: bool = True) -> ReplaySummary:
         """Poll until SIGTERM/SIGINT (:attr:`stop_requested`) or ``max_bars`` bars decided; returns
@@ -449,22 +447,16 @@ class PaperLiveLoop:
         Exception
             Any unexpected error of a step, recorded as ``internal_error`` with its traceback.
         """
-        previous: dict[int, Any] = {}
-        if install_signal_handlers and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, lambda *_: self.stop_requested.set())
-        try:
-            self.start()
-            decided = self._run(max_bars)
-            return self.stepper.finish(self._now_ts(), decided_bars=decided, stopped="max_bars"
-                                       if max_bars is not None and decided >= max_bars else "signal")  # fmt: skip
-        except BaseException as exc:
-            if self._started:
-                self.stepper.finish(self._now_ts(), stopped=f"{type(exc).__name__}: {exc}"[:500])
-            raise
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with stop_on_signals(self.stop_requested, install=install_signal_handlers):
+            try:
+                self.start()
+                decided = self._run(max_bars)
+                return self.stepper.finish(self._now_ts(), decided_bars=decided, stopped="max_bars"
+                                           if max_bars is not None and decided >= max_bars else "signal")  # fmt: skip
+            except BaseException as exc:
+                if self._started:
+                    self.stepper.finish(self._now_ts(), stopped=f"{type(exc).__name__}: {exc}"[:500])
+                raise
 
     def _run(self, max_bars: int | None) -> int:
         decided = 0
