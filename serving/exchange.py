@@ -19,8 +19,17 @@ Every ccxt exception is mapped to a class of :mod:`serving.errors` by :func:`cla
   ``OperationFailed`` (Binance -1000/-1001 in a 5xx body, not a ``NetworkError`` in ccxt) ->
   :class:`RetryableError` on reads, :class:`AmbiguousOutcomeError` on a create (it may have been
   accepted); any non-ccxt exception likewise;
+* ``BadResponse`` (incl. ``NullResponse``: ccxt could not read the answer) ->
+  :class:`serving.errors.MalformedResponseError` on reads, :class:`AmbiguousOutcomeError` on a create;
 * ``InvalidOrder``, ``InsufficientFunds``, ``BadRequest``, ``BadSymbol``, other
   ``ExchangeError`` -> :class:`RejectedError` (deterministic for the same input).
+
+**Malformed answers are unknown, not empty.** ccxt raises nothing for an HTTP 200 whose body is
+truncated or empty (``ccxt-notes.md``): ``fetch_positions`` then returns ``[]``, which would read
+as a flat position. The client keeps its last parsed body (``enableLastJsonResponse``), and every
+read here checks that the answer was JSON of the promised shape and that each record has the
+fields we act on; otherwise it raises :class:`serving.errors.MalformedResponseError` (retryable,
+with the raw record) and nothing of it is used.
 
 Reads are retried with tenacity (:meth:`BinanceFuturesBroker._read`), honouring ``Retry-After``
 and otherwise with capped exponential backoff with jitter. **A create is never retried here**:
@@ -43,7 +52,14 @@ import ccxt
 import pandas as pd
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
-from serving.errors import AmbiguousOutcomeError, FatalError, RejectedError, RetryableError, ServingError
+from serving.errors import (
+    AmbiguousOutcomeError,
+    FatalError,
+    MalformedResponseError,
+    RejectedError,
+    RetryableError,
+    ServingError,
+)
 from serving.intents import ExchangePosition, MarketRules, OrderIntent
 from serving.secrets import install_log_redaction
 
@@ -91,6 +107,8 @@ def classify_error(exc: BaseException, *, during_create: bool, client: Any = Non
         return RateLimitedError(msg, _retry_after_s(client))
     if isinstance(exc, (ccxt.NetworkError, ccxt.OperationFailed)):
         return AmbiguousOutcomeError(msg) if during_create else RetryableError(msg)
+    if isinstance(exc, ccxt.BadResponse):
+        return AmbiguousOutcomeError(msg) if during_create else MalformedResponseError(msg)
     if during_create and ("-4116" in str(exc) or "duplicate" in str(exc).lower()):
         # Binance -4116 "ClientOrderId is duplicated": an open order already has this id, i.e. an
         # earlier attempt did reach the exchange. Not a rejection of the intent: look it up.
@@ -108,7 +126,9 @@ class OrderSnapshot:
     ``status``: ccxt unified ('open', 'closed', 'canceled', 'expired', 'rejected');
     ``filled_base`` / ``amount_base`` in base units (``amount_base`` may be 0 for closePosition
     orders); ``average_price`` USDT or None before any fill; ``conditional``: a stop/take-profit
-    (algo) order.
+    (algo) order; ``actual_order_id``: for a conditional order that triggered, the id of the
+    order it placed in the matching engine (Binance ``actualOrderId``; the trades of the stop or
+    take-profit carry this id), else None.
     """
 
     client_id: str
@@ -122,6 +142,7 @@ class OrderSnapshot:
     trigger_price: float | None
     conditional: bool
     reduce_only: bool
+    actual_order_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,14 +159,35 @@ class TradeFill:
     time: pd.Timestamp
 
 
-def _finite(name: str, value: Any, where: str) -> float:
+def _finite(name: str, value: Any, where: str, record: Any = None) -> float:
+    """``value`` as a finite float, else :class:`MalformedResponseError` naming ``where`` and ``name``."""
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise RetryableError(f"{where}: field {name!r} is not a number: {value!r}") from None
+        raise MalformedResponseError(f"{where}: field {name!r} is not a number: {value!r}", record) from None
     if not math.isfinite(x):
-        raise RetryableError(f"{where}: field {name!r} is not finite: {value!r}")
+        raise MalformedResponseError(f"{where}: field {name!r} is not finite: {value!r}", record)
     return x
+
+
+def _integer(name: str, value: Any, where: str, record: Any) -> int:
+    """``value`` as an int (an integral number or digit string), else :class:`MalformedResponseError`."""
+    if isinstance(value, bool) or value is None:
+        raise MalformedResponseError(f"{where}: field {name!r} is missing or not an integer: {value!r}", record)
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise MalformedResponseError(f"{where}: field {name!r} is not an integer: {value!r}", record) from None
+    if not math.isfinite(x) or x != int(x):
+        raise MalformedResponseError(f"{where}: field {name!r} is not an integer: {value!r}", record)
+    return int(x)
+
+
+def _list_of_dicts(value: Any, where: str) -> list[dict[str, Any]]:
+    """``value`` when it is a list of dicts, else :class:`MalformedResponseError`."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise MalformedResponseError(f"{where}: expected a list of records", value)
+    return value
 
 
 def _redirect_urls(urls: Any, base_url: str) -> Any:
@@ -185,6 +227,8 @@ def make_client(
         "timeout": int(timeout_ms),
         "options": {"fetchCurrencies": False, "adjustForTimeDifference": False,
                     "fetchOpenOrders": {"warnWithoutSymbol": False}},
+        # keep the parsed body of the last answer: a read checks that it was JSON (module docstring)
+        "enableLastJsonResponse": True,
     })  # fmt: skip
     if base_url is not None:
         for group in ("api", "test", "demo"):
@@ -245,14 +289,34 @@ class BinanceFuturesBroker:
         self.sleeps: list[float] = []  # every backoff slept, for audits and tests
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _call(self, fn: Callable[[], T], *, during_create: bool = False) -> T:
-        try:
-            return fn()
-        except Exception as exc:
-            raise classify_error(exc, during_create=during_create, client=self.client) from exc
+    def _tracks_body(self) -> bool:
+        return bool(getattr(self.client, "enableLastJsonResponse", False))
 
-    def _read(self, fn: Callable[[], T]) -> T:
-        """Run a read with retries on :class:`RetryableError` (tenacity), re-raising the last error."""
+    def _call(self, fn: Callable[[], T], *, during_create: bool = False, where: str | None = None) -> T:
+        """Run one ccxt call, mapping its errors (:func:`classify_error`). With ``where`` (a call that
+        always sends a request), the answer must have been a JSON body, else
+        :class:`MalformedResponseError` naming ``where``."""
+        check = where is not None and self._tracks_body()
+        if check:
+            self.client.last_json_response = None
+        try:
+            out = fn()
+        except Exception as exc:
+            if check and not isinstance(exc, ccxt.BaseError) and self.client.last_json_response is None:
+                # ccxt tripped over a body it could not parse: unknown, not a bug of ours
+                raise MalformedResponseError(f"{where}: the answer is not JSON ({type(exc).__name__} in ccxt)",
+                                             getattr(self.client, "last_http_response", None)) from exc
+            raise classify_error(exc, during_create=during_create, client=self.client) from exc
+        if check and self.client.last_json_response is None:
+            raise MalformedResponseError(f"{where}: the answer is not JSON (truncated or empty body)",
+                                         getattr(self.client, "last_http_response", None))
+        return out
+
+    def _read(self, fn: Callable[[], T], where: str | None = None) -> T:
+        """Run a read with retries on :class:`RetryableError` (tenacity), re-raising the last error.
+
+        ``where`` names the request for :meth:`_call`'s JSON-body check (None: no check, for calls
+        that may be answered from ccxt's cache, such as ``load_markets``)."""
 
         def sleep(seconds: float) -> None:
             self.sleeps.append(seconds)
@@ -265,7 +329,7 @@ class BinanceFuturesBroker:
             sleep=sleep,
             reraise=True,
         )
-        return retrying(self._call, fn)
+        return retrying(lambda: self._call(fn, where=where))
 
     @property
     def rules(self) -> MarketRules:
@@ -328,7 +392,7 @@ class BinanceFuturesBroker:
         FatalError
             The account is in hedge (dual-side) mode.
         """
-        mode = self._read(lambda: self.client.fetch_position_mode(self.symbol))
+        mode = self._read(lambda: self.client.fetch_position_mode(self.symbol), "positionSide/dual")
         if (mode or {}).get("hedged"):
             raise FatalError("the account is in hedge (dual-side) position mode; switch it to one-way mode")
 
@@ -341,7 +405,7 @@ class BinanceFuturesBroker:
     # -- market data ----------------------------------------------------------------------------
     def server_time_ms(self) -> int:
         """Exchange clock, ms since the epoch."""
-        value = self._read(lambda: self.client.fetch_time())
+        value = self._read(lambda: self.client.fetch_time(), "time")
         if value is None:
             raise RetryableError("fetch_time returned no server time (malformed answer)")
         return int(value)
@@ -361,20 +425,25 @@ class BinanceFuturesBroker:
         RetryableError
             A settlement without a time or with a non-numeric/non-finite rate (never used).
         """
-        rows = self._read(lambda: self.client.fetch_funding_rate_history(self.symbol, since_ms, limit))
+        rows = _list_of_dicts(self._read(
+            lambda: self.client.fetch_funding_rate_history(self.symbol, since_ms, limit), "fundingRate"), "funding")
         out: list[tuple[int, float]] = []
-        for r in rows or []:
-            ts = r.get("timestamp")
-            if ts is None:
-                raise RetryableError(f"funding row without a time: {r!r}")
-            out.append((int(ts), _finite("fundingRate", r.get("fundingRate"), "funding")))
+        for r in rows:
+            ts = _integer("timestamp", r.get("timestamp"), "funding", r)
+            out.append((ts, _finite("fundingRate", r.get("fundingRate"), "funding", r)))
         return sorted(out)
 
     # -- orders ---------------------------------------------------------------------------------
-    def _snapshot(self, order: dict[str, Any], conditional: bool, where: str) -> OrderSnapshot:
+    def _snapshot(self, order: dict[str, Any], conditional: bool, where: str, *, read: bool = True) -> OrderSnapshot:
+        """The :class:`OrderSnapshot` of a ccxt order. A record without an id is
+        :class:`MalformedResponseError` on a read and :class:`AmbiguousOutcomeError` on a create
+        (``read=False``: the order may exist all the same)."""
         if not isinstance(order, dict) or order.get("id") is None:
-            raise AmbiguousOutcomeError(f"{where}: answer without an order id: {order!r}")
+            if not read:
+                raise AmbiguousOutcomeError(f"{where}: answer without an order id: {order!r}")
+            raise MalformedResponseError(f"{where}: order record without an id", order)
         info = order.get("info") or {}
+        actual = info.get("actualOrderId") if isinstance(info, dict) else None
         cid = order.get("clientOrderId") or info.get("clientOrderId") or info.get("clientAlgoId") or ""
         filled = order.get("filled")
         avg = order.get("average")
@@ -388,6 +457,7 @@ class BinanceFuturesBroker:
             average_price=None if not avg else _finite("average", avg, where),
             trigger_price=None if not trigger else _finite("triggerPrice", trigger, where),
             conditional=conditional, reduce_only=bool(order.get("reduceOnly") or info.get("closePosition")),
+            actual_order_id=None if actual in (None, "", 0, "0") else str(actual),
         )  # fmt: skip
 
     def create(self, intent: OrderIntent) -> OrderSnapshot:
@@ -423,7 +493,7 @@ class BinanceFuturesBroker:
             lambda: self.client.create_order(self.symbol, otype, intent.side, amount, None, params),
             during_create=True,
         )
-        return self._snapshot(order, conditional, f"create {intent.client_id}")
+        return self._snapshot(order, conditional, f"create {intent.client_id}", read=False)
 
     def lookup(self, client_id: str, *, conditional: bool) -> OrderSnapshot | None:
         """The order with ``client_id`` (latest one if reused), None if the exchange has none."""
@@ -437,7 +507,7 @@ class BinanceFuturesBroker:
             except ccxt.OrderNotFound:
                 return None
 
-        order = self._read(fetch)
+        order = self._read(fetch, "algoOrder" if conditional else "order")
         return None if order is None else self._snapshot(order, conditional, f"lookup {client_id}")
 
     def cancel(self, client_id: str, *, conditional: bool) -> OrderSnapshot | None:
@@ -460,30 +530,49 @@ class BinanceFuturesBroker:
 
     def open_orders(self) -> list[OrderSnapshot]:
         """Open regular and conditional orders of the symbol."""
-        regular = self._read(lambda: self.client.fetch_open_orders(self.symbol))
-        algo = self._read(lambda: self.client.fetch_open_orders(self.symbol, None, None, {"trigger": True}))
+        regular = _list_of_dicts(self._read(lambda: self.client.fetch_open_orders(self.symbol), "openOrders"),
+                                 "open orders")
+        algo = _list_of_dicts(self._read(lambda: self.client.fetch_open_orders(self.symbol, None, None, {"trigger": True}),
+                                         "openAlgoOrders"), "open conditional orders")
         return [self._snapshot(o, False, "open orders") for o in regular] + [
             self._snapshot(o, True, "open conditional orders") for o in algo
         ]
 
     # -- account --------------------------------------------------------------------------------
     def position(self) -> ExchangePosition:
-        """The one-way position of the symbol (side, absolute quantity, entry price)."""
-        rows = self._read(lambda: self.client.fetch_positions([self.symbol]))
+        """The one-way position of the symbol (side, absolute quantity, entry price).
+
+        An empty list is a flat position (the v3 ``positionRisk`` lists only symbols with a
+        position or open orders) only when the answer was a JSON list; a row of the symbol
+        without a finite ``positionAmt`` (or, when open, ``entryPrice``) is malformed.
+
+        Raises
+        ------
+        MalformedResponseError
+            The answer was not a JSON list of records, or a record of the symbol lacks those fields.
+        """
+        rows = _list_of_dicts(self._read(lambda: self.client.fetch_positions([self.symbol]), "positionRisk"),
+                              "positions")
         amt, entry = 0.0, 0.0
         for p in rows:
             if p.get("symbol") != self.symbol:
                 continue
-            info = p.get("info") or {}
-            amt += _finite("positionAmt", info.get("positionAmt", 0.0), "positions")
-            entry = _finite("entryPrice", info.get("entryPrice", 0.0), "positions")
+            info = p.get("info")
+            if not isinstance(info, dict):
+                raise MalformedResponseError("positions: record without its exchange fields", p)
+            row_amt = _finite("positionAmt", info.get("positionAmt"), "positions", info)
+            amt += row_amt
+            if row_amt != 0:
+                entry = _finite("entryPrice", info.get("entryPrice"), "positions", info)
         if amt == 0:
             return ExchangePosition()
         return ExchangePosition(1 if amt > 0 else -1, abs(amt), entry)
 
     def equity_usdt(self) -> float:
         """Margin balance (wallet + unrealised PnL) in USDT."""
-        bal = self._read(lambda: self.client.fetch_balance())
+        bal = self._read(lambda: self.client.fetch_balance(), "account")
+        if not isinstance(bal, dict):
+            raise MalformedResponseError("balance: not a record", bal)
         info = bal.get("info") or {}
         if "totalMarginBalance" in info:
             return _finite("totalMarginBalance", info["totalMarginBalance"], "balance")
@@ -495,19 +584,38 @@ class BinanceFuturesBroker:
         if last_trade_id is not None:
             params["fromId"] = int(last_trade_id) + 1
         since = None if last_trade_id is not None else since_ms
-        trades = self._read(lambda: self.client.fetch_my_trades(self.symbol, since, 1000, params))
-        out: list[TradeFill] = []
-        for t in trades:
-            info = t.get("info") or {}
-            tid = int(t["id"])
-            if last_trade_id is not None and tid <= last_trade_id:
-                continue
-            fee = (t.get("fee") or {}).get("cost") or 0.0
-            out.append(TradeFill(
-                trade_id=tid, exchange_order_id=str(t.get("order")), side=1 if t.get("side") == "buy" else -1,
-                qty_base=_finite("amount", t.get("amount"), "trades"), price=_finite("price", t.get("price"), "trades"),
-                fee_usdt=_finite("fee", fee, "trades"),
-                realized_pnl_usdt=_finite("realizedPnl", info.get("realizedPnl", 0.0), "trades"),
-                time=pd.Timestamp(int(t["timestamp"]), unit="ms", tz="UTC"),
-            ))  # fmt: skip
-        return sorted(out, key=lambda f: f.trade_id)
+        trades = _list_of_dicts(self._read(
+            lambda: self.client.fetch_my_trades(self.symbol, since, 1000, params), "userTrades"), "trades")
+        out = [trade_fill(t) for t in trades]
+        return sorted((f for f in out if last_trade_id is None or f.trade_id > last_trade_id),
+                      key=lambda f: f.trade_id)
+
+
+def trade_fill(t: dict[str, Any]) -> TradeFill:
+    """A ccxt trade record as a :class:`TradeFill` (pure).
+
+    Raises
+    ------
+    MalformedResponseError
+        A field we act on is missing or invalid: ``id`` and ``timestamp`` (integers), ``order``
+        (present), ``side`` ('buy' or 'sell'), ``amount`` > 0 and ``price`` > 0 (finite), fee cost
+        and ``realizedPnl`` (finite when present; absent counts as 0). The error carries the record.
+    """
+    where = "trades"
+    info = t.get("info") if isinstance(t.get("info"), dict) else {}
+    tid = _integer("id", t.get("id"), where, t)
+    if t.get("order") in (None, ""):
+        raise MalformedResponseError(f"{where}: trade {tid} without an order id", t)
+    side = t.get("side")
+    if side not in ("buy", "sell"):
+        raise MalformedResponseError(f"{where}: trade {tid} has side {side!r}", t)
+    qty, price = _finite("amount", t.get("amount"), where, t), _finite("price", t.get("price"), where, t)
+    if qty <= 0 or price <= 0:
+        raise MalformedResponseError(f"{where}: trade {tid} has amount {qty!r} and price {price!r}", t)
+    fee = (t.get("fee") or {}).get("cost") or 0.0
+    return TradeFill(
+        trade_id=tid, exchange_order_id=str(t["order"]), side=1 if side == "buy" else -1, qty_base=qty, price=price,
+        fee_usdt=_finite("fee", fee, where, t), realized_pnl_usdt=_finite("realizedPnl", info.get("realizedPnl", 0.0),
+                                                                         where, t),
+        time=pd.Timestamp(_integer("timestamp", t.get("timestamp"), where, t), unit="ms", tz="UTC"),
+    )  # fmt: skip

@@ -97,6 +97,7 @@ from serving.intents import (
 )
 from serving.notify import Notifier
 from serving.risk import AccountSnapshot
+from serving.secrets import strip_url_queries
 from serving.store import (
     DecisionRecord,
     EquityRecord,
@@ -162,6 +163,15 @@ class LiveConfig(StrictConfig):
         2.0, gt=0, description="A failed step is retried within the bar after this wait, s (doubling)."
     )
     step_retry_max_s: float = Field(60.0, gt=0, description="Longest wait between retries of a failed step, s.")
+    create_settle_s: float = Field(
+        30.0, ge=0, description="A market order whose create had an unknown outcome is re-sent (same client id) "
+        "only when, this long after it was sent, lookups still miss it AND the trades and the position show it did "
+        "not execute; longer than the exchange's order-query lag (Binance: a few seconds), s.")
+    reconcile_reads: int = Field(
+        3, ge=1, le=10, description="Reads of trades and position before a disagreement with the expected position "
+        "is confirmed (a fill landing between the two reads resolves on a re-read).")
+    reconcile_read_spacing_s: float = Field(
+        1.0, ge=0, description="Wait before the second read of a reconciliation, s (doubles after).")
     with_funding: bool = Field(
         True, description="Join the funding history as ``funding_rate`` (features use it); a failed fetch "
         "quarantines the bar."
@@ -442,7 +452,7 @@ class LiveLoop:
         self._last_ctx: DecisionContext | None = None
         self.guard = guard
         self.wall_clock_s, self.monotonic_s, self._sleep = wall_clock_s, monotonic_s, sleep
-        self._safe = redact
+        self._safe = lambda text: redact(strip_url_queries(text))  # no secret, no signed URL is ever recorded
         self.tf_ms = _TF_MS[config.timeframe]
         self.stop_requested = threading.Event()
         self._started = False
@@ -492,7 +502,20 @@ class LiveLoop:
 
     # -- reconciliation -------------------------------------------------------------------------
     def _record_snapshot(self, snap: OrderSnapshot, client_id: str, when: pd.Timestamp) -> None:
+        """Store one observation of our order ``client_id`` and move its intent to the status it shows.
+
+        A stop or take-profit that triggered (``actual_order_id`` set) is 'filled': the order it
+        placed is recorded under our client id too, and its stored trades are linked to it."""
         self.store.record_order(client_id, snap.exchange_id, snap.status, snap.filled_base, snap.average_price, when)
+        if snap.conditional and snap.actual_order_id is not None:
+            if self.store.client_id_of_order(snap.actual_order_id) is None:
+                self.store.record_order(client_id, snap.actual_order_id, "triggered", snap.filled_base,
+                                        snap.average_price, when)
+            self.store.link_fills(snap.actual_order_id, client_id)
+            if self.store.intent_status(client_id) != "filled":
+                self.store.mark_intent(client_id, "filled", when, {"exchange_id": snap.exchange_id,
+                                                                   "actual_order_id": snap.actual_order_id})
+            return
         if snap.status == "rejected":
             status = "rejected"
         elif snap.status in ("canceled", "expired") and snap.filled_base <= 0:
@@ -526,16 +549,20 @@ class LiveLoop:
                 self.store.mark_intent(it["client_id"], "abandoned", now, {"reason": "not on the exchange, bar passed"})
                 self._event(now, "intent_abandoned", {"client_id": it["client_id"], "was": it["status"]})
         # (b) fills and position; an operator's accept-position request is applied here
-        position = self._sync_position(now, crash=True)
+        position, agreed = self._sync_position(now, crash=True)
         request = self.store.pending_position_accept(sym)
         if request is not None:
             self._adopt_exchange_position(position, now, "position_accepted", {
                 "note": request.get("note"), "request_id": request["request_id"],
                 "seen_signed_qty": request.get("seen_signed_qty")})  # fmt: skip
-        # (c) open orders: orphans on a flat position
+            agreed = True
+        # (c) open orders: our protective orders no longer open are looked up once (triggered ->
+        # 'filled' and their trades linked; cancelled/expired -> 'cancelled'); orphans on a flat
+        # position are cancelled only when that flat position agrees with our trades
         opened = self.broker.open_orders()
         ours = [o for o in opened if parse_client_order_id(o.client_id) is not None]
-        if position.side == 0:
+        self._resolve_closed_protection({o.client_id for o in ours}, now)
+        if position.side == 0 and agreed:
             for o in ours:
                 if o.conditional:
                     self.broker.cancel(o.client_id, conditional=True)
@@ -553,6 +580,23 @@ class LiveLoop:
             self._event(now, "position_without_stop", {"side": position.side, "qty_base": position.qty_base})
         return {"position": position, "protection": protection, "blocked": self.store.position_blocked(sym),
                 "open_orders": ours}
+
+    def _resolve_closed_protection(self, open_ids: set[str], now: pd.Timestamp) -> None:
+        """Look up each of our 'acked' stops and take-profits that the exchange no longer lists as
+        open, and record what became of it (:meth:`_record_snapshot`); one lookup each, since a
+        resolved intent is no longer 'acked'. Not found: left as it is (asked again next bar)."""
+        intents = self.store.intents(self.run_id)
+        if not len(intents):
+            return
+        acked = intents[(intents["status"] == "acked") & intents["order_type"].isin(_PROTECTIVE)]
+        for cid in acked["client_id"]:
+            if cid in open_ids:
+                continue
+            snap = self.broker.lookup(cid, conditional=True)
+            if snap is not None and (snap.actual_order_id is not None or snap.status != "open"):
+                self._record_snapshot(snap, cid, now)
+                self._event(now, "protection_resolved", {"client_id": cid, "status": snap.status,
+                                                         "actual_order_id": snap.actual_order_id})
 
     def _report_closed_trades(self, records: list[ExchangeFillRecord], now: pd.Timestamp) -> None:
         by_order: dict[str, float] = {}
@@ -587,7 +631,17 @@ class LiveLoop:
                            bool(r["close_position"]))
 
     def _ensure_sent(self, intent: OrderIntent, result: StepResult) -> OrderSnapshot | None:
-        """Send ``intent`` unless the exchange already has it; returns the exchange's view (None: not placed)."""
+        """Send ``intent`` unless the exchange already has it; returns the exchange's view (None: not placed).
+
+        Never twice: an intent that may have reached the exchange ('sent': the process stopped
+        during the request; 'unknown': the create timed out, dropped, answered 5xx or -4116) is
+        looked up by client id first (spaced lookups: Binance's order queries lag its matching
+        engine). A conditional order not found is re-sent with the same id (while it is open, the
+        exchange refuses a second one with -4116). A **market** order not found is re-sent only
+        when :meth:`_confirmed_not_executed` says so (``create_settle_s`` after the send, no trade
+        of an unknown order since, position as expected); otherwise it is held ('unknown' stays,
+        ``resend_withheld`` event) and the next reconciliation finds its trades or its order.
+        """
         cid = intent.client_id
         conditional = intent.order_type in _PROTECTIVE
         status = self.store.intent_status(cid)
@@ -600,15 +654,23 @@ class LiveLoop:
                                  intent.trigger_price, conditional, intent.reduce_only)
         if status in ("rejected", "abandoned", "cancelled"):
             return None
-        for attempt in range(3):
+        ambiguous = status in ("sent", "unknown")  # may have reached the exchange
+        look_first = status == "not_found"
+        for _attempt in range(3):
             now = self._now_ts()
-            if status in ("sent", "unknown", "not_found") or attempt > 0:
-                snap = self._lookup_spaced(cid, conditional, spaced=status == "unknown")  # never send twice
+            if ambiguous or look_first:
+                snap = self._lookup_spaced(cid, conditional, spaced=ambiguous)  # never send twice
                 if snap is not None:
                     self._record_snapshot(snap, cid, self._now_ts())
                     result.events.append(f"found_by_client_id:{cid}")
                     return snap
-                if status != "not_found":
+                if ambiguous and not conditional and not self._confirmed_not_executed(cid):
+                    self._event(self._now_ts(), "resend_withheld", {
+                        "client_id": cid, "why": "not found by client id, but its absence is not confirmed by "
+                        "trades and position; held, reconciled next bar"})  # fmt: skip
+                    result.events.append(f"resend_withheld:{cid}")
+                    return None
+                if self.store.intent_status(cid) != "not_found":
                     self.store.mark_intent(cid, "not_found", now)
             self.store.mark_intent(cid, "sent", now)
             try:
@@ -616,13 +678,13 @@ class LiveLoop:
             except AmbiguousOutcomeError as exc:
                 self.store.mark_intent(cid, "unknown", self._now_ts(), {"error": self._safe(str(exc))[:500]})
                 self._event(self._now_ts(), "ambiguous_create", {"client_id": cid, "error": self._safe(str(exc))[:500]})
-                status = "unknown"
+                ambiguous, look_first = True, False
                 continue  # next attempt starts with a lookup
             except RateLimitedError as exc:
                 wait = min(exc.retry_after_s, self.config.rate_limit_max_wait_s)
                 self._event(self._now_ts(), "rate_limited", {"client_id": cid, "retry_after_s": exc.retry_after_s})
                 self._sleep(wait)
-                status = "sent"
+                ambiguous, look_first = False, True  # refused by the limiter: one lookup, then send
                 continue
             except RejectedError as exc:
                 self.store.mark_intent(cid, "rejected", self._now_ts(), {"error": self._safe(str(exc))[:500]})
@@ -635,6 +697,31 @@ class LiveLoop:
             return snap
         self._event(self._now_ts(), "intent_unresolved", {"client_id": cid})
         return None
+
+    def _confirmed_not_executed(self, cid: str) -> bool:
+        """Whether the market order ``cid`` (not found by client id) is proven not to have executed.
+
+        Waits until ``create_settle_s`` after its last send (longer than the exchange's query
+        lag), looks it up once more, then reads trades and position (:meth:`_sync_position`):
+        proven when no trade of an order we do not know has appeared since the send and the
+        position agrees with our trades. A read that fails raises (the step is retried; nothing is
+        sent meanwhile). Found by the last lookup: recorded, False.
+        """
+        sent = self.store.last_status_time(cid, "sent")
+        if sent is not None:
+            left = self.config.create_settle_s - (self._now_ts() - sent).total_seconds()
+            if left > 0:
+                self._sleep(left)
+        snap = self.broker.lookup(cid, conditional=False)
+        if snap is not None:
+            self._record_snapshot(snap, cid, self._now_ts())
+            return False
+        _position, agreed = self._sync_position(self._now_ts())
+        fills = self.store.exchange_fills(self.market_id)
+        if sent is not None and len(fills):
+            fills = fills[fills["time"] >= sent - pd.Timedelta(seconds=1)]
+        unknown = fills[fills["client_id"].isna()] if len(fills) else fills
+        return agreed and not len(unknown)
 
     def _lookup_spaced(self, cid: str, conditional: bool, *, spaced: bool) -> OrderSnapshot | None:
         """Look ``cid`` up (open and closed orders); after an ambiguous create (``spaced``), up to
@@ -686,8 +773,9 @@ class LiveLoop:
         bar_ms = self.last_closed_bar_ms(server_ms)
         bar = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
         self._attempt_bar = bar
-        self._record_missed(bar)
         state = self.reconcile(bar)
+        self._record_late_equity(bar)
+        self._record_missed(bar, state["position"].side)
         decided = self.store.decision_at(self.run_id, bar)
         result = StepResult(bar)
         if decided is not None:
@@ -697,6 +785,8 @@ class LiveLoop:
             needs_protection = entry is not None and entry["status"] in ("acked", "filled") and not any(
                 i["kind"] in ("stop", "tp") for i in intents)
             if not unfinished and not needs_protection:
+                if not self.store.has_equity(self.run_id, bar):  # stopped after its orders, before its equity
+                    self._finish(bar, state, result)
                 return StepResult(None)  # nothing new
             result.source = str(decided["source"])
             result.decision = Decision(int(decided["direction"]), float(decided["leverage"]),
@@ -792,8 +882,27 @@ class LiveLoop:
         self._finish(bar, state, result)
         return result
 
-    def _record_missed(self, bar: pd.Timestamp) -> None:
-        """Record the bars before ``bar`` that closed without a decision (source 'missed'; module docstring)."""
+    def _record_late_equity(self, bar: pd.Timestamp) -> None:
+        """The last decided bar before ``bar`` has no equity row (the process stopped or failed between
+        its orders and its equity snapshot, and the bar has passed): record one now, with the
+        equity read now, and an ``equity_recorded_late`` event saying so."""
+        last = self.store.last_decision_bar(self.run_id)
+        if last is None or last >= bar or self.store.has_equity(self.run_id, last):
+            return
+        row = self.store.decision_at(self.run_id, last)
+        if row is None or row["source"] == "missed":
+            return
+        position = self.broker.position()
+        equity = self.broker.equity_usdt()
+        now = self._now_ts()
+        self.store.append(equity=[EquityRecord(self.run_id, last, equity, equity, position.side, position.qty_base)],
+                          events=[EventRecord(self.run_id, now, "equity_recorded_late", {
+                              "bar": str(last), "equity_usdt": equity,
+                              "why": "stopped before the bar's equity snapshot; equity read at the next step"})])
+
+    def _record_missed(self, bar: pd.Timestamp, side: int) -> None:
+        """Record the bars before ``bar`` that closed without a decision (source 'missed'; module
+        docstring), with ``side``: the reconciled exchange position (what was left in place)."""
         gap = missed_bars(self.store.last_decision_bar(self.run_id), bar, self.tf_ms)
         if not gap:
             self._bar_failures = {b: v for b, v in self._bar_failures.items() if b >= bar}
@@ -801,8 +910,7 @@ class LiveLoop:
         reasons = {b: (f"missed: every attempt to process this bar failed before its decision was recorded ({n} "
                        f"attempts; last: {err}); nothing was sent, the position was left as it was")
                    for b, (n, err) in self._bar_failures.items()}  # fmt: skip
-        last = self.store.last_position(self.market_id)
-        side = int(last["side"]) if last is not None else 0
+        side = int(side)
         now = self._now_ts()
         rows = missed_bar_records(self.run_id, gap, side, reasons, MISSED_NO_STEP, now)
         failed = [b for b in gap if b in self._bar_failures]
@@ -995,21 +1103,40 @@ class LiveLoop:
                 if self.store.intent_status(o.client_id) is not None:
                     self.store.mark_intent(o.client_id, "cancelled", self._now_ts(), {"reason": "stop rejected"})
 
-    def _sync_position(self, now: pd.Timestamp, *, crash: bool = False) -> ExchangePosition:
-        """Store fills after the last seen trade id and the position, checked against them (one transaction).
+    def _sync_position(self, now: pd.Timestamp, *, crash: bool = False) -> tuple[ExchangePosition, bool]:
+        """Store fills after the last seen trade id and the position, checked against them (one
+        transaction); returns the exchange position and whether it agrees with our trades.
 
-        Expected signed position = the last position row + signed fills after its ``last_trade_id``
-        (a pure function of stored rows, so a crash between any two calls changes nothing). With no
-        row yet, the exchange position becomes the 'baseline'; a non-zero one is 'unreconciled'
-        (an external position is never adopted silently).
+        Expected signed position = the last *trusted* position row ('baseline' or 'reconcile') +
+        signed fills after its ``last_trade_id`` (a pure function of stored rows, so a crash between
+        any two calls changes nothing; an 'unreconciled' row records what the exchange showed, never
+        our expectation). A disagreement is read again (``reconcile_reads`` reads of trades then
+        position, ``reconcile_read_spacing_s`` apart, doubling) before it is confirmed: a stop or
+        take-profit that fills between the two reads shows in the next one. A confirmed
+        disagreement writes an 'unreconciled' row (trading refused); the next read that agrees
+        writes a 'reconcile' row and clears it (``position_reconciled`` event). A read that fails or
+        is malformed raises (:class:`serving.errors.RetryableError`): unknown is never taken for
+        flat. With no row yet, our expectation is flat ('baseline' 0): a non-zero exchange position
+        is 'unreconciled' (an external position is never adopted silently).
         """
         sym = self.market_id
-        last = self.store.last_position(sym)
         last_tid = self.store.last_trade_id(sym)
-        fills = self.broker.fills_since(last_tid)
-        if crash:
-            crash_point("during_reconciliation")
-        position = self.broker.position()
+        trusted = self.store.last_trusted_position(sym)
+        half_step = self.broker.rules.step_size_base / 2
+        wait = self.config.reconcile_read_spacing_s
+        reads = 0
+        while True:
+            fills = self.broker.fills_since(last_tid)
+            if crash and reads == 0:
+                crash_point("during_reconciliation")
+            position = self.broker.position()
+            reads += 1
+            expected = self._expected_signed(trusted, fills)
+            ok = abs(expected - position.side * position.qty_base) <= half_step
+            if ok or reads >= (1 if trusted is None else self.config.reconcile_reads):
+                break
+            self._sleep(wait)
+            wait *= 2.0
         records = [
             ExchangeFillRecord(self.run_id, sym, f.trade_id, f.exchange_order_id,
                                self.store.client_id_of_order(f.exchange_order_id), f.side, f.qty_base, f.price,
@@ -1019,39 +1146,50 @@ class LiveLoop:
         ids = [f.trade_id for f in fills] + ([last_tid] if last_tid is not None else [])
         new_last_tid = max(ids) if ids else None
         signed = position.side * position.qty_base
-        half_step = self.broker.rules.step_size_base / 2
         events: list[EventRecord] = []
         if records:
             events.append(EventRecord(self.run_id, now, "fills_recorded", {"trade_ids": [r.trade_id for r in records]}))
-        if last is None:
-            events.append(EventRecord(self.run_id, now, "position_baseline", {"signed_qty": signed}))
-            self.store.record_position(self.run_id, sym, now, position.side, position.qty_base, position.entry_price,
-                                       "baseline", new_last_tid, fills=records, events=events)
-            if abs(signed) > half_step:
+        if trusted is None:
+            events.append(EventRecord(self.run_id, now, "position_baseline", {"signed_qty": 0.0,
+                                                                              "exchange_signed_qty": signed}))
+            self.store.record_position(self.run_id, sym, now, 0, 0.0, 0.0, "baseline", new_last_tid, fills=records,
+                                       events=events)
+            if not ok:
                 self.store.record_position(
                     self.run_id, sym, now, position.side, position.qty_base, position.entry_price, "unreconciled",
                     new_last_tid, events=[EventRecord(self.run_id, now, "position_unreconciled", {
                         "exchange_signed_qty": signed, "expected_signed_qty": 0.0, "why": "external position"})],
                 )  # fmt: skip
-            return position
-        stored = self.store.exchange_fills(sym)
-        known = stored[stored["trade_id"] > (last["last_trade_id"] or 0)]
-        known_ids = {int(x) for x in known["trade_id"]}
-        expected = last["side"] * last["qty_base"] + float((known["side"] * known["qty_base"]).sum())
-        expected += sum(r.side * r.qty_base for r in records if r.trade_id not in known_ids)
-        ok = abs(expected - signed) <= half_step
+            return position, ok
+        if reads > 1:
+            events.append(EventRecord(self.run_id, now, "position_read_again", {
+                "reads": reads, "agreed": ok, "exchange_signed_qty": signed, "expected_signed_qty": expected}))
+        if ok and self.store.position_blocked(sym):
+            events.append(EventRecord(self.run_id, now, "position_reconciled", {
+                "signed_qty": signed, "why": "a later read agrees with our trades"}))
         if not ok:
             events.append(EventRecord(self.run_id, now, "position_unreconciled", {
-                "exchange_signed_qty": signed, "expected_signed_qty": expected}))
+                "exchange_signed_qty": signed, "expected_signed_qty": expected, "reads": reads}))
         n_new = self.store.record_position(self.run_id, sym, now, position.side, position.qty_base,
                                            position.entry_price, "reconcile" if ok else "unreconciled", new_last_tid,
                                            fills=records, events=events)
         if n_new and self.guard is not None:
             self._report_closed_trades(records, now)
-        return position
+        return position, ok
+
+    def _expected_signed(self, trusted: dict[str, Any] | None, new_fills: Sequence[Any]) -> float:
+        """Signed position we expect (base units): ``trusted`` row + stored fills after its trade id +
+        ``new_fills`` not stored yet (:class:`serving.exchange.TradeFill`); flat without a row."""
+        if trusted is None:
+            return 0.0
+        stored = self.store.exchange_fills(self.market_id)
+        known = stored[stored["trade_id"] > (trusted["last_trade_id"] or 0)]
+        known_ids = {int(x) for x in known["trade_id"]}
+        expected = trusted["side"] * trusted["qty_base"] + float((known["side"] * known["qty_base"]).sum())
+        return expected + sum(f.side * f.qty_base for f in new_fills if f.trade_id not in known_ids)
 
     def _finish(self, bar: pd.Timestamp, state: dict[str, Any], result: StepResult) -> None:
-        position = self._sync_position(self._now_ts())
+        position, _agreed = self._sync_position(self._now_ts())
         equity = self.broker.equity_usdt()
         self.store.append(equity=[EquityRecord(self.run_id, bar, equity, equity, position.side, position.qty_base)])
 

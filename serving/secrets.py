@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 from serving.errors import FatalError
+
+# the query string of a request URL quoted in an error: ccxt error texts quote the signed URL
+_URL_QUERY = re.compile(r"(https?://[^\s?\"'<>]+)\?[^\s\"'<>]*")
 
 ENV_API_KEY = "ATS_BINANCE_API_KEY"
 ENV_API_SECRET = "ATS_BINANCE_API_SECRET"
@@ -90,6 +94,16 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     for s in sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True):
         out = out.replace(s, REDACTED)
     return out
+
+
+def strip_url_queries(text: str) -> str:
+    """``text`` with the query string of every http(s) URL replaced by ``?<query removed>`` (pure).
+
+    ccxt quotes the request URL in its error messages; for a signed Binance request the query
+    carries ``timestamp`` and ``signature`` (not the key, but request material that must not be
+    kept in logs or the state database).
+    """
+    return _URL_QUERY.sub(r"\1?<query removed>", str(text))
 
 
 def check_private_file(path: str | Path) -> Path:

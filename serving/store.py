@@ -745,6 +745,14 @@ class StateStore:
         with self._engine.connect() as conn:
             return conn.execute(stmt).scalar()
 
+    def last_status_time(self, client_id: str, status: str) -> pd.Timestamp | None:
+        """When the intent ``client_id`` last entered ``status`` (UTC; None if it never did)."""
+        t = intent_status_table
+        stmt = sa.select(t.c.time).where((t.c.client_id == client_id) & (t.c.status == status))
+        with self._engine.connect() as conn:
+            value = conn.execute(stmt.order_by(t.c.id.desc()).limit(1)).scalar()
+        return None if value is None else pd.Timestamp(value).tz_convert("UTC")
+
     def intent_history(self, client_id: str) -> list[str]:
         """Every status the intent went through, oldest first."""
         t = intent_status_table
@@ -785,6 +793,16 @@ class StateStore:
                 conn.execute(sa.insert(exchange_fills_table), [_exchange_fill_row(f)])
                 n += 1
         return n
+
+    def link_fills(self, exchange_order_id: str, client_id: str) -> int:
+        """Give the stored trades of ``exchange_order_id`` that have no client id the client id
+        ``client_id`` (a stop or take-profit whose triggered order id was learnt later); returns
+        how many rows were linked."""
+        t = exchange_fills_table
+        with self._engine.begin() as conn:
+            result = conn.execute(sa.update(t).where(
+                (t.c.exchange_order_id == str(exchange_order_id)) & t.c.client_id.is_(None)).values(client_id=client_id))
+        return int(result.rowcount or 0)
 
     def exchange_fills(self, symbol: str | None = None) -> pd.DataFrame:
         """Stored exchange trades (of ``symbol`` if given) ordered by trade id."""
@@ -838,6 +856,22 @@ class StateStore:
         with self._engine.connect() as conn:
             row = conn.execute(stmt).mappings().first()
         return None if row is None else dict(row)
+
+    def last_trusted_position(self, symbol: str) -> dict[str, Any] | None:
+        """Latest 'baseline' or 'reconcile' row of ``symbol`` (the loop's expectation; an
+        'unreconciled' row records what the exchange showed, not what we expect). None when none."""
+        t = positions_table
+        stmt = sa.select(t).where((t.c.symbol == symbol) & t.c.source.in_(("baseline", "reconcile")))
+        with self._engine.connect() as conn:
+            row = conn.execute(stmt.order_by(t.c.id.desc()).limit(1)).mappings().first()
+        return None if row is None else dict(row)
+
+    def has_equity(self, run_id: str, bar_open_time: pd.Timestamp) -> bool:
+        """Whether an equity row exists for (run, bar)."""
+        t = equity_table
+        stmt = sa.select(t.c.id).where((t.c.run_id == run_id) & (t.c.bar_open_time == to_utc_iso(bar_open_time)))
+        with self._engine.connect() as conn:
+            return conn.execute(stmt.limit(1)).first() is not None
 
     def positions(self) -> pd.DataFrame:
         """Every recorded position observation, in insertion order."""
@@ -898,8 +932,11 @@ class StateStore:
             return conn.execute(stmt).scalar()
 
     def position_blocked(self, symbol: str) -> bool:
-        """True when an 'unreconciled' position row was written after the latest 'baseline' row."""
-        return self._latest_position_id(symbol, "unreconciled") > self._latest_position_id(symbol, "baseline")
+        """True when the latest position row of ``symbol`` is 'unreconciled': the last reconciliation
+        confirmed a mismatch. A later read that agrees again (a 'reconcile' row) or an accepted
+        position (a 'baseline' row) clears it."""
+        last = self.last_position(symbol)
+        return last is not None and last["source"] == "unreconciled"
 
     def _latest_position_id(self, symbol: str, source: str) -> int:
         t = positions_table

@@ -44,6 +44,16 @@ its quantity, the rest expires), ``auth_error`` (401, Binance code -2015), ``ech
 ``X-MBX-APIKEY`` header, to test redaction); for klines also
 ``nan_close`` (the last closed bar's close is ``"NaN"``) and ``gap`` (a row in the middle is missing). With ``state_path`` the trading state is loaded from that JSON
 file at start and written after every change, so a restarted server sees the same exchange.
+
+Unkind like Binance, for every endpoint: ``truncated_json`` (HTTP 200, the first half of the JSON
+body: ccxt raises nothing), ``empty_body`` (HTTP 200, no body), and ``before`` (run
+``Fault.action`` -- e.g. move the clock so a take-profit fills -- then answer normally: a fill that
+lands between two reads of the client). **Query lag**: an order accepted at server time ``t`` is
+invisible to lookups and listings (``GET /fapi/v1/order``, ``openOrders``, ``allOrders`` and
+their algo twins answer ``-2013 Order does not exist`` / leave it out) until ``now_ms >= t +
+query_lag_ms``, as Binance's order queries lag its matching engine; trades and positions are
+not lagged. A triggered conditional order carries ``actualOrderId``: the id of the market order
+it placed, which its trade carries.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ import json
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -64,6 +75,7 @@ import pandas as pd
 FaultKind = Literal[
     "status_429", "html_5xx", "json_5xx", "delay", "overlap", "duplicate", "reverse", "null_rows", "past_end",
     "accept_then_delay", "drop", "partial_fill", "auth_error", "nan_close", "gap", "echo_key",
+    "truncated_json", "empty_body", "before",
 ]
 
 KLINES = "/fapi/v1/klines"
@@ -83,6 +95,7 @@ class Fault:
     delay_s: float = 1.0
     bars: int = 3
     fill_ratio: float = 0.5
+    action: Callable[[], None] | None = field(default=None, compare=False)  # kind "before"
 
 
 def _exchange_info(now_ms: int) -> dict[str, Any]:
@@ -157,8 +170,10 @@ class FakeBinance:
         wallet_usdt: float = 10_000.0,
         fee_rate: float = 0.0004,
         state_path: str | Path | None = None,
+        query_lag_ms: int = 0,
     ) -> None:
         self.timeframe = timeframe
+        self.query_lag_ms = int(query_lag_ms)  # order queries see an order this long after its accept
         self.tf_ms = _TF_MS[timeframe]
         self._now_ms = int(now_ms)
         self.fee_rate = float(fee_rate)
@@ -332,6 +347,7 @@ class FakeBinance:
             "type": "MARKET", "reduceOnly": reduce_only, "closePosition": close_position, "side": side,
             "positionSide": "BOTH", "stopPrice": "0", "workingType": "CONTRACT_PRICE", "priceProtect": False,
             "origType": "MARKET", "time": self._now_ms, "updateTime": self._now_ms, "triggered_by": triggered_by,
+            "accepted_ms": self._now_ms,
         }
         st.orders.append(order)
         fill_qty = qty
@@ -374,6 +390,7 @@ class FakeBinance:
             "priceMatch": "NONE", "closePosition": close_position,
             "priceProtect": False, "reduceOnly": p.get("reduceOnly", "false").lower() == "true",
             "createTime": self._now_ms, "updateTime": self._now_ms, "triggerTime": 0, "goodTillDate": 0,
+            "actualOrderId": "", "actualPrice": "", "accepted_ms": self._now_ms,
         }
         st.algo_orders.append(algo)
         return algo
@@ -404,13 +421,20 @@ class FakeBinance:
                     a["algoStatus"] = "FINISHED"
                     params = {"newClientOrderId": a["clientAlgoId"], "quantity": a["quantity"], "fill_price": trig,
                               "reduceOnly": "true"}
-                    self._new_market_order(params, None, triggered_by=a["clientAlgoId"],
-                                           close_position=bool(a["closePosition"]), side=a["side"])
+                    placed = self._new_market_order(params, None, triggered_by=a["clientAlgoId"],
+                                                    close_position=bool(a["closePosition"]), side=a["side"])
+                    a["actualOrderId"], a["actualPrice"] = str(placed["orderId"]), placed["avgPrice"]
         if changed:
             self._save()
 
+    def _visible(self, order: dict[str, Any]) -> bool:
+        """Whether order queries show ``order`` yet (query lag after the accept)."""
+        return self._now_ms >= int(order.get("accepted_ms", 0)) + self.query_lag_ms
+
     def _find(self, items: list[dict[str, Any]], p: dict[str, str], id_key: str, cid_keys: tuple[str, ...],
-              cid_field: str) -> dict[str, Any]:
+              cid_field: str, *, lagged: bool = False) -> dict[str, Any]:
+        if lagged:
+            items = [o for o in items if self._visible(o)]
         if id_key in p:
             hits = [o for o in items if str(o[id_key]) == p[id_key]]
         else:
@@ -424,7 +448,7 @@ class FakeBinance:
 
     @staticmethod
     def _public(order: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in order.items() if k != "triggered_by"}
+        return {k: v for k, v in order.items() if k not in ("triggered_by", "accepted_ms")}
 
     def _account(self) -> dict[str, Any]:
         st = self.trading
@@ -487,7 +511,8 @@ class FakeBinance:
         if path == ORDER:
             if method == "POST":
                 return self._public(self._new_market_order(p, fault))
-            order = self._find(st.orders, p, "orderId", ("origClientOrderId",), "clientOrderId")
+            order = self._find(st.orders, p, "orderId", ("origClientOrderId",), "clientOrderId",
+                               lagged=method == "GET")
             if method == "DELETE":
                 if order["status"] not in ("NEW", "PARTIALLY_FILLED"):
                     raise _BadRequest(-2011, "Unknown order sent.")
@@ -495,8 +520,9 @@ class FakeBinance:
             return self._public(order)
         if path == ALGO_ORDER:
             if method == "POST":
-                return self._new_algo_order(p)
-            algo = self._find(st.algo_orders, p, "algoId", ("clientAlgoId", "origClientOrderId"), "clientAlgoId")
+                return self._public(self._new_algo_order(p))
+            algo = self._find(st.algo_orders, p, "algoId", ("clientAlgoId", "origClientOrderId"), "clientAlgoId",
+                              lagged=method == "GET")
             if method == "DELETE":
                 if algo["algoStatus"] != "NEW":
                     raise _BadRequest(-2011, "Unknown order sent.")
@@ -504,7 +530,7 @@ class FakeBinance:
                 algo["updateTime"] = self._now_ms
                 return {"algoId": algo["algoId"], "clientAlgoId": algo["clientAlgoId"], "code": "200",
                         "msg": "success"}
-            return algo
+            return self._public(algo)
         if method != "GET":
             return None
         if path == "/fapi/v1/positionSide/dual":
@@ -514,13 +540,13 @@ class FakeBinance:
                 {"bracket": 1, "initialLeverage": 125, "notionalCap": 10_000_000, "notionalFloor": 0,
                  "maintMarginRatio": 0.004, "cum": 0.0}]}]
         if path == "/fapi/v1/openOrders":
-            return [self._public(o) for o in st.orders if o["status"] in ("NEW", "PARTIALLY_FILLED")]
+            return [self._public(o) for o in st.orders if o["status"] in ("NEW", "PARTIALLY_FILLED") and self._visible(o)]
         if path == "/fapi/v1/allOrders":
-            return [self._public(o) for o in st.orders][-int(p.get("limit", 500)):]
+            return [self._public(o) for o in st.orders if self._visible(o)][-int(p.get("limit", 500)):]
         if path in ("/fapi/v1/openAlgoOrders", "/fapi/v1/algoOpenOrders"):
-            return [a for a in st.algo_orders if a["algoStatus"] == "NEW"]
+            return [self._public(a) for a in st.algo_orders if a["algoStatus"] == "NEW" and self._visible(a)]
         if path in ("/fapi/v1/allAlgoOrders", "/fapi/v1/algoOrders"):
-            return list(st.algo_orders)[-int(p.get("limit", 500)):]
+            return [self._public(a) for a in st.algo_orders if self._visible(a)][-int(p.get("limit", 500)):]
         if path == "/fapi/v1/userTrades":
             trades = st.trades
             if "fromId" in p:
@@ -651,6 +677,8 @@ class FakeBinance:
                         return self._send(401, body)
                     if fault.kind == "delay":
                         fake._release.wait(fault.delay_s)
+                    if fault.kind == "before" and fault.action is not None:
+                        fault.action()
                 try:
                     if path == "/fapi/v1/time":
                         body: Any = {"serverTime": fake.now_ms}
@@ -678,7 +706,12 @@ class FakeBinance:
                     return None
                 if fault is not None and fault.kind == "accept_then_delay":
                     fake._release.wait(fault.delay_s)
-                self._send(200, json.dumps(body))
+                text = json.dumps(body)
+                if fault is not None and fault.kind == "truncated_json":
+                    text = text[: max(1, len(text) // 2)]
+                if fault is not None and fault.kind == "empty_body":
+                    text = ""
+                self._send(200, text)
 
         return Handler
 
