@@ -48,7 +48,9 @@ file at start and written after every change, so a restarted server sees the sam
 Unkind like Binance, for every endpoint: ``truncated_json`` (HTTP 200, the first half of the JSON
 body: ccxt raises nothing), ``empty_body`` (HTTP 200, no body), and ``before`` (run
 ``Fault.action`` -- e.g. move the clock so a take-profit fills -- then answer normally: a fill that
-lands between two reads of the client). **Query lag**: an order accepted at server time ``t`` is
+lands between two reads of the client), ``mutate`` (answer ``Fault.transform(body)``: a record with a
+missing or wrong field). :meth:`FakeBinance.trigger_now` fills a resting stop or take-profit at
+once, as a price touch would. **Query lag**: an order accepted at server time ``t`` is
 invisible to lookups and listings (``GET /fapi/v1/order``, ``openOrders``, ``allOrders`` and
 their algo twins answer ``-2013 Order does not exist`` / leave it out) until ``now_ms >= t +
 query_lag_ms``, as Binance's order queries lag its matching engine; trades and positions are
@@ -75,7 +77,7 @@ import pandas as pd
 FaultKind = Literal[
     "status_429", "html_5xx", "json_5xx", "delay", "overlap", "duplicate", "reverse", "null_rows", "past_end",
     "accept_then_delay", "drop", "partial_fill", "auth_error", "nan_close", "gap", "echo_key",
-    "truncated_json", "empty_body", "before",
+    "truncated_json", "empty_body", "before", "mutate",
 ]
 
 KLINES = "/fapi/v1/klines"
@@ -96,6 +98,7 @@ class Fault:
     bars: int = 3
     fill_ratio: float = 0.5
     action: Callable[[], None] | None = field(default=None, compare=False)  # kind "before"
+    transform: Callable[[Any], Any] | None = field(default=None, compare=False)  # kind "mutate"
 
 
 def _exchange_info(now_ms: int) -> dict[str, Any]:
@@ -395,6 +398,32 @@ class FakeBinance:
         st.algo_orders.append(algo)
         return algo
 
+    def trigger_now(self, client_algo_id: str) -> None:
+        """Trigger the open conditional order ``client_algo_id`` now and fill it at its trigger price
+        (a price touch inside the current bar), as :meth:`_trigger_conditionals` would."""
+        with self._tlock:
+            a = next(a for a in self.trading.algo_orders if a["clientAlgoId"] == client_algo_id
+                     and a["algoStatus"] == "NEW")  # fmt: skip
+            self._fire(a, self._now_ms)
+            self._save()
+
+    def _fire(self, a: dict[str, Any], when_ms: int) -> None:
+        """Trigger the conditional order ``a`` at ``when_ms``: a market order at its trigger price when
+        it closes the position, else it expires."""
+        st = self.trading
+        a["triggerTime"] = a["updateTime"] = int(when_ms)
+        pos = st.position_amt
+        sell = a["side"] == "SELL"
+        if not ((pos > 0 and sell) or (pos < 0 and not sell)):
+            a["algoStatus"] = "EXPIRED"
+            return
+        a["algoStatus"] = "FINISHED"
+        params = {"newClientOrderId": a["clientAlgoId"], "quantity": a["quantity"], "fill_price": a["triggerPrice"],
+                  "reduceOnly": "true"}
+        placed = self._new_market_order(params, None, triggered_by=a["clientAlgoId"],
+                                        close_position=bool(a["closePosition"]), side=a["side"])
+        a["actualOrderId"], a["actualPrice"] = str(placed["orderId"]), placed["avgPrice"]
+
     def _trigger_conditionals(self, old_ms: int, new_ms: int) -> None:
         st = self.trading
         closed = np.flatnonzero((self._times + self.tf_ms > old_ms) & (self._times + self.tf_ms <= new_ms))
@@ -412,18 +441,7 @@ class FakeBinance:
                     if not hit:
                         continue
                     changed = True
-                    a["triggerTime"] = a["updateTime"] = int(self._times[i] + self.tf_ms)
-                    pos = st.position_amt
-                    closing = (pos > 0 and sell) or (pos < 0 and not sell)
-                    if not closing:
-                        a["algoStatus"] = "EXPIRED"
-                        continue
-                    a["algoStatus"] = "FINISHED"
-                    params = {"newClientOrderId": a["clientAlgoId"], "quantity": a["quantity"], "fill_price": trig,
-                              "reduceOnly": "true"}
-                    placed = self._new_market_order(params, None, triggered_by=a["clientAlgoId"],
-                                                    close_position=bool(a["closePosition"]), side=a["side"])
-                    a["actualOrderId"], a["actualPrice"] = str(placed["orderId"]), placed["avgPrice"]
+                    self._fire(a, int(self._times[i] + self.tf_ms))
         if changed:
             self._save()
 
@@ -706,6 +724,8 @@ class FakeBinance:
                     return None
                 if fault is not None and fault.kind == "accept_then_delay":
                     fake._release.wait(fault.delay_s)
+                if fault is not None and fault.kind == "mutate" and fault.transform is not None:
+                    body = fault.transform(json.loads(json.dumps(body)))  # a copy: the exchange's record stays
                 text = json.dumps(body)
                 if fault is not None and fault.kind == "truncated_json":
                     text = text[: max(1, len(text) // 2)]
