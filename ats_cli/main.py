@@ -9,10 +9,20 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adaptive Trading System (RL on USDT-M perpetuals)")
+from ats_cli.errors import DEBUG_ENV, ExpectedErrorGroup
+from ats_cli.progress import counting_progress
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=ExpectedErrorGroup,
+                  help="Adaptive Trading System (RL on USDT-M perpetuals)")
 console = Console()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help=f"show the traceback of expected errors too (or {DEBUG_ENV}=1)"),
+) -> None:
+    """Adaptive Trading System (RL on USDT-M perpetuals)."""
 
 
 class Device(str, Enum):
@@ -35,13 +45,6 @@ def _peak_rss_mb() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(own, children) / 1024.0
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-    )
 
 
 @app.command()
@@ -79,8 +82,8 @@ def train(
                                             joins_cluster=bool(cfg.rllib.ray_address)))
     _log(f"backend: {cfg.backend}, torch threads: {torch.get_num_threads()}")
     with wandb_tracking(wandb, config=cfg.model_dump(mode="json"), run_dir=out, name=cfg.name, log=_log), \
-            _progress() as progress:
-        task = progress.add_task("PPO", total=cfg.ppo.total_timesteps, visible=False)
+            counting_progress(console) as progress:
+        task = progress.add_task("PPO", total=cfg.ppo.total_timesteps, unit="env steps", visible=False)
 
         def on_ppo(step: int) -> None:
             progress.update(task, completed=min(step, cfg.ppo.total_timesteps), visible=True)

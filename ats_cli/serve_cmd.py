@@ -3,6 +3,7 @@
 ``ats serve --mode paper --bundle B --db STATE``                   live candles (public klines), paper broker
 ``ats serve --mode paper --replay CANDLES --bundle B --db STATE``   replay candles on a paper broker
 ``ats serve --mode testnet --bundle B --db STATE``                 Binance USDⓈ-M testnet (ccxt sandbox)
+``ats serve --mode testnet --base-url URL ...``                    the same through a local simulator or proxy
 ``ats serve --mode live --live --bundle B --db STATE``             real orders (PASS gate + arming phrase)
 ``ats serve reload --db STATE --bundle NEW``                       hot-swap request to a running loop
 ``ats serve reset-risk --db STATE --note "..."``                   leave a kill switch (the only way)
@@ -18,9 +19,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ats_cli import status_cmd
+from ats_cli.errors import report
+from ats_cli.progress import counting_progress
 
 app = typer.Typer(add_completion=False, help="serve a bundle bar by bar (V1 fallback, risk guard, durable state)")
 console = Console()
@@ -34,13 +36,6 @@ class Mode(str, Enum):
 
 def _log(msg: str) -> None:
     console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}")
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-    )
 
 
 @app.callback(invoke_without_command=True)
@@ -76,7 +71,8 @@ def serve(
     testnet_data: Annotated[bool, typer.Option(
         "--testnet-data", help="paper on live candles: poll the Binance futures testnet's public candles")] = False,
     base_url: Annotated[str | None, typer.Option(
-        "--base-url", help="paper on live candles: exchange REST base URL (e.g. a local test server)")] = None,
+        "--base-url", help="exchange REST base URL (a local exchange simulator, an egress proxy); testnet/live: "
+        "https:// or http:// to a loopback host (localhost, 127.0.0.0/8, [::1]) only")] = None,
     env_file: Annotated[Path | None, typer.Option(
         "--env-file", help="testnet/live: .env with the API key (chmod 600)")] = None,
     live: Annotated[bool, typer.Option("--live", help="live: confirm that real orders are intended")] = False,
@@ -103,7 +99,7 @@ def serve(
     if mode is Mode.paper and replay is None:
         if warmup_bars is not None:
             raise typer.BadParameter("--warmup-bars is for --replay; on live candles the context comes from the exchange")
-        _serve_paper_live(settings, bundle=bundle, db=db, symbol=symbol, timeframe=timeframe, max_bars=max_bars,
+        _serve_paper_live(ctx, settings, bundle=bundle, db=db, symbol=symbol, timeframe=timeframe, max_bars=max_bars,
                           initial_equity=initial_equity, watch_dir=watch, no_risk=no_risk, testnet_data=testnet_data,
                           base_url=base_url)
         return
@@ -111,24 +107,35 @@ def serve(
         _serve_paper(settings, replay=replay, bundle=bundle, db=db, warmup_bars=warmup_bars, max_bars=max_bars,
                      initial_equity=initial_equity, watch_dir=watch, no_risk=no_risk)
         return
-    if testnet_data or base_url is not None:
-        raise typer.BadParameter("--testnet-data and --base-url are for paper on live candles")
+    if testnet_data:
+        raise typer.BadParameter("--testnet-data is for paper on live candles")
+    if base_url is not None:
+        from ats_cli.serve_live import check_base_url
+
+        try:
+            check_base_url(base_url)
+        except FatalError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--base-url") from exc
     if no_risk or settings.risk is None:
         raise typer.BadParameter("the risk guard cannot be disabled on testnet or live")
     if replay is not None:
         raise typer.BadParameter("--replay is for --mode paper; testnet/live poll the exchange's closed candles")
+    from pydantic import ValidationError
+
     from ats_cli.serve_live import serve_live
     from serving.live import LiveConfig
 
     updates = {k: v for k, v in {"symbol": symbol, "timeframe": timeframe}.items() if v is not None}
-    live_cfg = LiveConfig.model_validate({**settings.live.model_dump(), **updates})
+    try:
+        live_cfg = LiveConfig.model_validate({**settings.live.model_dump(), **updates})
+    except ValidationError as exc:
+        raise typer.BadParameter(_validation_message(exc)) from exc
     try:
         bars = serve_live(mode=mode.value, bundle_dir=bundle, db_path=db, db_url=db_url, env_file=env_file, live=live,
                           force_gate=force_gate, max_bars=max_bars or None, live_config=live_cfg, risk=settings.risk,
-                          watch_dir=watch, log=_log)
-    except (FatalError, ValueError) as exc:  # arming, credentials, exchange set-up, a bad setting
-        console.print(f"[bold red]stopped[/]: {exc}")
-        raise typer.Exit(code=2) from exc
+                          watch_dir=watch, log=_log, base_url=base_url)
+    except ValueError as exc:  # a bad setting (arming, credentials, exchange set-up: FatalError, see ats_cli.errors)
+        report(exc, ctx)
     console.print(f"\n[bold]stopped[/] after {bars} bars; state database: {db} (`ats status --db {db}`)")
 
 
@@ -142,21 +149,20 @@ def _serve_paper(settings, *, replay: Path | None, bundle: Path, db: Path, warmu
         summary = serve_replay(
             replay=replay, bundle_dir=bundle, db_path=db, config=settings.paper, warmup_bars=warmup_bars,
             initial_equity_usdt=initial_equity, max_bars=max_bars, risk=None if no_risk else settings.risk,
-            watch_dir=watch_dir, log=_log, progress_factory=_progress,
+            watch_dir=watch_dir, log=_log, progress_factory=lambda: counting_progress(console),
         )
     except ValidationError as exc:  # an option outside its range (e.g. --initial-equity 0)
-        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+        raise typer.BadParameter(_validation_message(exc)) from exc
     _print_summary(summary, db)
 
 
-def _serve_paper_live(settings, *, bundle: Path, db: Path, symbol: str | None, timeframe: str | None, max_bars: int,
-                      initial_equity: float | None, watch_dir: Path | None, no_risk: bool, testnet_data: bool,
-                      base_url: str | None) -> None:
+def _serve_paper_live(ctx: typer.Context, settings, *, bundle: Path, db: Path, symbol: str | None,
+                      timeframe: str | None, max_bars: int, initial_equity: float | None, watch_dir: Path | None,
+                      no_risk: bool, testnet_data: bool, base_url: str | None) -> None:
     """``ats serve --mode paper`` without ``--replay``: the paper broker on the exchange's live candles."""
     from pydantic import ValidationError
 
     from serving.app import serve_paper_live
-    from serving.errors import FatalError
     from serving.paper_live import FeedConfig
 
     updates = {k: v for k, v in {"symbol": symbol, "timeframe": timeframe}.items() if v is not None}
@@ -168,11 +174,15 @@ def _serve_paper_live(settings, *, bundle: Path, db: Path, symbol: str | None, t
             testnet_data=testnet_data, base_url=base_url, log=_log,
         )
     except ValidationError as exc:
-        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
-    except (FatalError, ValueError) as exc:  # a DB holding the run, an unknown symbol, a bad setting
-        console.print(f"[bold red]stopped[/]: {exc}")
-        raise typer.Exit(code=2) from exc
+        raise typer.BadParameter(_validation_message(exc)) from exc
+    except ValueError as exc:  # a bad setting (a DB holding the run, an unknown symbol: FatalError, see ats_cli.errors)
+        report(exc, ctx)
     _print_summary(summary, db)
+
+
+def _validation_message(exc) -> str:
+    """One line naming each setting a pydantic ``ValidationError`` refused."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
 
 
 def _print_summary(summary, db: Path) -> None:

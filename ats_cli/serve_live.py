@@ -13,10 +13,12 @@ to load leaves V1 deciding every bar (the reason is recorded with every decision
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from serving.errors import FatalError
 
@@ -70,6 +72,34 @@ def check_arming(
     return warnings
 
 
+def check_base_url(url: str) -> str:
+    """``url`` if the exchange REST base URL may carry signed (keyed) requests: ``https://HOST[...]``, or
+    ``http://`` to a loopback host (``localhost``, ``127.0.0.0/8``, ``[::1]``: a local exchange simulator or
+    an egress proxy on this machine). Pure.
+
+    Raises
+    ------
+    FatalError
+        Any other URL (plain http to another host, another scheme, no host), naming the rule; also
+        a URL with a user name or password in it (it would be logged and recorded).
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.username is not None or parts.password is not None:
+        raise FatalError("--base-url must not contain a user name or password (it is logged and recorded)")
+    if parts.scheme == "https" and host:
+        return url
+    if parts.scheme == "http" and host:
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a host name other than localhost
+            loopback = False
+        if loopback:
+            return url
+    raise FatalError(f"--base-url {url!r} refused: testnet/live send the API key, so the URL must be https:// "
+                     "or http:// to a loopback host (localhost, 127.0.0.0/8, [::1])")
+
+
 def _read_manifest(bundle_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((Path(bundle_dir) / "manifest.json").read_text())
@@ -100,7 +130,8 @@ def serve_live(
 ) -> int:
     """Run the live loop until SIGTERM/SIGINT (or ``max_bars`` bars); returns the bars processed.
 
-    ``base_url`` redirects the exchange client to a local server (tests). ``live_config``
+    ``base_url`` redirects the exchange client (a local exchange simulator, an egress proxy, tests); it must
+    pass :func:`check_base_url`, and is logged and recorded in the ``live_started`` event. ``live_config``
     (:class:`serving.live.LiveConfig`) overrides ``symbol``/``timeframe`` and the loop's settings;
     ``risk`` (:class:`serving.risk.RiskConfig`) sets the guard's limits (default limits when None;
     ``use_guard=False`` is for tests only: the CLI always runs the guard).
@@ -118,6 +149,8 @@ def serve_live(
     from serving.secrets import load_credentials
     from serving.store import StateStore
 
+    if base_url is not None:
+        check_base_url(base_url)
     if live_config is not None:
         symbol, timeframe = live_config.symbol, live_config.timeframe
     manifest = _read_manifest(bundle_dir)
@@ -150,6 +183,7 @@ def serve_live(
     client = make_client(api_key=creds.api_key.reveal(), secret=creds.api_secret.reveal(),
                          sandbox=mode == "testnet", base_url=base_url)
     broker = BinanceFuturesBroker(client, symbol)
+    broker.base_url = base_url  # recorded by LiveLoop in its live_started event (ats status)
     guard = None
     if use_guard:
         from serving.risk import RiskConfig, RiskGuard
@@ -161,7 +195,8 @@ def serve_live(
     notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
     loop = LiveLoop(broker, store, loop_cfg, primary=slot, fallback=fallback, primary_load_error=load_error,
                     guard=guard, redact=creds.redact, notifier=notifier)
-    log(f"serving {symbol} {timeframe} on {mode}; state in {db_path}; stop with Ctrl-C (between bars)"
+    log(f"serving {symbol} {timeframe} on {mode}{f' at {base_url}' if base_url else ''}; state in {db_path}; "
+        "stop with Ctrl-C (between bars)"
         + ("; notifications on" if notifier is not None else ""))
     try:
         return loop.run(max_steps=max_bars)

@@ -43,6 +43,8 @@ def status(
     risk_style = {"ACTIVE": "green", "REDUCING": "yellow", "HALTED": "bold red"}.get(s.risk_state, "")
     table.add_row("run", str(s.run_id))
     table.add_row("mode", str(s.mode))
+    if s.base_url:
+        table.add_row("exchange URL", s.base_url)
     table.add_row("last bar", str(s.last_bar))
     table.add_row(
         "position", f"{_SIDE[s.position_side]} {s.position_qty_base:.6g}" if s.position_side else "flat"

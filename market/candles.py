@@ -79,6 +79,19 @@ def _source_name(path: str | PathLike[str]) -> str:
     return Path(path).name
 
 
+def _read_parquet(path: Path, *, what: str) -> pd.DataFrame:
+    """``pd.read_parquet(path)``; a file that is not readable parquet (truncated, empty, another format)
+    fails rule ``parquet_file``. A file the user may not read still raises :class:`PermissionError`."""
+    try:
+        return pd.read_parquet(path)
+    except PermissionError:
+        raise
+    except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid is a ValueError, a bad footer an OSError
+        raise DataValidationError(
+            "parquet_file", source=_source_name(path), what=what, detail=f"not a readable parquet file ({exc})"
+        ) from exc
+
+
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
@@ -354,7 +367,7 @@ def load_candles(
     FileNotFoundError
         If the file does not exist.
     DataValidationError
-        Rule ``time_column`` (no open time found), ``unexpected_columns`` (columns other than OHLCV
+        Rule ``parquet_file`` (not a readable parquet file), ``time_column`` (no open time found), ``unexpected_columns`` (columns other than OHLCV
         and ``funding_rate``: they are never dropped silently), ``column_dtype``, ``too_few_rows``
         (interval inference needs two rows), or any rule of :func:`validate_candles`
         (``regular_interval`` names the rows after which a bar is missing, unless
@@ -366,7 +379,7 @@ def load_candles(
     if not path.is_file():
         raise FileNotFoundError(f"candle file not found: {path}")
     source = _source_name(path)
-    raw = pd.read_parquet(path)
+    raw = _read_parquet(path, what="candles")
     df = _frame_with_time_index(raw, source=source, what="candles", index_name=OPEN_TIME)
     allowed = {*OHLCV_COLUMNS, FUNDING_COLUMN}
     extra = [c for c in df.columns if c not in allowed]
@@ -483,14 +496,14 @@ def load_funding(path: str | PathLike[str]) -> pd.Series:
     FileNotFoundError
         If the file does not exist.
     DataValidationError
-        Rule ``time_column``, ``missing_columns``, ``unexpected_columns``, ``column_dtype`` or any rule
+        Rule ``parquet_file``, ``time_column``, ``missing_columns``, ``unexpected_columns``, ``column_dtype`` or any rule
         of :func:`validate_funding`.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"funding file not found: {path}")
     source = _source_name(path)
-    raw = pd.read_parquet(path)
+    raw = _read_parquet(path, what="funding")
     df = _frame_with_time_index(raw, source=source, what="funding", index_name=FUNDING_TIME)
     if FUNDING_COLUMN not in df.columns:
         raise DataValidationError(

@@ -109,6 +109,9 @@ def serve_replay(
         torch intra-op threads of this (serving) process, None: leave as is. The TCN and the actor
         see one window per bar; on the 2 shared cores of the dev machine one thread took ~1 ms per
         TCN call where two took ~25 ms (thread oversubscription), so the default is 1.
+    progress_factory : Callable | None
+        Returns a rich ``Progress`` (e.g. :func:`ats_cli.progress.counting_progress`); its one task
+        counts decided bars (task field ``unit``) and names the warm-up bars in its description.
     """
     _set_torch_threads(torch_threads)
     config = config if config is not None else ServeConfig(warmup_bars=1200)
@@ -133,10 +136,11 @@ def serve_replay(
     try:
         if progress_factory is None:
             return run_replay(candles, primary=slot, **kwargs)
-        with progress_factory() as progress:
-            task = progress.add_task("replay", total=n)
+        with progress_factory() as progress:  # counts decided bars only: the warm-up is named, not counted
+            task = progress.add_task(f"replay after {min(warmup_bars, len(candles)):,} warm-up bars", total=n,
+                                     unit="decided bars")
             return run_replay(candles, primary=slot, **kwargs,
-                              progress=lambda i, total: progress.update(task, completed=i, total=total))
+                              progress=lambda i, total: progress.update(task, completed=i - warmup_bars))
     finally:
         if notifier is not None:
             notifier.close()

@@ -4,7 +4,7 @@ Everything is derived from the append-only tables of :class:`serving.store.State
 
 * run: the run of the latest decision row (or the one asked for); its mode from the ``mode`` of
   its ``run_started`` (paper/replay loop; ``paper`` when absent) or ``live_started`` (testnet/live
-  loop) event;
+  loop) event, and so is the exchange ``base_url`` when the run was pointed at one (``--base-url``);
 * position and equity: its latest ``equity`` snapshot (marked at that bar's close);
 * today's PnL: latest equity minus the equity at the end of the previous UTC day (the last
   snapshot before the day of the latest snapshot; the run's initial equity if the run started
@@ -46,6 +46,7 @@ class ServeStatus:
     decided_v1: int
     decided_guard: int
     decided_missed: int = 0
+    base_url: str | None = None
 
     def share(self, source: str) -> float:
         """Share of the run's bars decided by ``source`` ('v2', 'v1', 'guard', 'missed'); NaN without bars."""
@@ -72,12 +73,13 @@ def read_status(store: StateStore, run_id: str | None = None, *, scope: str = DE
     events = store.events(run_id) if run_id is not None else store.events().iloc[0:0]
     # the replay/paper loop writes run_started, the testnet/live loop live_started
     started = events[events.kind.isin(["run_started", "live_started"])]
-    mode = None
+    mode = base_url = None
     initial = None
     if len(started):
         detail = started.detail.iloc[-1] or {}
         mode = detail.get("mode", "paper" if started.kind.iloc[-1] == "run_started" else None)
         initial = detail.get("initial_equity_usdt")
+        base_url = detail.get("base_url")
     last_bar = equity_usdt = today_pnl = day = None
     side, qty = 0, 0.0
     if len(equity):
@@ -108,5 +110,5 @@ def read_status(store: StateStore, run_id: str | None = None, *, scope: str = DE
         risk_reasons=() if risk is None else tuple(risk.reasons),
         risk_since=risk_since,
         bars=len(decisions), decided_v2=int(counts.get("v2", 0)), decided_v1=int(counts.get("v1", 0)),
-        decided_guard=int(counts.get("guard", 0)), decided_missed=int(counts.get("missed", 0)),
+        decided_guard=int(counts.get("guard", 0)), decided_missed=int(counts.get("missed", 0)), base_url=base_url,
     )  # fmt: skip

@@ -153,6 +153,23 @@ def load_config(path: str | Path, **overrides: object) -> RunConfig:
         wrong type, inconsistent periods); the message names the offending key.
     """
     path = Path(path)
+    raw = read_config_mapping(path)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise invalid_config(path, exc) from exc
+
+
+def read_config_mapping(path: str | Path) -> dict:
+    """The top-level mapping of the YAML config file ``path``.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, is not valid YAML, or its top level is not a mapping.
+    """
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -161,9 +178,10 @@ def load_config(path: str | Path, **overrides: object) -> RunConfig:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"{path}: invalid config:\n  " + "\n  ".join(lines)) from exc
+    return raw
+
+
+def invalid_config(path: str | Path, exc: ValidationError) -> ConfigError:
+    """The :class:`ConfigError` for a config file whose contents failed validation: one line per key."""
+    lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return ConfigError(f"{path}: invalid config:\n  " + "\n  ".join(lines))

@@ -34,7 +34,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import yaml
 from pydantic import Field, ValidationError
 from scipy import stats
 
@@ -43,7 +42,7 @@ from market.config_base import StrictConfig
 from market.features import warmup_bars
 from training import metrics as M
 from training.backtest import BacktestResult
-from training.config import ConfigError, RunConfig, load_config
+from training.config import ConfigError, RunConfig, invalid_config, load_config, read_config_mapping
 from training.evaluate import (
     COST_MULTIPLIERS,
     STRATEGIES,
@@ -189,12 +188,15 @@ def load_walkforward(path: Path, **overrides: object) -> tuple[WalkForwardConfig
 
     Raises
     ------
-    pydantic.ValidationError, training.config.ConfigError
-        Unknown keys or invalid values in either file.
+    training.config.ConfigError
+        Either file missing, not a YAML mapping, or with unknown keys or invalid values.
     """
-    raw = yaml.safe_load(Path(path).read_text())
+    raw = read_config_mapping(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    wf = WalkForwardConfig.model_validate(raw)
+    try:
+        wf = WalkForwardConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise invalid_config(path, exc) from exc
     base = load_config((Path(path).parent / wf.base_config).resolve())
     if wf.base_overrides:
         try:

@@ -55,9 +55,34 @@ def test_paper_required_options_and_flags_of_the_other_source(tmp_path):
     base = ["serve", "--bundle", str(tmp_path), "--db", str(tmp_path / "s.sqlite")]
     r = runner.invoke(app, [*base, "--warmup-bars", "10"])  # live candles: the context comes from the exchange
     assert r.exit_code != 0 and "--warmup-bars is for --replay" in r.output
-    r = runner.invoke(app, [*base, "--mode", "testnet", "--base-url", "http://127.0.0.1:9"])
+    r = runner.invoke(app, [*base, "--mode", "testnet", "--testnet-data"])
     assert r.exit_code != 0 and "paper on live candles" in r.output
     assert not (tmp_path / "s.sqlite").exists()
+
+
+@pytest.mark.parametrize("url", ["http://example.com", "http://10.0.0.1:8080", "ftp://127.0.0.1", "127.0.0.1:9",
+                                 "https://", "http://localhost.example.com", "http://user:pw@127.0.0.1:9"])
+@pytest.mark.parametrize("mode", ["testnet", "live"])
+def test_testnet_and_live_refuse_a_base_url_that_is_neither_https_nor_loopback(tmp_path, mode, url):
+    r = runner.invoke(app, ["serve", "--mode", mode, "--live", "--bundle", str(tmp_path), "--db",
+                            str(tmp_path / "s.sqlite"), "--base-url", url], env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and "--base-url" in r.output and "Traceback" not in r.output, r.output
+    assert "loopback" in r.output or "user name or password" in r.output
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+@pytest.mark.parametrize("url", ["https://fapi.example.com", "http://127.0.0.1:9", "http://127.8.9.10:9",
+                                 "http://localhost:9", "http://[::1]:9"])
+def test_testnet_accepts_an_https_or_loopback_base_url(tmp_path, monkeypatch, url):
+    """The URL passes the CLI: the command goes on to the next check (here the key file, which is missing)."""
+    import json
+
+    for var in ("ATS_BINANCE_API_KEY", "ATS_BINANCE_API_SECRET"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "manifest.json").write_text(json.dumps({"gate": {"verdict": "PASS"}}))
+    r = runner.invoke(app, ["serve", "--mode", "testnet", "--bundle", str(tmp_path), "--db", str(tmp_path / "s.sqlite"),
+                            "--base-url", url, "--env-file", str(tmp_path / "missing.env")])
+    assert r.exit_code == 2 and "missing.env" in r.output and "--base-url" not in r.output, r.output
 
 
 def test_paper_without_replay_serves_live_candles_and_refuses_to_reuse_its_db(tmp_path, monkeypatch):
@@ -110,3 +135,30 @@ def test_readme_testnet_example_passes_the_gate_check_of_an_ungated_bundle(tmp_p
     assert r.exit_code == 2 and "not PASS" not in r.output and "missing.env" in r.output, r.output
     without = runner.invoke(app, [a for a in args if a != "--force-gate"])
     assert without.exit_code == 2 and "not PASS" in without.output  # the gate itself is unchanged
+
+
+def test_testnet_through_a_local_base_url_is_shown_at_start_up_and_in_status(tmp_path, monkeypatch):
+    """``ats serve --mode testnet --base-url`` against the fake exchange on loopback: the start-up line and
+    ``ats status`` name the URL the keys were sent to."""
+    import json
+
+    from tests.kit.candles import make_candles
+    from tests.kit.fake_binance import FakeBinance
+
+    monkeypatch.setenv("ATS_BINANCE_API_KEY", "clikey1234")
+    monkeypatch.setenv("ATS_BINANCE_API_SECRET", "clisecret5678")
+    for var in ("ATS_DISCORD_WEBHOOK_URL", "ATS_TELEGRAM_BOT_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    candles = make_candles(1_000, seed=3)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"gate": {"verdict": "HOLD"}}))
+    db = tmp_path / "t.sqlite"
+    now_ms = int(candles.index[900].value // 1_000_000) + 60_000
+    with FakeBinance(candles, candles["funding_rate"].dropna(), now_ms=now_ms) as fake:
+        r = runner.invoke(app, ["serve", "--mode", "testnet", "--bundle", str(bundle), "--db", str(db), "--force-gate",
+                                "--max-bars", "1", "--base-url", fake.url], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    assert f"on testnet at {fake.url};" in r.output and "clikey1234" not in r.output
+    status = runner.invoke(app, ["status", "--db", str(db)], env={"COLUMNS": "250"})
+    assert status.exit_code == 0 and "exchange URL" in status.output and fake.url in status.output, status.output
