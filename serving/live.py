@@ -493,7 +493,7 @@ class LiveLoop:
         if self._notified is None:
             self._notified = self.store.max_ids()  # notify from now on, not the history
         self._event(self._now_ts(), "live_started", {"mode": self.config.mode, "symbol": self.config.symbol, "timeframe": self.config.timeframe,
-                                                     "primary": getattr(self.primary, "name", None)})
+                                                     "primary": getattr(self.primary, "name", None), "base_url": getattr(self.broker, "base_url", None)})
 
     @property
     def primary(self) -> Policy | None:
