@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,8 @@ def serve_live(
     Raises :class:`FatalError` when arming, credentials or the exchange setup fail.
     """
     from serving.exchange import BinanceFuturesBroker, make_client
-    from serving.hotswap import PolicySlot, reload_request_path
-    from serving.live import LiveConfig, LiveLoop
+    from serving.hotswap import reload_request_path
+    from serving.live import LiveConfig
     from serving.secrets import load_credentials
     from serving.store import StateStore
 
@@ -161,40 +162,19 @@ def serve_live(
     creds = load_credentials(env_file=env_file)
     log(f"credentials loaded from {creds.source} (values hidden)")
 
-    v1_cfg = _v1_config(manifest)
-    # hot-swapped bundles need PASS too; --force-gate (an explicit override) lifts it for the whole session
-    slot = PolicySlot.from_bundle(bundle_dir, watch_dir=watch_dir, reload_file=reload_request_path(db_path),
-                                  require_gate_pass=not force_gate)  # fmt: skip
-    primary, load_error = slot.policy, slot.load_error
-    if primary is None:
-        log(f"[yellow]bundle failed to load, V1 decides every bar[/]: {load_error}")
-    from fallback.v1 import V1Policy
-
-    fallback = V1Policy(v1_cfg)
-    history = int(getattr(fallback, "history_bars", 0) or 0)
-    if primary is not None and hasattr(primary, "history_bars"):
-        import pandas as pd
-
-        history = max(history, int(primary.history_bars(pd.Timedelta(timeframe))))
-    context = min(1500, max(100, history + 10))
-    base = live_config if live_config is not None else LiveConfig(symbol=symbol, timeframe=timeframe)
-    loop_cfg = base.model_copy(update={"run_id": mode, "mode": mode, "context_bars": max(base.context_bars, context)})
     store = StateStore(db_url) if db_url else StateStore.sqlite(db_path)
     client = make_client(api_key=creds.api_key.reveal(), secret=creds.api_secret.reveal(),
                          sandbox=mode == "testnet", base_url=base_url)
     broker = BinanceFuturesBroker(client, symbol)
     broker.base_url = base_url  # recorded by LiveLoop in its live_started event (ats status)
-    guard = None
-    if use_guard:
-        from serving.risk import RiskConfig, RiskGuard
-
-        # the default scope: the one `ats status` shows and `ats serve reset-risk` resets
-        guard = RiskGuard(risk if risk is not None else RiskConfig(), store)
     from serving.notify import make_notifier, notify_config_from_env
 
     notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
-    loop = LiveLoop(broker, store, loop_cfg, primary=slot, fallback=fallback, primary_load_error=load_error,
-                    guard=guard, redact=creds.redact, notifier=notifier)
+    base = live_config if live_config is not None else LiveConfig(symbol=symbol, timeframe=timeframe)
+    loop = build_live_loop(mode=mode, bundle_dir=bundle_dir, store=store, broker=broker, live_config=base,
+                           reload_file=reload_request_path(db_path), force_gate=force_gate, manifest=manifest,
+                           use_guard=use_guard, risk=risk, watch_dir=watch_dir, notifier=notifier,
+                           redact=creds.redact, log=log)
     log(f"serving {symbol} {timeframe} on {mode}{f' at {base_url}' if base_url else ''}; state in {db_path}; "
         "stop with Ctrl-C (between bars)"
         + ("; notifications on" if notifier is not None else ""))
@@ -203,6 +183,64 @@ def serve_live(
     finally:
         if notifier is not None:
             notifier.close()
+
+
+def build_live_loop(
+    *,
+    mode: str,
+    bundle_dir: Path,
+    store: Any,
+    broker: Any,
+    live_config: Any,
+    reload_file: Path | None = None,
+    force_gate: bool = False,
+    manifest: dict[str, Any] | None = None,
+    use_guard: bool = True,
+    risk: Any = None,
+    watch_dir: Path | None = None,
+    notifier: Any = None,
+    redact: Callable[[str], str] = lambda text: text,
+    log: Callable[[str], None] = print,
+    wall_clock_s: Callable[[], float] = time.time,
+    monotonic_s: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Any:
+    """The :class:`serving.live.LiveLoop` of ``ats serve --mode testnet|live`` (pure composition, no I/O
+    beyond loading the bundle): bundle slot (hot-swap, backoff; a bundle that fails to load leaves V1
+    deciding every bar), V1 with the bundle's V1 config, context of the policies' history + 10 bars
+    (at least ``live_config.context_bars``; the loop pages the exchange's klines), the risk guard
+    (``risk`` limits, defaults when None; ``use_guard=False`` for tests only) with its state in
+    ``store``, ``run_id`` = ``mode``. The clocks are injected by exchange simulations (tests).
+    """
+    import pandas as pd
+
+    from fallback.v1 import V1Policy
+    from serving.hotswap import PolicySlot
+    from serving.live import LiveLoop
+
+    manifest = manifest if manifest is not None else _read_manifest(bundle_dir)
+    # hot-swapped bundles need PASS too; --force-gate (an explicit override) lifts it for the whole session
+    slot = PolicySlot.from_bundle(bundle_dir, watch_dir=watch_dir, reload_file=reload_file,
+                                  require_gate_pass=not force_gate)  # fmt: skip
+    primary, load_error = slot.policy, slot.load_error
+    if primary is None:
+        log(f"[yellow]bundle failed to load, V1 decides every bar[/]: {load_error}")
+    fallback = V1Policy(_v1_config(manifest))
+    history = int(getattr(fallback, "history_bars", 0) or 0)
+    if primary is not None and hasattr(primary, "history_bars"):
+        history = max(history, int(primary.history_bars(pd.Timedelta(live_config.timeframe))))
+    context = min(1500, max(100, history + 10))
+    loop_cfg = live_config.model_copy(update={"run_id": mode, "mode": mode,
+                                              "context_bars": max(live_config.context_bars, context)})
+    guard = None
+    if use_guard:
+        from serving.risk import RiskConfig, RiskGuard
+
+        # the default scope: the one `ats status` shows and `ats serve reset-risk` resets
+        guard = RiskGuard(risk if risk is not None else RiskConfig(), store)
+    return LiveLoop(broker, store, loop_cfg, primary=slot, fallback=fallback, primary_load_error=load_error,
+                    guard=guard, redact=redact, notifier=notifier, wall_clock_s=wall_clock_s,
+                    monotonic_s=monotonic_s, sleep=sleep)
 
 
 def _v1_config(manifest: dict[str, Any] | None):
