@@ -173,7 +173,7 @@ def serve_paper_live(
     feed : FeedConfig | None
         Symbol, timeframe, poll timing (default :class:`serving.paper_live.FeedConfig`).
     config : ServeConfig | None
-        Paper settings (``context_bars`` <= 1,499; ``warmup_bars`` unused); default
+        Paper settings (``context_bars`` <= 10,000, read in pages; ``warmup_bars`` unused); default
         ``ServeConfig(warmup_bars=1200)`` as for the replay.
     initial_equity_usdt : float | None
         Overrides ``config.initial_equity_usdt`` (USDT).
@@ -190,7 +190,7 @@ def serve_paper_live(
         ``db_path`` already holds this paper run (no resume; use a new file), or the exchange does
         not list the symbol.
     ValueError
-        A setting out of range (``context_bars`` None or above 1,499, shorter than V1's history).
+        A setting out of range (``context_bars`` None or above 10,000, shorter than V1's history).
 
     A failed poll (network, 5xx, 429) is recorded and retried, never raised.
     """

@@ -410,9 +410,17 @@ class BinanceFuturesBroker:
             raise RetryableError("fetch_time returned no server time (malformed answer)")
         return int(value)
 
-    def fetch_ohlcv(self, timeframe: str, since_ms: int | None, limit: int) -> list[list[Any]]:
-        """Raw ``[[open_ms, o, h, l, c, v], ...]`` rows as the exchange gave them (validate before use)."""
-        rows = self._read(lambda: self.client.fetch_ohlcv(self.symbol, timeframe, since_ms, limit))
+    def fetch_ohlcv(self, timeframe: str, since_ms: int | None, limit: int, until_ms: int | None = None
+                    ) -> list[list[Any]]:  # fmt: skip
+        """Raw ``[[open_ms, o, h, l, c, v], ...]`` rows as the exchange gave them (validate before use).
+
+        At most ``limit`` rows opening at or after ``since_ms`` and, with ``until_ms``, at or before
+        it (ms; ccxt ``params={"until": ...}``, Binance ``endTime``). ccxt ``binanceusdm`` caps
+        ``limit`` at 1,000 (Binance serves 1,500): read longer ranges in pages
+        (:func:`serving.candles.page_requests`).
+        """
+        params = {} if until_ms is None else {"until": int(until_ms)}
+        rows = self._read(lambda: self.client.fetch_ohlcv(self.symbol, timeframe, since_ms, limit, params))
         if not isinstance(rows, list):
             raise RetryableError(f"fetch_ohlcv returned {type(rows).__name__}, not a list")
         return rows

@@ -8,28 +8,44 @@ killed anywhere and restarted carries on where it stopped):
    skips or repeats a bar; an offset beyond ``max_clock_offset_ms`` blocks entries (event).
    **Missed bars**: every bar has exactly one decision row. The loop only ever decides the last
    closed bar, so a bar with no decision row when a later bar is reached can no longer be
-   decided: it is recorded afterwards as source 'missed' (:func:`missed_bar_records`), with
-   the side of the last recorded position as its direction (nothing was sent for it: the
-   position and its exchange-side stop/take-profit were left as they were) and a reason saying
+   decided: it is recorded afterwards, once reconciliation has read the exchange, as source
+   'missed' (:func:`missed_bar_records`), with the side of the reconciled exchange position as
+   its direction (nothing was sent for it: the position and its exchange-side
+   stop/take-profit were left as they were) and a reason saying
    why: every attempt of that bar failed in this process (attempt count and last error), or no
    step ran for it (process stopped, restarting, or failing before the bar was known). One
    ``bars_missed`` event per gap. A new run (no decision yet) has no gap.
 2. **Reconcile** (:meth:`LiveLoop.reconcile`): resolve every unresolved intent of earlier bars by
    client id (found: record it; absent: 'abandoned'), store new fills since the last seen trade
-   id (dedup on trade id), compare the exchange position with ``last position row + signed fills
-   after its trade id``: equal -> a 'reconcile' row; different -> an 'unreconciled' row and an
+   id (dedup on trade id), compare the exchange position with ``last trusted position row
+   ('baseline' or 'reconcile') + signed fills after its trade id`` (:meth:`LiveLoop._sync_position`).
+   **Unknown is not flat**: a read that fails, or answers with a truncated, empty or malformed body
+   or record (:class:`serving.errors.MalformedResponseError`, checked at the broker edge), ends
+   the step (retried within the bar); nothing is cancelled, nothing is sent, the position and its
+   stop are held. A disagreement is read again (``reconcile_reads``, spaced) before it counts: a
+   stop or take-profit filling between the trades read and the position read agrees on the next
+   read. Equal -> a 'reconcile' row; a confirmed difference -> an 'unreconciled' row and an
    event, and the loop refuses to trade (no order at all, exits included; the decision is still
-   recorded) until an operator accepts the exchange position: ``ats serve accept-position --db
+   recorded) until a later read agrees again (a 'reconcile' row, ``position_reconciled`` event)
+   or an operator accepts the exchange position: ``ats serve accept-position --db
    STATE --note "who and why"`` writes a request (:meth:`serving.store.StateStore.request_position_accept`)
    that the next reconciliation applies (a new 'baseline' row and a ``position_accepted`` event,
-   so the same bar may trade), or :meth:`LiveLoop.reset_position_baseline` in-process; cancel our
-   protective orders left open on a flat position. Each repair is an event.
-3. **Candles**: ``fetch_ohlcv`` of the last ``context_bars`` closed bars; the window must be
-   complete, unique, sorted, gapless, finite and OHLC-consistent and end at the bar to decide.
-   Otherwise the bar is **quarantined**: the policy is not asked (a 'guard' decision holds the
-   position; stops stay on the exchange; entries are impossible). The funding history of the
-   window is joined as ``funding_rate`` (:func:`with_funding_column`); if it cannot be fetched
-   the bar is quarantined too.
+   so the same bar may trade), or :meth:`LiveLoop.reset_position_baseline` in-process. Our stops
+   and take-profits no longer open are looked up once: one that triggered is 'filled' and its
+   trades are linked to it by the order it placed (Binance ``actualOrderId``); cancelled or
+   expired ones are 'cancelled'. Our protective orders left open on a flat position are cancelled
+   only when that flat position agrees with our trades. Each repair is an event.
+3. **Candles**: the last ``context_bars`` closed bars from a rolling in-memory window
+   (:class:`serving.candles.CandleCache`: paged at start and when catching up, ccxt serves at most
+   1,000 klines a request; otherwise one small request re-reading the last few bars). The window
+   must be complete, unique, sorted, gapless, finite and OHLC-consistent and end at the bar to
+   decide. Otherwise the bar is **quarantined**: the policy is not asked (a 'guard' decision holds
+   the position; stops stay on the exchange; entries are impossible). Bad candles
+   (:mod:`serving.candles`, repair policy): a flawed row is re-fetched once; the bar's own flawed
+   candle quarantines it; another flawed row holds the bars for ``bad_candle_hold_bars``, then is
+   repaired as a gap (previous close, volume 0; ``candle_repaired`` event) so trading resumes.
+   The funding history of the window is joined as ``funding_rate`` (:func:`with_funding_column`);
+   if it cannot be fetched the bar is quarantined too.
 4. **Decide** (only if the bar has no decision row yet): bundle -> V1 -> flat with
    :func:`serving.choice.choose`; then the optional risk guard
    (``guard.review(decision, AccountSnapshot) -> GuardVerdict``; a guard that raises blocks
@@ -39,10 +55,18 @@ killed anywhere and restarted carries on where it stopped):
    (after setting leverage), stop move; then, once the entry has a fill, its ``stop`` and ``tp``
    (written, then sent); if the exchange refuses the stop, the position is closed at once
    (``unprot`` intent); a held position found without its stop or take-profit gets them again
-   (:meth:`LiveLoop._repair_protection`). Before a resend (status 'sent'/'unknown'/'not_found') the client id is
-   looked up; a create that timed out (or answered -4116, duplicate client id) is resolved by
-   ``lookup_attempts`` spaced lookups, and re-sent (same id) only when none finds it.
-6. Record fills, position and an equity snapshot.
+   (:meth:`LiveLoop._repair_protection`). Before a resend (status 'sent'/'unknown'/'not_found') the
+   client id is looked up; a create that timed out, dropped, answered 5xx or -4116 is resolved by
+   ``lookup_attempts`` spaced lookups. Binance's order queries lag its matching engine (-2013 for
+   an accepted order) and a filled market order frees its client id, so a **market** order none
+   finds is re-sent (same id) only when, ``create_settle_s`` after its send, one more lookup
+   misses it, no trade of an unknown order has appeared since and the position agrees with our
+   trades (:meth:`LiveLoop._settle_unknown`); otherwise it is held (``resend_withheld``)
+   and the next reconciliation finds its trades. A stop or take-profit none finds is re-sent at
+   once (the exchange refuses a second open order with the same id, -4116).
+6. Record fills, position and an equity snapshot. A bar whose decision is recorded but whose
+   equity row is not (stopped in between) gets it on the next step: at once within the bar, or
+   with an ``equity_recorded_late`` event once the bar has passed.
 
 Notifications (optional ``notifier``, :mod:`serving.notify`): after every step, successful or
 not, the events of this run written since the last publish and the exchange fills stored since
@@ -81,6 +105,13 @@ from pydantic import Field
 from market.config_base import StrictConfig
 from market.decision import Decision, DecisionContext, Policy, PositionView
 from market.features import atr as atr_indicator
+from serving.candles import (  # noqa: F401 - parse_ohlcv_row and validate_window re-exported
+    CandleCache,
+    CandleWindow,
+    fetch_funding_since,
+    parse_ohlcv_row,
+    validate_window,
+)
 from serving.choice import choose, reason_kind
 from serving.errors import AmbiguousOutcomeError, FatalError, RejectedError, RetryableError
 from serving.exchange import BinanceFuturesBroker, OrderSnapshot, RateLimitedError
@@ -176,6 +207,10 @@ class LiveConfig(StrictConfig):
         True, description="Join the funding history as ``funding_rate`` (features use it); a failed fetch "
         "quarantines the bar."
     )
+    bad_candle_hold_bars: int = Field(
+        2, ge=0, le=1000, description="Bars held (no policy, hold-or-flat) after an invalid or missing candle "
+        "inside the context window is first seen and re-fetched in vain; then it is repaired as a gap (previous "
+        "close, volume 0, candle_repaired event). The decided bar's own bad candle is always quarantined.")
 
 
 class GuardLike(Protocol):
@@ -189,33 +224,6 @@ class GuardLike(Protocol):
 # ---------------------------------------------------------------------------------------------
 # candles
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CandleWindow:
-    """Result of :func:`validate_window`: ``candles`` (None when quarantined) and the problems found."""
-
-    candles: pd.DataFrame | None
-    problems: tuple[str, ...]
-
-
-def _num(x: Any) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def parse_ohlcv_row(i: int, row: Any) -> tuple[int, list[float]] | str:
-    """``(open time ms, [o, h, l, c, v])`` of raw ccxt OHLCV row number ``i`` (pure; values NaN where
-    not numbers), or why the row is malformed: not a list of at least 6 values, or an open time
-    that is not an integer."""
-    if not isinstance(row, (list, tuple)) or len(row) < 6:
-        return f"row {i} is not [time, o, h, l, c, v]: {row!r}"
-    t = _num(row[0])
-    if not math.isfinite(t) or t != int(t):
-        return f"row {i} has a bad open time {row[0]!r}"
-    return int(t), [_num(x) for x in row[1:6]]
 
 
 def last_closed_bar_ms(server_ms: int, tf_ms: int) -> int:
@@ -252,69 +260,6 @@ def stop_on_signals(stop: threading.Event, *, install: bool = True) -> Iterator[
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def validate_window(rows: Sequence[Sequence[Any]], last_closed_open_ms: int, tf_ms: int, context_bars: int) -> CandleWindow:
-    """Check the closed-candle window ending at ``last_closed_open_ms`` (pure).
-
-    ``rows`` are raw ccxt OHLCV rows ``[open_ms, o, h, l, c, v]``; rows opening after
-    ``last_closed_open_ms`` (the still-open bar) are ignored. Problems (any one quarantines the
-    bar): a row that is not 6 values, a non-integer open time, duplicate or out-of-order open
-    times, a gap, a non-finite or non-positive price, a negative or non-finite volume, high/low
-    not enclosing open/close, fewer than ``context_bars`` rows, or no row for the bar to decide.
-
-    Returns
-    -------
-    CandleWindow
-        ``candles``: UTC open-time index, float64 ``open high low close volume`` (exactly the last
-        ``context_bars`` rows) when there is no problem, else None.
-    """
-    problems: list[str] = []
-    times: list[int] = []
-    values: list[list[float]] = []
-    for i, r in enumerate(rows):
-        parsed = parse_ohlcv_row(i, r)
-        if isinstance(parsed, str):
-            problems.append(parsed)
-        elif parsed[0] <= last_closed_open_ms:
-            times.append(parsed[0])
-            values.append(parsed[1])
-    if problems:
-        return CandleWindow(None, tuple(problems))
-    t_arr = np.asarray(times, dtype=np.int64)
-    if len(t_arr) and len(np.unique(t_arr)) != len(t_arr):
-        values_, counts = np.unique(t_arr, return_counts=True)
-        first = pd.Timestamp(int(values_[counts > 1][0]), unit="ms", tz="UTC")
-        problems.append(f"duplicate open times ({len(t_arr) - len(values_)} extra rows, first at {first})")
-    if len(t_arr) > 1 and np.any(np.diff(t_arr) < 0):
-        problems.append("rows out of order (open time goes back)")
-    if problems:
-        return CandleWindow(None, tuple(problems))
-    if len(t_arr) > 1 and np.any(np.diff(t_arr) != tf_ms):
-        k = int(np.flatnonzero(np.diff(t_arr) != tf_ms)[0])
-        problems.append(f"gap after {pd.Timestamp(int(t_arr[k]), unit='ms', tz='UTC')}: next bar at "
-                        f"{pd.Timestamp(int(t_arr[k + 1]), unit='ms', tz='UTC')}")
-    if not len(t_arr) or t_arr[-1] != last_closed_open_ms:
-        last = "none" if not len(t_arr) else str(pd.Timestamp(int(t_arr[-1]), unit="ms", tz="UTC"))
-        problems.append(f"stale feed: last closed bar {pd.Timestamp(last_closed_open_ms, unit='ms', tz='UTC')} "
-                        f"missing (latest row {last})")
-    if len(t_arr) < context_bars:
-        problems.append(f"only {len(t_arr)} closed bars, {context_bars} needed")
-    v = np.asarray(values, dtype=np.float64).reshape(-1, 5)[-context_bars:]
-    if len(v):
-        o, h, lo, c, vol = v.T
-        with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(v).all(axis=1) | (v[:, :4] <= 0).any(axis=1) | (vol < 0) | (h < lo) | (
-                lo > np.minimum(o, c)) | (h < np.maximum(o, c))
-        for k in np.flatnonzero(bad)[:3]:
-            ts = pd.Timestamp(int(t_arr[-len(v):][k]), unit="ms", tz="UTC")
-            problems.append(f"invalid candle at {ts}: open={o[k]!r} high={h[k]!r} low={lo[k]!r} close={c[k]!r} "
-                            f"volume={vol[k]!r}")
-    if problems:
-        return CandleWindow(None, tuple(problems))
-    idx = pd.DatetimeIndex(pd.to_datetime(t_arr[-context_bars:], unit="ms", utc=True), name="open_time")
-    df = pd.DataFrame(v, index=idx, columns=["open", "high", "low", "close", "volume"], dtype=np.float64)
-    return CandleWindow(df, ())
 
 
 def with_funding_column(candles: pd.DataFrame, funding: Sequence[tuple[int, float]], tf_ms: int) -> pd.DataFrame:
@@ -454,6 +399,8 @@ class LiveLoop:
         self.wall_clock_s, self.monotonic_s, self._sleep = wall_clock_s, monotonic_s, sleep
         self._safe = lambda text: redact(strip_url_queries(text))  # no secret, no signed URL is ever recorded
         self.tf_ms = _TF_MS[config.timeframe]
+        #: the rolling candle window (paging, flaws, repairs: :mod:`serving.candles`)
+        self.candle_cache = CandleCache(config.timeframe, self.tf_ms, config.context_bars, config.bad_candle_hold_bars)
         self.stop_requested = threading.Event()
         self._started = False
         self._last_reason_kind: str | None = None
@@ -638,7 +585,7 @@ class LiveLoop:
         looked up by client id first (spaced lookups: Binance's order queries lag its matching
         engine). A conditional order not found is re-sent with the same id (while it is open, the
         exchange refuses a second one with -4116). A **market** order not found is re-sent only
-        when :meth:`_confirmed_not_executed` says so (``create_settle_s`` after the send, no trade
+        when :meth:`_settle_unknown` proves it absent (``create_settle_s`` after the send, no trade
         of an unknown order since, position as expected); otherwise it is held ('unknown' stays,
         ``resend_withheld`` event) and the next reconciliation finds its trades or its order.
         """
@@ -664,12 +611,17 @@ class LiveLoop:
                     self._record_snapshot(snap, cid, self._now_ts())
                     result.events.append(f"found_by_client_id:{cid}")
                     return snap
-                if ambiguous and not conditional and not self._confirmed_not_executed(cid):
-                    self._event(self._now_ts(), "resend_withheld", {
-                        "client_id": cid, "why": "not found by client id, but its absence is not confirmed by "
-                        "trades and position; held, reconciled next bar"})  # fmt: skip
-                    result.events.append(f"resend_withheld:{cid}")
-                    return None
+                if ambiguous and not conditional:  # a filled market order frees its id: prove it absent
+                    snap, absent = self._settle_unknown(cid)
+                    if snap is not None:
+                        result.events.append(f"found_by_client_id:{cid}")
+                        return snap
+                    if not absent:
+                        self._event(self._now_ts(), "resend_withheld", {
+                            "client_id": cid, "why": "not found by client id, but its absence is not confirmed by "
+                            "trades and position; held, reconciled next bar"})  # fmt: skip
+                        result.events.append(f"resend_withheld:{cid}")
+                        return None
                 if self.store.intent_status(cid) != "not_found":
                     self.store.mark_intent(cid, "not_found", now)
             self.store.mark_intent(cid, "sent", now)
@@ -698,14 +650,14 @@ class LiveLoop:
         self._event(self._now_ts(), "intent_unresolved", {"client_id": cid})
         return None
 
-    def _confirmed_not_executed(self, cid: str) -> bool:
-        """Whether the market order ``cid`` (not found by client id) is proven not to have executed.
+    def _settle_unknown(self, cid: str) -> tuple[OrderSnapshot | None, bool]:
+        """What became of the market order ``cid`` that lookups did not find: ``(snapshot, absent)``.
 
         Waits until ``create_settle_s`` after its last send (longer than the exchange's query
-        lag), looks it up once more, then reads trades and position (:meth:`_sync_position`):
-        proven when no trade of an order we do not know has appeared since the send and the
-        position agrees with our trades. A read that fails raises (the step is retried; nothing is
-        sent meanwhile). Found by the last lookup: recorded, False.
+        lag) and looks it up once more: found -> ``(snapshot, False)``, recorded. Otherwise reads
+        trades and position (:meth:`_sync_position`): ``absent`` (proven not executed) when no
+        trade of an order we do not know has appeared since the send and the position agrees with
+        our trades. A read that fails raises (the step is retried; nothing is sent meanwhile).
         """
         sent = self.store.last_status_time(cid, "sent")
         if sent is not None:
@@ -715,13 +667,13 @@ class LiveLoop:
         snap = self.broker.lookup(cid, conditional=False)
         if snap is not None:
             self._record_snapshot(snap, cid, self._now_ts())
-            return False
+            return snap, False
         _position, agreed = self._sync_position(self._now_ts())
         fills = self.store.exchange_fills(self.market_id)
         if sent is not None and len(fills):
             fills = fills[fills["time"] >= sent - pd.Timedelta(seconds=1)]
         unknown = fills[fills["client_id"].isna()] if len(fills) else fills
-        return agreed and not len(unknown)
+        return None, bool(agreed and not len(unknown))
 
     def _lookup_spaced(self, cid: str, conditional: bool, *, spaced: bool) -> OrderSnapshot | None:
         """Look ``cid`` up (open and closed orders); after an ambiguous create (``spaced``), up to
@@ -1030,13 +982,29 @@ class LiveLoop:
         return verdict.decision, blocks, events
 
     def _fetch_window(self, bar_ms: int) -> CandleWindow:
-        n = self.config.context_bars
-        rows = self.broker.fetch_ohlcv(self.config.timeframe, bar_ms - (n - 1) * self.tf_ms, n + 1)
-        window = validate_window(rows, bar_ms, self.tf_ms, n)
-        if window.candles is None or not self.config.with_funding:
+        """The context window of the bar opening at ``bar_ms`` from the rolling candle cache (module
+        docstring, phase 3), with ``funding_rate`` joined; ``candles`` None (quarantine) with the
+        problems when the bar's own candle is bad or missing, a page is malformed, the window is
+        held for a flawed row or lacks history, or the funding history cannot be fetched. The
+        cache's ``candle_repaired`` / ``candle_corrected`` events are recorded here.
+
+        Raises
+        ------
+        RetryableError, RejectedError
+            A klines request failed (the step fails and is retried).
+        """
+        ctx = self.candle_cache.context(self.broker, bar_ms)
+        bar = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
+        for kind, detail in ctx.events:
+            self._event(bar, kind, detail)
+        if ctx.candles is None:
+            why = ctx.problem if ctx.problem is not None else ctx.hold.reason if ctx.hold is not None else "no window"
+            return CandleWindow(None, (why,))
+        window = CandleWindow(ctx.candles, ())
+        if not self.config.with_funding:
             return window
         try:
-            funding = self.broker.fetch_funding(int(window.candles.index[0].value // 1_000_000))
+            funding = fetch_funding_since(self.broker, int(window.candles.index[0].value // 1_000_000), bar_ms)
         except RetryableError as exc:
             return CandleWindow(None, (f"funding history unavailable: {self._safe(str(exc))[:300]}",))
         return CandleWindow(with_funding_column(window.candles, funding, self.tf_ms), ())
@@ -1189,9 +1157,24 @@ class LiveLoop:
         return expected + sum(f.side * f.qty_base for f in new_fills if f.trade_id not in known_ids)
 
     def _finish(self, bar: pd.Timestamp, state: dict[str, Any], result: StepResult) -> None:
+        """Record fills and position; the bar's equity row (one per bar: a resumed bar keeps its first);
+        then raise when an intent of the bar is still unresolved, so :meth:`run` resumes the bar
+        within it (the resume looks the intent up again and protects a filled entry at once)
+        instead of leaving it, and a position it may have opened without a stop, to the next bar.
+
+        Raises
+        ------
+        RetryableError
+            An intent of ``bar`` is still 'written', 'sent', 'unknown' or 'not_found'.
+        """
         position, _agreed = self._sync_position(self._now_ts())
-        equity = self.broker.equity_usdt()
-        self.store.append(equity=[EquityRecord(self.run_id, bar, equity, equity, position.side, position.qty_base)])
+        if not self.store.has_equity(self.run_id, bar):
+            equity = self.broker.equity_usdt()
+            self.store.append(equity=[EquityRecord(self.run_id, bar, equity, equity, position.side,
+                                                   position.qty_base)])
+        unresolved = [i["client_id"] for i in self.store.bar_intents(self.run_id, bar) if i["status"] in _UNRESOLVED]
+        if unresolved:
+            raise RetryableError(f"intents of bar {bar} unresolved: {unresolved}; the bar is resumed within it")
 
     # -- running --------------------------------------------------------------------------------
     def seconds_to_next_poll(self) -> float:
@@ -1250,7 +1233,7 @@ class LiveLoop:
                 wait = self.seconds_to_next_poll() if poll_s is None else poll_s
             end = self.monotonic_s() + wait
             while not self.stop_requested.is_set() and self.monotonic_s() < end:
-                self._sleep(min(0.05, max(0.0, end - self.monotonic_s())))
+                self._sleep(min(1.0, max(0.0, end - self.monotonic_s())))  # 1 s slices: a signal stops promptly
         self._event(self._now_ts(), "live_stopped", {"bars": done})
         self.publish_notifications()
         return done

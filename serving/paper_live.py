@@ -14,9 +14,12 @@ One :meth:`PaperLiveLoop.step`:
    jump of the local clock never skips or repeats a bar; an offset beyond
    ``max_clock_offset_ms`` is recorded (``clock_offset`` event) and only shifts the poll times:
    no order exists whose timing it could spoil.
-2. **Candles.** One page of klines from ``context_bars - 1`` bars before that bar (more when bars
-   were missed) up to the still-open bar, which is dropped (:func:`parse_page`); the funding
-   history of the page is joined as ``funding_rate`` (:func:`serving.live.with_funding_column`).
+2. **Candles.** The context window of that bar (and the candles of missed bars, at most
+   :data:`MAX_MISSED_CANDLE_BARS`) from a rolling in-memory window
+   (:class:`serving.candles.CandleCache`, shared with the live loop): paged at start and when
+   catching up (ccxt serves at most 1,000 klines a request), otherwise one small request re-reading
+   the last few bars; the still-open bar is never used. The funding history is joined as
+   ``funding_rate`` (:func:`serving.live.with_funding_column`).
 3. **Missed bars.** Bars that closed after the last processed bar and before the bar to decide
    (the process could not poll: failed fetches, a suspended machine) can no longer be decided:
    each gets a decision row of source 'missed' (:meth:`serving.loop.PaperStepper.skip`: its candle
@@ -24,12 +27,16 @@ One :meth:`PaperLiveLoop.step`:
    take-profits and liquidation apply as resting orders would; a candle the exchange does not
    serve is quarantined) and one ``bars_missed`` event per gap.
 4. **Decide** the bar (:meth:`serving.loop.PaperStepper.step`). Its own candle is *quarantined*
-   when invalid (:func:`serving.loop.row_problems`), missing (gap or stale feed), when the page
-   is malformed (a row that is not ``[time, o, h, l, c, v]``, duplicate, out-of-order or
-   misaligned open times), or when the funding history cannot be fetched (``with_funding``). A
-   valid bar whose context window has an invalid row or lacks bars is *held* (no policy is asked;
-   hold-or-flat). The window is fetched anew every bar, so a row the exchange later serves
-   corrected no longer holds the bars after it. No policy ever sees the open bar or an invalid row.
+   when invalid (:func:`serving.loop.row_problems`), missing (stale feed), when a page is
+   malformed twice (a row that is not ``[time, o, h, l, c, v]``, duplicate, out-of-order or
+   misaligned open times), or when the funding history cannot be fetched (``with_funding``). An
+   invalid or missing row inside the context window follows the repair policy of
+   :mod:`serving.candles`, as in the live loop: re-fetched once; if the exchange keeps serving it,
+   the bars are *held* (no policy is asked; hold-or-flat; reason ``quarantine_window: ...``) for
+   ``FeedConfig.bad_candle_hold_bars`` bars, then it is repaired as a gap (previous close, volume
+   0; a ``candle_repaired`` event) and the policy decides again; a row the exchange later serves
+   corrected replaces the repair. A window the exchange's history does not fill is held. No
+   policy ever sees the open bar or an invalid row.
 
 ATR: each bar's ATR (stop and take-profit distances, slippage) is computed over its context
 window in the deciding policy's period (``atr_period_bars`` of the bundle's features or of V1,
@@ -55,12 +62,11 @@ import math
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
@@ -69,6 +75,15 @@ from envs.config import CostConfig
 from market.config_base import StrictConfig
 from market.decision import Policy
 from market.features import atr as atr_indicator
+from serving.candles import (  # noqa: F401 - Page and parse_page re-exported
+    MAX_CONTEXT_BARS,
+    PAGE_BARS,
+    CandleCache,
+    CandleContext,
+    Page,
+    fetch_funding_since,
+    parse_page,
+)
 from serving.errors import FatalError, RejectedError, RetryableError
 from serving.hotswap import PolicySlot
 from serving.live import (
@@ -76,7 +91,6 @@ from serving.live import (
     LiveConfig,
     atr_period_of,
     last_closed_bar_ms,
-    parse_ohlcv_row,
     seconds_to_next_poll,
     stop_on_signals,
     with_funding_column,
@@ -86,8 +100,7 @@ from serving.notify import Notifier
 from serving.risk import RiskGuard
 from serving.store import DecisionRecord, StateStore
 
-MAX_PAGE_ROWS = 1_500  # Binance's largest klines page
-_COLUMNS = ["open", "high", "low", "close", "volume"]
+MAX_MISSED_CANDLE_BARS = 1_500  # missed bars before the window whose candles are still read
 
 
 class FeedConfig(StrictConfig):
@@ -112,6 +125,10 @@ class FeedConfig(StrictConfig):
     with_funding: bool = Field(
         True, description="Join the funding history as funding_rate (a failed fetch quarantines the bar)."
     )
+    bad_candle_hold_bars: int = Field(
+        2, ge=0, le=1000, description="Bars held (no policy, hold-or-flat) after an invalid or missing candle inside "
+        "the context window is first seen and re-fetched in vain; then it is repaired as a gap (previous close, "
+        "volume 0, candle_repaired event). The decided bar's own bad candle is always quarantined.")
 
     @model_validator(mode="after")
     def _known_timeframe(self) -> FeedConfig:
@@ -132,85 +149,10 @@ class CandleFeed(Protocol):
 
     def server_time_ms(self) -> int: ...
 
-    def fetch_ohlcv(self, timeframe: str, since_ms: int | None, limit: int) -> list[list[Any]]: ...
+    def fetch_ohlcv(self, timeframe: str, since_ms: int | None, limit: int, until_ms: int | None = None
+                    ) -> list[list[Any]]: ...  # fmt: skip
 
     def fetch_funding(self, since_ms: int, limit: int = 1000) -> list[tuple[int, float]]: ...
-
-
-@dataclass(frozen=True)
-class Page:
-    """Closed candles of one klines page (:func:`parse_page`).
-
-    ``candles``: float64 ``open high low close volume`` (NaN where a value is missing or not a
-    number) indexed by UTC open time, sorted and unique; ``problem``: why the whole page is not
-    trusted (None when it is; then ``candles`` is empty).
-    """
-
-    candles: pd.DataFrame
-    problem: str | None = None
-
-
-def _empty_frame() -> pd.DataFrame:
-    return pd.DataFrame(columns=_COLUMNS, index=pd.DatetimeIndex([], tz="UTC", name="open_time"), dtype=np.float64)
-
-
-def parse_page(rows: Sequence[Any], last_closed_open_ms: int, tf_ms: int) -> Page:
-    """Closed candles of a raw ccxt OHLCV page ``[[open_ms, o, h, l, c, v], ...]`` (pure).
-
-    Rows opening after ``last_closed_open_ms`` (the still-open bar) are dropped. Row *values* are
-    not judged here (a NaN or an inconsistent high/low stays, for :func:`serving.loop.row_problems`
-    to quarantine); the page is rejected (``problem`` set) when a row is not at least 6 values or
-    has a non-integer open time, or when open times are duplicated, out of order or not multiples
-    of ``tf_ms`` (ms).
-    """
-    times: list[int] = []
-    values: list[list[float]] = []
-    for i, r in enumerate(rows):
-        parsed = parse_ohlcv_row(i, r)
-        if isinstance(parsed, str):
-            return Page(_empty_frame(), parsed[:300])
-        if parsed[0] <= last_closed_open_ms:
-            times.append(parsed[0])
-            values.append(parsed[1])
-    t_arr = np.asarray(times, dtype=np.int64)
-    if len(t_arr) > 1 and np.any(np.diff(t_arr) == 0):
-        return Page(_empty_frame(), "duplicate open times")
-    if len(t_arr) > 1 and np.any(np.diff(t_arr) < 0):
-        return Page(_empty_frame(), "rows out of order (open time goes back)")
-    if np.any(t_arr % tf_ms):
-        return Page(_empty_frame(), f"open times not on the {tf_ms} ms bar grid")
-    idx = pd.DatetimeIndex(pd.to_datetime(t_arr, unit="ms", utc=True), name="open_time")
-    return Page(pd.DataFrame(np.asarray(values, dtype=np.float64).reshape(-1, 5), index=idx, columns=_COLUMNS))
-
-
-def window_taint(window: pd.DataFrame, bar: pd.Timestamp, context_bars: int, tf_ms: int) -> WindowTaint | None:
-    """Why the context window of ``bar`` may not go to a policy (pure); None when it may.
-
-    ``window``: the page's rows from ``context_bars - 1`` bars before ``bar`` up to ``bar``. Flaws:
-    bars the exchange did not serve (a gap; also fewer closed bars than ``context_bars`` exist),
-    then the latest invalid row before ``bar`` (:func:`serving.loop.row_problems`).
-    """
-    step = pd.Timedelta(milliseconds=tf_ms)
-    if len(window) < context_bars:
-        expected = pd.date_range(bar - (context_bars - 1) * step, bar, freq=step)
-        missing = expected.difference(window.index)
-        return WindowTaint(
-            f"missing:{missing[-1]}",
-            f"quarantine_window: the context window lacks {len(missing)} of its {context_bars} bars (latest "
-            f"missing {missing[-1]}: a gap in the exchange's candles, or not that much history)",
-            {"missing_bars": len(missing), "latest_missing": str(missing[-1]), "context_bars": context_bars},
-        )
-    problems = row_problems(window)
-    bad = [i for i, p in enumerate(problems) if p is not None]
-    if not bad:
-        return None
-    row = window.index[bad[-1]]
-    return WindowTaint(
-        str(row),
-        f"quarantine_window: the context window holds the invalid row {row}; no policy is asked before "
-        f"{row + context_bars * step} unless the exchange serves that row corrected",
-        {"invalid_row": str(row), "problem": problems[bad[-1]]},
-    )
 
 
 def _bar(candles: pd.DataFrame, ts: pd.Timestamp, funding_interval_hours: int) -> Bar:
@@ -241,9 +183,10 @@ class PaperLiveLoop:
         Where the run's decisions, fills, equity and events go; must not hold the run id yet.
     config : ServeConfig
         Paper settings (equity, deadline, ``run_id``, ``context_bars``: an int of at most
-        1,499, backoff); ``warmup_bars`` is not used (the context comes from the exchange).
+        :data:`serving.candles.MAX_CONTEXT_BARS` (10,000; read in pages), backoff); ``warmup_bars``
+        is not used (the context comes from the exchange).
     feed_config : FeedConfig
-        Symbol, timeframe, poll timing, clock-offset limit, funding.
+        Symbol, timeframe, poll timing, clock-offset limit, funding, bad-candle hold.
     primary, fallback, costs, guard, notifier
         As :func:`serving.loop.run_replay`.
     wall_clock_s : Callable[[], float]
@@ -258,7 +201,7 @@ class PaperLiveLoop:
     Raises
     ------
     ValueError
-        If ``config.context_bars`` is None or above 1,499 (one klines page), or shorter than the
+        If ``config.context_bars`` is None or above :data:`serving.candles.MAX_CONTEXT_BARS`, or shorter than the
         fallback's ``history_bars``.
     """
 
@@ -281,9 +224,9 @@ class PaperLiveLoop:
         now: Callable[[], datetime] | None = None,
     ) -> None:
         n = config.context_bars
-        if n is None or n > MAX_PAGE_ROWS - 1:
-            raise ValueError(f"context_bars must be an int <= {MAX_PAGE_ROWS - 1} on live candles (one klines page), "
-                             f"got {n!r}")  # fmt: skip
+        if n is None or n > MAX_CONTEXT_BARS:
+            raise ValueError(f"context_bars must be an int <= {MAX_CONTEXT_BARS} on live candles (read in pages of "
+                             f"{PAGE_BARS} klines), got {n!r}")  # fmt: skip
         slot = primary if isinstance(primary, PolicySlot) else PolicySlot(
             primary, load_error=primary_load_error, backoff=config.primary_backoff)  # fmt: skip
         self.wall_clock_s, self.monotonic_s, self._sleep = wall_clock_s, monotonic_s, sleep
@@ -293,6 +236,8 @@ class PaperLiveLoop:
         self.feed, self.store, self.config, self.feed_config = feed, store, config, feed_config
         self.costs = costs
         self.tf_ms = _TF_MS[feed_config.timeframe]
+        #: the rolling candle window (paging, flaws, repairs: :mod:`serving.candles`)
+        self.candle_cache = CandleCache(feed_config.timeframe, self.tf_ms, n, feed_config.bad_candle_hold_bars)
         self.stop_requested = threading.Event()
         self.clock_offset_ms = 0.0
         self.last_bar: pd.Timestamp | None = None  # the last bar decided or recorded as missed
@@ -363,12 +308,15 @@ class PaperLiveLoop:
         if last_ms is not None and bar_ms <= last_ms:
             return []
         missed = [] if last_ms is None else list(range(last_ms + self.tf_ms, bar_ms, self.tf_ms))
-        page, funding_problem = self._fetch(bar_ms, len(missed))
-        rows = [self._skip(page, ms) for ms in missed]
+        ctx, funding_problem = self._fetch(bar_ms, missed)
+        rows = [self._skip(ctx, ms) for ms in missed]
         if missed:
             self._note("bars_missed", {"first": str(rows[0].bar_open_time), "last": str(rows[-1].bar_open_time),
                                        "count": len(missed), "last_error": self._last_error})  # fmt: skip
-        rows.append(self.stepper.step(self._decided_input(page, bar_ms, funding_problem)))
+        bar = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
+        for kind, detail in ctx.events:
+            self._note(kind, detail, bar)
+        rows.append(self.stepper.step(self._decided_input(ctx, bar_ms, funding_problem)))
         self.last_bar = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
         self._failures, self._last_error = 0, None
         return rows
@@ -382,48 +330,53 @@ class PaperLiveLoop:
                                         "limit_ms": self.feed_config.max_clock_offset_ms})  # fmt: skip
         self._offset_flagged = large
 
-    def _fetch(self, bar_ms: int, n_missed: int) -> tuple[Page, str | None]:
-        """The klines page ending at ``bar_ms`` (open bar dropped) with ``funding_rate`` joined, and
-        why funding is unknown (None when joined or not wanted)."""
-        n = int(self.config.context_bars)  # type: ignore[arg-type]
-        extra = min(n_missed, MAX_PAGE_ROWS - 1 - n)
-        since = bar_ms - (n - 1 + extra) * self.tf_ms
-        raw = self.feed.fetch_ohlcv(self.feed_config.timeframe, since, n + extra + 1)
-        page = parse_page(raw, bar_ms, self.tf_ms)
-        if page.problem is not None or not self.feed_config.with_funding:
-            return page, None
+    def _fetch(self, bar_ms: int, missed: list[int]) -> tuple[CandleContext, str | None]:
+        """The candles of this poll from the rolling window: the context of ``bar_ms`` and the rows of
+        the ``missed`` bars (open times, ms; at most :data:`MAX_MISSED_CANDLE_BARS` before the
+        window), with ``funding_rate`` joined to ``raw`` and ``candles``; and why funding is unknown
+        (None when joined or not wanted)."""
+        first = None
+        if missed:
+            first = max(missed[0], self.candle_cache.window_start_ms(bar_ms) - MAX_MISSED_CANDLE_BARS * self.tf_ms)
+        ctx = self.candle_cache.context(self.feed, bar_ms, first_ms=first)
+        if ctx.page_problem is not None or not self.feed_config.with_funding or not len(ctx.raw):
+            return ctx, None
         try:
-            funding = self.feed.fetch_funding(since)
+            funding = fetch_funding_since(self.feed, int(ctx.raw.index[0].value // 1_000_000), bar_ms)
         except RetryableError as exc:
-            return page, f"funding history unavailable: {exc}"[:300]
-        return Page(with_funding_column(page.candles, funding, self.tf_ms)), None
+            return ctx, f"funding history unavailable: {exc}"[:300]
+        window = None if ctx.candles is None else with_funding_column(ctx.candles, funding, self.tf_ms)
+        return replace(ctx, raw=with_funding_column(ctx.raw, funding, self.tf_ms), candles=window), None
 
-    def _problem(self, page: Page, ts: pd.Timestamp) -> str | None:
-        """Why the candle of ``ts`` is not usable (None when it is)."""
-        if page.problem is not None:
-            return f"candle page rejected: {page.problem}"
-        if ts not in page.candles.index:
+    def _problem(self, ctx: CandleContext, ts: pd.Timestamp) -> str | None:
+        """Why the candle of the missed bar ``ts`` is not usable (None when it is)."""
+        if ctx.page_problem is not None:
+            return f"candle page rejected: {ctx.page_problem}"
+        if ts not in ctx.raw.index:
             return f"no candle at {ts}: missing from the exchange's candles (gap or stale feed)"
-        return row_problems(page.candles.loc[[ts]])[0]
+        return row_problems(ctx.raw.loc[[ts]])[0]
 
-    def _skip(self, page: Page, ms: int) -> DecisionRecord:
+    def _skip(self, ctx: CandleContext, ms: int) -> DecisionRecord:
         ts = pd.Timestamp(ms, unit="ms", tz="UTC")
-        bar = BarInput(ms // self.tf_ms, ts, _bar(page.candles, ts, self.costs.funding_interval_hours), None,
-                       math.nan, math.nan, self._problem(page, ts))  # fmt: skip
+        bar = BarInput(ms // self.tf_ms, ts, _bar(ctx.raw, ts, self.costs.funding_interval_hours), None,
+                       math.nan, math.nan, self._problem(ctx, ts))  # fmt: skip
         reason = MISSED_REASON if self._last_error is None else f"{MISSED_REASON}; last error: {self._last_error}"
         return self.stepper.skip(bar, reason[:2000])
 
-    def _decided_input(self, page: Page, bar_ms: int, funding_problem: str | None) -> BarInput:
-        """The :class:`BarInput` of the bar to decide: candle, context window, ATRs, problem, taint."""
+    def _decided_input(self, ctx: CandleContext, bar_ms: int, funding_problem: str | None) -> BarInput:
+        """The :class:`BarInput` of the bar to decide: its own candle (as served), the context window
+        (repairs applied; None when quarantined or held), ATRs over the window, problem, taint."""
         ts = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
-        n = int(self.config.context_bars)  # type: ignore[arg-type]
-        problem = self._problem(page, ts) or funding_problem
-        window = page.candles.loc[ts - (n - 1) * pd.Timedelta(milliseconds=self.tf_ms) : ts]
-        taint = None if problem is not None else window_taint(window, ts, n, self.tf_ms)
+        problem = ctx.problem or funding_problem
+        hold = None if problem is not None else ctx.hold
+        taint = None if hold is None else WindowTaint(hold.key, f"quarantine_window: {hold.reason}", hold.detail)
+        window = ctx.candles
+        if window is None:  # ATRs of a held bar: over the rows as served
+            window = ctx.raw.loc[pd.Timestamp(self.candle_cache.window_start_ms(bar_ms), unit="ms", tz="UTC") : ts]
         primary_period = atr_period_of(self.stepper.slot.policy, self.feed_config.atr_period_bars)
         fallback_period = atr_period_of(self.stepper.fallback, self.feed_config.atr_period_bars)
-        return BarInput(bar_ms // self.tf_ms, ts, _bar(page.candles, ts, self.costs.funding_interval_hours),
-                        window if problem is None and taint is None else None, _last_atr(window, primary_period),
+        return BarInput(bar_ms // self.tf_ms, ts, _bar(ctx.raw, ts, self.costs.funding_interval_hours),
+                        ctx.candles if problem is None and taint is None else None, _last_atr(window, primary_period),
                         _last_atr(window, fallback_period), problem, taint)  # fmt: skip
 
     # -- running ----------------------------------------------------------------------------------

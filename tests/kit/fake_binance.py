@@ -42,7 +42,10 @@ comes after ``delay_s``, past the client timeout), ``drop`` (the order is applie
 is closed without an answer), ``partial_fill`` (the next market order fills ``fill_ratio`` of
 its quantity, the rest expires), ``auth_error`` (401, Binance code -2015), ``echo_key`` (a 400 whose message quotes the
 ``X-MBX-APIKEY`` header, to test redaction); for klines also
-``nan_close`` (the last closed bar's close is ``"NaN"``) and ``gap`` (a row in the middle is missing). With ``state_path`` the trading state is loaded from that JSON
+``nan_close`` (the last closed bar's close is ``"NaN"``, if the page holds it) and ``gap`` (a row in the middle is
+missing). Persistent bad candles, as an exchange whose history holds a bad row: :meth:`FakeBinance.corrupt_candle`
+(served with other values on every request), :meth:`FakeBinance.drop_candle` (never served: a gap) and
+:meth:`FakeBinance.restore_candle` (served correctly again). With ``state_path`` the trading state is loaded from that JSON
 file at start and written after every change, so a restarted server sees the same exchange.
 
 Unkind like Binance, for every endpoint: ``truncated_json`` (HTTP 200, the first half of the JSON
@@ -189,6 +192,7 @@ class FakeBinance:
         self._f_times = _ms(funding.index)
         self._f_rates = funding.to_numpy(dtype=np.float64)
         self._faults: dict[str, deque[Fault]] = {}
+        self._bad_candles: dict[int, dict[str, float] | None] = {}  # open ms -> values served instead (None: absent)
         self._lock = threading.Lock()
         self._tlock = threading.RLock()
         self._release = threading.Event()
@@ -216,6 +220,29 @@ class FakeBinance:
         self._thread.join(timeout=5)
 
     # -- scripting -------------------------------------------------------------------------------
+    def corrupt_candle(self, open_ms: int, **values: float) -> None:
+        """Serve the candle opening at ``open_ms`` with ``values`` (any of ``open high low close
+        volume``, e.g. ``close=float("nan")``, ``volume=-1.0``) in place of the fixture's, on every
+        klines request from now on, as an exchange whose history holds a bad row (until
+        :meth:`restore_candle`)."""
+        unknown = set(values) - {"open", "high", "low", "close", "volume"}
+        if unknown:
+            raise ValueError(f"not candle fields: {sorted(unknown)}")
+        with self._lock:
+            self._bad_candles[int(open_ms)] = {k: float(v) for k, v in values.items()}
+
+    def drop_candle(self, open_ms: int) -> None:
+        """Leave the candle opening at ``open_ms`` out of every klines answer from now on (a gap in
+        the exchange's history, until :meth:`restore_candle`)."""
+        with self._lock:
+            self._bad_candles[int(open_ms)] = None
+
+    def restore_candle(self, open_ms: int) -> None:
+        """Serve the candle opening at ``open_ms`` as the fixture has it again (the exchange
+        corrected its history)."""
+        with self._lock:
+            self._bad_candles.pop(int(open_ms), None)
+
     def add_fault(self, path: str, fault: Fault, times: int = 1) -> None:
         """Apply ``fault`` to the next ``times`` requests to ``path`` (after the faults already queued)."""
         with self._lock:
@@ -595,9 +622,14 @@ class FakeBinance:
             end = self.now_ms
         if fault is not None and fault.kind == "overlap" and start is not None:
             start -= fault.bars * self.tf_ms
+        with self._lock:
+            bad = dict(self._bad_candles)
         mask = self._times <= end
         if start is not None:
             mask &= self._times >= start
+        dropped = [t for t, values in bad.items() if values is None]
+        if dropped:
+            mask &= ~np.isin(self._times, dropped)
         pos = np.flatnonzero(mask)
         pos = pos[:limit] if start is not None else pos[-limit:]
         rows = []
@@ -607,6 +639,9 @@ class FakeBinance:
             if t + self.tf_ms > self.now_ms:  # still open: partial values
                 c = o
                 h, low, v = max(o, c), min(o, c), v / 7.0
+            if bad.get(t):
+                o, h, low, c, v = (bad[t].get(k, x) for k, x in zip(("open", "high", "low", "close", "volume"),
+                                                                     (o, h, low, c, v), strict=True))
             rows.append([t, repr(o), repr(h), repr(low), repr(c), repr(v), t + self.tf_ms - 1,
                          "0", 0, "0", "0", "0"])
         if fault is not None and fault.kind == "duplicate":
@@ -615,8 +650,11 @@ class FakeBinance:
             rows = rows[::-1]
         if fault is not None and fault.kind == "null_rows":
             rows = [[None] * 12 for _ in rows]
-        if fault is not None and fault.kind == "nan_close" and len(rows) > 2:
-            rows[-2][4] = "NaN"  # the last closed bar (the last row is still open)
+        if fault is not None and fault.kind == "nan_close":
+            last_closed = (self.now_ms // self.tf_ms) * self.tf_ms - self.tf_ms
+            for r in rows:
+                if r[0] == last_closed:
+                    r[4] = "NaN"
         if fault is not None and fault.kind == "gap" and len(rows) > 4:
             del rows[len(rows) // 2]
         return rows

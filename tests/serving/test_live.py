@@ -165,10 +165,21 @@ def test_read_faults_5xx_and_429_then_bar_decided(fake):
 
 
 @pytest.mark.parametrize("fault", ["duplicate", "null_rows", "nan_close", "gap"])  # ccxt sorts reversed pages
-def test_bad_candle_pages_never_reach_the_policy(fake, fault):
+def test_a_bad_candle_page_served_once_is_read_again_and_the_bar_decided(fake, fault):
     policy = CountingPolicy(LONG)
     loop, store = _loop(fake, policy)
     fake.add_fault(KLINES, Fault(fault))
+    result = loop.step()
+    assert not result.quarantined and result.source == "v2" and len(policy.contexts) == 1
+    assert fake.count(KLINES) == 2  # the bad answer, then one re-read (of the page, or of the flawed row)
+    assert "candle_repaired" not in set(store.events()["kind"])
+
+
+@pytest.mark.parametrize("fault", ["duplicate", "null_rows", "nan_close"])  # ccxt sorts reversed pages
+def test_bad_candle_pages_never_reach_the_policy(fake, fault):
+    policy = CountingPolicy(LONG)
+    loop, store = _loop(fake, policy)
+    fake.add_fault(KLINES, Fault(fault), times=2)  # the re-read is bad too
     result = loop.step()
     assert result.quarantined and result.source == "guard" and policy.contexts == []
     assert fake.orders_by_client_id() == {}  # no entry on a quarantined bar

@@ -112,44 +112,64 @@ def test_nan_candle_is_quarantined_and_never_reaches_a_policy(fake):
     loop, store = _loop(fake, policy)
     loop.step()
     fake.now_ms += H
-    fake.add_fault(KLINES, Fault("nan_close"))  # the bar to decide has close "NaN" in this page
+    fake.add_fault(KLINES, Fault("nan_close"), times=2)  # the bar to decide has close "NaN", also when re-read
     (row,) = loop.step()
     assert row.source == "guard" and row.fallback_reason.startswith("quarantine: non-finite price")
     assert len(policy.contexts) == 1
     events = store.events("p")
     assert "quarantine" in set(events.kind)
     fake.now_ms += H
-    (row,) = loop.step()  # the page now serves that bar corrected: the window is clean again
+    (row,) = loop.step()  # the refresh re-reads that bar, now served corrected: the window is clean again
     assert row.source == "v2" and len(policy.contexts) == 2
+    assert np.array_equal(policy.contexts[-1].candles[COLS].to_numpy(), CANDLES.iloc[FIRST - CONTEXT + 3 : FIRST + 3][
+        COLS].to_numpy())  # fmt: skip
+
+
+def test_a_nan_candle_served_once_is_read_again_and_decided(fake):
+    policy = SeeingPolicy()
+    loop, store = _loop(fake, policy)
+    fake.add_fault(KLINES, Fault("nan_close"))  # only the first answer holds the NaN
+    (row,) = loop.step()
+    assert row.source == "v2" and len(policy.contexts) == 1 and fake.count(KLINES) == 2
+    assert "quarantine" not in set(store.events("p").kind)
 
 
 def test_gap_in_the_window_holds_the_bar_but_the_broker_still_runs(fake):
     policy = SeeingPolicy()
     loop, store = _loop(fake, policy)
-    fake.add_fault(KLINES, Fault("gap"))  # a row in the middle of the page is missing
+    fake.drop_candle(int(_bar(FIRST - 10).value // 1_000_000))  # the exchange serves no candle there
     (row,) = loop.step()
     assert row.source == "guard" and row.fallback_reason.startswith("quarantine_window: the context window lacks 1")
     assert policy.contexts == [] and "context_window_invalid" in set(store.events("p").kind)
     assert len(store.equity("p")) == 1
 
 
-def test_invalid_row_in_the_exchange_history_holds_bars_until_it_leaves_the_window():
+@pytest.mark.parametrize("hold", [0, 2])
+def test_invalid_row_in_the_exchange_history_holds_bars_then_is_repaired_as_a_gap(hold):
+    # superseded the old rule "held until the row leaves the window (context_bars bars)"
     bad = FIRST - 5
     candles = CANDLES.copy()
     candles.iloc[bad, candles.columns.get_loc("close")] = math.nan
     context = 20
     with FakeBinance(candles, FUNDING, now_ms=T0) as fake:
         policy = SeeingPolicy()
-        loop, store = _loop(fake, policy, context=context)
-        for _ in range(context - 2):
+        loop, store = _loop(fake, policy, context=context, bad_candle_hold_bars=hold)
+        for _ in range(4):
             loop.step()
             fake.now_ms += H
     d = store.decisions("p").set_index("bar_open_time")
-    held = [_bar(i) for i in range(FIRST, bad + context)]
-    assert (d.loc[held, "source"] == "guard").all()
-    assert d.loc[held, "fallback_reason"].str.startswith("quarantine_window: the context window holds the invalid row").all()
-    assert [c.bar_open_time for c in policy.contexts] == list(d.index[d.index >= _bar(bad + context)])
-    assert policy.contexts and (store.events("p").kind == "context_window_invalid").sum() == 1
+    assert list(d.source) == ["guard"] * hold + ["v2"] * (4 - hold)
+    assert d.fallback_reason.iloc[:hold].str.startswith("quarantine_window: the context window holds the invalid "
+                                                        f"row {_bar(bad)}").all()  # fmt: skip
+    ev = store.events("p")
+    (repaired,) = ev.detail[ev.kind == "candle_repaired"]
+    assert repaired["bar"] == str(_bar(bad)) and str(repaired["original"]["close"]) == "NaN"  # as stored
+    prev_close = float(CANDLES.close.iloc[bad - 1])
+    assert repaired["repaired"] == {"open": prev_close, "high": prev_close, "low": prev_close, "close": prev_close,
+                                    "volume": 0.0}  # fmt: skip
+    window = policy.contexts[0].candles
+    assert window.loc[_bar(bad), "is_gap"] == 1.0 and window["is_gap"].sum() == 1.0
+    assert (ev.kind == "context_window_invalid").sum() == (1 if hold else 0)
 
 
 def test_missed_bars_are_recorded_and_their_candles_still_fill(fake):
