@@ -451,9 +451,12 @@ class LiveLoop:
     def _record_snapshot(self, snap: OrderSnapshot, client_id: str, when: pd.Timestamp) -> None:
         """Store one observation of our order ``client_id`` and move its intent to the status it shows.
 
-        A stop or take-profit that triggered (``actual_order_id`` set) is 'filled': the order it
-        placed is recorded under our client id too, and its stored trades are linked to it."""
+        Trades stored before the order was known (an order found late by lookup) are linked to it. A
+        stop or take-profit that triggered (``actual_order_id`` set) is 'filled': the order it placed
+        is recorded under our client id too, and its stored trades are linked to it."""
         self.store.record_order(client_id, snap.exchange_id, snap.status, snap.filled_base, snap.average_price, when)
+        if snap.exchange_id:
+            self.store.link_fills(snap.exchange_id, client_id)
         if snap.conditional and snap.actual_order_id is not None:
             if self.store.client_id_of_order(snap.actual_order_id) is None:
                 self.store.record_order(client_id, snap.actual_order_id, "triggered", snap.filled_base,

@@ -116,3 +116,18 @@ def pickle_payload(bundle: Path, marker: Path) -> None:
     """Replace the actor weights with a pickle whose loading would write ``marker``; re-hashed."""
     (bundle / "policy.safetensors").write_bytes(pickle.dumps(_Exploit(marker), protocol=4))
     rehash(bundle, "policy.safetensors")
+
+
+def make_it_trade(bundle: Path, gain: float = 40.0) -> Path:
+    """Scale the direction row of the actor's output layer by ``gain`` (bias 0), re-hashed: the
+    direction then follows the market features (a random but trading policy, with entries, exits
+    and reversals) instead of staying in the flat dead zone. Returns ``bundle``."""
+    path = bundle / "policy.safetensors"
+    tensors = load_file(str(path))
+    weight = next(k for k in tensors if k.startswith("action_net.") and k.endswith("weight"))
+    bias = next(k for k in tensors if k.startswith("action_net.") and k.endswith("bias"))
+    tensors[weight][0] *= gain
+    tensors[bias][0] = 0.0
+    save_file(tensors, str(path))
+    rehash(bundle, "policy.safetensors")
+    return bundle

@@ -217,15 +217,19 @@ def test_no_duplicate_market_order_whatever_the_query_lag(fake, lag_s):
     fake.query_lag_ms = lag_s * 1000
     loop, store, clock = _loop(fake, Fixed(LONG), timeout_ms=400)
     fake.add_fault(f"POST {ORDER}", Fault("accept_then_delay", delay_s=1.0))  # accepted, answer too late
-    loop.step()
+    bar_end = (fake.now_ms // H + 1) * H
+    assert loop.run(max_steps=1, install_signal_handlers=False) == 1
     entry = next(o for o in fake.trading.orders if o["clientOrderId"].endswith("-entry"))
-    qty = float(entry["origQty"])
     assert fake.count(f"POST {ORDER}") == 1, "the accepted entry was sent again"
-    assert fake.position()[0] == pytest.approx(qty)
+    assert fake.position()[0] == pytest.approx(float(entry["origQty"]))
     if lag_s > loop.config.create_settle_s:
         assert "resend_withheld" in _kinds(store)  # its trade proved it executed: held, not re-sent
+    # found once the lag ran out, still within its bar, and protected there (not a bar later)
+    assert store.intent_status(entry["clientOrderId"]) == "filled"
+    stop = next(a for a in fake.trading.algo_orders if a["orderType"] == "STOP_MARKET")
+    assert stop["createTime"] < bar_end
     _next_bar(fake)
-    loop.step()  # the next bar resolves the entry by client id (lag over) and carries on
+    loop.step()
     assert fake.count(f"POST {ORDER}") == 1
     _assert_consistent(fake, store)
 
