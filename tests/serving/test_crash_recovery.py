@@ -28,10 +28,10 @@ from tests.serving.fakes import FlipPolicy, ScriptedFallback
 
 REPO = Path(__file__).resolve().parents[2]
 H = 3_600_000
-CANDLES = make_candles(200, seed=1)
+CANDLES = make_candles(1_400, seed=1)
 FUNDING = CANDLES["funding_rate"].dropna()
-T0 = int(CANDLES.index[100].value // 1_000_000) + 60_000
-CONTEXT = 40
+T0 = int(CANDLES.index[1_100].value // 1_000_000) + 60_000
+CONTEXT = 1_010  # the demo bundle's context (ccxt pages it: 1,000 klines a request)
 
 CHILD = """
 import sys

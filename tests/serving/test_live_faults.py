@@ -21,10 +21,10 @@ from tests.kit.fake_binance import ORDER, FakeBinance, Fault
 from tests.serving.fakes import ScriptedFallback
 
 H = 3_600_000
-CANDLES = make_candles(300, seed=1)
+CANDLES = make_candles(1_400, seed=1)
 FUNDING = CANDLES["funding_rate"].dropna()
-T0 = int(CANDLES.index[100].value // 1_000_000) + 60_000
-CONTEXT = 40
+T0 = int(CANDLES.index[1_100].value // 1_000_000) + 60_000
+CONTEXT = 1_010  # the demo bundle's context (ccxt pages it: 1,000 klines a request)
 POSITION_RISK = "/fapi/v3/positionRisk"
 USER_TRADES = "/fapi/v1/userTrades"
 LONG = Decision(direction=1, leverage=3.0, size_frac=0.5, stop_atr=1.0, take_profit_atr=2.0)
