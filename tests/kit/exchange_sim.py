@@ -120,7 +120,7 @@ class SimClock:
     def sleep(self, seconds: float) -> None:
         before = self.fake.now_ms // H
         self.t += max(0.0, float(seconds))
-        self.fake.now_ms += int(round(max(0.0, float(seconds)) * 1000))
+        self.fake.now_ms += round(max(0.0, float(seconds)) * 1000)
         if self.rng is not None and self.fake.now_ms // H != before and self.rng.random() < self.fault_rate:
             label, path, make = FAULTS[int(self.rng.integers(len(FAULTS)))]
             self.fake.add_fault(path, make(self.fake))
@@ -204,7 +204,7 @@ from serving.live import LiveConfig
 from serving.store import StateStore
 
 url, db, bundle = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-client = make_client(api_key="%s", secret="%s", base_url=url, timeout_ms=3000, rate_limit=False)
+client = make_client(api_key="SIM_KEY", secret="SIM_SECRET", base_url=url, timeout_ms=3000, rate_limit=False)
 broker = BinanceFuturesBroker(client, "BTC/USDT:USDT", read_attempts=3, sleep=lambda s: None)
 loop = build_live_loop(mode="testnet", bundle_dir=bundle, store=StateStore.sqlite(db), broker=broker,
                        live_config=LiveConfig(create_settle_s=0.0), force_gate=True, use_guard=True, log=lambda m: None,
@@ -216,7 +216,7 @@ for attempt in range(30):  # the bar of the exchange's clock (which stands still
     except (RetryableError, AmbiguousOutcomeError) as exc:
         print("retry", exc)
         time.sleep(0.05)
-""" % (SIM_KEY, SIM_SECRET)
+""".replace("SIM_KEY", SIM_KEY).replace("SIM_SECRET", SIM_SECRET)
 
 
 def _child(url: str, db: Path, bundle: Path, crash: str | None) -> subprocess.CompletedProcess:

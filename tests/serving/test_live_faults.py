@@ -52,7 +52,7 @@ class ExchangeClock:
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         self.t += seconds
-        self.fake.now_ms += int(round(seconds * 1000))
+        self.fake.now_ms += round(seconds * 1000)
 
     def monotonic(self) -> float:
         return self.t
@@ -167,7 +167,7 @@ def test_a_confirmed_mismatch_clears_when_a_later_read_agrees(fake):
 
 def test_an_external_position_stays_unreconciled_until_accepted(fake):
     fake.set_position(0.3, 29_000.0)
-    loop, store, _ = _loop(fake, Fixed(LONG))
+    loop, _store, _ = _loop(fake, Fixed(LONG))
     assert "position_unreconciled" in loop.step().entries_blocked
     _next_bar(fake)
     assert "position_unreconciled" in loop.step().entries_blocked  # agreement never comes by itself
@@ -215,7 +215,7 @@ def test_a_malformed_trade_record_is_retried_and_never_halts_entries(fake):
 @pytest.mark.parametrize("lag_s", [2, 5, 20, 45, 300])
 def test_no_duplicate_market_order_whatever_the_query_lag(fake, lag_s):
     fake.query_lag_ms = lag_s * 1000
-    loop, store, clock = _loop(fake, Fixed(LONG), timeout_ms=400)
+    loop, store, _clock = _loop(fake, Fixed(LONG), timeout_ms=400)
     fake.add_fault(f"POST {ORDER}", Fault("accept_then_delay", delay_s=1.0))  # accepted, answer too late
     bar_end = (fake.now_ms // H + 1) * H
     assert loop.run(max_steps=1, install_signal_handlers=False) == 1
