@@ -1,0 +1,483 @@
+"""Instrument specifications as data: the exchange rules of one symbol, with their source and date.
+
+An :class:`InstrumentSpec` holds what every place that moves money must know about the symbol it
+trades (tick size, quantity step, minimum notional, maximum leverage, maintenance-margin brackets,
+funding interval, contract type), plus where the values came from (``source``) and when they were
+read (``read_on``). The env kernel (through :class:`envs.config.CostConfig`), the backtests, the paper
+broker and the live intents all use this one frozen type, so a simulation and the exchange size and
+round alike.
+
+Where a spec comes from (:func:`resolve_spec`), in this order:
+
+1. a spec file the user passes (``--instrument-spec PATH`` on the CLI, ``data.instrument_spec`` in a
+   run config): JSON or YAML, the fields of :class:`InstrumentSpec` (format in the README);
+2. the spec file ``ats data download`` writes next to the candles: ``<SYMBOL>.spec.json`` in the
+   candle file's folder (read from the exchange: ``exchangeInfo`` filters, and the leverage brackets
+   when API keys are present; see :func:`spec_from_ccxt_market`);
+3. the bundled table :data:`BUNDLED_SPECS` (each value with its source document and date).
+
+Otherwise :class:`InstrumentSpecError` names the symbol and these three ways; another symbol's spec
+is never used. :func:`check_spec_fits` is the sanity guard applied whenever a spec meets data.
+
+Sources of the formulas that use these values: Binance, "How to Calculate Liquidation Price of
+USDⓈ-M Contracts" (brackets); Binance USDⓈ-M ``GET /fapi/v1/exchangeInfo`` (filters) and
+``GET /fapi/v1/leverageBracket`` (brackets) API documentation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from market.config_base import StrictConfig
+
+
+class InstrumentSpecError(ValueError):
+    """No spec for a symbol, an unreadable or invalid spec file, or a spec that does not fit the data.
+
+    The message names the symbol (and the file) and says what to do.
+    """
+
+
+SpecOrigin = Literal["instrument_spec", "data_spec_file", "bundled_table"]
+"""Which of the three sources of :func:`resolve_spec` gave the spec (recorded in manifests and reports)."""
+
+SPEC_FILE_SUFFIX = ".spec.json"
+"""File name of a downloaded spec: ``<SYMBOL>.spec.json`` next to ``<SYMBOL>-<tf>.parquet``."""
+
+MAX_TICK_FRAC_OF_PRICE = 0.001
+"""Sanity guard: a tick larger than this fraction (0.1 %) of the data's median close is an error."""
+
+MAX_LOT_NOTIONAL_MULTIPLE = 100.0
+"""Sanity guard: one lot worth more than this multiple of the minimum notional (at the median close) is
+an error (the spec's quantity step belongs to a much higher-priced instrument)."""
+
+
+class MaintenanceBracket(StrictConfig):
+    """One row of Binance's leverage-bracket table (``GET /fapi/v1/leverageBracket``).
+
+    The bracket applies to positions whose notional is at most ``notional_cap_usdt`` (and above the
+    previous row's cap); maintenance margin = notional x ``maint_margin_rate`` - ``maint_amount_usdt``
+    (Binance's "cum").
+    """
+
+    notional_cap_usdt: float = Field(..., gt=0.0, description="upper notional of the bracket, USDT")
+    maint_margin_rate: float = Field(..., gt=0.0, lt=1.0, description="maintenance margin rate (fraction)")
+    maint_amount_usdt: float = Field(..., ge=0.0, description="maintenance amount 'cum', USDT")
+
+
+class InstrumentSpec(StrictConfig):
+    """Exchange rules of one USDT-margined contract, with the source of the values and the date read.
+
+    Units: prices in USDT, quantities in base-asset units, notionals in USDT. ``lot_step_base`` is the
+    quantity step (LOT_SIZE / MARKET_LOT_SIZE ``stepSize``), ``min_qty_base`` the smallest market
+    order (MARKET_LOT_SIZE ``minQty``), ``max_market_qty_base`` the largest (None = no limit known),
+    ``min_notional_usdt`` the MIN_NOTIONAL filter, ``max_leverage`` the first bracket's initial leverage.
+    """
+
+    symbol: str = Field(..., min_length=1, description="exchange id without separators, e.g. BTCUSDT")
+    contract_type: Literal["PERPETUAL"] = Field(
+        "PERPETUAL", description="only USDT-M perpetuals are modelled"
+    )
+    tick_size_usdt: float = Field(..., gt=0.0, description="price step, USDT (PRICE_FILTER.tickSize)")
+    lot_step_base: float = Field(..., gt=0.0, description="quantity step, base units (LOT_SIZE.stepSize)")
+    min_qty_base: float = Field(
+        ..., gt=0.0, description="smallest order quantity, base units (MARKET_LOT_SIZE.minQty)"
+    )
+    max_market_qty_base: float | None = Field(
+        None,
+        gt=0.0,
+        description="largest market order quantity, base units (MARKET_LOT_SIZE.maxQty); None = unknown",
+    )
+    min_notional_usdt: float = Field(
+        ..., gt=0.0, description="smallest order notional, USDT (MIN_NOTIONAL.notional)"
+    )
+    max_leverage: int = Field(
+        ..., ge=1, le=200, description="largest leverage (first bracket's initialLeverage)"
+    )
+    maintenance_brackets: tuple[MaintenanceBracket, ...] = Field(
+        ..., min_length=1, description="leverage-bracket table, ascending notional caps"
+    )
+    funding_interval_hours: int = Field(8, ge=1, le=24, description="hours between funding settlements")
+    source: str = Field(
+        ..., min_length=1, description="where the values come from (document, endpoint, file)"
+    )
+    read_on: str = Field(
+        ...,
+        min_length=4,
+        description="when the values were read: ISO date (or the dated period of the source)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InstrumentSpec:
+        if self.symbol != self.symbol.strip().upper() or not self.symbol.isalnum():
+            raise ValueError(
+                f"symbol must be an exchange id in capitals without separators (e.g. BTCUSDT), got {self.symbol!r}"
+            )
+        for name in ("tick_size_usdt", "lot_step_base", "min_qty_base", "min_notional_usdt"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{self.symbol}: {name} must be finite")
+        if 24 % self.funding_interval_hours != 0:
+            raise ValueError(
+                f"{self.symbol}: funding_interval_hours must divide 24, got {self.funding_interval_hours}"
+            )
+        prev = 0.0
+        for i, b in enumerate(self.maintenance_brackets):
+            if not b.notional_cap_usdt > prev:
+                raise ValueError(
+                    f"{self.symbol}: maintenance_brackets[{i}]: caps must be ascending, got {b.notional_cap_usdt}"
+                )
+            prev = b.notional_cap_usdt
+        return self
+
+    def bracket_rows(self) -> tuple[tuple[float, float, float], ...]:
+        """The brackets as ``(notional cap USDT, maintenance margin rate, maintenance amount USDT)`` rows."""
+        return tuple(
+            (b.notional_cap_usdt, b.maint_margin_rate, b.maint_amount_usdt) for b in self.maintenance_brackets
+        )
+
+    def summary(self) -> str:
+        """One line for reports: symbol, tick, step, min notional, max leverage, source and date."""
+        return (
+            f"{self.symbol}: tick {self.tick_size_usdt:g} USDT, step {self.lot_step_base:g}, min notional "
+            f"{self.min_notional_usdt:g} USDT, max leverage {self.max_leverage}x, {len(self.maintenance_brackets)} "
+            f"brackets; source: {self.source} ({self.read_on})"
+        )
+
+
+def brackets_from_rows(rows: Any) -> tuple[MaintenanceBracket, ...]:
+    """:class:`MaintenanceBracket` rows from ``(cap, rate, cum)`` triples."""
+    return tuple(
+        MaintenanceBracket(notional_cap_usdt=float(c), maint_margin_rate=float(r), maint_amount_usdt=float(a))
+        for c, r, a in rows
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the bundled table
+# ---------------------------------------------------------------------------------------------
+
+_BTC_SOURCE = (
+    "Binance USDT-M BTCUSDT: exchangeInfo filters PRICE_FILTER tickSize 0.10, LOT_SIZE/MARKET_LOT_SIZE stepSize "
+    "0.001 minQty 0.001, MARKET_LOT_SIZE maxQty 120, MIN_NOTIONAL 100, as documented in envs/config.py (CostConfig "
+    "docstring) and served by tests/kit/fake_binance.py; leverage brackets: the first five rows of "
+    "GET /fapi/v1/leverageBracket as documented in envs/config.py (BTCUSDT_MAINTENANCE_BRACKETS, 'as published in "
+    "2024-2025'); max leverage 125x: bracket 1 initialLeverage in tests/kit/fake_binance.py; funding every 8 h "
+    "(Binance funding-rate documentation, ../shared/data/README.md: all intervals 8 h)"
+)
+
+BUNDLED_SPECS: dict[str, InstrumentSpec] = {
+    "BTCUSDT": InstrumentSpec(
+        symbol="BTCUSDT",
+        tick_size_usdt=0.1,
+        lot_step_base=0.001,
+        min_qty_base=0.001,
+        max_market_qty_base=120.0,
+        min_notional_usdt=100.0,
+        max_leverage=125,
+        maintenance_brackets=brackets_from_rows(
+            (
+                (50_000.0, 0.004, 0.0),
+                (600_000.0, 0.005, 50.0),
+                (3_000_000.0, 0.0065, 950.0),
+                (12_000_000.0, 0.01, 11_450.0),
+                (70_000_000.0, 0.02, 131_450.0),
+            )
+        ),
+        funding_interval_hours=8,
+        source=_BTC_SOURCE,
+        read_on="2024-2025",
+    ),
+}
+"""Specs shipped with the package, by symbol. Only symbols whose every value is documented in a file this
+project can cite are here (ETH, SOL, XRP, LTC, BCH are not: no dated document of their filters and brackets
+is available offline; give them with a spec file or ``ats data download``)."""
+
+DEFAULT_SYMBOL = "BTCUSDT"
+"""The symbol of the bundled candles (``market/bundled/BTCUSDT-1h.parquet``), the default of configs."""
+
+
+def bundled_spec(symbol: str) -> InstrumentSpec:
+    """The bundled table's spec of ``symbol``.
+
+    Raises
+    ------
+    InstrumentSpecError
+        If the table has no such symbol (the message names it and the three ways to give a spec).
+    """
+    spec = BUNDLED_SPECS.get(symbol.upper())
+    if spec is None:
+        raise InstrumentSpecError(_unknown_message(symbol.upper(), None))
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+
+
+def spec_file_path(candles_path: str | os.PathLike[str], symbol: str) -> Path:
+    """Where ``ats data download`` writes the spec of ``symbol``: ``<candles folder>/<SYMBOL>.spec.json``."""
+    return Path(candles_path).parent / f"{symbol.upper()}{SPEC_FILE_SUFFIX}"
+
+
+def load_spec_file(path: str | os.PathLike[str]) -> InstrumentSpec:
+    """Parse a JSON or YAML spec file (the fields of :class:`InstrumentSpec`; YAML for ``.yaml``/``.yml``).
+
+    Raises
+    ------
+    InstrumentSpecError
+        If the file is missing, unreadable, not a mapping, or fails validation (the message names the
+        file and the key).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InstrumentSpecError(f"instrument spec file not found: {path}")
+    try:
+        text = path.read_text()
+        raw = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise InstrumentSpecError(f"instrument spec file {path}: cannot parse: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InstrumentSpecError(
+            f"instrument spec file {path}: top level must be a mapping, got {type(raw).__name__}"
+        )
+    try:
+        return InstrumentSpec.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(spec)'}: {e['msg']}" for e in exc.errors()]
+        raise InstrumentSpecError(
+            f"instrument spec file {path}: invalid spec:\n  " + "\n  ".join(lines)
+        ) from exc
+
+
+def write_spec_file(spec: InstrumentSpec, path: str | os.PathLike[str]) -> Path:
+    """Write ``spec`` as JSON to ``path`` atomically (temporary file + rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(spec.model_dump(mode="json"), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedSpec:
+    """A spec and where :func:`resolve_spec` found it (``origin``; ``path`` of the file, None for the table)."""
+
+    spec: InstrumentSpec
+    origin: SpecOrigin
+    path: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready record for manifests and reports: the origin, the file and the whole spec."""
+        return {"origin": self.origin, "path": self.path, "spec": self.spec.model_dump(mode="json")}
+
+    def describe(self) -> str:
+        """One line: which of the three sources gave the spec, and the spec's summary."""
+        where = {
+            "instrument_spec": f"spec file {self.path} (--instrument-spec / data.instrument_spec)",
+            "data_spec_file": f"downloaded spec {self.path}",
+            "bundled_table": "bundled table (market/instruments.py)",
+        }[self.origin]
+        return f"instrument spec from {where}: {self.spec.summary()}"
+
+
+def resolve_spec(
+    symbol: str,
+    *,
+    spec_path: str | os.PathLike[str] | None = None,
+    candles_path: str | os.PathLike[str] | None = None,
+) -> ResolvedSpec:
+    """The spec of ``symbol``: from ``spec_path`` if given, else ``<SYMBOL>.spec.json`` next to
+    ``candles_path`` if that file exists, else the bundled table.
+
+    Raises
+    ------
+    InstrumentSpecError
+        If the file is invalid, its symbol is not ``symbol``, or no source knows ``symbol`` (the message
+        names the symbol and the three ways to give a spec). Never returns another symbol's spec.
+    """
+    symbol = symbol.strip().upper()
+    if spec_path is not None:
+        spec = load_spec_file(spec_path)
+        _same_symbol(spec, symbol, f"spec file {spec_path}")
+        return ResolvedSpec(spec, "instrument_spec", str(spec_path))
+    if candles_path is not None:
+        p = spec_file_path(candles_path, symbol)
+        if p.is_file():
+            spec = load_spec_file(p)
+            _same_symbol(spec, symbol, f"downloaded spec file {p}")
+            return ResolvedSpec(spec, "data_spec_file", str(p))
+    if symbol in BUNDLED_SPECS:
+        return ResolvedSpec(BUNDLED_SPECS[symbol], "bundled_table", None)
+    raise InstrumentSpecError(_unknown_message(symbol, candles_path))
+
+
+def _same_symbol(spec: InstrumentSpec, symbol: str, what: str) -> None:
+    if spec.symbol != symbol:
+        raise InstrumentSpecError(
+            f"{what} is the spec of {spec.symbol}, but the data is {symbol}: a spec is never used for another "
+            f"symbol; give the spec of {symbol}"
+        )
+
+
+def _unknown_message(symbol: str, candles_path: str | os.PathLike[str] | None) -> str:
+    near = f" ({spec_file_path(candles_path, symbol)} does not exist)" if candles_path is not None else ""
+    return (
+        f"no instrument spec for {symbol}: its tick size, quantity step, minimum notional and margin brackets are "
+        f"unknown, and another symbol's are never used. Give one of: (1) a spec file with --instrument-spec PATH "
+        f"(or data.instrument_spec in the config; JSON or YAML, format in the README); (2) the spec "
+        f"`ats data download --symbol {symbol}` writes next to the candles as {symbol}{SPEC_FILE_SUFFIX}{near}; "
+        f"(3) a symbol of the bundled table ({', '.join(sorted(BUNDLED_SPECS))})"
+    )
+
+
+def symbol_from_data_path(path: str | os.PathLike[str]) -> str | None:
+    """The symbol in a store file name ``<SYMBOL>-<timeframe>.parquet`` (e.g. ``XRPUSDT-1h.parquet``), else None."""
+    stem = Path(path).name
+    if not stem.endswith(".parquet"):
+        return None
+    head = stem[: -len(".parquet")].split("-", 1)[0]
+    return head.upper() if head.isalnum() and "-" in stem else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the sanity guard
+# ---------------------------------------------------------------------------------------------
+
+
+def check_spec_fits(spec: InstrumentSpec, symbol: str, close_prices: Any) -> None:
+    """Refuse a spec that does not fit the data it meets.
+
+    Errors (each says which rule and why): ``spec.symbol`` differs from the data's ``symbol``; the tick
+    is larger than :data:`MAX_TICK_FRAC_OF_PRICE` (0.1 %) of the median close; one quantity step is
+    worth more than :data:`MAX_LOT_NOTIONAL_MULTIPLE` (100x) the minimum notional at the median close.
+
+    Raises
+    ------
+    InstrumentSpecError
+        On any of the three rules, or when ``close_prices`` holds no finite positive price.
+    """
+    symbol = symbol.strip().upper()
+    if spec.symbol != symbol:
+        raise InstrumentSpecError(
+            f"instrument spec of {spec.symbol} used on {symbol} data: a spec is never used for another symbol; "
+            f"give the spec of {symbol}"
+        )
+    prices = np.asarray(close_prices, dtype=np.float64)
+    prices = prices[np.isfinite(prices) & (prices > 0)]
+    if prices.size == 0:
+        raise InstrumentSpecError(
+            f"{symbol}: no finite positive close price to check the instrument spec against"
+        )
+    median = float(np.median(prices))
+    if spec.tick_size_usdt > MAX_TICK_FRAC_OF_PRICE * median:
+        raise InstrumentSpecError(
+            f"instrument spec of {symbol} does not fit the data: tick {spec.tick_size_usdt:g} USDT is "
+            f"{spec.tick_size_usdt / median:.2%} of the median close {median:.6g} USDT (more than "
+            f"{MAX_TICK_FRAC_OF_PRICE:.1%}): every fill would be rounded by a large share of the price; the spec "
+            f"probably belongs to a higher-priced instrument"
+        )
+    lot_notional = spec.lot_step_base * median
+    if lot_notional > MAX_LOT_NOTIONAL_MULTIPLE * spec.min_notional_usdt:
+        raise InstrumentSpecError(
+            f"instrument spec of {symbol} does not fit the data: one quantity step "
+            f"{spec.lot_step_base:g} is worth {lot_notional:.6g} USDT at the median close {median:.6g}, more than "
+            f"{MAX_LOT_NOTIONAL_MULTIPLE:g}x the minimum notional {spec.min_notional_usdt:g} USDT: positions could "
+            f"not be sized; the spec probably belongs to a lower-priced instrument"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# from the exchange
+# ---------------------------------------------------------------------------------------------
+
+
+def spec_from_ccxt_market(
+    market: dict[str, Any],
+    brackets: list[dict[str, Any]] | None = None,
+    *,
+    read_on: dt.date | None = None,
+    exchange_label: str = "binanceusdm",
+    fallback: InstrumentSpec | None = None,
+) -> InstrumentSpec:
+    """A spec from one ccxt ``load_markets()`` entry (its raw ``info``: Binance ``exchangeInfo`` symbol).
+
+    Filters read: PRICE_FILTER ``tickSize``, MARKET_LOT_SIZE (else LOT_SIZE) ``stepSize``/``minQty``/
+    ``maxQty``, MIN_NOTIONAL ``notional``. ``brackets``: rows of ``GET /fapi/v1/leverageBracket``
+    (``notionalCap``, ``maintMarginRatio``, ``cum``, ``initialLeverage``), read with API keys; without
+    them the brackets and max leverage come from ``fallback`` (the previous spec of the same symbol),
+    and the source says so.
+
+    Raises
+    ------
+    InstrumentSpecError
+        If a filter is missing or malformed, or there are no brackets and no fallback of the same symbol.
+    """
+    info = market.get("info") or {}
+    symbol = str(info.get("symbol") or market.get("id") or "").upper()
+    filters = {f.get("filterType"): f for f in info.get("filters", []) if isinstance(f, dict)}
+    try:
+        tick = float(filters["PRICE_FILTER"]["tickSize"])
+        lot = filters.get("MARKET_LOT_SIZE") or filters["LOT_SIZE"]
+        step = float(filters["LOT_SIZE"]["stepSize"]) if "LOT_SIZE" in filters else float(lot["stepSize"])
+        min_qty = float(lot["minQty"])
+        max_qty = float(lot["maxQty"]) if lot.get("maxQty") else None
+        min_notional = float(filters["MIN_NOTIONAL"]["notional"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InstrumentSpecError(
+            f"{symbol or market.get('symbol')}: exchangeInfo filters incomplete or malformed ({exc!r})"
+        ) from exc
+    when = (read_on or dt.datetime.now(dt.UTC).date()).isoformat()
+    contract = str(info.get("contractType") or "PERPETUAL")
+    if contract != "PERPETUAL":
+        raise InstrumentSpecError(f"{symbol}: contract type {contract} is not modelled (only PERPETUAL)")
+    src = f"{exchange_label} exchangeInfo filters (ccxt load_markets)"
+    if brackets:
+        rows = sorted(brackets, key=lambda b: float(b["notionalCap"]))
+        br = brackets_from_rows([(b["notionalCap"], b["maintMarginRatio"], b["cum"]) for b in rows])
+        max_lev = int(float(rows[0]["initialLeverage"]))
+        src += " and leverage brackets (GET /fapi/v1/leverageBracket)"
+    elif fallback is not None and fallback.symbol == symbol:
+        br, max_lev = fallback.maintenance_brackets, fallback.max_leverage
+        src += f"; brackets and max leverage not readable without API keys, kept from: {fallback.source} ({fallback.read_on})"
+    else:
+        raise InstrumentSpecError(
+            f"{symbol}: the leverage brackets need API keys (GET /fapi/v1/leverageBracket is signed) and no earlier "
+            f"spec of {symbol} is known to keep them from; set the API keys, or write the brackets into a spec file"
+        )
+    interval = info.get("fundingIntervalHours")
+    if not interval:
+        src += "; funding interval 8 h (exchangeInfo does not give it; Binance's default)"
+    try:
+        return InstrumentSpec(
+            symbol=symbol,
+            contract_type="PERPETUAL",
+            tick_size_usdt=tick,
+            lot_step_base=step,
+            min_qty_base=min_qty,
+            max_market_qty_base=max_qty,
+            min_notional_usdt=min_notional,
+            max_leverage=max_lev,
+            maintenance_brackets=br,
+            funding_interval_hours=int(interval) if interval else 8,
+            source=src,
+            read_on=when,
+        )
+    except ValidationError as exc:
+        raise InstrumentSpecError(f"{symbol}: exchange values do not make a valid spec: {exc}") from exc
