@@ -79,6 +79,10 @@ def download(
             f"{series.open_rows_dropped} still-open dropped) fetched {span} in {series.pages} pages"
         )
     console.print(f"cut-off {result.cutoff}; {result.retries} retries")
+    if result.spec_path is not None:
+        console.print(f"instrument spec: {result.spec_path}")
+    if result.spec_note:
+        console.print(f"[yellow]{result.spec_note}[/]")
 
 
 def _ts(t) -> str:

@@ -2,10 +2,11 @@
 
 An *expected* error is a mistake in what the user gave the command or in its surroundings, not a
 bug: a config file missing or invalid, an input file missing or unreadable, data that breaks a
-validation rule, a bundle that does not load, missing or exposed credentials, an exchange that
-cannot be set up. :func:`expected_hint` is the one place that says which exceptions these are and
-what to do about each; :class:`ExpectedErrorGroup` (the ``ats`` command group) prints them with
-:func:`report` and exits with code 2. Anything else keeps its traceback. ``ats --debug ...`` or
+validation rule, an instrument spec that is missing or does not fit the data, a bundle that does not
+load, missing or exposed credentials, an exchange that cannot be set up. :func:`expected_hint` is
+the one place that says which exceptions these are and what to do about each;
+:class:`ExpectedErrorGroup` (the ``ats`` command group) prints them with :func:`report` and exits
+with code 2. Anything else keeps its traceback. ``ats --debug ...`` or
 ``ATS_DEBUG=1`` shows the traceback of expected errors too.
 """
 
@@ -37,6 +38,7 @@ _EXPECTED: tuple[tuple[str, str, str | None], ...] = (
     ("training.config", "ConfigError", "check the path, or fix the key named above (configs/*.yaml show every key)"),
     ("market.errors", "DataValidationError",
      "fix or replace the data file; `ats data check FILE` reports every rule it breaks"),
+    ("market.instruments", "InstrumentSpecError", None),  # the message names the symbol and the ways to give a spec
     ("regime.hmm", "ModelLoadError", _BUNDLE_HINT),  # agents.bundle.load_bundle raises it for any bundle problem
     ("serving.hotswap", "BundleRejected", _BUNDLE_HINT),
     ("serving.errors", "FatalError", None),  # credentials, .env permissions, arming, exchange set-up: the message says

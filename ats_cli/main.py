@@ -58,6 +58,8 @@ def train(
     num_env_runners: int = typer.Option(None, "--num-env-runners", min=0, help="rllib: sampling processes"),
     num_gpus_per_learner: float = typer.Option(None, "--num-gpus-per-learner", min=0, help="rllib: GPUs per learner"),
     wandb: bool = typer.Option(False, "--wandb", help="also log to Weights & Biases (offline without WANDB_API_KEY)"),
+    instrument_spec: Path = typer.Option(None, "--instrument-spec", help="instrument spec file (JSON/YAML) of the "
+                                         "config's symbol; overrides data.instrument_spec (format: README)"),
 ) -> None:
     """Fit regime and signal models, train PPO, export the bundle, and evaluate on the test period."""
     import torch
@@ -69,7 +71,8 @@ def train(
     from training.tracking import wandb_tracking
 
     t0 = time.perf_counter()
-    cfg = load_config(config, device=device.value if device else None, backend=backend.value if backend else None)
+    cfg = load_config(config, device=device.value if device else None, backend=backend.value if backend else None,
+                      instrument_spec=instrument_spec)
     rllib_updates = {"ray_address": ray_address, "num_env_runners": num_env_runners,
                      "num_gpus_per_learner": num_gpus_per_learner}
     rllib_updates = {k: v for k, v in rllib_updates.items() if v is not None}
@@ -104,8 +107,14 @@ def evaluate_cmd(
     run: Path = typer.Option(None, "--run", help="run directory written by `ats train` (all strategies)"),
     bundle: Path = typer.Option(None, "--bundle", help="an existing policy bundle, evaluated on --data/--period"),
     policy: str = typer.Option("all", "--policy", help="all: every strategy; v1: V1 alone on --data/--period"),
-    data: Path = typer.Option(None, "--data", help="with --bundle or --policy v1: candles parquet (default: bundled "
-                              "BTCUSDT 1h; <SYMBOL>-funding.parquet next to it is joined if present)"),
+    data: Path = typer.Option(None, "--data", help="with --bundle or --policy v1: candles parquet <SYMBOL>-<tf>.parquet "
+                              "(default: the bundled 1h candles; <SYMBOL>-funding.parquet next to it is joined if "
+                              "present)"),
+    symbol: str = typer.Option(None, "--symbol", help="with --data: the data's symbol (default: from the file name "
+                               "SYMBOL-TF.parquet); its instrument spec sets tick, step, min notional and brackets"),
+    instrument_spec: Path = typer.Option(None, "--instrument-spec", help="with --data: instrument spec file "
+                                         "(JSON/YAML) of the data's symbol (default: SYMBOL.spec.json next to the "
+                                         "data, else the bundled table)"),
     period: str = typer.Option(None, "--period", help="with --bundle or --policy v1: START:END (UTC, END exclusive)"),
     out: Path = typer.Option(None, "--out", help="with --bundle or --policy v1: report folder (metrics.json, report.html)"),
     config: Path = typer.Option(None, "--config", help="with --policy v1: run config YAML (env and v1 sections)"),
@@ -117,7 +126,7 @@ def evaluate_cmd(
     period of any candle file (--bundle --data --period --out), or V1 alone (--policy v1)."""
     if bundle is not None and policy == "all":
         from training.evaluate import evaluate_bundle
-        from training.v1_eval import load_v1_candles, parse_period
+        from training.v1_eval import data_instrument, load_v1_candles, parse_period
 
         if period is None or out is None:
             raise typer.BadParameter("--bundle needs --period START:END and --out DIR (and optionally --data)")
@@ -125,12 +134,20 @@ def evaluate_cmd(
             start, end = parse_period(period)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
-        evaluate_bundle(bundle, load_v1_candles(data), start, end, out, data_label=str(data or "bundled BTCUSDT 1h"),
-                        random_seed=seed, log=_log)
+        candles = load_v1_candles(data)
+        resolved = data_instrument(data, candles, symbol=symbol, spec_path=instrument_spec)
+        evaluate_bundle(bundle, candles, start, end, out, data_label=str(data or f"bundled {resolved.spec.symbol} 1h"),
+                        instrument=resolved, random_seed=seed, log=_log)
         console.print(f"report: {out / 'report.html'}\nmetrics: {out / 'metrics.json'}")
         return
     if policy == "v1":
-        from training.v1_eval import evaluate_v1, load_v1_candles, parse_period, write_v1_report
+        from training.v1_eval import (
+            data_instrument,
+            evaluate_v1,
+            load_v1_candles,
+            parse_period,
+            write_v1_report,
+        )
 
         if period is None or out is None:
             raise typer.BadParameter("--policy v1 needs --period START:END and --out DIR")
@@ -154,6 +171,8 @@ def evaluate_cmd(
             if regime:
                 regime_kw = {"fit_regime": run_cfg.regime, "regime_columns": run_cfg.regime_input_features}
         candles = load_v1_candles(data)
+        resolved = data_instrument(data, candles, symbol=symbol, spec_path=instrument_spec)
+        env_cfg = env_cfg.model_copy(update={"costs": env_cfg.costs.with_instrument(resolved.spec)})
         try:
             res = evaluate_v1(candles, start, end, v1_cfg, env_cfg, **regime_kw)
         except ValueError as exc:
@@ -161,12 +180,14 @@ def evaluate_cmd(
         bar_s = float((candles.index[1] - candles.index[0]).total_seconds())
         costs = env_cfg.costs
         notes = [
-            (f"V1 alone on {data or 'bundled BTCUSDT 1h'}: bars opening in [{start}, {end}) "
-             f"({len(res.equity) - 1} decisions), bar interval {bar_s / 3600:g} h."),
+            (f"V1 alone on {data or 'the bundled ' + resolved.spec.symbol + ' 1h candles'}: bars opening in "
+             f"[{start}, {end}) ({len(res.equity) - 1} decisions), bar interval {bar_s / 3600:g} h."),
+            resolved.describe() + ".",
             ("Regime-conditional thresholds: HMM fitted on the bars before the period, forward-filtered "
              "through it." if regime else "Base thresholds (no regime input)."),
             (f"Costs: taker fee {costs.taker_fee_bps} bps per fill, slippage {costs.slippage_bps} bps + "
-             f"{costs.slippage_atr_coef} x ATR%, 8-hourly funding (history where the file has one), "
+             f"{costs.slippage_atr_coef} x ATR%, {costs.funding_interval_hours}-hourly funding (history where the "
+             "file has one), "
              "isolated-margin liquidation; decisions at bar close, fills at the next open."),
         ]
         metrics = write_v1_report(res, out, bar_interval_s=bar_s, notes=notes)["v1"]

@@ -65,7 +65,8 @@ def serve(
         "--watch-dir", help="directory watched for new bundles (hot-swap)")] = None,
     no_risk: Annotated[bool, typer.Option("--no-risk", help="paper only: run without the risk guard")] = False,
     symbol: Annotated[str | None, typer.Option(
-        "--symbol", help="testnet/live and paper on live candles: unified ccxt symbol (default BTC/USDT:USDT)")] = None,
+        "--symbol", help="testnet/live and paper on live candles: unified ccxt symbol (default BTC/USDT:USDT); "
+        "--replay: the replayed symbol's instrument spec when the bundle's manifest cannot say")] = None,
     timeframe: Annotated[str | None, typer.Option(
         "--timeframe", help="testnet/live and paper on live candles: bar length (default 1h)")] = None,
     testnet_data: Annotated[bool, typer.Option(
@@ -105,7 +106,7 @@ def serve(
         return
     if mode is Mode.paper:
         _serve_paper(settings, replay=replay, bundle=bundle, db=db, warmup_bars=warmup_bars, max_bars=max_bars,
-                     initial_equity=initial_equity, watch_dir=watch, no_risk=no_risk)
+                     initial_equity=initial_equity, watch_dir=watch, no_risk=no_risk, symbol=symbol)
         return
     if testnet_data:
         raise typer.BadParameter("--testnet-data is for paper on live candles")
@@ -140,7 +141,8 @@ def serve(
 
 
 def _serve_paper(settings, *, replay: Path | None, bundle: Path, db: Path, warmup_bars: int | None, max_bars: int,
-                 initial_equity: float | None, watch_dir: Path | None, no_risk: bool) -> None:
+                 initial_equity: float | None, watch_dir: Path | None, no_risk: bool,
+                 symbol: str | None = None) -> None:
     from pydantic import ValidationError
 
     from serving.app import serve_replay
@@ -149,7 +151,7 @@ def _serve_paper(settings, *, replay: Path | None, bundle: Path, db: Path, warmu
         summary = serve_replay(
             replay=replay, bundle_dir=bundle, db_path=db, config=settings.paper, warmup_bars=warmup_bars,
             initial_equity_usdt=initial_equity, max_bars=max_bars, risk=None if no_risk else settings.risk,
-            watch_dir=watch_dir, log=_log, progress_factory=lambda: counting_progress(console),
+            watch_dir=watch_dir, log=_log, progress_factory=lambda: counting_progress(console), symbol=symbol,
         )
     except ValidationError as exc:  # an option outside its range (e.g. --initial-equity 0)
         raise typer.BadParameter(_validation_message(exc)) from exc

@@ -52,7 +52,12 @@ def _table(title: str, df) -> Table:
 
 @app.command("sweep")
 def sweep(
-    data: Path = typer.Option(None, "--data", help="candles parquet (default: bundled BTCUSDT 1h + funding)"),
+    data: Path = typer.Option(None, "--data", help="candles parquet <SYMBOL>-<tf>.parquet (default: the bundled 1h "
+                              "candles + funding)"),
+    symbol: str = typer.Option(None, "--symbol", help="the data's symbol (default: from the file name)"),
+    instrument_spec: Path = typer.Option(None, "--instrument-spec", help="instrument spec file (JSON/YAML) of the "
+                                         "data's symbol (default: SYMBOL.spec.json next to the data, else the "
+                                         "bundled table)"),
     period: str = typer.Option(
         ..., "--period", help="START:END (UTC, END exclusive), e.g. 2021-01-01:2025-07-01"
     ),
@@ -73,7 +78,13 @@ def sweep(
 ) -> None:
     """Choose V1's parameters on expanding training folds; report each choice out of sample."""
     from training import metrics as M
-    from training.v1_eval import load_v1_candles, parse_grid, parse_period, walk_forward_sweep
+    from training.v1_eval import (
+        data_instrument,
+        load_v1_candles,
+        parse_grid,
+        parse_period,
+        walk_forward_sweep,
+    )
 
     try:
         start, end = parse_period(period)
@@ -84,6 +95,9 @@ def sweep(
         raise typer.BadParameter(f"--select must be profit_factor or sortino, got {select!r}")
     env, base = _configs(config)
     candles = load_v1_candles(data)
+    resolved = data_instrument(data, candles, symbol=symbol, spec_path=instrument_spec)
+    env = env.model_copy(update={"costs": env.costs.with_instrument(resolved.spec)})
+    console.print(f"[dim]{resolved.describe()}[/]")
     res = walk_forward_sweep(candles, start, end, grid_values, env, base=base, n_folds=folds, select_by=select,
                              min_train_trades=min_train_trades, log=lambda s: console.print(f"[dim]{s}[/]"))  # fmt: skip
     console.print(_table("out-of-sample result of every combination, per fold", res["combos"]))

@@ -363,6 +363,21 @@ def _decimals(step: float) -> int:
     return max(0, math.ceil(-math.log10(step))) + 2
 
 
+def entry_protective_prices(
+    side: int, fill_price: float, atr: float, stop_atr: float, take_profit_atr: float, tick: float
+) -> tuple[float, float]:
+    """The stop and take-profit prices the kernel sets when it opens a position (USDT).
+
+    ``stop = fill - side * stop_atr * atr`` and ``take_profit = fill + side * take_profit_atr * atr``, each rounded to
+    the nearest ``tick`` (half to even) with :func:`envs.kernel.round_price`, exactly as the compiled entry does. The
+    live intents (:func:`serving.intents.protective_intents`) use this function, so a live position gets the stop
+    and take-profit that the backtest and the paper broker give it.
+    """
+    pow10 = 10.0 ** _decimals(tick)
+    return (float(K.round_price(fill_price - side * stop_atr * atr, tick, 0, pow10)),
+            float(K.round_price(fill_price + side * take_profit_atr * atr, tick, 0, pow10)))  # fmt: skip
+
+
 @lru_cache(maxsize=64)
 def cost_params(cfg: CostConfig) -> np.ndarray:
     """The cost part of the compiled kernel's parameter vector (``envs.kernel.P_*``), cached per config.

@@ -1,7 +1,9 @@
 """Paths of the real market data shipped inside the package (``market/bundled/``).
 
-The bundled files are Binance USDⓈ-M BTCUSDT 1h candles and funding rates from 2020-01-01 00:00 UTC
-to 2025-06-30 (nothing later); see ``market/bundled/PROVENANCE.md`` for the sources and checksums.
+The bundled files are Binance USDⓈ-M BTCUSDT, ETHUSDT and XRPUSDT 1h candles and funding rates from
+2020-01-01 00:00 UTC (XRPUSDT from 2020-01-06 08:00, its first USDT-M bar) to 2025-06-30 (nothing later);
+see ``market/bundled/PROVENANCE.md`` for the sources and checksums. XRPUSDT trades near 0.2 to 3 USDT, so it
+covers a tick scale unlike BTC's; only symbols with an instrument spec (``market.instruments``) can be traded.
 Load them with :func:`market.candles.load_candles` and :func:`market.candles.load_funding`.
 """
 
@@ -9,11 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from market.instruments import DEFAULT_SYMBOL
+
 BUNDLED_DIR: Path = Path(__file__).resolve().parent / "bundled"
 """Folder holding the bundled parquet files and their PROVENANCE.md."""
 
 
-def bundled_candles_path(symbol: str = "BTCUSDT", timeframe: str = "1h") -> Path:
+def bundled_candles_path(symbol: str = DEFAULT_SYMBOL, timeframe: str = "1h") -> Path:
     """Path of the bundled candle file ``<symbol>-<timeframe>.parquet``.
 
     Raises
@@ -24,7 +28,7 @@ def bundled_candles_path(symbol: str = "BTCUSDT", timeframe: str = "1h") -> Path
     return _existing(BUNDLED_DIR / f"{symbol}-{timeframe}.parquet")
 
 
-def bundled_funding_path(symbol: str = "BTCUSDT") -> Path:
+def bundled_funding_path(symbol: str = DEFAULT_SYMBOL) -> Path:
     """Path of the bundled funding-rate file ``<symbol>-funding.parquet``.
 
     Raises

@@ -12,7 +12,10 @@ What a run does (:func:`download`):
    and is dropped, and counted), merges overlapping, duplicated or unordered pages (the latest answer
    wins for a repeated open time), and writes the store file atomically every few pages, so an
    interrupted run leaves a readable, consistent file that the next run completes;
-4. the same for ``fetch_funding_rate_history`` (``...-funding.parquet``).
+4. the same for ``fetch_funding_rate_history`` (``...-funding.parquet``);
+5. (right after loading the markets) writes the instrument spec ``<SYMBOL>.spec.json`` next to the candles
+   (:func:`write_instrument_spec`: exchangeInfo filters, and the leverage brackets when API keys are set),
+   refreshed on every run so that a changed filter is picked up.
 
 Retries (tenacity; exponential backoff ``min(max, initial * 2**(n-1))`` plus uniform jitter from an
 injected RNG; HTTP 429 waits what ``Retry-After`` asks): every ccxt ``NetworkError``, which in ccxt
@@ -28,6 +31,7 @@ an :class:`IngestError` naming the request.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +46,14 @@ import tenacity
 from pydantic import Field, field_validator
 
 from market.config_base import StrictConfig
+from market.instruments import (
+    BUNDLED_SPECS,
+    InstrumentSpecError,
+    load_spec_file,
+    spec_file_path,
+    spec_from_ccxt_market,
+    write_spec_file,
+)
 from market.store import (
     CANDLE_COLUMNS,
     FUNDING_COLUMNS,
@@ -159,6 +171,10 @@ class DownloadResult:
     cutoff: pd.Timestamp
     """Candles closing after this time (and settlements after it) were not stored."""
     retries: int
+    spec_path: Path | None = None
+    """The instrument spec written next to the candles (``<SYMBOL>.spec.json``), None if none could be made."""
+    spec_note: str | None = None
+    """Why no spec was written, or where its brackets came from when they were not read."""
 
 
 ProgressCallback = Callable[[DownloadProgress], None]
@@ -626,6 +642,7 @@ def download(
         listed = sorted(s for s in exchange.markets if s.endswith(":USDT"))[:10]
         raise IngestError(f"{cfg.exchange_id} does not list {cfg.symbol!r} (e.g. {listed})")
     market_id = exchange.market(cfg.symbol)["id"]
+    spec_path, spec_note = write_instrument_spec(exchange, cfg, market_id, call)
     server_ms = call(f"fetch_time ({cfg.exchange_id})", exchange.fetch_time)
     if isinstance(server_ms, bool) or not isinstance(server_ms, (int, float)) or not server_ms > 0:
         raise MalformedResponseError(f"fetch_time ({cfg.exchange_id}): no server time in the answer: {server_ms!r}")
@@ -688,8 +705,50 @@ def download(
         )
         funding_result = f_pager.result(seen)
 
-    return DownloadResult(candles=candles_result, funding=funding_result, cutoff=_ts(cutoff_ms), retries=call.retries)
+    return DownloadResult(candles=candles_result, funding=funding_result, cutoff=_ts(cutoff_ms), retries=call.retries,
+                          spec_path=spec_path, spec_note=spec_note)
 
+
+def write_instrument_spec(exchange: Any, cfg: DownloadConfig, market_id: str, call: Any) -> tuple[Path | None, str | None]:
+    """Write ``<SYMBOL>.spec.json`` next to the candles from the loaded market (exchangeInfo filters) and, when API
+    keys are in the environment (``ATS_BINANCE_API_KEY`` / ``ATS_BINANCE_API_SECRET``), the leverage brackets
+    (``GET /fapi/v1/leverageBracket``, signed). Without keys the brackets and max leverage are kept from the
+    previous spec file of the symbol, else from the bundled table; with neither, no spec is written.
+
+    Returns ``(path written or None, note)``: the note says why nothing was written, or where the brackets
+    came from when they were not read. Refreshed on every download, so a changed filter is picked up.
+    """
+    c_path = candles_path(cfg.store_dir, cfg.exchange_id, market_id, cfg.timeframe)
+    path = spec_file_path(c_path, market_id)
+    brackets = None
+    key, secret = os.environ.get(API_KEY_ENV), os.environ.get(API_SECRET_ENV)
+    if key and secret:
+        exchange.apiKey, exchange.secret = key, secret
+        rows = call(f"leverage brackets ({market_id})",
+                    lambda: exchange.fapiPrivateGetLeverageBracket({"symbol": market_id}))
+        for row in rows if isinstance(rows, list) else [rows]:
+            if isinstance(row, dict) and row.get("symbol") == market_id:
+                brackets = row.get("brackets")
+    fallback = None
+    if brackets is None:
+        if path.is_file():
+            fallback = load_spec_file(path)
+        elif market_id in BUNDLED_SPECS:
+            fallback = BUNDLED_SPECS[market_id]
+    try:
+        spec = spec_from_ccxt_market(exchange.market(cfg.symbol), brackets, fallback=fallback,
+                                     exchange_label=cfg.exchange_id + (" testnet" if cfg.testnet else ""))
+    except InstrumentSpecError as exc:
+        return None, f"no instrument spec written: {exc}"
+    write_spec_file(spec, path)
+    note = None if brackets is not None else (
+        f"leverage brackets not read (no {API_KEY_ENV}/{API_SECRET_ENV}): kept from {fallback.source if fallback else '?'}")
+    return path, note
+
+
+API_KEY_ENV = "ATS_BINANCE_API_KEY"
+"""Environment variable of the API key (the same as serving's); with the secret, the download reads the brackets."""
+API_SECRET_ENV = "ATS_BINANCE_API_SECRET"
 
 __all__ = [
     "DownloadConfig",

@@ -167,12 +167,12 @@ def brackets_from_rows(rows: Any) -> tuple[MaintenanceBracket, ...]:
 # ---------------------------------------------------------------------------------------------
 
 _BTC_SOURCE = (
-    "Binance USDT-M BTCUSDT: exchangeInfo filters PRICE_FILTER tickSize 0.10, LOT_SIZE/MARKET_LOT_SIZE stepSize "
-    "0.001 minQty 0.001, MARKET_LOT_SIZE maxQty 120, MIN_NOTIONAL 100, as documented in envs/config.py (CostConfig "
-    "docstring) and served by tests/kit/fake_binance.py; leverage brackets: the first five rows of "
-    "GET /fapi/v1/leverageBracket as documented in envs/config.py (BTCUSDT_MAINTENANCE_BRACKETS, 'as published in "
-    "2024-2025'); max leverage 125x: bracket 1 initialLeverage in tests/kit/fake_binance.py; funding every 8 h "
-    "(Binance funding-rate documentation, ../shared/data/README.md: all intervals 8 h)"
+    "Binance USDT-M BTCUSDT. exchangeInfo filters (PRICE_FILTER tickSize 0.10; LOT_SIZE and MARKET_LOT_SIZE "
+    "stepSize 0.001, minQty 0.001; MARKET_LOT_SIZE maxQty 120; MIN_NOTIONAL 100) as documented in the CostConfig "
+    "docstring of envs/config.py (commit e634467) and served by tests/kit/fake_binance.py; maintenance brackets: "
+    "the first five rows of GET /fapi/v1/leverageBracket as documented in envs/config.py (commit e634467, "
+    "BTCUSDT_MAINTENANCE_BRACKETS, 'as published in 2024-2025'; moved here); max leverage 125x: bracket 1 "
+    "initialLeverage in tests/kit/fake_binance.py; funding every 8 h: ../shared/data/README.md (all intervals 8 h)"
 )
 
 BUNDLED_SPECS: dict[str, InstrumentSpec] = {
@@ -408,6 +408,41 @@ def check_spec_fits(spec: InstrumentSpec, symbol: str, close_prices: Any) -> Non
 # ---------------------------------------------------------------------------------------------
 
 
+def exchange_filters(info: dict[str, Any], symbol: str = "") -> dict[str, float | None]:
+    """The spec fields in one Binance ``exchangeInfo`` symbol entry (ccxt market ``info``).
+
+    Returns ``tick_size_usdt`` (PRICE_FILTER ``tickSize``), ``lot_step_base``, ``min_qty_base`` and
+    ``max_market_qty_base`` (MARKET_LOT_SIZE, else LOT_SIZE: ``stepSize``, ``minQty``, ``maxQty``; market orders are
+    what this project sends) and ``min_notional_usdt`` (MIN_NOTIONAL ``notional``). The one parser of exchange
+    filters: the downloaded spec and the live broker's :class:`serving.intents.MarketRules` both use it.
+
+    Raises
+    ------
+    InstrumentSpecError
+        If a filter is missing, malformed, or not finite and > 0.
+    """
+    filters = {f.get("filterType"): f for f in info.get("filters", []) if isinstance(f, dict)}
+    try:
+        lot = filters.get("MARKET_LOT_SIZE") or filters["LOT_SIZE"]
+        out: dict[str, float | None] = {
+            "tick_size_usdt": float(filters["PRICE_FILTER"]["tickSize"]),
+            "lot_step_base": float(lot["stepSize"]),
+            "min_qty_base": float(lot["minQty"]),
+            "max_market_qty_base": float(lot["maxQty"]) if lot.get("maxQty") else None,
+            "min_notional_usdt": float(filters["MIN_NOTIONAL"]["notional"]),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InstrumentSpecError(
+            f"{symbol}: exchangeInfo filters incomplete or malformed (missing {exc})"
+        ) from exc
+    for k, v in out.items():
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise InstrumentSpecError(
+                f"{symbol}: exchangeInfo filter value {k} = {v!r} is not finite and > 0"
+            )
+    return out
+
+
 def spec_from_ccxt_market(
     market: dict[str, Any],
     brackets: list[dict[str, Any]] | None = None,
@@ -431,18 +466,7 @@ def spec_from_ccxt_market(
     """
     info = market.get("info") or {}
     symbol = str(info.get("symbol") or market.get("id") or "").upper()
-    filters = {f.get("filterType"): f for f in info.get("filters", []) if isinstance(f, dict)}
-    try:
-        tick = float(filters["PRICE_FILTER"]["tickSize"])
-        lot = filters.get("MARKET_LOT_SIZE") or filters["LOT_SIZE"]
-        step = float(filters["LOT_SIZE"]["stepSize"]) if "LOT_SIZE" in filters else float(lot["stepSize"])
-        min_qty = float(lot["minQty"])
-        max_qty = float(lot["maxQty"]) if lot.get("maxQty") else None
-        min_notional = float(filters["MIN_NOTIONAL"]["notional"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InstrumentSpecError(
-            f"{symbol or market.get('symbol')}: exchangeInfo filters incomplete or malformed ({exc!r})"
-        ) from exc
+    f = exchange_filters(info, symbol or str(market.get("symbol")))
     when = (read_on or dt.datetime.now(dt.UTC).date()).isoformat()
     contract = str(info.get("contractType") or "PERPETUAL")
     if contract != "PERPETUAL":
@@ -455,7 +479,8 @@ def spec_from_ccxt_market(
         src += " and leverage brackets (GET /fapi/v1/leverageBracket)"
     elif fallback is not None and fallback.symbol == symbol:
         br, max_lev = fallback.maintenance_brackets, fallback.max_leverage
-        src += f"; brackets and max leverage not readable without API keys, kept from: {fallback.source} ({fallback.read_on})"
+        kept = fallback.source.split("kept from: ")[-1]
+        src += f"; brackets and max leverage not read (they need API keys), kept from: {kept} ({fallback.read_on})"
     else:
         raise InstrumentSpecError(
             f"{symbol}: the leverage brackets need API keys (GET /fapi/v1/leverageBracket is signed) and no earlier "
@@ -468,11 +493,7 @@ def spec_from_ccxt_market(
         return InstrumentSpec(
             symbol=symbol,
             contract_type="PERPETUAL",
-            tick_size_usdt=tick,
-            lot_step_base=step,
-            min_qty_base=min_qty,
-            max_market_qty_base=max_qty,
-            min_notional_usdt=min_notional,
+            **f,
             max_leverage=max_lev,
             maintenance_brackets=br,
             funding_interval_hours=int(interval) if interval else 8,

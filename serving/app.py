@@ -22,6 +22,8 @@ from fallback.v1 import V1Policy
 from market.candles import load_candles
 from market.features import FeatureConfig
 from market.features import atr as atr_indicator
+from market.instruments import InstrumentSpec, InstrumentSpecError, resolve_spec
+from market.store import symbol_file_stem
 from serving.errors import FatalError
 from serving.hotswap import BackoffConfig, PolicySlot, reload_request_path
 from serving.loop import ReplaySummary, ServeConfig, run_replay
@@ -42,20 +44,55 @@ def _v1_config_from_manifest(bundle_dir: Path) -> V1Config:
         return V1Config()
 
 
+def _costs_from_manifest(bundle_dir: Path, symbol: str | None = None) -> CostConfig:
+    """The cost model of a bundle that failed to load, for V1: the instrument spec its manifest records (or the
+    spec of the symbol it records, else of ``symbol``, the served one: :func:`market.instruments.resolve_spec`)
+    with the default fees and slippage.
+
+    Raises
+    ------
+    market.instruments.InstrumentSpecError
+        The manifest is unreadable or records no symbol with a known spec: the instrument is unknown, and another
+        symbol's spec is never used.
+    """
+    try:
+        manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+        data = manifest.get("data", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        if symbol is not None:
+            return CostConfig(instrument=resolve_spec(symbol_file_stem(symbol)).spec)
+        raise InstrumentSpecError(f"bundle {bundle_dir} failed to load and its manifest is unreadable ({exc}): the "
+                                  "instrument it trades (tick, step, brackets) is unknown; name it with --symbol"
+                                  ) from exc  # fmt: skip
+    record = (data.get("instrument") or {}).get("spec")
+    if record is not None:
+        try:
+            return CostConfig(instrument=InstrumentSpec.model_validate(record))
+        except ValueError:
+            pass
+    symbol = data.get("symbol") or (symbol_file_stem(symbol) if symbol is not None else None)
+    if not symbol:
+        raise InstrumentSpecError(f"bundle {bundle_dir} failed to load and its manifest records no symbol: the "
+                                  "instrument it trades (tick, step, brackets) is unknown; name it with --symbol")  # fmt: skip
+    return CostConfig(instrument=resolve_spec(str(symbol)).spec)
+
+
 def _policies(bundle_dir: Path, backoff: BackoffConfig, watch_dir: Path | None, db_path: Path,
-              log: Callable[[str], None]) -> tuple[PolicySlot, V1Policy, CostConfig, FeatureConfig]:
+              log: Callable[[str], None], symbol: str | None = None,
+              ) -> tuple[PolicySlot, V1Policy, CostConfig, FeatureConfig]:
     """The primary's slot (hot-swap from ``watch_dir`` and reload requests), V1 with the bundle's
     V1 config, and the bundle's cost and feature configs (defaults when the bundle failed to load:
-    then V1 decides every bar until a reload succeeds, and the reason is recorded)."""
+    then V1 decides every bar until a reload succeeds, and the reason is recorded; the instrument spec then comes
+    from the manifest, :func:`_costs_from_manifest`)."""
     slot = PolicySlot.from_bundle(
         bundle_dir, backoff=backoff, watch_dir=watch_dir, reload_file=reload_request_path(db_path)
     )
-    costs, feature_cfg = CostConfig(), FeatureConfig()
     bundle = getattr(slot.policy, "bundle", None)
     if bundle is not None:
         costs, feature_cfg = bundle.env_config.costs, bundle.feature_config
         log(f"bundle loaded: {bundle_dir} (schema {bundle.manifest['observation']['schema_hash'][:12]})")
     else:
+        costs, feature_cfg = _costs_from_manifest(bundle_dir, symbol), FeatureConfig()
         log(f"[yellow]bundle failed to load, V1 decides every bar[/]: {slot.load_error}")
     return slot, V1Policy(_v1_config_from_manifest(bundle_dir)), costs, feature_cfg
 
@@ -83,6 +120,7 @@ def serve_replay(
     torch_threads: int | None = 1,
     log: Callable[[str], None] = print,
     progress_factory: Callable | None = None,
+    symbol: str | None = None,
 ) -> ReplaySummary:
     """Replay ``replay`` candles bar by bar: V2 from the bundle, V1 on any V2 failure, paper fills.
 
@@ -112,6 +150,14 @@ def serve_replay(
     progress_factory : Callable | None
         Returns a rich ``Progress`` (e.g. :func:`ats_cli.progress.counting_progress`); its one task
         counts decided bars (task field ``unit``) and names the warm-up bars in its description.
+    symbol : str | None
+        The replayed symbol, for the instrument spec when the bundle does not load and its manifest does not
+        record one (paper fills always use the bundle's recorded spec when it has one).
+
+    Raises
+    ------
+    market.instruments.InstrumentSpecError
+        The bundle failed to load and neither its manifest nor ``symbol`` names an instrument with a known spec.
     """
     _set_torch_threads(torch_threads)
     config = config if config is not None else ServeConfig(warmup_bars=1200)
@@ -121,7 +167,7 @@ def serve_replay(
     candles = load_candles(replay)
     if max_bars:
         candles = candles.iloc[: warmup_bars + max_bars]
-    slot, fallback, costs, feature_cfg = _policies(bundle_dir, backoff, watch_dir, db_path, log)
+    slot, fallback, costs, feature_cfg = _policies(bundle_dir, backoff, watch_dir, db_path, log, symbol)
     # each policy's stops in the units it decided them in: the bundle's feature ATR, V1's own ATR
     atr = atr_indicator(candles, feature_cfg.atr_period_bars)
     fallback_atr = atr_indicator(candles, fallback.atr_period_bars)
@@ -202,7 +248,7 @@ def serve_paper_live(
     config = config if config is not None else ServeConfig(warmup_bars=1200)
     if initial_equity_usdt is not None:
         config = ServeConfig.model_validate({**config.model_dump(), "initial_equity_usdt": initial_equity_usdt})
-    slot, fallback, costs, _ = _policies(bundle_dir, config.primary_backoff, watch_dir, db_path, log)
+    slot, fallback, costs, _ = _policies(bundle_dir, config.primary_backoff, watch_dir, db_path, log, feed.symbol)
     store = StateStore.sqlite(db_path)
     if store.last_decision_bar(config.run_id) is not None:  # before the guard or anything else writes
         raise FatalError(f"{db_path} already holds paper run {config.run_id!r}; a paper account cannot be "

@@ -52,6 +52,7 @@ import ccxt
 import pandas as pd
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
+from market.instruments import InstrumentSpec, exchange_filters, spec_from_ccxt_market
 from serving.errors import (
     AmbiguousOutcomeError,
     FatalError,
@@ -286,6 +287,7 @@ class BinanceFuturesBroker:
         self._sleep = sleep
         self._rules: MarketRules | None = None
         self._market_id: str | None = None
+        self._market: dict[str, Any] | None = None
         self.sleeps: list[float] = []  # every backoff slept, for audits and tests
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -358,22 +360,32 @@ class BinanceFuturesBroker:
         if self.symbol not in markets:
             raise FatalError(f"symbol {self.symbol!r} not listed by the exchange")
         m = markets[self.symbol]
-        info = m.get("info") or {}
-        filters = {f.get("filterType"): f for f in info.get("filters", [])}
         try:
-            lot = filters.get("MARKET_LOT_SIZE") or filters["LOT_SIZE"]
+            f = exchange_filters(m.get("info") or {}, str(m.get("id")))
+            mx = f["max_market_qty_base"]
             rules = MarketRules(
-                symbol=str(m["id"]),
-                tick_size_usdt=float(filters["PRICE_FILTER"]["tickSize"]),
-                step_size_base=float(lot["stepSize"]),
-                min_qty_base=float(lot["minQty"]),
-                max_qty_base=float(lot.get("maxQty", math.inf)),
-                min_notional_usdt=float(filters["MIN_NOTIONAL"]["notional"]),
+                symbol=str(m["id"]), tick_size_usdt=float(f["tick_size_usdt"]), step_size_base=float(f["lot_step_base"]),
+                min_qty_base=float(f["min_qty_base"]), max_qty_base=math.inf if mx is None else float(mx),
+                min_notional_usdt=float(f["min_notional_usdt"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # InstrumentSpecError is a ValueError
             raise FatalError(f"market {self.symbol!r}: cannot read precision/limits from exchangeInfo: {exc}") from exc
-        self._rules, self._market_id = rules, str(m["id"])
+        self._rules, self._market_id, self._market = rules, str(m["id"]), m
         return rules
+
+    def instrument_spec(self, fallback: InstrumentSpec | None) -> InstrumentSpec:
+        """The symbol's :class:`market.instruments.InstrumentSpec` from the loaded market (after :meth:`load`): the
+        exchange's filters, and the brackets and max leverage of ``fallback`` (a spec of the same symbol; the
+        bracket endpoint needs API keys). Source and date say so.
+
+        Raises
+        ------
+        market.instruments.InstrumentSpecError
+            No ``fallback`` of the same symbol, or filters that do not make a valid spec.
+        """
+        if self._market is None:
+            raise RuntimeError("call load() first")
+        return spec_from_ccxt_market(self._market, None, fallback=fallback, exchange_label=f"exchange {self.symbol}")
 
     def set_isolated_margin(self) -> None:
         """Switch the symbol to isolated margin (already isolated is fine)."""

@@ -21,9 +21,9 @@ Mapping from a :class:`market.decision.Decision` to intents (same semantics as t
 * after the entry fill, :func:`protective_intents` gives the ``stop`` (STOP_MARKET) and ``tp``
   (TAKE_PROFIT_MARKET) orders, both ``closePosition`` (they close whatever is open, so a partial
   fill is covered), ``stop_atr`` / ``take_profit_atr`` ATRs from the average fill price, rounded
-  to the tick away from the position's favour for the stop (long: down, short: up) and towards the
-  entry for the take-profit (long: down, short: up), i.e. a tick-rounded level is never worse
-  than the ATR distance asked for the take-profit and never tighter than asked for the stop;
+  to the nearest tick exactly as the env kernel rounds them at an entry
+  (:func:`envs.accounting.entry_protective_prices`), so that live, paper and backtest positions
+  carry the same stop and take-profit (at most half a tick from the ATR distance asked);
 * ``unprot``: a reduce-only market close of a position whose stop the exchange refused (see
   ``serving.live``): a position is never left open without its stop.
 """
@@ -39,7 +39,9 @@ from typing import Literal
 
 import pandas as pd
 
+from envs.accounting import entry_protective_prices
 from market.decision import Decision
+from market.instruments import InstrumentSpec
 
 IntentKind = Literal["entry", "exit", "stop", "tp", "stopmv", "unprot"]
 INTENT_KINDS: tuple[str, ...] = ("entry", "exit", "stop", "tp", "stopmv", "unprot")
@@ -54,11 +56,14 @@ class IntentError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class MarketRules:
-    """Trading rules of one symbol, from the exchange's ``exchangeInfo`` filters.
+    """Trading rules of one symbol: the order-sizing part of a :class:`market.instruments.InstrumentSpec`.
 
-    ``tick_size_usdt`` (PRICE_FILTER.tickSize), ``step_size_base`` (LOT_SIZE.stepSize),
+    ``tick_size_usdt`` (PRICE_FILTER.tickSize), ``step_size_base`` (MARKET_LOT_SIZE, else LOT_SIZE, stepSize),
     ``min_qty_base`` / ``max_qty_base`` (MARKET_LOT_SIZE or LOT_SIZE), ``min_notional_usdt``
-    (MIN_NOTIONAL.notional). All finite and > 0 (``max_qty_base`` may be ``inf``).
+    (MIN_NOTIONAL.notional). All finite and > 0 (``max_qty_base`` may be ``inf``). Built with :meth:`from_spec`
+    (from a spec, e.g. the one the paper broker and the backtests use) or by the live broker from the exchange's
+    filters through the same parser as a downloaded spec (:func:`market.instruments.exchange_filters`), so paper
+    and live size alike; :meth:`spec_fields` converts back.
     """
 
     symbol: str
@@ -75,6 +80,20 @@ class MarketRules:
                 raise IntentError(f"MarketRules.{name} of {self.symbol!r} must be finite and > 0, got {v!r}")
         if not self.max_qty_base > 0:
             raise IntentError(f"MarketRules.max_qty_base of {self.symbol!r} must be > 0, got {self.max_qty_base!r}")
+
+    @classmethod
+    def from_spec(cls, spec: InstrumentSpec) -> MarketRules:
+        """The rules of an instrument spec (``max_market_qty_base`` None -> ``inf``)."""
+        mx = spec.max_market_qty_base
+        return cls(symbol=spec.symbol, tick_size_usdt=spec.tick_size_usdt, step_size_base=spec.lot_step_base,
+                   min_qty_base=spec.min_qty_base, min_notional_usdt=spec.min_notional_usdt,
+                   max_qty_base=math.inf if mx is None else mx)  # fmt: skip
+
+    def spec_fields(self) -> dict[str, float | None]:
+        """The :class:`market.instruments.InstrumentSpec` fields these rules set (``inf`` max quantity -> None)."""
+        return {"tick_size_usdt": self.tick_size_usdt, "lot_step_base": self.step_size_base,
+                "min_qty_base": self.min_qty_base, "min_notional_usdt": self.min_notional_usdt,
+                "max_market_qty_base": None if math.isinf(self.max_qty_base) else self.max_qty_base}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,13 +269,8 @@ def protective_intents(
         raise IntentError(f"position_side must be -1 or +1, got {position_side!r}")
     fill = _check_finite_positive("fill_price_usdt", fill_price_usdt)
     atr = _check_finite_positive("atr_usdt", atr_usdt)
-    tick = rules.tick_size_usdt
-    if position_side > 0:
-        stop = round_to_step(fill - decision.stop_atr * atr, tick, "down")
-        tp = round_to_step(fill + decision.take_profit_atr * atr, tick, "down")
-    else:
-        stop = round_to_step(fill + decision.stop_atr * atr, tick, "up")
-        tp = round_to_step(fill - decision.take_profit_atr * atr, tick, "up")
+    stop, tp = entry_protective_prices(position_side, fill, atr, decision.stop_atr, decision.take_profit_atr,
+                                       rules.tick_size_usdt)
     if stop <= 0 or tp <= 0:
         raise IntentError(f"protective prices must be > 0, got stop={stop} tp={tp} (fill {fill}, atr {atr})")
     side = _close_side(position_side)

@@ -331,6 +331,19 @@ class PaperStepper:
         self._last_kind: str | None = None  # reason kind of the previous decided bar (None: primary used)
         self._last_ctx: DecisionContext | None = None
 
+    def use_costs(self, costs: CostConfig) -> None:
+        """Trade under ``costs`` (e.g. the exchange's instrument spec, read at start) instead of the bundle's.
+
+        Raises
+        ------
+        RuntimeError
+            If a bar was already processed (the paper account cannot change its rules mid-run).
+        """
+        if self.bars:
+            raise RuntimeError("use_costs must be called before the first bar")
+        self.costs = costs
+        self.broker = PaperBroker(self.config.initial_equity_usdt, costs)
+
     # -- run boundaries ---------------------------------------------------------------------------
     def start(self, time: pd.Timestamp, **detail: Any) -> None:
         """Write ``run_started`` at ``time`` (``detail`` first in its detail; mode 'paper'), and

@@ -75,6 +75,7 @@ from envs.config import CostConfig
 from market.config_base import StrictConfig
 from market.decision import Policy
 from market.features import atr as atr_indicator
+from market.instruments import resolve_spec
 from serving.candles import (  # noqa: F401 - Page and parse_page re-exported
     MAX_CONTEXT_BARS,
     PAGE_BARS,
@@ -270,9 +271,32 @@ class PaperLiveLoop:
             )
         self.feed.load()
         fc = self.feed_config
+        instrument = self._exchange_instrument()
         self.stepper.start(self._now_ts(), candles="live", symbol=fc.symbol, timeframe=fc.timeframe,
-                           context_bars=self.config.context_bars)  # fmt: skip
+                           context_bars=self.config.context_bars, instrument=instrument)  # fmt: skip
         self._started = True
+
+    def _exchange_instrument(self) -> dict[str, Any]:
+        """Trade the paper account under the exchange's filters of the fed symbol (as the live broker sizes).
+
+        The filters come from the loaded market; the brackets and max leverage from the bundle's spec when it is
+        of the same symbol, else from :func:`market.instruments.resolve_spec` of the symbol (bundled table). The
+        paper costs switch to that spec before the first bar; returns its record for ``run_started``.
+
+        Raises
+        ------
+        market.instruments.InstrumentSpecError
+            No spec of the fed symbol is known for the brackets (the message names it and the ways to give one).
+        """
+        spec_of = getattr(self.feed, "instrument_spec", None)
+        if spec_of is None:  # a feed without exchange filters (tests): the configured costs stand
+            return {"origin": "configured", "spec": self.costs.instrument.model_dump(mode="json")}
+        symbol = str(getattr(self.feed, "market_id", self.costs.instrument.symbol))
+        fallback = self.costs.instrument if self.costs.instrument.symbol == symbol else resolve_spec(symbol).spec
+        spec = spec_of(fallback)
+        self.costs = self.costs.with_instrument(spec)
+        self.stepper.use_costs(self.costs)
+        return {"origin": "exchange", "spec": spec.model_dump(mode="json")}
 
     def summary(self) -> ReplaySummary:
         """The run so far (see :class:`serving.loop.ReplaySummary`)."""

@@ -18,6 +18,7 @@ from envs.trading_env import EnvConfig
 from fallback.config import V1Config
 from market.config_base import StrictConfig
 from market.features import FeatureConfig
+from market.instruments import DEFAULT_SYMBOL, InstrumentSpecError, ResolvedSpec, resolve_spec
 from market.labels import TripleBarrierConfig
 from regime.config import RegimeConfig
 from signals.config import SignalConfig
@@ -30,9 +31,14 @@ class ConfigError(ValueError):
 class DataConfig(StrictConfig):
     """Where the candles come from and how the span is split into train / validation / test."""
 
-    candles_path: str | None = Field(None, description="OHLCV parquet; None = bundled BTCUSDT 1h USDT-M")
+    candles_path: str | None = Field(None, description="OHLCV parquet; None = the bundled 1h USDT-M candles of symbol")
     funding_path: str | None = Field(None, description="funding parquet; None = bundled (with bundled candles)")
-    symbol: str = "BTCUSDT"
+    symbol: str = Field(DEFAULT_SYMBOL, description="exchange id of the traded contract, e.g. BTCUSDT")
+    instrument_spec: str | None = Field(
+        None,
+        description="instrument spec file (JSON/YAML) of symbol; None = SYMBOL.spec.json next to the candles, else "
+        "the bundled table (market/instruments.py); a symbol known to none of them is an error",
+    )
     gap_policy: Literal["error", "mark"] = Field(
         "error", description="missing bars: error = refuse the data; mark = fill (close carried, volume 0) + is_gap"
     )
@@ -141,24 +147,82 @@ class RunConfig(StrictConfig):
     v1: V1Config = V1Config()
 
 
-def load_config(path: str | Path, **overrides: object) -> RunConfig:
-    """Parse a YAML run config into a frozen :class:`RunConfig`.
+def load_config(path: str | Path, *, instrument_spec: str | Path | None = None, **overrides: object) -> RunConfig:
+    """Parse a YAML run config into a frozen :class:`RunConfig` whose cost model carries the run's instrument spec.
 
-    ``overrides`` replace top-level keys (e.g. ``device="cpu"``) before validation.
+    ``overrides`` replace top-level keys (e.g. ``device="cpu"``) before validation; ``instrument_spec`` (a spec
+    file, ``--instrument-spec``) replaces ``data.instrument_spec`` (stored as an absolute path). The spec is then
+    resolved (:func:`run_instrument`) and set as ``env.costs.instrument`` (:func:`with_instrument`); an
+    ``env.costs.instrument`` written in the file (a saved run config) is replaced by the resolved one.
 
     Raises
     ------
     ConfigError
         If the file is missing, is not a YAML mapping, or fails validation (unknown key,
         wrong type, inconsistent periods); the message names the offending key.
+    market.instruments.InstrumentSpecError
+        If the symbol has no spec (the message names it and the three ways to give one), or the spec file is
+        invalid or of another symbol.
     """
     path = Path(path)
     raw = read_config_mapping(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    if instrument_spec is not None:
+        data = raw.get("data")
+        raw["data"] = {**(data if isinstance(data, dict) else {}), "instrument_spec": str(Path(instrument_spec).resolve())}
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise invalid_config(path, exc) from exc
+    return with_instrument(cfg)[0]
+
+
+def run_instrument(cfg: RunConfig) -> ResolvedSpec:
+    """The instrument spec of the run's symbol (:func:`market.instruments.resolve_spec`): ``data.instrument_spec``,
+    else ``<SYMBOL>.spec.json`` next to ``data.candles_path`` (or the bundled candles), else the bundled table.
+
+    Raises
+    ------
+    market.instruments.InstrumentSpecError
+        If no source knows the symbol (the message names it and the three ways to give a spec), or the spec file
+        is invalid or of another symbol.
+    """
+    from market.bundled import BUNDLED_DIR
+
+    d = cfg.data
+    candles = Path(d.candles_path) if d.candles_path else BUNDLED_DIR / f"{d.symbol}-1h.parquet"
+    return resolve_spec(d.symbol, spec_path=d.instrument_spec, candles_path=candles)
+
+
+def with_instrument(cfg: RunConfig) -> tuple[RunConfig, ResolvedSpec]:
+    """``cfg`` with ``env.costs.instrument`` set to the run's resolved spec (:func:`run_instrument`), and that spec.
+
+    Raises
+    ------
+    market.instruments.InstrumentSpecError
+        As :func:`run_instrument`.
+    """
+    resolved = run_instrument(cfg)
+    costs = cfg.env.costs.with_instrument(resolved.spec)
+    return cfg.model_copy(update={"env": cfg.env.model_copy(update={"costs": costs})}), resolved
+
+
+def check_run_instrument(cfg: RunConfig, resolved: ResolvedSpec) -> None:
+    """Refuse a config whose cost model carries another spec than the run's resolved one.
+
+    Raises
+    ------
+    market.instruments.InstrumentSpecError
+        If ``cfg.env.costs.instrument`` differs from ``resolved.spec`` (a config built without
+        :func:`load_config` / :func:`with_instrument`).
+    """
+    have = cfg.env.costs.instrument
+    if have != resolved.spec:
+        raise InstrumentSpecError(
+            f"the run's cost model carries the instrument spec of {have.symbol} ({have.source}), not the spec resolved "
+            f"for its data {cfg.data.symbol} ({resolved.describe()}); build run configs with "
+            "training.config.load_config or with_instrument"
+        )
 
 
 def read_config_mapping(path: str | Path) -> dict:

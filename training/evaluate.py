@@ -33,6 +33,7 @@ from fallback.v1 import V1Policy
 from market.errors import DataValidationError
 from market.features import atr as atr_indicator
 from market.features import compute_features, drop_warmup
+from market.instruments import ResolvedSpec, check_spec_fits
 from training import metrics as M
 from training.backtest import BacktestResult, run_backtest
 from training.config import RunConfig, load_config
@@ -273,9 +274,13 @@ def write_evaluation(
     notes: list[str],
     log: Log = print,
     provenance: dict | None = None,
+    instrument: dict | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Write ``metrics.json`` (metrics, regime slices, cost sensitivity, ``provenance``), the two side
-    files and ``report.html``.
+    """Write ``metrics.json`` (metrics, regime slices, cost sensitivity, ``provenance``, ``instrument``), the two
+    side files and ``report.html``.
+
+    ``instrument`` (:func:`instrument_record`): the spec the costs used, where it came from, and the symbols the
+    bundle was trained and evaluated on; written to ``metrics.json`` and, as a table, to the report.
 
     ``regimes`` is the regime index at each decision bar, indexed by bar open time; ``provenance``
     (:func:`training.provenance.provenance_record`) goes into ``metrics.json`` and, as a note and
@@ -291,7 +296,8 @@ def write_evaluation(
     (out / "metrics.json").write_text(json.dumps(
         {**{k: M.to_jsonable(v) for k, v in metrics.items()},
          "regime_slices": M.to_jsonable(slices), "cost_sensitivity": M.to_jsonable(sensitivity),
-         **({} if provenance is None else {"provenance": M.to_jsonable(provenance)})},
+         **({} if provenance is None else {"provenance": M.to_jsonable(provenance)}),
+         **({} if instrument is None else {"instrument": M.to_jsonable(instrument)})},
         indent=1, allow_nan=False))
     (out / "regime_slices.json").write_text(json.dumps(M.to_jsonable(slices), indent=1, allow_nan=False))
     (out / "cost_sensitivity.json").write_text(json.dumps(M.to_jsonable(sensitivity), indent=1, allow_nan=False))
@@ -302,6 +308,8 @@ def write_evaluation(
     extra["cost sensitivity (fees and slippage x 0, 1, 2)"] = pd.DataFrame(sensitivity).round(4)
     for name, table in slices.items():
         extra[f"{name} by regime at decision time (0 = calmest)"] = pd.DataFrame(table).round(4)
+    if instrument is not None:
+        extra["instrument spec (costs, rounding, brackets)"] = pd.DataFrame({"value": instrument_table(instrument)})
     if provenance is not None:
         notes = [*notes, provenance_note(provenance)]
         extra["run config"] = pd.DataFrame({"value": flatten_config(provenance["config"])})
@@ -309,6 +317,39 @@ def write_evaluation(
                  notes=notes, extra_tables=extra,
                  positions={n: signed_leverage(r) for n, r in results.items() if n != "flat"}, regimes=regimes)
     return metrics
+
+
+def instrument_record(resolved: ResolvedSpec, trained_on: str | None) -> dict:
+    """The ``instrument`` entry of ``metrics.json``: origin, file and spec (:meth:`ResolvedSpec.record`), plus
+    ``trained_on`` (the bundle's symbol, None if unknown), ``evaluated_on`` and ``transfer`` (they differ)."""
+    evaluated = resolved.spec.symbol
+    return {**resolved.record(), "trained_on": trained_on, "evaluated_on": evaluated,
+            "transfer": trained_on is not None and trained_on != evaluated}
+
+
+def instrument_table(record: dict) -> dict[str, str]:
+    """Rows of the report's instrument table from an :func:`instrument_record`."""
+    spec = record["spec"]
+    rows = {"trained on": str(record.get("trained_on")), "evaluated on": str(record.get("evaluated_on")),
+            "spec origin": record["origin"] + (f" ({record['path']})" if record.get("path") else "")}
+    for k, v in spec.items():
+        if k == "maintenance_brackets":
+            v = "; ".join(f"<= {b['notional_cap_usdt']:,.0f} USDT: {b['maint_margin_rate']:.4%} - {b['maint_amount_usdt']:,.0f}"
+                          for b in v)
+        rows[k] = str(v)
+    return rows
+
+
+def instrument_note(record: dict) -> str:
+    """The report line that says which instrument the costs used and whether the bundle is traded on another symbol."""
+    spec, tr, ev = record["spec"], record.get("trained_on"), record["evaluated_on"]
+    head = (f"Instrument: trained on {tr}, evaluated on {ev} (transfer); the costs, rounding and brackets are {ev}'s."
+            if record.get("transfer") else f"Instrument {ev}" + (" (the symbol the bundle was trained on)." if tr else "."))
+    where = {"instrument_spec": f"the spec file {record.get('path')}", "data_spec_file": f"the downloaded spec {record.get('path')}",
+             "bundled_table": "the bundled table (market/instruments.py)"}[record["origin"]]
+    return (f"{head} Instrument spec from {where}: tick {spec['tick_size_usdt']:g} USDT, quantity step "
+            f"{spec['lot_step_base']:g}, min notional {spec['min_notional_usdt']:g} USDT, max leverage "
+            f"{spec['max_leverage']}x; source: {spec['source']} ({spec['read_on']}).")
 
 
 def cost_note(env_cfg: EnvConfig, funding_source: str) -> str:
@@ -344,12 +385,21 @@ def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dic
         f"Initial equity {cfg.env.initial_equity_usdt:,.0f} USDT; random policy seed {cfg.seed}.",
         f"Bundle: {bundle.path} (schema {bundle.manifest['observation']['schema_hash'][:12]}).",
     ]
+    instrument = instrument_record(prep.instrument, bundle_symbol(bundle)) if prep.instrument is not None else None
+    if instrument is not None:
+        notes.insert(1, instrument_note(instrument))
     regimes = pd.Series(span_regimes(bundle, span), index=span.open_times)
     prov = provenance_record(bundle.manifest["config"], bundle=bundle_identity(bundle.manifest),
                              data_sha256=prep.info["candles_sha256"])  # fmt: skip
     return write_evaluation(run_dir / "report", title=f"ats test-period report: {cfg.name}", results=results,
                             regimes=regimes, sensitivity=sensitivity, bar_s=bar_s, notes=notes, log=log,
-                            provenance=prov)  # fmt: skip
+                            provenance=prov, instrument=instrument)  # fmt: skip
+
+
+def bundle_symbol(bundle: PolicyBundle) -> str | None:
+    """The symbol a bundle was trained on: its manifest's ``data.symbol``, else its cost model's instrument."""
+    sym = bundle.manifest.get("data", {}).get("symbol")
+    return str(sym) if sym else bundle.env_config.costs.instrument.symbol
 
 
 def bundle_span(bundle: PolicyBundle, candles: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp) -> EvalSpan:
@@ -410,11 +460,16 @@ def evaluate_bundle(
     out: Path,
     *,
     data_label: str,
+    instrument: ResolvedSpec,
     random_seed: int = 0,
     log: Log = print,
     device: str = "cpu",
 ) -> dict[str, dict[str, float]]:
     """Trade an existing bundle (and V1, buy-and-hold, flat, random) on bars opening in ``[start, end)``.
+
+    Every strategy trades under ``instrument``, the spec of the *data's* symbol (tick, step, min notional,
+    brackets, funding interval); the bundle's fees and slippage settings are kept. A bundle trained on another
+    symbol is a transfer, and the report says so ("trained on X, evaluated on Y (transfer)").
 
     Parameters
     ----------
@@ -428,14 +483,22 @@ def evaluate_bundle(
     out : Path
         Report folder: ``metrics.json``, ``regime_slices.json``, ``cost_sensitivity.json``, ``report.html``.
 
+    instrument : ResolvedSpec
+        The data's instrument spec and where it came from (:func:`training.v1_eval.data_instrument`).
+
     Raises
     ------
     agents.bundle.BundleError (or subclasses), market.errors.DataValidationError
         A bundle that fails its checks; candles that do not cover the period with its history.
+    market.instruments.InstrumentSpecError
+        A spec that does not fit the candles (:func:`market.instruments.check_spec_fits`).
     """
     bundle = load_bundle(Path(bundle_dir), device=device)
+    check_spec_fits(instrument.spec, instrument.spec.symbol, candles["close"].to_numpy())
     span = bundle_span(bundle, candles, start, end)
     env_cfg, v1_cfg = bundle.env_config, v1_config_of(bundle)
+    env_cfg = env_cfg.model_copy(update={"costs": env_cfg.costs.with_instrument(instrument.spec)})
+    record = instrument_record(instrument, bundle_symbol(bundle))
     bar_s = float((span.features.index[1] - span.features.index[0]).total_seconds())
     results = span_backtests(bundle, span, env_cfg, v1_cfg, random_seed=random_seed)
     sensitivity = cost_sensitivity(
@@ -446,6 +509,7 @@ def evaluate_bundle(
     notes = [
         (f"Bundle {bundle.path} (schema {bundle.manifest['observation']['schema_hash'][:12]}) evaluated on "
          f"{data_label}: bars opening {times[0]} to {times[-1]} ({len(times)} bars), bar interval {bar_s / 3600:g} h."),
+        instrument_note(record),
         sample_note(bundle.manifest.get("data", {}), times[0], times[-1]),
         cost_note(env_cfg, funding),
         (f"Initial equity {env_cfg.initial_equity_usdt:,.0f} USDT; random policy seed {random_seed}; V1 with the "
@@ -455,4 +519,5 @@ def evaluate_bundle(
     return write_evaluation(out, title=f"ats evaluate: {Path(bundle_dir).name} on {times[0]:%Y-%m-%d}..{end:%Y-%m-%d}",
                             results=results, regimes=regimes, sensitivity=sensitivity, bar_s=bar_s, notes=notes, log=log,
                             provenance=provenance_record(bundle.manifest["config"],
-                                                         bundle=bundle_identity(bundle.manifest)))  # fmt: skip
+                                                         bundle=bundle_identity(bundle.manifest)),
+                            instrument=record)  # fmt: skip

@@ -37,13 +37,14 @@ from market.candles import join_funding, load_candles, load_funding
 from market.errors import DataValidationError
 from market.features import atr as atr_indicator
 from market.features import compute_features, drop_warmup
+from market.instruments import ResolvedSpec, check_spec_fits
 from market.labels import triple_barrier_labels
 from regime.hmm import RegimeHMM
 from regime.transition import RegimeTransitionModel
 from signals.tcn import train_tcn
 from training import metrics as M
 from training.backtest import run_backtest
-from training.config import RunConfig
+from training.config import RunConfig, check_run_instrument, run_instrument
 
 Log = Callable[[str], None]
 
@@ -60,6 +61,7 @@ class PreparedData:
     test_row: int  # first test row
     info: dict = field(default_factory=dict)
     val_end_row: int | None = None  # end (exclusive) of validation; None = test_row (no embargo gap)
+    instrument: ResolvedSpec | None = None  # the run's instrument spec and where it came from
 
     @property
     def val_stop(self) -> int:
@@ -78,12 +80,19 @@ def _sha256(path: Path) -> str:
 def prepare_data(cfg: RunConfig, log: Log = lambda s: None) -> PreparedData:
     """Load, validate, join funding, compute causal features and labels, drop the warm-up explicitly.
 
+    The run's instrument spec is resolved (:func:`training.config.run_instrument`), checked against the loaded
+    candles (:func:`market.instruments.check_spec_fits`) and against ``cfg.env.costs.instrument``, and recorded in
+    ``info["instrument"]`` (origin, file, spec).
+
     Raises
     ------
     DataValidationError
         Bad candles, or a warm-up that does not end before ``train_start``.
+    market.instruments.InstrumentSpecError
+        No spec for the symbol, a spec that does not fit the candles, or a cost model with another spec.
     """
     d = cfg.data
+    resolved = run_instrument(cfg)
     candles_path = Path(d.candles_path) if d.candles_path else bundled_candles_path(d.symbol)
     funding_path = Path(d.funding_path) if d.funding_path else (None if d.candles_path else bundled_funding_path(d.symbol))
     candles = load_candles(candles_path, gap_policy=d.gap_policy)
@@ -92,6 +101,8 @@ def prepare_data(cfg: RunConfig, log: Log = lambda s: None) -> PreparedData:
     span = candles.loc[(candles.index >= d.ts("load_start")) & (candles.index < d.ts("test_end"))]
     if span.empty:
         raise DataValidationError("period_in_data", [], source=str(candles_path))
+    check_spec_fits(resolved.spec, d.symbol, span["close"].to_numpy())
+    check_run_instrument(cfg, resolved)
     n_gap_filled = int(span["is_gap"].sum()) if "is_gap" in span.columns else 0  # bars filled in the span
     feats_all = compute_features(span, cfg.features)
     feats, n_warm = drop_warmup(feats_all)
@@ -127,13 +138,16 @@ def prepare_data(cfg: RunConfig, log: Log = lambda s: None) -> PreparedData:
         "embargo_bars": test_row - val_end_row,
         "test": [str(idx[test_row]), str(idx[-1]), len(idx) - test_row],
         "bar_interval_s": float((idx[1] - idx[0]).total_seconds()),
+        "instrument": resolved.record(),
     }
+    log(resolved.describe())
     log(
         f"data: {len(span)} bars loaded ({n_gap_filled} missing bars filled, gap policy {d.gap_policy}), "
         f"{n_warm} warm-up rows dropped; train {info['train'][2]}, "
         f"validation {info['validation'][2]}, test {info['test'][2]} bars"
     )
-    return PreparedData(candles_kept, feats, atr_all[pos], labels_all[pos], val_row, test_row, info, val_end_row)
+    return PreparedData(candles_kept, feats, atr_all[pos], labels_all[pos], val_row, test_row, info, val_end_row,
+                        resolved)
 
 
 def purge_bars(cfg: RunConfig) -> int:

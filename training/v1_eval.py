@@ -35,6 +35,14 @@ from fallback.v1 import V1SeriesPolicy
 from market.bundled import bundled_candles_path, bundled_funding_path
 from market.candles import join_funding, load_candles, load_funding
 from market.features import atr as atr_indicator
+from market.instruments import (
+    DEFAULT_SYMBOL,
+    InstrumentSpecError,
+    ResolvedSpec,
+    check_spec_fits,
+    resolve_spec,
+    symbol_from_data_path,
+)
 from regime.config import RegimeConfig
 from training import metrics as M
 from training.backtest import BacktestResult, run_backtest
@@ -68,7 +76,7 @@ def parse_period(text: str) -> tuple[pd.Timestamp, pd.Timestamp]:
 def load_v1_candles(path: str | Path | None) -> pd.DataFrame:
     """Validated candles with funding joined when a funding file is known.
 
-    ``None`` loads the bundled BTCUSDT 1h candles and funding. For a file ``<SYMBOL>-<tf>.parquet``
+    ``None`` loads the bundled 1h candles and funding of the bundled symbol. For a file ``<SYMBOL>-<tf>.parquet``
     the funding history ``<SYMBOL>-funding.parquet`` in the same folder is joined if it exists
     (otherwise the cost model's fallback funding rate applies).
 
@@ -85,6 +93,45 @@ def load_v1_candles(path: str | Path | None) -> pd.DataFrame:
     if "-" in path.name and funding.is_file() and "funding_rate" not in candles.columns:
         candles = join_funding(candles, load_funding(funding))
     return candles
+
+
+def data_instrument(
+    data: str | Path | None,
+    candles: pd.DataFrame,
+    *,
+    symbol: str | None = None,
+    spec_path: str | Path | None = None,
+) -> ResolvedSpec:
+    """The instrument spec of user candles (``--data``), checked against them.
+
+    The symbol is ``symbol`` (``--symbol``), else the store file name ``<SYMBOL>-<tf>.parquet`` of ``data``, else,
+    for the bundled candles (``data`` None), the bundled symbol. The spec: ``spec_path`` (``--instrument-spec``),
+    else ``<SYMBOL>.spec.json`` next to ``data``, else the bundled table
+    (:func:`market.instruments.resolve_spec`); then :func:`market.instruments.check_spec_fits` on the closes.
+
+    Raises
+    ------
+    market.instruments.InstrumentSpecError
+        If the symbol cannot be told (a file not named ``SYMBOL-TF.parquet`` and no ``symbol``), ``symbol``
+        contradicts the file name, no source knows the symbol, or the spec does not fit the candles.
+    """
+    from_name = symbol_from_data_path(data) if data is not None else DEFAULT_SYMBOL
+    if symbol is not None:
+        symbol = symbol.strip().upper()
+        if from_name is not None and from_name != symbol:
+            raise InstrumentSpecError(
+                f"--symbol {symbol} contradicts the data file {data}, named for {from_name}; pass the symbol of the data"
+            )
+    symbol = symbol or from_name
+    if symbol is None:
+        raise InstrumentSpecError(
+            f"cannot tell the symbol of {data}: name the file <SYMBOL>-<timeframe>.parquet (as `ats data download` "
+            "does) or pass --symbol SYMBOL"
+        )
+    candles_path = Path(data) if data is not None else bundled_candles_path(symbol)
+    resolved = resolve_spec(symbol, spec_path=spec_path, candles_path=candles_path)
+    check_spec_fits(resolved.spec, symbol, candles["close"].to_numpy())
+    return resolved
 
 
 def v1_env_data(candles: pd.DataFrame, atr: np.ndarray) -> EnvData:

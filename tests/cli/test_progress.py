@@ -17,7 +17,8 @@ def test_replay_progress_counts_decided_bars_and_names_the_warm_up(tmp_path):
     candles = tmp_path / "candles.parquet"
     make_candles(400, seed=3).to_parquet(candles)
     r = CliRunner().invoke(app, ["serve", "--mode", "paper", "--replay", str(candles), "--bundle", str(tmp_path / "b"),
-                                 "--db", str(tmp_path / "s.sqlite"), "--warmup-bars", "300", "--max-bars", "50"],
+                                 "--db", str(tmp_path / "s.sqlite"), "--warmup-bars", "300", "--max-bars", "50",
+                                 "--symbol", "BTC/USDT:USDT"],  # no bundle, no manifest: the replayed instrument
                            env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     assert "replay after 300 warm-up bars" in r.output and "50/50 decided bars" in r.output, r.output

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from agents.bundle import load_bundle
 from ats_cli.main import app
+from market.instruments import resolve_spec
 from serving.app import serve_replay
 from serving.store import StateStore
 
@@ -35,7 +36,9 @@ def test_smoke_run_writes_bundle_and_report(smoke_run):
 
     metrics = json.loads((smoke_run / "report" / "metrics.json").read_text())
     strategies = {"ppo", "v1", "buy_and_hold", "flat", "random"}
-    assert set(metrics) == strategies | {"regime_slices", "cost_sensitivity", "provenance"}
+    assert set(metrics) == strategies | {"regime_slices", "cost_sensitivity", "provenance", "instrument"}
+    assert metrics["instrument"]["origin"] == "bundled_table" and metrics["instrument"]["spec"]["symbol"] == "BTCUSDT"
+    assert manifest["data"]["instrument"]["spec"]["tick_size_usdt"] == 0.1 and not metrics["instrument"]["transfer"]
     # the report names the bundle it judged: its schema, file table and strategy config match the manifest
     from training.provenance import report_mismatches
 
@@ -132,7 +135,7 @@ def test_paper_serving_equity_equals_backtest_equity_for_v1(smoke_run, tmp_path)
     db = tmp_path / "state.sqlite"
     summary = serve_replay(
         replay=smoke_run / "replay" / "test_candles.parquet", bundle_dir=tmp_path / "no-bundle", db_path=db,
-        warmup_bars=1200, log=lambda s: None,
+        warmup_bars=1200, log=lambda s: None, symbol=cfg.data.symbol,  # no manifest: the replayed symbol's spec
     )
     assert summary.decisions_v2 == 0 and summary.decisions_v1 == summary.bars
     served = StateStore.sqlite(db).equity().set_index("bar_open_time")["equity_usdt"].astype(float)
@@ -182,7 +185,8 @@ def test_evaluate_bundle_says_when_the_period_is_in_sample(smoke_run, tmp_path):
 
     out = tmp_path / "insample"
     evaluate_bundle(smoke_run / "bundle", load_v1_candles(None), pd.Timestamp("2022-06-20", tz="UTC"),
-                    pd.Timestamp("2022-06-25", tz="UTC"), out, data_label="bundled", log=lambda s: None)
+                    pd.Timestamp("2022-06-25", tz="UTC"), out, data_label="bundled", log=lambda s: None,
+                    instrument=resolve_spec("BTCUSDT"))
     assert "NOT out of sample" in (out / "report.html").read_text()
 
 
@@ -194,7 +198,8 @@ def test_evaluate_bundle_without_enough_history_names_what_is_missing(smoke_run,
     candles = load_v1_candles(None).loc["2022-07-01":"2022-09-01"]
     with pytest.raises(DataValidationError, match="warm-up bars"):
         evaluate_bundle(smoke_run / "bundle", candles, pd.Timestamp("2022-07-02", tz="UTC"),
-                        pd.Timestamp("2022-07-20", tz="UTC"), tmp_path / "x", data_label="slice", log=lambda s: None)
+                        pd.Timestamp("2022-07-20", tz="UTC"), tmp_path / "x", data_label="slice", log=lambda s: None,
+                        instrument=resolve_spec("BTCUSDT"))
 
 
 def test_cli_paper_serve_then_status_and_reset_risk(smoke_run, tmp_path):

@@ -22,6 +22,7 @@ from envs.config import CostConfig
 from envs.rewards import RewardConfig
 from envs.trading_env import EnvConfig, TradingEnv
 from market.decision import Decision
+from market.instruments import InstrumentSpec, bundled_spec
 from tests.envs import reference_accounting as ref
 from tests.envs.helpers import HOUR_NS, T0_NS, make_env_data
 from tests.envs.reference_env import ReferenceTradingEnv
@@ -69,6 +70,11 @@ def _random_decision(
     )
 
 
+def _btc(**update: float) -> InstrumentSpec:
+    """The bundled BTCUSDT spec with some values changed (a test instrument)."""
+    return bundled_spec("BTCUSDT").model_copy(update=update)
+
+
 def _run(module, state, decision, bar_args, atr, cfg):
     try:
         return module.step_bar(state, decision, module.Bar(*bar_args), atr, cfg), None
@@ -81,7 +87,7 @@ def test_step_bar_equals_pure_python_reference(seed: int) -> None:
     rng = np.random.default_rng(seed)
     cfg = CostConfig(
         cost_multiplier=float(rng.choice([0.0, 1.0, 2.0])),
-        min_notional_usdt=float(rng.choice([0.0, 100.0, 5_000.0])),
+        instrument=_btc(min_notional_usdt=float(rng.choice([0.01, 100.0, 5_000.0]))),
         funding_fallback_rate=float(rng.choice([0.0, 0.0001, -0.0003])),
         slippage_atr_coef=float(rng.choice([0.0, 0.05, 0.3])),
         take_profit_order=str(rng.choice(["market", "limit"])),
@@ -141,7 +147,7 @@ def _env_configs() -> list[EnvConfig]:
                   reward=RewardConfig(kind="differential_sharpe", turnover_penalty=0.01, drawdown_penalty=0.5,
                                       warmup_bars=3), **base),
         EnvConfig(episode_len_bars=60, reward=RewardConfig(kind="log_return", scale=10.0),
-                  costs=CostConfig(cost_multiplier=2.0, min_notional_usdt=3_000.0), **base),
+                  costs=CostConfig(cost_multiplier=2.0, instrument=_btc(min_notional_usdt=3_000.0)), **base),
         EnvConfig(episode_len_bars=200, reward=RewardConfig(eta=0.1, warmup_bars=0, drawdown_penalty=1.0),
                   min_equity_frac=0.0, max_drawdown_frac=1.0, **base),
     ]

@@ -2,7 +2,8 @@
 
 It serves, from fixture data (rows of the bundled BTCUSDT files):
 
-* ``GET /fapi/v1/exchangeInfo``: one market, BTCUSDT perpetual (enough for ccxt ``load_markets``);
+* ``GET /fapi/v1/exchangeInfo``: the perpetuals of ``markets`` (default :data:`DEFAULT_MARKETS`: BTCUSDT and
+  XRPUSDT, enough for ccxt ``load_markets``); :meth:`FakeBinance.set_filter` changes a filter value;
 * ``GET /fapi/v1/time``: the server clock (``now_ms``, set by the test);
 * ``GET /fapi/v1/klines``: candles from ``startTime`` (and up to ``endTime``), at most ``limit``
   (default 500, capped at 1500, as Binance), only bars that opened at or before ``now_ms``; the bar
@@ -104,26 +105,55 @@ class Fault:
     transform: Callable[[Any], Any] | None = field(default=None, compare=False)  # kind "mutate"
 
 
-def _exchange_info(now_ms: int) -> dict[str, Any]:
-    symbol = {
-        "symbol": "BTCUSDT", "pair": "BTCUSDT", "contractType": "PERPETUAL", "deliveryDate": 4133404800000,
-        "onboardDate": 1569398400000, "status": "TRADING", "maintMarginPercent": "2.5000",
-        "requiredMarginPercent": "5.0000", "baseAsset": "BTC", "quoteAsset": "USDT", "marginAsset": "USDT",
-        "pricePrecision": 2, "quantityPrecision": 3, "baseAssetPrecision": 8, "quotePrecision": 8,
-        "underlyingType": "COIN", "underlyingSubType": [], "triggerProtect": "0.0500",
-        "liquidationFee": "0.012500", "marketTakeBound": "0.05",
+#: The markets the fake lists by default (test fixture values; the bundled instrument table never reads them):
+#: exchangeInfo filters and leverage brackets by market id. BTCUSDT's are the values the serving tests were written
+#: against; XRPUSDT is a low-priced perpetual (tick 0.0001, step 0.1, min notional 5) for multi-symbol tests.
+DEFAULT_MARKETS: dict[str, dict[str, Any]] = {
+    "BTCUSDT": {
+        "base": "BTC", "pricePrecision": 2, "quantityPrecision": 3,
         "filters": [
             {"filterType": "PRICE_FILTER", "maxPrice": "4529764", "minPrice": "556.80", "tickSize": "0.10"},
             {"filterType": "LOT_SIZE", "maxQty": "1000", "minQty": "0.001", "stepSize": "0.001"},
             {"filterType": "MARKET_LOT_SIZE", "maxQty": "120", "minQty": "0.001", "stepSize": "0.001"},
             {"filterType": "MIN_NOTIONAL", "notional": "100"},
         ],
+        "brackets": [{"bracket": 1, "initialLeverage": 125, "notionalCap": 10_000_000, "notionalFloor": 0,
+                      "maintMarginRatio": 0.004, "cum": 0.0}],
+    },
+    "XRPUSDT": {
+        "base": "XRP", "pricePrecision": 4, "quantityPrecision": 1,
+        "filters": [
+            {"filterType": "PRICE_FILTER", "maxPrice": "10000", "minPrice": "0.0143", "tickSize": "0.0001"},
+            {"filterType": "LOT_SIZE", "maxQty": "10000000", "minQty": "0.1", "stepSize": "0.1"},
+            {"filterType": "MARKET_LOT_SIZE", "maxQty": "2000000", "minQty": "0.1", "stepSize": "0.1"},
+            {"filterType": "MIN_NOTIONAL", "notional": "5"},
+        ],
+        "brackets": [
+            {"bracket": 1, "initialLeverage": 75, "notionalCap": 5_000, "notionalFloor": 0,
+             "maintMarginRatio": 0.005, "cum": 0.0},
+            {"bracket": 2, "initialLeverage": 50, "notionalCap": 50_000, "notionalFloor": 5_000,
+             "maintMarginRatio": 0.01, "cum": 25.0},
+        ],
+    },
+}
+
+
+def _exchange_info(now_ms: int, markets: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    markets = DEFAULT_MARKETS if markets is None else markets
+    symbols = [{
+        "symbol": sym, "pair": sym, "contractType": "PERPETUAL", "deliveryDate": 4133404800000,
+        "onboardDate": 1569398400000, "status": "TRADING", "maintMarginPercent": "2.5000",
+        "requiredMarginPercent": "5.0000", "baseAsset": m["base"], "quoteAsset": "USDT", "marginAsset": "USDT",
+        "pricePrecision": m["pricePrecision"], "quantityPrecision": m["quantityPrecision"], "baseAssetPrecision": 8,
+        "quotePrecision": 8, "underlyingType": "COIN", "underlyingSubType": [], "triggerProtect": "0.0500",
+        "liquidationFee": "0.012500", "marketTakeBound": "0.05",
+        "filters": [dict(f) for f in m["filters"]],
         "orderTypes": ["LIMIT", "MARKET", "STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PROFIT_MARKET"],
         "timeInForce": ["GTC", "IOC", "FOK", "GTX"],
-    }
+    } for sym, m in markets.items()]  # fmt: skip
     return {
         "timezone": "UTC", "serverTime": now_ms, "futuresType": "U_MARGINED", "rateLimits": [],
-        "exchangeFilters": [], "assets": [{"asset": "USDT", "marginAvailable": True}], "symbols": [symbol],
+        "exchangeFilters": [], "assets": [{"asset": "USDT", "marginAvailable": True}], "symbols": symbols,
     }
 
 
@@ -177,8 +207,11 @@ class FakeBinance:
         fee_rate: float = 0.0004,
         state_path: str | Path | None = None,
         query_lag_ms: int = 0,
+        markets: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.timeframe = timeframe
+        #: exchangeInfo filters and leverage brackets by market id (a copy: :meth:`set_filter` changes it)
+        self.markets = json.loads(json.dumps(DEFAULT_MARKETS if markets is None else markets))
         self.query_lag_ms = int(query_lag_ms)  # order queries see an order this long after its accept
         self.tf_ms = _TF_MS[timeframe]
         self._now_ms = int(now_ms)
@@ -220,6 +253,16 @@ class FakeBinance:
         self._thread.join(timeout=5)
 
     # -- scripting -------------------------------------------------------------------------------
+    def set_filter(self, symbol: str, filter_type: str, **values: str) -> None:
+        """Change the exchangeInfo filter ``filter_type`` of market ``symbol`` (e.g. ``tickSize="0.001"``), as an
+        exchange revising a symbol's rules; later ``exchangeInfo`` requests serve the new values."""
+        with self._lock:
+            for f in self.markets[symbol]["filters"]:
+                if f["filterType"] == filter_type:
+                    f.update(values)
+                    return
+            raise KeyError(f"{symbol} has no filter {filter_type}")
+
     def corrupt_candle(self, open_ms: int, **values: float) -> None:
         """Serve the candle opening at ``open_ms`` with ``values`` (any of ``open high low close
         volume``, e.g. ``close=float("nan")``, ``volume=-1.0``) in place of the fixture's, on every
@@ -581,9 +624,9 @@ class FakeBinance:
         if path == "/fapi/v1/positionSide/dual":
             return {"dualSidePosition": st.dual_side}
         if path == "/fapi/v1/leverageBracket":
-            return [{"symbol": "BTCUSDT", "notionalCoef": 1.0, "brackets": [
-                {"bracket": 1, "initialLeverage": 125, "notionalCap": 10_000_000, "notionalFloor": 0,
-                 "maintMarginRatio": 0.004, "cum": 0.0}]}]
+            wanted = [p["symbol"]] if p.get("symbol") else list(self.markets)
+            return [{"symbol": sym, "notionalCoef": 1.0, "brackets": [dict(b) for b in self.markets[sym]["brackets"]]}
+                    for sym in wanted if sym in self.markets]
         if path == "/fapi/v1/openOrders":
             return [self._public(o) for o in st.orders if o["status"] in ("NEW", "PARTIALLY_FILLED") and self._visible(o)]
         if path == "/fapi/v1/allOrders":
@@ -739,7 +782,8 @@ class FakeBinance:
                     if path == "/fapi/v1/time":
                         body: Any = {"serverTime": fake.now_ms}
                     elif path == "/fapi/v1/exchangeInfo":
-                        body = _exchange_info(fake.now_ms)
+                        with fake._lock:
+                            body = _exchange_info(fake.now_ms, fake.markets)
                     elif path == KLINES:
                         body = fake._klines(params, fault)
                     elif path == FUNDING:

@@ -1,4 +1,4 @@
-"""The real BTCUSDT data shipped in market/bundled loads, validates and stays within its period."""
+"""The real BTCUSDT, ETHUSDT and XRPUSDT data shipped in market/bundled loads, validates and stays within its period."""
 
 from __future__ import annotations
 
@@ -51,9 +51,24 @@ def test_funding_loads_and_joins(candles, funding):
     assert np.isfinite(joined["funding_rate"].dropna()).all()
 
 
+@pytest.mark.parametrize(("symbol", "first", "rows", "n_funding", "first_candle"), [
+    ("ETHUSDT", "2020-01-01 00:00", 48_192, 6_024, (129.12, 129.12, 128.62, 128.82, 14947.691)),
+    ("XRPUSDT", "2020-01-06 08:00", 48_064, 6_008, (0.197, 0.2041, 0.197, 0.2041, 6306.4)),
+])
+def test_other_bundled_symbols_load_validate_and_span(symbol, first, rows, n_funding, first_candle):
+    c = load_candles(bundled_candles_path(symbol))
+    f = load_funding(bundled_funding_path(symbol))
+    assert c.index[0] == pd.Timestamp(first, tz="UTC") and c.index[-1] == LAST_ALLOWED and len(c) == rows
+    assert tuple(c.iloc[0][["open", "high", "low", "close", "volume"]]) == first_candle  # quoted in PROVENANCE.md
+    assert f.index[0] == pd.Timestamp(first, tz="UTC") and f.index[-1] <= LAST_ALLOWED and len(f) == n_funding
+    joined = join_funding(c, f)
+    assert joined["funding_rate"].notna().sum() == len(f)
+
+
 def test_provenance_lists_the_files_checksums():
     text = (BUNDLED_DIR / "PROVENANCE.md").read_text(encoding="utf-8")
-    for path in (bundled_candles_path(), bundled_funding_path()):
+    paths = [p for sym in ("BTCUSDT", "ETHUSDT", "XRPUSDT") for p in (bundled_candles_path(sym), bundled_funding_path(sym))]
+    for path in paths:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         assert digest in text, f"PROVENANCE.md does not list the SHA-256 of {path.name}"
 
@@ -63,5 +78,5 @@ def test_missing_bundled_file_names_the_path():
         bundled_candles_path("DOGEUSDT")
     with pytest.raises(FileNotFoundError, match="BTCUSDT-4h.parquet"):
         bundled_candles_path("BTCUSDT", "4h")
-    with pytest.raises(FileNotFoundError, match="ETHUSDT-funding.parquet"):
-        bundled_funding_path("ETHUSDT")
+    with pytest.raises(FileNotFoundError, match="SOLUSDT-funding.parquet"):
+        bundled_funding_path("SOLUSDT")

@@ -87,13 +87,14 @@ def test_entry_quantity_sizing_and_limits():
 
 
 def test_protective_prices_long_and_short():
+    # nearest tick, as the env kernel rounds an entry's stop and take-profit: 49,876.594 -> 49,876.6, 50,246.962 -> 50,247.0
     stop, tp = protective_intents("BTCUSDT", T, 1, 50_000.05, 123.456, LONG, RULES)
-    assert stop.trigger_price == pytest.approx(49_876.5) and tp.trigger_price == pytest.approx(50_246.9)
+    assert stop.trigger_price == pytest.approx(49_876.6) and tp.trigger_price == pytest.approx(50_247.0)
     assert stop.side == tp.side == "sell" and stop.close_position and stop.reduce_only
     assert stop.order_type == "stop_market" and tp.order_type == "take_profit_market"
     short = Decision(direction=-1, leverage=2.0, size_frac=0.2, stop_atr=1.0, take_profit_atr=2.0)
     stop, tp = protective_intents("BTCUSDT", T, -1, 50_000.05, 123.456, short, RULES)
-    assert stop.trigger_price == pytest.approx(50_123.6) and tp.trigger_price == pytest.approx(49_753.2)
+    assert stop.trigger_price == pytest.approx(50_123.5) and tp.trigger_price == pytest.approx(49_753.1)
     assert stop.side == "buy"
     with pytest.raises(IntentError, match="atr_usdt"):
         protective_intents("BTCUSDT", T, 1, 50_000.0, math.nan, LONG, RULES)
