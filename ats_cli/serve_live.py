@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from market.instruments import DEFAULT_CCXT_SYMBOL
 from serving.errors import FatalError
 
 MODES = ("testnet", "live")
@@ -114,7 +115,7 @@ def serve_live(
     bundle_dir: Path,
     db_path: Path,
     db_url: str | None = None,
-    symbol: str = "BTC/USDT:USDT",
+    symbol: str = DEFAULT_CCXT_SYMBOL,
     timeframe: str = "1h",
     env_file: Path | None = None,
     live: bool = False,

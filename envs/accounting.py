@@ -28,7 +28,8 @@ Sources
 * Binance USDT-M funding: ``payment = position notional x funding rate`` every 8 h; with a
   positive rate longs pay and shorts receive.
 * Binance USDT-M fee schedule (VIP0 taker 0.05 %), leverage-bracket endpoint
-  (``GET /fapi/v1/leverageBracket``), BTCUSDT exchange filters (lot 0.001, tick 0.1, min notional 100).
+  (``GET /fapi/v1/leverageBracket``) and exchange filters (lot step, tick, min notional) of the traded symbol,
+  from its :class:`market.instruments.InstrumentSpec` (``cfg.instrument``).
 """
 
 from __future__ import annotations

@@ -205,6 +205,9 @@ is available offline; give them with a spec file or ``ats data download``)."""
 DEFAULT_SYMBOL = "BTCUSDT"
 """The symbol of the bundled candles (``market/bundled/BTCUSDT-1h.parquet``), the default of configs."""
 
+DEFAULT_CCXT_SYMBOL = "BTC/USDT:USDT"
+""":data:`DEFAULT_SYMBOL` as a unified ccxt symbol: the default of the serving settings (which symbol to trade)."""
+
 
 def bundled_spec(symbol: str) -> InstrumentSpec:
     """The bundled table's spec of ``symbol``.
@@ -342,9 +345,15 @@ def _unknown_message(symbol: str, candles_path: str | os.PathLike[str] | None) -
         f"no instrument spec for {symbol}: its tick size, quantity step, minimum notional and margin brackets are "
         f"unknown, and another symbol's are never used. Give one of: (1) a spec file with --instrument-spec PATH "
         f"(or data.instrument_spec in the config; JSON or YAML, format in the README); (2) the spec "
-        f"`ats data download --symbol {symbol}` writes next to the candles as {symbol}{SPEC_FILE_SUFFIX}{near}; "
+        f"`ats data download --symbol {_ccxt_symbol(symbol)}` writes next to the candles as "
+        f"{symbol}{SPEC_FILE_SUFFIX}{near}; "
         f"(3) a symbol of the bundled table ({', '.join(sorted(BUNDLED_SPECS))})"
     )
+
+
+def _ccxt_symbol(symbol: str) -> str:
+    """``XRPUSDT`` -> ``XRP/USDT:USDT`` (the unified form ``ats data download`` takes); other ids unchanged."""
+    return f"{symbol[:-4]}/USDT:USDT" if symbol.endswith("USDT") and len(symbol) > 4 else symbol
 
 
 def symbol_from_data_path(path: str | os.PathLike[str]) -> str | None:

@@ -52,7 +52,7 @@ import ccxt
 import pandas as pd
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
-from market.instruments import InstrumentSpec, exchange_filters, spec_from_ccxt_market
+from market.instruments import DEFAULT_CCXT_SYMBOL, InstrumentSpec, exchange_filters, spec_from_ccxt_market
 from serving.errors import (
     AmbiguousOutcomeError,
     FatalError,
@@ -271,7 +271,7 @@ class BinanceFuturesBroker:
     def __init__(
         self,
         client: Any,
-        symbol: str = "BTC/USDT:USDT",
+        symbol: str = DEFAULT_CCXT_SYMBOL,
         *,
         read_attempts: int = 4,
         backoff_base_s: float = 0.5,

@@ -105,6 +105,7 @@ from pydantic import Field
 from market.config_base import StrictConfig
 from market.decision import Decision, DecisionContext, Policy, PositionView
 from market.features import atr as atr_indicator
+from market.instruments import DEFAULT_CCXT_SYMBOL
 from serving.candles import (  # noqa: F401 - parse_ohlcv_row and validate_window re-exported
     CandleCache,
     CandleWindow,
@@ -172,7 +173,7 @@ class LiveConfig(StrictConfig):
 
     run_id: str = Field("live", min_length=1, max_length=128, description="Key of this run's rows in the store.")
     mode: Literal["testnet", "live"] = Field("testnet", description="Recorded in the live_started event (ats status).")
-    symbol: str = Field("BTC/USDT:USDT", description="Unified ccxt symbol.")
+    symbol: str = Field(DEFAULT_CCXT_SYMBOL, description="Unified ccxt symbol.")
     timeframe: str = Field("1h", description="Bar length; one of 1m 5m 15m 30m 1h 4h.")
     context_bars: int = Field(300, ge=20, le=1500, description="Closed candles given to the policies.")
     atr_period_bars: int = Field(

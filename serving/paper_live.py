@@ -75,7 +75,7 @@ from envs.config import CostConfig
 from market.config_base import StrictConfig
 from market.decision import Policy
 from market.features import atr as atr_indicator
-from market.instruments import resolve_spec
+from market.instruments import DEFAULT_CCXT_SYMBOL, resolve_spec
 from serving.candles import (  # noqa: F401 - Page and parse_page re-exported
     MAX_CONTEXT_BARS,
     PAGE_BARS,
@@ -111,7 +111,7 @@ class FeedConfig(StrictConfig):
     paper and testnet forward tests poll alike.
     """
 
-    symbol: str = Field("BTC/USDT:USDT", description="Unified ccxt symbol.")
+    symbol: str = Field(DEFAULT_CCXT_SYMBOL, description="Unified ccxt symbol.")
     timeframe: str = Field("1h", description="Bar length; one of 1m 5m 15m 30m 1h 4h.")
     close_delay_s: float = Field(3.0, ge=0, description="Wait after a bar close before polling its candle, s.")
     poll_interval_s: float = Field(1.0, gt=0, description="Minimum wait between two polls, s.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,7 @@ from tests.kit.fake_binance import FakeBinance
 from tests.kit.instruments import XRP_TEST_SOURCE, write_spec_json, xrp_test_spec
 
 HOUR_MS = 3_600_000
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +231,7 @@ def test_download_writes_the_spec_and_picks_up_a_changed_filter(tmp_path, monkey
 
 
 def test_cli_download_writes_the_spec_of_a_bundled_symbol(tmp_path, monkeypatch, xrp_fixture):
-    candles, funding = xrp_fixture
+    _, funding = xrp_fixture
     btc = load_candles(bundled_candles_path()).iloc[-400:]
     now = int(btc.index[-1].value // 1_000_000) + 30 * 60_000
     monkeypatch.delenv("ATS_BINANCE_API_KEY", raising=False)
@@ -282,7 +284,7 @@ def test_cli_refuses_a_symbol_that_contradicts_the_file_name(tmp_path):
 
 
 def test_cli_train_refuses_a_config_symbol_without_a_spec(tmp_path):
-    cfg = yaml.safe_load(open("configs/smoke.yaml"))
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
     cfg["data"].update(symbol="XRPUSDT")
     path = tmp_path / "xrp.yaml"
     path.write_text(yaml.safe_dump(cfg))
