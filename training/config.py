@@ -169,7 +169,8 @@ def load_config(path: str | Path, *, instrument_spec: str | Path | None = None, 
     raw.update({k: v for k, v in overrides.items() if v is not None})
     if instrument_spec is not None:
         data = raw.get("data")
-        raw["data"] = {**(data if isinstance(data, dict) else {}), "instrument_spec": str(Path(instrument_spec).resolve())}
+        spec_file = str(Path(instrument_spec).resolve())
+        raw["data"] = {**(data if isinstance(data, dict) else {}), "instrument_spec": spec_file}
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -200,9 +201,14 @@ def with_instrument(cfg: RunConfig) -> tuple[RunConfig, ResolvedSpec]:
     Raises
     ------
     market.instruments.InstrumentSpecError
-        As :func:`run_instrument`.
+        As :func:`run_instrument`, or ``env.actions.max_leverage`` above the spec's ``max_leverage``.
     """
     resolved = run_instrument(cfg)
+    if cfg.env.actions.max_leverage > resolved.spec.max_leverage:
+        raise InstrumentSpecError(
+            f"env.actions.max_leverage {cfg.env.actions.max_leverage:g} is above {resolved.spec.symbol}'s maximum "
+            f"leverage {resolved.spec.max_leverage}x ({resolved.describe()}); lower env.actions.max_leverage"
+        )
     costs = cfg.env.costs.with_instrument(resolved.spec)
     return cfg.model_copy(update={"env": cfg.env.model_copy(update={"costs": costs})}), resolved
 

@@ -170,15 +170,16 @@ def test_spec_from_a_ccxt_market_with_brackets_or_a_fallback():
     spec = spec_from_ccxt_market(_market(), brackets)
     assert (spec.tick_size_usdt, spec.lot_step_base, spec.max_market_qty_base, spec.min_notional_usdt) == (
         0.0001, 0.1, 2_000_000.0, 5.0)
-    assert spec.max_leverage == 75 and spec.bracket_rows()[0] == (5_000.0, 0.005, 0.0) and "leverageBracket" in spec.source
+    assert spec.max_leverage == 75 and spec.bracket_rows()[0] == (5_000.0, 0.005, 0.0)
+    assert "leverageBracket" in spec.source
     kept = spec_from_ccxt_market(_market("0.001"), None, fallback=spec)
     assert kept.tick_size_usdt == 0.001 and kept.maintenance_brackets == spec.maintenance_brackets
     assert "kept from" in kept.source
     with pytest.raises(InstrumentSpecError, match="API keys"):
         spec_from_ccxt_market(_market(), None)
     with pytest.raises(InstrumentSpecError, match="MIN_NOTIONAL"):
-        spec_from_ccxt_market({"id": "XRPUSDT", "info": {"symbol": "XRPUSDT", "filters": _market()["info"]["filters"][:3]}},
-                              brackets)
+        three = _market()["info"]["filters"][:3]
+        spec_from_ccxt_market({"id": "XRPUSDT", "info": {"symbol": "XRPUSDT", "filters": three}}, brackets)
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +305,17 @@ def test_v1_evaluation_on_xrp_uses_the_xrp_spec(tmp_path):
     m = json.loads((out / "metrics.json").read_text())["v1"]
     assert m["n_trades"] > 0 and m["slippage_paid"] < 3 * m["fees_paid"]
     assert "XRPUSDT: tick 0.0001 USDT" in (out / "report.html").read_text()
+
+
+def test_config_leverage_above_the_instruments_maximum_is_refused(tmp_path):
+    from training.config import load_config
+
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    low = write_spec_json(tmp_path / "x.json", xrp_test_spec(max_leverage=3))
+    cfg["data"].update(symbol="XRPUSDT", instrument_spec=str(low))
+    path = tmp_path / "xrp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(InstrumentSpecError, match="above XRPUSDT's maximum leverage 3x"):
+        load_config(path)
+    loaded = load_config(path, instrument_spec=write_spec_json(tmp_path / "y.json", xrp_test_spec()))
+    assert loaded.env.costs.instrument == xrp_test_spec() and loaded.data.instrument_spec == str(tmp_path / "y.json")
