@@ -91,7 +91,7 @@ class SimReport:
     sources: dict[str, int]
     first_source: str | None
     one_row_per_bar: bool
-    faults: dict[str, int]
+    faults: dict[str, int]  # queued, by label
     orders_on_exchange: int
     duplicate_client_ids: dict[str, int]
     exchange_trades: int
@@ -101,6 +101,7 @@ class SimReport:
     events: dict[str, int] = field(default_factory=dict)
     crashes: dict[str, str] = field(default_factory=dict)
     secret_in_store: bool = False
+    faults_never_met: int = 0  # queued faults still waiting for a request to their endpoint at the end
 
     @property
     def ok(self) -> bool:
@@ -160,7 +161,7 @@ def _report(fake: FakeBinance, store, bars: int, clock_faults: Counter[str], cra
         exchange_trades=len(fake.trading.trades), position_matches=abs(stored - amt) < 1e-9,
         blocked_at_end=store.position_blocked(SYMBOL), protected_at_end=amt == 0 or bool(stops),
         events=dict(Counter(ev["kind"])), crashes=crashes or {},
-        secret_in_store=SIM_KEY in dump or SIM_SECRET in dump,
+        secret_in_store=SIM_KEY in dump or SIM_SECRET in dump, faults_never_met=fake.pending_faults(),
     )  # fmt: skip
 
 

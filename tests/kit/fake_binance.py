@@ -291,6 +291,11 @@ class FakeBinance:
         with self._lock:
             self._faults.setdefault(path, deque()).extend([fault] * times)
 
+    def pending_faults(self) -> int:
+        """Faults queued that no request has met yet."""
+        with self._lock:
+            return sum(len(q) for q in self._faults.values())
+
     def count(self, path: str) -> int:
         """Number of requests received for ``path``."""
         return sum(1 for p, _ in self.requests if p == path)
