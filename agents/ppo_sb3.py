@@ -7,7 +7,7 @@ does not depend on ``training`` (data flows market -> ... -> agents -> training)
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,15 +39,29 @@ def resolve_device(device: str) -> str:
 
 
 def make_vec_env(
-    data: EnvData, config: EnvConfig, *, n_envs: int, seed: int, batched: bool = False
+    data: EnvData | Sequence[tuple[str, EnvData, EnvConfig]], config: EnvConfig, *, n_envs: int, seed: int,
+    batched: bool = False,
 ) -> DummyVecEnv | VecMonitor:
     """``n_envs`` TradingEnvs with random episode starts, seeded ``seed, seed+1, ...``.
+
+    ``data`` as a sequence of ``(symbol, EnvData, EnvConfig)`` legs (a pooled multi-symbol run): each env is an
+    :class:`envs.multi_env.MultiSymbolEnv` drawing a symbol per episode, trading it with that symbol's own data and
+    config (instrument spec); ``batched`` is not available then.
 
     Each env is wrapped in SB3's ``Monitor`` so ``rollout/ep_rew_mean`` and ``ep_len_mean`` are logged.
     With ``batched=True`` the envs are rows of one compiled batched env
     (:class:`envs.sb3_vec.BatchedSB3VecEnv`, random starts from one generator seeded ``seed``) under
     SB3's ``VecMonitor``: same env dynamics and infos, without the per-env Python loop.
     """
+    if not isinstance(data, EnvData):
+        if batched:
+            raise ValueError("make_vec_env: the batched env trades one symbol; pooled legs need batched=False")
+        from envs.multi_env import MultiSymbolEnv
+
+        legs = list(data)
+        venv = DummyVecEnv([lambda: Monitor(MultiSymbolEnv(legs)) for _ in range(n_envs)])
+        venv.seed(seed)
+        return venv
     if batched:
         from envs.sb3_vec import BatchedSB3VecEnv
 
@@ -162,7 +176,7 @@ class PPOResult:
 
 
 def train_ppo(
-    train_data: EnvData,
+    train_data: EnvData | Sequence[tuple[str, EnvData, EnvConfig]],
     env_config: EnvConfig,
     ppo_config,
     *,
@@ -175,6 +189,9 @@ def train_ppo(
     hparams: dict[str, Any] | None = None,
 ) -> PPOResult:
     """Train PPO on ``train_data`` and return it with the parameters that scored best on validation.
+
+    ``train_data``: one symbol's :class:`EnvData`, or the ``(symbol, EnvData, EnvConfig)`` legs of a pooled run
+    (:func:`make_vec_env`); ``env_config`` then only gives the initial equity of the episode statistics.
 
     TensorBoard receives SB3's scalars (``rollout/``, ``train/``), ``episode/*`` trading statistics
     of each training episode and ``val/*`` validation metrics, under ``tensorboard_dir/PPO_1``.

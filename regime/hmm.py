@@ -357,13 +357,17 @@ class RegimeHMM:
         assert self.means is not None
         return int(self.means.shape[1])
 
-    def fit(self, X: np.ndarray) -> RegimeHMM:
+    def fit(self, X: np.ndarray, lengths: list[int] | None = None) -> RegimeHMM:
         """Fit the HMM on ``X`` and relabel the states by volatility.
 
         Parameters
         ----------
         X : np.ndarray, shape (T, d), float
             Causal features of the training period only (e.g. log return, log rolling volatility).
+        lengths : list[int] | None
+            ``X`` is several independent sequences (e.g. one per symbol of a pooled run) of these lengths, in
+            order (sum = T): Baum-Welch never links the last row of one to the first of the next (hmmlearn's
+            ``lengths``); the standardisation uses all rows. None = one sequence.
 
         Returns
         -------
@@ -391,6 +395,8 @@ class RegimeHMM:
         if const.size:
             raise ValueError(f"X column(s) {const.tolist()} are constant; cannot standardise")
         Z = (X - x_mean) / x_std
+        if lengths is not None and (sum(lengths) != T or min(lengths) < 1):
+            raise ValueError(f"lengths {list(lengths)} must be positive and sum to the {T} rows of X")
         best, best_score = None, -np.inf
         for restart in range(self.cfg.n_restarts):
             hmm = GaussianHMM(
@@ -399,8 +405,8 @@ class RegimeHMM:
                 n_iter=self.cfg.n_iter,
                 random_state=self.cfg.seed + restart,
             )
-            hmm.fit(Z)
-            score = float(hmm.score(Z))
+            hmm.fit(Z, lengths)
+            score = float(hmm.score(Z, lengths))
             if best is None or score > best_score:  # strict: ties keep the lower seed
                 best, best_score = hmm, score
         hmm = best

@@ -12,6 +12,7 @@ training and a later period must leave a purge gap of at least h bars (López de
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -117,7 +118,11 @@ class RegimeTransitionModel:
         }
 
     def fit(
-        self, features: np.ndarray, filtered: np.ndarray, horizon_bars: int | None = None
+        self,
+        features: np.ndarray,
+        filtered: np.ndarray,
+        horizon_bars: int | None = None,
+        lengths: list[int] | None = None,
     ) -> RegimeTransitionModel:
         """Fit on features at t and the filtered regime at t + h.
 
@@ -129,6 +134,10 @@ class RegimeTransitionModel:
             Filtered regime probabilities aligned with ``features`` (same bars).
         horizon_bars : int, optional
             h; defaults to ``cfg.horizon_bars``. The last h rows have no target and are dropped.
+        lengths : list[int], optional
+            The rows are several independent sequences (one per symbol of a pooled run) of these lengths, in
+            order: targets are built within each, and each one's last h rows are dropped (a target never comes
+            from another sequence). None = one sequence.
 
         Returns
         -------
@@ -147,8 +156,15 @@ class RegimeTransitionModel:
         filtered = np.asarray(filtered)
         if filtered.ndim != 2 or filtered.shape[0] != features.shape[0]:
             raise ValueError(f"filtered must have shape (T={features.shape[0]}, K), got {filtered.shape}")
-        targets = build_targets(filtered, h)
-        X = features[: features.shape[0] - h]  # the last h rows have no target: dropped explicitly
+        if lengths is None:
+            targets = build_targets(filtered, h)
+            X = features[: features.shape[0] - h]  # the last h rows have no target: dropped explicitly
+        else:
+            if sum(lengths) != features.shape[0] or min(lengths) < 1:
+                raise ValueError(f"lengths {list(lengths)} must be positive and sum to the {features.shape[0]} rows")
+            spans = list(itertools.pairwise(np.cumsum([0, *lengths]).tolist()))
+            targets = np.concatenate([build_targets(filtered[a:b], h) for a, b in spans])
+            X = np.concatenate([features[a : b - h] for a, b in spans])
         K = int(filtered.shape[1])
         classes = np.unique(targets)
         self.n_states, self.n_features, self.horizon_bars = K, int(features.shape[1]), h

@@ -18,7 +18,7 @@ from envs.trading_env import EnvConfig
 from fallback.config import V1Config
 from market.config_base import StrictConfig
 from market.features import FeatureConfig
-from market.instruments import DEFAULT_SYMBOL, InstrumentSpecError, ResolvedSpec, resolve_spec
+from market.instruments import DEFAULT_SYMBOL, InstrumentSpec, InstrumentSpecError, ResolvedSpec, resolve_spec
 from market.labels import TripleBarrierConfig
 from regime.config import RegimeConfig
 from signals.config import SignalConfig
@@ -28,8 +28,39 @@ class ConfigError(ValueError):
     """The configuration file is missing, malformed or inconsistent (the message names the key)."""
 
 
+class SymbolSource(StrictConfig):
+    """One symbol of a pooled run (``data.symbols``): its candles, funding and instrument spec.
+
+    ``None`` paths follow the single-symbol rules of :class:`DataConfig`: the bundled 1h candles (and funding) of
+    ``symbol``; the spec from ``instrument_spec``, else ``SYMBOL.spec.json`` next to the candles, else the bundled
+    table. A relative path in a config file is taken relative to that file.
+    """
+
+    symbol: str = Field(..., min_length=1, description="exchange id of the contract, e.g. ETHUSDT")
+    candles_path: str | None = Field(None, description="OHLCV parquet; None = the bundled 1h candles of symbol")
+    funding_path: str | None = Field(None, description="funding parquet; None = bundled (with bundled candles)")
+    instrument_spec: str | None = Field(None, description="instrument spec file (JSON/YAML) of symbol")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: object) -> object:
+        return {"symbol": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _upper(self) -> SymbolSource:
+        if self.symbol != self.symbol.strip().upper() or not self.symbol.isalnum():
+            raise ValueError(f"symbol must be an exchange id in capitals (e.g. ETHUSDT), got {self.symbol!r}")
+        return self
+
+
 class DataConfig(StrictConfig):
-    """Where the candles come from and how the span is split into train / validation / test."""
+    """Where the candles come from and how the span is split into train / validation / test.
+
+    One symbol (``symbol``, ``candles_path``, ``funding_path``, ``instrument_spec``), or several pooled into one run
+    (``symbols``: a list of names or of :class:`SymbolSource` mappings; the first is the *primary* symbol, whose spec
+    the run's ``env.costs.instrument`` carries). With ``symbols`` the four single-symbol keys must be left unset.
+    Every symbol is cut at the same period boundaries.
+    """
 
     candles_path: str | None = Field(None, description="OHLCV parquet; None = the bundled 1h USDT-M candles of symbol")
     funding_path: str | None = Field(None, description="funding parquet; None = bundled (with bundled candles)")
@@ -38,6 +69,12 @@ class DataConfig(StrictConfig):
         None,
         description="instrument spec file (JSON/YAML) of symbol; None = SYMBOL.spec.json next to the candles, else "
         "the bundled table (market/instruments.py); a symbol known to none of them is an error",
+    )
+    symbols: tuple[SymbolSource, ...] | None = Field(
+        None,
+        min_length=1,
+        description="pooled multi-symbol run: the symbols (names or {symbol, candles_path, funding_path, "
+        "instrument_spec}); None = the one symbol above",
     )
     gap_policy: Literal["error", "mark"] = Field(
         "error", description="missing bars: error = refuse the data; mark = fill (close carried, volume 0) + is_gap"
@@ -53,15 +90,51 @@ class DataConfig(StrictConfig):
     test_start: str = Field(..., description="first open time of test (UTC); end of validation unless val_end is set")
     test_end: str = Field(..., description="end (exclusive) of the test period (UTC)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _primary_symbol(cls, raw: object) -> object:
+        if isinstance(raw, dict) and raw.get("symbols") and "symbol" not in raw:
+            first = raw["symbols"][0]
+            name = first if isinstance(first, str) else first.get("symbol") if isinstance(first, dict) else None
+            if isinstance(name, str):
+                raw = {**raw, "symbol": name}
+        return raw
+
     @model_validator(mode="after")
-    def _ordered(self) -> "DataConfig":
+    def _ordered(self) -> DataConfig:
         keys = tuple(k for k in self.period_keys() if getattr(self, k) is not None)
         times = [pd.Timestamp(getattr(self, k), tz="UTC") for k in keys]
         if any(b <= a for a, b in zip(times, times[1:])):
             raise ValueError(f"data periods must be strictly increasing: {dict(zip(keys, times))}")
         if times[-1] > pd.Timestamp("2025-07-01", tz="UTC"):
             raise ValueError("test_end is after 2025-07-01: later data is withheld for evaluation")
+        if self.symbols is not None:
+            single = [k for k in ("candles_path", "funding_path", "instrument_spec") if getattr(self, k) is not None]
+            if self.symbol != self.symbols[0].symbol:
+                single.append("symbol")
+            if single:
+                raise ValueError(f"with data.symbols, give {single} per symbol (entries of data.symbols), not at the top")
+            names = [s.symbol for s in self.symbols]
+            if len(set(names)) != len(names):
+                raise ValueError(f"data.symbols lists a symbol twice: {names}")
         return self
+
+    def sources(self) -> tuple[SymbolSource, ...]:
+        """The run's symbols with their data and spec sources; the first is the primary symbol."""
+        if self.symbols is not None:
+            return self.symbols
+        return (SymbolSource(symbol=self.symbol, candles_path=self.candles_path, funding_path=self.funding_path,
+                             instrument_spec=self.instrument_spec),)
+
+    @property
+    def symbol_names(self) -> tuple[str, ...]:
+        """The symbols of the run, primary first."""
+        return tuple(s.symbol for s in self.sources())
+
+    @property
+    def primary_symbol(self) -> str:
+        """The first symbol (the one of ``env.costs.instrument``)."""
+        return self.sources()[0].symbol
 
     @staticmethod
     def period_keys() -> tuple[str, ...]:
@@ -167,8 +240,12 @@ def load_config(path: str | Path, *, instrument_spec: str | Path | None = None, 
     path = Path(path)
     raw = read_config_mapping(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    _symbol_paths_absolute(raw, path.parent)
     if instrument_spec is not None:
         data = raw.get("data")
+        if isinstance(data, dict) and data.get("symbols"):
+            raise ConfigError(f"{path}: --instrument-spec gives the spec of one symbol; with data.symbols give each "
+                              "symbol's spec as data.symbols[i].instrument_spec")
         spec_file = str(Path(instrument_spec).resolve())
         raw["data"] = {**(data if isinstance(data, dict) else {}), "instrument_spec": spec_file}
     try:
@@ -176,6 +253,57 @@ def load_config(path: str | Path, *, instrument_spec: str | Path | None = None, 
     except ValidationError as exc:
         raise invalid_config(path, exc) from exc
     return with_instrument(cfg)[0]
+
+
+def _symbol_paths_absolute(raw: dict, base: Path) -> None:
+    """Make the relative paths of ``data.symbols`` entries absolute, relative to the config file's folder ``base``
+    (so a saved run config, read from the run directory, names the same files)."""
+    data = raw.get("data")
+    symbols = data.get("symbols") if isinstance(data, dict) else None
+    if not isinstance(symbols, list):
+        return
+    out = []
+    for entry in symbols:
+        if isinstance(entry, dict):
+            entry = dict(entry)
+            for key in ("candles_path", "funding_path", "instrument_spec"):
+                v = entry.get(key)
+                if isinstance(v, str) and not Path(v).is_absolute():
+                    entry[key] = str((base / v).resolve())
+        out.append(entry)
+    raw["data"] = {**data, "symbols": out}
+
+
+def source_instrument(source: SymbolSource) -> ResolvedSpec:
+    """The instrument spec of one symbol of the run (:func:`market.instruments.resolve_spec`): its
+    ``instrument_spec``, else ``<SYMBOL>.spec.json`` next to its candles (or the bundled candles), else the bundled
+    table.
+
+    Raises
+    ------
+    market.instruments.InstrumentSpecError
+        As :func:`run_instrument`.
+    """
+    from market.bundled import BUNDLED_DIR
+
+    candles = Path(source.candles_path) if source.candles_path else BUNDLED_DIR / f"{source.symbol}-1h.parquet"
+    return resolve_spec(source.symbol, spec_path=source.instrument_spec, candles_path=candles)
+
+
+def run_instruments(cfg: RunConfig) -> dict[str, ResolvedSpec]:
+    """The resolved spec of every symbol of the run (:func:`source_instrument`), primary first.
+
+    Raises
+    ------
+    market.instruments.InstrumentSpecError
+        If a symbol has no spec, or a spec file is invalid or of another symbol.
+    """
+    return {s.symbol: source_instrument(s) for s in cfg.data.sources()}
+
+
+def symbol_env_config(cfg: RunConfig, spec: InstrumentSpec) -> EnvConfig:
+    """The run's env config with ``spec`` as the traded instrument (a pooled run's per-symbol cost model)."""
+    return cfg.env.model_copy(update={"costs": cfg.env.costs.with_instrument(spec)})
 
 
 def run_instrument(cfg: RunConfig) -> ResolvedSpec:
@@ -188,27 +316,26 @@ def run_instrument(cfg: RunConfig) -> ResolvedSpec:
         If no source knows the symbol (the message names it and the three ways to give a spec), or the spec file
         is invalid or of another symbol.
     """
-    from market.bundled import BUNDLED_DIR
-
-    d = cfg.data
-    candles = Path(d.candles_path) if d.candles_path else BUNDLED_DIR / f"{d.symbol}-1h.parquet"
-    return resolve_spec(d.symbol, spec_path=d.instrument_spec, candles_path=candles)
+    return source_instrument(cfg.data.sources()[0])
 
 
 def with_instrument(cfg: RunConfig) -> tuple[RunConfig, ResolvedSpec]:
-    """``cfg`` with ``env.costs.instrument`` set to the run's resolved spec (:func:`run_instrument`), and that spec.
+    """``cfg`` with ``env.costs.instrument`` set to the run's resolved spec (:func:`run_instrument`; a pooled run's
+    primary symbol), and that spec.
 
     Raises
     ------
     market.instruments.InstrumentSpecError
-        As :func:`run_instrument`, or ``env.actions.max_leverage`` above the spec's ``max_leverage``.
+        As :func:`run_instruments`, or ``env.actions.max_leverage`` above any symbol's ``max_leverage``.
     """
-    resolved = run_instrument(cfg)
-    if cfg.env.actions.max_leverage > resolved.spec.max_leverage:
-        raise InstrumentSpecError(
-            f"env.actions.max_leverage {cfg.env.actions.max_leverage:g} is above {resolved.spec.symbol}'s maximum "
-            f"leverage {resolved.spec.max_leverage}x ({resolved.describe()}); lower env.actions.max_leverage"
-        )
+    resolved_all = run_instruments(cfg)
+    resolved = next(iter(resolved_all.values()))
+    for r in resolved_all.values():
+        if cfg.env.actions.max_leverage > r.spec.max_leverage:
+            raise InstrumentSpecError(
+                f"env.actions.max_leverage {cfg.env.actions.max_leverage:g} is above {r.spec.symbol}'s maximum "
+                f"leverage {r.spec.max_leverage}x ({r.describe()}); lower env.actions.max_leverage"
+            )
     costs = cfg.env.costs.with_instrument(resolved.spec)
     return cfg.model_copy(update={"env": cfg.env.model_copy(update={"costs": costs})}), resolved
 

@@ -44,7 +44,14 @@ from regime.transition import RegimeTransitionModel
 from signals.tcn import train_tcn
 from training import metrics as M
 from training.backtest import run_backtest
-from training.config import RunConfig, check_run_instrument, run_instrument
+from training.config import (
+    RunConfig,
+    SymbolSource,
+    check_run_instrument,
+    source_instrument,
+    symbol_env_config,
+)
+from training.portfolio import portfolio_metrics
 
 Log = Callable[[str], None]
 
@@ -91,18 +98,39 @@ def prepare_data(cfg: RunConfig, log: Log = lambda s: None) -> PreparedData:
     market.instruments.InstrumentSpecError
         No spec for the symbol, a spec that does not fit the candles, or a cost model with another spec.
     """
+    return prepare_source(cfg, cfg.data.sources()[0], log, primary=True)
+
+
+def prepare_symbols(cfg: RunConfig, log: Log = lambda s: None) -> list[PreparedData]:
+    """:func:`prepare_data` of every symbol of the run (``data.symbols``; one for a single-symbol run), primary first,
+    each with its own candles, funding and instrument spec, cut at the same period boundaries.
+
+    Raises
+    ------
+    DataValidationError, market.instruments.InstrumentSpecError
+        As :func:`prepare_data`, for any symbol (the message names its file).
+    """
+    sources = cfg.data.sources()
+    return [prepare_source(cfg, s, log, primary=i == 0) for i, s in enumerate(sources)]
+
+
+def prepare_source(cfg: RunConfig, source: SymbolSource, log: Log = lambda s: None, *, primary: bool = True) -> PreparedData:
+    """:func:`prepare_data` of one symbol of the run; ``primary``: its spec must be ``cfg.env.costs.instrument``."""
     d = cfg.data
-    resolved = run_instrument(cfg)
-    candles_path = Path(d.candles_path) if d.candles_path else bundled_candles_path(d.symbol)
-    funding_path = Path(d.funding_path) if d.funding_path else (None if d.candles_path else bundled_funding_path(d.symbol))
+    resolved = source_instrument(source)
+    symbol = source.symbol
+    candles_path = Path(source.candles_path) if source.candles_path else bundled_candles_path(symbol)
+    funding_path = (Path(source.funding_path) if source.funding_path
+                    else (None if source.candles_path else bundled_funding_path(symbol)))
     candles = load_candles(candles_path, gap_policy=d.gap_policy)
     if funding_path is not None:
         candles = join_funding(candles, load_funding(funding_path))
     span = candles.loc[(candles.index >= d.ts("load_start")) & (candles.index < d.ts("test_end"))]
     if span.empty:
         raise DataValidationError("period_in_data", [], source=str(candles_path))
-    check_spec_fits(resolved.spec, d.symbol, span["close"].to_numpy())
-    check_run_instrument(cfg, resolved)
+    check_spec_fits(resolved.spec, symbol, span["close"].to_numpy())
+    if primary:
+        check_run_instrument(cfg, resolved)
     n_gap_filled = int(span["is_gap"].sum()) if "is_gap" in span.columns else 0  # bars filled in the span
     feats_all = compute_features(span, cfg.features)
     feats, n_warm = drop_warmup(feats_all)
@@ -123,7 +151,7 @@ def prepare_data(cfg: RunConfig, log: Log = lambda s: None) -> PreparedData:
     if not 0 < val_row < val_end_row <= test_row < len(idx):
         raise DataValidationError("period_boundaries", [str(d.ts("val_start")), str(d.ts("test_start"))], source=str(candles_path))
     info = {
-        "symbol": d.symbol,
+        "symbol": symbol,
         "candles_file": str(candles_path),
         "candles_sha256": _sha256(candles_path),
         "funding_file": str(funding_path) if funding_path else None,
@@ -162,19 +190,46 @@ def fit_stack(prep: PreparedData, fit_end: int, cfg: RunConfig, *, device: str, 
     Labels at t depend on prices up to t + horizon, so label rows ``t >= fit_end - purge`` are
     excluded; the LightGBM target (filtered state at t + h) is built inside ``[0, fit_end)``.
     """
+    return fit_stack_pooled([prep], [fit_end], cfg, device=device, seed=seed)
+
+
+def fit_stack_pooled(preps: list[PreparedData], fit_ends: list[int], cfg: RunConfig, *, device: str,
+                     seed: int) -> StackModels:
+    """One set of regime and signal models fitted on rows ``[0, fit_ends[i])`` of every symbol ``preps[i]``.
+
+    Pooled, not per symbol: the features are scale-free (returns, ratios, ATR %), so one HMM, one LightGBM and one
+    TCN see every symbol's history, and a pooled bundle serves any of its symbols with one observation builder.
+    Each symbol is its own sequence: the HMM is fitted with per-symbol ``lengths`` and filtered per symbol, the
+    LightGBM targets (state h bars ahead) are built within each symbol, TCN windows never span two symbols, and the
+    label purge (:func:`purge_bars`) is applied at the end of each symbol's fitting rows. With one symbol this is
+    exactly :func:`fit_stack`.
+    """
     cols = list(cfg.regime_input_features)
-    missing = [c for c in cols if c not in prep.features.columns]
+    missing = [c for c in cols if c not in preps[0].features.columns]
     if missing:
         raise ValueError(f"regime_input_features not among the feature columns: {missing}")
-    x_hmm = prep.features[cols].to_numpy(np.float64)[:fit_end]
-    hmm = RegimeHMM(cfg.regime).fit(x_hmm)
-    filtered = hmm.filtered_proba(x_hmm)
-    feats = prep.features.to_numpy(np.float32)[:fit_end]
-    transition = RegimeTransitionModel(cfg.regime).fit(feats, filtered, cfg.regime.horizon_bars)
-    labels = prep.labels[:fit_end].copy()
-    labels[max(0, fit_end - purge_bars(cfg)) :] = -1
+    single = len(preps) == 1
+    x_parts = [p.features[cols].to_numpy(np.float64)[:e] for p, e in zip(preps, fit_ends)]
+    lengths = None if single else [len(x) for x in x_parts]
+    x_hmm = x_parts[0] if single else np.concatenate(x_parts)
+    hmm = RegimeHMM(cfg.regime).fit(x_hmm, lengths)
+    f_parts = [p.features.to_numpy(np.float32)[:e] for p, e in zip(preps, fit_ends)]
+    filtered = hmm.filtered_proba(x_hmm) if single else np.concatenate([hmm.filtered_proba(x) for x in x_parts])
+    feats = f_parts[0] if single else np.concatenate(f_parts)
+    transition = RegimeTransitionModel(cfg.regime).fit(feats, filtered, cfg.regime.horizon_bars, lengths)
+    l_parts = []
+    for p, e in zip(preps, fit_ends):
+        lab = p.labels[:e].copy()
+        lab[max(0, e - purge_bars(cfg)) :] = -1
+        l_parts.append(lab)
+    labels = l_parts[0] if single else np.concatenate(l_parts)
+    valid = None
+    if not single:  # a TCN window ends at least window_bars - 1 rows into its own symbol
+        valid = np.ones(len(labels), dtype=np.bool_)
+        for a in np.cumsum([0, *lengths[:-1]]):
+            valid[a : a + cfg.signals.window_bars - 1] = False
     signals_cfg = cfg.signals.model_copy(update={"seed": seed})
-    tcn = train_tcn(feats, labels, signals_cfg, device=device)
+    tcn = train_tcn(feats, labels, signals_cfg, device=device, valid_mask=valid)
     return StackModels(hmm=hmm, transition=transition, tcn=tcn, hmm_columns=tuple(cols))
 
 
@@ -214,12 +269,59 @@ def build_market_obs(prep: PreparedData, cfg: RunConfig, *, device: str, log: Lo
     return obs, final, folds
 
 
+def build_market_obs_pooled(preps: list[PreparedData], cfg: RunConfig, *, device: str, log: Log
+                            ) -> tuple[list[pd.DataFrame], StackModels, list[dict]]:
+    """:func:`build_market_obs` of a pooled run: one observation frame per symbol, one set of final models.
+
+    The fold boundaries are times (the primary symbol's :func:`fold_starts` rows), mapped to each symbol's rows,
+    so fold k of every symbol is predicted by models fitted on every symbol's bars before it (purged per symbol,
+    :func:`fit_stack_pooled`); validation and test outputs come from models fitted on every symbol's training
+    period. Returns the frames (rows ``[first fold, end)`` of each symbol), the final models and a fold record.
+    """
+    times = [preps[0].features.index[r] if r < preps[0].n_rows else None for r in fold_starts(preps[0], cfg)]
+    starts = [[int(p.features.index.searchsorted(t)) if t is not None else p.n_rows for t in times[:-1]] + [p.val_row]
+              for p in preps]
+    parts: list[list[pd.DataFrame]] = [[] for _ in preps]
+    folds = []
+    for k in range(len(times) - 1):
+        t0 = time.perf_counter()
+        fit_ends = [s[k] for s in starts]
+        models = fit_stack_pooled(preps, fit_ends, cfg, device=device, seed=cfg.seed + k)
+        for i, p in enumerate(preps):
+            parts[i].append(model_outputs(p.features, models, start=starts[i][k], end=starts[i][k + 1]))
+        folds.append({"fold": k, "purge_bars": purge_bars(cfg),
+                      "by_symbol": {p.info["symbol"]: {
+                          "fit_rows": [0, starts[i][k]], "predict_rows": [starts[i][k], starts[i][k + 1]],
+                          "predict_span": [str(p.features.index[starts[i][k]]), str(p.features.index[starts[i][k + 1] - 1])]}
+                          for i, p in enumerate(preps)}})
+        log(f"out-of-fold block {k + 1}/{len(times) - 1}: fitted on {sum(fit_ends)} bars of {len(preps)} symbols "
+            f"({time.perf_counter() - t0:.1f} s)")
+    t0 = time.perf_counter()
+    final = fit_stack_pooled(preps, [p.val_row for p in preps], cfg, device=device, seed=cfg.seed + 100)
+    obs = []
+    for i, p in enumerate(preps):
+        parts[i].append(model_outputs(p.features, final, start=p.val_row, end=p.n_rows))
+        first = starts[i][0]
+        obs.append(pd.concat([p.features.iloc[first:], pd.concat(parts[i])], axis=1))
+    log(f"final regime/signal models fitted on the training period of {len(preps)} symbols "
+        f"({time.perf_counter() - t0:.1f} s)")
+    return obs, final, folds
+
+
+def pooled_fold_first(preps: list[PreparedData], cfg: RunConfig) -> list[int]:
+    """First out-of-fold row of each symbol (the row of the primary's first fold time)."""
+    t = preps[0].features.index[fold_starts(preps[0], cfg)[0]]
+    return [int(p.features.index.searchsorted(t)) for p in preps]
+
+
 def env_data(prep: PreparedData, market_obs: pd.DataFrame, normalizer: ObsNormalizer, start: int, end: int) -> EnvData:
-    """EnvData for feature rows ``[start, end)`` with the normalised market observation."""
+    """EnvData for feature rows ``[start, end)`` with the normalised market observation (funding times at the
+    symbol's spec interval)."""
     rows = prep.features.index[start:end]
     obs = market_obs.loc[rows]
     normed = pd.DataFrame(normalizer(obs.to_numpy(np.float32)), index=rows, columns=obs.columns)
-    return EnvData.from_frames(prep.candles.iloc[start:end], normed, prep.atr[start:end])
+    hours = prep.instrument.spec.funding_interval_hours if prep.instrument is not None else 8
+    return EnvData.from_frames(prep.candles.iloc[start:end], normed, prep.atr[start:end], funding_interval_hours=hours)
 
 
 def episode_stats(bar_interval_s: float) -> Callable[[np.ndarray], dict[str, float]]:
@@ -249,12 +351,17 @@ def summarize_backtest(res, bar_interval_s: float) -> dict[str, float]:
 
 
 def train_run(cfg: RunConfig, run_dir: Path, *, log: Log = print, on_ppo_progress: Callable[[int], None] | None = None) -> Path:
-    """Run the whole training pipeline and write ``run_dir/bundle``; return the bundle path."""
+    """Run the whole training pipeline and write ``run_dir/bundle``; return the bundle path.
+
+    A config with several symbols (``data.symbols``) runs :func:`train_pooled`.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     device = resolve_device(cfg.device)
     log(f"device: {device}")
+    if len(cfg.data.sources()) > 1:
+        return train_pooled(cfg, run_dir, device=device, log=log, on_ppo_progress=on_ppo_progress)
     prep = prepare_data(cfg, log)
     market_obs, final_models, folds = build_market_obs(prep, cfg, device=device, log=log)
     first = fold_starts(prep, cfg)[0]
@@ -311,6 +418,83 @@ def train_run(cfg: RunConfig, run_dir: Path, *, log: Log = print, on_ppo_progres
         metrics={"validation": M.to_jsonable(result.best_metrics), "selected_step": result.best_step},
     )
     _write_replay(prep, cfg, run_dir / "replay")
+    return bundle
+
+
+def pooled_data_info(preps: list[PreparedData], folds: list[dict]) -> dict:
+    """The bundle manifest's ``data`` of a pooled run: the primary symbol's record (as a single-symbol run's, so
+    readers of ``data.symbol`` / ``data.instrument`` keep working), plus ``symbols`` (primary first),
+    ``instruments`` (each symbol's spec record: origin, file, spec) and ``by_symbol`` (each symbol's data record)."""
+    return {**preps[0].info, "folds": folds, "symbols": [p.info["symbol"] for p in preps],
+            "instruments": {p.info["symbol"]: p.info["instrument"] for p in preps},
+            "by_symbol": {p.info["symbol"]: p.info for p in preps}}
+
+
+def train_pooled(cfg: RunConfig, run_dir: Path, *, device: str, log: Log = print,
+                 on_ppo_progress: Callable[[int], None] | None = None) -> Path:
+    """:func:`train_run` of a pooled multi-symbol run (``data.symbols``).
+
+    Every symbol is prepared with its own candles, funding and instrument spec (:func:`prepare_symbols`); one set
+    of regime/signal models is stacked out of fold over all symbols (:func:`build_market_obs_pooled`); the
+    observation normaliser is fitted on every symbol's training rows; PPO episodes draw a symbol each
+    (:class:`envs.multi_env.MultiSymbolEnv`, each symbol under its own spec); the checkpoint is the one with the
+    best validation Sortino of the equal-weight portfolio of the symbols' validation backtests
+    (:mod:`training.portfolio`). Only the SB3 backend.
+    """
+    if cfg.backend != "sb3":
+        raise ValueError("pooled multi-symbol training (data.symbols) runs on the sb3 backend only")
+    preps = prepare_symbols(cfg, log)
+    market_obs, final_models, folds = build_market_obs_pooled(preps, cfg, device=device, log=log)
+    firsts = pooled_fold_first(preps, cfg)
+    train_rows = np.concatenate([o.iloc[: p.val_row - f].to_numpy(np.float32)
+                                 for o, p, f in zip(market_obs, preps, firsts)])
+    normalizer = ObsNormalizer.fit(train_rows, cfg.ppo.obs_clip)
+    envs = {p.info["symbol"]: symbol_env_config(cfg, p.instrument.spec) for p in preps}
+    legs = [(p.info["symbol"], env_data(p, o, normalizer, f, p.val_row), envs[p.info["symbol"]])
+            for p, o, f in zip(preps, market_obs, firsts)]
+    vals = {p.info["symbol"]: (env_data(p, o, normalizer, p.val_row, p.val_stop), p.candles.iloc[p.val_row : p.val_stop])
+            for p, o in zip(preps, market_obs)}
+    bar_s = preps[0].info["bar_interval_s"]
+
+    def validator(model) -> dict[str, float]:
+        results = {sym: run_backtest(SB3ActorPolicy(model, cfg.env.actions), data, candles, envs[sym])
+                   for sym, (data, candles) in vals.items()}
+        out = portfolio_metrics(results, bar_s)
+        for sym, res in results.items():
+            out[f"sortino/{sym}"] = summarize_backtest(res, bar_s)["sortino"]
+        return out
+
+    t0 = time.perf_counter()
+    hparams = {"seed": cfg.seed, "backend": cfg.backend, "n_symbols": len(preps),
+               **{f"ppo/{k}": v for k, v in cfg.ppo.model_dump().items() if isinstance(v, (int, float))},
+               "reward/kind": cfg.env.reward.kind, "reward/eta": cfg.env.reward.eta}
+    result = train_ppo(
+        legs, cfg.env, cfg.ppo, seed=cfg.seed, device=device, tensorboard_dir=run_dir / "tb",
+        episode_stats=episode_stats(bar_s), validator=validator, on_progress=on_ppo_progress, hparams=hparams,
+    )
+    write_layout_to(run_dir / "tb" / "PPO_1")
+    log(f"PPO: {cfg.ppo.total_timesteps} steps over {len(preps)} symbols in {time.perf_counter() - t0:.0f} s; best "
+        f"validation Sortino (equal-weight portfolio) {result.best_metrics.get('sortino', float('nan')):.3f} at step "
+        f"{result.best_step}")
+    (run_dir / "folds.json").write_text(json.dumps(folds, indent=1))
+    (run_dir / "validation_history.json").write_text(json.dumps([M.to_jsonable(h) for h in result.history], indent=1))
+    bundle = save_bundle(
+        run_dir / "bundle",
+        actor_tensors=actor_state_from_sb3(result.model.policy),
+        hidden=tuple(cfg.ppo.net_arch),
+        activation="tanh",
+        normalizer=normalizer,
+        feature_config=cfg.features,
+        env_config=cfg.env,
+        models=final_models,
+        run_config=cfg.model_dump(mode="json"),
+        data_info=pooled_data_info(preps, folds),
+        metrics={"validation": M.to_jsonable(result.best_metrics), "selected_step": result.best_step,
+                 "selection": "best validation Sortino of the equal-weight portfolio of all symbols"},
+    )
+    _write_replay(preps[0], cfg, run_dir / "replay")
+    for p in preps[1:]:
+        _write_replay(p, cfg, run_dir / "replay" / p.info["symbol"])
     return bundle
 
 

@@ -13,7 +13,7 @@ from training.config import ConfigError, load_config
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "smoke.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "smoke.yaml", "smoke_multi.yaml"])
 def test_shipped_configs_parse(name):
     cfg = load_config(REPO / "configs" / name)
     assert cfg.data.ts("train_start") < cfg.data.ts("val_start") < cfg.data.ts("test_start") < cfg.data.ts("test_end")
@@ -70,3 +70,55 @@ def test_val_end_leaves_an_embargo_gap_outside_validation_and_test(tmp_path):
     assert idx[prep.test_row] == pd.Timestamp("2022-07-15", tz="UTC")
     assert prep.test_row - prep.val_stop == 24 == prep.info["embargo_bars"]
     assert prep.info["validation"][2] == prep.val_stop - prep.val_row
+
+
+def test_symbols_list_resolves_each_symbols_spec_relative_to_the_config(tmp_path):
+    cfg = load_config(REPO / "configs" / "smoke_multi.yaml")
+    assert cfg.data.symbol_names == ("BTCUSDT", "ETHUSDT", "XRPUSDT") and cfg.data.symbol == "BTCUSDT"
+    assert cfg.env.costs.instrument.symbol == "BTCUSDT"  # the primary symbol's spec
+    eth = cfg.data.sources()[1]
+    assert Path(eth.instrument_spec).is_absolute() and Path(eth.instrument_spec).is_file()
+    from training.config import run_instruments
+
+    specs = run_instruments(cfg)
+    assert list(specs) == ["BTCUSDT", "ETHUSDT", "XRPUSDT"]
+    assert specs["BTCUSDT"].origin == "bundled_table" and specs["XRPUSDT"].origin == "instrument_spec"
+    assert "NOT verified" in specs["ETHUSDT"].spec.source and "NOT verified" in specs["XRPUSDT"].spec.source
+    # a saved run config (absolute paths) loads from anywhere to the same specs
+    saved = tmp_path / "run" / "config.yaml"
+    saved.parent.mkdir()
+    saved.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert load_config(saved) == cfg
+
+
+def test_one_symbol_list_is_the_single_symbol_config(tmp_path):
+    path = _write(tmp_path, lambda r: (r["data"].pop("symbol"), r["data"].update({"symbols": ["BTCUSDT"]})))
+    listed, single = load_config(path), load_config(REPO / "configs" / "smoke.yaml")
+    assert listed.data.sources() == single.data.sources() and listed.env == single.env
+
+
+def test_symbols_list_refuses_top_level_single_symbol_keys_and_duplicates(tmp_path):
+    path = _write(tmp_path, lambda r: r["data"].update({"symbols": ["BTCUSDT", "ETHUSDT"], "candles_path": "x.parquet"}))
+    with pytest.raises(ConfigError, match="per symbol"):
+        load_config(path)
+    path = _write(tmp_path, lambda r: r["data"].update({"symbols": ["BTCUSDT", "BTCUSDT"]}))
+    with pytest.raises(ConfigError, match="twice"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="instrument-spec"):
+        load_config(REPO / "configs" / "smoke_multi.yaml", instrument_spec=REPO / "configs" / "specs" / "ETHUSDT.spec.json")
+
+
+def test_symbols_without_a_spec_or_below_the_leverage_are_errors(tmp_path):
+    from market.instruments import InstrumentSpecError
+
+    path = _write(tmp_path, lambda r: (r["data"].pop("symbol"), r["data"].update({"symbols": ["BTCUSDT", "ETHUSDT"]})))
+    with pytest.raises(InstrumentSpecError, match="ETHUSDT"):
+        load_config(path)
+
+    def lev(r):
+        r["data"].pop("symbol")
+        r["data"]["symbols"] = ["BTCUSDT", {"symbol": "XRPUSDT", "instrument_spec": str(REPO / "configs" / "specs" / "XRPUSDT.spec.json")}]
+        r["env"]["actions"] = {"max_leverage": 100.0}
+
+    with pytest.raises(InstrumentSpecError, match="XRPUSDT's maximum leverage 75x"):
+        load_config(_write(tmp_path, lev))
