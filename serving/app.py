@@ -81,7 +81,8 @@ def _policies(bundle_dir: Path, backoff: BackoffConfig, watch_dir: Path | None, 
               log: Callable[[str], None], symbol: str | None = None,
               ) -> tuple[PolicySlot, V1Policy, CostConfig, FeatureConfig]:
     """The primary's slot (hot-swap from ``watch_dir`` and reload requests), V1 with the bundle's
-    V1 config, and the bundle's cost and feature configs (defaults when the bundle failed to load:
+    V1 config, and the bundle's cost and feature configs (a pooled bundle serving ``symbol``, one of the symbols its
+    manifest lists in ``data.instruments``: that symbol's spec; defaults when the bundle failed to load:
     then V1 decides every bar until a reload succeeds, and the reason is recorded; the instrument spec then comes
     from the manifest, :func:`_costs_from_manifest`)."""
     slot = PolicySlot.from_bundle(
@@ -90,6 +91,9 @@ def _policies(bundle_dir: Path, backoff: BackoffConfig, watch_dir: Path | None, 
     bundle = getattr(slot.policy, "bundle", None)
     if bundle is not None:
         costs, feature_cfg = bundle.env_config.costs, bundle.feature_config
+        pooled = (bundle.manifest.get("data") or {}).get("instruments") or {}
+        if symbol is not None and symbol_file_stem(symbol) in pooled:  # a pooled bundle serving one of its symbols
+            costs = costs.with_instrument(InstrumentSpec.model_validate(pooled[symbol_file_stem(symbol)]["spec"]))
         log(f"bundle loaded: {bundle_dir} (schema {bundle.manifest['observation']['schema_hash'][:12]})")
     else:
         costs, feature_cfg = _costs_from_manifest(bundle_dir, symbol), FeatureConfig()

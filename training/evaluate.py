@@ -36,8 +36,9 @@ from market.features import compute_features, drop_warmup
 from market.instruments import ResolvedSpec, check_spec_fits
 from training import metrics as M
 from training.backtest import BacktestResult, run_backtest
-from training.config import RunConfig, load_config
-from training.pipeline import Log, PreparedData, prepare_data, summarize_backtest
+from training.config import RunConfig, load_config, symbol_env_config
+from training.pipeline import Log, PreparedData, prepare_data, prepare_symbols, summarize_backtest
+from training.portfolio import PORTFOLIO_DEFINITION, equal_weight
 from training.provenance import bundle_identity, flatten_config, provenance_note, provenance_record
 from training.report import write_report
 from training.v1_eval import v1_env_data
@@ -71,8 +72,9 @@ class EvalSpan:
         return pd.DatetimeIndex(self.features.index[self.start_row : self.end_row])
 
 
-def span_env_data(bundle: PolicyBundle, span: EvalSpan) -> EnvData:
-    """Env data of the span: candles, the bundle-normalised market observation and ATR.
+def span_env_data(bundle: PolicyBundle, span: EvalSpan, funding_interval_hours: int = 8) -> EnvData:
+    """Env data of the span: candles, the bundle-normalised market observation and ATR (funding settlement times
+    every ``funding_interval_hours``, the traded spec's interval).
 
     Raises
     ------
@@ -86,7 +88,7 @@ def span_env_data(bundle: PolicyBundle, span: EvalSpan) -> EnvData:
     if list(market.columns) != bundle.market_obs_names:
         raise ValueError("observation columns differ from the bundle's schema")
     normed = pd.DataFrame(bundle.normalizer(market.to_numpy(np.float32)), index=market.index, columns=market.columns)
-    return EnvData.from_frames(span.candles.iloc[a:b], normed, span.atr[a:b])
+    return EnvData.from_frames(span.candles.iloc[a:b], normed, span.atr[a:b], funding_interval_hours=funding_interval_hours)
 
 
 def span_v1_env_data(span: EvalSpan, v1_cfg: V1Config) -> EnvData:
@@ -134,7 +136,8 @@ def span_backtests(
     """
     if bundle is None and (set(strategies) - {"v1"} or ("v1" in strategies and v1_cfg.regime_adjustments)):
         raise ValueError(f"span_backtests: strategies {strategies} need a bundle")
-    data = span_env_data(bundle, span) if set(strategies) - {"v1"} else None
+    hours = env_cfg.costs.funding_interval_hours
+    data = span_env_data(bundle, span, hours) if set(strategies) - {"v1"} else None
     candles = span.candles.iloc[: span.end_row]  # history before the span is visible to V1 (closed candles)
     cfg = env_cfg.model_copy(update={"costs": env_cfg.costs.model_copy(update={"cost_multiplier": cost_multiplier})})
     factories: dict[str, Callable[[], object]] = {
@@ -275,9 +278,11 @@ def write_evaluation(
     log: Log = print,
     provenance: dict | None = None,
     instrument: dict | None = None,
+    extra_metrics: dict | None = None,
+    extra_tables: dict[str, pd.DataFrame] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Write ``metrics.json`` (metrics, regime slices, cost sensitivity, ``provenance``, ``instrument``), the two
-    side files and ``report.html``.
+    """Write ``metrics.json`` (metrics, regime slices, cost sensitivity, ``provenance``, ``instrument``, and the
+    entries of ``extra_metrics``), the two side files and ``report.html`` (with ``extra_tables`` first).
 
     ``instrument`` (:func:`instrument_record`): the spec the costs used, where it came from, and the symbols the
     bundle was trained and evaluated on; written to ``metrics.json`` and, as a table, to the report.
@@ -297,14 +302,16 @@ def write_evaluation(
         {**{k: M.to_jsonable(v) for k, v in metrics.items()},
          "regime_slices": M.to_jsonable(slices), "cost_sensitivity": M.to_jsonable(sensitivity),
          **({} if provenance is None else {"provenance": M.to_jsonable(provenance)}),
-         **({} if instrument is None else {"instrument": M.to_jsonable(instrument)})},
+         **({} if instrument is None else {"instrument": M.to_jsonable(instrument)}),
+         **{k: _jsonable_tree(v) for k, v in (extra_metrics or {}).items()}},
         indent=1, allow_nan=False))
     (out / "regime_slices.json").write_text(json.dumps(M.to_jsonable(slices), indent=1, allow_nan=False))
     (out / "cost_sensitivity.json").write_text(json.dumps(M.to_jsonable(sensitivity), indent=1, allow_nan=False))
-    extra = {"costs paid (USDT)": pd.DataFrame(
+    extra = dict(extra_tables or {})
+    extra["costs paid (USDT)"] = pd.DataFrame(
         {n: {"fees": r.fees_paid_usdt, "slippage": r.slippage_paid_usdt, "funding": r.funding_paid_usdt,
              "liquidation fees": r.liquidation_fees_usdt, "orders skipped (min notional)": r.n_skipped_min_notional}
-         for n, r in results.items()}).round(2)}
+         for n, r in results.items()}).round(2)
     extra["cost sensitivity (fees and slippage x 0, 1, 2)"] = pd.DataFrame(sensitivity).round(4)
     for name, table in slices.items():
         extra[f"{name} by regime at decision time (0 = calmest)"] = pd.DataFrame(table).round(4)
@@ -317,6 +324,15 @@ def write_evaluation(
                  notes=notes, extra_tables=extra,
                  positions={n: signed_leverage(r) for n, r in results.items() if n != "flat"}, regimes=regimes)
     return metrics
+
+
+def _jsonable_tree(value):
+    """``value`` with every float made JSON-safe (:func:`training.metrics.to_jsonable` at each mapping level)."""
+    if isinstance(value, dict):
+        return {k: _jsonable_tree(v) for k, v in M.to_jsonable(value).items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable_tree(v) for v in value]
+    return value
 
 
 def instrument_record(resolved: ResolvedSpec, trained_on: str | None) -> dict:
@@ -365,10 +381,15 @@ def cost_note(env_cfg: EnvConfig, funding_source: str) -> str:
 
 
 def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """Backtest every strategy on a run's test period; write ``run_dir/report/{metrics.json,report.html}``."""
+    """Backtest every strategy on a run's test period; write ``run_dir/report/{metrics.json,report.html}``.
+
+    A pooled run (``data.symbols``) is evaluated by :func:`evaluate_pooled`.
+    """
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     bundle = load_bundle(run_dir / "bundle", device=device)
+    if len(cfg.data.sources()) > 1:
+        return evaluate_pooled(run_dir, cfg, bundle, log=log)
     prep = prepare_data(cfg, log)
     bar_s = prep.info["bar_interval_s"]
     span = EvalSpan.test_period(prep)
@@ -394,6 +415,83 @@ def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dic
     return write_evaluation(run_dir / "report", title=f"ats test-period report: {cfg.name}", results=results,
                             regimes=regimes, sensitivity=sensitivity, bar_s=bar_s, notes=notes, log=log,
                             provenance=prov, instrument=instrument)  # fmt: skip
+
+
+def pooled_test_backtests(cfg: RunConfig, bundle: PolicyBundle, preps: list[PreparedData], *,
+                          cost_multiplier: float = 1.0, strategies: tuple[str, ...] = STRATEGIES,
+                          ) -> dict[str, dict[str, BacktestResult]]:
+    """:func:`span_backtests` of every symbol's test period, each under its own instrument spec:
+    ``{symbol: {strategy: result}}``."""
+    return {p.info["symbol"]: span_backtests(bundle, EvalSpan.test_period(p), symbol_env_config(cfg, p.instrument.spec),
+                                             cfg.v1, cost_multiplier=cost_multiplier, strategies=strategies,
+                                             random_seed=cfg.seed)
+            for p in preps}
+
+
+def portfolio_of(by_symbol: dict[str, dict[str, BacktestResult]]) -> dict[str, BacktestResult]:
+    """Each strategy's equal-weight portfolio (:func:`training.portfolio.equal_weight`) over the symbols."""
+    names = next(iter(by_symbol.values())).keys()
+    return {n: equal_weight({s: r[n] for s, r in by_symbol.items()}, n) for n in names}
+
+
+def evaluate_pooled(run_dir: Path, cfg: RunConfig, bundle: PolicyBundle, *, log: Log = print) -> dict[str, dict[str, float]]:
+    """The test report of a pooled multi-symbol run.
+
+    Every symbol's test period is traded by every strategy under that symbol's own spec and funding; the report's
+    strategy lines (top level of ``metrics.json``, the curves) are the equal-weight portfolio
+    (:data:`training.portfolio.PORTFOLIO_DEFINITION`), ``metrics.json`` adds ``by_symbol`` ({SYMBOL: {strategy:
+    metrics}}), ``portfolio`` (the definition and symbols), ``regime_slices_by_symbol`` (each symbol's strategies
+    by its own regime) and ``instruments`` ({SYMBOL: spec record}); ``instrument`` and ``regime_slices`` are the
+    primary symbol's record and the portfolio sliced by the primary symbol's regime. The cost sensitivity is the
+    portfolio's.
+    """
+    preps = prepare_symbols(cfg, log)
+    bar_s = preps[0].info["bar_interval_s"]
+    by_symbol = pooled_test_backtests(cfg, bundle, preps)
+    portfolio = portfolio_of(by_symbol)
+    sensitivity = cost_sensitivity(
+        portfolio, lambda m: portfolio_of(pooled_test_backtests(cfg, bundle, preps, cost_multiplier=m,
+                                                                strategies=COST_SENSITIVE)), bar_s)
+    by_symbol_metrics = {s: {n: summarize_backtest(r, bar_s) for n, r in res.items()} for s, res in by_symbol.items()}
+    for s, ms in by_symbol_metrics.items():
+        log(f"{s}: " + ", ".join(f"{n} {m['total_return']:+.2%}" for n, m in ms.items()))
+    regimes = {p.info["symbol"]: span_regimes(bundle, EvalSpan.test_period(p)) for p in preps}
+    slices = {s: {n: regime_slices(r, regimes[s], bar_s) for n, r in res.items()} for s, res in by_symbol.items()}
+    symbols = [p.info["symbol"] for p in preps]
+    trained = "+".join(symbols)
+    records = {p.info["symbol"]: {**p.instrument.record(), "trained_on": trained, "evaluated_on": p.info["symbol"],
+                                  "transfer": False} for p in preps}
+    info = preps[0].info
+    notes = [
+        (f"Pooled run over {len(symbols)} symbols ({', '.join(symbols)}), bar interval {bar_s / 3600:g} h; test period "
+         f"{info['test'][0]} to {info['test'][1]} ({info['test'][2]} bars per symbol), never used for fitting or "
+         "selection. One set of regime/signal models and one policy for all symbols; each symbol traded under its "
+         "own instrument spec and funding history."),
+        (f"The strategy lines are the equal-weight portfolio: {PORTFOLIO_DEFINITION}. Per-symbol results are in the "
+         "'by symbol' tables and metrics.json by_symbol."),
+        (f"Training {info['train'][0]} to {info['train'][1]}; validation (PPO checkpoint choice: the equal-weight "
+         f"portfolio's Sortino) {info['validation'][0]} to {info['validation'][1]}."),
+        *[instrument_note(r) for r in records.values()],
+        cost_note(cfg.env, "from the exchange history"),
+        (f"Initial equity {cfg.env.initial_equity_usdt:,.0f} USDT per symbol account; random policy seed {cfg.seed}. "
+         f"Regime bands of the curves and 'regime_slices': the primary symbol {symbols[0]}'s HMM regime."),
+        f"Bundle: {bundle.path} (schema {bundle.manifest['observation']['schema_hash'][:12]}).",
+    ]
+    prov = provenance_record(bundle.manifest["config"], bundle=bundle_identity(bundle.manifest),
+                             data_sha256=info["candles_sha256"])  # fmt: skip
+    tables = {f"{s}: test-period metrics": pd.DataFrame(ms).round(4) for s, ms in by_symbol_metrics.items()}
+    for s, rec in records.items():
+        tables[f"{s}: instrument spec"] = pd.DataFrame({"value": instrument_table(rec)})
+    span0 = EvalSpan.test_period(preps[0])
+    return write_evaluation(
+        run_dir / "report", title=f"ats test-period report: {cfg.name} (equal-weight portfolio of {len(symbols)} symbols)",
+        results=portfolio, regimes=pd.Series(regimes[symbols[0]], index=span0.open_times), sensitivity=sensitivity,
+        bar_s=bar_s, notes=notes, log=log, provenance=prov, instrument=records[symbols[0]],
+        extra_metrics={"by_symbol": by_symbol_metrics,
+                       "portfolio": {"weighting": "equal", "symbols": symbols, "definition": PORTFOLIO_DEFINITION},
+                       "regime_slices_by_symbol": slices, "instruments": records},
+        extra_tables=tables,
+    )
 
 
 def bundle_symbol(bundle: PolicyBundle) -> str | None:

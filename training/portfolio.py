@@ -5,8 +5,8 @@ Definition: N accounts, one per symbol, each starting with the run's initial equ
 average, i.e. the initial equity split equally across the symbols and never rebalanced. Its equity at each
 bar is the mean of the N equity curves, and its costs are the means of the N accounts' costs; its trades are
 all the accounts' trades (``n_trades`` counts them all; win rate and profit factor are unchanged by the
-1/N scale), its ``exposure`` is the mean of the accounts' exposures and ``avg_leverage`` the mean notional over
-the mean equity while any position is open.
+1/N scale), its ``exposure`` is the fraction of bars with a position open in any account and ``avg_leverage``
+the mean notional over the mean equity while a position is open.
 """
 
 from __future__ import annotations
@@ -65,13 +65,11 @@ def equal_weight(results: Mapping[str, BacktestResult], name: str | None = None)
 
 
 def portfolio_metrics(results: Mapping[str, BacktestResult], bar_interval_s: float) -> dict[str, float]:
-    """Metrics of :func:`equal_weight` (``exposure`` = the mean of the symbols' exposures)."""
+    """Metrics (:func:`training.metrics.summarize`) of the :func:`equal_weight` portfolio."""
     port = equal_weight(results)
-    m = M.summarize(
+    return M.summarize(
         port.equity.to_numpy(np.float64), bar_interval_s=bar_interval_s, trades=port.trades,
         fees_paid_usdt=port.fees_paid_usdt, funding_paid_usdt=port.funding_paid_usdt,
         slippage_paid_usdt=port.slippage_paid_usdt, turnover_usdt=port.turnover_usdt,
-        position_notional_usdt=port.position_notional_usdt,
+        position_side=port.position_side, position_notional_usdt=port.position_notional_usdt,
     )  # fmt: skip
-    m["exposure"] = float(np.mean([M.exposure(r.position_side) for r in results.values()]))
-    return m
