@@ -419,12 +419,13 @@ def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dic
 
 def pooled_test_backtests(cfg: RunConfig, bundle: PolicyBundle, preps: list[PreparedData], *,
                           cost_multiplier: float = 1.0, strategies: tuple[str, ...] = STRATEGIES,
-                          ) -> dict[str, dict[str, BacktestResult]]:
+                          random_seed: int | None = None) -> dict[str, dict[str, BacktestResult]]:
     """:func:`span_backtests` of every symbol's test period, each under its own instrument spec:
-    ``{symbol: {strategy: result}}``."""
+    ``{symbol: {strategy: result}}`` (random policy seeded ``random_seed``, default the run's seed)."""
+    seed = cfg.seed if random_seed is None else random_seed
     return {p.info["symbol"]: span_backtests(bundle, EvalSpan.test_period(p), symbol_env_config(cfg, p.instrument.spec),
                                              cfg.v1, cost_multiplier=cost_multiplier, strategies=strategies,
-                                             random_seed=cfg.seed)
+                                             random_seed=seed)
             for p in preps}
 
 

@@ -195,6 +195,7 @@ class FoldData:
     val: Any  # envs.trading_env.EnvData
     val_candles: pd.DataFrame
     bar_interval_s: float
+    pooled: dict[str, Any] | None = None  # a pooled run: {symbol: (train EnvData, val EnvData, val candles, spec)}
 
 
 def prepare_fold(cfg: RunConfig, window: FoldWindow, *, device: str, log: Log) -> FoldData:
@@ -202,6 +203,8 @@ def prepare_fold(cfg: RunConfig, window: FoldWindow, *, device: str, log: Log) -
     from agents.observation import ObsNormalizer
     from training.pipeline import build_market_obs, env_data, fold_starts, prepare_data
 
+    if len(cfg.data.sources()) > 1:
+        return prepare_pooled_fold(cfg, window, device=device, log=log)
     prep = prepare_data(cfg)
     market_obs, _, _ = build_market_obs(prep, cfg, device=device, log=lambda s: None)
     first = fold_starts(prep, cfg)[0]
@@ -217,10 +220,40 @@ def prepare_fold(cfg: RunConfig, window: FoldWindow, *, device: str, log: Log) -
     )
 
 
+def prepare_pooled_fold(cfg: RunConfig, window: FoldWindow, *, device: str, log: Log) -> FoldData:
+    """:func:`prepare_fold` of a pooled run (``data.symbols``): every symbol's data and spec, one regime/signal
+    stack over all symbols (:func:`training.pipeline.build_market_obs_pooled`), one normaliser; ``train``, ``val``
+    and ``val_candles`` are the primary symbol's, ``pooled`` holds every symbol's."""
+    from agents.observation import ObsNormalizer
+    from training.pipeline import build_market_obs_pooled, env_data, pooled_fold_first, prepare_symbols
+
+    preps = prepare_symbols(cfg)
+    market_obs, _, _ = build_market_obs_pooled(preps, cfg, device=device, log=lambda s: None)
+    firsts = pooled_fold_first(preps, cfg)
+    normalizer = ObsNormalizer.fit(np.concatenate([o.iloc[: p.val_row - f].to_numpy(np.float32)
+                                                   for o, p, f in zip(market_obs, preps, firsts)]), cfg.ppo.obs_clip)
+    pooled = {p.info["symbol"]: (env_data(p, o, normalizer, f, p.val_row), env_data(p, o, normalizer, p.val_row, p.test_row),
+                                 p.candles.iloc[p.val_row : p.test_row], p.instrument.spec)
+              for p, o, f in zip(preps, market_obs, firsts)}
+    log(f"fold {window.fold} ({len(preps)} symbols): train {window.train_start:%Y-%m-%d}..{window.val_start:%Y-%m-%d}, "
+        f"validation {window.val_start:%Y-%m-%d %H:%M}..{window.test_start:%Y-%m-%d %H:%M}")
+    first = next(iter(pooled.values()))
+    return FoldData(fold=window.fold, window=window_json(window), train=first[0], val=first[1], val_candles=first[2],
+                    bar_interval_s=float(preps[0].info["bar_interval_s"]), pooled=pooled)
+
+
 def train_and_validate(cfg: RunConfig, fold: FoldData, *, backend: str, device: str, tb_dir: Path) -> dict[str, float]:
-    """Train PPO on ``fold.train`` with ``backend``; return the selected checkpoint's validation metrics."""
+    """Train PPO on ``fold.train`` with ``backend``; return the selected checkpoint's validation metrics.
+
+    A pooled fold (``fold.pooled``) trains on every symbol (each under its own spec, with ``cfg``'s env settings)
+    and is scored on the equal-weight portfolio's validation metrics (SB3 only), as ``ats train`` chooses its
+    checkpoint.
+    """
     from training.backtest import run_backtest
     from training.pipeline import episode_stats, summarize_backtest
+
+    if fold.pooled is not None:
+        return _train_and_validate_pooled(cfg, fold, backend=backend, device=device, tb_dir=tb_dir)
 
     def backtest(policy) -> dict[str, float]:
         return summarize_backtest(run_backtest(policy, fold.val, fold.val_candles, cfg.env), fold.bar_interval_s)
@@ -241,6 +274,31 @@ def train_and_validate(cfg: RunConfig, fold: FoldData, *, backend: str, device: 
             fold.train, cfg.env, cfg.ppo, seed=cfg.seed, device=device, tensorboard_dir=tb_dir,
             episode_stats=stats, validator=lambda model: backtest(SB3ActorPolicy(model, cfg.env.actions)),
         )
+    return result.best_metrics
+
+
+def _train_and_validate_pooled(cfg: RunConfig, fold: FoldData, *, backend: str, device: str,
+                               tb_dir: Path) -> dict[str, float]:
+    from agents.policy import SB3ActorPolicy
+    from agents.ppo_sb3 import train_ppo
+    from training.backtest import run_backtest
+    from training.config import symbol_env_config
+    from training.pipeline import episode_stats
+    from training.portfolio import portfolio_metrics
+
+    if backend != "sb3":
+        raise ValueError("tuning a pooled multi-symbol config (data.symbols) runs on the sb3 backend only")
+    assert fold.pooled is not None
+    envs = {sym: symbol_env_config(cfg, spec) for sym, (_, _, _, spec) in fold.pooled.items()}
+    legs = [(sym, train, envs[sym]) for sym, (train, _, _, _) in fold.pooled.items()]
+
+    def validator(model) -> dict[str, float]:
+        results = {sym: run_backtest(SB3ActorPolicy(model, cfg.env.actions), val, candles, envs[sym])
+                   for sym, (_, val, candles, _) in fold.pooled.items()}
+        return portfolio_metrics(results, fold.bar_interval_s)
+
+    result = train_ppo(legs, cfg.env, cfg.ppo, seed=cfg.seed, device=device, tensorboard_dir=tb_dir,
+                       episode_stats=episode_stats(fold.bar_interval_s), validator=validator)
     return result.best_metrics
 
 

@@ -47,12 +47,15 @@ from training.evaluate import (
     COST_MULTIPLIERS,
     STRATEGIES,
     cost_note,
+    pooled_test_backtests,
+    portfolio_of,
     regime_slices,
     signed_leverage,
     test_period_backtests,
     test_period_regimes,
 )
-from training.pipeline import Log, prepare_data, summarize_backtest, train_run
+from training.pipeline import Log, prepare_data, prepare_symbols, summarize_backtest, train_run
+from training.portfolio import PORTFOLIO_DEFINITION
 from training.provenance import flatten_config, provenance_note, provenance_record
 from training.report import write_report
 from training.stats import (
@@ -287,6 +290,9 @@ def run_walkforward(
     # cost sensitivity: sens[multiplier]["ppo"][seed] and sens[multiplier]["v1"] lists of fold results
     sens: dict[float, dict] = {m: {"ppo": {s: [] for s in wf.seeds}, "v1": []} for m in COST_MULTIPLIERS if m != 1.0}
     n_runs, t0 = len(wf.seeds) * wf.folds, time.monotonic()
+    pooled = len(base.data.sources()) > 1
+    by_symbol_ppo: dict[int, dict[str, list[BacktestResult]]] = {s: {} for s in wf.seeds}
+    by_symbol_other: dict[str, dict[str, list[BacktestResult]]] = {}
 
     def elapsed_s() -> float:
         return time.monotonic() - t0
@@ -310,15 +316,22 @@ def run_walkforward(
             bundle_dir = train_run(cfg, run_dir, log=lambda s: None)
             bundle = load_bundle(bundle_dir)
             prep = prepare_data(cfg)
+            preps = prepare_symbols(cfg) if pooled else None
             first_seed = seed == wf.seeds[0]
-            results = test_period_backtests(cfg, bundle, prep, random_seed=k,
-                                            strategies=STRATEGIES if first_seed else ("ppo",))
+            results, per_symbol = fold_backtests(cfg, bundle, prep, preps, random_seed=k,
+                                                 strategies=STRATEGIES if first_seed else ("ppo",))
+            for sym, res in (per_symbol or {}).items():
+                for name, r in res.items():
+                    if name == "ppo":
+                        by_symbol_ppo[seed].setdefault(sym, []).append(r)
+                    else:
+                        by_symbol_other.setdefault(sym, {}).setdefault(name, []).append(r)
             ppo_by_seed[seed].append(results["ppo"])
             n_decisions = len(results["ppo"].position_side)  # the window's last bar decides nothing
             regimes_by_seed[seed].append(test_period_regimes(bundle, prep)[:n_decisions])
             for mult, runs in sens.items():
-                again = test_period_backtests(cfg, bundle, prep, cost_multiplier=mult,
-                                              strategies=("ppo", "v1") if first_seed else ("ppo",))
+                again, _ = fold_backtests(cfg, bundle, prep, preps, cost_multiplier=mult, random_seed=k,
+                                          strategies=("ppo", "v1") if first_seed else ("ppo",))
                 runs["ppo"][seed].append(again["ppo"])
                 if first_seed:
                     runs["v1"].append(again["v1"])
@@ -332,7 +345,20 @@ def run_walkforward(
                     per_strategy.setdefault(name, []).append(results[name])
     (out / "folds.json").write_text(json.dumps(fold_records, indent=1))
     return _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log,
-                      regimes_by_seed=regimes_by_seed, sens=sens, tuning=tuning)
+                      regimes_by_seed=regimes_by_seed, sens=sens, tuning=tuning,
+                      by_symbol=(by_symbol_ppo, by_symbol_other) if pooled else None)
+
+
+def fold_backtests(cfg: RunConfig, bundle, prep, preps, *, random_seed: int, strategies: tuple[str, ...],
+                   cost_multiplier: float = 1.0) -> tuple[dict[str, BacktestResult], dict | None]:
+    """One fold's test-window backtests: a single-symbol run's (and None), or a pooled run's equal-weight portfolio
+    (:func:`training.evaluate.portfolio_of`) and its per-symbol results ``{symbol: {strategy: result}}``."""
+    if preps is None:
+        return test_period_backtests(cfg, bundle, prep, random_seed=random_seed, strategies=strategies,
+                                     cost_multiplier=cost_multiplier), None
+    per_symbol = pooled_test_backtests(cfg, bundle, preps, cost_multiplier=cost_multiplier, strategies=strategies,
+                                       random_seed=random_seed)
+    return portfolio_of(per_symbol), per_symbol
 
 
 def _metrics_of(results: list[BacktestResult], bar_s: float, initial: float) -> dict[str, float]:
@@ -355,7 +381,7 @@ def _sensitivity_table(ppo: list[BacktestResult], v1: list[BacktestResult], sens
 
 
 def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, *, regimes_by_seed, sens,
-               tuning=None) -> dict:
+               tuning=None, by_symbol=None) -> dict:
     bar_s = bar.total_seconds()
     p = M.bars_per_year(bar_s)
     initial = base.env.initial_equity_usdt
@@ -422,6 +448,16 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         "regime_slices": slices,
         "cost_sensitivity": sensitivity,
     }
+    symbol_tables = {}
+    if by_symbol is not None:  # a pooled study: the stitched curves above are the equal-weight portfolio
+        ppo_sym, other_sym = by_symbol
+        per_sym = {sym: {name: M.to_jsonable(_metrics_of(res, bar_s, initial))
+                         for name, res in {"ppo": ppo_sym[chosen][sym], **other_sym[sym]}.items()}
+                   for sym in ppo_sym[chosen]}
+        summary["by_symbol"] = per_sym
+        summary["portfolio"] = {"weighting": "equal", "symbols": list(per_sym), "definition": PORTFOLIO_DEFINITION}
+        symbol_tables = {f"{sym}: stitched metrics (PPO seed {chosen})": pd.DataFrame(m).round(4)
+                         for sym, m in per_sym.items()}
     summary = M.to_jsonable(summary)
     (out / "metrics.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
     notes = [
@@ -435,11 +471,14 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         "Sortino 95 % block-bootstrap intervals: " + ", ".join(f"{k} [{v[0]:.2f}, {v[1]:.2f}]" for k, v in ci.items()),
         "All strategies trade the same test windows under the same cost model; equity is stitched across windows.",
         cost_note(base.env, "from the exchange history"),
-        (f"Data {base.data.symbol}, candles sha256 {', '.join(sorted({d[:12] for d in provenance['data_sha256']}))}; "
+        (f"Data {', '.join(base.data.symbol_names)}, candles sha256 {', '.join(sorted({d[:12] for d in provenance['data_sha256']}))}; "
          f"random policy seed = fold index; folds, seeds and windows in folds.json."),
         provenance_note(provenance),
     ]
-    extra = {"PPO over seeds (mean, std)": pd.DataFrame(seed_stats).T,
+    if by_symbol is not None:
+        notes.insert(1, f"Pooled over {', '.join(base.data.symbol_names)}: the strategy lines are the equal-weight "
+                        f"portfolio ({PORTFOLIO_DEFINITION}); per-symbol stitched results in the 'by symbol' tables.")
+    extra = {**symbol_tables, "PPO over seeds (mean, std)": pd.DataFrame(seed_stats).T,
              "cost sensitivity, stitched (fees and slippage x 0, 1, 2)": pd.DataFrame(sensitivity).round(4),
              "costs paid, stitched (USDT)": pd.DataFrame(
                  {n: {"fees": r.fees_paid_usdt, "slippage": r.slippage_paid_usdt, "funding": r.funding_paid_usdt,

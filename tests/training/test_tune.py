@@ -131,3 +131,23 @@ def test_tiny_search_writes_table_best_config_and_trial_count(smoke_cfg, tmp_pat
     assert best.env.reward.kind == table.loc[0, "config/env.reward.kind"]
     for fold in trials["folds"]:
         assert pd.Timestamp(fold["val_end"]) <= smoke_cfg.data.ts("test_start")
+
+
+def test_pooled_fold_trains_on_every_symbol_and_scores_the_portfolio(tmp_path):
+    """``ats tune`` accepts a symbol list: a fold holds every symbol's data and spec, and a trial is scored on the
+    equal-weight portfolio's validation Sortino (no Ray needed for one fold)."""
+    from training.config import SymbolSource
+    from training.tune import prepare_fold, train_and_validate
+    from training.walkforward import fold_run_config
+
+    cfg = load_config(REPO / "configs" / "smoke_multi.yaml")
+    cfg = apply_params(cfg, {"ppo.total_timesteps": 256, "ppo.n_steps": 128, "ppo.eval_every_steps": 256,
+                             "stacking.n_folds": 1, "regime.n_iter": 10})
+    xrp = cfg.data.sources()[2]
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"symbols": (SymbolSource(symbol="BTCUSDT"), xrp)})})
+    w = tuning_windows(cfg, 1, None, BAR)[0]
+    fold = prepare_fold(fold_run_config(cfg, w, cfg.seed, BAR), w, device="cpu", log=lambda s: None)
+    assert list(fold.pooled) == ["BTCUSDT", "XRPUSDT"]
+    assert fold.pooled["XRPUSDT"][3].tick_size_usdt == 0.0001
+    metrics = train_and_validate(cfg, fold, backend="sb3", device="cpu", tb_dir=tmp_path / "tb")
+    assert "sortino" in metrics and metrics["n_bars"] == len(fold.val) - 1

@@ -234,3 +234,29 @@ def test_walkforward_cli_passes_the_tuning_record(tmp_path, monkeypatch):
     seen.clear()
     res = CliRunner().invoke(app, [*args, "--tuning-dir", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and seen == {}  # refused before any fold is trained
+
+
+def test_walkforward_accepts_a_symbol_list(tmp_path):
+    """A pooled base config: every fold trains on both symbols; the stitched lines are the equal-weight portfolio
+    and the summary breaks them down by symbol."""
+    import yaml
+
+    from training.walkforward import load_walkforward, run_walkforward
+
+    base = yaml.safe_load((REPO / "configs" / "smoke_multi.yaml").read_text())
+    base["data"]["symbols"] = ["BTCUSDT", {"symbol": "XRPUSDT", "instrument_spec": str(REPO / "configs" / "specs" / "XRPUSDT.spec.json")}]
+    base["ppo"].update({"total_timesteps": 512, "eval_every_steps": 512})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    wf_raw = yaml.safe_load((REPO / "configs" / "walkforward_smoke.yaml").read_text())
+    wf_raw.update({"base_config": "base.yaml", "folds": 1, "end": "2022-08-15", "bootstrap_samples": 50})
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(wf_raw))
+    wf, cfg = load_walkforward(tmp_path / "wf.yaml")
+    assert cfg.data.symbol_names == ("BTCUSDT", "XRPUSDT")
+    summary = run_walkforward(wf, cfg, tmp_path / "out", log=lambda s: None)
+    assert set(summary["by_symbol"]) == {"BTCUSDT", "XRPUSDT"}
+    assert summary["portfolio"]["symbols"] == ["BTCUSDT", "XRPUSDT"]
+    for name in ("ppo", "v1", "buy_and_hold", "flat", "random"):
+        per = [summary["by_symbol"][s][name]["total_return"] for s in ("BTCUSDT", "XRPUSDT")]
+        assert summary["stitched"][name]["total_return"] == pytest.approx(np.mean(per), abs=1e-12)
+    manifest = json.loads((tmp_path / "out" / "fold0" / "seed0" / "bundle" / "manifest.json").read_text())
+    assert manifest["data"]["symbols"] == ["BTCUSDT", "XRPUSDT"]
