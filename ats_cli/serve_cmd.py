@@ -66,7 +66,8 @@ def serve(
     no_risk: Annotated[bool, typer.Option("--no-risk", help="paper only: run without the risk guard")] = False,
     symbol: Annotated[str | None, typer.Option(
         "--symbol", help="testnet/live and paper on live candles: unified ccxt symbol (default BTC/USDT:USDT); "
-        "--replay: the replayed symbol's instrument spec when the bundle's manifest cannot say")] = None,
+        "--replay: the replayed symbol's instrument spec when the bundle's manifest cannot say, or which symbol of a "
+        "pooled bundle is served (its spec)")] = None,
     timeframe: Annotated[str | None, typer.Option(
         "--timeframe", help="testnet/live and paper on live candles: bar length (default 1h)")] = None,
     testnet_data: Annotated[bool, typer.Option(

@@ -62,7 +62,14 @@ def test_manifest_lists_the_symbols_and_their_specs(multi_run):
     assert len({data["by_symbol"][s]["candles_sha256"] for s in SYMBOLS}) == 3
     assert set(manifest["metrics"]["validation"]) >= {"sortino", *(f"sortino/{s}" for s in SYMBOLS)}
     folds = json.loads((multi_run / "folds.json").read_text())
-    assert all(set(f["by_symbol"]) == set(SYMBOLS) for f in folds)
+    for f in folds:  # out-of-fold per symbol: the same predicted times, each fitted only on its rows before them
+        assert set(f["by_symbol"]) == set(SYMBOLS) and f["purge_bars"] >= 12
+        spans = {tuple(f["by_symbol"][s]["predict_span"]) for s in SYMBOLS}
+        assert len(spans) == 1
+        for s in SYMBOLS:
+            assert f["by_symbol"][s]["fit_rows"][1] == f["by_symbol"][s]["predict_rows"][0]
+    val = json.loads((multi_run / "validation_history.json").read_text())
+    assert max(h["n_trades"] for h in val) > 0  # the smoke PPO trades on validation (dead zone 0.05)
 
 
 def test_pooled_bundle_serves_one_of_its_symbols_with_that_symbols_spec(multi_run, tmp_path):

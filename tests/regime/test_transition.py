@@ -161,3 +161,27 @@ def test_corrupt_or_inconsistent_files_raise_model_load_error(fitted, tmp_path):
     meta_path.write_text("{not json")
     with pytest.raises(ModelLoadError, match="regime_transition.json"):
         RegimeTransitionModel.load(tmp_path)
+
+
+def test_pooled_sequences_build_targets_within_each_sequence():
+    """``lengths``: the regime h bars ahead is never taken from the next sequence (symbol); the fit equals a fit on
+    the per-sequence rows and targets stacked by hand."""
+    from regime.transition import build_targets
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(300, 4)).astype(np.float32)
+    filtered = rng.dirichlet(np.ones(3), size=300)
+    cfg = RegimeConfig(n_states=3, horizon_bars=5, lgbm_n_estimators=10)
+    pooled = RegimeTransitionModel(cfg).fit(feats, filtered, 5, lengths=[180, 120])
+    X = np.concatenate([feats[:175], feats[180:295]])
+    y = np.concatenate([build_targets(filtered[:180], 5), build_targets(filtered[180:], 5)])
+    np.testing.assert_array_equal(y[175:], np.argmax(filtered[185:], axis=1))  # no target from across the seam
+    by_hand = RegimeTransitionModel(cfg)
+    import lightgbm as lgb
+
+    classes = np.unique(y)
+    booster = lgb.train(by_hand._lgb_params(int(classes.size)), lgb.Dataset(X, label=np.searchsorted(classes, y),
+                        params={"verbosity": -1}), num_boost_round=cfg.lgbm_n_estimators)
+    np.testing.assert_allclose(pooled.booster.predict(feats[:50]), booster.predict(feats[:50]))
+    with pytest.raises(ValueError, match="sum to"):
+        RegimeTransitionModel(cfg).fit(feats, filtered, 5, lengths=[100, 100])
