@@ -116,11 +116,14 @@ class FrozenPPOPolicy:
             raise ValueError(f"no complete feature row for {ctx.bar_open_time}: history too short")
         outputs = last_row_outputs(feats, self._models, self._regime_proba(feats))
         market = np.concatenate([feats.to_numpy(np.float32)[-1], outputs])
-        self._peak_equity = max(self._peak_equity, ctx.equity_usdt)
+        # the drawdown input: the run's peak when the caller states it (serving: restarts and hot
+        # swaps keep it), else the running maximum of the equity this instance was shown
+        self._peak_equity = max(self._peak_equity, ctx.equity_usdt, ctx.peak_equity_usdt or 0.0)
         account = account_features(
             ctx.position,
             equity_usdt=ctx.equity_usdt,
-            peak_equity_usdt=self._peak_equity,
+            peak_equity_usdt=self._peak_equity if ctx.peak_equity_usdt is None else max(ctx.peak_equity_usdt,
+                                                                                        ctx.equity_usdt),
             mark_price=float(ctx.candles["close"].iloc[-1]),
             config=b.env_config,
         )

@@ -132,6 +132,11 @@ class DecisionContext:
     regime_proba : np.ndarray | None
         Forward-filtered HMM state probabilities at bar t, float64 of shape (K,), states ordered
         calm -> volatile (``regime.hmm``), or None when no regime model is available.
+    peak_equity_usdt : float | None
+        Highest account equity of this run up to and including bar t, USDT (the drawdown input of
+        the V2 observation). The serving loops pass it from the run's own record, so a restarted
+        process or a hot-swapped bundle sees the same drawdown as an uninterrupted run; None: the
+        policy tracks the running maximum of the ``equity_usdt`` it is shown (backtests).
     """
 
     bar_open_time: pd.Timestamp
@@ -140,6 +145,7 @@ class DecisionContext:
     equity_usdt: float
     observation: np.ndarray | None = None
     regime_proba: np.ndarray | None = None
+    peak_equity_usdt: float | None = None
 
 
 @runtime_checkable

@@ -778,7 +778,9 @@ class LiveLoop:
             atr_t = math.nan
         else:
             view = self._position_view(position, state["protection"], bar)
-            ctx = DecisionContext(bar_open_time=bar, candles=window.candles, position=view, equity_usdt=equity)
+            recorded_peak = self.store.peak_equity(self.run_id)  # the run's, not the policy instance's
+            ctx = DecisionContext(bar_open_time=bar, candles=window.candles, position=view, equity_usdt=equity,
+                                  peak_equity_usdt=max(equity, recorded_peak if recorded_peak is not None else equity))
             bar_index = bar_ms // self.tf_ms  # the slot's backoff counts bars
             for kind, detail in self.slot.poll(bar_index, self._last_ctx):  # hot-swap between bars
                 events.append(EventRecord(self.run_id, bar, kind, detail))

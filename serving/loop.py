@@ -329,6 +329,9 @@ class PaperStepper:
         self._held_by: str | None = None  # key of the flaw holding the current stretch of bars
         self._last_valid_atr = {"primary": math.nan, "fallback": math.nan}  # by whose ATR period
         self._last_kind: str | None = None  # reason kind of the previous decided bar (None: primary used)
+        #: highest equity of the run so far (USDT): the drawdown input every policy is shown, kept here
+        #: (not in a policy instance) so a hot-swapped bundle sees the run's drawdown
+        self._peak_equity_usdt = float(config.initial_equity_usdt)
         self._last_ctx: DecisionContext | None = None
 
     def use_costs(self, costs: CostConfig) -> None:
@@ -470,8 +473,9 @@ class PaperStepper:
             if self._held_by != bar.taint.key:
                 choice.events.append(("context_window_invalid", dict(bar.taint.detail)))
             return choice
+        self._peak_equity_usdt = max(self._peak_equity_usdt, float(equity_usdt))
         ctx = DecisionContext(bar_open_time=bar.time, candles=bar.window, position=self.broker.position_view(),
-                              equity_usdt=float(equity_usdt))  # fmt: skip
+                              equity_usdt=float(equity_usdt), peak_equity_usdt=self._peak_equity_usdt)  # fmt: skip
         self._last_ctx = ctx
         policy, unavailable = self.slot.acquire(bar.t)
         choice = _choose(ctx, policy, self.fallback, unavailable, self.config.decision_timeout_ms, self._clock)

@@ -866,6 +866,13 @@ class StateStore:
             row = conn.execute(stmt.order_by(t.c.id.desc()).limit(1)).mappings().first()
         return None if row is None else dict(row)
 
+    def peak_equity(self, run_id: str) -> float | None:
+        """Highest recorded equity of ``run_id`` (USDT; None before its first equity row)."""
+        t = equity_table
+        with self._engine.connect() as conn:
+            value = conn.execute(sa.select(sa.func.max(t.c.equity_usdt)).where(t.c.run_id == run_id)).scalar()
+        return None if value is None else float(value)
+
     def has_equity(self, run_id: str, bar_open_time: pd.Timestamp) -> bool:
         """Whether an equity row exists for (run, bar)."""
         t = equity_table

@@ -165,6 +165,34 @@ def _report(fake: FakeBinance, store, bars: int, clock_faults: Counter[str], cra
     )  # fmt: skip
 
 
+def sim_loop(bundle_dir: Path, fake: FakeBinance, clock: SimClock, store, *, reload_file: Path | None = None,
+             **live_settings):
+    """The loop of ``ats serve --mode testnet`` (:func:`ats_cli.serve_live.build_live_loop`) on ``fake``,
+    with the real ccxt client, the default risk guard, ``store`` and ``clock``'s simulated time;
+    ``reload_file``: the request file of ``ats serve reload`` (hot swap)."""
+    from ats_cli.serve_live import build_live_loop
+    from serving.exchange import BinanceFuturesBroker, make_client
+    from serving.live import LiveConfig
+    from serving.secrets import redact
+
+    client = make_client(api_key=SIM_KEY, secret=SIM_SECRET, base_url=fake.url, timeout_ms=500, rate_limit=False)
+    broker = BinanceFuturesBroker(client, "BTC/USDT:USDT", read_attempts=3, sleep=clock.sleep)
+    return build_live_loop(mode="testnet", bundle_dir=bundle_dir, store=store, broker=broker,
+                           live_config=LiveConfig(**live_settings), force_gate=True, use_guard=True,
+                           reload_file=reload_file,
+                           redact=lambda text: redact(text, (SIM_KEY, SIM_SECRET)), log=lambda _m: None,
+                           wall_clock_s=clock.wall, monotonic_s=clock.monotonic, sleep=clock.sleep)
+
+
+def sim_exchange(bars: int, *, first_bar: int = 30_000, start_offset_bars: int = 1_200,
+                 query_lag_ms: int = 5_000) -> FakeBinance:
+    """A :class:`FakeBinance` (not started) serving bundled candles from row ``first_bar``, its clock
+    60 s into row ``first_bar + start_offset_bars`` (more than the 1,010-bar context before it)."""
+    candles, funding = real_market(first_bar, start_offset_bars + bars + 50)
+    now = int(candles.index[start_offset_bars].value // 1_000_000) + 60_000
+    return FakeBinance(candles, funding, now_ms=now, query_lag_ms=query_lag_ms)
+
+
 def run_fault_sim(bundle_dir: Path, db_path: Path, *, bars: int = 110, seed: int = 0, fault_rate: float = 0.5,
                   first_bar: int = 30_000, start_offset_bars: int = 1_200, query_lag_ms: int = 5_000) -> SimReport:
     """Serve ``bars`` bars on the testnet composition against the fake exchange (module docstring).
@@ -173,24 +201,13 @@ def run_fault_sim(bundle_dir: Path, db_path: Path, *, bars: int = 110, seed: int
     bars later (more than the 1,010-bar context, so the first bar can be decided) and 60 s into
     that bar. ``fault_rate``: probability of one fault per bar (0 = none).
     """
-    from ats_cli.serve_live import build_live_loop
-    from serving.exchange import BinanceFuturesBroker, make_client
-    from serving.live import LiveConfig
-    from serving.secrets import redact
     from serving.store import StateStore
 
-    candles, funding = real_market(first_bar, start_offset_bars + bars + 50)
-    now = int(candles.index[start_offset_bars].value // 1_000_000) + 60_000
-    with FakeBinance(candles, funding, now_ms=now, query_lag_ms=query_lag_ms) as fake:
+    with sim_exchange(bars, first_bar=first_bar, start_offset_bars=start_offset_bars,
+                      query_lag_ms=query_lag_ms) as fake:
         clock = SimClock(fake, np.random.default_rng(seed) if fault_rate > 0 else None, fault_rate)
-        client = make_client(api_key=SIM_KEY, secret=SIM_SECRET, base_url=fake.url, timeout_ms=500, rate_limit=False)
-        broker = BinanceFuturesBroker(client, "BTC/USDT:USDT", read_attempts=3, sleep=clock.sleep)
         store = StateStore.sqlite(db_path)
-        loop = build_live_loop(mode="testnet", bundle_dir=bundle_dir, store=store, broker=broker,
-                               live_config=LiveConfig(), force_gate=True, use_guard=True,
-                               redact=lambda text: redact(text, (SIM_KEY, SIM_SECRET)), log=lambda _m: None,
-                               wall_clock_s=clock.wall, monotonic_s=clock.monotonic, sleep=clock.sleep)
-        loop.run(max_steps=bars, install_signal_handlers=False)
+        sim_loop(bundle_dir, fake, clock, store).run(max_steps=bars, install_signal_handlers=False)
         return _report(fake, store, bars, clock.faults)
 
 
