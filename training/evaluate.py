@@ -360,7 +360,9 @@ def instrument_note(record: dict) -> str:
     """The report line that says which instrument the costs used and whether the bundle is traded on another symbol."""
     spec, tr, ev = record["spec"], record.get("trained_on"), record["evaluated_on"]
     head = (f"Instrument: trained on {tr}, evaluated on {ev} (transfer); the costs, rounding and brackets are {ev}'s."
-            if record.get("transfer") else f"Instrument {ev}" + (" (the symbol the bundle was trained on)." if tr else "."))
+            if record.get("transfer") else f"Instrument {ev}" + (
+                f" (one of the symbols the bundle was pooled over: {tr})." if tr and "+" in tr
+                else " (the symbol the bundle was trained on)." if tr else "."))
     where = {"instrument_spec": f"the spec file {record.get('path')}", "data_spec_file": f"the downloaded spec {record.get('path')}",
              "bundled_table": "the bundled table (market/instruments.py)"}[record["origin"]]
     return (f"{head} Instrument spec from {where}: tick {spec['tick_size_usdt']:g} USDT, quantity step "
@@ -598,6 +600,9 @@ def evaluate_bundle(
     env_cfg, v1_cfg = bundle.env_config, v1_config_of(bundle)
     env_cfg = env_cfg.model_copy(update={"costs": env_cfg.costs.with_instrument(instrument.spec)})
     record = instrument_record(instrument, bundle_symbol(bundle))
+    pooled = bundle.manifest.get("data", {}).get("symbols") or []
+    if len(pooled) > 1 and instrument.spec.symbol in pooled:  # one of the symbols a pooled bundle was trained on
+        record.update(trained_on="+".join(pooled), transfer=False)
     bar_s = float((span.features.index[1] - span.features.index[0]).total_seconds())
     results = span_backtests(bundle, span, env_cfg, v1_cfg, random_seed=random_seed)
     sensitivity = cost_sensitivity(

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -87,3 +88,19 @@ def test_pooled_bundle_serves_one_of_its_symbols_with_that_symbols_spec(multi_ru
     assert summary.bars == 20
     decisions = StateStore.sqlite(db).decisions()
     assert (decisions["source"] == "v2").all(), decisions["fallback_reason"].dropna().unique()[:3]
+
+
+def test_evaluating_a_pooled_bundle_on_one_of_its_symbols_is_not_a_transfer(multi_run, tmp_path):
+    from market.bundled import bundled_candles_path
+    from market.candles import load_candles
+    from market.instruments import resolve_spec
+    from training.evaluate import evaluate_bundle
+
+    out = tmp_path / "eval"
+    evaluate_bundle(multi_run / "bundle", load_candles(bundled_candles_path("XRPUSDT")).loc[:"2022-08-20"],
+                    pd.Timestamp("2022-07-15", tz="UTC"), pd.Timestamp("2022-08-01", tz="UTC"), out,
+                    data_label="bundled XRPUSDT", log=lambda s: None,
+                    instrument=resolve_spec("XRPUSDT", spec_path=REPO / "configs" / "specs" / "XRPUSDT.spec.json"))
+    record = json.loads((out / "metrics.json").read_text())["instrument"]
+    assert record["trained_on"] == "BTCUSDT+ETHUSDT+XRPUSDT" and not record["transfer"]
+    assert "pooled over" in (out / "report.html").read_text()
