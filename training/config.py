@@ -219,6 +219,12 @@ class RunConfig(StrictConfig):
     rllib: RLlibConfig = RLlibConfig()
     v1: V1Config = V1Config()
 
+    @model_validator(mode="after")
+    def _pooled_backend(self) -> RunConfig:
+        if self.backend != "sb3" and len(self.data.sources()) > 1:
+            raise ValueError("backend: pooled multi-symbol training (data.symbols) runs on the sb3 backend only")
+        return self
+
 
 def load_config(path: str | Path, *, instrument_spec: str | Path | None = None, **overrides: object) -> RunConfig:
     """Parse a YAML run config into a frozen :class:`RunConfig` whose cost model carries the run's instrument spec.

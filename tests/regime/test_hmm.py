@@ -291,3 +291,14 @@ def test_wrong_shapes_in_file_raise_model_load_error(fitted, tmp_path):
     (tmp_path / "regime_hmm.json").write_text(json.dumps(meta))
     with pytest.raises(ModelLoadError, match="regime_hmm.npz"):
         RegimeHMM.load(tmp_path)
+
+
+def test_pooled_sequences_fit_with_lengths():
+    """Several sequences (one per symbol) fit with hmmlearn's ``lengths``; bad lengths are refused."""
+    rng = np.random.default_rng(2)
+    X = np.concatenate([rng.normal(0, 1, (200, 2)), rng.normal(0, 3, (200, 2))])
+    cfg = RegimeConfig(n_iter=20)
+    pooled = RegimeHMM(cfg).fit(X, [200, 200])
+    assert pooled.is_fitted and np.allclose(pooled.filtered_proba(X[:50]).sum(axis=1), 1.0)
+    with pytest.raises(ValueError, match="sum to"):
+        RegimeHMM(cfg).fit(X, [100, 100])

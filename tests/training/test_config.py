@@ -122,3 +122,8 @@ def test_symbols_without_a_spec_or_below_the_leverage_are_errors(tmp_path):
 
     with pytest.raises(InstrumentSpecError, match="XRPUSDT's maximum leverage 75x"):
         load_config(_write(tmp_path, lev))
+
+
+def test_pooled_runs_refuse_the_rllib_backend():
+    with pytest.raises(ConfigError, match="sb3 backend only"):
+        load_config(REPO / "configs" / "smoke_multi.yaml", backend="rllib")
