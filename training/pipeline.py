@@ -10,6 +10,11 @@ reach into fold k purged (``purge_bars`` >= label horizon). The agent trains on 
 Validation and test outputs come from models fitted on the whole training period (same purge at
 its end). Model selection (PPO checkpoint) uses validation only; the test period is traded once,
 by :func:`training.evaluate.evaluate_run`.
+
+A pooled run (``data.symbols``, :func:`train_pooled`) prepares every symbol with its own candles, funding and
+instrument spec, stacks one set of regime/signal models out of fold over all symbols (folds and purge per symbol,
+:func:`fit_stack_pooled`), trains PPO on episodes that each draw a symbol, and chooses the checkpoint on the
+equal-weight portfolio of the symbols' validation backtests.
 """
 
 from __future__ import annotations

@@ -71,6 +71,10 @@ def test_manifest_lists_the_symbols_and_their_specs(multi_run):
             assert f["by_symbol"][s]["fit_rows"][1] == f["by_symbol"][s]["predict_rows"][0]
     val = json.loads((multi_run / "validation_history.json").read_text())
     assert max(h["n_trades"] for h in val) > 0  # the smoke PPO trades on validation (dead zone 0.05)
+    # the checkpoint is the one with the best equal-weight portfolio validation Sortino over all symbols
+    best = max(val, key=lambda h: h["sortino"])
+    assert manifest["metrics"]["selected_step"] == best["timesteps"]
+    assert manifest["metrics"]["validation"]["sortino"] == best["sortino"]
 
 
 def test_pooled_bundle_serves_one_of_its_symbols_with_that_symbols_spec(multi_run, tmp_path):
