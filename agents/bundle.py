@@ -31,6 +31,7 @@ from agents.actor import ActorNet, load_actor, save_actor
 from agents.observation import ObsNormalizer, StackModels, market_obs_names, schema_hash
 from envs import ENV_ID
 from envs.trading_env import ACCOUNT_FEATURES, EnvConfig
+from market import json_codec
 from market.features import FeatureConfig
 from regime.hmm import ModelLoadError, RegimeHMM
 from regime.transition import RegimeTransitionModel
@@ -109,7 +110,7 @@ def save_bundle(
         "env_config": env_config.model_dump(mode="json"),
         "hmm_columns": list(models.hmm_columns),
     }
-    (out_dir / "policy.json").write_text(json.dumps(policy_meta, indent=1))
+    (out_dir / "policy.json").write_text(json_codec.dumps(policy_meta, strict=False, indent=1))
     (out_dir / "features.json").write_text(feature_config.model_dump_json(indent=1))
     models.hmm.save(out_dir / "regime" / "hmm")
     models.transition.save(out_dir / "regime" / "transition")
@@ -134,7 +135,7 @@ def save_bundle(
         "metrics": metrics,
         "files": files,
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False))
+    (out_dir / MANIFEST).write_text(json_codec.dumps(manifest, strict=False, indent=1))
     return out_dir
 
 
@@ -163,7 +164,7 @@ def load_bundle(path: Path, *, device: str = "cpu") -> PolicyBundle:
         if sha256_file(file) != digest:
             raise ModelLoadError(f"bundle file {file} does not match its SHA-256 in the manifest (corrupt or altered)")
     try:
-        meta = json.loads((path / "policy.json").read_text())
+        meta = json_codec.loads((path / "policy.json").read_text())
         feature_config = FeatureConfig.model_validate_json((path / "features.json").read_text())
         env_config = EnvConfig.model_validate(meta["env_config"])
         normalizer = ObsNormalizer(

@@ -27,7 +27,6 @@ USDⓈ-M Contracts" (brackets); Binance USDⓈ-M ``GET /fapi/v1/exchangeInfo`` (
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import numpy as np
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from market import json_codec
 from market.config_base import StrictConfig
 
 
@@ -247,7 +247,7 @@ def load_spec_file(path: str | os.PathLike[str]) -> InstrumentSpec:
         raise InstrumentSpecError(f"instrument spec file not found: {path}")
     try:
         text = path.read_text()
-        raw = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+        raw = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json_codec.loads(text)
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise InstrumentSpecError(f"instrument spec file {path}: cannot parse: {exc}") from exc
     if not isinstance(raw, dict):
@@ -268,7 +268,7 @@ def write_spec_file(spec: InstrumentSpec, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(spec.model_dump(mode="json"), indent=2) + "\n")
+    tmp.write_text(json_codec.dumps(spec.model_dump(mode="json"), indent=2) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from market import json_codec
 from regime.config import RegimeConfig
 
 __all__ = [
@@ -569,7 +570,7 @@ class RegimeHMM:
             "n_features": self.n_features,
             "config": self.cfg.model_dump(mode="json"),
         }
-        (dir / _JSON_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (dir / _JSON_NAME).write_text(json_codec.dumps(meta, strict=False, indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, dir: Path) -> RegimeHMM:
@@ -607,7 +608,7 @@ class RegimeHMM:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json_codec.loads(Path(path).read_text())
     except FileNotFoundError as exc:
         raise ModelLoadError(f"{path}: file is missing") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

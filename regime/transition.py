@@ -13,11 +13,11 @@ training and a later period must leave a purge gap of at least h bars (López de
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
 
+from market import json_codec
 from regime.config import RegimeConfig
 from regime.hmm import ModelLoadError, _read_json
 
@@ -236,7 +236,7 @@ class RegimeTransitionModel:
             "has_booster": self.booster is not None,
             "config": self.cfg.model_dump(mode="json"),
         }
-        (dir / _JSON_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (dir / _JSON_NAME).write_text(json_codec.dumps(meta, strict=False, indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, dir: Path) -> RegimeTransitionModel:

@@ -63,6 +63,7 @@ from pydantic import Field
 
 from market.config_base import StrictConfig
 from market.decision import Decision
+from market.trade_stats import profit_factor  # the one profit factor (re-exported for callers)
 from serving.store import RiskStateRecord, StateStore
 
 DEFAULT_SCOPE = "default"
@@ -276,15 +277,6 @@ def observe_trade(tracker: RiskTracker, pnl_usdt: float, window_trades: int) -> 
     losses = tracker.consecutive_losses + 1 if pnl_usdt < 0 else 0
     recent = (*tracker.recent_pnls_usdt, float(pnl_usdt))[-window_trades:]
     return dataclasses.replace(tracker, consecutive_losses=losses, recent_pnls_usdt=recent)
-
-
-def profit_factor(pnls_usdt: tuple[float, ...]) -> float:
-    """``sum(wins) / |sum(losses)|`` (inf without losses, nan without trades)."""
-    if not pnls_usdt:
-        return math.nan
-    gains = sum(p for p in pnls_usdt if p > 0)
-    losses = -sum(p for p in pnls_usdt if p < 0)
-    return math.inf if losses == 0 else gains / losses
 
 
 def breaches(tracker: RiskTracker, config: RiskConfig) -> list[tuple[RiskState, str]]:

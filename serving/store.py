@@ -14,8 +14,9 @@ Four tables, written only by inserts:
 
 Times are stored as UTC ISO-8601 strings (``2024-01-01T00:00:00+00:00``), which sort correctly and
 survive any SQL backend; the read helpers return them as tz-aware pandas timestamps. JSON columns
-are text; non-finite floats are written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``
-(JSON has no NaN) and ``raw_action`` reads them back as floats.
+are text written by the project's one codec, :mod:`market.json_codec`: non-finite floats are the
+strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (JSON has no NaN) and every read helper turns them
+back into floats (``raw_action``, ``tracker``, ``detail``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
 
-import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
 from envs.accounting import Fill
+from market import json_codec
 from market.decision import Decision
 
 DECISION_SOURCES: tuple[str, ...] = ("v2", "v1", "guard", "missed")
@@ -230,9 +231,6 @@ def _exchange_fill_row(f: ExchangeFillRecord) -> dict[str, Any]:
 # Encoding helpers
 # ----------------------------------------------------------------------------------------------
 
-_NONFINITE_TO_TEXT = {math.inf: "Infinity", -math.inf: "-Infinity"}
-_TEXT_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
 
 def to_utc_iso(time: pd.Timestamp | datetime | str) -> str:
     """UTC ISO-8601 text of a tz-aware time (``2024-01-01T00:00:00+00:00``).
@@ -250,34 +248,12 @@ def to_utc_iso(time: pd.Timestamp | datetime | str) -> str:
     return ts.tz_convert("UTC").isoformat()
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        x = float(value)
-        if math.isnan(x):
-            return "NaN"
-        if math.isinf(x):
-            return _NONFINITE_TO_TEXT[x]
-        return x
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return [_json_safe(v) for v in value.tolist()]
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (pd.Timestamp, datetime)):
-        return to_utc_iso(value) if value.tzinfo is not None else value.isoformat()
-    return value
-
-
 def dumps_json(value: Any) -> str | None:
-    """Strict JSON text of ``value`` (non-finite floats as strings); None stays None."""
+    """Strict JSON text of ``value`` by :mod:`market.json_codec` (non-finite floats as strings, other
+    unknown types as ``str``); None stays None."""
     if value is None:
         return None
-    return json.dumps(_json_safe(value), allow_nan=False, sort_keys=True, default=str)
+    return json_codec.dumps(value, strict=False, sort_keys=True)
 
 
 def _is_null(value: Any) -> bool:
@@ -287,7 +263,7 @@ def _is_null(value: Any) -> bool:
 def _loads_raw_action(text: str | None) -> list[float] | None:
     if _is_null(text):
         return None
-    return [_TEXT_TO_NONFINITE.get(v, v) if isinstance(v, str) else float(v) for v in json.loads(text)]
+    return [json_codec.to_float(v) for v in json.loads(text)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,7 +586,8 @@ class StateStore:
             return None
         return RiskStateRecord(
             scope=row["scope"], time=pd.Timestamp(row["time"]).tz_convert("UTC"), state=row["state"],
-            change=row["change"], reasons=tuple(json.loads(row["reasons"])), tracker=json.loads(row["tracker"]),
+            change=row["change"], reasons=tuple(json.loads(row["reasons"])),
+            tracker=json_codec.loads(row["tracker"]),
             created_at=pd.Timestamp(row["created_at"]).tz_convert("UTC").to_pydatetime(),
         )  # fmt: skip
 
@@ -633,7 +610,7 @@ class StateStore:
             result = conn.execute(stmt)
             df = pd.DataFrame(result.fetchall(), columns=list(result.keys()), dtype=object).infer_objects()
         for col in ("reasons", "tracker"):
-            df[col] = pd.Series([json.loads(x) for x in df[col]], index=df.index, dtype=object)
+            df[col] = pd.Series([json_codec.loads(x) for x in df[col]], index=df.index, dtype=object)
         for col in ("time", "created_at"):
             df[col] = pd.to_datetime(df[col], utc=True, format="ISO8601")
         return df
@@ -642,7 +619,7 @@ class StateStore:
         """All events (of ``run_id`` if given) in insertion order; ``detail`` decoded to dicts."""
         df = self._read(events_table, run_id, ("time",))
         df["detail"] = pd.Series(
-            [None if _is_null(x) else json.loads(x) for x in df["detail"]], index=df.index, dtype=object
+            [None if _is_null(x) else json_codec.loads(x) for x in df["detail"]], index=df.index, dtype=object
         )
         return df
 
@@ -1004,7 +981,7 @@ class StateStore:
         stmt = sa.select(t.c.id, t.c.detail).where(t.c.kind == "position_accept_requested").order_by(t.c.id.desc())
         with self._engine.connect() as conn:
             for event_id, text in conn.execute(stmt):
-                detail = json.loads(text) if text else {}
+                detail = json_codec.loads(text) if text else {}
                 if detail.get("symbol") == symbol and detail.get("baseline_id") == baseline_id:
                     return {**detail, "request_id": int(event_id)}
         return None
@@ -1023,7 +1000,7 @@ class StateStore:
         with self._engine.connect() as conn:
             rows = conn.execute(stmt).mappings().all()
         out = [EventRecord(r["run_id"], pd.Timestamp(r["time"]).tz_convert("UTC"), r["kind"],
-                           json.loads(r["detail"]) if r["detail"] else {}) for r in rows]  # fmt: skip
+                           json_codec.loads(r["detail"]) if r["detail"] else {}) for r in rows]  # fmt: skip
         return out, max([after_id, *(int(r["id"]) for r in rows)])
 
     def exchange_fills_after(self, symbol: str, after_id: int) -> tuple[list[ExchangeFillRecord], int]:

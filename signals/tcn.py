@@ -16,7 +16,6 @@ Probability columns follow the same order: (down, time-out, up).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from market import json_codec
 from regime.hmm import ModelLoadError, _read_json
 from signals.config import SignalConfig
 
@@ -266,7 +266,7 @@ class TCNSignalModel:
             "feature_std": [float(v) for v in self.feature_std],
             "config": self.cfg.model_dump(mode="json"),
         }
-        (dir / _JSON_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (dir / _JSON_NAME).write_text(json_codec.dumps(meta, strict=False, indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, dir: Path, device: str = "cpu") -> TCNSignalModel:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 
 from pydantic import Field
 
+from market import json_codec
 from market.config_base import StrictConfig
 from training.provenance import report_mismatches
 
@@ -47,14 +49,15 @@ class ReportMismatchError(ValueError):
 
 
 def _num(value: Any) -> float | None:
-    """A finite or infinite number from the report (JSON writes +-inf as a string), else None."""
-    if isinstance(value, bool):
+    """A finite or infinite number from the report (:mod:`market.json_codec` writes +-inf as strings), else
+    None (also for ``nan``: a statistic that could not be computed is missing)."""
+    if value is None or isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str) and value in ("inf", "Infinity", "-inf", "-Infinity"):
-        return float(value.replace("Infinity", "inf"))
-    return None
+    try:
+        x = json_codec.to_float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
 
 
 def evaluate_criteria(report: dict[str, Any], cfg: GateConfig) -> list[Criterion]:
@@ -121,7 +124,7 @@ def apply_gate(bundle_dir: Path, report_dir: Path, cfg: GateConfig, *,
     }
     manifest["gate"] = gate
     tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, allow_nan=False))
+    tmp.write_text(json_codec.dumps(manifest, indent=1))
     os.replace(tmp, manifest_path)
     return gate
 

@@ -13,8 +13,10 @@ Conventions for undefined or unbounded values (all documented per function):
 
 * a statistic with no data (no bars, no trades) is ``nan``;
 * a ratio whose risk denominator is zero is ``inf`` when the reward is positive and ``0.0`` otherwise
-  (Sortino, Calmar, profit factor); the Sharpe ratio of a zero-dispersion series is ``0.0``;
-* :func:`to_jsonable` writes ``inf``/``-inf`` as the strings ``"inf"``/``"-inf"`` and ``nan`` as ``null``.
+  (Sortino, Calmar); the Sharpe ratio of a zero-dispersion series is ``0.0``; the profit factor follows
+  :func:`market.trade_stats.profit_factor` (``inf`` without losses, ``0.0`` without wins, ``nan`` for 0/0);
+* :func:`to_jsonable` writes ``nan``/``inf``/``-inf`` as the strings ``"NaN"``/``"Infinity"``/``"-Infinity"``
+  (:mod:`market.json_codec`).
 
 Bad input (wrong shape, non-finite or non-positive equity, negative costs) raises
 :class:`MetricInputError` naming the argument and, for arrays, the first offending index.
@@ -30,6 +32,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from market import json_codec as _json_codec
+from market import trade_stats as _trade_stats
 
 __all__ = [
     "METRIC_DESCRIPTIONS",
@@ -478,7 +483,8 @@ def profit_factor(trades: Sequence[TradeLike]) -> float:
     -------
     float
         Profit factor >= 0; ``nan`` with no trades or when every trade has pnl 0 (0/0); ``inf`` when
-        there are winning trades and no losing trade; ``0.0`` with losing trades only.
+        there are winning trades and no losing trade; ``0.0`` with losing trades only. The one rule:
+        :func:`market.trade_stats.profit_factor` (the live risk guard uses it too).
 
     Raises
     ------
@@ -486,11 +492,7 @@ def profit_factor(trades: Sequence[TradeLike]) -> float:
         If a trade lacks the attributes or has a non-finite pnl or a negative ``bars_held``.
     """
     pnl, _ = _trade_arrays(trades)
-    gross_profit = float(pnl[pnl > 0].sum())
-    gross_loss = float(-pnl[pnl < 0].sum())
-    if gross_loss == 0.0:
-        return math.inf if gross_profit > 0 else math.nan
-    return gross_profit / gross_loss
+    return _trade_stats.profit_factor(pnl)
 
 
 def win_rate(trades: Sequence[TradeLike]) -> float:
@@ -760,10 +762,12 @@ def _returns_through_ruin(eq: np.ndarray) -> np.ndarray:
 def to_jsonable(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Return a copy of a metrics mapping that ``json.dump(..., allow_nan=False)`` accepts.
 
-    Floats (Python or numpy) become Python floats, with ``inf`` -> ``"inf"``, ``-inf`` -> ``"-inf"``
-    and ``nan`` -> ``None`` (JSON ``null``); numpy integers and booleans become Python ints/bools.
-    Nested mappings (e.g. metrics per strategy) and lists/tuples are converted recursively; strings
-    and ``None`` pass through.
+    The project's one JSON codec (:mod:`market.json_codec`, strict mode): floats (Python or numpy)
+    become Python floats, with ``nan`` -> ``"NaN"``, ``inf`` -> ``"Infinity"``, ``-inf`` ->
+    ``"-Infinity"`` (read back by :func:`market.json_codec.loads`); numpy integers and booleans become
+    Python ints/bools. Nested mappings (e.g. metrics per strategy) and lists/tuples are converted
+    recursively; strings and ``None`` pass through. (Before the codec, ``nan`` was written as ``null`` and
+    infinities as ``"inf"``/``"-inf"``; the codec still reads those files.)
 
     Parameters
     ----------
@@ -780,34 +784,10 @@ def to_jsonable(metrics: Mapping[str, Any]) -> dict[str, Any]:
     MetricInputError
         If a key is not a string or a value has an unsupported type.
     """
-    return {_json_key(k): _json_value(v, str(k)) for k, v in metrics.items()}
-
-
-def _json_key(key: Any) -> str:
-    if not isinstance(key, str):
-        raise MetricInputError(f"metric keys must be strings, got {key!r}")
-    return key
-
-
-def _json_value(value: Any, where: str) -> Any:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if math.isnan(v):
-            return None
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return v
-    if isinstance(value, Mapping):
-        return {_json_key(k): _json_value(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise MetricInputError(f"metric {where!r} has unsupported type {type(value).__name__}")
+    try:
+        return _json_codec.to_jsonable(dict(metrics), strict=True)
+    except TypeError as exc:
+        raise MetricInputError(f"metrics are not JSON-able: {exc}") from exc
 
 
 def block_bootstrap_ci(

@@ -22,6 +22,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from market import json_codec
 from training.metrics import METRIC_DESCRIPTIONS
 
 __all__ = ["ReportInputError", "format_metric", "write_report"]
@@ -72,17 +73,21 @@ def format_metric(name: str, value: Any) -> str:
         :data:`COUNT_METRICS`, two decimals for :data:`USDT_METRICS`, three significant decimals for
         ratios.
     value : Any
-        Float, int, ``None`` or a string (e.g. ``"inf"`` from :func:`training.metrics.to_jsonable`).
+        Float, int, ``None`` or a string (e.g. ``"Infinity"`` from :func:`training.metrics.to_jsonable`;
+        the reserved strings of :mod:`market.json_codec` and the legacy ``"inf"``/``"-inf"`` are numbers).
 
     Returns
     -------
     str
-        ``"n/a"`` for ``None``/``nan``, ``"inf"``/``"-inf"`` for infinities, strings unchanged.
+        ``"n/a"`` for ``None``/``nan``, ``"inf"``/``"-inf"`` for infinities, other strings unchanged.
     """
     if value is None:
         return "n/a"
     if isinstance(value, str):
-        return value
+        try:
+            value = json_codec.to_float(value)  # "NaN"/"Infinity"/"-Infinity" (and legacy "inf"/"-inf")
+        except ValueError:
+            return value
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))
     try:
@@ -270,7 +275,8 @@ def write_report(
         >= 0, first value > 0.
     metrics : dict[str, dict[str, float]]
         Strategy name -> metrics (e.g. :func:`training.metrics.summarize`, or its
-        :func:`~training.metrics.to_jsonable` form: ``"inf"`` strings and ``None`` are accepted).
+        :func:`~training.metrics.to_jsonable` form: ``"NaN"``/``"Infinity"`` strings, legacy ``"inf"`` and
+        ``None`` are accepted).
     notes : list[str], optional
         Free-text notes, one list item each (escaped).
     extra_tables : dict[str, pandas.DataFrame], optional

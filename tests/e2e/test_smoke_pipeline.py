@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from agents.bundle import load_bundle
 from ats_cli.main import app
+from market import json_codec
 from market.instruments import resolve_spec
 from serving.app import serve_replay
 from serving.store import StateStore
@@ -166,14 +167,11 @@ def test_evaluate_bundle_on_a_user_period_reproduces_the_run_report(smoke_run, t
                                       "--period", "2022-07-15:2022-08-15", "--out", str(out),
                                       "--seed", "1"])  # the smoke config seeds its random baseline with 1
     assert result.exit_code == 0, result.output
-    got = json.loads((out / "metrics.json").read_text())
-    want = json.loads((smoke_run / "report" / "metrics.json").read_text())
+    got = json_codec.loads((out / "metrics.json").read_text())
+    want = json_codec.loads((smoke_run / "report" / "metrics.json").read_text())
     for name in ("ppo", "v1", "buy_and_hold", "flat", "random"):
         for key in ("total_return", "n_trades", "fees_paid", "avg_leverage"):
-            if want[name][key] is None:  # nan is written as null
-                assert got[name][key] is None, (name, key)
-            else:
-                assert got[name][key] == pytest.approx(want[name][key], rel=1e-9), (name, key)
+            assert got[name][key] == pytest.approx(want[name][key], rel=1e-9, nan_ok=True), (name, key)
     html = (out / "report.html").read_text()
     assert "NOT out of sample" not in html and "Out of sample" in html
     assert set(json.loads((out / "cost_sensitivity.json").read_text())) >= {"ppo costs x0", "v1 costs x2"}

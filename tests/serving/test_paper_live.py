@@ -163,7 +163,7 @@ def test_invalid_row_in_the_exchange_history_holds_bars_then_is_repaired_as_a_ga
                                                         f"row {_bar(bad)}").all()  # fmt: skip
     ev = store.events("p")
     (repaired,) = ev.detail[ev.kind == "candle_repaired"]
-    assert repaired["bar"] == str(_bar(bad)) and str(repaired["original"]["close"]) == "NaN"  # as stored
+    assert repaired["bar"] == str(_bar(bad)) and math.isnan(repaired["original"]["close"])  # stored "NaN", read back
     prev_close = float(CANDLES.close.iloc[bad - 1])
     assert repaired["repaired"] == {"open": prev_close, "high": prev_close, "low": prev_close, "close": prev_close,
                                     "volume": 0.0}  # fmt: skip

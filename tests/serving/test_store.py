@@ -57,7 +57,7 @@ def test_round_trip(tmp_path) -> None:
     ]  # fmt: skip
     ev = store.events()
     assert ev.loc[0, "kind"] == "quarantine"
-    assert ev.loc[0, "detail"] == {"problem": "high < low", "n": 3, "x": "Infinity"}
+    assert ev.loc[0, "detail"] == {"problem": "high < low", "n": 3, "x": math.inf}  # read back by market.json_codec
     store.close()
 
 

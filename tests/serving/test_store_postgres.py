@@ -66,7 +66,7 @@ def test_round_trip_on_postgres(pg_url):
     assert raw[0] == 0.5 and math.isnan(raw[1])
     assert again.fills().iloc[0][["side", "qty_base", "price", "reason"]].tolist() == [-1, 0.123, 30_000.1, "stop"]
     assert again.equity().iloc[0]["equity_usdt"] == 10_050.5
-    assert again.events().loc[0, "detail"] == {"problem": "high < low", "x": "Infinity"}
+    assert again.events().loc[0, "detail"] == {"problem": "high < low", "x": math.inf}  # read back by market.json_codec
     assert "postgresql" in again.display_url
 
 

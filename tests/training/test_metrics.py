@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from market import json_codec
 from training.metrics import (
     METRIC_DESCRIPTIONS,
     MetricInputError,
@@ -309,9 +310,11 @@ def test_to_jsonable_round_trip_with_allow_nan_false():
     m["np_value"] = np.float32(0.5)
     safe = to_jsonable({"ppo": m, "flat": {"n": np.int64(3)}})
     loaded = json.loads(json.dumps(safe, allow_nan=False))
-    assert loaded["ppo"]["sortino_test"] == "inf"
-    assert loaded["ppo"]["worst"] == "-inf"
-    assert loaded["ppo"]["profit_factor"] is None
+    assert loaded["ppo"]["sortino_test"] == "Infinity"  # market.json_codec: the one convention
+    assert loaded["ppo"]["worst"] == "-Infinity"
+    assert loaded["ppo"]["profit_factor"] == "NaN"
+    decoded = json_codec.loads(json.dumps(safe, allow_nan=False))
+    assert decoded["ppo"]["sortino_test"] == math.inf and math.isnan(decoded["ppo"]["profit_factor"])
     assert loaded["ppo"]["np_value"] == 0.5
     assert loaded["ppo"]["total_return"] == pytest.approx(0.089)
     assert loaded["flat"]["n"] == 3
