@@ -29,7 +29,6 @@ Nothing here runs in the test suite.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -49,6 +48,7 @@ from envs.vector_env import BatchedTradingEnv
 from market.bundled import bundled_candles_path, bundled_funding_path
 from market.candles import join_funding, load_candles, load_funding
 from market.features import FeatureConfig, atr, compute_features, drop_warmup
+from market.json_codec import dumps as json_dumps
 
 PPO_ENVS, PPO_N_STEPS, PPO_BATCH = 8, 256, 256
 BATCH_N = 256
@@ -164,6 +164,13 @@ def main() -> None:
     parser.add_argument("--bundle")
     parser.add_argument("--replay")
     args = parser.parse_args()
+    if bool(args.bundle) != bool(args.replay):
+        parser.error("--bundle and --replay go together")
+    for given in (args.bundle, args.replay):
+        if given and not Path(given).exists():
+            print(f"{given} not found: run `make demo` first (it writes runs/demo/bundle and runs/demo/replay)",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(2)
 
     from stable_baselines3.common.monitor import Monitor
     from stable_baselines3.common.vec_env import DummyVecEnv
@@ -244,8 +251,7 @@ def main() -> None:
           f"{shares:>14}{res['env_share_reference']:>14.1%}"
           f"  <= 10 %: {ok(res['env_share'] <= 0.10)}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(res, fh, indent=2)
+        Path(args.json).write_text(json_dumps(res, strict=False, indent=2), encoding="utf-8")
         print(f"wrote {args.json}")
     if args.bundle and args.replay:
         p50, p99 = v2_decision_latency_ms(args.bundle, args.replay)

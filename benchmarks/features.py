@@ -16,17 +16,21 @@ feature columns and the median wall time of ``--repeats`` runs of
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+if __package__ in (None, ""):  # run as a script (python benchmarks/features.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from market.bundled import bundled_candles_path, bundled_funding_path
 from market.candles import FUNDING_COLUMN, PRICE_COLUMNS, join_funding, load_candles, load_funding
 from market.features import FeatureConfig, compute_features
+from market.json_codec import dumps as json_dumps
 
 
 def tiled_candles(rows: int) -> pd.DataFrame:
@@ -88,7 +92,7 @@ def main() -> None:
     print(f"features {n_features}")
     print(f"seconds {seconds:.3f} (median of {args.repeats} runs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})")
     if args.json is not None:
-        args.json.write_text(json.dumps({"rows": len(candles), "features": n_features, "seconds": seconds}))
+        args.json.write_text(json_dumps({"rows": len(candles), "features": n_features, "seconds": seconds}))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,13 @@
 
 Usage::
 
-    python -m benchmarks.serving_latency --bundle runs/demo/bundle [--bars 10000] [--json PATH]
+    python -m benchmarks.serving_latency [--bundle runs/demo/bundle] [--bars 10000] [--json PATH]
+    (or python benchmarks/serving_latency.py ...)
+
+Bundle: ``--bundle DIR`` if given (exit 2 if it is not there); else ``runs/demo/bundle`` if
+``make demo`` made it; else a stand-in with the demo's architecture and feature schema, built in a
+temporary folder first (``benchmarks.standin_bundle``: same models and sizes, untrained weights;
+latency depends on the shapes, not on the weights, but the stand-in rarely trades).
 
 For each of the last ``--bars`` bars of the bundled BTCUSDT 1h data (funding joined) the timed
 span is what the serving loop does between a closed candle arriving and the order intent being
@@ -28,14 +34,18 @@ one thread is faster for the small TCN/actor. ``--json PATH`` writes ``{"p50_ms"
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+
+if __package__ in (None, ""):  # run as a script (python benchmarks/serving_latency.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.bundle import load_bundle
 from agents.policy import FrozenPPOPolicy
@@ -46,6 +56,7 @@ from market.candles import join_funding, load_candles, load_funding
 from market.decision import DecisionContext
 from market.features import atr as atr_indicator
 from market.features import compute_features
+from market.json_codec import dumps as json_dumps
 from serving.hotswap import PolicySlot
 from serving.loop import ServeConfig, _account_snapshot, _choose
 from serving.paper import PaperBroker
@@ -53,6 +64,7 @@ from serving.risk import RiskConfig, RiskGuard
 from serving.store import DecisionRecord, EquityRecord, StateStore
 
 BUNDLED = Path(__file__).resolve().parents[1] / "market" / "bundled"
+DEMO_BUNDLE = Path("runs/demo/bundle")
 
 
 def _percentiles(ms: np.ndarray) -> dict[str, float]:
@@ -139,14 +151,30 @@ def measure(bundle_dir: Path, n_bars: int, context_bars: int = 1_000, breakdown:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bundle", type=Path, default=Path("runs/demo/bundle"))
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help=f"policy bundle (default: {DEMO_BUNDLE} if present, else a stand-in built first)")
     parser.add_argument("--bars", type=int, default=10_000)
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--breakdown", action="store_true", help="also time compute_features alone")
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
-    res = measure(args.bundle, args.bars, breakdown=args.breakdown)
+    if args.bundle is not None and not (args.bundle / "manifest.json").is_file():
+        print(f"no bundle at {args.bundle}: run `make demo` first (it writes {DEMO_BUNDLE}), or omit --bundle",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+    with tempfile.TemporaryDirectory(prefix="ats-latency-") as tmp:
+        bundle = args.bundle
+        if bundle is None and (DEMO_BUNDLE / "manifest.json").is_file():
+            bundle = DEMO_BUNDLE
+        if bundle is None:
+            from benchmarks.standin_bundle import build_demo_standin
+
+            print(f"{DEMO_BUNDLE} not found (`make demo` makes it): building a stand-in bundle with the demo's "
+                  "architecture and feature schema, untrained weights (benchmarks/standin_bundle.py) ...")  # fmt: skip
+            bundle = build_demo_standin(Path(tmp) / "bundle")
+        res = measure(bundle, args.bars, breakdown=args.breakdown)
+        res["stand_in_bundle"] = bundle != args.bundle and bundle != DEMO_BUNDLE
     from rich.console import Console
     from rich.table import Table
 
@@ -168,13 +196,15 @@ def main() -> None:
     ):
         if k in res:
             table.add_row(k, f"{res[k]:.2f}")
+    table.add_row("bundle", ("stand-in, demo architecture, untrained (benchmarks/standin_bundle.py)"
+                             if res["stand_in_bundle"] else res["bundle"]))  # fmt: skip
     table.add_row("decided by", ", ".join(f"{k} {v}" for k, v in res["sources"].items()))
     table.add_row("load average (1 min)", f"{res['loadavg_1m']:.2f}")
     table.add_row("torch threads", str(res["torch_threads"]))
     table.add_row("target p99 <= 10 ms", "met" if res["p99_ms"] <= 10.0 else "NOT met")
     Console().print(table)
     if args.json is not None:
-        args.json.write_text(json.dumps(res, indent=1))
+        args.json.write_text(json_dumps(res, strict=False, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,14 +28,19 @@ Nothing here runs in the test suite.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+if __package__ in (None, ""):  # run as a script (python benchmarks/train_throughput.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from market.json_codec import dumps as json_dumps
 
 
 def _no_validation(_model) -> dict[str, float]:
@@ -85,6 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if not args.config.is_file():
+        print(f"config {args.config} not found: run from the repository root or pass --config", file=sys.stderr)
+        raise SystemExit(2)
     torch.set_num_threads(1)
     cfg, data, bar_s = build_train_data(args.config)
     p = cfg.ppo
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"RLlib scaling 1 -> 2 env runners: {out['rllib_scaling_1_to_2']:.2f} x")
     print(f"load average {out['load_avg'][0]:.2f} on {out['cpu_count']} CPUs (shared machine: compare within one run)")
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+        args.json.write_text(json_dumps(out, strict=False, indent=1))
     return out
 
 

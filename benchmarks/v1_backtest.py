@@ -22,19 +22,23 @@ the machine may be shared. Nothing here runs in the test suite.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+if __package__ in (None, ""):  # run as a script (python benchmarks/v1_backtest.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from envs.trading_env import EnvConfig
 from fallback.config import V1Config
 from fallback.v1 import V1Policy
 from market.decision import DecisionContext, PositionView
+from market.json_codec import dumps as json_dumps
 from training.v1_eval import evaluate_v1, load_v1_candles
 
 DATA_15M = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "binance_usdm" / "BTCUSDT-15m.parquet"
@@ -102,7 +106,7 @@ def main() -> None:
         out = {"per_bar_ms": statistics.median(per_bar), "year_15m_seconds": timed if is_15m else None}
         if not is_15m:
             out["bars_35040_1h_seconds"] = timed
-        args.json.write_text(json.dumps(out, indent=1))
+        args.json.write_text(json_dumps(out, strict=False, indent=1))
 
 
 if __name__ == "__main__":
