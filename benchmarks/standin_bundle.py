@@ -33,7 +33,9 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 STAND_IN_NAME = "serving-latency-stand-in (demo architecture, untrained; not for trading)"
 
 
-def build_demo_standin(out_dir: Path, *, config: Path = DEMO_CONFIG, fit_bars: int = 6_000, seed: int = 0) -> Path:
+def build_demo_standin(
+    out_dir: Path, *, config: Path = DEMO_CONFIG, fit_bars: int = 6_000, seed: int = 0
+) -> Path:
     """Write the stand-in bundle (see module docstring) to ``out_dir``; return its path.
 
     The HMM, LightGBM and the observation normaliser are fitted on the first ``fit_bars`` bundled bars
@@ -44,7 +46,8 @@ def build_demo_standin(out_dir: Path, *, config: Path = DEMO_CONFIG, fit_bars: i
     cfg = load_config(config, device="cpu")
     torch.manual_seed(seed)
     candles = join_funding(
-        load_candles(bundled_candles_path(cfg.data.symbol)), load_funding(bundled_funding_path(cfg.data.symbol))
+        load_candles(bundled_candles_path(cfg.data.symbol)),
+        load_funding(bundled_funding_path(cfg.data.symbol)),
     )
     candles = candles.loc[candles.index >= cfg.data.load_start].iloc[:fit_bars]
     feats, _ = drop_warmup(compute_features(candles, cfg.features))
