@@ -16,6 +16,10 @@ from tests.kit.exchange_sim import SimClock, sim_exchange, sim_loop
 from tests.serving.bundle_kit import build_bundle, copy_bundle, make_it_trade
 
 BARS = 24
+# A restarted (or swapped-in) policy starts its HMM forward filter cold from the window's first bar
+# while the uninterrupted one carries it on: float noise up to ~1e-4 in the regime inputs. The state
+# under test moves the drawdown input by ~1e-2 when it is lost (peak reset to the current equity).
+OBS_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +72,8 @@ def test_restart_parity_the_observation_after_a_restart_equals_the_uninterrupted
         assert equity.iloc[-1] < equity.max()  # in a drawdown when the process stops: the input matters
         restarted = sim_loop(bundle, fake, clock, store)  # a new process: new policy instance, same store
         restarted.run(max_steps=BARS - split, install_signal_handlers=False)
-        np.testing.assert_allclose(np.stack(observations), reference_obs, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(_raw_actions(store), reference, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.stack(observations), reference_obs, rtol=0, atol=OBS_ATOL)
+        np.testing.assert_allclose(_raw_actions(store), reference, rtol=0, atol=OBS_ATOL)
 
 
 def test_hot_swap_parity_an_identical_copy_changes_no_decision(bundle, tmp_path, observations):
@@ -89,6 +93,6 @@ def test_hot_swap_parity_an_identical_copy_changes_no_decision(bundle, tmp_path,
         assert loop.primary is not first and "bundle_swapped" in set(store.events()["kind"])
         # the new bundle was validated by deciding the last context again: the same observation
         probe = observations.pop(split)
-        np.testing.assert_allclose(probe, reference_obs[split - 1], rtol=0, atol=1e-6)
-        np.testing.assert_allclose(np.stack(observations), reference_obs, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(_raw_actions(store), reference, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(probe, reference_obs[split - 1], rtol=0, atol=OBS_ATOL)
+        np.testing.assert_allclose(np.stack(observations), reference_obs, rtol=0, atol=OBS_ATOL)
+        np.testing.assert_allclose(_raw_actions(store), reference, rtol=0, atol=OBS_ATOL)
