@@ -49,15 +49,16 @@ def _raw_actions(store: StateStore) -> np.ndarray:
 
 
 def _uninterrupted(bundle, tmp_path) -> tuple[np.ndarray, int]:
-    """Raw actions of an uninterrupted run, and the number of bars after which to stop: the first bar
-    that closes in a drawdown (the peak-equity input then matters)."""
+    """Raw actions of an uninterrupted run, and the number of bars after which to stop: after the bar
+    that closes deepest under the run's peak (the peak-equity input then matters most)."""
     with sim_exchange(BARS) as fake:
         store = StateStore.sqlite(tmp_path / "a.sqlite")
         sim_loop(bundle, fake, SimClock(fake, None, 0.0), store).run(max_steps=BARS, install_signal_handlers=False)
         equity = store.equity("testnet")["equity_usdt"].to_numpy()
-        below = np.flatnonzero(equity[1:] < np.maximum.accumulate(equity)[:-1] - 1.0) + 1
-        assert len(below) and below[0] < BARS - 2, "no drawdown in the run: the parity would not test the peak"
-        return _raw_actions(store), int(below[0]) + 1
+        drawdown = 1.0 - equity / np.maximum.accumulate(equity)
+        k = int(np.argmax(drawdown[:BARS - 3]))  # stop after the bar that closes deepest under the peak
+        assert drawdown[k] > 1e-3, "no drawdown in the run: the parity would not test the peak"
+        return _raw_actions(store), k + 1
 
 
 def test_restart_parity_the_observation_after_a_restart_equals_the_uninterrupted_one(bundle, tmp_path, observations):
