@@ -33,7 +33,7 @@ volume, high/low not enclosing open/close) or missing between served rows (a gap
 2. The decided bar's own candle flawed: the bar is **quarantined** (no policy; never repaired for
    itself: the broker would fill on an invented price).
 3. Another flaw, first seen (after its re-fetch) when bar B was polled: the bars before
-   B + ``hold_bars`` are **held** (:class:`WindowHold`: no policy is asked, hold-or-flat); from
+   B + ``hold_bars`` are **held** (a :class:`serving.loop.WindowTaint`: no policy is asked, hold-or-flat); from
    then on the window goes to the policy with every flawed row **repaired** as a gap under the
    feature set's gap policy (:func:`market.candles.fill_gaps`: open = high = low = close = the
    previous real close, volume 0, ``is_gap`` 1.0), and a ``candle_repaired`` event (the row, its
@@ -59,7 +59,7 @@ import numpy as np
 import pandas as pd
 
 from market.candles import fill_gaps
-from serving.loop import row_problems
+from serving.loop import WindowTaint, row_problems
 
 PAGE_BARS = 1_000  # ccxt binanceusdm caps fetch_ohlcv's limit at 1,000 (Binance serves 1,500)
 REFRESH_BARS = 3  # cached bars re-read on every poll (late corrections replace them)
@@ -327,19 +327,6 @@ def fetch_funding_since(feed: FundingFeed, since_ms: int, until_ms: int,
 
 
 @dataclass(frozen=True)
-class WindowHold:
-    """Why a bar whose own candle is valid may not go to a policy yet (held: hold-or-flat).
-
-    ``key`` names the flaw (a new key starts a new stretch of held bars), ``reason`` says what is
-    wrong and until when, ``detail`` is JSON-ready for an event.
-    """
-
-    key: str
-    reason: str
-    detail: dict[str, Any]
-
-
-@dataclass(frozen=True)
 class CandleContext:
     """The candles of one poll (:meth:`CandleCache.context`).
 
@@ -356,7 +343,7 @@ class CandleContext:
         Why the bar is quarantined: its own candle is invalid or missing, or a page was malformed.
     page_problem : str | None
         The malformed page's problem (then every bar of the poll is untrusted), else None.
-    hold : WindowHold | None
+    hold : serving.loop.WindowTaint | None
         Why the window is held (the bar's own candle is valid); None when not held.
     events : tuple
         ``(kind, detail)`` to record: ``candle_repaired``, ``candle_corrected``.
@@ -366,7 +353,7 @@ class CandleContext:
     candles: pd.DataFrame | None
     problem: str | None = None
     page_problem: str | None = None
-    hold: WindowHold | None = None
+    hold: WindowTaint | None = None
     events: tuple[tuple[str, dict[str, Any]], ...] = field(default_factory=tuple)
 
 
@@ -535,7 +522,7 @@ class CandleCache:
             self._first_seen.setdefault(t, bar_ms)
         return events
 
-    def _hold(self, flaws: dict[pd.Timestamp, str], bar_ms: int) -> WindowHold | None:
+    def _hold(self, flaws: dict[pd.Timestamp, str], bar_ms: int) -> WindowTaint | None:
         """The hold of the flaws not yet due for repair (None when there is none)."""
         due = bar_ms - self.hold_bars * self.tf_ms
         held = {t: p for t, p in flaws.items() if self._first_seen[t] > due}
@@ -552,15 +539,15 @@ class CandleCache:
                   "close, volume 0) unless the exchange serves them corrected")  # fmt: skip
         detail = {"flawed_rows": len(held), "latest": str(latest), "problem": held[latest],
                   "missing_rows": len(missing), "repair_from_bar": str(until), "hold_bars": self.hold_bars}
-        return WindowHold(f"flaw:{latest}", reason, detail)
+        return WindowTaint(f"flaw:{latest}", reason, detail)
 
-    def _history_hold(self, window: pd.DataFrame, bar: pd.Timestamp) -> WindowHold:
+    def _history_hold(self, window: pd.DataFrame, bar: pd.Timestamp) -> WindowTaint:
         """The hold of a window the exchange's history does not fill."""
         lacking = self.context_bars - len(window)
         first = "none" if not len(window) else str(window.index[0])
         reason = (f"the context window lacks {lacking} of its {self.context_bars} bars: the exchange serves no "
                   f"candle before {first} (not that much history)")  # fmt: skip
-        return WindowHold(f"history:{first}", reason, {"missing_bars": lacking, "first_served": first,
+        return WindowTaint(f"history:{first}", reason, {"missing_bars": lacking, "first_served": first,
                                                        "context_bars": self.context_bars})  # fmt: skip
 
     def _repair_events(self, flaws: dict[pd.Timestamp, str], window: pd.DataFrame, bar: pd.Timestamp

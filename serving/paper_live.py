@@ -96,7 +96,7 @@ from serving.live import (
     stop_on_signals,
     with_funding_column,
 )
-from serving.loop import BarInput, PaperStepper, ReplaySummary, ServeConfig, WindowTaint, row_problems
+from serving.loop import BarInput, PaperStepper, ReplaySummary, ServeConfig, row_problems
 from serving.notify import Notifier
 from serving.risk import RiskGuard
 from serving.store import DecisionRecord, StateStore
@@ -393,7 +393,7 @@ class PaperLiveLoop:
         ts = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
         problem = ctx.problem or funding_problem
         hold = None if problem is not None else ctx.hold
-        taint = None if hold is None else WindowTaint(hold.key, f"quarantine_window: {hold.reason}", hold.detail)
+        taint = None if hold is None else replace(hold, reason=f"quarantine_window: {hold.reason}")
         window = ctx.candles
         if window is None:  # ATRs of a held bar: over the rows as served
             window = ctx.raw.loc[pd.Timestamp(self.candle_cache.window_start_ms(bar_ms), unit="ms", tz="UTC") : ts]
