@@ -77,6 +77,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pandas as pd
+import pytest
 
 FaultKind = Literal[
     "status_429", "html_5xx", "json_5xx", "delay", "overlap", "duplicate", "reverse", "null_rows", "past_end",
@@ -821,6 +822,18 @@ class FakeBinance:
                 self._send(200, text)
 
         return Handler
+
+
+def assert_consistent(fake: FakeBinance, store: Any, symbol: str = "BTCUSDT") -> None:
+    """The invariants of a serving run against ``fake`` (test helper): no client id placed twice, the
+    stored position equal to the exchange's, and not blocked (``store``: a
+    :class:`serving.store.StateStore`; its latest events are shown when blocked)."""
+    dup = {k: v for k, v in fake.orders_by_client_id().items() if v != 1}
+    assert dup == {}, f"duplicate orders on the exchange: {dup}"
+    amt, _ = fake.position()
+    last = store.last_position(symbol)
+    assert last["side"] * last["qty_base"] == pytest.approx(amt, abs=1e-9)
+    assert not store.position_blocked(symbol), store.events()[["kind", "detail"]].tail(8)
 
 
 class _BadRequest(Exception):

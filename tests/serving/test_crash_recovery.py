@@ -23,7 +23,7 @@ from serving.exchange import BinanceFuturesBroker, make_client
 from serving.live import CRASH_ENV, LiveConfig, LiveLoop
 from serving.store import StateStore
 from tests.kit.candles import make_candles
-from tests.kit.fake_binance import ORDER, FakeBinance, Fault
+from tests.kit.fake_binance import ORDER, FakeBinance, Fault, assert_consistent
 from tests.serving.fakes import FlipPolicy, ScriptedFallback
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,13 +68,6 @@ def _loop(fake: FakeBinance, db: Path) -> tuple[LiveLoop, StateStore]:
     return loop, store
 
 
-def _assert_consistent(fake: FakeBinance, store: StateStore) -> None:
-    dup = {k: v for k, v in fake.orders_by_client_id().items() if v != 1}
-    assert dup == {}, f"duplicate orders on the exchange: {dup}"
-    amt, _ = fake.position()
-    last = store.last_position("BTCUSDT")
-    assert last["side"] * last["qty_base"] == pytest.approx(amt, abs=1e-9)
-    assert not store.position_blocked("BTCUSDT"), store.events()[["kind", "detail"]].tail(5)
 
 
 @pytest.mark.parametrize("crash", [
@@ -112,7 +105,7 @@ def test_kill9_at_crash_point_then_restart(tmp_path, crash):
         else:
             loop, store = _loop(fake, db)
             assert loop.step().bar_open_time == first.bar_open_time + pd.Timedelta(hours=1)
-        _assert_consistent(fake, store)
+        assert_consistent(fake, store)
         b1 = first.bar_open_time + pd.Timedelta(hours=1)
         decisions = store.decisions("live")
         assert list(decisions["bar_open_time"]) == [first.bar_open_time, b1]  # one decision per bar
@@ -130,7 +123,7 @@ def test_kill9_at_crash_point_then_restart(tmp_path, crash):
         fake.now_ms += H  # trading resumes within one bar
         resumed = loop.step()
         assert resumed.bar_open_time == b1 + pd.Timedelta(hours=1) and resumed.sent
-        _assert_consistent(fake, store)
+        assert_consistent(fake, store)
         store.close()
 
 

@@ -17,7 +17,7 @@ from serving.exchange import BinanceFuturesBroker, make_client
 from serving.live import LiveConfig, LiveLoop, validate_window
 from serving.store import StateStore
 from tests.kit.candles import make_candles
-from tests.kit.fake_binance import KLINES, ORDER, FakeBinance, Fault
+from tests.kit.fake_binance import KLINES, ORDER, FakeBinance, Fault, assert_consistent
 from tests.serving.fakes import FlipPolicy, ScriptedFallback
 
 H = 3_600_000
@@ -68,13 +68,6 @@ def _loop(fake, policy=None, *, store=None, guard=None, wall=None, timeout_ms=2_
     return loop, store
 
 
-def _assert_consistent(fake, store):
-    dup = {k: v for k, v in fake.orders_by_client_id().items() if v != 1}
-    assert dup == {}, f"duplicate orders on the exchange: {dup}"
-    amt, _ = fake.position()
-    last = store.last_position("BTCUSDT")
-    assert last["side"] * last["qty_base"] == pytest.approx(amt, abs=1e-9)
-    assert not store.position_blocked("BTCUSDT")
 
 
 def test_one_decision_per_bar_write_ahead_and_consistent(fake):
@@ -91,7 +84,7 @@ def test_one_decision_per_bar_write_ahead_and_consistent(fake):
         hist = store.intent_history(cid)
         assert hist[0] == "written" and "sent" in hist  # written before it was sent
     assert set(intents["status"]) <= {"filled", "acked", "cancelled"}
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
     assert len(store.equity("live")) == 4
 
 
@@ -118,7 +111,7 @@ def test_create_lost_after_accept_is_found_not_resent(fake, kind):
     assert store.intent_status(entry) == "filled"
     assert store.intent_history(entry)[:4] == ["written", "sent", "unknown", "filled"]
     assert "ambiguous_create" in set(store.events()["kind"])
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
     assert fake.trading.algo_orders and {a["algoStatus"] for a in fake.trading.algo_orders} == {"NEW"}
 
 
@@ -127,7 +120,7 @@ def test_create_5xx_not_accepted_is_resent_once_with_same_id(fake):
     fake.add_fault(f"POST {ORDER}", Fault("html_5xx"))
     loop.step()
     assert fake.count(f"POST {ORDER}") == 2  # lookup proved absence, then one resend
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
     assert fake.position()[0] > 0
 
 
@@ -138,7 +131,7 @@ def test_create_429_waits_retry_after_then_sends_once(fake):
     loop.step()
     assert 2.0 in sleeps
     assert fake.count(f"POST {ORDER}") == 2  # refused by the limiter, then accepted
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 def test_partial_fill_protects_the_filled_part(fake):
@@ -151,7 +144,7 @@ def test_partial_fill_protects_the_filled_part(fake):
     assert 0 < amt < float(fake.trading.orders[0]["origQty"])
     kinds = {a["orderType"]: a for a in fake.trading.algo_orders}
     assert set(kinds) == {"STOP_MARKET", "TAKE_PROFIT_MARKET"} and all(a["closePosition"] for a in kinds.values())
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 def test_read_faults_5xx_and_429_then_bar_decided(fake):
@@ -161,7 +154,7 @@ def test_read_faults_5xx_and_429_then_bar_decided(fake):
     fake.add_fault(KLINES, Fault("status_429", retry_after_s=3))
     result = loop.step()
     assert result.bar_open_time is not None and 3.0 in sleeps
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 def _primed(fake, policy):
@@ -252,7 +245,7 @@ def test_wall_clock_jumps_forward_and_back(fake):
     bars = store.decisions("live")["bar_open_time"]
     assert bars.is_unique and len(bars) == 3
     assert (bars.diff().dropna() == pd.Timedelta(hours=1)).all()  # nothing skipped
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 def test_external_position_refuses_all_trading_until_reset(fake):
@@ -325,7 +318,7 @@ def test_stop_hit_between_bars_reports_trade_and_cancels_orphan(fake):
     assert {a["algoStatus"] for a in fake.trading.algo_orders} <= {"FINISHED", "CANCELED", "EXPIRED"}
     assert len(guard.closed) == 1 and guard.closed[0] != 0.0
     assert stop["algoStatus"] in ("FINISHED", "CANCELED")
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 def test_sigterm_stops_between_bars(fake):
@@ -365,7 +358,7 @@ def test_trailing_stop_moves_only_when_tighter(fake):
     assert float(stops[0]["triggerPrice"]) > level and first_stop["algoStatus"] == "CANCELED"
     assert store.intent_status(first_stop["clientAlgoId"]) == "cancelled"
     assert result.sent == [stops[0]["clientAlgoId"]]
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 def test_funding_joined_to_the_settlement_bars(fake):
@@ -394,7 +387,7 @@ def test_refused_stop_closes_the_new_position(fake):
     assert any(k.endswith("-unprot") for k in fake.orders_by_client_id())
     assert "stop_rejected_closing" in set(store.events()["kind"])
     assert not [a for a in fake.trading.algo_orders if a["algoStatus"] == "NEW"]
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 def test_hedge_mode_account_is_refused(fake):
@@ -417,7 +410,7 @@ def test_lost_stop_is_placed_again_on_the_next_bar(fake):
     assert len(new_stops) == 1 and new_stops[0]["clientAlgoId"] == f"ats-BTCUSDT-{int(result.bar_open_time.timestamp())}-stop"
     assert len([a for a in fake.trading.algo_orders if a["algoStatus"] == "NEW"]) == 2  # no second take-profit
     assert "protection_repaired" in set(store.events()["kind"])
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 class RaisingPolicy:

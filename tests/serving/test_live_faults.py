@@ -17,7 +17,7 @@ from serving.exchange import BinanceFuturesBroker, make_client, trade_fill
 from serving.live import LiveConfig, LiveLoop
 from serving.store import StateStore
 from tests.kit.candles import make_candles
-from tests.kit.fake_binance import ORDER, FakeBinance, Fault
+from tests.kit.fake_binance import ORDER, FakeBinance, Fault, assert_consistent
 from tests.serving.fakes import ScriptedFallback
 
 H = 3_600_000
@@ -80,13 +80,6 @@ def _next_bar(fake):
     fake.now_ms = (fake.now_ms // H + 1) * H + 60_000
 
 
-def _assert_consistent(fake, store):
-    dup = {k: v for k, v in fake.orders_by_client_id().items() if v != 1}
-    assert dup == {}, f"duplicate orders on the exchange: {dup}"
-    amt, _ = fake.position()
-    last = store.last_position("BTCUSDT")
-    assert last["side"] * last["qty_base"] == pytest.approx(amt, abs=1e-9)
-    assert not store.position_blocked("BTCUSDT"), store.events()[["kind", "detail"]].tail(8)
 
 
 def _open_protection(fake):
@@ -113,7 +106,7 @@ def test_one_malformed_position_answer_keeps_protection_and_trading(fake, kind):
     assert _open_protection(fake) == protection  # nothing cancelled as an "orphan"
     kinds = _kinds(store)
     assert "orphan_order_cancelled" not in kinds and "position_unreconciled" not in kinds
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 def test_a_position_read_malformed_on_every_try_holds_the_bar_and_keeps_protection(fake):
@@ -127,7 +120,7 @@ def test_a_position_read_malformed_on_every_try_holds_the_bar_and_keeps_protecti
     assert _open_protection(fake) == protection and fake.position()[0] > 0
     assert "position_unreconciled" not in _kinds(store)
     assert loop.step().source == "v2"  # the next attempt of the same bar decides it
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 # -- finding 3: a take-profit filling between the trades read and the position read -----------------
@@ -148,7 +141,7 @@ def test_take_profit_filling_between_the_two_reads_does_not_block_trading(fake):
     fills = store.exchange_fills("BTCUSDT")
     assert tp in set(fills["client_id"])  # the take-profit's trade is ours, linked by its actualOrderId
     assert store.intent_status(tp) == "filled"
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 def test_a_confirmed_mismatch_clears_when_a_later_read_agrees(fake):
@@ -162,7 +155,7 @@ def test_a_confirmed_mismatch_clears_when_a_later_read_agrees(fake):
     loop.step()  # the next read sees the take-profit's trade: agreed again, no operator needed
     assert "position_reconciled" in _kinds(store)
     assert not store.position_blocked("BTCUSDT") and fake.position()[0] > 0
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 def test_an_external_position_stays_unreconciled_until_accepted(fake):
@@ -206,7 +199,7 @@ def test_a_malformed_trade_record_is_retried_and_never_halts_entries(fake):
     assert failed and "MalformedResponseError" in failed[0]["error"] and "'id': None" in failed[0]["error"]
     assert "internal_error" not in set(ev.kind) and loop.internal_error is None
     assert fake.position()[0] < 0  # the bar was decided on the retry and the reversal traded
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 # -- finding 5: an accepted order invisible to lookups (Binance -2013 query lag) ---------------------
@@ -231,7 +224,7 @@ def test_no_duplicate_market_order_whatever_the_query_lag(fake, lag_s):
     _next_bar(fake)
     loop.step()
     assert fake.count(f"POST {ORDER}") == 1
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 def test_an_ambiguous_create_that_never_arrived_is_resent_once_after_the_settle_time(fake):
@@ -241,7 +234,7 @@ def test_an_ambiguous_create_that_never_arrived_is_resent_once_after_the_settle_
     loop.step()
     assert fake.count(f"POST {ORDER}") == 2 and fake.position()[0] > 0  # resent exactly once
     assert sum(clock.sleeps) >= loop.config.create_settle_s  # not before the settle time
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 # -- finding 6: equity row, missed rows' side, protective fills, signed URLs ------------------------
@@ -300,7 +293,7 @@ def test_missed_rows_carry_the_reconciled_side_and_stop_fills_are_linked(fake):
     assert store.intent_status(stop) == "filled"
     tp = next(c for c in store.intents("live")["client_id"] if c.endswith("-tp"))
     assert store.intent_status(tp) != "acked"  # resolved, not acked forever
-    _assert_consistent(fake, store)
+    assert_consistent(fake, store)
 
 
 def test_recorded_errors_never_keep_the_signed_request_url(fake):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from agents.policy import FrozenPPOPolicy
-
 from serving.hotswap import request_reload
 from serving.store import StateStore
 from tests.kit.exchange_sim import SimClock, sim_exchange, sim_loop
