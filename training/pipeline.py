@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -407,21 +408,8 @@ def train_run(cfg: RunConfig, run_dir: Path, *, log: Log = print, on_ppo_progres
         actor_tensors = actor_state_from_sb3(result.model.policy)
     log(f"PPO: {cfg.ppo.total_timesteps} steps in {time.perf_counter() - t0:.0f} s; best validation Sortino "
         f"{result.best_metrics.get('sortino', float('nan')):.3f} at step {result.best_step}")
-    (run_dir / "folds.json").write_text(json.dumps(folds, indent=1))
-    (run_dir / "validation_history.json").write_text(json.dumps([M.to_jsonable(h) for h in result.history], indent=1))
-    bundle = save_bundle(
-        run_dir / "bundle",
-        actor_tensors=actor_tensors,
-        hidden=tuple(cfg.ppo.net_arch),
-        activation="tanh",
-        normalizer=normalizer,
-        feature_config=cfg.features,
-        env_config=cfg.env,
-        models=final_models,
-        run_config=cfg.model_dump(mode="json"),
-        data_info={**prep.info, "folds": folds},
-        metrics={"validation": M.to_jsonable(result.best_metrics), "selected_step": result.best_step},
-    )
+    bundle = _save_run(run_dir, cfg, result, actor_tensors, normalizer, final_models, folds,
+                       data_info={**prep.info, "folds": folds})
     _write_replay(prep, cfg, run_dir / "replay")
     return bundle
 
@@ -481,22 +469,9 @@ def train_pooled(cfg: RunConfig, run_dir: Path, *, device: str, log: Log = print
     log(f"PPO: {cfg.ppo.total_timesteps} steps over {len(preps)} symbols in {time.perf_counter() - t0:.0f} s; best "
         f"validation Sortino (equal-weight portfolio) {result.best_metrics.get('sortino', float('nan')):.3f} at step "
         f"{result.best_step}")
-    (run_dir / "folds.json").write_text(json.dumps(folds, indent=1))
-    (run_dir / "validation_history.json").write_text(json.dumps([M.to_jsonable(h) for h in result.history], indent=1))
-    bundle = save_bundle(
-        run_dir / "bundle",
-        actor_tensors=actor_state_from_sb3(result.model.policy),
-        hidden=tuple(cfg.ppo.net_arch),
-        activation="tanh",
-        normalizer=normalizer,
-        feature_config=cfg.features,
-        env_config=cfg.env,
-        models=final_models,
-        run_config=cfg.model_dump(mode="json"),
-        data_info=pooled_data_info(preps, folds),
-        metrics={"validation": M.to_jsonable(result.best_metrics), "selected_step": result.best_step,
-                 "selection": "best validation Sortino of the equal-weight portfolio of all symbols"},
-    )
+    bundle = _save_run(run_dir, cfg, result, actor_state_from_sb3(result.model.policy), normalizer, final_models,
+                       folds, data_info=pooled_data_info(preps, folds),
+                       selection="best validation Sortino of the equal-weight portfolio of all symbols")
     _write_replay(preps[0], cfg, run_dir / "replay")
     for p in preps[1:]:
         _write_replay(p, cfg, run_dir / "replay" / p.info["symbol"])
@@ -504,6 +479,23 @@ def train_pooled(cfg: RunConfig, run_dir: Path, *, device: str, log: Log = print
 
 
 REPLAY_HISTORY_BARS = 1200
+
+
+def _save_run(run_dir: Path, cfg: Any, result: Any, actor_tensors: dict[str, Any], normalizer: Any,
+              final_models: Any, folds: Any, *, data_info: dict[str, Any], selection: str | None = None) -> Path:
+    """Write a trained run's ``folds.json``, ``validation_history.json`` and policy bundle (one- and
+    multi-symbol runs alike); ``selection`` says how the checkpoint was chosen when it is not the
+    default (best validation Sortino). Returns the bundle directory."""
+    (run_dir / "folds.json").write_text(json.dumps(folds, indent=1))
+    (run_dir / "validation_history.json").write_text(json.dumps([M.to_jsonable(h) for h in result.history], indent=1))
+    metrics = {"validation": M.to_jsonable(result.best_metrics), "selected_step": result.best_step}
+    if selection is not None:
+        metrics["selection"] = selection
+    return save_bundle(
+        run_dir / "bundle", actor_tensors=actor_tensors, hidden=tuple(cfg.ppo.net_arch), activation="tanh",
+        normalizer=normalizer, feature_config=cfg.features, env_config=cfg.env, models=final_models,
+        run_config=cfg.model_dump(mode="json"), data_info=data_info, metrics=metrics,
+    )
 
 
 def _write_replay(prep: PreparedData, cfg: RunConfig, out: Path) -> None:
