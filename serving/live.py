@@ -730,7 +730,7 @@ class LiveLoop:
         bar = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
         self._attempt_bar = bar
         state = self.reconcile(bar)
-        self._record_late_equity(bar)
+        self._record_late_equity(bar, state["position"])
         self._record_missed(bar, state["position"].side)
         decided = self.store.decision_at(self.run_id, bar)
         result = StepResult(bar)
@@ -840,17 +840,17 @@ class LiveLoop:
         self._finish(bar, state, result)
         return result
 
-    def _record_late_equity(self, bar: pd.Timestamp) -> None:
+    def _record_late_equity(self, bar: pd.Timestamp, position: ExchangePosition) -> None:
         """The last decided bar before ``bar`` has no equity row (the process stopped or failed between
         its orders and its equity snapshot, and the bar has passed): record one now, with the
-        equity read now, and an ``equity_recorded_late`` event saying so."""
+        equity read now and ``position`` (this step's reconciled one), and an ``equity_recorded_late``
+        event saying so."""
         last = self.store.last_decision_bar(self.run_id)
         if last is None or last >= bar or self.store.has_equity(self.run_id, last):
             return
         row = self.store.decision_at(self.run_id, last)
         if row is None or row["source"] == "missed":
             return
-        position = self.broker.position()
         equity = self.broker.equity_usdt()
         now = self._now_ts()
         self.store.append(equity=[EquityRecord(self.run_id, last, equity, equity, position.side, position.qty_base)],
