@@ -80,16 +80,16 @@ and never past the next bar close). Any other exception is recorded (redacted, w
 traceback) as ``internal_error`` and halts entries for the rest of the process (exits are still
 sent); a :class:`FatalError` stops the loop.
 
-Crash points: :func:`crash_point` kills the process with SIGKILL when the environment variable
-``ATS_CRASH_AT`` names the point (``after_intent_written``, ``after_send``, ``after_ack``,
-``after_fill``, ``during_reconciliation``); used by ``tests/serving/test_crash_recovery.py``.
+Crash points (:mod:`serving.crash`): the loop calls ``crash_points.hit(name)`` at each point of
+:data:`serving.crash.CRASH_POINTS` (``after_intent_written``, ``after_send``, ``after_ack``,
+``after_fill``, ``during_reconciliation``); the object is injected (no-op by default), and
+``tests/serving/test_crash_recovery.py`` injects :class:`serving.crash.KillAt` to SIGKILL the process there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import threading
 import time
@@ -114,6 +114,7 @@ from serving.candles import (  # noqa: F401 - parse_ohlcv_row and validate_windo
     validate_window,
 )
 from serving.choice import choose, reason_kind
+from serving.crash import NO_CRASH, CrashPoints
 from serving.errors import AmbiguousOutcomeError, FatalError, RejectedError, RetryableError
 from serving.exchange import BinanceFuturesBroker, OrderSnapshot, RateLimitedError
 from serving.hotswap import PolicySlot
@@ -139,33 +140,7 @@ from serving.store import (
     StateStore,
 )
 
-CRASH_POINTS: tuple[str, ...] = (
-    "after_intent_written", "after_send", "after_ack", "after_fill", "during_reconciliation",
-)  # fmt: skip
-CRASH_ENV = "ATS_CRASH_AT"
 _TF_MS = {"1m": 60_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000, "1h": 3_600_000, "4h": 14_400_000}
-
-
-_CRASH_COUNTS: dict[str, int] = {}
-
-
-def crash_point(name: str) -> None:
-    """SIGKILL this process when ``ATS_CRASH_AT`` names this point (a no-op otherwise).
-
-    ``ATS_CRASH_AT=name`` kills at the first pass through the point, ``name:N`` at the N-th pass
-    in this process (test hook; unset in production).
-    """
-    if name not in CRASH_POINTS:
-        raise ValueError(f"unknown crash point {name!r}; expected one of {CRASH_POINTS}")
-    spec = os.environ.get(CRASH_ENV)
-    if not spec:
-        return
-    target, _, nth = spec.partition(":")
-    if target != name:
-        return
-    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
-    if _CRASH_COUNTS[name] >= (int(nth) if nth else 1):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class LiveConfig(StrictConfig):
@@ -370,6 +345,9 @@ class LiveLoop:
     notifier : Notifier | None
         Receives the run's new events and exchange fills after every step (module docstring);
         None: no notifications.
+    crash_points : CrashPoints
+        Called at each crash point (:mod:`serving.crash`); the default never fires. Tests inject
+        :class:`serving.crash.KillAt`.
     """
 
     def __init__(
@@ -387,6 +365,7 @@ class LiveLoop:
         sleep: Callable[[float], None] = time.sleep,
         redact: Callable[[str], str] = lambda text: text,
         notifier: Notifier | None = None,
+        crash_points: CrashPoints = NO_CRASH,
     ) -> None:
         if config.timeframe not in _TF_MS:
             raise ValueError(f"timeframe {config.timeframe!r} not supported; use one of {sorted(_TF_MS)}")
@@ -409,6 +388,7 @@ class LiveLoop:
         #: set by an unexpected exception in a step: entries stay halted for this process's life
         self.internal_error: str | None = None
         self.notifier = notifier
+        self.crash_points = crash_points
         self._notified: tuple[int, int] | None = None  # (events id, exchange fills id) already published
         self._risk_state: str | None = None  # the guard's state at the last review
         self._attempt_bar: pd.Timestamp | None = None  # bar of the step in progress (None: not known yet)
@@ -646,10 +626,10 @@ class LiveLoop:
                 self.store.mark_intent(cid, "rejected", self._now_ts(), {"error": self._safe(str(exc))[:500]})
                 self._event(self._now_ts(), "order_rejected", {"client_id": cid, "error": self._safe(str(exc))[:500]})
                 return None
-            crash_point("after_send")
+            self.crash_points.hit("after_send")
             self._record_snapshot(snap, cid, self._now_ts())
             result.sent.append(cid)
-            crash_point("after_ack")
+            self.crash_points.hit("after_ack")
             return snap
         self._event(self._now_ts(), "intent_unresolved", {"client_id": cid})
         return None
@@ -832,7 +812,7 @@ class LiveLoop:
                     "reason": why, "orders_not_sent": [o.client_id for o in orders]}))  # fmt: skip
             orders = [] if state["blocked"] else [o for o in orders if o.reduce_only]
         self.store.write_intents(self.run_id, orders, self._now_ts(), decisions=[record], events=events)
-        crash_point("after_intent_written")
+        self.crash_points.hit("after_intent_written")
         result.source, result.decision, result.entries_blocked = source, decision, tuple(blocked)
         self._execute(bar, orders, state, result, atr_t)
         if position.side != 0 and decision.direction == position.side and not state["blocked"]:
@@ -1045,7 +1025,7 @@ class LiveLoop:
             if intent.kind == "entry":
                 entry_snap, entry_intent = snap, intent
             if snap is not None and snap.filled_base > 0:
-                crash_point("after_fill")
+                self.crash_points.hit("after_fill")
         if entry_intent is None or entry_snap is None or entry_snap.filled_base <= 0:
             return
         fill_price = entry_snap.average_price
@@ -1102,7 +1082,7 @@ class LiveLoop:
         while True:
             fills = self.broker.fills_since(last_tid)
             if crash and reads == 0:
-                crash_point("during_reconciliation")
+                self.crash_points.hit("during_reconciliation")
             position = self.broker.position()
             reads += 1
             expected = self._expected_signed(trusted, fills)

@@ -10,10 +10,10 @@ fault of :data:`FAULTS` (seeded choice) is queued on its endpoint: malformed and
 bodies, a malformed trade record, 5xx and 429 answers, creates lost after the accept, and a
 take-profit filling between the trades read and the position read.
 
-:func:`run_crash_sweep` kills the serving process (SIGKILL via ``ATS_CRASH_AT``) at each crash
-point of :data:`serving.live.CRASH_POINTS` while it serves, restarts it, and checks the same
-invariants. Both return a :class:`SimReport`; ``python -m tests.kit.exchange_sim --bundle B``
-prints the fault matrix and the crash matrix for a bundle (e.g. the ``make demo`` bundle).
+:func:`run_crash_sweep` kills the serving process (SIGKILL by injected crash points,
+:class:`serving.crash.KillAt`) at each crash point of :data:`serving.crash.CRASH_POINTS` while it
+serves, restarts it, and checks the same invariants. Both return a :class:`SimReport`;
+``python -m tests.kit.exchange_sim --bundle B`` prints the fault matrix and the crash matrix for a bundle (e.g. the ``make demo`` bundle).
 
 Invariants checked by the callers: one decision row per bar, no client id placed twice on the
 exchange, the stored position equal to the exchange's, not blocked at the end.
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -216,17 +216,20 @@ import sys
 import time
 from pathlib import Path
 from ats_cli.serve_live import build_live_loop
+from serving.crash import KillAt
 from serving.errors import AmbiguousOutcomeError, RetryableError
 from serving.exchange import BinanceFuturesBroker, make_client
 from serving.live import LiveConfig
 from serving.store import StateStore
 
-url, db, bundle = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+url, db, bundle, crash = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 client = make_client(api_key="SIM_KEY", secret="SIM_SECRET", base_url=url, timeout_ms=3000, rate_limit=False)
 broker = BinanceFuturesBroker(client, "BTC/USDT:USDT", read_attempts=3, sleep=lambda s: None)
 loop = build_live_loop(mode="testnet", bundle_dir=bundle, store=StateStore.sqlite(db), broker=broker,
                        live_config=LiveConfig(create_settle_s=0.0), force_gate=True, use_guard=True, log=lambda m: None,
                        wall_clock_s=lambda: client.fetch_time() / 1000.0)
+if crash:
+    loop.crash_points = KillAt.parse(crash)
 for attempt in range(30):  # the bar of the exchange's clock (which stands still here), resumed until done
     try:
         print("done", loop.step().bar_open_time)
@@ -238,27 +241,24 @@ for attempt in range(30):  # the bar of the exchange's clock (which stands still
 
 
 def _child(url: str, db: Path, bundle: Path, crash: str | None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "ATS_CRASH_AT"}
-    if crash is not None:
-        env["ATS_CRASH_AT"] = crash
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-c", CHILD, url, str(db), str(bundle)], cwd=REPO, env=env,
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", CHILD, url, str(db), str(bundle), crash or ""], cwd=REPO, env=env,
                           check=False, capture_output=True, text=True, timeout=300)
 
 
 def run_crash_sweep(bundle_dir: Path, workdir: Path, *, bars: int = 6, first_bar: int = 30_000,
-                    start_offset_bars: int = 1_200) -> dict[str, SimReport]:
-    """For each crash point: serve ``bars`` bars in child processes (one per bar), the child killed
+                    start_offset_bars: int = 1_200, points: Sequence[str] | None = None) -> dict[str, SimReport]:
+    """For each crash point (``points``, default all of :data:`serving.crash.CRASH_POINTS`): serve ``bars`` bars in child processes (one per bar), the child killed
     with SIGKILL at the point (first pass; repeated until it fires) and restarted on the same bar;
     returns a report per point (``crashes``: bar -> 'killed' / 'restarted'). The child steps the bar
     of the exchange's clock once (retried on retryable errors) and exits; the clock moves between
     children. A point the bundle's decisions never pass (no order sent) is not in ``crashes``."""
-    from serving.live import CRASH_POINTS
+    from serving.crash import CRASH_POINTS
     from serving.store import StateStore
 
     out: dict[str, SimReport] = {}
     candles, funding = real_market(first_bar, start_offset_bars + bars + 50)
-    for point in CRASH_POINTS:
+    for point in CRASH_POINTS if points is None else points:
         now = int(candles.index[start_offset_bars].value // 1_000_000) + 60_000
         db = workdir / f"crash_{point}.sqlite"
         crashes: dict[str, str] = {}

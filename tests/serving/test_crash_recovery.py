@@ -1,11 +1,11 @@
 """kill -9 of the live serving process at each named crash point, then restart: no duplicate order,
 local position == exchange position, trading resumes within one bar.
 
-The fake exchange runs in this (test) process; the live loop runs in a child process that
-``ATS_CRASH_AT`` makes SIGKILL itself at the named point while it processes a reversal bar (exit,
-entry, stop, take-profit). The restarted loop (a second child process for one case, a fresh loop
-object on a fresh store connection for the others) must then finish that bar, and one more bar is
-decided to show that trading resumed.
+The fake exchange runs in this (test) process; the live loop runs in a child process whose
+injected crash points (:class:`serving.crash.KillAt`) make it SIGKILL itself at the named point
+while it processes a reversal bar (exit, entry, stop, take-profit). The restarted loop (a second
+child process for one case, a fresh loop object on a fresh store connection for the others) must
+then finish that bar, and one more bar is decided to show that trading resumed.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from serving.exchange import BinanceFuturesBroker, make_client
-from serving.live import CRASH_ENV, LiveConfig, LiveLoop
+from serving.live import LiveConfig, LiveLoop
 from serving.store import StateStore
 from tests.kit.candles import make_candles
 from tests.kit.fake_binance import ORDER, FakeBinance, Fault, assert_consistent
@@ -35,28 +35,27 @@ CONTEXT = 1_010  # the demo bundle's context (ccxt pages it: 1,000 klines a requ
 
 CHILD = """
 import sys
+from serving.crash import NO_CRASH, KillAt
 from serving.exchange import BinanceFuturesBroker, make_client
 from serving.live import LiveConfig, LiveLoop
 from serving.store import StateStore
 from tests.serving.fakes import FlipPolicy, ScriptedFallback
 
-url, db, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+url, db, steps, crash = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 client = make_client(api_key="k", secret="s", base_url=url, timeout_ms=3000, rate_limit=False)
 broker = BinanceFuturesBroker(client, read_attempts=3, sleep=lambda s: None)
 loop = LiveLoop(broker, StateStore.sqlite(db), LiveConfig(context_bars=CONTEXT), primary=FlipPolicy(),
-                fallback=ScriptedFallback(), wall_clock_s=lambda: client.fetch_time() / 1000.0)
+                fallback=ScriptedFallback(), wall_clock_s=lambda: client.fetch_time() / 1000.0,
+                crash_points=KillAt.parse(crash) if crash else NO_CRASH)
 done = loop.run(max_steps=steps, poll_s=0.02)
 print("done", done)
 """.replace("CONTEXT", str(CONTEXT))
 
 
 def _child(fake: FakeBinance, db: Path, tmp: Path, crash: str | None, steps: int = 1) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
-    if crash is not None:
-        env[CRASH_ENV] = crash
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-c", CHILD, fake.url, str(db), str(steps)], cwd=REPO, env=env,
-                          check=False, capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", CHILD, fake.url, str(db), str(steps), crash or ""], cwd=REPO,
+                          env=env, check=False, capture_output=True, text=True, timeout=60)
 
 
 def _loop(fake: FakeBinance, db: Path) -> tuple[LiveLoop, StateStore]:
@@ -128,7 +127,23 @@ def test_kill9_at_crash_point_then_restart(tmp_path, crash):
 
 
 def test_unknown_crash_point_is_an_error():
-    from serving.live import crash_point
+    from serving.crash import NO_CRASH, KillAt
 
     with pytest.raises(ValueError, match="unknown crash point"):
-        crash_point("after_lunch")
+        NO_CRASH.hit("after_lunch")
+    with pytest.raises(ValueError, match="unknown crash point"):
+        KillAt.parse("after_lunch:2")
+
+
+def test_kill_at_fires_only_at_the_nth_pass_of_its_point(monkeypatch):
+    from serving import crash
+
+    kills: list[tuple[int, int]] = []
+    monkeypatch.setattr(crash.os, "kill", lambda pid, sig: kills.append((pid, sig)))
+    points = crash.KillAt.parse("after_fill:2")
+    points.hit("after_send")
+    points.hit("after_fill")
+    assert kills == []
+    points.hit("after_send")
+    points.hit("after_fill")
+    assert kills == [(os.getpid(), signal.SIGKILL)]

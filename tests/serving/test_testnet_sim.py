@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from serving.store import StateStore
-from tests.kit.exchange_sim import FAULTS, run_fault_sim
+from tests.kit.exchange_sim import FAULTS, run_crash_sweep, run_fault_sim
 from tests.serving.bundle_kit import build_bundle, make_it_trade
 
 
@@ -35,3 +35,10 @@ def test_testnet_serving_trades_110_bars_through_binance_faults_without_a_duplic
     fills = store.exchange_fills("BTCUSDT")
     assert fills["client_id"].notna().all()  # every trade is linked to our entry, exit, stop or take-profit
     assert set(report.faults) <= {label for label, _, _ in FAULTS}
+
+
+@pytest.mark.slow
+def test_crash_sweep_kills_the_served_composition_at_an_injected_point_and_restarts_it(trading_bundle, tmp_path):
+    (report,) = run_crash_sweep(trading_bundle, tmp_path, bars=2, points=("after_intent_written",)).values()
+    assert list(report.crashes.values()) == ["killed; restarted: ok"]  # killed by the injected KillAt
+    assert report.ok and report.decisions == 2
