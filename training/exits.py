@@ -1,0 +1,91 @@
+"""Exits by reason: how each strategy's trades ended (stop, take-profit, signal, liquidation, end of period).
+
+The execution kernel (``envs.kernel``) records why each trade closed: ``stop`` and ``take_profit`` (its
+intrabar exits, stop first when a bar touches both), ``exit_signal`` (the policy asked for another side: a
+flip or a close; reported as ``signal``) and ``liquidation``. A position still open when a backtest ends is
+marked to market, not closed; it is counted apart as ``end_of_period`` and never in the closed trades, so the
+reasons' counts sum to ``n_trades``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from market.trade_stats import exits_by_reason
+from training.backtest import BacktestResult
+
+
+def open_bars_at_end(res: BacktestResult) -> int | None:
+    """Bars the position open at the end of ``res`` has been held (its trailing run of one non-zero side in
+    ``position_side``), or None when the backtest ends flat."""
+    side = np.asarray(res.position_side)
+    if side.size == 0 or side[-1] == 0:
+        return None
+    change = np.flatnonzero(side != side[-1])
+    return int(side.size - (change[-1] + 1 if change.size else 0))
+
+
+def exit_summary(results: BacktestResult | Sequence[BacktestResult]) -> dict:
+    """Exits by reason of one backtest, or of consecutive windows of one strategy (a walk-forward's folds,
+    or one account per symbol), each window's open position counting as one ``end_of_period``.
+
+    Returns
+    -------
+    dict
+        ``n_closed_trades``; ``avg_holding_bars`` (mean bars held per closed trade, ``nan`` with none);
+        ``by_reason`` (:func:`market.trade_stats.exits_by_reason`: count, share, mean and total net PnL in
+        USDT, mean bars held per reason); ``end_of_period`` (``count`` of positions open at a window's end,
+        marked to market, not closed; ``mean_bars_held`` so far, ``nan`` with none).
+    """
+    runs = [results] if isinstance(results, BacktestResult) else list(results)
+    trades = [t for r in runs for t in r.trades]
+    held = [t.bars_held for t in trades]
+    open_bars = [b for b in (open_bars_at_end(r) for r in runs) if b is not None]
+    return {
+        "n_closed_trades": float(len(trades)),
+        "avg_holding_bars": float(np.mean(held)) if held else math.nan,
+        "by_reason": exits_by_reason([t.exit_reason for t in trades], [t.pnl_usdt for t in trades], held),
+        "end_of_period": {
+            "count": float(len(open_bars)),
+            "mean_bars_held": float(np.mean(open_bars)) if open_bars else math.nan,
+        },
+    }
+
+
+def exits_table(summaries: Mapping[str, dict]) -> pd.DataFrame:
+    """The report's table: one row per (strategy, reason) with count, share, mean PnL (USDT) and mean bars held;
+    ``end_of_period`` rows count open positions (share and PnL n/a) and ``all closed`` the strategy's total."""
+    rows = {}
+    for name, s in summaries.items():
+        for reason, v in s["by_reason"].items():
+            rows[(name, reason)] = {
+                "count": v["count"],
+                "share": v["share"],
+                "mean pnl (USDT)": v["mean_pnl_usdt"],
+                "mean bars held": v["mean_bars_held"],
+            }
+        eop = s["end_of_period"]
+        rows[(name, "end_of_period (open, marked)")] = {
+            "count": eop["count"],
+            "share": math.nan,
+            "mean pnl (USDT)": math.nan,
+            "mean bars held": eop["mean_bars_held"],
+        }
+        total = sum(v["total_pnl_usdt"] for v in s["by_reason"].values())
+        n = s["n_closed_trades"]
+        rows[(name, "all closed")] = {
+            "count": n,
+            "share": 1.0 if n else math.nan,
+            "mean pnl (USDT)": total / n if n else math.nan,
+            "mean bars held": s["avg_holding_bars"],
+        }
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["strategy", "exit"])
+    return frame.round(4)
+
+
+EXITS_TITLE = "exits by reason (stop, take_profit, signal, liquidation; end_of_period = open at the end, marked to market)"
