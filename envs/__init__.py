@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import gymnasium
 
-ENV_ID = "ats/TradingEnv-v0"
+# v1 (issue 18): entries follow the one sizing rule of envs.sizing: the isolated margin is taken at the
+# integer exchange leverage ceil(leverage) (the notional stays sized by the requested leverage), so the
+# liquidation price moves further away for a fractional leverage; entries also respect the instrument's
+# min and max market quantity and max leverage. Same observation and action spaces, different dynamics:
+# a policy (bundle) trained on v0 is refused (its manifest's schema hash names the env id).
+ENV_ID = "ats/TradingEnv-v1"
 
 if ENV_ID not in gymnasium.registry:
     gymnasium.register(ENV_ID, entry_point="envs.trading_env:TradingEnv")

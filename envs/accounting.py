@@ -18,8 +18,10 @@ Timing (see ``market.decision``): a decision taken at the close of bar t is appl
 
 Invariants (tested in ``tests/envs``): ``equity = cash + margin + side * qty * (mark - entry)``;
 each fee is charged exactly once, at its fill; leverage multiplies PnL exactly once (``qty``
-already contains it: ``qty = margin * leverage / price``); the position equals the signed sum of
-the fills since flat; a non-finite input never produces a fill.
+already contains it: ``qty = margin budget * leverage / price``, the one sizing rule of
+:mod:`envs.sizing`; the isolated margin is ``notional / ceil(leverage)``, the integer leverage the
+exchange applies); the position equals the signed sum of the fills since flat; a non-finite input
+never produces a fill.
 
 Sources
 -------
@@ -42,6 +44,7 @@ import numpy as np
 
 from envs import kernel as K
 from envs.config import CostConfig
+from envs.sizing import SizingRules, decimals_pow10
 from market.decision import Decision, NonFiniteDecisionError, PositionView
 
 FILL_REASONS: tuple[str, ...] = ("entry", "exit_signal", "stop", "take_profit", "liquidation")
@@ -91,7 +94,9 @@ class AccountState:
     """Account with at most one isolated-margin position (one-way mode), all amounts in USDT.
 
     ``equity(mark) = cash_usdt + margin_usdt + side * qty_base * (mark - entry_price)``.
-    Per-trade fields (``entry_fee_usdt``, ``trade_funding_usdt``) accumulate over the open trade;
+    ``leverage`` is the leverage the decision requested (it sized the notional; the policy observes it);
+    ``margin_usdt`` is the isolated margin at the integer exchange leverage ``ceil(leverage)``
+    (:mod:`envs.sizing`). Per-trade fields (``entry_fee_usdt``, ``trade_funding_usdt``) accumulate over the open trade;
     ``*_paid_usdt``, ``liquidation_fees_usdt``, ``turnover_usdt`` and the ``n_*`` counters are
     cumulative since :meth:`initial`. ``n_trades`` counts positions opened (entries).
     Funding paid is positive, funding received negative.
@@ -223,26 +228,6 @@ def is_funding_time(open_time_ns: int, funding_interval_hours: int) -> bool:
     return open_time_ns % _NS_PER_S == 0 and seconds_of_day % (3_600 * funding_interval_hours) == 0
 
 
-def _decimals(step: float) -> int:
-    """Decimals kept when rounding a multiple of ``step`` (2 more than the step's own)."""
-    return max(0, math.ceil(-math.log10(step))) + 2
-
-
-def entry_protective_prices(
-    side: int, fill_price: float, atr: float, stop_atr: float, take_profit_atr: float, tick: float
-) -> tuple[float, float]:
-    """The stop and take-profit prices the kernel sets when it opens a position (USDT).
-
-    ``stop = fill - side * stop_atr * atr`` and ``take_profit = fill + side * take_profit_atr * atr``, each rounded to
-    the nearest ``tick`` (half to even) with :func:`envs.kernel.round_price`, exactly as the compiled entry does. The
-    live intents (:func:`serving.intents.protective_intents`) use this function, so a live position gets the stop
-    and take-profit that the backtest and the paper broker give it.
-    """
-    pow10 = 10.0 ** _decimals(tick)
-    return (float(K.round_price(fill_price - side * stop_atr * atr, tick, 0, pow10)),
-            float(K.round_price(fill_price + side * take_profit_atr * atr, tick, 0, pow10)))  # fmt: skip
-
-
 @lru_cache(maxsize=64)
 def cost_params(cfg: CostConfig) -> np.ndarray:
     """The cost part of the compiled kernel's parameter vector (``envs.kernel.P_*``), cached per config.
@@ -260,11 +245,15 @@ def cost_params(cfg: CostConfig) -> np.ndarray:
     p[K.P_SLIP_ATR] = cfg.slippage_atr_coef
     p[K.P_COST_MULT] = cfg.cost_multiplier
     p[K.P_FUND_FALLBACK] = cfg.funding_fallback_rate
-    p[K.P_LOT] = cfg.lot_size_base
-    p[K.P_TICK] = cfg.tick_size_quote
-    p[K.P_MIN_NOTIONAL] = cfg.min_notional_usdt
-    p[K.P_LOT_POW10] = 10.0 ** _decimals(cfg.lot_size_base)
-    p[K.P_TICK_POW10] = 10.0 ** _decimals(cfg.tick_size_quote)
+    rules = SizingRules.from_spec(cfg.instrument)  # what the one sizing rule (envs.sizing) reads
+    p[K.P_LOT] = rules.step_size_base
+    p[K.P_TICK] = rules.tick_size_usdt
+    p[K.P_MIN_NOTIONAL] = rules.min_notional_usdt
+    p[K.P_MIN_QTY] = rules.min_qty_base
+    p[K.P_MAX_QTY] = rules.max_qty_base
+    p[K.P_MAX_EXCH_LEV] = rules.max_leverage
+    p[K.P_LOT_POW10] = decimals_pow10(rules.step_size_base)
+    p[K.P_TICK_POW10] = decimals_pow10(rules.tick_size_usdt)
     p[K.P_MAKER_FEE_RATE] = cfg.maker_fee_bps / 1e4 * cfg.cost_multiplier
     p[K.P_TP_LIMIT] = 1.0 if cfg.take_profit_order == "limit" else 0.0
     p[K.P_N_BRACKETS] = len(cfg.maintenance_brackets)
@@ -416,11 +405,14 @@ def step_bar(
     higher, short: lower), otherwise it is ignored (also on a side change, when flat, or after a
     liquidation at the open); an open already through the moved stop fills it at the open (3.); when
     ``decision.direction != state.side``: close at ``open * (1 - side * slip)``, then open
-    ``direction`` at ``open * (1 + direction * slip)`` (tick-rounded adversely) with
-    ``margin = size_frac * cash`` (reduced so that margin + fee <= cash), ``qty`` floored to the lot,
-    stop/take-profit ``stop_atr``/``take_profit_atr`` ATRs from the fill, liquidation price from
-    ``LP = (WB + cum - s Q EP) / (Q MMR - s Q)`` with the bracket of the notional at LP
-    (:func:`envs.kernel.position_liq_price`); below ``min_notional_usdt`` the entry is skipped and counted;
+    ``direction`` at ``open * (1 + direction * slip)`` (tick-rounded adversely), sized by the one
+    sizing rule (:mod:`envs.sizing`) at that fill: ``qty = floor(min(size_frac * cash, cash / (1 +
+    L * fee)) * L / fill, step)`` with ``L = min(leverage, max_leverage)``, capped at the max market
+    quantity, margin ``qty * fill / ceil(L)`` (the integer exchange leverage), stop/take-profit
+    ``stop_atr``/``take_profit_atr`` ATRs from the fill rounded to the nearest tick, liquidation price
+    ``LP = (WB + cum - s Q EP) / (Q MMR - s Q)`` with WB that margin and the bracket of the notional
+    at LP (:func:`envs.kernel.position_liq_price`); with no margin budget, below the min quantity or
+    below ``min_notional_usdt`` the entry is skipped and counted;
     (3) intrabar exits: the stop or the liquidation price (whichever lies first in the adverse
     direction) before the take-profit; a gap through a level fills at the open; stop and
     take-profit fills pay adverse slippage; a liquidation loses the whole isolated margin;

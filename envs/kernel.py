@@ -8,21 +8,23 @@ flat arrays below, validate inputs and raise readable errors.
 State layout (all arrays owned by the caller, updated in place)
 -----------------------------------------------------------------
 ``fs`` float64, at least :data:`N_ACCOUNT_FLOAT` entries (``F_*`` indices): cash, position quantity,
-entry price, isolated margin, leverage, stop / take-profit / liquidation price (NaN = none), entry fee
+entry price, isolated margin (at the integer exchange leverage), requested leverage, stop / take-profit / liquidation price (NaN = none), entry fee
 and funding of the open trade, then the cumulative fees, funding, slippage, liquidation fees and
 turnover (USDT). An env appends its own fields (``E_*``: equity, peak, drawdown, bar index, span,
 reward estimates) after them, so one row holds an env's whole float state.
 
 ``is_`` int64 (``I_*``): side (-1/0/+1), entry open time in ns (:data:`NO_TIME` = none), bars in
-trade, number of fills, trades, skipped entries (min notional) and funding fallbacks.
+trade, number of fills, trades, skipped entries (no margin budget, min quantity or min notional) and
+funding fallbacks.
 
-``p`` float64 parameters (``P_*``): costs, reward, action ranges, episode rules, then the
-maintenance-bracket table (``p[P_N_BRACKETS]`` rows of cap, mmr, cum from ``P_BRACKETS``).
+``p`` float64 parameters (``P_*``): costs and the instrument's rules (tick, step, min / max quantity,
+min notional, max leverage), reward, action ranges, episode rules, then the maintenance-bracket table (``p[P_N_BRACKETS]`` rows of cap, mmr, cum from ``P_BRACKETS``).
 
 Formulas and their sources are those of :mod:`envs.accounting` (Binance liquidation price, funding,
-fees), :mod:`envs.rewards` (Moody & Saffell 2001) and :mod:`envs.actions`; the arithmetic is written
-in the same order, so the results equal the former pure-Python implementation bit for bit (tested
-against a frozen copy of it in ``tests/envs``).
+fees), :mod:`envs.sizing` (the one sizing rule of an entry: quantity, margin, exchange leverage,
+stop and take-profit, shared with the live intents), :mod:`envs.rewards` (Moody & Saffell 2001) and :mod:`envs.actions`; the arithmetic is written
+in the same order, so the results equal the pure-Python reference implementation bit for bit (tested
+against it in ``tests/envs``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from llvmlite import ir
 from numba import njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
+
+from envs.sizing import SIZE_BAD_INPUT, SIZE_OK, round_price, size_position
 
 # ---------------------------------------------------------------------------------------------
 # Layouts
@@ -56,8 +60,8 @@ NO_TIME = np.iinfo(np.int64).min
  P_RKIND, P_ETA, P_WARMUP, P_FLOOR, P_CLIP, P_TURNOVER_PEN, P_DD_PEN, P_SCALE,
  P_DEAD_ZONE, P_MAX_LEV, P_MAX_SIZE, P_STOP_LO, P_STOP_HI, P_TP_LO, P_TP_HI,
  P_INITIAL_EQUITY, P_MIN_EQUITY_FRAC, P_MAX_DD, P_MAX_LEV_OBS, P_N_BRACKETS,
- P_MAKER_FEE_RATE, P_TP_LIMIT) = range(32)  # fmt: skip
-P_BRACKETS = 32
+ P_MAKER_FEE_RATE, P_TP_LIMIT, P_MIN_QTY, P_MAX_QTY, P_MAX_EXCH_LEV) = range(35)  # fmt: skip
+P_BRACKETS = 35
 REWARD_KINDS: tuple[str, ...] = ("sortino", "differential_sharpe", "log_return")
 
 # Per-bar outputs ``out`` (float64, N_OUT).
@@ -136,27 +140,6 @@ def _prefetch(typingctx, address):  # pragma: no cover - compiled
 
     return types.void(address), codegen
 
-
-
-@njit(**_INLINE_OPTS)
-def round_decimals(x, pow10):  # pragma: no cover - compiled
-    """``round(x, d)`` for ``pow10 = 10.0 ** d`` (0 <= d <= 22, finite x): numba's own algorithm for
-    ``round(x, d)`` with the power precomputed (scale, round half to even, unscale)."""
-    return np.rint(x * pow10) / pow10
-
-
-@njit(**_INLINE_OPTS)
-def round_price(price, tick, mode, pow10):  # pragma: no cover - compiled
-    """Round to the tick: mode +1 up, -1 down, 0 nearest (half to even, like Python's ``round``),
-    then to ``log10(pow10)`` decimals (removes the float noise of ``n * tick``)."""
-    k = price / tick
-    if mode > 0:
-        n = math.ceil(k - 1e-9)
-    elif mode < 0:
-        n = math.floor(k + 1e-9)
-    else:
-        n = round(k)
-    return round_decimals(n * tick, pow10)
 
 
 @njit(**_INLINE_OPTS)
@@ -274,19 +257,21 @@ def _liquidate(fs, is_, price, bars_held, ev, evi, out):  # pragma: no cover - c
 @njit(**_INLINE_OPTS)
 def _open(fs, is_, direction, lev, size_frac, stop_atr, tp_atr, o, time_ns, atr, slip, fee_rate, p,
           ev, evi, out):  # pragma: no cover - compiled  # fmt: skip
+    """Open ``direction`` at the next open with adverse slippage, sized by the one sizing rule
+    (:func:`envs.sizing.size_position`: quantity from the requested leverage, margin at the integer
+    exchange leverage ``ceil(lev)``, stop / take-profit to the nearest tick); the liquidation price
+    uses that margin. ``fs[F_LEV]`` keeps the requested leverage (what the policy chose and observes)."""
     tick = p[P_TICK]
     tick_pow = p[P_TICK_POW10]
     cash = fs[F_CASH]  # flat here, so equity == cash
     fill = adverse_fill(o, direction, slip, tick, tick_pow)
-    margin_budget = min(size_frac * cash, cash / (1.0 + lev * fee_rate)) if cash > 0 else 0.0
-    lot = p[P_LOT]
-    notional_budget = margin_budget * lev
-    n_lots = math.floor(notional_budget / fill / lot + 1e-9)
-    while n_lots > 0 and n_lots * lot * fill > notional_budget * (1.0 + 1e-12):
-        n_lots -= 1
-    qty = round_decimals(n_lots * lot, p[P_LOT_POW10])
-    notional = qty * fill
-    if qty <= 0 or notional < p[P_MIN_NOTIONAL]:
+    code, qty, notional, margin, _lev_x, stop, tp = size_position(
+        cash, size_frac, lev, fill, fee_rate, atr, stop_atr, tp_atr, direction, tick, p[P_LOT], p[P_MIN_QTY],
+        p[P_MAX_QTY], p[P_MIN_NOTIONAL], p[P_MAX_EXCH_LEV], tick_pow, p[P_LOT_POW10])  # fmt: skip
+    if code == SIZE_BAD_INPUT:  # never a trade on a non-finite or out-of-range number
+        out[O_ERR_VALUE] = 0.0
+        return ERR_ACTION
+    if code != SIZE_OK:  # no margin budget, below the min quantity or the min notional
         is_[I_SKIPPED] += 1
         out[O_SKIPPED] = 1.0
         return OK
@@ -294,7 +279,6 @@ def _open(fs, is_, direction, lev, size_frac, stop_atr, tp_atr, o, time_ns, atr,
     if row < 0:
         out[O_ERR_VALUE] = notional
         return ERR_BRACKET
-    margin = notional / lev
     fee = notional * fee_rate
     slip_usdt = qty * abs(fill - o)
     fs[F_CASH] -= margin + fee
@@ -303,8 +287,8 @@ def _open(fs, is_, direction, lev, size_frac, stop_atr, tp_atr, o, time_ns, atr,
     fs[F_ENTRY] = fill
     fs[F_MARGIN] = margin
     fs[F_LEV] = lev
-    fs[F_STOP] = round_price(fill - direction * stop_atr * atr, tick, 0, tick_pow)
-    fs[F_TP] = round_price(fill + direction * tp_atr * atr, tick, 0, tick_pow)
+    fs[F_STOP] = stop
+    fs[F_TP] = tp
     fs[F_LIQ] = position_liq_price(direction, qty, fill, margin, row, p)
     is_[I_ENTRY_TIME] = time_ns
     is_[I_BARS] = 0

@@ -17,13 +17,17 @@ Mapping from a :class:`market.decision.Decision` to intents (same semantics as t
   ``stopmv`` intent (cancel the old stop, place the new one);
 * change of side: an ``exit`` (market, reduce-only, the whole position) if a position is open,
   the cancel of its stop/take-profit, then, if ``direction != 0`` and entries are allowed, an
-  ``entry`` (market) of ``floor(equity * size_frac * leverage / price, step)`` base units;
+  ``entry`` (market) sized by the one sizing rule of the env kernel (:func:`envs.sizing.size_entry`:
+  ``floor(min(size_frac * equity, equity / (1 + L * fee)) * L / price, step)`` base units with
+  ``L = min(leverage, max_leverage)``, capped at the max market quantity; none below the min
+  quantity or the min notional), the exchange leverage set before it being ``ceil(L)``
+  (:func:`exchange_leverage`);
 * after the entry fill, :func:`protective_intents` gives the ``stop`` (STOP_MARKET) and ``tp``
   (TAKE_PROFIT_MARKET) orders, both ``closePosition`` (they close whatever is open, so a partial
   fill is covered), ``stop_atr`` / ``take_profit_atr`` ATRs from the average fill price, rounded
-  to the nearest tick exactly as the env kernel rounds them at an entry
-  (:func:`envs.accounting.entry_protective_prices`), so that live, paper and backtest positions
-  carry the same stop and take-profit (at most half a tick from the ATR distance asked);
+  to the nearest tick by the rule the env kernel applies at an entry
+  (:func:`envs.sizing.protective_prices`), so that live, paper and backtest positions carry the
+  same stop and take-profit (at most half a tick from the ATR distance asked);
 * ``unprot``: a reduce-only market close of a position whose stop the exchange refused (see
   ``serving.live``): a position is never left open without its stop.
 """
@@ -34,12 +38,12 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Literal
 
 import pandas as pd
 
-from envs.accounting import entry_protective_prices
+from envs import sizing
+from envs.config import CostConfig
 from market.decision import Decision
 from market.instruments import InstrumentSpec
 
@@ -48,6 +52,9 @@ INTENT_KINDS: tuple[str, ...] = ("entry", "exit", "stop", "tp", "stopmv", "unpro
 OrderType = Literal["market", "stop_market", "take_profit_market"]
 CLIENT_ID_PATTERN = re.compile(r"^[\.A-Z\:/a-z0-9_\-]{1,36}$")
 CLIENT_ID_PREFIX = "ats"
+#: Taker fee rate (fraction of notional) the entry sizing reserves when the caller gives none: the cost model's
+#: default (:class:`envs.config.CostConfig`, Binance VIP0 USDT-M taker 0.05 %), so that live sizes as the env.
+DEFAULT_TAKER_FEE_RATE = CostConfig.model_fields["taker_fee_bps"].default / 1e4
 
 
 class IntentError(ValueError):
@@ -60,7 +67,9 @@ class MarketRules:
 
     ``tick_size_usdt`` (PRICE_FILTER.tickSize), ``step_size_base`` (MARKET_LOT_SIZE, else LOT_SIZE, stepSize),
     ``min_qty_base`` / ``max_qty_base`` (MARKET_LOT_SIZE or LOT_SIZE), ``min_notional_usdt``
-    (MIN_NOTIONAL.notional). All finite and > 0 (``max_qty_base`` may be ``inf``). Built with :meth:`from_spec`
+    (MIN_NOTIONAL.notional). All finite and > 0 (``max_qty_base`` may be ``inf``); ``max_leverage`` the largest
+    leverage (integer, the spec's first bracket; :data:`envs.sizing.BINANCE_MAX_LEVERAGE` when the exchange's
+    filters do not say). The one sizing rule (:mod:`envs.sizing`) reads them. Built with :meth:`from_spec`
     (from a spec, e.g. the one the paper broker and the backtests use) or by the live broker from the exchange's
     filters through the same parser as a downloaded spec (:func:`market.instruments.exchange_filters`), so paper
     and live size alike; :meth:`spec_fields` converts back.
@@ -72,14 +81,13 @@ class MarketRules:
     min_qty_base: float
     min_notional_usdt: float
     max_qty_base: float = math.inf
+    max_leverage: int = sizing.BINANCE_MAX_LEVERAGE
 
     def __post_init__(self) -> None:
-        for name in ("tick_size_usdt", "step_size_base", "min_qty_base", "min_notional_usdt"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise IntentError(f"MarketRules.{name} of {self.symbol!r} must be finite and > 0, got {v!r}")
-        if not self.max_qty_base > 0:
-            raise IntentError(f"MarketRules.max_qty_base of {self.symbol!r} must be > 0, got {self.max_qty_base!r}")
+        try:
+            sizing.check_rules(self)
+        except sizing.SizingError as exc:
+            raise IntentError(f"MarketRules of {self.symbol!r}: {exc}") from None
 
     @classmethod
     def from_spec(cls, spec: InstrumentSpec) -> MarketRules:
@@ -87,7 +95,7 @@ class MarketRules:
         mx = spec.max_market_qty_base
         return cls(symbol=spec.symbol, tick_size_usdt=spec.tick_size_usdt, step_size_base=spec.lot_step_base,
                    min_qty_base=spec.min_qty_base, min_notional_usdt=spec.min_notional_usdt,
-                   max_qty_base=math.inf if mx is None else mx)  # fmt: skip
+                   max_qty_base=math.inf if mx is None else mx, max_leverage=spec.max_leverage)  # fmt: skip
 
     def spec_fields(self) -> dict[str, float | None]:
         """The :class:`market.instruments.InstrumentSpec` fields these rules set (``inf`` max quantity -> None)."""
@@ -197,51 +205,38 @@ def _check_finite_positive(name: str, value: float) -> float:
     return x
 
 
-def round_to_step(value: float, step: float, mode: Literal["down", "up"]) -> float:
-    """``value`` rounded to a multiple of ``step`` (down: floor, up: ceil), in exact decimal arithmetic.
-
-    Raises
-    ------
-    IntentError
-        If ``value`` is not finite or ``step`` is not finite and > 0.
-    """
-    if not math.isfinite(value):
-        raise IntentError(f"cannot round a non-finite value {value!r}")
-    _check_finite_positive("step", step)
-    d_step = Decimal(str(step))
-    units = (Decimal(str(value)) / d_step).to_integral_value(rounding=ROUND_FLOOR if mode == "down" else ROUND_CEILING)
-    return float(units * d_step)
-
-
 # ---------------------------------------------------------------------------------------------
 # planning
 # ---------------------------------------------------------------------------------------------
 
 
 def entry_quantity(
-    equity_usdt: float, size_frac: float, leverage: float, price_usdt: float, rules: MarketRules
+    equity_usdt: float,
+    size_frac: float,
+    leverage: float,
+    price_usdt: float,
+    rules: MarketRules,
+    taker_fee_rate: float = DEFAULT_TAKER_FEE_RATE,
 ) -> tuple[float, str | None]:
-    """Base quantity of a new position and, when it is 0, why.
-
-    ``qty = floor(equity * size_frac * leverage / price, step)``, capped at ``max_qty_base``; 0 if
-    below ``min_qty_base`` or ``qty * price < min_notional_usdt``.
+    """Base quantity of a new position and, when it is 0, why: the quantity of the one sizing rule
+    (:func:`envs.sizing.size_entry`, the env kernel's) at the reference price ``price_usdt``.
 
     Raises
     ------
     IntentError
-        Non-finite or non-positive equity/price/leverage, or ``size_frac`` outside [0, 1].
+        Non-finite equity/price/leverage/fee, leverage < 1, or ``size_frac`` outside [0, 1].
     """
-    eq = _check_finite_positive("equity_usdt", equity_usdt)
-    price = _check_finite_positive("price_usdt", price_usdt)
-    lev = _check_finite_positive("leverage", leverage)
-    if not (math.isfinite(size_frac) and 0.0 <= size_frac <= 1.0):
-        raise IntentError(f"size_frac must be in [0, 1], got {size_frac!r}")
-    qty = round_to_step(min(eq * size_frac * lev / price, rules.max_qty_base), rules.step_size_base, "down")
-    if qty < rules.min_qty_base:
-        return 0.0, f"qty {qty} below min_qty {rules.min_qty_base}"
-    if qty * price < rules.min_notional_usdt:
-        return 0.0, f"notional {qty * price:.2f} USDT below min_notional {rules.min_notional_usdt}"
-    return qty, None
+    entry = _size(equity_usdt, size_frac, leverage, price_usdt, rules, taker_fee_rate)
+    return entry.quantity_base, entry.skip_reason
+
+
+def _size(equity_usdt: float, size_frac: float, leverage: float, price_usdt: float, rules: MarketRules,
+          taker_fee_rate: float) -> sizing.EntrySize:  # fmt: skip
+    try:  # side only orients the stop/take-profit, which are not asked for here
+        return sizing.size_entry(side=1, equity_usdt=equity_usdt, size_frac=size_frac, leverage=leverage,
+                                 price_usdt=price_usdt, fee_rate=taker_fee_rate, rules=rules)  # fmt: skip
+    except sizing.SizingError as exc:
+        raise IntentError(str(exc)) from None
 
 
 def _close_side(position_side: int) -> str:
@@ -269,8 +264,11 @@ def protective_intents(
         raise IntentError(f"position_side must be -1 or +1, got {position_side!r}")
     fill = _check_finite_positive("fill_price_usdt", fill_price_usdt)
     atr = _check_finite_positive("atr_usdt", atr_usdt)
-    stop, tp = entry_protective_prices(position_side, fill, atr, decision.stop_atr, decision.take_profit_atr,
-                                       rules.tick_size_usdt)
+    try:
+        stop, tp = sizing.protective_prices(position_side, fill, atr, decision.stop_atr, decision.take_profit_atr,
+                                            rules.tick_size_usdt)
+    except sizing.SizingError as exc:
+        raise IntentError(str(exc)) from None
     if stop <= 0 or tp <= 0:
         raise IntentError(f"protective prices must be > 0, got stop={stop} tp={tp} (fill {fill}, atr {atr})")
     side = _close_side(position_side)
@@ -285,10 +283,11 @@ def protective_intents(
 def tightened_stop(position_side: int, current_stop: float | None, requested: float, tick: float) -> float | None:
     """The tick-rounded ``requested`` stop if it tightens ``current_stop``, else None.
 
-    Long: rounded down, must be higher than the current stop; short: rounded up, must be lower.
+    Long: rounded down, must be higher than the current stop; short: rounded up, must be lower
+    (the env kernel's trailing rule, :func:`envs.kernel.move_stop`, with its rounding).
     With no current stop any valid level is accepted.
     """
-    level = round_to_step(_check_finite_positive("requested stop", requested), tick, "down" if position_side > 0 else "up")
+    level = sizing.round_to_tick(_check_finite_positive("requested stop", requested), tick, -1 if position_side > 0 else 1)
     if level <= 0:
         return None
     if current_stop is None:
@@ -307,6 +306,7 @@ def plan_bar(
     equity_usdt: float,
     rules: MarketRules,
     allow_entry: bool = True,
+    taker_fee_rate: float = DEFAULT_TAKER_FEE_RATE,
 ) -> BarPlan:
     """Orders for this bar from the exchange position and the decision (module docstring).
 
@@ -319,6 +319,8 @@ def plan_bar(
     allow_entry : bool
         False on a quarantined bar, an unreconciled position, or a guard in REDUCING/HALTED:
         exits and stop moves are still planned, entries are not.
+    taker_fee_rate : float
+        Taker fee (fraction of notional) the entry sizing reserves (:func:`entry_quantity`).
 
     Raises
     ------
@@ -353,7 +355,8 @@ def plan_bar(
         if not allow_entry:
             notes.append("entry blocked")
         else:
-            qty, why = entry_quantity(equity_usdt, decision.size_frac, decision.leverage, price_usdt, rules)
+            qty, why = entry_quantity(equity_usdt, decision.size_frac, decision.leverage, price_usdt, rules,
+                                      taker_fee_rate)
             if why is not None:
                 notes.append(f"entry skipped: {why}")
             else:
@@ -364,11 +367,17 @@ def plan_bar(
     return BarPlan(tuple(cancels), tuple(orders), entry_side, tuple(notes))
 
 
-def exchange_leverage(decision_leverage: float, max_leverage: int = 125) -> int:
-    """Integer leverage to set on the exchange: ``ceil(leverage)`` clipped to [1, max_leverage].
+def exchange_leverage(decision_leverage: float, max_leverage: int = sizing.BINANCE_MAX_LEVERAGE) -> int:
+    """Integer leverage to set on the exchange before an entry: ``ceil(min(leverage, max_leverage))``, the
+    exchange leverage of the one sizing rule (:func:`envs.sizing.exchange_leverage`). The entry's notional is
+    sized with the requested leverage, so the isolated margin is ``notional / ceil(leverage)`` <= the budget.
 
-    Binance takes integer leverage; rounding up keeps the isolated margin at or below
-    ``equity * size_frac`` for the quantity of :func:`entry_quantity`.
+    Raises
+    ------
+    IntentError
+        Non-finite leverage or < 1, or ``max_leverage`` not an integer >= 1.
     """
-    lev = _check_finite_positive("leverage", decision_leverage)
-    return int(min(max(1, math.ceil(lev - 1e-9)), max_leverage))
+    try:
+        return sizing.exchange_leverage(decision_leverage, int(max_leverage))
+    except (sizing.SizingError, TypeError, ValueError) as exc:
+        raise IntentError(str(exc)) from None

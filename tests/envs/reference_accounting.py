@@ -2,8 +2,9 @@
 
 The product runs the compiled kernel (``envs.kernel``); ``tests/envs/test_kernel_equivalence.py``
 proves it gives the same numbers as this implementation, bit for bit, over many random sequences.
-Not used by the product. Extended once since (issue 8): the trailing-stop rule of
-``Decision.new_stop_price`` (step 2b of :func:`step_bar`), written independently of the kernel.
+Not used by the product. Extended since: the trailing-stop rule of ``Decision.new_stop_price`` (issue 8,
+step 2b of :func:`step_bar`) and the one sizing rule of an entry (issue 18, :func:`_open_position`: margin at
+the integer exchange leverage, max leverage, min/max market quantity), written independently of the kernel.
 
 Timing (see ``market.decision``): a decision taken at the close of bar t is applied to bar t+1 by
 ``step_bar(state, decision, bar_{t+1}, atr_t, cfg)`` in four stages:
@@ -480,8 +481,14 @@ class _Work:
 def _open_position(
     w: _Work, decision: Decision, bar: Bar, atr: float, slip: float, fee_rate: float, cfg: CostConfig
 ) -> None:
+    """Open at the next open with the sizing rule of issue 18 (``envs.sizing``, written here independently):
+    leverage capped at the instrument's max, notional from that (requested) leverage, margin at the integer
+    exchange leverage ``ceil(L)``, quantity capped at the max market quantity, no trade below the min quantity
+    or the min notional, stop/take-profit to the nearest tick, liquidation price from the real margin."""
     direction = decision.direction
-    lev = float(decision.leverage)
+    spec = cfg.instrument
+    lev = min(float(decision.leverage), float(spec.max_leverage))
+    lev_x = math.ceil(lev)  # Binance takes an integer leverage: the smallest integer >= L
     cash = w.cash_usdt  # flat here, so equity == cash
     fill = _adverse_fill(bar.open, direction, slip, cfg.tick_size_quote)
     margin_budget = min(decision.size_frac * cash, cash / (1.0 + lev * fee_rate)) if cash > 0 else 0.0
@@ -490,13 +497,16 @@ def _open_position(
     n_lots = math.floor(notional_budget / fill / lot + 1e-9)
     while n_lots > 0 and n_lots * lot * fill > notional_budget * (1.0 + 1e-12):
         n_lots -= 1
+    if spec.max_market_qty_base is not None:
+        n_lots = min(n_lots, math.floor(spec.max_market_qty_base / lot + 1e-9))
     qty = round(n_lots * lot, _decimals(lot))
     notional = qty * fill
-    if qty <= 0 or notional < cfg.min_notional_usdt:
+    if (margin_budget <= 0 or qty <= 0 or qty < spec.min_qty_base - 1e-9 * lot
+            or notional < cfg.min_notional_usdt):  # fmt: skip
         w.n_skipped_min_notional += 1
         w.skipped = True
         return
-    margin = notional / lev
+    margin = notional / lev_x
     fee = notional * fee_rate
     slip_usdt = qty * abs(fill - bar.open)
     w.cash_usdt -= margin + fee
@@ -504,7 +514,7 @@ def _open_position(
     w.qty_base = qty
     w.entry_price = fill
     w.margin_usdt = margin
-    w.leverage = lev
+    w.leverage = float(decision.leverage)
     tick = cfg.tick_size_quote
     w.stop_price = _round_price(fill - direction * decision.stop_atr * atr, tick, 0)
     w.take_profit_price = _round_price(fill + direction * decision.take_profit_atr * atr, tick, 0)

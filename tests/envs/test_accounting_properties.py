@@ -58,8 +58,12 @@ def test_invariants_hold_every_step(seed: int, actions: list[list[float]], vol: 
             # independent fee check: notional x the fee rate of the order type (taker unless liquidation)
             if f.reason != "liquidation":
                 assert math.isclose(f.fee_usdt, f.qty_base * f.price * taker_rate, rel_tol=1e-12, abs_tol=1e-12)
-            if f.reason == "entry" and f is info["fills"][-1]:  # still open: notional = margin x leverage
-                assert abs(s.margin_usdt * s.leverage - f.qty_base * f.price) <= 1e-6 * f.qty_base * f.price
+            if f.reason == "entry" and f is info["fills"][-1]:
+                # still open: notional = margin x the integer exchange leverage ceil(L) (envs.sizing), and the
+                # notional is sized by the requested leverage: margin x L <= notional
+                lev_x = math.ceil(min(s.leverage, cfg.costs.instrument.max_leverage))
+                assert abs(s.margin_usdt * lev_x - f.qty_base * f.price) <= 1e-6 * f.qty_base * f.price
+                assert s.margin_usdt * s.leverage <= f.qty_base * f.price * (1 + 1e-12)
         fees_bar = sum(f.fee_usdt for f in info["fills"])
         assert math.isclose(info["fees_usdt"], fees_bar, rel_tol=1e-12, abs_tol=1e-12)
         assert math.isclose(s.fees_paid_usdt, fees, rel_tol=1e-9, abs_tol=1e-9)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from envs.sizing import SizingError, round_to_tick
 from market.decision import Decision
 from serving.intents import (
     CLIENT_ID_PATTERN,
@@ -22,7 +23,6 @@ from serving.intents import (
     parse_client_order_id,
     plan_bar,
     protective_intents,
-    round_to_step,
     tightened_stop,
 )
 
@@ -62,15 +62,17 @@ def test_client_id_always_matches_binance_rule(symbol, secs, kind):
     assert CLIENT_ID_PATTERN.fullmatch(cid)
 
 
-def test_round_to_step_exact_decimal():
-    assert round_to_step(0.30000000000000004, 0.1, "down") == pytest.approx(0.3)
-    assert round_to_step(100.05, 0.1, "down") == 100.0
-    assert round_to_step(100.05, 0.1, "up") == pytest.approx(100.1)
-    assert round_to_step(0.0019999, 0.001, "down") == 0.001
-    with pytest.raises(IntentError):
-        round_to_step(math.nan, 0.1, "down")
-    with pytest.raises(IntentError):
-        round_to_step(1.0, 0.0, "down")
+def test_round_to_tick_is_the_kernels_rounding():
+    # the live intents round with the kernel's rule (envs.sizing.round_to_tick), float noise of n * tick removed
+    assert round_to_tick(0.30000000000000004, 0.1, -1) == 0.3
+    assert round_to_tick(100.05, 0.1, -1) == 100.0
+    assert round_to_tick(100.05, 0.1, 1) == 100.1
+    assert round_to_tick(0.0019999, 0.001, -1) == 0.001
+    assert round_to_tick(100.04, 0.1, 0) == 100.0 and round_to_tick(100.06, 0.1, 0) == 100.1
+    with pytest.raises(SizingError):
+        round_to_tick(math.nan, 0.1, -1)
+    with pytest.raises(SizingError):
+        round_to_tick(1.0, 0.0, -1)
 
 
 def test_entry_quantity_sizing_and_limits():
