@@ -1,6 +1,6 @@
 """PPO on Ray RLlib (new API stack): one machine or a Ray cluster, same env, same bundle as SB3.
 
-The agent trains on the registered ``ats/TradingEnv-v0`` (:data:`envs.ENV_ID`) built from the same
+The agent trains on the registered ``ats/TradingEnv-v1`` (:data:`envs.ENV_ID`) built from the same
 :class:`envs.trading_env.EnvData` (normalised market observation) and
 :class:`envs.trading_env.EnvConfig` as the Stable-Baselines3 backend (:mod:`agents.ppo_sb3`);
 RLlib creates it in every env runner with ``gymnasium.make_vec(ENV_ID, data=..., config=...)``.
