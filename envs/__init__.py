@@ -13,8 +13,9 @@ from __future__ import annotations
 import gymnasium
 
 # v1 (issue 18): entries follow the one sizing rule of envs.sizing: the isolated margin is taken at the
-# integer exchange leverage ceil(leverage) (the notional stays sized by the requested leverage), so the
-# liquidation price moves further away for a fractional leverage; entries also respect the instrument's
+# integer exchange leverage ceil(leverage) (the notional stays sized by the requested leverage), so with a
+# fractional leverage the margin is smaller and the liquidation price nearer the entry, as on the exchange
+# (v0 used the fractional leverage and simulated a farther one than live had); entries also respect the instrument's
 # min and max market quantity and max leverage. Same observation and action spaces, different dynamics:
 # a policy (bundle) trained on v0 is refused (its manifest's schema hash names the env id).
 ENV_ID = "ats/TradingEnv-v1"
