@@ -2,7 +2,8 @@
 
 It owns no cost model of its own: every bar goes through :func:`envs.accounting.step_bar`, the
 same function the training env and the backtester call, so paper results are charged exactly as
-in training (fees, slippage, funding, isolated-margin liquidation).
+in training (fees, slippage, funding, isolated-margin liquidation), and its entries are sized by the
+one sizing rule (:mod:`envs.sizing`, run by the kernel) that the live intents use too.
 """
 
 from __future__ import annotations

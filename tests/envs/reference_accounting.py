@@ -16,8 +16,9 @@ Timing (see ``market.decision``): a decision taken at the close of bar t is appl
 
 Invariants (tested in ``tests/envs``): ``equity = cash + margin + side * qty * (mark - entry)``;
 each fee is charged exactly once, at its fill; leverage multiplies PnL exactly once (``qty``
-already contains it: ``qty = margin * leverage / price``); the position equals the signed sum of
-the fills since flat; a non-finite input never produces a fill.
+already contains it: ``qty = margin budget * leverage / price``; the margin is ``notional / ceil(leverage)``,
+the integer exchange leverage); the position equals the signed sum of the fills since flat; a non-finite
+input never produces a fill.
 
 Sources
 -------
@@ -587,10 +588,11 @@ def step_bar(
     position whose liquidation price the open has reached is liquidated at the open first (the
     decision is then applied as if from flat, except that a "hold" stays flat); when
     ``decision.direction != state.side``: close at ``open * (1 - side * slip)``, then open
-    ``direction`` at ``open * (1 + direction * slip)`` (tick-rounded adversely) with
-    ``margin = size_frac * cash`` (reduced so that margin + fee <= cash), ``qty`` floored to the lot,
+    ``direction`` at ``open * (1 + direction * slip)`` (tick-rounded adversely) with the margin budget
+    ``size_frac * cash`` (reduced so that margin + fee <= cash) times the leverage (capped at the instrument's max)
+    as notional, ``qty`` floored to the lot and capped at the max market quantity, margin ``notional / ceil(L)``,
     stop/take-profit ``stop_atr``/``take_profit_atr`` ATRs from the fill, liquidation price from
-    :func:`liquidation_price`; below ``min_notional_usdt`` the entry is skipped and counted;
+    :func:`liquidation_price`; below the min quantity or ``min_notional_usdt`` the entry is skipped and counted;
     (3) intrabar exits: the stop or the liquidation price (whichever lies first in the adverse
     direction) before the take-profit; a gap through a level fills at the open; stop and
     take-profit fills pay adverse slippage; a liquidation loses the whole isolated margin;
