@@ -42,7 +42,10 @@ from typing import Protocol
 import numpy as np
 from numba import njit
 
-# Same compile options as envs.kernel (the kernel inlines these functions into its entry).
+# Same compile options as envs.kernel (the kernel inlines these functions into its entry). Numba's on-disk
+# cache of a function is invalidated by changes to its own file only: after editing this file, delete the
+# kernel's cache (envs/__pycache__/kernel.*.nbi and .nbc) or touch envs/kernel.py, else the kernel keeps the
+# old rule while the Python wrappers below run the new one (tests/envs/test_sizing_parity.py would fail).
 _NUMBA_OPTS = {"cache": True, "nogil": True, "boundscheck": False, "_nrt": False}
 _INLINE_OPTS = {**_NUMBA_OPTS, "inline": "always"}
 
