@@ -51,7 +51,7 @@ Flaw state lives in this process: after a restart a flaw is held again before it
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,6 +59,7 @@ import numpy as np
 import pandas as pd
 
 from market.candles import fill_gaps
+from serving.errors import RetryableError
 from serving.loop import WindowTaint, row_problems
 
 PAGE_BARS = 1_000  # ccxt binanceusdm caps fetch_ohlcv's limit at 1,000 (Binance serves 1,500)
@@ -563,3 +564,49 @@ class CandleCache:
                 "repaired": _values(window, t), "first_seen_at_bar": str(_ts(self._first_seen[t])),
                 "decided_bar": str(bar)}))  # fmt: skip
         return events
+
+
+# ---------------------------------------------------------------------------------------------
+# funding
+# ---------------------------------------------------------------------------------------------
+
+
+def with_funding_column(candles: pd.DataFrame, funding: Sequence[tuple[int, float]], tf_ms: int) -> pd.DataFrame:
+    """``candles`` plus a float64 ``funding_rate`` column: the rate settled in each bar (funding time
+    floored to the bar's open time, as the training data), NaN in bars without a settlement.
+    Settlements outside the window are ignored (pure)."""
+    out = candles.copy()
+    col = np.full(len(out), np.nan)
+    pos = {int(t.value // 1_000_000): i for i, t in enumerate(out.index)}
+    for t_ms, rate in funding:
+        i = pos.get((int(t_ms) // tf_ms) * tf_ms)
+        if i is not None:
+            col[i] = float(rate)
+    out["funding_rate"] = col
+    return out
+
+
+def window_with_funding(ctx: CandleContext, funding: FundingFeed | None, bar_ms: int, tf_ms: int,
+                        safe: Callable[[str], str] = lambda text: text) -> CandleWindow:
+    """The policy's window of one poll (:meth:`CandleCache.context`) with the funding history of its
+    span joined as ``funding_rate`` (:func:`with_funding_column`; ``funding`` None: not joined).
+
+    ``candles`` None (quarantine) with the problems when the bar's own candle is bad or missing, a
+    page is malformed, the window is held for a flawed row or lacks history, or the funding history
+    cannot be fetched (a :class:`serving.errors.RetryableError`, its text passed through ``safe``).
+
+    Raises
+    ------
+    RejectedError
+        From the funding feed.
+    """
+    if ctx.candles is None:
+        why = ctx.problem if ctx.problem is not None else ctx.hold.reason if ctx.hold is not None else "no window"
+        return CandleWindow(None, (why,))
+    if funding is None:
+        return CandleWindow(ctx.candles, ())
+    try:
+        rates = fetch_funding_since(funding, int(ctx.candles.index[0].value // 1_000_000), bar_ms)
+    except RetryableError as exc:
+        return CandleWindow(None, (f"funding history unavailable: {safe(str(exc))[:300]}",))
+    return CandleWindow(with_funding_column(ctx.candles, rates, tf_ms), ())

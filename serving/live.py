@@ -15,26 +15,15 @@ killed anywhere and restarted carries on where it stopped):
    why: every attempt of that bar failed in this process (attempt count and last error), or no
    step ran for it (process stopped, restarting, or failing before the bar was known). One
    ``bars_missed`` event per gap. A new run (no decision yet) has no gap.
-2. **Reconcile** (:meth:`LiveLoop.reconcile`): resolve every unresolved intent of earlier bars by
-   client id (found: record it; absent: 'abandoned'), store new fills since the last seen trade
-   id (dedup on trade id), compare the exchange position with ``last trusted position row
-   ('baseline' or 'reconcile') + signed fills after its trade id`` (:meth:`LiveLoop._sync_position`).
-   **Unknown is not flat**: a read that fails, or answers with a truncated, empty or malformed body
-   or record (:class:`serving.errors.MalformedResponseError`, checked at the broker edge), ends
-   the step (retried within the bar); nothing is cancelled, nothing is sent, the position and its
-   stop are held. A disagreement is read again (``reconcile_reads``, spaced) before it counts: a
-   stop or take-profit filling between the trades read and the position read agrees on the next
-   read. Equal -> a 'reconcile' row; a confirmed difference -> an 'unreconciled' row and an
-   event, and the loop refuses to trade (no order at all, exits included; the decision is still
-   recorded) until a later read agrees again (a 'reconcile' row, ``position_reconciled`` event)
-   or an operator accepts the exchange position: ``ats serve accept-position --db
-   STATE --note "who and why"`` writes a request (:meth:`serving.store.StateStore.request_position_accept`)
-   that the next reconciliation applies (a new 'baseline' row and a ``position_accepted`` event,
-   so the same bar may trade), or :meth:`LiveLoop.reset_position_baseline` in-process. Our stops
-   and take-profits no longer open are looked up once: one that triggered is 'filled' and its
-   trades are linked to it by the order it placed (Binance ``actualOrderId``); cancelled or
-   expired ones are 'cancelled'. Our protective orders left open on a flat position are cancelled
-   only when that flat position agrees with our trades. Each repair is an event.
+2. **Reconcile** (:class:`serving.reconciler.Reconciler`, rules pure in :mod:`serving.reconcile`):
+   unresolved intents of earlier bars are looked up by client id, new fills stored, the exchange
+   position checked against ``last trusted position row + signed fills after its trade id``.
+   **Unknown is not flat**: a read that fails or is malformed ends the step (retried within the
+   bar); nothing is cancelled or sent. A confirmed difference is an 'unreconciled' row: the loop
+   refuses to trade (no order at all, exits included; the decision is still recorded) until a
+   later read agrees or an operator accepts the exchange position (``ats serve accept-position``,
+   or :meth:`LiveLoop.reset_position_baseline` in-process). Our stops and take-profits no longer
+   open are resolved; orphans on a flat position that agrees with our trades are cancelled.
 3. **Candles**: the last ``context_bars`` closed bars from a rolling in-memory window
    (:class:`serving.candles.CandleCache`: paged at start and when catching up, ccxt serves at most
    1,000 klines a request; otherwise one small request re-reading the last few bars). The window
@@ -51,19 +40,13 @@ killed anywhere and restarted carries on where it stopped):
    (``guard.review(decision, AccountSnapshot) -> GuardVerdict``; a guard that raises blocks
    entries: fail closed). The decision row and its intents (:func:`serving.intents.plan_bar`) are
    written in ONE transaction **before** anything is sent.
-5. **Execute** the bar's intents: exit (after cancelling our open protective orders), entry
-   (after setting leverage), stop move; then, once the entry has a fill, its ``stop`` and ``tp``
-   (written, then sent); if the exchange refuses the stop, the position is closed at once
-   (``unprot`` intent); a held position found without its stop or take-profit gets them again
-   (:meth:`LiveLoop._repair_protection`). Before a resend (status 'sent'/'unknown'/'not_found') the
-   client id is looked up; a create that timed out, dropped, answered 5xx or -4116 is resolved by
-   ``lookup_attempts`` spaced lookups. Binance's order queries lag its matching engine (-2013 for
-   an accepted order) and a filled market order frees its client id, so a **market** order none
-   finds is re-sent (same id) only when, ``create_settle_s`` after its send, one more lookup
-   misses it, no trade of an unknown order has appeared since and the position agrees with our
-   trades (:meth:`LiveLoop._settle_unknown`); otherwise it is held (``resend_withheld``)
-   and the next reconciliation finds its trades. A stop or take-profit none finds is re-sent at
-   once (the exchange refuses a second open order with the same id, -4116).
+5. **Execute** the bar's intents (:class:`serving.executor.OrderExecutor`): exit (after cancelling
+   our open protective orders), entry (after setting the exchange leverage), stop move; once the
+   entry has a fill, its ``stop`` and ``tp`` (written, then sent); a refused stop closes the
+   position at once (``unprot``); a held position found without its stop or take-profit gets
+   them again (:meth:`LiveLoop._repair_protection`). Never twice: an intent that may have reached
+   the exchange is looked up by client id before any resend, and a market order none finds is
+   re-sent only once trades and position prove it absent (``create_settle_s`` after its send).
 6. Record fills, position and an equity snapshot. A bar whose decision is recorded but whose
    equity row is not (stopped in between) gets it on the next step: at once within the bar, or
    with an ``equity_recorded_late`` event once the bar has passed.
@@ -80,10 +63,10 @@ and never past the next bar close). Any other exception is recorded (redacted, w
 traceback) as ``internal_error`` and halts entries for the rest of the process (exits are still
 sent); a :class:`FatalError` stops the loop.
 
-Crash points (:mod:`serving.crash`): the loop calls ``crash_points.hit(name)`` at each point of
-:data:`serving.crash.CRASH_POINTS` (``after_intent_written``, ``after_send``, ``after_ack``,
-``after_fill``, ``during_reconciliation``); the object is injected (no-op by default), and
-``tests/serving/test_crash_recovery.py`` injects :class:`serving.crash.KillAt` to SIGKILL the process there.
+Crash points (:mod:`serving.crash`): ``crash_points.hit(name)`` is called at each point of
+:data:`serving.crash.CRASH_POINTS`; the object is injected (no-op by default) and shared with the
+reconciler and the executor; ``tests/serving/test_crash_recovery.py`` injects
+:class:`serving.crash.KillAt` to SIGKILL the process there.
 """
 
 from __future__ import annotations
@@ -95,40 +78,37 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-import numpy as np
 import pandas as pd
-from pydantic import Field
 
-from market.config_base import StrictConfig
 from market.decision import Decision, DecisionContext, Policy, PositionView
 from market.features import atr as atr_indicator
-from market.instruments import DEFAULT_CCXT_SYMBOL
-from serving.candles import (  # noqa: F401 - parse_ohlcv_row and validate_window re-exported
+from serving.candles import (
     CandleCache,
     CandleWindow,
-    fetch_funding_since,
     parse_ohlcv_row,
     validate_window,
+    window_with_funding,
+    with_funding_column,
 )
-from serving.choice import choose, reason_kind
+from serving.choice import Choice, choose, reason_kind
 from serving.crash import NO_CRASH, CrashPoints
 from serving.errors import AmbiguousOutcomeError, FatalError, RejectedError, RetryableError
-from serving.exchange import BinanceFuturesBroker, OrderSnapshot, RateLimitedError
+from serving.exchange import BinanceFuturesBroker
+from serving.executor import OrderExecutor, StepResult, intent_from_row
 from serving.hotswap import PolicySlot
 from serving.intents import (
     ExchangePosition,
     OpenProtection,
-    OrderIntent,
-    client_order_id,
     exchange_leverage,
     parse_client_order_id,
     plan_bar,
-    protective_intents,
 )
+from serving.live_config import TF_MS, LiveConfig
 from serving.notify import Notifier
+from serving.reconcile import UNRESOLVED_STATUSES
+from serving.reconciler import Reconciled, Reconciler
 from serving.risk import AccountSnapshot
 from serving.secrets import strip_url_queries
 from serving.store import (
@@ -140,53 +120,13 @@ from serving.store import (
     StateStore,
 )
 
-_TF_MS = {"1m": 60_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000, "1h": 3_600_000, "4h": 14_400_000}
+_TF_MS = TF_MS  # the name serving.paper_live imports
 
-
-class LiveConfig(StrictConfig):
-    """Settings of :class:`LiveLoop` (units in the names)."""
-
-    run_id: str = Field("live", min_length=1, max_length=128, description="Key of this run's rows in the store.")
-    mode: Literal["testnet", "live"] = Field("testnet", description="Recorded in the live_started event (ats status).")
-    symbol: str = Field(DEFAULT_CCXT_SYMBOL, description="Unified ccxt symbol.")
-    timeframe: str = Field("1h", description="Bar length; one of 1m 5m 15m 30m 1h 4h.")
-    context_bars: int = Field(300, ge=20, le=1500, description="Closed candles given to the policies.")
-    atr_period_bars: int = Field(
-        14, ge=1, description="ATR period for stop/take-profit distances of a policy that does not state its own "
-        "(V2 and V1 state theirs: atr_period_bars of the bundle's features and of V1's config).")
-    decision_timeout_ms: float = Field(2_000.0, gt=0, description="Deadline of the primary policy, ms.")
-    close_delay_s: float = Field(3.0, ge=0, description="Wait after a bar close before polling its candle, s.")
-    poll_interval_s: float = Field(1.0, gt=0, description="Minimum sleep between two steps, s.")
-    max_clock_offset_ms: float = Field(
-        2_500.0, gt=0, description="Largest |exchange - local| clock offset with which entries are allowed, ms."
-    )
-    max_leverage: int = Field(20, ge=1, le=125, description="Upper bound of the leverage set on the exchange.")
-    rate_limit_max_wait_s: float = Field(30.0, gt=0, description="Longest Retry-After honoured inside a bar, s.")
-    lookup_attempts: int = Field(
-        3, ge=1, le=10, description="Lookups by client id (spaced, doubling) before an unconfirmed intent is resent."
-    )
-    lookup_spacing_s: float = Field(1.0, ge=0, description="Wait before the second lookup, s (doubles after).")
-    step_retry_initial_s: float = Field(
-        2.0, gt=0, description="A failed step is retried within the bar after this wait, s (doubling)."
-    )
-    step_retry_max_s: float = Field(60.0, gt=0, description="Longest wait between retries of a failed step, s.")
-    create_settle_s: float = Field(
-        30.0, ge=0, description="A market order whose create had an unknown outcome is re-sent (same client id) "
-        "only when, this long after it was sent, lookups still miss it AND the trades and the position show it did "
-        "not execute; longer than the exchange's order-query lag (Binance: a few seconds), s.")
-    reconcile_reads: int = Field(
-        3, ge=1, le=10, description="Reads of trades and position before a disagreement with the expected position "
-        "is confirmed (a fill landing between the two reads resolves on a re-read).")
-    reconcile_read_spacing_s: float = Field(
-        1.0, ge=0, description="Wait before the second read of a reconciliation, s (doubles after).")
-    with_funding: bool = Field(
-        True, description="Join the funding history as ``funding_rate`` (features use it); a failed fetch "
-        "quarantines the bar."
-    )
-    bad_candle_hold_bars: int = Field(
-        2, ge=0, le=1000, description="Bars held (no policy, hold-or-flat) after an invalid or missing candle "
-        "inside the context window is first seen and re-fetched in vain; then it is repaired as a gap (previous "
-        "close, volume 0, candle_repaired event). The decided bar's own bad candle is always quarantined.")
+__all__ = [
+    "MISSED_NO_STEP", "GuardLike", "LiveConfig", "LiveLoop", "StepResult", "atr_period_of", "fill_notices",
+    "last_closed_bar_ms", "missed_bar_records", "missed_bars", "parse_ohlcv_row", "seconds_to_next_poll",
+    "stop_on_signals", "validate_window", "with_funding_column",
+]  # fmt: skip
 
 
 class GuardLike(Protocol):
@@ -238,21 +178,6 @@ def stop_on_signals(stop: threading.Event, *, install: bool = True) -> Iterator[
             signal.signal(sig, handler)
 
 
-def with_funding_column(candles: pd.DataFrame, funding: Sequence[tuple[int, float]], tf_ms: int) -> pd.DataFrame:
-    """``candles`` plus a float64 ``funding_rate`` column: the rate settled in each bar (funding time
-    floored to the bar's open time, as the training data), NaN in bars without a settlement.
-    Settlements outside the window are ignored (pure)."""
-    out = candles.copy()
-    col = np.full(len(out), np.nan)
-    pos = {int(t.value // 1_000_000): i for i, t in enumerate(out.index)}
-    for t_ms, rate in funding:
-        i = pos.get((int(t_ms) // tf_ms) * tf_ms)
-        if i is not None:
-            col[i] = float(rate)
-    out["funding_rate"] = col
-    return out
-
-
 def missed_bars(last_decided: pd.Timestamp | None, bar: pd.Timestamp, tf_ms: int) -> list[pd.Timestamp]:
     """Open times strictly between ``last_decided`` and ``bar`` (pure): bars that closed with no decision.
 
@@ -296,23 +221,6 @@ MISSED_NO_STEP = ("missed: no step ran for this bar before the next close (proce
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepResult:
-    """What one :meth:`LiveLoop.step` did. ``bar_open_time`` None: no new closed bar yet."""
-
-    bar_open_time: pd.Timestamp | None
-    source: str | None = None
-    decision: Decision | None = None
-    quarantined: bool = False
-    entries_blocked: tuple[str, ...] = ()
-    sent: list[str] = field(default_factory=list)
-    events: list[str] = field(default_factory=list)
-
-
-_PROTECTIVE = ("stop_market", "take_profit_market")
-_UNRESOLVED = ("written", "sent", "unknown", "not_found")
 
 
 class LiveLoop:
@@ -367,8 +275,8 @@ class LiveLoop:
         notifier: Notifier | None = None,
         crash_points: CrashPoints = NO_CRASH,
     ) -> None:
-        if config.timeframe not in _TF_MS:
-            raise ValueError(f"timeframe {config.timeframe!r} not supported; use one of {sorted(_TF_MS)}")
+        if config.timeframe not in TF_MS:
+            raise ValueError(f"timeframe {config.timeframe!r} not supported; use one of {sorted(TF_MS)}")
         self.broker, self.store, self.config = broker, store, config
         if primary is None and primary_load_error and not primary_load_error.startswith("bundle_load_failed"):
             primary_load_error = f"bundle_load_failed: {primary_load_error}"
@@ -378,7 +286,7 @@ class LiveLoop:
         self.guard = guard
         self.wall_clock_s, self.monotonic_s, self._sleep = wall_clock_s, monotonic_s, sleep
         self._safe = lambda text: redact(strip_url_queries(text))  # no secret, no signed URL is ever recorded
-        self.tf_ms = _TF_MS[config.timeframe]
+        self.tf_ms = TF_MS[config.timeframe]
         #: the rolling candle window (paging, flaws, repairs: :mod:`serving.candles`)
         self.candle_cache = CandleCache(config.timeframe, self.tf_ms, config.context_bars, config.bad_candle_hold_bars)
         self.stop_requested = threading.Event()
@@ -388,7 +296,12 @@ class LiveLoop:
         #: set by an unexpected exception in a step: entries stay halted for this process's life
         self.internal_error: str | None = None
         self.notifier = notifier
-        self.crash_points = crash_points
+        #: phase 2 (:mod:`serving.reconciler`) and phase 5 (:mod:`serving.executor`)
+        self.reconciler = Reconciler(broker, store, config, now=self._now_ts, sleep=sleep, safe=self._safe,
+                                     guard=guard, crash_points=crash_points)
+        self.executor = OrderExecutor(broker, store, config, self.reconciler, leverage_of=self._exchange_leverage,
+                                      now=self._now_ts, sleep=sleep, safe=self._safe, crash_points=crash_points)
+        self._crash_points = crash_points
         self._notified: tuple[int, int] | None = None  # (events id, exchange fills id) already published
         self._risk_state: str | None = None  # the guard's state at the last review
         self._attempt_bar: pd.Timestamp | None = None  # bar of the step in progress (None: not known yet)
@@ -428,263 +341,30 @@ class LiveLoop:
         """The current V2 policy (None while unavailable)."""
         return self.slot.policy
 
-    # -- reconciliation -------------------------------------------------------------------------
-    def _record_snapshot(self, snap: OrderSnapshot, client_id: str, when: pd.Timestamp) -> None:
-        """Store one observation of our order ``client_id`` and move its intent to the status it shows.
+    @property
+    def crash_points(self) -> CrashPoints:
+        """The injected crash points (:mod:`serving.crash`), shared by the reconciler and the executor."""
+        return self._crash_points
 
-        Trades stored before the order was known (an order found late by lookup) are linked to it. A
-        stop or take-profit that triggered (``actual_order_id`` set) is 'filled': the order it placed
-        is recorded under our client id too, and its stored trades are linked to it."""
-        self.store.record_order(client_id, snap.exchange_id, snap.status, snap.filled_base, snap.average_price, when)
-        if snap.exchange_id:
-            self.store.link_fills(snap.exchange_id, client_id)
-        if snap.conditional and snap.actual_order_id is not None:
-            if self.store.client_id_of_order(snap.actual_order_id) is None:
-                self.store.record_order(client_id, snap.actual_order_id, "triggered", snap.filled_base,
-                                        snap.average_price, when)
-            self.store.link_fills(snap.actual_order_id, client_id)
-            if self.store.intent_status(client_id) != "filled":
-                self.store.mark_intent(client_id, "filled", when, {"exchange_id": snap.exchange_id,
-                                                                   "actual_order_id": snap.actual_order_id})
-            return
-        if snap.status == "rejected":
-            status = "rejected"
-        elif snap.status in ("canceled", "expired") and snap.filled_base <= 0:
-            status = "cancelled"
-        elif snap.filled_base > 0 and snap.status in ("closed", "expired", "canceled"):
-            status = "filled"
-        else:
-            status = "acked"
-        if self.store.intent_status(client_id) != status:
-            self.store.mark_intent(client_id, status, when, {"exchange_id": snap.exchange_id,
-                                                             "filled_base": snap.filled_base})
+    @crash_points.setter
+    def crash_points(self, points: CrashPoints) -> None:
+        self._crash_points = self.reconciler.crash_points = self.executor.crash_points = points
 
-    def reconcile(self, current_bar: pd.Timestamp | None) -> dict[str, Any]:
-        """Bring the store in line with the exchange (module docstring, phase 2).
+    def _exchange_leverage(self, decision: Decision) -> int:
+        """The integer leverage set on the exchange before the entry of ``decision``."""
+        return exchange_leverage(decision.leverage, self.config.max_leverage)
 
-        Returns a dict with ``position`` (:class:`ExchangePosition`), ``protection``
-        (:class:`OpenProtection`), ``blocked`` (bool: the position is unreconciled), ``open_orders``.
-        """
-        now = self._now_ts()
-        sym = self.market_id
-        # (a) unresolved intents of earlier bars
-        for it in self.store.unresolved_intents(self.run_id):
-            if current_bar is not None and it["bar_open_time"] >= current_bar:
-                continue  # this bar's intents are executed by the step itself
-            conditional = it["order_type"] in _PROTECTIVE
-            snap = self.broker.lookup(it["client_id"], conditional=conditional)
-            if snap is not None:
-                self._record_snapshot(snap, it["client_id"], now)
-                self._event(now, "intent_resolved", {"client_id": it["client_id"], "status": snap.status})
-            else:
-                self.store.mark_intent(it["client_id"], "abandoned", now, {"reason": "not on the exchange, bar passed"})
-                self._event(now, "intent_abandoned", {"client_id": it["client_id"], "was": it["status"]})
-        # (b) fills and position; an operator's accept-position request is applied here
-        position, agreed = self._sync_position(now, crash=True)
-        request = self.store.pending_position_accept(sym)
-        if request is not None:
-            self._adopt_exchange_position(position, now, "position_accepted", {
-                "note": request.get("note"), "request_id": request["request_id"],
-                "seen_signed_qty": request.get("seen_signed_qty")})  # fmt: skip
-            agreed = True
-        # (c) open orders: our protective orders no longer open are looked up once (triggered ->
-        # 'filled' and their trades linked; cancelled/expired -> 'cancelled'); orphans on a flat
-        # position are cancelled only when that flat position agrees with our trades
-        opened = self.broker.open_orders()
-        ours = [o for o in opened if parse_client_order_id(o.client_id) is not None]
-        self._resolve_closed_protection({o.client_id for o in ours}, now)
-        if position.side == 0 and agreed:
-            for o in ours:
-                if o.conditional:
-                    self.broker.cancel(o.client_id, conditional=True)
-                    self._event(now, "orphan_order_cancelled", {"client_id": o.client_id})
-                    if self.store.intent_status(o.client_id) is not None:
-                        self.store.mark_intent(o.client_id, "cancelled", now, {"reason": "position flat"})
-            ours = [o for o in ours if not o.conditional]
-        stops = [o for o in ours if o.conditional and o.order_type == "stop_market"]
-        tps = [o for o in ours if o.conditional and o.order_type == "take_profit_market"]
-        protection = OpenProtection(
-            stops[-1].client_id if stops else None, stops[-1].trigger_price if stops else None,
-            tps[-1].client_id if tps else None, tps[-1].trigger_price if tps else None,
-        )
-        if position.side != 0 and not stops:
-            self._event(now, "position_without_stop", {"side": position.side, "qty_base": position.qty_base})
-        return {"position": position, "protection": protection, "blocked": self.store.position_blocked(sym),
-                "open_orders": ours}
-
-    def _resolve_closed_protection(self, open_ids: set[str], now: pd.Timestamp) -> None:
-        """Look up each of our 'acked' stops and take-profits that the exchange no longer lists as
-        open, and record what became of it (:meth:`_record_snapshot`); one lookup each, since a
-        resolved intent is no longer 'acked'. Not found: left as it is (asked again next bar)."""
-        intents = self.store.intents(self.run_id)
-        if not len(intents):
-            return
-        acked = intents[(intents["status"] == "acked") & intents["order_type"].isin(_PROTECTIVE)]
-        for cid in acked["client_id"]:
-            if cid in open_ids:
-                continue
-            snap = self.broker.lookup(cid, conditional=True)
-            if snap is not None and (snap.actual_order_id is not None or snap.status != "open"):
-                self._record_snapshot(snap, cid, now)
-                self._event(now, "protection_resolved", {"client_id": cid, "status": snap.status,
-                                                         "actual_order_id": snap.actual_order_id})
-
-    def _report_closed_trades(self, records: list[ExchangeFillRecord], now: pd.Timestamp) -> None:
-        by_order: dict[str, float] = {}
-        for r in records:
-            if r.realized_pnl_usdt != 0.0:
-                key = r.exchange_order_id or str(r.trade_id)
-                by_order[key] = by_order.get(key, 0.0) + r.realized_pnl_usdt - r.fee_usdt
-        for pnl in by_order.values():
-            try:
-                self.guard.record_closed_trade(now, float(pnl))  # type: ignore[union-attr]
-            except Exception as exc:  # noqa: BLE001 - the guard fails closed on its own
-                self._event(now, "guard_error", {"where": "record_closed_trade", "error": self._safe(repr(exc))[:500]})
+    # -- reconciliation (serving.reconciler) ----------------------------------------------------
+    def reconcile(self, current_bar: pd.Timestamp | None) -> Reconciled:
+        """Bring the store in line with the exchange (module docstring, phase 2;
+        :meth:`serving.reconciler.Reconciler.reconcile`)."""
+        return self.reconciler.reconcile(current_bar)
 
     def reset_position_baseline(self) -> None:
         """Operator action in-process: accept the exchange position as the new reference (unblocks
         trading). From the command line: ``ats serve accept-position`` (module docstring)."""
         self.start()
-        self._adopt_exchange_position(self.broker.position(), self._now_ts(), "position_baseline_reset", {})
-
-    def _adopt_exchange_position(self, pos: ExchangePosition, now: pd.Timestamp, kind: str,
-                                 detail: dict[str, Any]) -> None:
-        """Write ``pos`` as the new 'baseline' (fills stored so far included) with a ``kind`` event."""
-        self.store.record_position(self.run_id, self.market_id, now, pos.side, pos.qty_base, pos.entry_price,
-                                   "baseline", self.store.last_trade_id(self.market_id),
-                                   events=[EventRecord(self.run_id, now, kind,
-                                                       {**detail, "signed_qty": pos.side * pos.qty_base})])
-
-    # -- sending --------------------------------------------------------------------------------
-    def _intent_from_row(self, r: dict[str, Any]) -> OrderIntent:
-        return OrderIntent(r["client_id"], r["kind"], r["symbol"], pd.Timestamp(r["bar_open_time"]), r["side"],
-                           r["order_type"], r["qty_base"], r["trigger_price"], bool(r["reduce_only"]),
-                           bool(r["close_position"]))
-
-    def _ensure_sent(self, intent: OrderIntent, result: StepResult) -> OrderSnapshot | None:
-        """Send ``intent`` unless the exchange already has it; returns the exchange's view (None: not placed).
-
-        Never twice: an intent that may have reached the exchange ('sent': the process stopped
-        during the request; 'unknown': the create timed out, dropped, answered 5xx or -4116) is
-        looked up by client id first (spaced lookups: Binance's order queries lag its matching
-        engine). A conditional order not found is re-sent with the same id (while it is open, the
-        exchange refuses a second one with -4116). A **market** order not found is re-sent only
-        when :meth:`_settle_unknown` proves it absent (``create_settle_s`` after the send, no trade
-        of an unknown order since, position as expected); otherwise it is held ('unknown' stays,
-        ``resend_withheld`` event) and the next reconciliation finds its trades or its order.
-        """
-        cid = intent.client_id
-        conditional = intent.order_type in _PROTECTIVE
-        status = self.store.intent_status(cid)
-        if status in ("acked", "filled"):
-            row = self.store.latest_order(cid)
-            if row is None:
-                return None
-            return OrderSnapshot(cid, row["exchange_order_id"] or "", row["status"], intent.side, intent.order_type,
-                                 intent.qty_base or 0.0, row["filled_qty_base"], row["avg_price"],
-                                 intent.trigger_price, conditional, intent.reduce_only)
-        if status in ("rejected", "abandoned", "cancelled"):
-            return None
-        ambiguous = status in ("sent", "unknown")  # may have reached the exchange
-        look_first = status == "not_found"
-        for _attempt in range(3):
-            now = self._now_ts()
-            if ambiguous or look_first:
-                snap = self._lookup_spaced(cid, conditional, spaced=ambiguous)  # never send twice
-                if snap is not None:
-                    self._record_snapshot(snap, cid, self._now_ts())
-                    result.events.append(f"found_by_client_id:{cid}")
-                    return snap
-                if ambiguous and not conditional:  # a filled market order frees its id: prove it absent
-                    snap, absent = self._settle_unknown(cid)
-                    if snap is not None:
-                        result.events.append(f"found_by_client_id:{cid}")
-                        return snap
-                    if not absent:
-                        self._event(self._now_ts(), "resend_withheld", {
-                            "client_id": cid, "why": "not found by client id, but its absence is not confirmed by "
-                            "trades and position; held, reconciled next bar"})  # fmt: skip
-                        result.events.append(f"resend_withheld:{cid}")
-                        return None
-                if self.store.intent_status(cid) != "not_found":
-                    self.store.mark_intent(cid, "not_found", now)
-            self.store.mark_intent(cid, "sent", now)
-            try:
-                snap = self.broker.create(intent)
-            except AmbiguousOutcomeError as exc:
-                self.store.mark_intent(cid, "unknown", self._now_ts(), {"error": self._safe(str(exc))[:500]})
-                self._event(self._now_ts(), "ambiguous_create", {"client_id": cid, "error": self._safe(str(exc))[:500]})
-                ambiguous, look_first = True, False
-                continue  # next attempt starts with a lookup
-            except RateLimitedError as exc:
-                wait = min(exc.retry_after_s, self.config.rate_limit_max_wait_s)
-                self._event(self._now_ts(), "rate_limited", {"client_id": cid, "retry_after_s": exc.retry_after_s})
-                self._sleep(wait)
-                ambiguous, look_first = False, True  # refused by the limiter: one lookup, then send
-                continue
-            except RejectedError as exc:
-                self.store.mark_intent(cid, "rejected", self._now_ts(), {"error": self._safe(str(exc))[:500]})
-                self._event(self._now_ts(), "order_rejected", {"client_id": cid, "error": self._safe(str(exc))[:500]})
-                return None
-            self.crash_points.hit("after_send")
-            self._record_snapshot(snap, cid, self._now_ts())
-            result.sent.append(cid)
-            self.crash_points.hit("after_ack")
-            return snap
-        self._event(self._now_ts(), "intent_unresolved", {"client_id": cid})
-        return None
-
-    def _settle_unknown(self, cid: str) -> tuple[OrderSnapshot | None, bool]:
-        """What became of the market order ``cid`` that lookups did not find: ``(snapshot, absent)``.
-
-        Waits until ``create_settle_s`` after its last send (longer than the exchange's query
-        lag) and looks it up once more: found -> ``(snapshot, False)``, recorded. Otherwise reads
-        trades and position (:meth:`_sync_position`): ``absent`` (proven not executed) when no
-        trade of an order we do not know has appeared since the send and the position agrees with
-        our trades. A read that fails raises (the step is retried; nothing is sent meanwhile).
-        """
-        sent = self.store.last_status_time(cid, "sent")
-        if sent is not None:
-            left = self.config.create_settle_s - (self._now_ts() - sent).total_seconds()
-            if left > 0:
-                self._sleep(left)
-        snap = self.broker.lookup(cid, conditional=False)
-        if snap is not None:
-            self._record_snapshot(snap, cid, self._now_ts())
-            return snap, False
-        _position, agreed = self._sync_position(self._now_ts())
-        fills = self.store.exchange_fills(self.market_id)
-        if sent is not None and len(fills):
-            fills = fills[fills["time"] >= sent - pd.Timedelta(seconds=1)]
-        unknown = fills[fills["client_id"].isna()] if len(fills) else fills
-        return None, bool(agreed and not len(unknown))
-
-    def _lookup_spaced(self, cid: str, conditional: bool, *, spaced: bool) -> OrderSnapshot | None:
-        """Look ``cid`` up (open and closed orders); after an ambiguous create (``spaced``), up to
-        ``lookup_attempts`` times, ``lookup_spacing_s`` apart and doubling, because an order that
-        reached the exchange may take a moment to be visible by client id."""
-        attempts = self.config.lookup_attempts if spaced else 1
-        wait = self.config.lookup_spacing_s
-        for k in range(attempts):
-            if k:
-                self._sleep(wait)
-                wait *= 2.0
-            snap = self.broker.lookup(cid, conditional=conditional)
-            if snap is not None:
-                return snap
-        return None
-
-    def _cancel_protection(self, open_orders: list[OrderSnapshot], kinds: tuple[str, ...], bar: pd.Timestamp) -> None:
-        now = self._now_ts()
-        for o in open_orders:
-            parsed = parse_client_order_id(o.client_id)
-            if not o.conditional or parsed is None or parsed[2] not in kinds:
-                continue
-            if pd.Timestamp(parsed[1], unit="s", tz="UTC") >= bar:
-                continue  # this bar's own protective orders stay
-            self.broker.cancel(o.client_id, conditional=True)
-            if self.store.intent_status(o.client_id) is not None:
-                self.store.mark_intent(o.client_id, "cancelled", now, {"reason": "replaced"})
+        self.reconciler.adopt_exchange_position(self.broker.position(), self._now_ts(), "position_baseline_reset", {})
 
     # -- one bar --------------------------------------------------------------------------------
     def last_closed_bar_ms(self, server_ms: int) -> int:
@@ -702,87 +382,71 @@ class LiveLoop:
     def _step(self) -> StepResult:
         self._attempt_bar = None
         self.start()
-        cfg = self.config
         server_ms = self.broker.server_time_ms()
         wall_ms = self.wall_clock_s() * 1000.0
         self.clock_offset_ms = server_ms - wall_ms
         bar_ms = self.last_closed_bar_ms(server_ms)
         bar = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
         self._attempt_bar = bar
-        state = self.reconcile(bar)
-        self._record_late_equity(bar, state["position"])
-        self._record_missed(bar, state["position"].side)
+        state = self.reconciler.reconcile(bar)
+        self._record_late_equity(bar, state.position)
+        self._record_missed(bar, state.position.side)
         decided = self.store.decision_at(self.run_id, bar)
-        result = StepResult(bar)
         if decided is not None:
-            intents = self.store.bar_intents(self.run_id, bar)
-            unfinished = any(i["status"] in _UNRESOLVED for i in intents)
-            entry = next((i for i in intents if i["kind"] == "entry"), None)
-            needs_protection = entry is not None and entry["status"] in ("acked", "filled") and not any(
-                i["kind"] in ("stop", "tp") for i in intents)
-            if not unfinished and not needs_protection:
-                if not self.store.has_equity(self.run_id, bar):  # stopped after its orders, before its equity
-                    self._finish(bar, state, result)
-                return StepResult(None)  # nothing new
-            result.source = str(decided["source"])
-            result.decision = Decision(int(decided["direction"]), float(decided["leverage"]),
-                                       float(decided["size_frac"]), float(decided["stop_atr"]),
-                                       float(decided["take_profit_atr"]))
-            self._event(bar, "bar_resumed", {"unfinished": [i["client_id"] for i in intents if i["status"] in _UNRESOLVED]})
-            window = self._fetch_window(bar_ms)
-            atr_t = self._atr(window.candles, result.source)
-            self._execute(bar, [self._intent_from_row(i) for i in intents if i["kind"] in ("exit", "entry", "stopmv", "unprot")],
-                          state, result, atr_t)
-            self._finish(bar, state, result)
-            return result
+            return self._resume(bar, bar_ms, decided, state)
+        return self._decide_and_execute(bar, bar_ms, state)
 
+    def _resume(self, bar: pd.Timestamp, bar_ms: int, decided: dict[str, Any], state: Reconciled) -> StepResult:
+        """The bar is decided already: finish its unresolved intents and protect its filled entry
+        (``bar_resumed`` event), or record its missing equity row; ``StepResult(None)`` if nothing is left."""
+        result = StepResult(bar)
+        intents = self.store.bar_intents(self.run_id, bar)
+        unfinished = any(i["status"] in UNRESOLVED_STATUSES for i in intents)
+        entry = next((i for i in intents if i["kind"] == "entry"), None)
+        needs_protection = entry is not None and entry["status"] in ("acked", "filled") and not any(
+            i["kind"] in ("stop", "tp") for i in intents)
+        if not unfinished and not needs_protection:
+            if not self.store.has_equity(self.run_id, bar):  # stopped after its orders, before its equity
+                self._finish(bar, state, result)
+            return StepResult(None)  # nothing new
+        result.source = str(decided["source"])
+        result.decision = Decision(int(decided["direction"]), float(decided["leverage"]),
+                                   float(decided["size_frac"]), float(decided["stop_atr"]),
+                                   float(decided["take_profit_atr"]))
+        self._event(bar, "bar_resumed", {
+            "unfinished": [i["client_id"] for i in intents if i["status"] in UNRESOLVED_STATUSES]})
+        window = self._fetch_window(bar_ms)
+        atr_t = self._atr(window.candles, result.source)
+        resumed = [intent_from_row(i) for i in intents if i["kind"] in ("exit", "entry", "stopmv", "unprot")]
+        self.executor.execute(bar, resumed, state.open_orders, result, atr_t)
+        self._finish(bar, state, result)
+        return result
+
+    def _decide_and_execute(self, bar: pd.Timestamp, bar_ms: int, state: Reconciled) -> StepResult:
+        """Phases 3-6 of a new bar (module docstring)."""
+        result = StepResult(bar)
         blocked: list[str] = []
-        if abs(self.clock_offset_ms) > cfg.max_clock_offset_ms:
+        if abs(self.clock_offset_ms) > self.config.max_clock_offset_ms:
             blocked.append(f"clock_offset: {self.clock_offset_ms:.0f} ms")
-        if state["blocked"]:
+        if state.blocked:
             blocked.append("position_unreconciled")
         if self.internal_error is not None:
             blocked.append(f"internal_error: {self.internal_error}")
         window = self._fetch_window(bar_ms)
-        position: ExchangePosition = state["position"]
+        position = state.position
         equity = self.broker.equity_usdt()
         events: list[EventRecord] = []
-        raw: tuple[float, ...] | None = None
-        latency_ms = 0.0
         if window.candles is None:
             result.quarantined = True
             blocked.append("quarantine")
-            decision = Decision(direction=position.side) if position.side != 0 else Decision.flat()
-            source, reason = "guard", f"quarantine: {'; '.join(window.problems)}"[:2000]
+            hold = Decision(direction=position.side) if position.side != 0 else Decision.flat()
+            choice = Choice(hold, "guard", f"quarantine: {'; '.join(window.problems)}"[:2000], None, 0.0)
             events.append(EventRecord(self.run_id, bar, "quarantine", {"problems": list(window.problems)}))
             atr_t = math.nan
         else:
-            view = self._position_view(position, state["protection"], bar)
-            recorded_peak = self.store.peak_equity(self.run_id)  # the run's, not the policy instance's
-            ctx = DecisionContext(bar_open_time=bar, candles=window.candles, position=view, equity_usdt=equity,
-                                  peak_equity_usdt=max(equity, recorded_peak if recorded_peak is not None else equity))
-            bar_index = bar_ms // self.tf_ms  # the slot's backoff counts bars
-            for kind, detail in self.slot.poll(bar_index, self._last_ctx):  # hot-swap between bars
-                events.append(EventRecord(self.run_id, bar, kind, detail))
-            policy, unavailable = self.slot.acquire(bar_index)
-            choice = choose(ctx, policy, self.fallback, unavailable or self.primary_load_error, cfg.decision_timeout_ms,
-                            self.monotonic_s)
-            if policy is not None:
-                for kind, detail in self.slot.record(bar_index, choice.primary_failure):
-                    events.append(EventRecord(self.run_id, bar, kind, detail))
-            self._last_ctx = ctx
-            decision, source, reason, raw, latency_ms = (choice.decision, choice.source, choice.reason,
-                                                          choice.raw_action, choice.latency_ms)
-            for kind, detail in choice.events:
-                events.append(EventRecord(self.run_id, bar, kind, detail))
-            if source != "v2" and reason is not None:
-                kind = reason_kind(reason)
-                if kind != self._last_reason_kind:
-                    events.append(EventRecord(self.run_id, bar, "fallback_engaged", {"reason": reason}))
-                self._last_reason_kind = kind
-            else:
-                self._last_reason_kind = None
-            atr_t = self._atr(window.candles, source)  # in the deciding policy's ATR units
+            choice = self._choose(bar, bar_ms, window.candles, state, equity, events)
+            atr_t = self._atr(window.candles, choice.source)  # in the deciding policy's ATR units
+        decision, source = choice.decision, choice.source
         if not (math.isfinite(atr_t) and atr_t > 0):
             blocked.append(f"atr_invalid: {atr_t!r}")
         if not equity > 0:
@@ -793,32 +457,61 @@ class LiveLoop:
             decision, guard_blocks, guard_events = self._review(decision, bar, equity, position, price)
             blocked += guard_blocks
             events += guard_events
-        plan = plan_bar(symbol=self.market_id, bar_open_time=bar, position=position, protection=state["protection"],
+        plan = plan_bar(symbol=self.market_id, bar_open_time=bar, position=position, protection=state.protection,
                         decision=decision, price_usdt=price, equity_usdt=equity, rules=self.broker.rules,
                         allow_entry=not blocked)
         if plan.notes:
             events.append(EventRecord(self.run_id, bar, "plan_notes", {"notes": list(plan.notes), "blocked": blocked}))
         record = DecisionRecord.from_decision(
-            self.run_id, bar, source, decision, raw_action=raw, fallback_reason=reason, latency_ms=latency_ms,
-            created_at=self._now_ts().to_pydatetime(),
-        )
+            self.run_id, bar, source, decision, raw_action=choice.raw_action, fallback_reason=choice.reason,
+            latency_ms=choice.latency_ms, created_at=self._now_ts().to_pydatetime(),
+        )  # fmt: skip
         orders = list(plan.orders)
-        if state["blocked"] or self.internal_error is not None:
+        if state.blocked or self.internal_error is not None:
             # an unreconciled position (or an unexpected error earlier in this process): no order at
             # all, exits included, since their size would rest on a position we cannot vouch for
-            why = "position_unreconciled" if state["blocked"] else f"internal_error: {self.internal_error}"
-            if orders or state["blocked"]:
+            why = "position_unreconciled" if state.blocked else f"internal_error: {self.internal_error}"
+            if orders or state.blocked:
                 events.append(EventRecord(self.run_id, bar, "trading_refused", {
                     "reason": why, "orders_not_sent": [o.client_id for o in orders]}))  # fmt: skip
-            orders = [] if state["blocked"] else [o for o in orders if o.reduce_only]
+            orders = [] if state.blocked else [o for o in orders if o.reduce_only]
         self.store.write_intents(self.run_id, orders, self._now_ts(), decisions=[record], events=events)
         self.crash_points.hit("after_intent_written")
         result.source, result.decision, result.entries_blocked = source, decision, tuple(blocked)
-        self._execute(bar, orders, state, result, atr_t)
-        if position.side != 0 and decision.direction == position.side and not state["blocked"]:
-            self._repair_protection(bar, position, state["protection"], window.candles, result)
+        self.executor.execute(bar, orders, state.open_orders, result, atr_t)
+        if position.side != 0 and decision.direction == position.side and not state.blocked:
+            self._repair_protection(bar, position, state.protection, window.candles, result)
         self._finish(bar, state, result)
         return result
+
+    def _choose(self, bar: pd.Timestamp, bar_ms: int, candles: pd.DataFrame, state: Reconciled, equity: float,
+                events: list[EventRecord]) -> Choice:
+        """Phase 4: swap in a new bundle between bars, then bundle -> V1 -> flat
+        (:func:`serving.choice.choose`); the slot's, the choice's and the fallback events go to ``events``."""
+        view = self._position_view(state.position, state.protection, bar)
+        recorded_peak = self.store.peak_equity(self.run_id)  # the run's, not the policy instance's
+        ctx = DecisionContext(bar_open_time=bar, candles=candles, position=view, equity_usdt=equity,
+                              peak_equity_usdt=max(equity, recorded_peak if recorded_peak is not None else equity))
+        bar_index = bar_ms // self.tf_ms  # the slot's backoff counts bars
+        for kind, detail in self.slot.poll(bar_index, self._last_ctx):  # hot-swap between bars
+            events.append(EventRecord(self.run_id, bar, kind, detail))
+        policy, unavailable = self.slot.acquire(bar_index)
+        choice = choose(ctx, policy, self.fallback, unavailable or self.primary_load_error,
+                        self.config.decision_timeout_ms, self.monotonic_s)
+        if policy is not None:
+            for kind, detail in self.slot.record(bar_index, choice.primary_failure):
+                events.append(EventRecord(self.run_id, bar, kind, detail))
+        self._last_ctx = ctx
+        for kind, detail in choice.events:
+            events.append(EventRecord(self.run_id, bar, kind, detail))
+        if choice.source != "v2" and choice.reason is not None:
+            kind = reason_kind(choice.reason)
+            if kind != self._last_reason_kind:
+                events.append(EventRecord(self.run_id, bar, "fallback_engaged", {"reason": choice.reason}))
+            self._last_reason_kind = kind
+        else:
+            self._last_reason_kind = None
+        return choice
 
     def _record_late_equity(self, bar: pd.Timestamp, position: ExchangePosition) -> None:
         """The last decided bar before ``bar`` has no equity row (the process stopped or failed between
@@ -880,12 +573,12 @@ class LiveLoop:
 
     def _repair_protection(self, bar: pd.Timestamp, position: ExchangePosition, protection: OpenProtection,
                            candles: pd.DataFrame | None, result: StepResult) -> None:
-        """A held position without its stop (or take-profit): place the missing one(s) again.
+        """A held position without its stop (or take-profit): place the missing one(s) again
+        (:meth:`serving.executor.OrderExecutor.repair_protection`).
 
         Levels: ``stop_atr`` / ``take_profit_atr`` of the decision that opened the position (defaults
         of :class:`Decision` for a position we did not open) times the ATR of this bar in the opening
-        policy's period (:meth:`_atr_period`), from the exchange's entry price; ids of this bar. A stop the exchange refuses (price already beyond
-        it) closes the position (``unprot``).
+        policy's period (:meth:`_atr_period`), from the exchange's entry price; ids of this bar.
         """
         missing = [k for k, present in (("stop", protection.stop_price), ("tp", protection.tp_price)) if present is None]
         if not missing or not position.entry_price > 0:
@@ -895,15 +588,7 @@ class LiveLoop:
         if not (math.isfinite(atr_t) and atr_t > 0):
             return
         opening = self._opening_decision(position) or Decision(direction=position.side)
-        stop, tp = protective_intents(self.market_id, bar, position.side, position.entry_price, atr_t, opening,
-                                      self.broker.rules)
-        todo = [i for i in (stop, tp) if i.kind in missing]
-        self.store.write_intents(self.run_id, todo, self._now_ts(), events=[EventRecord(
-            self.run_id, bar, "protection_repaired", {"missing": missing, "atr": atr_t})])
-        for intent in todo:
-            self._ensure_sent(intent, result)
-        if "stop" in missing and self.store.intent_status(stop.client_id) == "rejected":
-            self._close_unprotected(bar, result)
+        self.executor.repair_protection(bar, position, missing, atr_t, opening, result)
 
     def _our_entry(self, position: ExchangePosition) -> tuple[pd.Timestamp, dict[str, Any]] | None:
         """(bar, decision row) of our latest filled entry on the side of ``position``; None if none."""
@@ -969,10 +654,8 @@ class LiveLoop:
 
     def _fetch_window(self, bar_ms: int) -> CandleWindow:
         """The context window of the bar opening at ``bar_ms`` from the rolling candle cache (module
-        docstring, phase 3), with ``funding_rate`` joined; ``candles`` None (quarantine) with the
-        problems when the bar's own candle is bad or missing, a page is malformed, the window is
-        held for a flawed row or lacks history, or the funding history cannot be fetched. The
-        cache's ``candle_repaired`` / ``candle_corrected`` events are recorded here.
+        docstring, phase 3) with ``funding_rate`` joined (:func:`serving.candles.window_with_funding`);
+        the cache's ``candle_repaired`` / ``candle_corrected`` events are recorded here.
 
         Raises
         ------
@@ -983,17 +666,8 @@ class LiveLoop:
         bar = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
         for kind, detail in ctx.events:
             self._event(bar, kind, detail)
-        if ctx.candles is None:
-            why = ctx.problem if ctx.problem is not None else ctx.hold.reason if ctx.hold is not None else "no window"
-            return CandleWindow(None, (why,))
-        window = CandleWindow(ctx.candles, ())
-        if not self.config.with_funding:
-            return window
-        try:
-            funding = fetch_funding_since(self.broker, int(window.candles.index[0].value // 1_000_000), bar_ms)
-        except RetryableError as exc:
-            return CandleWindow(None, (f"funding history unavailable: {self._safe(str(exc))[:300]}",))
-        return CandleWindow(with_funding_column(window.candles, funding, self.tf_ms), ())
+        return window_with_funding(ctx, self.broker if self.config.with_funding else None, bar_ms, self.tf_ms,
+                                   self._safe)
 
     def _atr_period(self, source: str | None) -> int:
         """ATR period (bars) in whose units the decisions of ``source`` place stops: the deciding
@@ -1008,141 +682,7 @@ class LiveLoop:
             return math.nan
         return float(atr_indicator(candles, self._atr_period(source))[-1])
 
-    def _execute(self, bar: pd.Timestamp, orders: list[OrderIntent], state: dict[str, Any], result: StepResult,
-                 atr_t: float) -> None:
-        open_orders: list[OrderSnapshot] = state["open_orders"]
-        entry_snap: OrderSnapshot | None = None
-        entry_intent: OrderIntent | None = None
-        for intent in orders:
-            if intent.kind == "exit":
-                self._cancel_protection(open_orders, ("stop", "tp", "stopmv"), bar)
-            elif intent.kind == "stopmv":
-                self._cancel_protection(open_orders, ("stop", "stopmv"), bar)
-            elif intent.kind == "entry":
-                decision = result.decision or Decision.flat()
-                self.broker.set_leverage(exchange_leverage(decision.leverage, self.config.max_leverage))
-            snap = self._ensure_sent(intent, result)
-            if intent.kind == "entry":
-                entry_snap, entry_intent = snap, intent
-            if snap is not None and snap.filled_base > 0:
-                self.crash_points.hit("after_fill")
-        if entry_intent is None or entry_snap is None or entry_snap.filled_base <= 0:
-            return
-        fill_price = entry_snap.average_price
-        decision = result.decision
-        if decision is None or fill_price is None or not (math.isfinite(atr_t) and atr_t > 0):
-            self._event(bar, "protection_skipped", {"why": f"fill_price={fill_price!r} atr={atr_t!r}"})
-            return
-        side = 1 if entry_intent.side == "buy" else -1
-        stop, tp = protective_intents(self.market_id, bar, side, fill_price, atr_t, decision, self.broker.rules)
-        self.store.write_intents(self.run_id, [stop, tp], self._now_ts())
-        for intent in (stop, tp):
-            self._ensure_sent(intent, result)
-        if self.store.intent_status(stop.client_id) == "rejected":
-            self._close_unprotected(bar, result)
-
-    def _close_unprotected(self, bar: pd.Timestamp, result: StepResult) -> None:
-        """The exchange refused the stop of a new position: close it (reduce-only market, own intent)."""
-        position = self.broker.position()
-        if position.side == 0:
-            return
-        intent = OrderIntent(client_order_id(self.market_id, bar, "unprot"), "unprot", self.market_id, bar,
-                             "sell" if position.side > 0 else "buy", "market", position.qty_base, None, True, False)
-        self.store.write_intents(self.run_id, [intent], self._now_ts(), events=[EventRecord(
-            self.run_id, bar, "stop_rejected_closing", {"signed_qty": position.side * position.qty_base})])
-        self._ensure_sent(intent, result)
-        for o in self.broker.open_orders():  # its take-profit is now an orphan
-            if o.conditional and parse_client_order_id(o.client_id) is not None:
-                self.broker.cancel(o.client_id, conditional=True)
-                if self.store.intent_status(o.client_id) is not None:
-                    self.store.mark_intent(o.client_id, "cancelled", self._now_ts(), {"reason": "stop rejected"})
-
-    def _sync_position(self, now: pd.Timestamp, *, crash: bool = False) -> tuple[ExchangePosition, bool]:
-        """Store fills after the last seen trade id and the position, checked against them (one
-        transaction); returns the exchange position and whether it agrees with our trades.
-
-        Expected signed position = the last *trusted* position row ('baseline' or 'reconcile') +
-        signed fills after its ``last_trade_id`` (a pure function of stored rows, so a crash between
-        any two calls changes nothing; an 'unreconciled' row records what the exchange showed, never
-        our expectation). A disagreement is read again (``reconcile_reads`` reads of trades then
-        position, ``reconcile_read_spacing_s`` apart, doubling) before it is confirmed: a stop or
-        take-profit that fills between the two reads shows in the next one. A confirmed
-        disagreement writes an 'unreconciled' row (trading refused); the next read that agrees
-        writes a 'reconcile' row and clears it (``position_reconciled`` event). A read that fails or
-        is malformed raises (:class:`serving.errors.RetryableError`): unknown is never taken for
-        flat. With no row yet, our expectation is flat ('baseline' 0): a non-zero exchange position
-        is 'unreconciled' (an external position is never adopted silently).
-        """
-        sym = self.market_id
-        last_tid = self.store.last_trade_id(sym)
-        trusted = self.store.last_trusted_position(sym)
-        half_step = self.broker.rules.step_size_base / 2
-        wait = self.config.reconcile_read_spacing_s
-        reads = 0
-        while True:
-            fills = self.broker.fills_since(last_tid)
-            if crash and reads == 0:
-                self.crash_points.hit("during_reconciliation")
-            position = self.broker.position()
-            reads += 1
-            expected = self._expected_signed(trusted, fills)
-            ok = abs(expected - position.side * position.qty_base) <= half_step
-            if ok or reads >= (1 if trusted is None else self.config.reconcile_reads):
-                break
-            self._sleep(wait)
-            wait *= 2.0
-        records = [
-            ExchangeFillRecord(self.run_id, sym, f.trade_id, f.exchange_order_id,
-                               self.store.client_id_of_order(f.exchange_order_id), f.side, f.qty_base, f.price,
-                               f.fee_usdt, f.realized_pnl_usdt, f.time)
-            for f in fills
-        ]  # fmt: skip
-        ids = [f.trade_id for f in fills] + ([last_tid] if last_tid is not None else [])
-        new_last_tid = max(ids) if ids else None
-        signed = position.side * position.qty_base
-        events: list[EventRecord] = []
-        if records:
-            events.append(EventRecord(self.run_id, now, "fills_recorded", {"trade_ids": [r.trade_id for r in records]}))
-        if trusted is None:
-            events.append(EventRecord(self.run_id, now, "position_baseline", {"signed_qty": 0.0,
-                                                                              "exchange_signed_qty": signed}))
-            self.store.record_position(self.run_id, sym, now, 0, 0.0, 0.0, "baseline", new_last_tid, fills=records,
-                                       events=events)
-            if not ok:
-                self.store.record_position(
-                    self.run_id, sym, now, position.side, position.qty_base, position.entry_price, "unreconciled",
-                    new_last_tid, events=[EventRecord(self.run_id, now, "position_unreconciled", {
-                        "exchange_signed_qty": signed, "expected_signed_qty": 0.0, "why": "external position"})],
-                )  # fmt: skip
-            return position, ok
-        if reads > 1:
-            events.append(EventRecord(self.run_id, now, "position_read_again", {
-                "reads": reads, "agreed": ok, "exchange_signed_qty": signed, "expected_signed_qty": expected}))
-        if ok and self.store.position_blocked(sym):
-            events.append(EventRecord(self.run_id, now, "position_reconciled", {
-                "signed_qty": signed, "why": "a later read agrees with our trades"}))
-        if not ok:
-            events.append(EventRecord(self.run_id, now, "position_unreconciled", {
-                "exchange_signed_qty": signed, "expected_signed_qty": expected, "reads": reads}))
-        n_new = self.store.record_position(self.run_id, sym, now, position.side, position.qty_base,
-                                           position.entry_price, "reconcile" if ok else "unreconciled", new_last_tid,
-                                           fills=records, events=events)
-        if n_new and self.guard is not None:
-            self._report_closed_trades(records, now)
-        return position, ok
-
-    def _expected_signed(self, trusted: dict[str, Any] | None, new_fills: Sequence[Any]) -> float:
-        """Signed position we expect (base units): ``trusted`` row + stored fills after its trade id +
-        ``new_fills`` not stored yet (:class:`serving.exchange.TradeFill`); flat without a row."""
-        if trusted is None:
-            return 0.0
-        stored = self.store.exchange_fills(self.market_id)
-        known = stored[stored["trade_id"] > (trusted["last_trade_id"] or 0)]
-        known_ids = {int(x) for x in known["trade_id"]}
-        expected = trusted["side"] * trusted["qty_base"] + float((known["side"] * known["qty_base"]).sum())
-        return expected + sum(f.side * f.qty_base for f in new_fills if f.trade_id not in known_ids)
-
-    def _finish(self, bar: pd.Timestamp, state: dict[str, Any], result: StepResult) -> None:
+    def _finish(self, bar: pd.Timestamp, state: Reconciled, result: StepResult) -> None:
         """Record fills and position; the bar's equity row (one per bar: a resumed bar keeps its first);
         then raise when an intent of the bar is still unresolved, so :meth:`run` resumes the bar
         within it (the resume looks the intent up again and protects a filled entry at once)
@@ -1153,12 +693,13 @@ class LiveLoop:
         RetryableError
             An intent of ``bar`` is still 'written', 'sent', 'unknown' or 'not_found'.
         """
-        position, _agreed = self._sync_position(self._now_ts())
+        position, _agreed = self.reconciler.sync_position(self._now_ts())
         if not self.store.has_equity(self.run_id, bar):
             equity = self.broker.equity_usdt()
             self.store.append(equity=[EquityRecord(self.run_id, bar, equity, equity, position.side,
                                                    position.qty_base)])
-        unresolved = [i["client_id"] for i in self.store.bar_intents(self.run_id, bar) if i["status"] in _UNRESOLVED]
+        unresolved = [i["client_id"] for i in self.store.bar_intents(self.run_id, bar)
+                      if i["status"] in UNRESOLVED_STATUSES]
         if unresolved:
             raise RetryableError(f"intents of bar {bar} unresolved: {unresolved}; the bar is resumed within it")
 

@@ -517,10 +517,10 @@ def test_spaced_lookups_find_an_order_that_becomes_visible_late(fake):
     loop, _store, clock = _sim_loop(fake, CountingPolicy(LONG), lookup_attempts=3, lookup_spacing_s=0.5)
     answers = iter([None, None, "found"])
     loop.broker.lookup = lambda cid, conditional: next(answers)
-    assert loop._lookup_spaced("ats-x", False, spaced=True) == "found"
+    assert loop.executor.lookup_spaced("ats-x", False, spaced=True) == "found"
     assert clock.sleeps == [0.5, 1.0]
     answers = iter([None, "late"])
-    assert loop._lookup_spaced("ats-x", False, spaced=False) is None  # a plain resend check looks once
+    assert loop.executor.lookup_spaced("ats-x", False, spaced=False) is None  # a plain resend check looks once
 
 
 def test_duplicate_client_id_on_create_is_ambiguous_not_a_rejection():
