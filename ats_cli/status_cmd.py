@@ -117,11 +117,11 @@ def accept_position(
             raise typer.Exit(code=2)
         target = _market_id(symbol) if symbol is not None else blocked[0]
         try:
-            detail = store.request_position_accept(target, note, pd.Timestamp(datetime.now(UTC)))
+            request = store.request_position_accept(target, note, pd.Timestamp(datetime.now(UTC)))
         except ValueError as exc:
             console.print(f"[red]{exc}[/]")
             raise typer.Exit(code=2) from exc
-    console.print(f"accept requested for [bold]{target}[/] (exchange position last seen: {detail['seen_signed_qty']:+.6g} "
+    console.print(f"accept requested for [bold]{target}[/] (exchange position last seen: {request.seen_signed_qty:+.6g} "
                   "base); the live loop adopts the exchange position at its next bar or start")
 
 

@@ -120,8 +120,8 @@ class OrderExecutor:
             row = self.store.latest_order(cid)
             if row is None:
                 return None
-            return OrderSnapshot(cid, row["exchange_order_id"] or "", row["status"], intent.side, intent.order_type,
-                                 intent.qty_base or 0.0, row["filled_qty_base"], row["avg_price"],
+            return OrderSnapshot(cid, row.exchange_order_id or "", row.status, intent.side, intent.order_type,
+                                 intent.qty_base or 0.0, row.filled_qty_base, row.avg_price,
                                  intent.trigger_price, conditional, intent.reduce_only)
         if status in ("rejected", "abandoned", "cancelled"):
             return None

@@ -96,7 +96,7 @@ from serving.choice import Choice, choose, reason_kind
 from serving.crash import NO_CRASH, CrashPoints
 from serving.errors import AmbiguousOutcomeError, FatalError, RejectedError, RetryableError
 from serving.exchange import BinanceFuturesBroker
-from serving.executor import OrderExecutor, StepResult, intent_from_row
+from serving.executor import OrderExecutor, StepResult
 from serving.hotswap import PolicySlot
 from serving.intents import (
     ExchangePosition,
@@ -396,28 +396,25 @@ class LiveLoop:
             return self._resume(bar, bar_ms, decided, state)
         return self._decide_and_execute(bar, bar_ms, state)
 
-    def _resume(self, bar: pd.Timestamp, bar_ms: int, decided: dict[str, Any], state: Reconciled) -> StepResult:
+    def _resume(self, bar: pd.Timestamp, bar_ms: int, decided: DecisionRecord, state: Reconciled) -> StepResult:
         """The bar is decided already: finish its unresolved intents and protect its filled entry
         (``bar_resumed`` event), or record its missing equity row; ``StepResult(None)`` if nothing is left."""
         result = StepResult(bar)
         intents = self.store.bar_intents(self.run_id, bar)
-        unfinished = any(i["status"] in UNRESOLVED_STATUSES for i in intents)
-        entry = next((i for i in intents if i["kind"] == "entry"), None)
-        needs_protection = entry is not None and entry["status"] in ("acked", "filled") and not any(
-            i["kind"] in ("stop", "tp") for i in intents)
+        unfinished = any(i.status in UNRESOLVED_STATUSES for i in intents)
+        entry = next((i for i in intents if i.kind == "entry"), None)
+        needs_protection = entry is not None and entry.status in ("acked", "filled") and not any(
+            i.kind in ("stop", "tp") for i in intents)
         if not unfinished and not needs_protection:
             if not self.store.has_equity(self.run_id, bar):  # stopped after its orders, before its equity
                 self._finish(bar, state, result)
             return StepResult(None)  # nothing new
-        result.source = str(decided["source"])
-        result.decision = Decision(int(decided["direction"]), float(decided["leverage"]),
-                                   float(decided["size_frac"]), float(decided["stop_atr"]),
-                                   float(decided["take_profit_atr"]))
+        result.source, result.decision = decided.source, decided.decision()
         self._event(bar, "bar_resumed", {
-            "unfinished": [i["client_id"] for i in intents if i["status"] in UNRESOLVED_STATUSES]})
+            "unfinished": [i.client_id for i in intents if i.status in UNRESOLVED_STATUSES]})
         window = self._fetch_window(bar_ms)
         atr_t = self._atr(window.candles, result.source)
-        resumed = [intent_from_row(i) for i in intents if i["kind"] in ("exit", "entry", "stopmv", "unprot")]
+        resumed = [i.intent() for i in intents if i.kind in ("exit", "entry", "stopmv", "unprot")]
         self.executor.execute(bar, resumed, state.open_orders, result, atr_t)
         self._finish(bar, state, result)
         return result
@@ -522,7 +519,7 @@ class LiveLoop:
         if last is None or last >= bar or self.store.has_equity(self.run_id, last):
             return
         row = self.store.decision_at(self.run_id, last)
-        if row is None or row["source"] == "missed":
+        if row is None or row.source == "missed":
             return
         equity = self.broker.equity_usdt()
         now = self._now_ts()
@@ -584,13 +581,13 @@ class LiveLoop:
         if not missing or not position.entry_price > 0:
             return
         found = self._our_entry(position)
-        atr_t = self._atr(candles, None if found is None else str(found[1]["source"]))
+        atr_t = self._atr(candles, None if found is None else found[1].source)
         if not (math.isfinite(atr_t) and atr_t > 0):
             return
-        opening = self._opening_decision(position) or Decision(direction=position.side)
+        opening = found[1].decision() if found is not None else Decision(direction=position.side)
         self.executor.repair_protection(bar, position, missing, atr_t, opening, result)
 
-    def _our_entry(self, position: ExchangePosition) -> tuple[pd.Timestamp, dict[str, Any]] | None:
+    def _our_entry(self, position: ExchangePosition) -> tuple[pd.Timestamp, DecisionRecord] | None:
         """(bar, decision row) of our latest filled entry on the side of ``position``; None if none."""
         if position.side == 0:
             return None
@@ -603,15 +600,6 @@ class LiveLoop:
         row = self.store.decision_at(self.run_id, entry_bar)
         return None if row is None else (entry_bar, row)
 
-    def _opening_decision(self, position: ExchangePosition) -> Decision | None:
-        """The decision of our latest filled entry on the side of ``position`` (None if none)."""
-        found = self._our_entry(position)
-        if found is None:
-            return None
-        row = found[1]
-        return Decision(int(row["direction"]), float(row["leverage"]), float(row["size_frac"]),
-                        float(row["stop_atr"]), float(row["take_profit_atr"]))
-
     def _position_view(self, position: ExchangePosition, protection: OpenProtection, bar: pd.Timestamp
                        ) -> PositionView:
         """The position as the policies saw it in training: leverage of the deciding bar and closed bars
@@ -621,7 +609,7 @@ class LiveLoop:
         found = self._our_entry(position)
         if found is not None:
             entry_bar, row = found
-            leverage = float(row["leverage"])
+            leverage = row.leverage
             bars = max(0, int((bar - entry_bar) / pd.Timedelta(milliseconds=self.tf_ms)))
         return PositionView(side=position.side, quantity_base=position.qty_base, entry_price=position.entry_price,
                             leverage=leverage, bars_in_trade=bars, stop_price=protection.stop_price,
@@ -698,8 +686,7 @@ class LiveLoop:
             equity = self.broker.equity_usdt()
             self.store.append(equity=[EquityRecord(self.run_id, bar, equity, equity, position.side,
                                                    position.qty_base)])
-        unresolved = [i["client_id"] for i in self.store.bar_intents(self.run_id, bar)
-                      if i["status"] in UNRESOLVED_STATUSES]
+        unresolved = [i.client_id for i in self.store.bar_intents(self.run_id, bar) if i.status in UNRESOLVED_STATUSES]
         if unresolved:
             raise RetryableError(f"intents of bar {bar} unresolved: {unresolved}; the bar is resumed within it")
 

@@ -135,23 +135,21 @@ class Reconciler:
         sym = self.market_id
         # (a) unresolved intents of earlier bars
         for it in self.store.unresolved_intents(self.run_id):
-            if current_bar is not None and it["bar_open_time"] >= current_bar:
+            if current_bar is not None and it.bar_open_time >= current_bar:
                 continue  # this bar's intents are executed by the step itself
-            conditional = it["order_type"] in PROTECTIVE_TYPES
-            snap = self.broker.lookup(it["client_id"], conditional=conditional)
+            snap = self.broker.lookup(it.client_id, conditional=it.order_type in PROTECTIVE_TYPES)
             if snap is not None:
-                self.record_snapshot(snap, it["client_id"], now)
-                self._event(now, "intent_resolved", {"client_id": it["client_id"], "status": snap.status})
+                self.record_snapshot(snap, it.client_id, now)
+                self._event(now, "intent_resolved", {"client_id": it.client_id, "status": snap.status})
             else:
-                self.store.mark_intent(it["client_id"], "abandoned", now, {"reason": "not on the exchange, bar passed"})
-                self._event(now, "intent_abandoned", {"client_id": it["client_id"], "was": it["status"]})
+                self.store.mark_intent(it.client_id, "abandoned", now, {"reason": "not on the exchange, bar passed"})
+                self._event(now, "intent_abandoned", {"client_id": it.client_id, "was": it.status})
         # (b) fills and position; an operator's accept-position request is applied here
         position, agreed = self.sync_position(now, crash=True)
         request = self.store.pending_position_accept(sym)
         if request is not None:
             self.adopt_exchange_position(position, now, "position_accepted", {
-                "note": request.get("note"), "request_id": request["request_id"],
-                "seen_signed_qty": request.get("seen_signed_qty")})  # fmt: skip
+                "note": request.note, "request_id": request.request_id, "seen_signed_qty": request.seen_signed_qty})
             agreed = True
         # (c) open orders: our protective orders no longer open are looked up once (triggered ->
         # 'filled' and their trades linked; cancelled/expired -> 'cancelled'); orphans on a flat
@@ -204,8 +202,7 @@ class Reconciler:
     def _local_view(self) -> LocalView:
         sym = self.market_id
         row = self.store.last_trusted_position(sym)
-        trusted = None if row is None else PositionRef(int(row["side"]), float(row["qty_base"]),
-                                                       None if row["last_trade_id"] is None else int(row["last_trade_id"]))
+        trusted = None if row is None else PositionRef(row.side, row.qty_base, row.last_trade_id)
         stored = self.store.exchange_fills(sym)
         fills = tuple(FillRef(int(t), int(s), float(q)) for t, s, q in zip(
             stored["trade_id"], stored["side"], stored["qty_base"], strict=True))  # fmt: skip

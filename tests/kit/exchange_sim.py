@@ -149,7 +149,7 @@ def _report(fake: FakeBinance, store, bars: int, clock_faults: Counter[str], cra
     contiguous = bool(times.is_unique and (len(times) < 2 or (np.diff(ns) == H * 1_000_000).all()))
     amt, _ = fake.position()
     last = store.last_position(SYMBOL)
-    stored = 0.0 if last is None else float(last["side"]) * float(last["qty_base"])
+    stored = 0.0 if last is None else last.side * last.qty_base
     ev = store.events()
     stops = [a for a in fake.trading.algo_orders if a["algoStatus"] == "NEW" and a["orderType"] == "STOP_MARKET"]
     dump = " ".join(str(x) for x in ev["detail"]) + " ".join(str(x) for x in d.get("fallback_reason", []))

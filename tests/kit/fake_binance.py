@@ -832,7 +832,7 @@ def assert_consistent(fake: FakeBinance, store: Any, symbol: str = "BTCUSDT") ->
     assert dup == {}, f"duplicate orders on the exchange: {dup}"
     amt, _ = fake.position()
     last = store.last_position(symbol)
-    assert last["side"] * last["qty_base"] == pytest.approx(amt, abs=1e-9)
+    assert last.side * last.qty_base == pytest.approx(amt, abs=1e-9)
     assert not store.position_blocked(symbol), store.events()[["kind", "detail"]].tail(8)
 
 

@@ -109,8 +109,8 @@ def test_kill9_at_crash_point_then_restart(tmp_path, crash):
         decisions = store.decisions("live")
         assert list(decisions["bar_open_time"]) == [first.bar_open_time, b1]  # one decision per bar
         intents = store.bar_intents("live", b1)
-        assert {i["kind"] for i in intents} == {"exit", "entry", "stop", "tp"}
-        assert all(i["status"] in ("filled", "acked") for i in intents), [(i["kind"], i["status"]) for i in intents]
+        assert {i.kind for i in intents} == {"exit", "entry", "stop", "tp"}
+        assert all(i.status in ("filled", "acked") for i in intents), [(i.kind, i.status) for i in intents]
         open_protective = [a for a in fake.trading.algo_orders if a["algoStatus"] == "NEW"]
         assert sorted(a["clientAlgoId"].rsplit("-", 1)[1] for a in open_protective) == ["stop", "tp"]
         assert all(a["clientAlgoId"].split("-")[2] == str(int(b1.timestamp())) for a in open_protective)
