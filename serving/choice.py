@@ -20,6 +20,7 @@ loop (and, through it, torch); the paper loop (``serving.loop``) uses it too. Th
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,35 @@ from market.decision import Decision, DecisionContext, NonFiniteDecisionError, P
 def reason_kind(reason: str) -> str:
     """The kind of a fallback reason: the text before the first ':' (``"deadline_exceeded"``)."""
     return reason.split(":", 1)[0].strip()
+
+
+@dataclass
+class FallbackLedger:
+    """Fallback bookkeeping shared by the paper and live loops: which fallback reason kind is in
+    force (``current``, None while the primary decides) and how many bars each kind decided
+    (``reasons``).
+
+    :meth:`observe` returns the events of a change: one ``fallback_engaged`` (detail ``reason``)
+    when the fallback takes over, none while it stays engaged (even if the reason kind changes, e.g.
+    ``exception`` then ``backoff``), one ``primary_recovered`` (detail ``previous_reason_kind``)
+    when the primary decides again.
+    """
+
+    reasons: Counter[str] = field(default_factory=Counter)
+    current: str | None = None
+
+    def observe(self, source: str, reason: str | None) -> list[tuple[str, dict[str, Any]]]:
+        """Record who decided a bar (``source`` 'v2', 'v1' or 'guard'; ``reason`` the fallback reason,
+        None when the primary decided); returns the ``(kind, detail)`` events to record."""
+        if source != "v2" and reason is not None:
+            kind = reason_kind(reason)
+            self.reasons[kind] += 1
+            events = [] if self.current is not None else [("fallback_engaged", {"reason": reason})]
+            self.current = kind
+            return events
+        events = [] if self.current is None else [("primary_recovered", {"previous_reason_kind": self.current})]
+        self.current = None
+        return events
 
 
 def raw_action(policy: Any) -> tuple[float, ...] | None:

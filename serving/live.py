@@ -36,7 +36,9 @@ killed anywhere and restarted carries on where it stopped):
    The funding history of the window is joined as ``funding_rate`` (:func:`with_funding_column`);
    if it cannot be fetched the bar is quarantined too.
 4. **Decide** (only if the bar has no decision row yet): bundle -> V1 -> flat with
-   :func:`serving.choice.choose`; then the optional risk guard
+   :func:`serving.choice.choose` (one ``fallback_engaged`` event when V1 takes over, one
+   ``primary_recovered`` when the bundle decides again: :class:`serving.choice.FallbackLedger`,
+   shared with the paper loop); then the optional risk guard
    (``guard.review(decision, AccountSnapshot) -> GuardVerdict``; a guard that raises blocks
    entries: fail closed). The decision row and its intents (:func:`serving.intents.plan_bar`) are
    written in ONE transaction **before** anything is sent.
@@ -92,7 +94,7 @@ from serving.candles import (
     window_with_funding,
     with_funding_column,
 )
-from serving.choice import Choice, choose, reason_kind
+from serving.choice import Choice, FallbackLedger, choose
 from serving.crash import NO_CRASH, CrashPoints
 from serving.errors import AmbiguousOutcomeError, FatalError, RejectedError, RetryableError
 from serving.exchange import BinanceFuturesBroker
@@ -291,7 +293,8 @@ class LiveLoop:
         self.candle_cache = CandleCache(config.timeframe, self.tf_ms, config.context_bars, config.bad_candle_hold_bars)
         self.stop_requested = threading.Event()
         self._started = False
-        self._last_reason_kind: str | None = None
+        #: fallback_engaged / primary_recovered events, bars per fallback reason kind (shared with paper)
+        self.fallback_ledger = FallbackLedger()
         self.clock_offset_ms: float = 0.0
         #: set by an unexpected exception in a step: entries stay halted for this process's life
         self.internal_error: str | None = None
@@ -484,7 +487,8 @@ class LiveLoop:
     def _choose(self, bar: pd.Timestamp, bar_ms: int, candles: pd.DataFrame, state: Reconciled, equity: float,
                 events: list[EventRecord]) -> Choice:
         """Phase 4: swap in a new bundle between bars, then bundle -> V1 -> flat
-        (:func:`serving.choice.choose`); the slot's, the choice's and the fallback events go to ``events``."""
+        (:func:`serving.choice.choose`); the slot's, the choice's and the fallback events
+        (:class:`serving.choice.FallbackLedger`) go to ``events``."""
         view = self._position_view(state.position, state.protection, bar)
         recorded_peak = self.store.peak_equity(self.run_id)  # the run's, not the policy instance's
         ctx = DecisionContext(bar_open_time=bar, candles=candles, position=view, equity_usdt=equity,
@@ -501,13 +505,8 @@ class LiveLoop:
         self._last_ctx = ctx
         for kind, detail in choice.events:
             events.append(EventRecord(self.run_id, bar, kind, detail))
-        if choice.source != "v2" and choice.reason is not None:
-            kind = reason_kind(choice.reason)
-            if kind != self._last_reason_kind:
-                events.append(EventRecord(self.run_id, bar, "fallback_engaged", {"reason": choice.reason}))
-            self._last_reason_kind = kind
-        else:
-            self._last_reason_kind = None
+        for kind, detail in self.fallback_ledger.observe(choice.source, choice.reason):
+            events.append(EventRecord(self.run_id, bar, kind, detail))
         return choice
 
     def _record_late_equity(self, bar: pd.Timestamp, position: ExchangePosition) -> None:

@@ -67,8 +67,8 @@ from envs.config import CostConfig
 from market.config_base import StrictConfig
 from market.decision import Decision, DecisionContext, Policy
 from serving.choice import Choice as _Choice
+from serving.choice import FallbackLedger, reason_kind  # noqa: F401 - reason_kind re-exported
 from serving.choice import choose as _choose
-from serving.choice import reason_kind
 from serving.errors import DataQualityError
 from serving.hotswap import BackoffConfig, PolicySlot
 from serving.notify import Notifier
@@ -322,13 +322,13 @@ class PaperStepper:
         self.run_id = config.run_id
         self.broker = PaperBroker(config.initial_equity_usdt, costs)
         self.counts: Counter[str] = Counter()  # decision rows by source
-        self.fallback_reasons: Counter[str] = Counter()
+        #: fallback_engaged / primary_recovered events and the bars decided per fallback reason kind
+        self.fallback_ledger = FallbackLedger()
         self.event_counts: Counter[str] = Counter()
         self.bars = self.n_quarantined = self.n_window_held = 0
         self.risk_state: str | None = guard.state.value if guard is not None else None
         self._held_by: str | None = None  # key of the flaw holding the current stretch of bars
         self._last_valid_atr = {"primary": math.nan, "fallback": math.nan}  # by whose ATR period
-        self._last_kind: str | None = None  # reason kind of the previous decided bar (None: primary used)
         #: highest equity of the run so far (USDT): the drawdown input every policy is shown, kept here
         #: (not in a policy instance) so a hot-swapped bundle sees the run's drawdown
         self._peak_equity_usdt = float(config.initial_equity_usdt)
@@ -365,7 +365,7 @@ class PaperStepper:
         final = self.broker.state
         return ReplaySummary(
             run_id=self.run_id, bars=self.bars, decisions_v2=self.counts["v2"], decisions_v1=self.counts["v1"],
-            decisions_guard=self.counts["guard"], fallback_reasons=self.fallback_reasons,
+            decisions_guard=self.counts["guard"], fallback_reasons=self.fallback_ledger.reasons,
             n_quarantined=self.n_quarantined, final_equity_usdt=self.broker.equity_usdt, n_fills=final.n_fills,
             n_trades=final.n_trades, fees_paid_usdt=final.fees_paid_usdt, funding_paid_usdt=final.funding_paid_usdt,
             slippage_paid_usdt=final.slippage_paid_usdt, liquidation_fees_usdt=final.liquidation_fees_usdt,
@@ -481,16 +481,7 @@ class PaperStepper:
         choice = _choose(ctx, policy, self.fallback, unavailable, self.config.decision_timeout_ms, self._clock)
         if policy is not None:
             choice.events.extend(self.slot.record(bar.t, choice.primary_failure))
-        if choice.source != "v2" and choice.reason is not None:
-            kind = reason_kind(choice.reason)
-            self.fallback_reasons[kind] += 1
-            if self._last_kind is None:
-                choice.events.append(("fallback_engaged", {"reason": choice.reason}))
-            self._last_kind = kind
-        else:
-            if self._last_kind is not None:
-                choice.events.append(("primary_recovered", {"previous_reason_kind": self._last_kind}))
-            self._last_kind = None
+        choice.events.extend(self.fallback_ledger.observe(choice.source, choice.reason))
         return choice
 
     def _review(self, bar: BarInput, choice: _Choice, decision: Decision, equity_usdt: float,

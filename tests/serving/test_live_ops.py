@@ -190,6 +190,30 @@ def test_an_accept_request_never_adopts_a_later_discrepancy(fake):
 # -- notifications -------------------------------------------------------------------------------
 
 
+def test_fallback_bookkeeping_is_the_paper_loops_one_event_each_way(fake):
+    """serving.choice.FallbackLedger, shared with the paper loop: one fallback_engaged when V1 takes
+    over (none when the reason changes from exception to backoff), one primary_recovered after."""
+    store = StateStore("sqlite://")
+    policy = CountingPolicy(Decision.flat())
+    loop = _loop(fake, store, policy)
+    loop.step()
+    policy.decide = _raise  # the bundle fails once: V1 decides, then the slot backs off
+    fake.now_ms += H
+    loop.step()
+    del policy.decide
+    for _ in range(4):
+        fake.now_ms += H
+        loop.step()
+    d = store.decisions("live")
+    assert list(d.source) == ["v2", "v1", "v1", "v2", "v2", "v2"]
+    assert [r.split(":")[0] for r in d.fallback_reason[1:3]] == ["exception", "backoff"]
+    ev = store.events("live")
+    assert list(ev[ev.kind.isin(["fallback_engaged", "primary_recovered"])].kind) == [
+        "fallback_engaged", "primary_recovered"]
+    assert ev[ev.kind == "primary_recovered"].detail.iloc[0] == {"previous_reason_kind": "backoff"}
+    assert loop.fallback_ledger.reasons == {"exception": 1, "backoff": 1}
+
+
 def test_live_loop_notifies_entries_exits_fallbacks_kill_switches_and_errors(fake):
     store, sim, notifier = StateStore("sqlite://"), SimTime(fake), RecordingNotifier()
     policy = CountingPolicy(LONG)

@@ -244,6 +244,18 @@ def test_fallback_failure_decides_flat_and_closes() -> None:
     _assert_store_consistent(summary, store, candles, atr)
 
 
+def test_fallback_ledger_one_event_when_the_fallback_engages_and_one_when_the_primary_recovers() -> None:
+    from serving.choice import FallbackLedger
+
+    ledger = FallbackLedger()
+    seen = [ledger.observe(source, reason) for source, reason in [
+        ("v2", None), ("v1", "exception: boom"), ("v1", "backoff: skipped"), ("guard", "exception: both"),
+        ("v2", None), ("v2", None)]]  # fmt: skip
+    assert seen == [[], [("fallback_engaged", {"reason": "exception: boom"})], [], [],
+                    [("primary_recovered", {"previous_reason_kind": "exception"})], []]
+    assert ledger.reasons == {"exception": 2, "backoff": 1} and ledger.current is None
+
+
 def test_primary_recovery_is_recorded() -> None:
     class Flaky:
         name = "v2"
