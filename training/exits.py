@@ -56,36 +56,34 @@ def exit_summary(results: BacktestResult | Sequence[BacktestResult]) -> dict:
     }
 
 
+def _cell(count: float, share: float, mean_pnl: float, bars: float) -> str:
+    if count == 0:
+        return "0"
+    head = f"{count:.0f}" + (f" ({share:.0%})" if math.isfinite(share) else "")
+    pnl = f", mean {mean_pnl:+,.2f} USDT" if math.isfinite(mean_pnl) else ""
+    held = f", {bars:.1f} bars" if math.isfinite(bars) else ""
+    return head + pnl + held
+
+
 def exits_table(summaries: Mapping[str, dict]) -> pd.DataFrame:
-    """The report's table: one row per (strategy, reason) with count, share, mean PnL (USDT) and mean bars held;
-    ``end_of_period`` rows count open positions (share and PnL n/a) and ``all closed`` the strategy's total."""
-    rows = {}
+    """The report's table: a row per exit reason, a column per strategy, each cell "count (share), mean net PnL
+    per trade (USDT), mean bars held"; ``end_of_period`` counts positions open at the end (marked, not closed,
+    no share or PnL) and ``all closed`` is the strategy's total (``n_trades``, mean PnL, average holding bars)."""
+    cols = {}
     for name, s in summaries.items():
-        for reason, v in s["by_reason"].items():
-            rows[(name, reason)] = {
-                "count": v["count"],
-                "share": v["share"],
-                "mean pnl (USDT)": v["mean_pnl_usdt"],
-                "mean bars held": v["mean_bars_held"],
-            }
+        col = {
+            r: _cell(v["count"], v["share"], v["mean_pnl_usdt"], v["mean_bars_held"])
+            for r, v in s["by_reason"].items()
+        }
         eop = s["end_of_period"]
-        rows[(name, "end_of_period (open, marked)")] = {
-            "count": eop["count"],
-            "share": math.nan,
-            "mean pnl (USDT)": math.nan,
-            "mean bars held": eop["mean_bars_held"],
-        }
-        total = sum(v["total_pnl_usdt"] for v in s["by_reason"].values())
+        col["end_of_period (open, marked)"] = _cell(eop["count"], math.nan, math.nan, eop["mean_bars_held"])
         n = s["n_closed_trades"]
-        rows[(name, "all closed")] = {
-            "count": n,
-            "share": 1.0 if n else math.nan,
-            "mean pnl (USDT)": total / n if n else math.nan,
-            "mean bars held": s["avg_holding_bars"],
-        }
-    frame = pd.DataFrame.from_dict(rows, orient="index")
-    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["strategy", "exit"])
-    return frame.round(4)
+        total = sum(v["total_pnl_usdt"] for v in s["by_reason"].values())
+        col["all closed"] = _cell(n, 1.0, total / n if n else math.nan, s["avg_holding_bars"])
+        cols[name] = col
+    frame = pd.DataFrame(cols)
+    frame.index.name = "exit"
+    return frame
 
 
 EXITS_TITLE = "exits by reason (stop, take_profit, signal, liquidation; end_of_period = open at the end, marked to market)"
