@@ -73,13 +73,11 @@ reconciler and the executor; ``tests/serving/test_crash_recovery.py`` injects
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import pandas as pd
@@ -95,6 +93,7 @@ from serving.candles import (
     with_funding_column,
 )
 from serving.choice import Choice, FallbackLedger, choose
+from serving.clock import last_closed_bar_ms, seconds_to_next_poll, stop_on_signals
 from serving.crash import NO_CRASH, CrashPoints
 from serving.errors import AmbiguousOutcomeError, FatalError, RejectedError, RetryableError
 from serving.exchange import BinanceFuturesBroker
@@ -140,21 +139,8 @@ class GuardLike(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------
-# candles
+# pure helpers of the loop
 # ---------------------------------------------------------------------------------------------
-
-
-def last_closed_bar_ms(server_ms: int, tf_ms: int) -> int:
-    """Open time (ms) of the last bar of ``tf_ms`` ms closed at exchange time ``server_ms`` (pure)."""
-    return (server_ms // tf_ms) * tf_ms - tf_ms
-
-
-def seconds_to_next_poll(now_ms: float, tf_ms: int, close_delay_s: float, poll_interval_s: float) -> float:
-    """Seconds from ``now_ms`` (exchange-corrected wall clock, ms) until ``close_delay_s`` after the
-    next bar close, within [``poll_interval_s``, one bar] (pure)."""
-    next_close = (now_ms // tf_ms + 1) * tf_ms
-    wait = (next_close - now_ms) / 1000.0 + close_delay_s
-    return float(min(max(wait, poll_interval_s), tf_ms / 1000.0))
 
 
 def atr_period_of(policy: object, default_bars: int) -> int:
@@ -162,22 +148,6 @@ def atr_period_of(policy: object, default_bars: int) -> int:
     ``atr_period_bars`` (the bundle's feature ATR for V2, V1's own), else ``default_bars``."""
     period = getattr(policy, "atr_period_bars", None)
     return int(period) if period else int(default_bars)
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: threading.Event, *, install: bool = True) -> Iterator[None]:
-    """Within the block, SIGTERM and SIGINT only set ``stop`` (the loop finishes its bar first);
-    the previous handlers come back afterwards. Nothing is installed outside the main thread or
-    when ``install`` is False."""
-    previous: dict[int, Any] = {}
-    if install and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def missed_bars(last_decided: pd.Timestamp | None, bar: pd.Timestamp, tf_ms: int) -> list[pd.Timestamp]:
