@@ -119,8 +119,7 @@ class Reconciler:
         if snap.exchange_id:
             self.store.link_fills(snap.exchange_id, client_id)
         update = intent_update(snap)
-        if update.triggered:
-            assert snap.actual_order_id is not None  # triggered implies it
+        if update.triggered and snap.actual_order_id is not None:
             if self.store.client_id_of_order(snap.actual_order_id) is None:
                 self.store.record_order(client_id, snap.actual_order_id, "triggered", snap.filled_base,
                                         snap.average_price, when)
@@ -178,8 +177,7 @@ class Reconciler:
             if cid in open_ids:
                 continue
             snap = self.broker.lookup(cid, conditional=True)
-            if protection_settled(snap):
-                assert snap is not None  # settled implies found
+            if snap is not None and protection_settled(snap):
                 self.record_snapshot(snap, cid, now)
                 self._event(now, "protection_resolved", {"client_id": cid, "status": snap.status,
                                                          "actual_order_id": snap.actual_order_id})

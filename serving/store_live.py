@@ -10,7 +10,7 @@ operator's accept-position request is an event (``position_accept_requested``, :
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pandas as pd
@@ -38,12 +38,10 @@ _UNRESOLVED = ("written", "sent", "unknown", "not_found")
 class LiveTables:
     """Methods of :class:`serving.store.StateStore` over the live-trading tables (module docstring)."""
 
+    # provided by serving.store.StateStore
     _engine: sa.engine.Engine
-
-    def append_event(self, run_id: str, time: pd.Timestamp, kind: str,
-                     detail: dict[str, Any] | None = None) -> None: ...  # StateStore's
-
-    def _read(self, table: sa.Table, run_id: str | None, time_columns: tuple[str, ...]) -> pd.DataFrame: ...
+    append_event: Callable[..., None]
+    _read: Callable[..., pd.DataFrame]
 
     # -- intents ---------------------------------------------------------------------------------
 
