@@ -252,3 +252,29 @@ def test_ablation_on_the_smoke_config_returns_four_sortinos(tmp_path):
     assert set(stack["per_block"]) == {"fold0", "fold1", "validation", "test"}
     json.loads(json_codec.dumps(res))
     assert elapsed < 120, elapsed  # ~60 s on an idle 2-core machine
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_walkforward_diagnostics_from_run_directories_with_the_ablation(tmp_path):
+    """A tiny trained run stands for one walk-forward fold: its bundle's models predict its validation and test
+    windows; the ablation flag trains the four observation variants on that fold's config."""
+    from training.pipeline import train_run
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml")
+    cfg = cfg.model_copy(update={"ppo": cfg.ppo.model_copy(update={
+        "n_steps": 64, "batch_size": 64, "n_epochs": 1, "total_timesteps": 128, "eval_every_steps": 128})})
+    run_dir = tmp_path / "fold0" / "seed1"
+    train_run(cfg, run_dir, log=lambda s: None)
+    records = [{"fold": 0, "seed": 1, "run_dir": str(run_dir)}]
+    off = D.walkforward_diagnostics(records, D.DiagnosticsConfig(bootstrap_samples=50))
+    assert off["ablation"] is None and [f["fold"] for f in off["per_fold"]] == [0]
+    assert set(off["pooled"]) == {"validation", "test"} and off["seed"] == 1
+    assert D.walkforward_diagnostics(records, D.DiagnosticsConfig(enabled=False)) is None
+    dcfg = D.DiagnosticsConfig(bootstrap_samples=50,
+                               ablation=D.AblationConfig(enabled=True, total_timesteps=128))
+    on = D.walkforward_diagnostics(records, dcfg, out=tmp_path)
+    assert list(on["ablation"]["runs"]["fold0/seed1"]["variants"]) == list(D.ABLATION_VARIANTS)
+    assert off["per_fold"] == on["per_fold"]  # the ablation does not touch the layer diagnostics
+    json.loads(json.dumps(on, allow_nan=False))  # already JSON-safe
+    assert "observation ablation" in D.diagnostics_html(on)
