@@ -43,11 +43,14 @@ from functools import lru_cache
 import numpy as np
 
 from envs import kernel as K
-from envs.config import CostConfig
+from envs.config import CostConfig, TradingRulesConfig
 from envs.sizing import SizingRules, decimals_pow10
 from market.decision import Decision, NonFiniteDecisionError, PositionView
 
-FILL_REASONS: tuple[str, ...] = ("entry", "exit_signal", "stop", "take_profit", "liquidation")
+FILL_REASONS: tuple[str, ...] = ("entry", "exit_signal", "stop", "take_profit", "liquidation", "rebalance")
+"""Why a fill happened (index = the kernel's reason code). ``rebalance``: a resize of the open position in its
+direction (only with ``TradingRulesConfig.rebalance_band_frac`` set): an add, or a reduction, which is also a
+closed trade of the reduced quantity."""
 _NS_PER_S = 1_000_000_000
 
 
@@ -261,6 +264,56 @@ def cost_params(cfg: CostConfig) -> np.ndarray:
     return p
 
 
+def is_decision_bar(open_time_ns: int | np.ndarray, bar_interval_ns: int, decision_interval_bars: int):
+    """True for a bar whose close is a multiple of ``decision_interval_bars`` bars since the Unix epoch: the
+    bars at whose close the agent acts (``TradingRulesConfig.decision_interval_bars``; with 1h bars and 4, the
+    bars closing at 00:00, 04:00, ... UTC). The same rule as the ``tsmom`` baseline's rebalance bars.
+
+    Parameters
+    ----------
+    open_time_ns : int | np.ndarray
+        UTC open time(s) in ns (an int64 array gives a bool array).
+    bar_interval_ns : int
+        Bar length in ns, > 0.
+    decision_interval_bars : int
+        >= 1; 1: every bar.
+
+    Raises
+    ------
+    ValueError
+        A bar interval <= 0 or a decision interval < 1.
+    """
+    if bar_interval_ns <= 0 or decision_interval_bars < 1:
+        raise ValueError(f"need bar_interval_ns > 0 and decision_interval_bars >= 1, got {bar_interval_ns}, "
+                         f"{decision_interval_bars}")  # fmt: skip
+    return (np.asarray(open_time_ns, dtype=np.int64) + bar_interval_ns) % (bar_interval_ns * decision_interval_bars) == 0
+
+
+def rules_params(cfg: CostConfig, rules: TradingRulesConfig | None) -> np.ndarray:
+    """:func:`cost_params` with the execution rules of ``rules`` (min holding period, rebalance band) in their
+    slots; ``rules`` None or the default: :func:`cost_params` itself (today's rules). Treat as read-only."""
+    if rules is None or rules == _DEFAULT_RULES:
+        return cost_params(cfg)
+    return _rules_params(cfg, rules)
+
+
+_DEFAULT_RULES = TradingRulesConfig()
+
+
+@lru_cache(maxsize=64)
+def _rules_params(cfg: CostConfig, rules: TradingRulesConfig) -> np.ndarray:
+    p = cost_params(cfg).copy()
+    set_rules(p, rules)
+    return p
+
+
+def set_rules(p: np.ndarray, rules: TradingRulesConfig) -> None:
+    """Write the kernel slots of ``rules`` (``P_MIN_HOLD``, ``P_REBALANCE``, ``P_BAND``) into ``p``, in place."""
+    p[K.P_MIN_HOLD] = rules.min_hold_bars
+    p[K.P_REBALANCE] = 0.0 if rules.rebalance_band_frac is None else 1.0
+    p[K.P_BAND] = 0.0 if rules.rebalance_band_frac is None else rules.rebalance_band_frac
+
+
 def _validate_bar(bar: Bar) -> None:
     o, h, lo, c = bar.open, bar.high, bar.low, bar.close
     for name, value in (("open", o), ("high", h), ("low", lo), ("close", c)):
@@ -356,17 +409,25 @@ def state_from_arrays(fs: np.ndarray, is_: np.ndarray) -> AccountState:
 def events_from_arrays(
     ev: np.ndarray, evi: np.ndarray, n_events: int, time_ns: int
 ) -> tuple[tuple[Fill, ...], tuple[ClosedTrade, ...]]:
-    """Fills and closed trades of one bar from the kernel's event buffers (all at ``time_ns``)."""
+    """Fills and closed trades from the kernel's event buffers.
+
+    Each event carries the open time of its bar (``evi[:, EVI_TIME]``, written by the kernel); ``time_ns`` is
+    used only where that is missing (an ``evi`` without the column). An env step over several bars (decision
+    interval) holds the events of all its bars, in order. An entry, or a rebalance that adds to the position, is
+    a fill only; every other fill also closes a trade (of the reduced quantity for a rebalance)."""
     fills: list[Fill] = []
     trades: list[ClosedTrade] = []
-    for k in range(n_events):
+    has_time = evi.shape[-1] > K.EVI_TIME
+    for k in range(min(n_events, ev.shape[0])):
         reason_code, side, qty, price, fee, slip, entry, pnl = ev[k].tolist()
-        entry_time, bars_held, trade_side = evi[k].tolist()
+        row = evi[k].tolist()
+        entry_time, bars_held, trade_side = row[:3]
+        t = row[K.EVI_TIME] if has_time else time_ns
         reason = FILL_REASONS[int(reason_code)]
-        fills.append(Fill(time_ns, int(side), qty, price, fee, slip, reason))
-        if reason != "entry":
+        fills.append(Fill(t, int(side), qty, price, fee, slip, reason))
+        if reason != "entry" and not (reason == "rebalance" and int(side) == trade_side):
             entry_ns = None if entry_time == K.NO_TIME else entry_time
-            trades.append(ClosedTrade(entry_ns, time_ns, trade_side, qty, entry, price, pnl, reason, bars_held))
+            trades.append(ClosedTrade(entry_ns, t, trade_side, qty, entry, price, pnl, reason, bars_held))
     return tuple(fills), tuple(trades)
 
 
@@ -388,7 +449,13 @@ def raise_kernel_error(code: int, out: np.ndarray, cfg: CostConfig, where: str) 
 
 
 def step_bar(
-    state: AccountState, decision: Decision | None, bar: Bar, atr_at_decision: float, cfg: CostConfig
+    state: AccountState,
+    decision: Decision | None,
+    bar: Bar,
+    atr_at_decision: float,
+    cfg: CostConfig,
+    *,
+    rules: TradingRulesConfig | None = None,
 ) -> BarResult:
     """Apply the decision taken at the close of bar t to bar t+1 (``bar``).
 
@@ -433,6 +500,12 @@ def step_bar(
         this bar (a position is open, or the decision changes the side).
     cfg : CostConfig
         Costs and exchange rules.
+    rules : TradingRulesConfig | None
+        Execution rules of the decision (``min_hold_bars``: a close or flip of a position held for fewer bars
+        is a hold; ``rebalance_band_frac``: a decision in the held direction resizes the position to its aim
+        outside the band, :func:`envs.kernel._resize`). None (default): no holding period, no resize. The
+        decision interval is not applied here: the caller asks for a decision only at decision bars
+        (:func:`is_decision_bar`), as the env does.
 
     Returns
     -------
@@ -474,7 +547,7 @@ def step_bar(
     code = K.bar_step(
         fs, is_, has, direction, lev, size, stop, tp, new_stop, int(bar.open_time_ns), float(bar.open),
         float(bar.high), float(bar.low), float(bar.close), float(bar.funding_rate),
-        bool(bar.is_funding_time), atr if math.isfinite(atr) else 1.0, cost_params(cfg), ev, evi, out,
+        bool(bar.is_funding_time), atr if math.isfinite(atr) else 1.0, rules_params(cfg, rules), ev, evi, out,
     )  # fmt: skip
     if code != K.OK:
         raise_kernel_error(code, out, cfg, f"step_bar at open_time_ns={bar.open_time_ns}")

@@ -103,3 +103,46 @@ class CostConfig(StrictConfig):
     def funding_interval_hours(self) -> int:
         """Funding settles at open times whose hour % interval == 0 and minute == 0 (the spec's interval)."""
         return self.instrument.funding_interval_hours
+
+
+class TradingRulesConfig(StrictConfig):
+    """When the agent may act and how a decision in the held direction is executed (issue 16, "levers").
+
+    Every default keeps the rules the env had before these settings existed (a decision every bar, no holding
+    period, a position sized once at its entry), bit for bit (``tests/envs/test_kernel_equivalence.py``).
+
+    * ``decision_interval_bars`` k: the agent acts at the close of the bars that close at a multiple of k bars
+      since the Unix epoch (``envs.accounting.is_decision_bar``; 00:00, 04:00, ... UTC for k = 4 on 1h bars: the
+      rule of the ``tsmom`` baseline's rebalance bars, so training, backtests and serving agree without a
+      counter). Between two decisions the env still funds, marks, and fills stops, take-profits and liquidations
+      every bar. ``TradingEnv.step`` (the agent's API) reads one action and runs every bar up to the next
+      decision bar; its reward is the sum of the per-bar rewards. ``TradingEnv.step_decision`` (the bar-by-bar
+      API of the backtests) runs one bar and reads the decision only at a decision bar (else a hold).
+    * ``min_hold_bars`` m: a decision that would close, flip or resize a position held for fewer than m bars
+      (``bars_in_trade`` at the decision's close) is read as a hold; stops, take-profits and liquidation act as
+      always. A hold's trailing-stop move is still honoured.
+    * ``rebalance_band_frac`` b: None (default) keeps the position's size from its entry (a decision in the held
+      direction is a hold). A number turns on rebalancing: a decision in the held direction sets an aim, the
+      quantity the one sizing rule (:mod:`envs.sizing`) gives for the account's equity marked at the next open;
+      the position is resized to the aim (a partial close or an add, at the next open, taker, adverse slippage)
+      unless ``|aim - qty| < b * qty`` (the no-trade band). This approximates the no-trade region of Davis &
+      Norman (1990, "Portfolio selection with transaction costs", Math. Oper. Res. 15(4)): no trade while the
+      aim stays within the band around the held position; outside it the position moves all the way to the aim
+      (Davis & Norman trade to the region's edge, and the band is a fixed fraction here, not derived from costs
+      and risk). Gârleanu & Pedersen's (2013) partial trading towards the aim is not modelled. Closes and flips
+      change the position by 100 % or more, so a band <= 1 never blocks them (``min_hold_bars`` does).
+    """
+
+    decision_interval_bars: int = Field(
+        1, ge=1, description="The agent acts at bars closing at a multiple of this many bars since the epoch."
+    )
+    min_hold_bars: int = Field(
+        0, ge=0, description="A position held for fewer bars cannot be closed, flipped or resized by a decision."
+    )
+    rebalance_band_frac: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="None: no resize in the held direction. A number: resize to the aim unless "
+        "|aim - qty| < band * qty (fraction of the held quantity).",
+    )

@@ -37,7 +37,15 @@ from numba import njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from envs.sizing import SIZE_BAD_INPUT, SIZE_OK, round_price, size_position
+from envs.sizing import (
+    SIZE_BAD_INPUT,
+    SIZE_OK,
+    entry_size,
+    round_decimals,
+    round_price,
+    size_position,
+    vol_target_decision,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Layouts
@@ -60,29 +68,38 @@ NO_TIME = np.iinfo(np.int64).min
  P_RKIND, P_ETA, P_WARMUP, P_FLOOR, P_CLIP, P_TURNOVER_PEN, P_DD_PEN, P_SCALE,
  P_DEAD_ZONE, P_MAX_LEV, P_MAX_SIZE, P_STOP_LO, P_STOP_HI, P_TP_LO, P_TP_HI,
  P_INITIAL_EQUITY, P_MIN_EQUITY_FRAC, P_MAX_DD, P_MAX_LEV_OBS, P_N_BRACKETS,
- P_MAKER_FEE_RATE, P_TP_LIMIT, P_MIN_QTY, P_MAX_QTY, P_MAX_EXCH_LEV) = range(35)  # fmt: skip
-P_BRACKETS = 35
+ P_MAKER_FEE_RATE, P_TP_LIMIT, P_MIN_QTY, P_MAX_QTY, P_MAX_EXCH_LEV,
+ P_MIN_HOLD, P_REBALANCE, P_BAND, P_SIZING_MODE, P_TARGET_VOL, P_COST_PEN, P_RW_VOL_TARGET) = range(42)  # fmt: skip
+# P_MIN_HOLD .. P_BAND: envs.config.TradingRulesConfig (P_REBALANCE 1.0 when rebalance_band_frac is set);
+# P_SIZING_MODE 1.0 = "vol_target" (envs.actions.ActionConfig); P_COST_PEN, P_RW_VOL_TARGET (0 = off):
+# envs.rewards.RewardConfig. All 0 in cost_params: today's rules.
+P_BRACKETS = 42
+SIZING_MODES: tuple[str, ...] = ("equity_fraction", "vol_target")
 REWARD_KINDS: tuple[str, ...] = ("sortino", "differential_sharpe", "log_return")
 
 # Per-bar outputs ``out`` (float64, N_OUT).
-# (O_EQUITY .. O_DD_PEN are adjacent, in this order: the env reads them with one slice.)
+# (O_EQUITY .. O_COST_PEN are adjacent, in this order: the env reads them with one slice.)
 (O_FEES, O_SLIP, O_FUNDING, O_LIQ_FEE, O_LIQUIDATED, O_SKIPPED, O_N_EVENTS, O_ERR_VALUE, O_R,
- O_EQUITY, O_REWARD, O_BASE, O_TURNOVER_PEN, O_DD_PEN) = range(14)  # fmt: skip
-N_OUT = 14
+ O_EQUITY, O_REWARD, O_BASE, O_TURNOVER_PEN, O_DD_PEN, O_COST_PEN) = range(15)  # fmt: skip
+N_OUT = 15
 
 # Events of one bar: ``ev`` float64 (MAX_EVENTS, N_EV): reason code (index into
 # envs.accounting.FILL_REASONS), fill side, qty, price, fee, slippage, trade entry price, trade net PnL;
-# ``evi`` int64 (MAX_EVENTS, N_EVI): trade entry time ns, bars held, trade side.
+# ``evi`` int64 (MAX_EVENTS, N_EVI): trade entry time ns, bars held, trade side, open time ns of the bar of the fill.
+# An env step of several bars (decision interval) appends the events of its bars: at most 4 (the first bar's
+# close, entry or resize and intrabar exit, then one exit of the position held through the later bars).
 (EV_REASON, EV_SIDE, EV_QTY, EV_PRICE, EV_FEE, EV_SLIP, EV_ENTRY, EV_PNL) = range(8)  # fmt: skip
 N_EV = 8
-(EVI_ENTRY_TIME, EVI_BARS, EVI_SIDE) = range(3)  # fmt: skip
-N_EVI = 3
+(EVI_ENTRY_TIME, EVI_BARS, EVI_SIDE, EVI_TIME) = range(4)  # fmt: skip
+N_EVI = 4
 MAX_EVENTS = 4
-R_ENTRY, R_EXIT_SIGNAL, R_STOP, R_TAKE_PROFIT, R_LIQUIDATION = range(5)
+R_ENTRY, R_EXIT_SIGNAL, R_STOP, R_TAKE_PROFIT, R_LIQUIDATION, R_REBALANCE = range(6)
 
-# Bar data columns ``bars`` float64 (T, N_BAR).
-(B_OPEN, B_HIGH, B_LOW, B_CLOSE, B_ATR, B_FUNDING_RATE, B_IS_FUNDING) = range(7)  # fmt: skip
-N_BAR = 7
+# Bar data columns ``bars`` float64 (T, N_BAR): OHLC, ATR, funding rate and flag, the ex-ante annualised
+# volatility at the close (NaN when not needed or not known yet; envs.sizing.ex_ante_vol_annual) and the decision
+# bar flag (1.0: the agent acts at this bar's close; envs.accounting.is_decision_bar).
+(B_OPEN, B_HIGH, B_LOW, B_CLOSE, B_ATR, B_FUNDING_RATE, B_IS_FUNDING, B_VOL, B_DECISION) = range(9)  # fmt: skip
+N_BAR = 9
 
 # Return codes.
 OK = 0
@@ -355,6 +372,96 @@ def _take_profit(fs, is_, o, ref, slip, fee_rate, p, bars_held, ev, evi, out):  
         _close(fs, is_, price, ref, R_TAKE_PROFIT, bars_held, fee_rate, ev, evi, out)
 
 
+@njit(**_NUMBA_OPTS)  # not inlined: a rare call, and inlining its code slowed every step (icache)
+def _resize(fs, is_, size_frac, lev, o, slip, fee_rate, p, ev, evi, out):  # pragma: no cover - compiled
+    """Rebalance the open position towards the aim of a decision in its direction (``TradingRulesConfig``).
+
+    The aim is the quantity of the one sizing rule (:func:`envs.sizing.entry_size`) for the account's equity
+    marked at the open ``o`` (cash + margin + unrealised PnL), the decision's ``size_frac`` and ``lev``, priced at
+    ``o``. No trade when the aim is not a tradable order (no budget, below the min quantity or notional) or
+    ``|aim - qty| < band * qty``. Else, at the open with adverse slippage, taker fee:
+
+    * add ``min(aim - qty, the most the free cash buys)`` (that most by the same rule: equity = cash, size 1, the
+      position's leverage), skipped below the min quantity or notional; margin ``notional / ceil(leverage)``
+      from cash; the entry price becomes the quantity-weighted mean; the fee joins the trade's entry fee;
+    * or reduce by ``qty - aim`` (skipped below the min quantity): the reduced part is a closed trade (reason
+      ``rebalance``) with its share of the margin, entry fee and funding.
+
+    Stop and take-profit stay; the liquidation price is recomputed. Returns OK or ERR_BRACKET."""
+    s = is_[I_SIDE]
+    qty = fs[F_QTY]
+    step = p[P_LOT]
+    step_pow = p[P_LOT_POW10]
+    equity = fs[F_CASH] + fs[F_MARGIN] + s * qty * (o - fs[F_ENTRY])
+    code, aim, _n, _m, _lx = entry_size(equity, size_frac, lev, o, fee_rate, step, p[P_MIN_QTY], p[P_MAX_QTY],
+                                        p[P_MIN_NOTIONAL], p[P_MAX_EXCH_LEV], step_pow)  # fmt: skip
+    if code != SIZE_OK:
+        return OK
+    dq = round_decimals(aim - qty, step_pow)
+    if dq == 0.0 or abs(dq) < p[P_BAND] * qty:
+        return OK
+    tick = p[P_TICK]
+    tick_pow = p[P_TICK_POW10]
+    if dq > 0.0:
+        fill = adverse_fill(o, s, slip, tick, tick_pow)
+        code, q_max, _n, _m, lev_x = entry_size(fs[F_CASH], 1.0, fs[F_LEV], fill, fee_rate, step, p[P_MIN_QTY],
+                                                p[P_MAX_QTY], p[P_MIN_NOTIONAL], p[P_MAX_EXCH_LEV], step_pow)  # fmt: skip
+        if code != SIZE_OK:
+            return OK
+        q = min(dq, q_max)
+        notional = q * fill
+        if q < p[P_MIN_QTY] - 1e-9 * step or notional < p[P_MIN_NOTIONAL]:
+            return OK
+        new_qty = round_decimals(qty + q, step_pow)
+        new_entry = (qty * fs[F_ENTRY] + q * fill) / new_qty
+        row = _bracket_row(new_qty * new_entry, p)
+        if row < 0:
+            out[O_ERR_VALUE] = new_qty * new_entry
+            return ERR_BRACKET
+        fee = notional * fee_rate
+        slip_usdt = q * abs(fill - o)
+        margin = notional / lev_x
+        fs[F_CASH] -= margin + fee
+        fs[F_QTY] = new_qty
+        fs[F_ENTRY] = new_entry
+        fs[F_MARGIN] += margin
+        fs[F_ENTRY_FEE] += fee
+        _event(ev, evi, out, R_REBALANCE, s, q, fill, fee, slip_usdt, new_entry, 0.0, is_[I_ENTRY_TIME],
+               is_[I_BARS], s)  # fmt: skip
+    else:
+        q = -dq
+        if q < p[P_MIN_QTY] - 1e-9 * step:
+            return OK
+        fill = adverse_fill(o, -s, slip, tick, tick_pow)
+        notional = q * fill
+        fee = notional * fee_rate
+        slip_usdt = q * abs(fill - o)
+        frac = q / qty
+        m_rel = fs[F_MARGIN] * frac
+        entry_fee = fs[F_ENTRY_FEE] * frac
+        funding = fs[F_TRADE_FUNDING] * frac
+        price_pnl = s * q * (fill - fs[F_ENTRY])
+        fs[F_CASH] += m_rel + price_pnl - fee
+        fs[F_MARGIN] -= m_rel
+        fs[F_ENTRY_FEE] -= entry_fee
+        fs[F_TRADE_FUNDING] -= funding
+        fs[F_QTY] = round_decimals(qty - q, step_pow)
+        row = _bracket_row(fs[F_QTY] * fs[F_ENTRY], p)
+        if row < 0:  # pragma: no cover - a smaller notional than before
+            out[O_ERR_VALUE] = fs[F_QTY] * fs[F_ENTRY]
+            return ERR_BRACKET
+        _event(ev, evi, out, R_REBALANCE, -s, q, fill, fee, slip_usdt, fs[F_ENTRY],
+               price_pnl - entry_fee - fee - funding, is_[I_ENTRY_TIME], is_[I_BARS], s)  # fmt: skip
+    fs[F_FEES] += fee
+    fs[F_SLIP] += slip_usdt
+    fs[F_TURNOVER] += notional
+    is_[I_FILLS] += 1
+    out[O_FEES] += fee
+    out[O_SLIP] += slip_usdt
+    fs[F_LIQ] = position_liq_price(s, fs[F_QTY], fs[F_ENTRY], fs[F_MARGIN], row, p)
+    return OK
+
+
 # ---------------------------------------------------------------------------------------------
 # The bar step
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +509,26 @@ def bar_step(fs, is_, has_decision, direction, lev, size_frac, stop_atr, tp_atr,
     """
     for k in range(O_N_EVENTS + 1):
         out[k] = 0.0
+    return bar_apply(fs, is_, has_decision, direction, lev, size_frac, stop_atr, tp_atr, new_stop, time_ns, o, h,
+                     lo, c, funding_rate, is_funding, atr, p, ev, evi, out)  # fmt: skip
+
+
+@njit(**_INLINE_OPTS)
+def bar_apply(fs, is_, has_decision, direction, lev, size_frac, stop_atr, tp_atr, new_stop,
+              time_ns, o, h, lo, c, funding_rate, is_funding, atr, p, ev, evi, out):  # pragma: no cover  # fmt: skip
+    """:func:`bar_step` without resetting ``out``: this bar's costs are added to ``out`` and its events appended
+    (an env step over several bars sums them). Each event's ``evi[:, EVI_TIME]`` is set to ``time_ns``.
+
+    The trading rules of ``p`` act here: a decision that would close or flip a position held for fewer than
+    ``p[P_MIN_HOLD]`` bars is read as no decision (a hold's stop move still applies), and with
+    ``p[P_REBALANCE]`` a decision in the held direction resizes the position (:func:`_resize`) unless the
+    position is that young.
+    """
+    n_events0 = int(out[O_N_EVENTS])
     side0 = is_[I_SIDE]
+    locked = side0 != 0 and is_[I_BARS] < p[P_MIN_HOLD]
+    if has_decision and locked and direction != side0:
+        has_decision = False
     changes_side = has_decision and direction != side0
     opening = changes_side and direction != 0
     if changes_side or side0 != 0:
@@ -442,12 +568,19 @@ def bar_step(fs, is_, has_decision, direction, lev, size_frac, stop_atr, tp_atr,
                          fee_rate, p, ev, evi, out)  # fmt: skip
             if code != OK:
                 return code
+    elif has_decision and p[P_REBALANCE] > 0.0 and not locked and direction != 0 and is_[I_SIDE] == direction:
+        # 2c. Rebalance a position held in the decided direction (after the stop move).
+        code = _resize(fs, is_, size_frac, lev, o, slip, fee_rate, p, ev, evi, out)
+        if code != OK:
+            return code
     # 3. Intrabar exits of the position held after the open.
     if is_[I_SIDE] != 0:
         _intrabar_exit(fs, is_, o, h, lo, slip, fee_rate, p, ev, evi, out)
     # 4. Mark to market at the close.
     if is_[I_SIDE] != 0:
         is_[I_BARS] += 1
+    for k in range(n_events0, min(int(out[O_N_EVENTS]), ev.shape[0])):
+        evi[k, EVI_TIME] = time_ns
     out[O_EQUITY] = fs[F_CASH] + fs[F_MARGIN] + is_[I_SIDE] * fs[F_QTY] * (c - fs[F_ENTRY])
     return OK
 
@@ -581,10 +714,27 @@ def env_step(mode, action, fs, is_, bars, times, market_obs, p, obs, ev, evi, ou
     take_profit_atr) and optionally a 6th value, the requested stop price of a hold (NaN = none);
     in :data:`MODE_ACTION` no stop move is possible (the 5-d action has no such component).
 
+    Decision interval (``bars[:, B_DECISION]``): in :data:`MODE_ACTION` the action is read at bar t and the
+    step runs bar after bar (holds) until the close of the next decision bar, the end of the episode or a
+    termination; each bar funds, marks, fills stops / take-profits / liquidations and updates the reward
+    estimates, and the step's reward (and each reward component) is the sum over its bars, its costs and
+    events those of all its bars, ``out[O_R]`` the step's return. In :data:`MODE_DECISION` one bar is run and
+    the decision is read only when bar t is a decision bar (else a hold). With every bar a decision bar (the
+    default) both run one bar, as before.
+
+    Vol-target sizing (``p[P_SIZING_MODE] == 1``, MODE_ACTION only): the size component u = (a2 + 1) / 2 and
+    the ex-ante volatility ``bars[t, B_VOL]`` give the leverage and size fraction
+    (:func:`envs.sizing.vol_target_decision`); the leverage component is not read.
+
+    Reward (per bar, :mod:`envs.rewards`): the base form consumes ``k r`` with ``k = p[P_RW_VOL_TARGET] /
+    bars[t', B_VOL]`` (the bar's decision-time volatility; k = 1 when off or no estimate), minus the turnover,
+    drawdown and cost penalties, the cost penalty ``p[P_COST_PEN] * k * (fees + slippage of the bar) /
+    equity at the previous close``; everything times ``p[P_SCALE]``.
+
     Returns
     -------
     (code, terminated, truncated) : tuple[int, bool, bool]
-        The reward and its components are in ``out[O_R:O_REWARD + 1]``.
+        The reward and its components are in ``out[O_R:O_COST_PEN + 1]``.
     """
     has_decision = mode != MODE_HOLD
     direction = 0
@@ -593,6 +743,7 @@ def env_step(mode, action, fs, is_, bars, times, market_obs, p, obs, ev, evi, ou
     stop_atr = 1.0
     tp_atr = 1.0
     new_stop = np.nan
+    t = int(fs[E_T])
     if mode == MODE_ACTION:
         a0 = np.float64(action[0])
         a1 = np.float64(action[1])
@@ -610,8 +761,11 @@ def env_step(mode, action, fs, is_, bars, times, market_obs, p, obs, ev, evi, ou
         a4 = _unit_clip(a4)
         dz = p[P_DEAD_ZONE]
         direction = 1 if a0 > dz else (-1 if a0 < -dz else 0)
-        lev = 1.0 + (a1 + 1.0) * 0.5 * (p[P_MAX_LEV] - 1.0)
-        size = 0.0 + (a2 + 1.0) * 0.5 * (p[P_MAX_SIZE] - 0.0)
+        if p[P_SIZING_MODE] > 0.0:
+            lev, size = vol_target_decision((a2 + 1.0) * 0.5, p[P_TARGET_VOL], bars[t, B_VOL], p[P_MAX_LEV])
+        else:
+            lev = 1.0 + (a1 + 1.0) * 0.5 * (p[P_MAX_LEV] - 1.0)
+            size = 0.0 + (a2 + 1.0) * 0.5 * (p[P_MAX_SIZE] - 0.0)
         stop_atr = p[P_STOP_LO] + (a3 + 1.0) * 0.5 * (p[P_STOP_HI] - p[P_STOP_LO])
         tp_atr = p[P_TP_LO] + (a4 + 1.0) * 0.5 * (p[P_TP_HI] - p[P_TP_LO])
     elif mode == MODE_DECISION:
@@ -622,41 +776,89 @@ def env_step(mode, action, fs, is_, bars, times, market_obs, p, obs, ev, evi, ou
         tp_atr = float(action[4])
         if action.shape[0] > 5:
             new_stop = float(action[5])
-    t = int(fs[E_T])
-    i = t + 1
-    turnover_prev = fs[F_TURNOVER]
-    code = bar_step(fs, is_, has_decision, direction, lev, size, stop_atr, tp_atr, new_stop, times[i],
-                    bars[i, B_OPEN], bars[i, B_HIGH], bars[i, B_LOW], bars[i, B_CLOSE],
-                    bars[i, B_FUNDING_RATE], bars[i, B_IS_FUNDING] != 0.0, bars[t, B_ATR], p, ev, evi, out)  # fmt: skip
-    if code != OK:
-        return code, False, False
-    equity_prev = fs[E_EQUITY]
-    equity = out[O_EQUITY]
-    r = equity / equity_prev - 1.0 if equity_prev > 0 else 0.0
-    if not math.isfinite(r):
-        out[O_ERR_VALUE] = r
-        return ERR_RETURN, False, False
-    base = reward_step(fs, r, p)
-    peak = max(fs[E_PEAK], equity)
-    drawdown = max(0.0, 1.0 - equity / peak) if peak > 0 else 0.0
-    denom = equity_prev if equity_prev > 0 else 1.0
-    turnover = p[P_TURNOVER_PEN] * (fs[F_TURNOVER] - turnover_prev) / denom
-    dd_pen = p[P_DD_PEN] * max(0.0, drawdown - fs[E_DRAWDOWN])
+        if bars[t, B_DECISION] == 0.0:  # not a decision bar: the decision is not read
+            has_decision = False
+    equity_start = fs[E_EQUITY]
+    first = True
+    terminated = False
+    truncated = False
+    base_sum = 0.0
+    turnover_sum = 0.0
+    dd_sum = 0.0
+    cost_sum = 0.0
+    reward_sum = 0.0
     sc = p[P_SCALE]
-    base_s = sc * base
-    turnover_s = sc * turnover
-    dd_s = sc * dd_pen
-    out[O_R] = r
-    out[O_BASE] = base_s
-    out[O_TURNOVER_PEN] = turnover_s
-    out[O_DD_PEN] = dd_s
-    out[O_REWARD] = base_s - turnover_s - dd_s
-    fs[E_T] = i
-    fs[E_EQUITY] = equity
-    fs[E_PEAK] = peak
-    fs[E_DRAWDOWN] = drawdown
-    terminated = equity <= 0.0 or equity < p[P_MIN_EQUITY_FRAC] * p[P_INITIAL_EQUITY] or drawdown > p[P_MAX_DD]
-    truncated = (not terminated) and i >= fs[E_END]
+    while True:
+        i = t + 1
+        turnover_prev = fs[F_TURNOVER]
+        costs_prev = fs[F_FEES] + fs[F_SLIP]
+        if first:  # bar_step's reset; a later bar of the step adds its costs and events to the step's
+            for k in range(O_N_EVENTS + 1):
+                out[k] = 0.0
+        code = bar_apply(fs, is_, has_decision, direction, lev, size, stop_atr, tp_atr, new_stop, times[i],
+                         bars[i, B_OPEN], bars[i, B_HIGH], bars[i, B_LOW], bars[i, B_CLOSE],
+                         bars[i, B_FUNDING_RATE], bars[i, B_IS_FUNDING] != 0.0, bars[t, B_ATR], p, ev, evi, out)  # fmt: skip
+        has_decision = False  # bars between two decisions hold
+        if code != OK:
+            return code, False, False
+        equity_prev = fs[E_EQUITY]
+        equity = out[O_EQUITY]
+        r = equity / equity_prev - 1.0 if equity_prev > 0 else 0.0
+        if not math.isfinite(r):
+            out[O_ERR_VALUE] = r
+            return ERR_RETURN, False, False
+        k_vol = 1.0
+        r_in = r
+        if p[P_RW_VOL_TARGET] > 0.0:
+            vol = bars[t, B_VOL]
+            if math.isfinite(vol) and vol > 0.0:
+                k_vol = p[P_RW_VOL_TARGET] / vol
+            r_in = k_vol * r
+        base = reward_step(fs, r_in, p)
+        peak = max(fs[E_PEAK], equity)
+        drawdown = max(0.0, 1.0 - equity / peak) if peak > 0 else 0.0
+        denom = equity_prev if equity_prev > 0 else 1.0
+        turnover = p[P_TURNOVER_PEN] * (fs[F_TURNOVER] - turnover_prev) / denom
+        dd_pen = p[P_DD_PEN] * max(0.0, drawdown - fs[E_DRAWDOWN])
+        base_s = sc * base
+        turnover_s = sc * turnover
+        dd_s = sc * dd_pen
+        reward = base_s - turnover_s - dd_s
+        cost_s = 0.0
+        if p[P_COST_PEN] > 0.0:
+            cost_s = sc * (p[P_COST_PEN] * k_vol * (fs[F_FEES] + fs[F_SLIP] - costs_prev) / denom)
+            reward = reward - cost_s
+        if first:
+            base_sum = base_s
+            turnover_sum = turnover_s
+            dd_sum = dd_s
+            cost_sum = cost_s
+            reward_sum = reward
+        else:
+            base_sum += base_s
+            turnover_sum += turnover_s
+            dd_sum += dd_s
+            cost_sum += cost_s
+            reward_sum += reward
+        fs[E_T] = i
+        fs[E_EQUITY] = equity
+        fs[E_PEAK] = peak
+        fs[E_DRAWDOWN] = drawdown
+        terminated = equity <= 0.0 or equity < p[P_MIN_EQUITY_FRAC] * p[P_INITIAL_EQUITY] or drawdown > p[P_MAX_DD]
+        truncated = (not terminated) and i >= fs[E_END]
+        t = i
+        if first:
+            out[O_R] = r
+        else:
+            out[O_R] = equity / equity_start - 1.0 if equity_start > 0 else 0.0
+        first = False
+        if terminated or truncated or mode != MODE_ACTION or bars[i, B_DECISION] != 0.0:
+            break
+    out[O_BASE] = base_sum
+    out[O_TURNOVER_PEN] = turnover_sum
+    out[O_DD_PEN] = dd_sum
+    out[O_COST_PEN] = cost_sum
+    out[O_REWARD] = reward_sum
     write_observation(fs, is_, bars, market_obs, p, obs)
     return OK, terminated, truncated
 

@@ -27,6 +27,26 @@ return while the estimates are updated; the deviation in the denominator (``DD_{
 ``sqrt(B - A^2)``) is floored at ``downside_floor``; every base reward is clipped to
 ``[-clip, clip]`` (a log return of a total loss, ``1 + r <= 0``, is ``-clip``).
 
+Shaping terms (all off by default; the reward is then the form above minus the turnover and drawdown
+penalties, times ``scale``), per bar:
+
+* ``turnover_penalty * traded notional / equity_{t-1}`` and ``drawdown_penalty * increase of the drawdown``.
+* Transaction-cost term (Zhang, Zohren & Roberts 2020, "Deep Reinforcement Learning for Trading", J. Financial
+  Data Science 2(2), arXiv:1911.10107, their reward: ``R_t = mu [A_{t-1} (sigma_tgt / sigma_{t-1}) r_t - bp p_{t-1}
+  |(sigma_tgt / sigma_{t-1}) A_{t-1} - (sigma_tgt / sigma_{t-2}) A_{t-2}|]``): ``cost_penalty_mult * k *
+  (fees + slippage paid this bar) / equity_{t-1}``. ZZR charge ``bp`` per unit of the change in the (scaled)
+  position; here the charge is what the execution model really paid for that change (fees and slippage of
+  every fill of the bar, funding excluded), so ``cost_penalty_mult = 1`` counts each cost once more on top of
+  the net return the reward already sees: frictions shape learning, as ZZR intend.
+* Volatility scaling (ZZR, the ``sigma_tgt / sigma_{t-1}`` factor): with ``vol_scaling_target_annual`` set,
+  the net return fed to the form is ``k r_t`` and the cost term is multiplied by the same
+  ``k = vol_scaling_target_annual / sigma_{t-1}``, sigma the ex-ante annualised volatility at the decision bar
+  (:func:`envs.sizing.ex_ante_vol_annual`; k = 1 while no estimate exists). It makes a 1 % move in a calm market
+  count as much as a 2 % move in a market twice as volatile. ``bar_return`` in the env's info stays unscaled.
+
+With a decision interval of k bars (``envs.config.TradingRulesConfig``) the step's reward is the sum of
+its bars' rewards; the estimates are updated every bar.
+
 The product computes these in the compiled kernel only (:mod:`envs.kernel`, reward step); this module
 holds their configuration. A pure-Python reference of the same forms, used by the tests to pin
 hand-computed numbers and to check the kernel, is ``tests/envs/reference_rewards.py``.
@@ -67,3 +87,15 @@ class RewardConfig(StrictConfig):
         0.0, ge=0.0, description="Penalty per unit increase of the drawdown fraction from the episode's peak."
     )
     scale: float = Field(1.0, gt=0.0, description="Multiplies the whole reward (base minus penalties).")
+    cost_penalty_mult: float = Field(
+        0.0,
+        ge=0.0,
+        description="Penalty per unit of (fees + slippage paid this bar) / equity at the previous close "
+        "(Zhang, Zohren & Roberts 2020's transaction-cost term with the costs actually paid); 0 = off.",
+    )
+    vol_scaling_target_annual: float | None = Field(
+        None,
+        gt=0.0,
+        description="Volatility scaling (Zhang, Zohren & Roberts 2020): the return and the cost term are "
+        "multiplied by this target / the ex-ante annualised volatility at the decision bar; None = off.",
+    )

@@ -30,6 +30,15 @@ PRICE_FILTER / MARKET_LOT_SIZE / MIN_NOTIONAL and the first leverage bracket's `
    most half a tick from the ATR distance asked. This is the one tick rule of an entry's protective prices
    (a trailing stop move is rounded conservatively instead, see :func:`envs.kernel.move_stop`).
 
+Volatility targeting (``ActionConfig.sizing_mode = "vol_target"``)
+------------------------------------------------------------------
+The size action u in [0, 1] scales a target annualised volatility: the exposure (notional / equity) is
+``L = min(u * target_vol_annual / sigma, max_leverage)`` with sigma the ex-ante annualised volatility at the
+decision bar (:func:`ex_ante_vol_annual`; Moskowitz, Ooi & Pedersen 2012; Zhang, Zohren & Roberts 2020 scale
+positions the same way). It is not a second sizing formula: :func:`vol_target_decision` only turns L into the
+decision's ``leverage = max(1, L)`` and ``size_frac = min(1, L)``, and the rule above sizes the order from them
+(notional ``L E``, less step 2's fee reserve when L > 1).
+
 Units: prices and notionals USDT, quantities base-asset units, leverage dimensionless, fee rate a fraction.
 """
 
@@ -157,6 +166,20 @@ def size_position(equity, size_frac, leverage, price, fee_rate, atr, stop_atr, t
         return code, qty, notional, margin, lev_x, np.nan, np.nan
     stop, tp = protective_levels(side, price, atr, stop_atr, tp_atr, tick, tick_pow10)
     return code, qty, notional, margin, lev_x, stop, tp
+
+
+@njit(**_INLINE_OPTS)
+def vol_target_decision(u, target_vol_annual, vol_annual, max_leverage):  # pragma: no cover - compiled
+    """Volatility-targeted sizing (module docstring, "Volatility targeting"): ``(leverage, size_frac)`` of the
+    decision that holds the exposure ``L = min(u * target_vol_annual / vol_annual, max_leverage)``.
+
+    ``(1.0, 0.0)`` (no margin budget, so no trade) when ``u <= 0`` or an input is not finite or
+    ``vol_annual <= 0`` (no volatility estimate yet)."""
+    if not (math.isfinite(u) and math.isfinite(target_vol_annual) and math.isfinite(vol_annual)
+            and math.isfinite(max_leverage) and u > 0.0 and vol_annual > 0.0):  # fmt: skip
+        return 1.0, 0.0
+    lev = min(u * target_vol_annual / vol_annual, max_leverage)
+    return max(1.0, lev), min(1.0, lev)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,9 +439,102 @@ def round_to_tick(price_usdt: float, tick_size_usdt: float, mode: int) -> float:
     return float(round_price(price, tick, int(mode), decimals_pow10(tick)))
 
 
+#: Seconds in a year of 24/7 trading (the annualisation of :func:`ex_ante_vol_annual`, as ``training.baselines``).
+SECONDS_PER_YEAR = 365.0 * 86_400.0
+
+
+def ex_ante_vol_annual(close: np.ndarray, bar_interval_s: float, span_bars: int, min_bars: int) -> np.ndarray:
+    """Ex-ante annualised volatility at each close, from the closes at or before it (causal).
+
+    ``sigma_t = sqrt(bars per year) * EWSD_t``, where ``EWSD_t`` is the exponentially weighted standard deviation
+    of the 1-bar simple returns ``close[j] / close[j - 1] - 1``, ``j <= t`` (pandas ``ewm(span=span_bars,
+    adjust=True).std(bias=True)``: weight ``(1 - alpha) ** i`` of the return ``i`` bars back, ``alpha = 2 /
+    (span + 1)``, returns demeaned by their weighted mean; Moskowitz, Ooi & Pedersen 2012 eq. (1), the estimator
+    of ``training.baselines.ewma_vol`` without its truncation of the weights after two spans) and ``bars per year
+    = 365 * 86400 / bar_interval_s``.
+
+    Parameters
+    ----------
+    close : np.ndarray
+        float (T,), closes in USDT, oldest first, finite and > 0.
+    bar_interval_s : float
+        Bar length in seconds, > 0.
+    span_bars : int
+        EWMA span, >= 1.
+    min_bars : int
+        Returns needed before an estimate is given (NaN before), >= 1.
+
+    Returns
+    -------
+    np.ndarray
+        float64 (T,), annualised volatility (fraction: 0.4 = 40 %); NaN at the first ``min_bars`` closes.
+
+    Raises
+    ------
+    ValueError
+        A non-positive bar interval, span or ``min_bars``.
+    """
+    if not (math.isfinite(bar_interval_s) and bar_interval_s > 0 and span_bars >= 1 and min_bars >= 1):
+        raise ValueError(f"need bar_interval_s > 0, span_bars >= 1, min_bars >= 1; got {bar_interval_s}, "
+                         f"{span_bars}, {min_bars}")  # fmt: skip
+    import pandas as pd
+
+    c = pd.Series(np.asarray(close, dtype=np.float64))
+    sd = c.pct_change().ewm(span=span_bars, adjust=True, min_periods=min_bars).std(bias=True)
+    return sd.to_numpy(dtype=np.float64) * math.sqrt(SECONDS_PER_YEAR / bar_interval_s)
+
+
+def vol_target_fields(size_action: float, target_vol_annual: float, vol_annual: float,
+                      max_leverage: float) -> tuple[float, float]:  # fmt: skip
+    """``(leverage, size_frac)`` of a volatility-targeted decision (the compiled :func:`vol_target_decision`,
+    the code the env kernel runs).
+
+    ``size_action`` in [0, 1] scales ``target_vol_annual``; the exposure (notional / equity) is
+    ``L = min(size_action * target_vol_annual / vol_annual, max_leverage)``, returned as ``leverage = max(1, L)``
+    and ``size_frac = min(1, L)``, so the one sizing rule (:func:`size_entry`) gives the notional ``L * equity``
+    (less the fee reserve of its step 2 when L > 1). A volatility that is NaN or <= 0 (no estimate) or
+    ``size_action <= 0`` gives ``(1.0, 0.0)``: no margin budget, no trade.
+
+    Raises
+    ------
+    SizingError
+        ``size_action`` outside [0, 1], or a target volatility or max leverage not finite and > 0.
+    """
+    u = _finite("size_action", size_action)
+    if not 0.0 <= u <= 1.0:
+        raise SizingError(f"size_action must be in [0, 1], got {size_action!r}")
+    tv = _finite("target_vol_annual", target_vol_annual, positive=True)
+    ml = _finite("max_leverage", max_leverage, at_least=1.0)
+    vol = float(vol_annual) if isinstance(vol_annual, (int, float, np.floating)) else math.nan
+    lev, frac = vol_target_decision(u, tv, vol, ml)
+    return float(lev), float(frac)
+
+
 __all__ = [
-    "BINANCE_MAX_LEVERAGE", "SIZE_BAD_INPUT", "SIZE_MIN_NOTIONAL", "SIZE_MIN_QTY", "SIZE_NO_BUDGET", "SIZE_OK",
-    "EntrySize", "InstrumentRules", "SizingError", "SizingRules", "check_rules", "decimals_pow10", "entry_size",
-    "exchange_leverage", "integer_leverage", "protective_levels", "protective_prices", "round_decimals",
-    "round_price", "round_to_tick", "size_entry", "size_position",
+    "BINANCE_MAX_LEVERAGE",
+    "SECONDS_PER_YEAR",
+    "SIZE_BAD_INPUT",
+    "SIZE_MIN_NOTIONAL",
+    "SIZE_MIN_QTY",
+    "SIZE_NO_BUDGET",
+    "SIZE_OK",
+    "EntrySize",
+    "InstrumentRules",
+    "SizingError",
+    "SizingRules",
+    "check_rules",
+    "decimals_pow10",
+    "entry_size",
+    "ex_ante_vol_annual",
+    "exchange_leverage",
+    "integer_leverage",
+    "protective_levels",
+    "protective_prices",
+    "round_decimals",
+    "round_price",
+    "round_to_tick",
+    "size_entry",
+    "size_position",
+    "vol_target_decision",
+    "vol_target_fields",
 ]  # fmt: skip

@@ -25,13 +25,16 @@ from envs.accounting import (
     AccountState,
     cost_params,
     events_from_arrays,
+    is_decision_bar,
     raise_kernel_error,
+    set_rules,
     state_from_arrays,
     validate_opening,
 )
 from envs.actions import ActionConfig, decode_action
-from envs.config import CostConfig
+from envs.config import CostConfig, TradingRulesConfig
 from envs.rewards import RewardConfig
+from envs.sizing import ex_ante_vol_annual
 from market.config_base import StrictConfig
 from market.decision import Decision, NonFiniteDecisionError, PositionView
 
@@ -265,7 +268,7 @@ class EnvConfig(StrictConfig):
 
     initial_equity_usdt: float = Field(10_000.0, gt=0.0, description="Account equity at reset, USDT.")
     episode_len_bars: int | None = Field(
-        720, ge=1, description="Steps per episode; None = run to the end of the data."
+        720, ge=1, description="Bars per episode (= steps with a decision every bar); None = to the end of the data."
     )
     random_start: bool = Field(True, description="Start at a uniform random bar (seeded) instead of index 0.")
     min_equity_frac: float = Field(
@@ -280,6 +283,10 @@ class EnvConfig(StrictConfig):
     actions: ActionConfig = Field(default_factory=ActionConfig, description="Action decoding.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward form and shaping.")
     costs: CostConfig = Field(default_factory=CostConfig, description="Execution/cost model.")
+    trading_rules: TradingRulesConfig = Field(
+        default_factory=TradingRulesConfig,
+        description="Decision interval, minimum holding period and rebalance band (envs.config).",
+    )
     info_level: Literal["lean", "full"] = Field(
         "lean",
         description="lean: equity and reward components each step, totals at the episode's end (fast, "
@@ -377,13 +384,36 @@ def env_params(config: EnvConfig) -> np.ndarray:
     p[K.P_MIN_EQUITY_FRAC] = config.min_equity_frac
     p[K.P_MAX_DD] = config.max_drawdown_frac
     p[K.P_MAX_LEV_OBS] = act.max_leverage
+    set_rules(p, config.trading_rules)
+    p[K.P_SIZING_MODE] = K.SIZING_MODES.index(act.sizing_mode)
+    p[K.P_TARGET_VOL] = act.target_vol_annual
+    p[K.P_COST_PEN] = rw.cost_penalty_mult
+    p[K.P_RW_VOL_TARGET] = 0.0 if rw.vol_scaling_target_annual is None else rw.vol_scaling_target_annual
     return p
 
 
-def kernel_arrays(data: EnvData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(bars, times, market_obs)`` as the kernel reads them: float64 (T, 7) with the ``B_*``
-    columns (open, high, low, close, ATR, funding rate, funding flag), int64 (T,) open times,
-    float32 (T, F) market observations; C-contiguous and writeable (copies where needed)."""
+def bar_interval_ns(data: EnvData) -> int:
+    """The bar length of ``data`` in ns: the smallest step between open times (1 h when it has one bar)."""
+    if len(data) < 2:
+        return 3_600 * 1_000_000_000
+    return int(np.diff(data.open_time_ns).min())
+
+
+def needs_volatility(config: EnvConfig) -> bool:
+    """True when vol-target sizing or the reward's volatility scaling reads the ex-ante volatility."""
+    return config.actions.sizing_mode == "vol_target" or config.reward.vol_scaling_target_annual is not None
+
+
+def kernel_arrays(data: EnvData, config: EnvConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(bars, times, market_obs)`` as the kernel reads them: float64 (T, 9) with the ``B_*``
+    columns (open, high, low, close, ATR, funding rate, funding flag, ex-ante annualised volatility, decision
+    bar flag), int64 (T,) open times, float32 (T, F) market observations; C-contiguous and writeable (copies
+    where needed).
+
+    The volatility column is :func:`envs.sizing.ex_ante_vol_annual` of ``data.close`` (span and minimum bars
+    of ``config.actions``) when :func:`needs_volatility`, else NaN; the decision flag is
+    :func:`envs.accounting.is_decision_bar` with ``config.trading_rules.decision_interval_bars`` (every bar when
+    it is 1 or ``config`` is None)."""
     bars = np.empty((len(data), K.N_BAR), dtype=np.float64)
     bars[:, K.B_OPEN] = data.open
     bars[:, K.B_HIGH] = data.high
@@ -392,9 +422,35 @@ def kernel_arrays(data: EnvData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     bars[:, K.B_ATR] = data.atr
     bars[:, K.B_FUNDING_RATE] = data.funding_rate
     bars[:, K.B_IS_FUNDING] = data.is_funding_time
+    bars[:, K.B_VOL] = np.nan
+    bars[:, K.B_DECISION] = 1.0
+    if config is not None:
+        bar_ns = bar_interval_ns(data)
+        if needs_volatility(config):
+            act = config.actions
+            bars[:, K.B_VOL] = ex_ante_vol_annual(data.close, bar_ns / 1e9, act.vol_span_bars, act.vol_min_bars)
+        k = config.trading_rules.decision_interval_bars
+        if k > 1:
+            bars[:, K.B_DECISION] = is_decision_bar(data.open_time_ns, bar_ns, k)
     times = np.require(data.open_time_ns, np.int64, ["C", "W"])
     market_obs = np.require(data.market_obs, np.float32, ["C", "W"])
     return bars, times, market_obs
+
+
+def align_starts(starts: np.ndarray, bars: np.ndarray, last: int) -> np.ndarray:
+    """Each start moved forward to the first decision bar at or after it (``bars[:, B_DECISION]``), so that an
+    episode's first observation is a decision bar; a start with no decision bar before ``last`` stays. Identity
+    when every bar is a decision bar. int64, same shape as ``starts``."""
+    starts = np.asarray(starts, dtype=np.int64)
+    flags = bars[:last, K.B_DECISION] != 0.0
+    if flags.all():
+        return starts
+    idx = np.flatnonzero(flags)
+    if len(idx) == 0:
+        return starts
+    pos = np.searchsorted(idx, starts)
+    ok = pos < len(idx)
+    return np.where(ok, idx[np.minimum(pos, len(idx) - 1)], starts).astype(np.int64)
 
 
 def episode_summary(fs: np.ndarray, is_: np.ndarray) -> dict[str, Any]:
@@ -440,6 +496,19 @@ class TradingEnv(gym.Env):
     Each step runs the compiled :func:`envs.kernel.env_step` (the same bar step as
     :func:`envs.accounting.step_bar`); the state lives in flat arrays and :attr:`account_state`
     builds the frozen :class:`~envs.accounting.AccountState` on demand.
+
+    Levers (issue 16; every default keeps the behaviour above): ``config.trading_rules``
+    (:class:`envs.config.TradingRulesConfig`): with ``decision_interval_bars`` k > 1 the agent acts only at
+    decision bars (:func:`envs.accounting.is_decision_bar`): :meth:`step` reads the action and runs every bar
+    up to the next decision bar (funding, marks, stops, take-profits and liquidations every bar; the reward is
+    the sum of the per-bar rewards; the full info's costs, fills and closed trades cover all the bars), and a
+    random or default episode start is moved to the first decision bar at or after it (spans given by options
+    are kept); :meth:`step_decision` runs one bar and reads its decision only at a decision bar.
+    ``min_hold_bars`` and ``rebalance_band_frac`` act in the bar step (:func:`envs.accounting.step_bar`).
+    ``config.actions.sizing_mode = "vol_target"`` decodes the size component as a fraction of a target
+    volatility (:func:`envs.actions.decode_action`); ``config.reward`` has the cost penalty and volatility
+    scaling (:mod:`envs.rewards`). With ``reward.cost_penalty_mult > 0`` the info also holds
+    ``reward_cost_penalty`` (subtracted like the other penalties).
 
     ``info`` (``config.info_level``): ``"lean"`` (default, for training: SB3's ``DummyVecEnv``
     deep-copies every info dict) holds every step ``equity_usdt`` and the reward's components
@@ -488,9 +557,11 @@ class TradingEnv(gym.Env):
         self._n_market = n_market
         self.observation_space = spaces.Box(-np.inf, np.inf, (n_market + len(ACCOUNT_FEATURES),), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (5,), np.float32)
-        self._bars, self._times, self._mobs = kernel_arrays(data)
+        self._bars, self._times, self._mobs = kernel_arrays(data, self.config)
         self._p = env_params(self.config)
         self._full = self.config.info_level == "full"
+        self._cost_info = self.config.reward.cost_penalty_mult > 0.0
+        self._resizes = self.config.trading_rules.rebalance_band_frac is not None
         self._fs = np.zeros(K.N_ENV_FLOAT, dtype=np.float64)
         self._is = np.zeros(K.N_INT, dtype=np.int64)
         self._ev = np.zeros((K.MAX_EVENTS, K.N_EV), dtype=np.float64)
@@ -523,6 +594,16 @@ class TradingEnv(gym.Env):
         """(start index, end index) of the current episode; it runs ``end - start`` steps."""
         return int(self._fs[K.E_START]), int(self._fs[K.E_END])
 
+    @property
+    def ex_ante_vol_annual(self) -> float:
+        """Ex-ante annualised volatility at the close of the current bar (the value vol-target sizing and the
+        reward's volatility scaling read; NaN when neither is configured or before ``vol_min_bars`` returns)."""
+        return float(self._bars[self.current_index, K.B_VOL])
+
+    def is_decision_bar(self) -> bool:
+        """True when the agent's decision at the close of the current bar is read."""
+        return bool(self._bars[self.current_index, K.B_DECISION] != 0.0)
+
     def position_view(self) -> PositionView:
         """The open position as seen by a policy."""
         return self.account_state.position_view()
@@ -549,11 +630,17 @@ class TradingEnv(gym.Env):
             return start, end
         if length is None:
             start = int(self.np_random.integers(0, last)) if self.config.random_start else 0
-            return start, last
+            return self._align(start, last), last
         if length >= last:
-            return 0, last
+            return self._align(0, last), last
         start = int(self.np_random.integers(0, last - length + 1)) if self.config.random_start else 0
-        return start, start + length
+        start = self._align(start, last)
+        return start, min(start + length, last)
+
+    def _align(self, start: int, last: int) -> int:
+        if self.config.trading_rules.decision_interval_bars == 1:
+            return start
+        return int(align_starts(np.array([start]), self._bars, last)[0])
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """Start an episode.
@@ -564,8 +651,9 @@ class TradingEnv(gym.Env):
             Seeds ``self.np_random`` (random start); same seed -> same episode.
         options : dict | None
             ``{"start_index": s, "end_index": e}`` runs the deterministic span: the first observation
-            is bar s, the last bar e, exactly ``e - s`` steps (``0 <= s < e <= T - 1``). Without
-            ``end_index`` the span is ``episode_len_bars`` long (or to the end of the data).
+            is bar s, the last bar e, exactly ``e - s`` bars (``0 <= s < e <= T - 1``; as many steps when
+            every bar is a decision bar). Without ``end_index`` the span is ``episode_len_bars`` long (or to
+            the end of the data).
 
         Returns
         -------
@@ -627,6 +715,8 @@ class TradingEnv(gym.Env):
         e, r, base, turnover_pen, dd_pen = out[_O_EQUITY : _O_DD_PEN + 1].tolist()  # adjacent in the kernel
         info = {"equity_usdt": e, "reward_base": base, "reward_turnover_penalty": turnover_pen,
                 "reward_drawdown_penalty": dd_pen}  # fmt: skip
+        if self._cost_info:
+            info["reward_cost_penalty"] = float(out[K.O_COST_PEN])
         if self._done:
             info.update(episode_summary(self._fs, self._is))
         return self._obs_buf.copy(), r, terminated, truncated, info
@@ -650,7 +740,7 @@ class TradingEnv(gym.Env):
         """
         if decision is None:
             return self._step(K.MODE_HOLD, self._dec)
-        if decision.direction != 0 and decision.direction != int(self._is[K.I_SIDE]):
+        if decision.direction != 0 and (self._resizes or decision.direction != int(self._is[K.I_SIDE])):
             validate_opening(decision)
         dec = self._dec
         dec[0] = decision.direction
@@ -678,6 +768,8 @@ class TradingEnv(gym.Env):
             e, _, base, turnover_pen, dd_pen = out[K.O_EQUITY : K.O_DD_PEN + 1].tolist()
             info = {"equity_usdt": e, "reward_base": base, "reward_turnover_penalty": turnover_pen,
                     "reward_drawdown_penalty": dd_pen}  # fmt: skip
+            if self._cost_info:
+                info["reward_cost_penalty"] = float(out[K.O_COST_PEN])
             if self._done:
                 info.update(episode_summary(fs, self._is))
         return self._obs_buf.copy(), float(out[K.O_REWARD]), terminated, truncated, info
@@ -697,7 +789,9 @@ class TradingEnv(gym.Env):
         slippage_usdt funding_usdt liquidation_fee_usdt fills closed_trades liquidated
         skipped_min_notional``, the cumulative totals of :func:`episode_summary`,
         ``bar_open_time_ns bar_return drawdown_frac`` and the reward components. Valid right after a
-        step (the bar-level fields describe the last bar stepped).
+        step (the bar-level fields describe the last bar stepped). A :meth:`step` over several bars (decision
+        interval) gives the costs, fills and closed trades of all its bars (each fill at its own bar's time),
+        the return over the step as ``bar_return`` and the last bar's time and account.
         """
         fs, is_, out = self._fs, self._is, self._out
         t = int(fs[K.E_T])
@@ -730,6 +824,8 @@ class TradingEnv(gym.Env):
             "reward_turnover_penalty": float(out[K.O_TURNOVER_PEN]),
             "reward_drawdown_penalty": float(out[K.O_DD_PEN]),
         })  # fmt: skip
+        if self._cost_info:
+            info["reward_cost_penalty"] = float(out[K.O_COST_PEN])
         return info
 
     def render(self) -> str | None:

@@ -19,7 +19,7 @@ from gymnasium.vector.utils import batch_space
 from envs import kernel as K
 from envs.accounting import raise_kernel_error
 from envs.actions import decode_action
-from envs.trading_env import ACCOUNT_FEATURES, EnvConfig, EnvData, env_params, kernel_arrays
+from envs.trading_env import ACCOUNT_FEATURES, EnvConfig, EnvData, align_starts, env_params, kernel_arrays
 from market.decision import NonFiniteDecisionError
 
 _START_BUFFER = 4_096
@@ -31,7 +31,10 @@ class BatchedTradingEnv(VectorEnv):
     Spaces: ``single_observation_space`` float32 ``(F + 6,)`` and ``single_action_space``
     ``Box(-1, 1, (5,))`` as in :class:`~envs.trading_env.TradingEnv`; batched ``(N, F + 6)`` and
     ``(N, 5)``. Episodes follow ``config`` (span, random start, termination rules); the random
-    starts come from ``self.np_random`` (seeded by :meth:`reset`).
+    starts come from ``self.np_random`` (seeded by :meth:`reset`). The levers of ``config`` act as in
+    the single env (each env's step runs the same :func:`envs.kernel.env_step`): with a decision interval
+    of k bars one step reads one action and runs every bar to the next decision bar, and random starts are
+    moved to decision bars.
 
     Autoreset: same-step (``AutoresetMode.SAME_STEP``): when env k ends, ``step`` returns the first
     observation of its next episode in ``obs[k]``; ``infos["final_obs"]`` (float32 (N, F + 6),
@@ -77,7 +80,7 @@ class BatchedTradingEnv(VectorEnv):
         self.single_action_space = spaces.Box(-1.0, 1.0, (5,), np.float32)
         self.observation_space = batch_space(self.single_observation_space, n)
         self.action_space = batch_space(self.single_action_space, n)
-        self._bars, self._times, self._mobs = kernel_arrays(data)
+        self._bars, self._times, self._mobs = kernel_arrays(data, self.config)
         self._p = env_params(self.config)
         self._fs = np.zeros((n, K.N_ENV_FLOAT), dtype=np.float64)
         self._is = np.zeros((n, K.N_INT), dtype=np.int64)
@@ -102,13 +105,18 @@ class BatchedTradingEnv(VectorEnv):
     # -- episode starts ----------------------------------------------------------------------------
 
     def _draw_starts(self, size: int) -> np.ndarray:
-        """Start indices with the single env's rule (``TradingEnv._span`` without options)."""
+        """Start indices with the single env's rule (``TradingEnv._span`` without options), each moved to the
+        first decision bar at or after it (:func:`envs.trading_env.align_starts`)."""
         last = len(self.data) - 1
         length = self.config.episode_len_bars
         if not self.config.random_start or (length is not None and length >= last):
-            return np.zeros(size, dtype=np.int64)
-        high = last if length is None else last - length + 1
-        return self.np_random.integers(0, high, size=size).astype(np.int64)
+            starts = np.zeros(size, dtype=np.int64)
+        else:
+            high = last if length is None else last - length + 1
+            starts = self.np_random.integers(0, high, size=size).astype(np.int64)
+        if self.config.trading_rules.decision_interval_bars == 1:
+            return starts
+        return align_starts(starts, self._bars, last)
 
     def _refill_starts(self) -> None:
         self._starts[:] = self._draw_starts(len(self._starts))
