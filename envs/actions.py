@@ -46,7 +46,8 @@ class ActionConfig(StrictConfig):
     sizing_mode: Literal["equity_fraction", "vol_target"] = Field(
         "equity_fraction",
         description="equity_fraction: a2 is the margin fraction and a1 the leverage (as before); vol_target: a2 "
-        "scales target_vol_annual into the exposure target_vol / ex-ante vol, capped at max_leverage (a1 unused).",
+        "scales target_vol_annual into the exposure target_vol / ex-ante vol, capped at max_leverage (a1 and "
+        "max_size_frac unused).",
     )
     target_vol_annual: float = Field(
         0.40,

@@ -6,8 +6,9 @@ symbol's own :class:`~envs.trading_env.EnvData` (candles, ATR, funding rates, ma
 :class:`market.instruments.InstrumentSpec`: tick, step, minimum notional, brackets, funding interval). At
 ``reset`` it draws a symbol uniformly with its seeded generator (or takes ``options["symbol"]``), then the
 symbol's env draws the episode's start with the same generator, so one seed fixes the whole sequence of
-(symbol, start) pairs. Steps are the symbol env's steps, unchanged: no value of one symbol is ever used for
-another.
+(symbol, start) pairs. Steps are the symbol env's steps, unchanged (its levers too: decision interval,
+holding period, band, vol-target sizing on the symbol's own volatility, reward terms): no value of one symbol is
+ever used for another.
 """
 
 from __future__ import annotations

@@ -673,7 +673,8 @@ class TradingEnv(gym.Env):
                                       "bar_open_time_ns": int(self._times[start])}  # fmt: skip
 
     def step(self, action):
-        """Decode ``action`` (shape (5,), in [-1, 1]) and apply it to the next bar.
+        """Decode ``action`` (shape (5,), in [-1, 1]) and apply it to the next bar (with a decision interval
+        k > 1: to every bar up to the next decision bar, the reward summed over them; class docstring).
 
         Returns
         -------
