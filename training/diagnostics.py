@@ -718,6 +718,7 @@ def observation_ablation(cfg: Any, *, variants: Sequence[str] = tuple(ABLATION_V
                          "validation_total_return": float(best.get("total_return", np.nan)),
                          "validation_max_drawdown": float(best.get("max_drawdown", np.nan)),
                          "validation_n_trades": float(best.get("n_trades", np.nan)),
+                         **_checkpoint_record(result.history),
                          "best_step": int(result.best_step), "n_obs_columns": int(obs_v[0].shape[1]),
                          "seconds": round(time.perf_counter() - t1, 1)}
             log(f"ablation {name}: {obs_v[0].shape[1]} market columns, best validation Sortino "
@@ -733,6 +734,18 @@ def observation_ablation(cfg: Any, *, variants: Sequence[str] = tuple(ABLATION_V
     return res
 
 
+def _checkpoint_record(history: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """Every validated checkpoint's Sortino, return and trades, and their means: when the best checkpoint is
+    flat (Sortino 0, no trade) for every variant, these still show which observation traded less badly."""
+    keys = ("timesteps", "sortino", "total_return", "n_trades")
+    rows = [{k: float(h.get(k, np.nan)) for k in keys} for h in history]
+    sortinos = np.array([r["sortino"] for r in rows], np.float64)
+    finite = sortinos[np.isfinite(sortinos)]
+    return {"validation_sortino_final": rows[-1]["sortino"] if rows else float("nan"),
+            "validation_sortino_mean_over_checkpoints": float(finite.mean()) if finite.size else float("nan"),
+            "checkpoints": rows}
+
+
 def ablation_reading(runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
     """One sentence: the variant with the best mean validation Sortino over ``runs`` (fold/seed -> variant ->
     metrics) and each layer's mean gain over the market-only observation."""
@@ -744,16 +757,27 @@ def ablation_reading(runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> s
         mean = {n: float(np.nanmean([r[n]["validation_sortino"] for r in runs.values() if n in r])) for n in names}
     trades = [r[n].get("validation_n_trades", np.nan) for r in runs.values() for n in r]
     if trades and all(t == 0 for t in trades):
-        return (f"Ablation over {len(runs)} run(s): no variant traded on validation (flat policy, Sortino "
-                f"{', '.join(f'{n} {v:.2f}' for n, v in mean.items())}): the budget is too small to tell the layers "
-                "apart.")
+        return (f"Ablation over {len(runs)} run(s): every variant's best validation checkpoint is flat (no trade, "
+                f"Sortino {', '.join(f'{n} {v:.2f}' for n, v in mean.items())}): the best checkpoints cannot tell "
+                "the layers apart." + _checkpoint_sentence(runs, names))
     best = max(mean, key=lambda n: mean[n] if np.isfinite(mean[n]) else -np.inf)
     text = (f"Ablation over {len(runs)} run(s): best mean validation Sortino with the observation '{best}' "
             f"({mean[best]:.2f}); " + ", ".join(f"{n} {v:.2f}" for n, v in mean.items()) + ".")
     if "market" in mean:
         gains = [f"{n} {mean[n] - mean['market']:+.2f}" for n in names if n != "market"]
         text += " Gain over market features only: " + ", ".join(gains) + "."
-    return text + " Validation only; differences within the spread of seeds are not evidence."
+    return text + _checkpoint_sentence(runs, names) + (
+        " Validation only; differences within the spread of seeds are not evidence.")
+
+
+def _checkpoint_sentence(runs: Mapping[str, Mapping[str, Mapping[str, Any]]], names: Sequence[str]) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        over = {n: float(np.nanmean([r[n].get("validation_sortino_mean_over_checkpoints", np.nan)
+                                     for r in runs.values() if n in r])) for n in names}
+    if not any(np.isfinite(v) for v in over.values()):
+        return ""
+    return " Mean validation Sortino over all checkpoints: " + ", ".join(f"{n} {v:.2f}" for n, v in over.items()) + "."
 
 
 # --------------------------------------------------------------------------------------------- walk-forward
@@ -947,6 +971,9 @@ def diagnostics_tables(diag: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
                  for run, v in ab["runs"].items()}
         table["mean"] = {n: _num(v) for n, v in ab["mean_validation_sortino"].items()}
         out["observation ablation: best validation Sortino per variant"] = pd.DataFrame(table).T.round(3)
+        over = {run: {n: _num(m.get("validation_sortino_mean_over_checkpoints")) for n, m in v["variants"].items()}
+                for run, v in ab["runs"].items()}
+        out["observation ablation: mean validation Sortino over all checkpoints"] = pd.DataFrame(over).T.round(3)
     return out
 
 
@@ -967,14 +994,16 @@ def diagnostics_html(diag: Mapping[str, Any] | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m training.diagnostics WF_OUT [--ablation] [--ablation-timesteps N]``: the layer diagnostics
-    of a finished walk-forward directory, written to ``WF_OUT/diagnostics.json`` and ``diagnostics.html``."""
+    """``python -m training.diagnostics WF_OUT [--ablation] [--ablation-timesteps N] [--ablation-seeds S ...]``: the
+    layer diagnostics of a finished walk-forward directory, written to ``WF_OUT/diagnostics.json`` and
+    ``WF_OUT/diagnostics.html``."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m training.diagnostics", description=main.__doc__)
     ap.add_argument("wf_out", type=Path)
     ap.add_argument("--ablation", action="store_true")
     ap.add_argument("--ablation-timesteps", type=int, default=None)
+    ap.add_argument("--ablation-seeds", type=int, nargs="*", default=(), help="default: the first seed")
     ap.add_argument("--bootstrap-samples", type=int, default=500)
     args = ap.parse_args(argv)
     records = json_codec.loads((args.wf_out / "folds.json").read_text())
@@ -983,7 +1012,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if metrics.exists():
         chosen = json_codec.loads(metrics.read_text()).get("chosen_seed_by_validation")
     dcfg = DiagnosticsConfig(bootstrap_samples=args.bootstrap_samples,
-                             ablation=AblationConfig(enabled=args.ablation, total_timesteps=args.ablation_timesteps))
+                             ablation=AblationConfig(enabled=args.ablation, total_timesteps=args.ablation_timesteps,
+                                                    seeds=tuple(args.ablation_seeds)))
     diag = walkforward_diagnostics(records, dcfg, chosen_seed=chosen, out=args.wf_out, log=print)
     (args.wf_out / "diagnostics.json").write_text(json_codec.dumps(diag, indent=1))
     (args.wf_out / "diagnostics.html").write_text(

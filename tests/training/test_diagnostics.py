@@ -213,7 +213,7 @@ def test_walkforward_shaped_result_is_json_safe_and_renders():
     back = json_codec.loads(text)
     frag = D.diagnostics_html(back)
     assert frag.startswith('<section class="layer-diagnostics">') and "TCN vs class prior" in frag
-    assert "observation ablation" in frag and len(D.diagnostics_tables(back)) == 4
+    assert "observation ablation" in frag and len(D.diagnostics_tables(back)) == 5
 
 
 # ------------------------------------------------------------------ ablation
