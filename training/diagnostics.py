@@ -631,8 +631,9 @@ def observation_ablation(cfg: Any, *, variants: Sequence[str] = tuple(ABLATION_V
     Sortino of the equal-weight portfolio (pooled), as in ``ats train``. The test period is not read.
 
     Returns ``{"variants": {name: {validation_sortino, validation_total_return, validation_max_drawdown,
-    validation_n_trades, best_step, n_obs_columns, seconds}}, "seed", "total_timesteps", "reading"}`` and, with ``stack_diagnostics``, the layer diagnostics
-    of the stacked predictions (:func:`diagnose_stack`) under ``stack``.
+    validation_n_trades, validation_sortino_final, validation_sortino_mean_over_checkpoints, checkpoints,
+    best_step, n_obs_columns, seconds}}, "seed", "total_timesteps", "symbols", "reading"}`` and, with
+    ``stack_diagnostics``, the layer diagnostics of the stacked predictions (:func:`diagnose_stack`) under ``stack``.
 
     Raises
     ------
