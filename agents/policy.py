@@ -55,7 +55,7 @@ class FrozenPPOPolicy:
         self.last_raw_action: np.ndarray | None = None
         self._peak_equity = 0.0
         transition = copy.copy(bundle.models.transition)
-        transition.cfg = transition.cfg.model_copy(update={"n_threads": int(lgbm_threads)})
+        transition.cfg = transition.cfg.updated(n_threads=int(lgbm_threads))
         self._models = dataclasses.replace(bundle.models, transition=transition)
         cols = list(bundle.models.hmm_columns)
         names = list(feature_names(bundle.feature_config))

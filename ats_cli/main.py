@@ -65,7 +65,7 @@ def train(
     import torch
 
     from agents.devices import torch_threads_for
-    from training.config import RLlibConfig, load_config
+    from training.config import load_config
     from training.evaluate import evaluate_run
     from training.pipeline import train_run
     from training.tracking import wandb_tracking
@@ -80,7 +80,7 @@ def train(
         flags = ", ".join("--" + k.replace("_", "-") for k in rllib_updates)
         raise typer.BadParameter(f"{flags} only apply to --backend rllib (this run uses {cfg.backend})")
     if rllib_updates:
-        cfg = cfg.model_copy(update={"rllib": RLlibConfig.model_validate({**cfg.rllib.model_dump(), **rllib_updates})})
+        cfg = cfg.updated(rllib=cfg.rllib.updated(**rllib_updates))
     torch.set_num_threads(torch_threads_for(cfg.backend, cfg.torch_threads, n_env_runners=cfg.rllib.num_env_runners,
                                             joins_cluster=bool(cfg.rllib.ray_address)))
     _log(f"backend: {cfg.backend}, torch threads: {torch.get_num_threads()}")
@@ -172,7 +172,7 @@ def evaluate_cmd(
                 regime_kw = {"fit_regime": run_cfg.regime, "regime_columns": run_cfg.regime_input_features}
         candles = load_v1_candles(data)
         resolved = data_instrument(data, candles, symbol=symbol, spec_path=instrument_spec)
-        env_cfg = env_cfg.model_copy(update={"costs": env_cfg.costs.with_instrument(resolved.spec)})
+        env_cfg = env_cfg.updated(costs=env_cfg.costs.with_instrument(resolved.spec))
         try:
             res = evaluate_v1(candles, start, end, v1_cfg, env_cfg, **regime_kw)
         except ValueError as exc:

@@ -231,8 +231,7 @@ def build_live_loop(
     if primary is not None and hasattr(primary, "history_bars"):
         history = max(history, int(primary.history_bars(pd.Timedelta(live_config.timeframe))))
     context = min(1500, max(100, history + 10))
-    loop_cfg = live_config.model_copy(update={"run_id": mode, "mode": mode,
-                                              "context_bars": max(live_config.context_bars, context)})
+    loop_cfg = live_config.updated(run_id=mode, mode=mode, context_bars=max(live_config.context_bars, context))
     guard = None
     if use_guard:
         from serving.risk import RiskConfig, RiskGuard

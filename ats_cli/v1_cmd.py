@@ -96,7 +96,7 @@ def sweep(
     env, base = _configs(config)
     candles = load_v1_candles(data)
     resolved = data_instrument(data, candles, symbol=symbol, spec_path=instrument_spec)
-    env = env.model_copy(update={"costs": env.costs.with_instrument(resolved.spec)})
+    env = env.updated(costs=env.costs.with_instrument(resolved.spec))
     console.print(f"[dim]{resolved.describe()}[/]")
     res = walk_forward_sweep(candles, start, end, grid_values, env, base=base, n_folds=folds, select_by=select,
                              min_train_trades=min_train_trades, log=lambda s: console.print(f"[dim]{s}[/]"))  # fmt: skip

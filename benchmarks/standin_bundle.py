@@ -56,7 +56,7 @@ def build_demo_standin(
     hmm = RegimeHMM(cfg.regime).fit(x_hmm)
     x = feats.to_numpy(np.float32)
     transition = RegimeTransitionModel(cfg.regime).fit(x, hmm.filtered_proba(x_hmm), cfg.regime.horizon_bars)
-    scfg = cfg.signals.model_copy(update={"seed": seed})
+    scfg = cfg.signals.updated(seed=seed)
     tcn = TCNSignalModel(TCN(x.shape[1], scfg), scfg, x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6))
     models = StackModels(hmm=hmm, transition=transition, tcn=tcn, hmm_columns=tuple(cols))
     w = scfg.window_bars

@@ -65,7 +65,7 @@ def sb3_fps(cfg, data, bar_s: float, steps: int, tb: Path) -> float:
     from agents.ppo_sb3 import train_ppo
     from training.pipeline import episode_stats
 
-    ppo = cfg.ppo.model_copy(update={"total_timesteps": steps, "eval_every_steps": 10 * steps})
+    ppo = cfg.ppo.updated(total_timesteps=steps, eval_every_steps=10 * steps)
     t0 = time.perf_counter()
     train_ppo(data, cfg.env, ppo, seed=cfg.seed, device="cpu", tensorboard_dir=tb, episode_stats=episode_stats(bar_s),
               validator=_no_validation)
@@ -76,8 +76,8 @@ def rllib_fps(cfg, data, bar_s: float, steps: int, tb: Path, *, runners: int, ra
     from agents.ppo_rllib import train_ppo_rllib
     from training.pipeline import episode_stats
 
-    ppo = cfg.ppo.model_copy(update={"total_timesteps": steps, "eval_every_steps": 10 * steps})
-    rl = cfg.rllib.model_copy(update={"num_env_runners": runners, "ray_num_cpus": ray_cpus, "ray_address": None})
+    ppo = cfg.ppo.updated(total_timesteps=steps, eval_every_steps=10 * steps)
+    rl = cfg.rllib.updated(num_env_runners=runners, ray_num_cpus=ray_cpus, ray_address=None)
     result = train_ppo_rllib(data, cfg.env, ppo, rl, seed=cfg.seed, device="cpu", tensorboard_dir=tb,
                              episode_stats=episode_stats(bar_s), validator=_no_validation)
     return result.env_steps / result.wall_s

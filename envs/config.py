@@ -71,7 +71,7 @@ class CostConfig(StrictConfig):
 
     def with_instrument(self, spec: InstrumentSpec) -> CostConfig:
         """This config with ``spec`` as the traded symbol's rules (fees, slippage and funding settings kept)."""
-        return self.model_copy(update={"instrument": spec})
+        return self.updated(instrument=spec)
 
     @property
     def symbol(self) -> str:

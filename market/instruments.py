@@ -175,6 +175,44 @@ _BTC_SOURCE = (
     "initialLeverage in tests/kit/fake_binance.py; funding every 8 h: ../shared/data/README.md (all intervals 8 h)"
 )
 
+_FILTERS_SNAPSHOT = (
+    "exchangeInfo filters (PRICE_FILTER tickSize; LOT_SIZE stepSize, minQty; MARKET_LOT_SIZE maxQty; MIN_NOTIONAL) "
+    "of the USDT-M perpetual in ccxt's stored market snapshot, github.com/ccxt/ccxt "
+    "ts/src/test/static/markets/binance.json @0dca8ac0a3ce97d642fd9973b3121c2d6e3e3063 (info.filters is the raw "
+    "GET /fapi/v1/exchangeInfo record; the snapshot lists the BTCUSDT_231229 quarterly as trading, so it was taken "
+    "before 2023-12-29). Binance later raised MIN_NOTIONAL on several symbols (BTCUSDT's is 100 in this table): "
+    "refresh with `ats data download` before relying on the minimum"
+)
+_BRACKETS_SNAPSHOT = (
+    "maintenance brackets and max leverage (bracket 1 initialLeverage): the first five rows of GET "
+    "/fapi/v1/leverageBracket as stored in github.com/freqtrade/freqtrade freqtrade/exchange/"
+    "binance_leverage_tiers.json @01d10aebcab25c526473c603a88e14eb7d9699cc (ccxt fetch_leverage_tiers output "
+    "keeping each raw bracket; it lists the 240927 and 241227 quarterlies, so it was taken between 2024-06-28 and "
+    "2024-09-27; its BTCUSDT rows equal this table's)"
+)
+
+
+def _published_spec(
+    symbol: str, *, tick: float, step: float, min_qty: float, max_market_qty: float, min_notional: float,
+    max_leverage: int, brackets: tuple[tuple[float, float, float], ...],
+) -> InstrumentSpec:
+    """A bundled spec read from the two public snapshots above (filters before 2023-12-29, brackets mid-2024)."""
+    return InstrumentSpec(
+        symbol=symbol,
+        tick_size_usdt=tick,
+        lot_step_base=step,
+        min_qty_base=min_qty,
+        max_market_qty_base=max_market_qty,
+        min_notional_usdt=min_notional,
+        max_leverage=max_leverage,
+        maintenance_brackets=brackets_from_rows(brackets),
+        funding_interval_hours=8,
+        source=f"Binance USDT-M {symbol}. {_FILTERS_SNAPSHOT}; {_BRACKETS_SNAPSHOT}; funding every 8 h: "
+        "../shared/data/README.md (all intervals 8 h)",
+        read_on="filters before 2023-12-29; brackets 2024-06-28..2024-09-27 (read from the snapshots 2026-12-07)",
+    )
+
+
 BUNDLED_SPECS: dict[str, InstrumentSpec] = {
     "BTCUSDT": InstrumentSpec(
         symbol="BTCUSDT",
@@ -197,10 +235,42 @@ BUNDLED_SPECS: dict[str, InstrumentSpec] = {
         source=_BTC_SOURCE,
         read_on="2024-2025",
     ),
+    "ETHUSDT": _published_spec(
+        "ETHUSDT", tick=0.01, step=0.001, min_qty=0.001, max_market_qty=2000.0, min_notional=5.0, max_leverage=125,
+        brackets=(
+            (50_000.0, 0.004, 0.0),
+            (600_000.0, 0.005, 50.0),
+            (3_000_000.0, 0.0065, 950.0),
+            (12_000_000.0, 0.01, 11_450.0),
+            (50_000_000.0, 0.02, 131_450.0),
+        ),
+    ),
+    "XRPUSDT": _published_spec(
+        "XRPUSDT", tick=0.0001, step=0.1, min_qty=0.1, max_market_qty=2_000_000.0, min_notional=5.0, max_leverage=75,
+        brackets=(
+            (10_000.0, 0.005, 0.0),
+            (20_000.0, 0.0065, 15.0),
+            (160_000.0, 0.01, 85.0),
+            (800_000.0, 0.02, 1_685.0),
+            (1_600_000.0, 0.025, 5_685.0),
+        ),
+    ),
+    "LTCUSDT": _published_spec(
+        "LTCUSDT", tick=0.01, step=0.001, min_qty=0.001, max_market_qty=5000.0, min_notional=5.0, max_leverage=75,
+        brackets=(
+            (5_000.0, 0.005, 0.0),
+            (10_000.0, 0.006, 5.0),
+            (50_000.0, 0.01, 45.0),
+            (750_000.0, 0.02, 545.0),
+            (3_000_000.0, 0.05, 23_045.0),
+        ),
+    ),
 }
-"""Specs shipped with the package, by symbol. Only symbols whose every value is documented in a file this
-project can cite are here (ETH, SOL, XRP, LTC, BCH are not: no dated document of their filters and brackets
-is available offline; give them with a spec file or ``ats data download``)."""
+"""Specs shipped with the package, by symbol; every value has its source document and date in ``source`` and
+``read_on``. BTCUSDT from this project's documented values; ETHUSDT, XRPUSDT and LTCUSDT from two public stored
+snapshots (:data:`_FILTERS_SNAPSHOT`, :data:`_BRACKETS_SNAPSHOT`). SOLUSDT and BCHUSDT are not here: their
+brackets are in the bracket snapshot, but no citable document of their exchangeInfo filters was found (SOLUSDT's
+tick and step have also changed since 2024); give them with a spec file or ``ats data download``."""
 
 DEFAULT_SYMBOL = "BTCUSDT"
 """The symbol of the bundled candles (``market/bundled/BTCUSDT-1h.parquet``), the default of configs."""

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from envs.trading_env import EnvConfig
 from fallback.config import V1Config
-from market.config_base import StrictConfig
+from market.config_base import StrictConfig, UtcTime, check_periods
 from market.features import FeatureConfig
 from market.instruments import DEFAULT_SYMBOL, InstrumentSpec, InstrumentSpecError, ResolvedSpec, resolve_spec
 from market.labels import TripleBarrierConfig
@@ -79,16 +79,18 @@ class DataConfig(StrictConfig):
     gap_policy: Literal["error", "mark"] = Field(
         "error", description="missing bars: error = refuse the data; mark = fill (close carried, volume 0) + is_gap"
     )
-    load_start: str = Field(..., description="first open time loaded (UTC); includes the feature warm-up")
-    train_start: str = Field(..., description="first open time of the training period (UTC)")
-    val_start: str = Field(..., description="end of training = first open time of validation (UTC)")
-    val_end: str | None = Field(
+    load_start: UtcTime = Field(..., description="first open time loaded (UTC); includes the feature warm-up")
+    train_start: UtcTime = Field(..., description="first open time of the training period (UTC)")
+    val_start: UtcTime = Field(..., description="end of training = first open time of validation (UTC)")
+    val_end: UtcTime | None = Field(
         None,
         description="end (exclusive) of validation (UTC); None = test_start. Bars in [val_end, test_start) are an "
         "embargo gap: neither trained on nor used for selection, and not traded",
     )
-    test_start: str = Field(..., description="first open time of test (UTC); end of validation unless val_end is set")
-    test_end: str = Field(..., description="end (exclusive) of the test period (UTC)")
+    test_start: UtcTime = Field(
+        ..., description="first open time of test (UTC); end of validation unless val_end is set"
+    )
+    test_end: UtcTime = Field(..., description="end (exclusive) of the test period (UTC)")
 
     @model_validator(mode="before")
     @classmethod
@@ -102,12 +104,7 @@ class DataConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _ordered(self) -> DataConfig:
-        keys = tuple(k for k in self.period_keys() if getattr(self, k) is not None)
-        times = [pd.Timestamp(getattr(self, k), tz="UTC") for k in keys]
-        if any(b <= a for a, b in zip(times, times[1:])):
-            raise ValueError(f"data periods must be strictly increasing: {dict(zip(keys, times))}")
-        if times[-1] > pd.Timestamp("2025-07-01", tz="UTC"):
-            raise ValueError("test_end is after 2025-07-01: later data is withheld for evaluation")
+        check_periods({f"data.{k}": getattr(self, k) for k in self.period_keys()})
         if self.symbols is not None:
             single = [k for k in ("candles_path", "funding_path", "instrument_spec") if getattr(self, k) is not None]
             if self.symbol != self.symbols[0].symbol:
@@ -144,7 +141,7 @@ class DataConfig(StrictConfig):
         """Return the named boundary as a UTC timestamp (``val_end`` defaults to ``test_start``)."""
         if key == "val_end" and self.val_end is None:
             key = "test_start"
-        return pd.Timestamp(getattr(self, key), tz="UTC")
+        return getattr(self, key)
 
 
 class StackingConfig(StrictConfig):
@@ -309,7 +306,7 @@ def run_instruments(cfg: RunConfig) -> dict[str, ResolvedSpec]:
 
 def symbol_env_config(cfg: RunConfig, spec: InstrumentSpec) -> EnvConfig:
     """The run's env config with ``spec`` as the traded instrument (a pooled run's per-symbol cost model)."""
-    return cfg.env.model_copy(update={"costs": cfg.env.costs.with_instrument(spec)})
+    return cfg.env.updated(costs=cfg.env.costs.with_instrument(spec))
 
 
 def run_instrument(cfg: RunConfig) -> ResolvedSpec:
@@ -343,7 +340,7 @@ def with_instrument(cfg: RunConfig) -> tuple[RunConfig, ResolvedSpec]:
                 f"leverage {r.spec.max_leverage}x ({r.describe()}); lower env.actions.max_leverage"
             )
     costs = cfg.env.costs.with_instrument(resolved.spec)
-    return cfg.model_copy(update={"env": cfg.env.model_copy(update={"costs": costs})}), resolved
+    return cfg.updated(env=cfg.env.updated(costs=costs)), resolved
 
 
 def check_run_instrument(cfg: RunConfig, resolved: ResolvedSpec) -> None:

@@ -139,7 +139,7 @@ def span_backtests(
     hours = env_cfg.costs.funding_interval_hours
     data = span_env_data(bundle, span, hours) if set(strategies) - {"v1"} else None
     candles = span.candles.iloc[: span.end_row]  # history before the span is visible to V1 (closed candles)
-    cfg = env_cfg.model_copy(update={"costs": env_cfg.costs.model_copy(update={"cost_multiplier": cost_multiplier})})
+    cfg = env_cfg.updated(costs=env_cfg.costs.updated(cost_multiplier=cost_multiplier))
     factories: dict[str, Callable[[], object]] = {
         "ppo": lambda: FrozenPPOPolicy(bundle),
         "v1": lambda: V1Policy(v1_cfg),
@@ -598,7 +598,7 @@ def evaluate_bundle(
     check_spec_fits(instrument.spec, instrument.spec.symbol, candles["close"].to_numpy())
     span = bundle_span(bundle, candles, start, end)
     env_cfg, v1_cfg = bundle.env_config, v1_config_of(bundle)
-    env_cfg = env_cfg.model_copy(update={"costs": env_cfg.costs.with_instrument(instrument.spec)})
+    env_cfg = env_cfg.updated(costs=env_cfg.costs.with_instrument(instrument.spec))
     record = instrument_record(instrument, bundle_symbol(bundle))
     pooled = bundle.manifest.get("data", {}).get("symbols") or []
     if len(pooled) > 1 and instrument.spec.symbol in pooled:  # one of the symbols a pooled bundle was trained on

@@ -234,7 +234,7 @@ def fit_stack_pooled(preps: list[PreparedData], fit_ends: list[int], cfg: RunCon
         valid = np.ones(len(labels), dtype=np.bool_)
         for a in np.cumsum([0, *lengths[:-1]]):
             valid[a : a + cfg.signals.window_bars - 1] = False
-    signals_cfg = cfg.signals.model_copy(update={"seed": seed})
+    signals_cfg = cfg.signals.updated(seed=seed)
     tcn = train_tcn(feats, labels, signals_cfg, device=device, valid_mask=valid)
     return StackModels(hmm=hmm, transition=transition, tcn=tcn, hmm_columns=tuple(cols))
 

@@ -361,7 +361,7 @@ def run_tune(base: RunConfig, tcfg: TuneConfig, out: Path, *, ray_address: str |
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = base.model_copy(update={"backend": tcfg.backend})
+    cfg = base.updated(backend=tcfg.backend)
     device = "cuda" if tcfg.gpus_per_trial > 0 else "cpu"
     stack_device = resolve_device(cfg.device)
     bar = pd.Timedelta(seconds=prepare_data(cfg).info["bar_interval_s"])

@@ -34,11 +34,11 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from scipy import stats
 
 from agents.bundle import load_bundle
-from market.config_base import StrictConfig
+from market.config_base import StrictConfig, UtcTime, check_periods
 from market.features import warmup_bars
 from training import metrics as M
 from training.backtest import BacktestResult
@@ -69,9 +69,9 @@ class WalkForwardConfig(StrictConfig):
     """A walk-forward study: the base run config and how the span is cut into folds."""
 
     base_config: str = Field(..., description="run config (path relative to this file) used for every fold")
-    data_start: str = Field(..., description="first bar of the earliest training window (UTC)")
-    start: str = Field(..., description="first bar of the first test window (UTC)")
-    end: str = Field(..., description="end (exclusive) of the last test window (UTC)")
+    data_start: UtcTime = Field(..., description="first bar of the earliest training window (UTC)")
+    start: UtcTime = Field(..., description="first bar of the first test window (UTC)")
+    end: UtcTime = Field(..., description="end (exclusive) of the last test window (UTC)")
     folds: int = Field(2, ge=1)
     scheme: Literal["expanding", "rolling"] = "expanding"
     train_bars: int = Field(4000, ge=500, description="rolling scheme: training length; expanding: minimum")
@@ -87,6 +87,11 @@ class WalkForwardConfig(StrictConfig):
         default_factory=dict,
         description="nested keys merged into the base run config (e.g. {ppo: {total_timesteps: 100000}})",
     )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WalkForwardConfig:
+        check_periods({"data_start": self.data_start, "start": self.start, "end": self.end})
+        return self
 
 
 @dataclass(frozen=True)
@@ -113,10 +118,10 @@ def fold_windows(wf: WalkForwardConfig, bar: pd.Timedelta) -> list[FoldWindow]:
     ValueError
         If a training window would start before ``data_start`` or be shorter than ``train_bars``.
     """
-    start, end = pd.Timestamp(wf.start, tz="UTC"), pd.Timestamp(wf.end, tz="UTC")
+    start, end = wf.start, wf.end
     n_bars = int((end - start) / bar)
     edges = [start + bar * int(round(i * n_bars / wf.folds)) for i in range(wf.folds + 1)]
-    data_start = pd.Timestamp(wf.data_start, tz="UTC")
+    data_start = wf.data_start
     out = []
     for k, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
         val_start = a - bar * (wf.val_bars + wf.embargo_bars)
@@ -134,12 +139,11 @@ def fold_windows(wf: WalkForwardConfig, bar: pd.Timedelta) -> list[FoldWindow]:
 def fold_run_config(base: RunConfig, w: FoldWindow, seed: int, bar: pd.Timedelta) -> RunConfig:
     """The base config with this fold's periods and seed."""
     margin = bar * (warmup_bars(base.features) + 50)
-    data = base.data.model_copy(update={
-        "load_start": str(w.train_start - margin), "train_start": str(w.train_start),
-        "val_start": str(w.val_start), "val_end": None if w.val_end is None else str(w.val_end),
-        "test_start": str(w.test_start), "test_end": str(w.test_end),
-    })
-    return base.model_copy(update={"data": data, "seed": seed, "name": f"{base.name}-fold{w.fold}-seed{seed}"})
+    data = base.data.updated(
+        load_start=w.train_start - margin, train_start=w.train_start, val_start=w.val_start, val_end=w.val_end,
+        test_start=w.test_start, test_end=w.test_end,
+    )
+    return base.updated(data=data, seed=seed, name=f"{base.name}-fold{w.fold}-seed{seed}")
 
 
 def _stitch(results: list[BacktestResult], initial: float) -> pd.Series:
@@ -300,9 +304,8 @@ def run_walkforward(
     for seed in wf.seeds:
         for k in range(wf.folds):
             if windows is None:
-                prep0 = prepare_data(fold_run_config(base, FoldWindow(0, pd.Timestamp(wf.data_start, tz="UTC"),
-                    pd.Timestamp(wf.start, tz="UTC") - bar * wf.val_bars, pd.Timestamp(wf.start, tz="UTC"),
-                    pd.Timestamp(wf.end, tz="UTC")), wf.seeds[0], bar))
+                prep0 = prepare_data(fold_run_config(base, FoldWindow(0, wf.data_start,
+                    wf.start - bar * wf.val_bars, wf.start, wf.end), wf.seeds[0], bar))
                 bar = pd.Timedelta(seconds=prep0.info["bar_interval_s"])
                 windows = fold_windows(wf, bar)
             w = windows[k]

@@ -39,10 +39,18 @@ def test_cli_evaluates_the_btc_bundle_on_xrp_at_xrps_tick(smoke_run, tmp_path):
         m = metrics[name]
         if m["n_trades"] > 0:  # slippage of the same order as fees, not tick rounding (9,835 vs 60 before)
             assert m["slippage_paid"] < 3 * m["fees_paid"], (name, m["slippage_paid"], m["fees_paid"])
-    # without a spec for the symbol of the data, the CLI refuses and names it (no BTC spec on XRP data)
+    # without --instrument-spec, XRPUSDT's spec comes from the bundled table (never the bundle's BTC spec)
     r = CliRunner().invoke(app, ["evaluate", "--bundle", str(smoke_run / "bundle"), "--data", data,
+                                 "--period", ":".join(PERIOD), "--out", str(tmp_path / "table")])
+    assert r.exit_code == 0, r.output
+    inst = json.loads((tmp_path / "table" / "metrics.json").read_text())["instrument"]
+    assert (inst["evaluated_on"], inst["origin"], inst["spec"]["tick_size_usdt"]) == ("XRPUSDT", "bundled_table", 1e-4)
+    # a symbol no source knows: the CLI refuses and names it
+    sol = tmp_path / "SOLUSDT-1h.parquet"
+    sol.write_bytes(bundled_candles_path("XRPUSDT").read_bytes())
+    r = CliRunner().invoke(app, ["evaluate", "--bundle", str(smoke_run / "bundle"), "--data", str(sol),
                                  "--period", ":".join(PERIOD), "--out", str(tmp_path / "none")])
-    assert r.exit_code == 2 and "no instrument spec for XRPUSDT" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "no instrument spec for SOLUSDT" in r.output and "Traceback" not in r.output
 
 
 def test_one_xrp_fill_is_the_models_bps_plus_atr_slippage_on_xrps_tick(smoke_run):

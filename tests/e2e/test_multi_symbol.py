@@ -15,7 +15,7 @@ from ats_cli.main import app
 
 REPO = Path(__file__).resolve().parents[2]
 SYMBOLS = ["BTCUSDT", "ETHUSDT", "XRPUSDT"]
-STRATEGIES = {"ppo", "v1", "buy_and_hold", "flat", "random"}
+STRATEGIES = {"ppo", "v1", "buy_and_hold", "tsmom", "flat", "random"}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_evaluating_a_pooled_bundle_on_one_of_its_symbols_is_not_a_transfer(mult
     evaluate_bundle(multi_run / "bundle", load_candles(bundled_candles_path("XRPUSDT")).loc[:"2022-08-20"],
                     pd.Timestamp("2022-07-15", tz="UTC"), pd.Timestamp("2022-08-01", tz="UTC"), out,
                     data_label="bundled XRPUSDT", log=lambda s: None,
-                    instrument=resolve_spec("XRPUSDT", spec_path=REPO / "configs" / "specs" / "XRPUSDT.spec.json"))
+                    instrument=resolve_spec("XRPUSDT"))
     record = json.loads((out / "metrics.json").read_text())["instrument"]
     assert record["trained_on"] == "BTCUSDT+ETHUSDT+XRPUSDT" and not record["transfer"]
     assert "pooled over" in (out / "report.html").read_text()

@@ -91,10 +91,14 @@ def test_market_rules_derive_from_and_convert_to_the_spec():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_resolution_order_file_then_downloaded_then_table(tmp_path):
+def test_resolution_order_file_then_downloaded_then_table(tmp_path, monkeypatch):
     data = tmp_path / "XRPUSDT-1h.parquet"
-    with pytest.raises(InstrumentSpecError) as err:
-        resolve_spec("XRPUSDT", candles_path=data)
+    table = resolve_spec("XRPUSDT", candles_path=data)
+    assert table.origin == "bundled_table" and table.spec == BUNDLED_SPECS["XRPUSDT"]
+    with monkeypatch.context() as m:  # a symbol no source knows
+        m.delitem(BUNDLED_SPECS, "XRPUSDT")
+        with pytest.raises(InstrumentSpecError) as err:
+            resolve_spec("XRPUSDT", candles_path=data)
     msg = str(err.value)
     assert "XRPUSDT" in msg and "--instrument-spec" in msg and "ats data download" in msg and "bundled table" in msg
     downloaded = write_spec_json(spec_file_path(data, "XRPUSDT"), xrp_test_spec(read_on="2025-01-02"))
@@ -201,7 +205,8 @@ def test_download_writes_the_spec_and_picks_up_a_changed_filter(tmp_path, monkey
     now = int(candles.index[-1].value // 1_000_000) + 30 * 60_000
     spec_path = spec_file_path(candles_path(tmp_path, "binanceusdm", "XRPUSDT", "1h"), "XRPUSDT")
     with FakeBinance(candles, funding, now_ms=now) as fake:
-        # no API keys, no earlier spec, XRPUSDT not in the bundled table: no spec, and the note says why
+        # no API keys, no earlier spec, the symbol not in the bundled table: no spec, and the note says why
+        monkeypatch.delitem(BUNDLED_SPECS, "XRPUSDT")
         monkeypatch.delenv("ATS_BINANCE_API_KEY", raising=False)
         monkeypatch.delenv("ATS_BINANCE_API_SECRET", raising=False)
         res = _download(tmp_path, fake, candles)
@@ -286,12 +291,12 @@ def test_cli_refuses_a_symbol_that_contradicts_the_file_name(tmp_path):
 
 def test_cli_train_refuses_a_config_symbol_without_a_spec(tmp_path):
     cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
-    cfg["data"].update(symbol="XRPUSDT")
-    path = tmp_path / "xrp.yaml"
+    cfg["data"].update(symbol="SOLUSDT", candles_path=_xrp_copy(tmp_path, "SOLUSDT-1h.parquet"))  # not in the table
+    path = tmp_path / "sol.yaml"
     path.write_text(yaml.safe_dump(cfg))
     r = CliRunner().invoke(app, ["train", "--config", str(path), "--out", str(tmp_path / "run")])
     assert r.exit_code == 2, r.output
-    assert "no instrument spec for XRPUSDT" in r.output and "Traceback" not in r.output
+    assert "no instrument spec for SOLUSDT" in r.output and "Traceback" not in r.output
 
 
 def test_v1_evaluation_on_xrp_uses_the_xrp_spec(tmp_path):
@@ -319,3 +324,20 @@ def test_config_leverage_above_the_instruments_maximum_is_refused(tmp_path):
         load_config(path)
     loaded = load_config(path, instrument_spec=write_spec_json(tmp_path / "y.json", xrp_test_spec()))
     assert loaded.env.costs.instrument == xrp_test_spec() and loaded.data.instrument_spec == str(tmp_path / "y.json")
+
+
+def test_bundled_table_is_consistent_and_cites_every_value():
+    """Every bundled spec: brackets ascending with Binance's cum rule (cum_n = cum_{n-1} + cap_{n-1} x (rate_n -
+    rate_{n-1})), a source naming its documents and a read date, and a tick at most 0.1 % of the bundled candles'
+    median close (the sanity guard) for the symbols whose candles ship in the repo."""
+    for symbol, spec in BUNDLED_SPECS.items():
+        rows = spec.bracket_rows()
+        for (cap0, rate0, cum0), (cap1, rate1, cum1) in zip(rows, rows[1:]):
+            assert cap1 > cap0 and rate1 > rate0
+            assert cum1 == pytest.approx(cum0 + cap0 * (rate1 - rate0)), (symbol, cap1)
+        assert rows[0][2] == 0.0 and spec.symbol == symbol
+        assert "Binance USDT-M" in spec.source and spec.read_on
+    for symbol in ("BTCUSDT", "ETHUSDT", "XRPUSDT"):
+        closes = load_candles(bundled_candles_path(symbol))["close"].to_numpy()
+        check_spec_fits(BUNDLED_SPECS[symbol], symbol, closes)
+    assert {"SOLUSDT", "BCHUSDT"}.isdisjoint(BUNDLED_SPECS)  # no citable filters found: not guessed

@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from market.instruments import BUNDLED_SPECS
+from tests.kit.instruments import write_spec_json, xrp_test_spec
 from training.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,17 +75,23 @@ def test_val_end_leaves_an_embargo_gap_outside_validation_and_test(tmp_path):
 
 
 def test_symbols_list_resolves_each_symbols_spec_relative_to_the_config(tmp_path):
-    cfg = load_config(REPO / "configs" / "smoke_multi.yaml")
+    raw = yaml.safe_load((REPO / "configs" / "smoke_multi.yaml").read_text())
+    assert raw["data"]["symbols"] == ["BTCUSDT", "ETHUSDT", "XRPUSDT"]
+    raw["data"]["symbols"][2] = {"symbol": "XRPUSDT", "instrument_spec": "specs/XRPUSDT.spec.json"}
+    (tmp_path / "cfg" / "specs").mkdir(parents=True)
+    write_spec_json(tmp_path / "cfg" / "specs" / "XRPUSDT.spec.json", xrp_test_spec())
+    (tmp_path / "cfg" / "multi.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "cfg" / "multi.yaml")
     assert cfg.data.symbol_names == ("BTCUSDT", "ETHUSDT", "XRPUSDT") and cfg.data.symbol == "BTCUSDT"
     assert cfg.env.costs.instrument.symbol == "BTCUSDT"  # the primary symbol's spec
-    eth = cfg.data.sources()[1]
-    assert Path(eth.instrument_spec).is_absolute() and Path(eth.instrument_spec).is_file()
+    xrp = cfg.data.sources()[2]
+    assert Path(xrp.instrument_spec).is_absolute() and Path(xrp.instrument_spec).is_file()
     from training.config import run_instruments
 
     specs = run_instruments(cfg)
     assert list(specs) == ["BTCUSDT", "ETHUSDT", "XRPUSDT"]
-    assert specs["BTCUSDT"].origin == "bundled_table" and specs["XRPUSDT"].origin == "instrument_spec"
-    assert "NOT verified" in specs["ETHUSDT"].spec.source and "NOT verified" in specs["XRPUSDT"].spec.source
+    assert specs["BTCUSDT"].origin == specs["ETHUSDT"].origin == "bundled_table"
+    assert specs["XRPUSDT"].origin == "instrument_spec" and specs["XRPUSDT"].spec == xrp_test_spec()
     # a saved run config (absolute paths) loads from anywhere to the same specs
     saved = tmp_path / "run" / "config.yaml"
     saved.parent.mkdir()
@@ -105,19 +113,21 @@ def test_symbols_list_refuses_top_level_single_symbol_keys_and_duplicates(tmp_pa
     with pytest.raises(ConfigError, match="twice"):
         load_config(path)
     with pytest.raises(ConfigError, match="instrument-spec"):
-        load_config(REPO / "configs" / "smoke_multi.yaml", instrument_spec=REPO / "configs" / "specs" / "ETHUSDT.spec.json")
+        load_config(REPO / "configs" / "smoke_multi.yaml",
+                    instrument_spec=write_spec_json(tmp_path / "ETHUSDT.spec.json", BUNDLED_SPECS["ETHUSDT"]))
 
 
 def test_symbols_without_a_spec_or_below_the_leverage_are_errors(tmp_path):
     from market.instruments import InstrumentSpecError
 
-    path = _write(tmp_path, lambda r: (r["data"].pop("symbol"), r["data"].update({"symbols": ["BTCUSDT", "ETHUSDT"]})))
-    with pytest.raises(InstrumentSpecError, match="ETHUSDT"):
+    # SOLUSDT: not in the bundled table, no spec file, no downloaded spec
+    path = _write(tmp_path, lambda r: (r["data"].pop("symbol"), r["data"].update({"symbols": ["BTCUSDT", "SOLUSDT"]})))
+    with pytest.raises(InstrumentSpecError, match="SOLUSDT"):
         load_config(path)
 
     def lev(r):
         r["data"].pop("symbol")
-        r["data"]["symbols"] = ["BTCUSDT", {"symbol": "XRPUSDT", "instrument_spec": str(REPO / "configs" / "specs" / "XRPUSDT.spec.json")}]
+        r["data"]["symbols"] = ["BTCUSDT", "XRPUSDT"]
         r["env"]["actions"] = {"max_leverage": 100.0}
 
     with pytest.raises(InstrumentSpecError, match="XRPUSDT's maximum leverage 75x"):

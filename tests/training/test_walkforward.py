@@ -244,7 +244,7 @@ def test_walkforward_accepts_a_symbol_list(tmp_path):
     from training.walkforward import load_walkforward, run_walkforward
 
     base = yaml.safe_load((REPO / "configs" / "smoke_multi.yaml").read_text())
-    base["data"]["symbols"] = ["BTCUSDT", {"symbol": "XRPUSDT", "instrument_spec": str(REPO / "configs" / "specs" / "XRPUSDT.spec.json")}]
+    base["data"]["symbols"] = ["BTCUSDT", "XRPUSDT"]
     base["ppo"].update({"total_timesteps": 512, "eval_every_steps": 512})
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     wf_raw = yaml.safe_load((REPO / "configs" / "walkforward_smoke.yaml").read_text())
