@@ -3,7 +3,7 @@
 :func:`profit_factor` is the only profit factor of the project: ``training.metrics.profit_factor`` (reports,
 walk-forward, V1 selection) and ``serving.risk`` (the slow kill switch) both call it, so a backtest and the
 live guard judge the same trades the same way. :func:`exits_by_reason` groups closed trades by why they ended
-(stop, take-profit, signal, liquidation) for the reports.
+(stop, take-profit, signal, liquidation, rebalance) for the reports.
 """
 
 from __future__ import annotations
@@ -54,12 +54,14 @@ def profit_factor(pnls_usdt: Iterable[float]) -> float:
 
 
 #: Report names of the exit reasons the execution kernel emits (``envs.accounting.FILL_REASONS`` minus
-#: ``entry``): a close asked for by the policy (a flip, or going flat) is a ``signal`` exit.
+#: ``entry``): a close asked for by the policy (a flip, or going flat) is a ``signal`` exit; ``rebalance`` is
+#: the partial close of a resize (``TradingRulesConfig.rebalance_band_frac``).
 EXIT_REASON_NAMES: dict[str, str] = {
     "exit_signal": "signal",
     "stop": "stop",
     "take_profit": "take_profit",
     "liquidation": "liquidation",
+    "rebalance": "rebalance",
 }
 
 

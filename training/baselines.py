@@ -10,14 +10,16 @@ for Trading", J. Financial Data Science 2(2), eq. (11)): at the close of bar t
   (pandas ``ewm(span=vol_span_bars, adjust=True)`` weights ``(1 - alpha) ** i``, ``alpha = 2 / (span + 1)``,
   returns demeaned by their EWMA mean, as MOP eq. (1)) of the returns up to and including bar t, times
   ``sqrt(bars per year)`` (8,760 for 1h: crypto trades 24/7);
-* the exposure is capped at the agent's largest exposure, ``actions.max_leverage * actions.max_size_frac``
-  (the action bounds), and turned into a :class:`market.decision.Decision` in the agent's decision space
-  (:func:`exposure_decision`).
+* the exposure is capped at the agent's largest exposure (the action bounds, :func:`max_exposure`) and
+  turned into a :class:`market.decision.Decision` in the agent's decision space (:func:`exposure_decision`).
 
 Everything at bar t comes from closes at or before t (the candles a :class:`market.decision.DecisionContext`
-holds), so the rule is causal; the decision fills at the open of t+1 through the same env kernel, fees,
-slippage, funding and liquidation as every other strategy (``training.evaluate.span_backtests``). It has no
-stop and no take-profit (like buy-and-hold): it exits on a signal, or by liquidation.
+holds), so the rule is causal; the decision fills at the open of t+1 through the same env kernel, sizing rule,
+fees, slippage, funding and liquidation as every other strategy (``training.evaluate.span_backtests``). It
+trades under its own trading rules (:meth:`TsmomConfig.trading_rules`, whatever the agent's levers are): the
+kernel reads its decision only at its rebalance bars and resizes a held position (a partial close, reason
+``rebalance``, or an add) when the aim leaves the no-trade band. It has no stop and no take-profit (like
+buy-and-hold): it exits on a signal (a flip), a rebalance, or by liquidation.
 
 Defaults, fixed before any test period was looked at (never tuned on it), for 1h bars:
 
@@ -33,13 +35,13 @@ Defaults, fixed before any test period was looked at (never tuned on it), for 1h
   deviation (MOP: centre of mass 60 days). The weights are truncated after ``VOL_WINDOW_SPANS`` spans
   (2880 bars, the truncated tail holds ``exp(-4)`` ~ 1.8 % of the weight) and renormalised; with less
   history, every return available is used.
-* ``rebalance_interval_bars = 24``: ZZR's baselines trade daily; the direction and size are re-read at
-  the bars that close at a multiple of 24 bars since the Unix epoch (00:00 UTC for 1h bars). While flat
-  (at the start, or after a liquidation) the rule enters at the next decision bar.
-* ``rebalance_band_frac = 0.5``: a held position is resized only when its current exposure differs from
-  the target by more than half the target (a no-trade band, Davis & Norman 1990). The execution model
-  has no partial resize: a resize is a close at the next open and a re-entry at the open after (one bar
-  flat, a full round trip of costs), so a wide band keeps it rare.
+* ``rebalance_interval_bars = 24``: ZZR's baselines trade daily; the direction and size are read at the
+  bars that close at a multiple of 24 bars since the Unix epoch (00:00 UTC for 1h bars;
+  ``envs.accounting.is_decision_bar``, the rule of the agent's ``decision_interval_bars``), so the first
+  entry of a period waits for the first such bar.
+* ``rebalance_band_frac = 0.5``: a held position is resized to the target quantity only when
+  ``|target - held| >= 0.5 * held`` (the kernel's no-trade band, ``TradingRulesConfig.rebalance_band_frac``;
+  Davis & Norman 1990); ``None``: sized once at entry, never resized.
 """
 
 from __future__ import annotations
@@ -49,9 +51,11 @@ import math
 import numpy as np
 from pydantic import Field
 
+from envs.accounting import is_decision_bar
 from envs.actions import ActionConfig
+from envs.config import TradingRulesConfig
 from market.config_base import StrictConfig
-from market.decision import Decision, DecisionContext
+from market.decision import Decision, DecisionContext, StatelessPolicy
 
 #: Stop and take-profit distances (ATRs) so far away that they never trigger (the rule has no stop/target).
 NEVER_ATR = 1e9
@@ -77,9 +81,18 @@ class TsmomConfig(StrictConfig):
         ge=1,
         description="direction and size re-read at bars closing at a multiple of this since the epoch",
     )
-    rebalance_band_frac: float = Field(
-        0.5, ge=0.0, description="resize only when |current exposure / target - 1| exceeds this"
+    rebalance_band_frac: float | None = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="resize to the target unless |target - held| < this x held; None: never",
     )
+
+    def trading_rules(self) -> TradingRulesConfig:
+        """The env's trading rules tsmom trades under: decisions read at its rebalance bars, no minimum holding,
+        its no-trade band."""
+        return TradingRulesConfig(decision_interval_bars=self.rebalance_interval_bars, min_hold_bars=0,
+                                  rebalance_band_frac=self.rebalance_band_frac)  # fmt: skip
 
     @property
     def history_bars(self) -> int:
@@ -149,37 +162,46 @@ def tsmom_target(close: np.ndarray, cfg: TsmomConfig, bar_interval_s: float) -> 
     return direction, (math.inf if sigma == 0.0 else cfg.target_vol_annual / sigma)
 
 
+def _max_margin_frac(actions: ActionConfig) -> float:
+    return actions.max_size_frac if actions.sizing_mode == "equity_fraction" else 1.0
+
+
 def max_exposure(actions: ActionConfig) -> float:
-    """The agent's largest exposure (|notional| / equity at entry): ``max_leverage * max_size_frac``."""
-    return actions.max_leverage * actions.max_size_frac
+    """The agent's largest exposure (|notional| / equity at entry) under its action bounds: ``max_leverage *
+    max_size_frac`` (``equity_fraction`` sizing) or ``max_leverage`` (``vol_target`` sizing, margin up to all
+    the equity)."""
+    return actions.max_leverage * _max_margin_frac(actions)
 
 
 def exposure_decision(direction: int, exposure: float, actions: ActionConfig) -> Decision:
     """A decision that opens ``direction`` at ``exposure`` (|notional| / equity), within the action bounds.
 
-    The exposure is capped at :func:`max_exposure`; margin ``size_frac = min(exposure, max_size_frac)`` and
-    ``leverage = exposure / size_frac`` (at least 1: no leverage while the exposure fits in the margin),
-    so the position is no more levered than it must be (its liquidation price as far as the bounds allow).
-    No stop and no take-profit (:data:`NEVER_ATR`). ``direction == 0`` or ``exposure <= 0``: flat.
+    The exposure is capped at :func:`max_exposure`; margin ``size_frac = min(exposure, m)`` (m the largest
+    margin fraction: ``max_size_frac``, or 1 under ``vol_target`` sizing, where this equals
+    ``envs.sizing.vol_target_fields``) and ``leverage = exposure / size_frac`` (at least 1: no leverage while
+    the exposure fits in the margin), so the position is no more levered than it must be (its liquidation price
+    as far as the bounds allow). No stop and no take-profit (:data:`NEVER_ATR`). ``direction == 0`` or
+    ``exposure <= 0``: flat.
     """
     e = min(float(exposure), max_exposure(actions))
     if direction == 0 or not e > 0.0:
         return Decision.flat()
-    size = min(e, actions.max_size_frac)
+    size = min(e, _max_margin_frac(actions))
     lev = min(max(1.0, e / size), actions.max_leverage)
     return Decision(
         direction=int(direction), leverage=lev, size_frac=size, stop_atr=NEVER_ATR, take_profit_atr=NEVER_ATR
     )
 
 
-class TsmomPolicy:
+class TsmomPolicy(StatelessPolicy):
     """Time-series momentum with volatility targeting as a :class:`market.decision.Policy` (module docstring).
 
-    At a rebalance bar (its close is a multiple of ``rebalance_interval_bars`` bars since the epoch): flip
-    when the direction changed; close (to re-enter at the target on the next bar) when the exposure left
-    the band; else hold. At other bars: hold, or enter when flat. ``ctx.candles`` must hold at least
-    ``cfg.history_bars`` closes for the full volatility window (fewer: the rule uses what is there, and
-    stays flat until ``lookback_bars + 1`` closes are available).
+    At a rebalance bar (its close is a multiple of ``rebalance_interval_bars`` bars since the epoch) it answers
+    the target: direction and exposure (:func:`exposure_decision`; flat without a signal). Traded under
+    :meth:`TsmomConfig.trading_rules`, the env reads the answer only at those bars: a new direction flips, the
+    held one resizes outside the band. At other bars it answers a hold (not read). ``ctx.candles`` must hold
+    ``cfg.history_bars`` closes for the full volatility window (fewer: the rule uses what is there, and stays
+    flat until ``lookback_bars + 1`` closes are available).
     """
 
     name = "tsmom"
@@ -189,28 +211,19 @@ class TsmomPolicy:
             raise ValueError(f"bar_interval_s must be finite and > 0, got {bar_interval_s!r}")
         self.cfg, self.actions, self.bar_interval_s = cfg, actions, float(bar_interval_s)
         self._bar_ns = round(self.bar_interval_s * 1e9)
-        self._period_ns = self._bar_ns * cfg.rebalance_interval_bars
+
+    def history_bars(self, bar_interval) -> int:
+        """Closes one decision reads (:attr:`TsmomConfig.history_bars`); no state, no stops (Policy protocol)."""
+        return self.cfg.history_bars
 
     def is_rebalance_bar(self, bar_open_time) -> bool:
         """The bar opening at ``bar_open_time`` closes at a multiple of ``rebalance_interval_bars`` bars."""
-        close_ns = int(bar_open_time.value) + self._bar_ns
-        return close_ns % self._period_ns == 0
+        return bool(is_decision_bar(int(bar_open_time.value), self._bar_ns, self.cfg.rebalance_interval_bars))
 
     def decide(self, ctx: DecisionContext) -> Decision:
-        side = ctx.position.side
-        if side != 0 and not self.is_rebalance_bar(ctx.bar_open_time):
-            return Decision(direction=side)  # hold
+        if not self.is_rebalance_bar(ctx.bar_open_time):
+            return Decision(direction=ctx.position.side)  # hold
         direction, exposure = tsmom_target(
             ctx.candles["close"].to_numpy(np.float64), self.cfg, self.bar_interval_s
         )
-        target = min(exposure, max_exposure(self.actions))
-        if side == 0 or direction != side:
-            return exposure_decision(direction, target, self.actions)
-        held = (
-            abs(ctx.position.quantity_base) * float(ctx.candles["close"].iloc[-1]) / ctx.equity_usdt
-            if ctx.equity_usdt > 0
-            else 0.0
-        )
-        if target > 0 and abs(held / target - 1.0) > self.cfg.rebalance_band_frac:
-            return Decision.flat()  # resize: close now, re-enter at the target on the next bar
-        return Decision(direction=side)
+        return exposure_decision(direction, exposure, self.actions)

@@ -22,6 +22,7 @@ from market.instruments import DEFAULT_SYMBOL, InstrumentSpec, InstrumentSpecErr
 from market.labels import TripleBarrierConfig
 from regime.config import RegimeConfig
 from signals.config import SignalConfig
+from training.baselines import BaselinesConfig
 
 
 class ConfigError(ValueError):
@@ -215,6 +216,8 @@ class RunConfig(StrictConfig):
     backend: Literal["sb3", "rllib"] = Field("sb3", description="PPO implementation: sb3 (one process) or rllib (Ray)")
     rllib: RLlibConfig = RLlibConfig()
     v1: V1Config = V1Config()
+    baselines: BaselinesConfig = Field(
+        BaselinesConfig(), description="rule baselines traded next to the agent in every report (tsmom)")
 
     @model_validator(mode="after")
     def _pooled_backend(self) -> RunConfig:

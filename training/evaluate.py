@@ -1,4 +1,5 @@
-"""``ats evaluate``: trade a span once with PPO (a bundle), V1, buy-and-hold, flat and a seeded random policy.
+"""``ats evaluate``: trade a span once with PPO (a bundle), V1, buy-and-hold, time-series momentum (``tsmom``,
+:mod:`training.baselines`), flat and a seeded random policy.
 
 Two entry points share everything below them:
 
@@ -36,16 +37,20 @@ from market.features import compute_features, drop_warmup
 from market.instruments import ResolvedSpec, check_spec_fits
 from training import metrics as M
 from training.backtest import BacktestResult, run_backtest
+from training.baselines import TsmomConfig, TsmomPolicy, max_exposure
 from training.config import RunConfig, load_config, symbol_env_config
+from training.exits import EXITS_TITLE, exit_summary, exits_table
 from training.pipeline import Log, PreparedData, prepare_data, prepare_symbols, summarize_backtest
 from training.portfolio import PORTFOLIO_DEFINITION, equal_weight
 from training.provenance import bundle_identity, flatten_config, provenance_note, provenance_record
 from training.report import write_report
 from training.v1_eval import v1_env_data
 
-STRATEGIES = ("ppo", "v1", "buy_and_hold", "flat", "random")
+STRATEGIES = ("ppo", "v1", "buy_and_hold", "tsmom", "flat", "random")
 COST_MULTIPLIERS = (0.0, 1.0, 2.0)
-COST_SENSITIVE = ("ppo", "v1")
+COST_SENSITIVE = ("ppo", "v1", "tsmom")
+#: Strategies that need no bundle (no observation): they trade :func:`span_rule_env_data` or V1's own env data.
+NO_BUNDLE = frozenset({"v1", "tsmom"})
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,15 @@ def span_env_data(bundle: PolicyBundle, span: EvalSpan, funding_interval_hours: 
     return EnvData.from_frames(span.candles.iloc[a:b], normed, span.atr[a:b], funding_interval_hours=funding_interval_hours)
 
 
+def span_rule_env_data(span: EvalSpan, funding_interval_hours: int = 8) -> EnvData:
+    """Env data of the span without a market observation (zero columns), for the rules that read candles only
+    (``tsmom``): the same candles, feature ATR, funding and settlement times as :func:`span_env_data`, so the
+    same fills and costs as buy-and-hold and PPO."""
+    a, b = span.start_row, span.end_row
+    obs = pd.DataFrame(index=span.candles.index[a:b], dtype=np.float32)
+    return EnvData.from_frames(span.candles.iloc[a:b], obs, span.atr[a:b], funding_interval_hours=funding_interval_hours)
+
+
 def span_v1_env_data(span: EvalSpan, v1_cfg: V1Config) -> EnvData:
     """Env data V1 trades the span with: a zero-width market observation and the ATR of V1's own
     ``atr_period_bars`` (float64, price units).
@@ -119,13 +133,17 @@ def span_backtests(
     cost_multiplier: float = 1.0,
     strategies: tuple[str, ...] = STRATEGIES,
     random_seed: int = 0,
+    tsmom_cfg: TsmomConfig | None = None,
 ) -> dict[str, BacktestResult]:
     """Backtest ``strategies`` on the span through the same env and costs.
 
     ``cost_multiplier`` scales fees and slippage (cost sensitivity: 0, 1, 2); ``random_seed`` seeds the
-    random policy (uniform actions decoded like the agent's). V1 trades :func:`span_v1_env_data`
-    (stops and targets at V1's own ATR period), the others the bundle's observation and the feature
-    ATR; ``bundle`` may be None when ``strategies`` is ``("v1",)`` and V1 has no regime adjustments.
+    random policy (uniform actions decoded like the agent's); ``tsmom_cfg`` (default :class:`TsmomConfig`)
+    sets the time-series momentum rule, whose exposure is capped by ``env_cfg.actions`` and which trades under
+    its own trading rules (:meth:`TsmomConfig.trading_rules`) with ``env_cfg``'s costs and instrument. V1 trades
+    :func:`span_v1_env_data` (stops and targets at V1's own ATR period), tsmom :func:`span_rule_env_data`
+    (no observation; the same candles, ATR and funding), the others the bundle's observation and the feature
+    ATR; ``bundle`` may be None when ``strategies`` holds only ``v1`` (without regime adjustments) and ``tsmom``.
 
     Raises
     ------
@@ -134,24 +152,32 @@ def span_backtests(
     ValueError
         If ``bundle`` is None while a strategy or V1's regime adjustments need it.
     """
-    if bundle is None and (set(strategies) - {"v1"} or ("v1" in strategies and v1_cfg.regime_adjustments)):
+    if bundle is None and (set(strategies) - NO_BUNDLE or ("v1" in strategies and v1_cfg.regime_adjustments)):
         raise ValueError(f"span_backtests: strategies {strategies} need a bundle")
     hours = env_cfg.costs.funding_interval_hours
-    data = span_env_data(bundle, span, hours) if set(strategies) - {"v1"} else None
+    data = span_env_data(bundle, span, hours) if set(strategies) - NO_BUNDLE else None
+    tsmom_cfg = TsmomConfig() if tsmom_cfg is None else tsmom_cfg
+    times = span.candles.index[span.start_row : span.end_row]
+    bar_s = float(np.median(np.diff(times.asi8))) / 1e9 if len(times) > 1 else 3600.0
     candles = span.candles.iloc[: span.end_row]  # history before the span is visible to V1 (closed candles)
     cfg = env_cfg.updated(costs=env_cfg.costs.updated(cost_multiplier=cost_multiplier))
     factories: dict[str, Callable[[], object]] = {
         "ppo": lambda: FrozenPPOPolicy(bundle),
         "v1": lambda: V1Policy(v1_cfg),
         "buy_and_hold": BuyAndHoldPolicy,
+        "tsmom": lambda: TsmomPolicy(tsmom_cfg, env_cfg.actions, bar_s),
         "flat": FlatPolicy,
         "random": lambda: RandomPolicy(lambda x: decode_action(x, env_cfg.actions), seed=random_seed),
     }
     # V1's regime-conditional thresholds read the bundle's forward-filtered HMM probabilities
     regime = span_regime_proba(bundle, span) if "v1" in strategies and v1_cfg.regime_adjustments else None
+    special = {"v1": lambda: span_v1_env_data(span, v1_cfg), "tsmom": lambda: span_rule_env_data(span, hours)}
+    history = {"tsmom": tsmom_cfg.history_bars}
+    rules = {"tsmom": cfg.updated(trading_rules=tsmom_cfg.trading_rules())}  # tsmom's own rebalance bars and band
     return {
-        name: run_backtest(factories[name](), span_v1_env_data(span, v1_cfg) if name == "v1" else data, candles,
-                           cfg, offset=span.start_row, history_bars=v1_cfg.history_bars,
+        name: run_backtest(factories[name](), special[name]() if name in special else data, candles,
+                           rules.get(name, cfg), offset=span.start_row,
+                           history_bars=history.get(name, v1_cfg.history_bars),
                            regime_proba=regime if name == "v1" else None)
         for name in strategies
     }
@@ -166,9 +192,9 @@ def test_period_backtests(
     strategies: tuple[str, ...] = STRATEGIES,
     random_seed: int = 0,
 ) -> dict[str, BacktestResult]:
-    """:func:`span_backtests` on the test period of a prepared run, with the run's env and V1 config."""
+    """:func:`span_backtests` on the test period of a prepared run, with the run's env, V1 and tsmom config."""
     return span_backtests(bundle, EvalSpan.test_period(prep), cfg.env, cfg.v1, cost_multiplier=cost_multiplier,
-                          strategies=strategies, random_seed=random_seed)
+                          strategies=strategies, random_seed=random_seed, tsmom_cfg=cfg.baselines.tsmom)
 
 
 def span_regime_proba(bundle: PolicyBundle, span: EvalSpan) -> np.ndarray:
@@ -253,7 +279,8 @@ def signed_leverage(res: BacktestResult) -> pd.Series:
 def cost_sensitivity(
     base: dict[str, BacktestResult], rerun: Callable[[float], dict[str, BacktestResult]], bar_s: float
 ) -> dict[str, dict[str, float]]:
-    """PPO and V1 re-traded with fees and slippage x 0, x 1 and x 2 (``rerun(multiplier)``; x 1 is ``base``)."""
+    """PPO, V1 and tsmom (:data:`COST_SENSITIVE`) re-traded with fees and slippage x 0, x 1 and x 2
+    (``rerun(multiplier)``; x 1 is ``base``)."""
     out = {}
     for mult in COST_MULTIPLIERS:
         runs = base if mult == 1.0 else rerun(mult)
@@ -280,9 +307,14 @@ def write_evaluation(
     instrument: dict | None = None,
     extra_metrics: dict | None = None,
     extra_tables: dict[str, pd.DataFrame] | None = None,
+    exits: dict[str, dict] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Write ``metrics.json`` (metrics, regime slices, cost sensitivity, ``provenance``, ``instrument``, and the
-    entries of ``extra_metrics``), the two side files and ``report.html`` (with ``extra_tables`` first).
+    """Write ``metrics.json`` (metrics, regime slices, cost sensitivity, ``exits_by_reason``, ``provenance``,
+    ``instrument``, and the entries of ``extra_metrics``), the two side files and ``report.html`` (with
+    ``extra_tables`` first).
+
+    ``exits`` ({strategy: :func:`training.exits.exit_summary`}): how each strategy's trades ended; default: the
+    summaries of ``results`` (a pooled run passes those of every symbol's account).
 
     ``instrument`` (:func:`instrument_record`): the spec the costs used, where it came from, and the symbols the
     bundle was trained and evaluated on; written to ``metrics.json`` and, as a table, to the report.
@@ -298,9 +330,11 @@ def write_evaluation(
         log(f"{name:>12}: return {m['total_return']:+.2%}, Sortino {m['sortino']:.2f}, max DD {m['max_drawdown']:.2%}, "
             f"trades {m['n_trades']:.0f}, avg leverage {m['avg_leverage']:.2f}")
     slices = {name: regime_slices(res, regimes.to_numpy(), bar_s) for name, res in results.items()}
+    exits = {name: exit_summary(res) for name, res in results.items()} if exits is None else exits
     (out / "metrics.json").write_text(json.dumps(
         {**{k: M.to_jsonable(v) for k, v in metrics.items()},
          "regime_slices": M.to_jsonable(slices), "cost_sensitivity": M.to_jsonable(sensitivity),
+         "exits_by_reason": _jsonable_tree(exits),
          **({} if provenance is None else {"provenance": M.to_jsonable(provenance)}),
          **({} if instrument is None else {"instrument": M.to_jsonable(instrument)}),
          **{k: _jsonable_tree(v) for k, v in (extra_metrics or {}).items()}},
@@ -313,6 +347,7 @@ def write_evaluation(
              "liquidation fees": r.liquidation_fees_usdt, "orders skipped (min notional)": r.n_skipped_min_notional}
          for n, r in results.items()}).round(2)
     extra["cost sensitivity (fees and slippage x 0, 1, 2)"] = pd.DataFrame(sensitivity).round(4)
+    extra[EXITS_TITLE] = exits_table(exits)
     for name, table in slices.items():
         extra[f"{name} by regime at decision time (0 = calmest)"] = pd.DataFrame(table).round(4)
     if instrument is not None:
@@ -382,6 +417,27 @@ def cost_note(env_cfg: EnvConfig, funding_source: str) -> str:
             "runs scale fees and slippage only; funding is charged at its recorded rates in every run.")
 
 
+def tsmom_note(cfg: TsmomConfig, env_cfg: EnvConfig) -> str:
+    """The report line that states the time-series momentum baseline's fixed parameters."""
+    a = env_cfg.actions
+    band = ("never resized" if cfg.rebalance_band_frac is None else
+            f"resized (partial close or add) when the target leaves a {cfg.rebalance_band_frac:.0%} band of the held "
+            "quantity")
+    return (f"tsmom: time-series momentum with volatility targeting (Moskowitz, Ooi & Pedersen 2012; the baseline "
+            f"of Zhang, Zohren & Roberts 2020): direction = sign of the trailing {cfg.lookback_bars}-bar return, "
+            f"exposure = {cfg.target_vol_annual:.0%} / ex-ante annualised volatility (EWMA of 1-bar returns, span "
+            f"{cfg.vol_span_bars} bars), capped at the agent's largest exposure {max_exposure(a):g}x (action bounds, "
+            f"{a.sizing_mode} sizing); read at bars closing at a multiple of {cfg.rebalance_interval_bars} bars "
+            f"(UTC epoch), {band}; no stop or target. Parameters fixed in the config, never tuned on a test period; "
+            "flat until the lookback has history.")
+
+
+def tsmom_config_of(bundle: PolicyBundle) -> TsmomConfig:
+    """The tsmom config stored in the bundle's manifest (``config.baselines.tsmom``); defaults if absent."""
+    raw = bundle.manifest.get("config", {}).get("baselines", {}).get("tsmom")
+    return TsmomConfig() if raw is None else TsmomConfig.model_validate(raw)
+
+
 def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Backtest every strategy on a run's test period; write ``run_dir/report/{metrics.json,report.html}``.
 
@@ -395,16 +451,18 @@ def evaluate_run(run_dir: Path, *, log: Log = print, device: str = "cpu") -> dic
     prep = prepare_data(cfg, log)
     bar_s = prep.info["bar_interval_s"]
     span = EvalSpan.test_period(prep)
-    results = span_backtests(bundle, span, cfg.env, cfg.v1, random_seed=cfg.seed)
+    tsmom = cfg.baselines.tsmom
+    results = span_backtests(bundle, span, cfg.env, cfg.v1, random_seed=cfg.seed, tsmom_cfg=tsmom)
     sensitivity = cost_sensitivity(
-        results, lambda m: span_backtests(bundle, span, cfg.env, cfg.v1, cost_multiplier=m, strategies=COST_SENSITIVE),
-        bar_s)
+        results, lambda m: span_backtests(bundle, span, cfg.env, cfg.v1, cost_multiplier=m, strategies=COST_SENSITIVE,
+                                          tsmom_cfg=tsmom), bar_s)
     notes = [
         (f"Symbol {cfg.data.symbol}, bar interval {bar_s / 3600:g} h; test period {prep.info['test'][0]} to "
          f"{prep.info['test'][1]} ({prep.info['test'][2]} bars), never used for fitting or selection."),
         (f"Training {prep.info['train'][0]} to {prep.info['train'][1]}; validation (PPO checkpoint choice) "
          f"{prep.info['validation'][0]} to {prep.info['validation'][1]}."),
         cost_note(cfg.env, "from the exchange history"),
+        tsmom_note(tsmom, cfg.env),
         f"Initial equity {cfg.env.initial_equity_usdt:,.0f} USDT; random policy seed {cfg.seed}.",
         f"Bundle: {bundle.path} (schema {bundle.manifest['observation']['schema_hash'][:12]}).",
     ]
@@ -427,7 +485,7 @@ def pooled_test_backtests(cfg: RunConfig, bundle: PolicyBundle, preps: list[Prep
     seed = cfg.seed if random_seed is None else random_seed
     return {p.info["symbol"]: span_backtests(bundle, EvalSpan.test_period(p), symbol_env_config(cfg, p.instrument.spec),
                                              cfg.v1, cost_multiplier=cost_multiplier, strategies=strategies,
-                                             random_seed=seed)
+                                             random_seed=seed, tsmom_cfg=cfg.baselines.tsmom)
             for p in preps}
 
 
@@ -444,7 +502,8 @@ def evaluate_pooled(run_dir: Path, cfg: RunConfig, bundle: PolicyBundle, *, log:
     strategy lines (top level of ``metrics.json``, the curves) are the equal-weight portfolio
     (:data:`training.portfolio.PORTFOLIO_DEFINITION`), ``metrics.json`` adds ``by_symbol`` ({SYMBOL: {strategy:
     metrics}}), ``portfolio`` (the definition and symbols), ``regime_slices_by_symbol`` (each symbol's strategies
-    by its own regime) and ``instruments`` ({SYMBOL: spec record}); ``instrument`` and ``regime_slices`` are the
+    by its own regime), ``instruments`` ({SYMBOL: spec record}) and ``exits_by_reason_by_symbol``; ``exits_by_reason``
+    counts every symbol account's exits; ``instrument`` and ``regime_slices`` are the
     primary symbol's record and the portfolio sliced by the primary symbol's regime. The cost sensitivity is the
     portfolio's.
     """
@@ -476,6 +535,7 @@ def evaluate_pooled(run_dir: Path, cfg: RunConfig, bundle: PolicyBundle, *, log:
          f"portfolio's Sortino) {info['validation'][0]} to {info['validation'][1]}."),
         *[instrument_note(r) for r in records.values()],
         cost_note(cfg.env, "from the exchange history"),
+        tsmom_note(cfg.baselines.tsmom, cfg.env),
         (f"Initial equity {cfg.env.initial_equity_usdt:,.0f} USDT per symbol account; random policy seed {cfg.seed}. "
          f"Regime bands of the curves and 'regime_slices': the primary symbol {symbols[0]}'s HMM regime."),
         f"Bundle: {bundle.path} (schema {bundle.manifest['observation']['schema_hash'][:12]}).",
@@ -483,6 +543,9 @@ def evaluate_pooled(run_dir: Path, cfg: RunConfig, bundle: PolicyBundle, *, log:
     prov = provenance_record(bundle.manifest["config"], bundle=bundle_identity(bundle.manifest),
                              data_sha256=info["candles_sha256"])  # fmt: skip
     tables = {f"{s}: test-period metrics": pd.DataFrame(ms).round(4) for s, ms in by_symbol_metrics.items()}
+    exits_by_symbol = {s: {n: exit_summary(r) for n, r in res.items()} for s, res in by_symbol.items()}
+    names = list(portfolio)  # the portfolio's exits: every symbol account's trades and open positions
+    exits = {n: exit_summary([by_symbol[s][n] for s in by_symbol]) for n in names}
     for s, rec in records.items():
         tables[f"{s}: instrument spec"] = pd.DataFrame({"value": instrument_table(rec)})
     span0 = EvalSpan.test_period(preps[0])
@@ -492,8 +555,9 @@ def evaluate_pooled(run_dir: Path, cfg: RunConfig, bundle: PolicyBundle, *, log:
         bar_s=bar_s, notes=notes, log=log, provenance=prov, instrument=records[symbols[0]],
         extra_metrics={"by_symbol": by_symbol_metrics,
                        "portfolio": {"weighting": "equal", "symbols": symbols, "definition": PORTFOLIO_DEFINITION},
-                       "regime_slices_by_symbol": slices, "instruments": records},
-        extra_tables=tables,
+                       "regime_slices_by_symbol": slices, "instruments": records,
+                       "exits_by_reason_by_symbol": exits_by_symbol},
+        extra_tables=tables, exits=exits,
     )
 
 
@@ -566,7 +630,7 @@ def evaluate_bundle(
     log: Log = print,
     device: str = "cpu",
 ) -> dict[str, dict[str, float]]:
-    """Trade an existing bundle (and V1, buy-and-hold, flat, random) on bars opening in ``[start, end)``.
+    """Trade an existing bundle (and V1, buy-and-hold, tsmom, flat, random) on bars opening in ``[start, end)``.
 
     Every strategy trades under ``instrument``, the spec of the *data's* symbol (tick, step, min notional,
     brackets, funding interval); the bundle's fees and slippage settings are kept. A bundle trained on another
@@ -597,17 +661,17 @@ def evaluate_bundle(
     bundle = load_bundle(Path(bundle_dir), device=device)
     check_spec_fits(instrument.spec, instrument.spec.symbol, candles["close"].to_numpy())
     span = bundle_span(bundle, candles, start, end)
-    env_cfg, v1_cfg = bundle.env_config, v1_config_of(bundle)
+    env_cfg, v1_cfg, tsmom = bundle.env_config, v1_config_of(bundle), tsmom_config_of(bundle)
     env_cfg = env_cfg.updated(costs=env_cfg.costs.with_instrument(instrument.spec))
     record = instrument_record(instrument, bundle_symbol(bundle))
     pooled = bundle.manifest.get("data", {}).get("symbols") or []
     if len(pooled) > 1 and instrument.spec.symbol in pooled:  # one of the symbols a pooled bundle was trained on
         record.update(trained_on="+".join(pooled), transfer=False)
     bar_s = float((span.features.index[1] - span.features.index[0]).total_seconds())
-    results = span_backtests(bundle, span, env_cfg, v1_cfg, random_seed=random_seed)
+    results = span_backtests(bundle, span, env_cfg, v1_cfg, random_seed=random_seed, tsmom_cfg=tsmom)
     sensitivity = cost_sensitivity(
-        results, lambda m: span_backtests(bundle, span, env_cfg, v1_cfg, cost_multiplier=m, strategies=COST_SENSITIVE),
-        bar_s)
+        results, lambda m: span_backtests(bundle, span, env_cfg, v1_cfg, cost_multiplier=m, strategies=COST_SENSITIVE,
+                                          tsmom_cfg=tsmom), bar_s)
     times = span.open_times
     funding = "from the file's funding history" if "funding_rate" in candles.columns else "at the fallback rate (no history given)"
     notes = [
@@ -616,8 +680,9 @@ def evaluate_bundle(
         instrument_note(record),
         sample_note(bundle.manifest.get("data", {}), times[0], times[-1]),
         cost_note(env_cfg, funding),
-        (f"Initial equity {env_cfg.initial_equity_usdt:,.0f} USDT; random policy seed {random_seed}; V1 with the "
-         "bundle's recorded V1 config."),
+        tsmom_note(tsmom, env_cfg),
+        (f"Initial equity {env_cfg.initial_equity_usdt:,.0f} USDT; random policy seed {random_seed}; V1 and tsmom "
+         "with the bundle's recorded configs."),
     ]
     regimes = pd.Series(span_regimes(bundle, span), index=times)
     return write_evaluation(out, title=f"ats evaluate: {Path(bundle_dir).name} on {times[0]:%Y-%m-%d}..{end:%Y-%m-%d}",

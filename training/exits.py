@@ -1,8 +1,10 @@
-"""Exits by reason: how each strategy's trades ended (stop, take-profit, signal, liquidation, end of period).
+"""Exits by reason: how each strategy's trades ended (stop, take-profit, signal, liquidation, rebalance, end of
+period).
 
 The execution kernel (``envs.kernel``) records why each trade closed: ``stop`` and ``take_profit`` (its
 intrabar exits, stop first when a bar touches both), ``exit_signal`` (the policy asked for another side: a
-flip or a close; reported as ``signal``) and ``liquidation``. A position still open when a backtest ends is
+flip or a close; reported as ``signal``), ``liquidation`` and ``rebalance`` (the partial close of a resize,
+``TradingRulesConfig.rebalance_band_frac``). A position still open when a backtest ends is
 marked to market, not closed; it is counted apart as ``end_of_period`` and never in the closed trades, so the
 reasons' counts sum to ``n_trades``.
 """
@@ -86,4 +88,7 @@ def exits_table(summaries: Mapping[str, dict]) -> pd.DataFrame:
     return frame
 
 
-EXITS_TITLE = "exits by reason (stop, take_profit, signal, liquidation; end_of_period = open at the end, marked to market)"
+EXITS_TITLE = (
+    "exits by reason (stop, take_profit, signal, liquidation, rebalance; end_of_period = open at the end, "
+    "marked to market)"
+)

@@ -36,8 +36,9 @@ def test_smoke_run_writes_bundle_and_report(smoke_run):
     assert any((smoke_run / "tb").rglob("events.out.tfevents*"))
 
     metrics = json.loads((smoke_run / "report" / "metrics.json").read_text())
-    strategies = {"ppo", "v1", "buy_and_hold", "flat", "random"}
-    assert set(metrics) == strategies | {"regime_slices", "cost_sensitivity", "provenance", "instrument"}
+    strategies = {"ppo", "v1", "buy_and_hold", "tsmom", "flat", "random"}
+    assert set(metrics) == strategies | {"regime_slices", "cost_sensitivity", "exits_by_reason", "provenance",
+                                         "instrument"}
     assert metrics["instrument"]["origin"] == "bundled_table" and metrics["instrument"]["spec"]["symbol"] == "BTCUSDT"
     assert manifest["data"]["instrument"]["spec"]["tick_size_usdt"] == 0.1 and not metrics["instrument"]["transfer"]
     # the report names the bundle it judged: its schema, file table and strategy config match the manifest
@@ -169,7 +170,7 @@ def test_evaluate_bundle_on_a_user_period_reproduces_the_run_report(smoke_run, t
     assert result.exit_code == 0, result.output
     got = json_codec.loads((out / "metrics.json").read_text())
     want = json_codec.loads((smoke_run / "report" / "metrics.json").read_text())
-    for name in ("ppo", "v1", "buy_and_hold", "flat", "random"):
+    for name in ("ppo", "v1", "buy_and_hold", "tsmom", "flat", "random"):
         for key in ("total_return", "n_trades", "fees_paid", "avg_leverage"):
             assert got[name][key] == pytest.approx(want[name][key], rel=1e-9, nan_ok=True), (name, key)
     html = (out / "report.html").read_text()
