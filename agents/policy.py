@@ -12,7 +12,7 @@ from agents.bundle import PolicyBundle
 from agents.observation import last_row_outputs
 from envs.actions import decode_action
 from envs.trading_env import account_features
-from market.decision import Decision, DecisionContext, NonFiniteDecisionError
+from market.decision import Decision, DecisionContext, NonFiniteDecisionError, PolicyState, StatelessPolicy
 from market.features import compute_features, drop_warmup, feature_names, min_history_bars, warmup_bars
 
 
@@ -23,7 +23,13 @@ class FrozenPPOPolicy:
     otherwise it builds the observation from ``ctx.candles`` exactly as training did: causal
     features on the candle history, forward-filtered regime probabilities, the regime-ahead and
     TCN outputs at the last bar, standardised with the bundle's normaliser, then the account
-    features. ``last_raw_action`` keeps the actor's 5 numbers for the decision log.
+    features. ``last_raw_action`` keeps the actor's 5 numbers for the decision log (None after a call
+    that failed before the actor answered).
+
+    Carried state (:class:`market.decision.PolicyState`): the peak equity, the drawdown input of the
+    account features. Each observation advances it (:meth:`PolicyState.advanced`: the run's peak when
+    the context states it, as the serving loops do from the state store, else the running maximum of
+    the equities shown); :meth:`restore` sets it (restart, hot swap).
 
     Bounded per-bar cost (serving): features are computed over the last ``history_bars`` candles
     only (``market.features.min_history_bars``: the history whose last feature row matches the batch
@@ -53,7 +59,7 @@ class FrozenPPOPolicy:
         """
         self.bundle = bundle
         self.last_raw_action: np.ndarray | None = None
-        self._peak_equity = 0.0
+        self._state = PolicyState()
         transition = copy.copy(bundle.models.transition)
         transition.cfg = transition.cfg.updated(n_threads=int(lgbm_threads))
         self._models = dataclasses.replace(bundle.models, transition=transition)
@@ -63,6 +69,15 @@ class FrozenPPOPolicy:
         self._history_bars: dict[pd.Timedelta, int] = {}
         # filtered log-probabilities of the last two served feature rows: {open time: log alpha}
         self._filter_state: dict[pd.Timestamp, np.ndarray] = {}
+
+    @property
+    def state(self) -> PolicyState:
+        """The carried state (peak equity)."""
+        return self._state
+
+    def restore(self, state: PolicyState) -> None:
+        """Carry ``state`` on (the next observation advances it)."""
+        self._state = state
 
     @property
     def atr_period_bars(self) -> int:
@@ -118,18 +133,20 @@ class FrozenPPOPolicy:
         market = np.concatenate([feats.to_numpy(np.float32)[-1], outputs])
         # the drawdown input: the run's peak when the caller states it (serving: restarts and hot
         # swaps keep it), else the running maximum of the equity this instance was shown
-        self._peak_equity = max(self._peak_equity, ctx.equity_usdt, ctx.peak_equity_usdt or 0.0)
+        self._state = self._state.advanced(ctx)
+        peak = self._state.peak_equity_usdt
         account = account_features(
             ctx.position,
             equity_usdt=ctx.equity_usdt,
-            peak_equity_usdt=self._peak_equity if ctx.peak_equity_usdt is None else max(ctx.peak_equity_usdt,
-                                                                                        ctx.equity_usdt),
+            peak_equity_usdt=0.0 if peak is None else peak,
             mark_price=float(ctx.candles["close"].iloc[-1]),
             config=b.env_config,
         )
         return np.concatenate([b.normalizer(market), account]).astype(np.float32)
 
     def decide(self, ctx: DecisionContext) -> Decision:
+        """The actor's deterministic decision (see the class docstring); sets ``last_raw_action``."""
+        self.last_raw_action = None
         obs = ctx.observation if ctx.observation is not None else self.observation(ctx)
         if not np.isfinite(obs).all():
             raise NonFiniteDecisionError(f"non-finite observation at {ctx.bar_open_time}")
@@ -138,8 +155,12 @@ class FrozenPPOPolicy:
         return decode_action(action, self.bundle.env_config.actions)
 
 
-class SB3ActorPolicy:
-    """Adapter used during training: a live SB3 model's deterministic action, decoded."""
+class SB3ActorPolicy(StatelessPolicy):
+    """Adapter used during training: a live SB3 model's deterministic action, decoded.
+
+    Reads ``ctx.observation`` only (the backtester's env builds it, drawdown included), so it carries
+    no state, needs one candle and places stops in the env's ATR.
+    """
 
     name = "ppo"
 
@@ -149,6 +170,8 @@ class SB3ActorPolicy:
         self.last_raw_action: np.ndarray | None = None
 
     def decide(self, ctx: DecisionContext) -> Decision:
+        """The model's deterministic action on ``ctx.observation``, decoded; sets ``last_raw_action``."""
+        self.last_raw_action = None
         action, _ = self.model.predict(ctx.observation, deterministic=True)
         self.last_raw_action = np.asarray(action, dtype=np.float32)
         return decode_action(self.last_raw_action, self.action_config)

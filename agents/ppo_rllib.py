@@ -44,7 +44,7 @@ from agents.tb_logging import EXPOSURE_FROM_END, write_hparams, write_scalars, w
 from envs import ENV_ID
 from envs.actions import decode_action
 from envs.trading_env import ACCOUNT_FEATURES, EnvConfig, EnvData
-from market.decision import Decision, DecisionContext
+from market.decision import Decision, DecisionContext, StatelessPolicy
 
 EpisodeStats = Callable[[np.ndarray], dict[str, float]]  # equity path (n+1,) -> stats
 ActorValidator = Callable[[ActorNet], dict[str, float]]  # current actor -> validation metrics ("sortino")
@@ -123,11 +123,12 @@ def actor_from_tensors(tensors: Mapping[str, torch.Tensor], obs_dim: int, hidden
     return net.eval()
 
 
-class ActorPolicy:
+class ActorPolicy(StatelessPolicy):
     """A :class:`market.decision.Policy` around an :class:`ActorNet` (validation during training).
 
-    Uses ``ctx.observation`` (the backtester's env observation): deterministic action = mean,
-    clipped to [-1, 1], decoded with ``action_config``.
+    Uses ``ctx.observation`` (the backtester's env observation, drawdown included): deterministic
+    action = mean, clipped to [-1, 1], decoded with ``action_config``. Carries no state, needs one
+    candle, places stops in the env's ATR.
     """
 
     name = "ppo"
@@ -138,6 +139,8 @@ class ActorPolicy:
         self.last_raw_action: np.ndarray | None = None
 
     def decide(self, ctx: DecisionContext) -> Decision:
+        """The actor's deterministic decision on ``ctx.observation``; sets ``last_raw_action``."""
+        self.last_raw_action = None
         if ctx.observation is None:
             raise ValueError("ActorPolicy needs ctx.observation (it is used inside backtests only)")
         self.last_raw_action = self.actor.act(ctx.observation)

@@ -227,9 +227,8 @@ def build_live_loop(
     if primary is None:
         log(f"[yellow]bundle failed to load, V1 decides every bar[/]: {load_error}")
     fallback = V1Policy(_v1_config(manifest))
-    history = int(getattr(fallback, "history_bars", 0) or 0)
-    if primary is not None and hasattr(primary, "history_bars"):
-        history = max(history, int(primary.history_bars(pd.Timedelta(live_config.timeframe))))
+    bar_interval = pd.Timedelta(live_config.timeframe)
+    history = max(p.history_bars(bar_interval) for p in (fallback, primary) if p is not None)
     context = min(1500, max(100, history + 10))
     loop_cfg = live_config.updated(run_id=mode, mode=mode, context_bars=max(live_config.context_bars, context))
     guard = None

@@ -55,7 +55,7 @@ from fallback.indicators import (
     window_indicators,
 )
 from fallback.trailing import initial_risk, tightened, trail_state
-from market.decision import Decision, DecisionContext, PositionView
+from market.decision import Decision, DecisionContext, PositionView, StatelessPolicy
 
 __all__ = ["V1Policy", "V1SeriesPolicy", "decide_from_indicators", "effective_thresholds", "size_position"]
 
@@ -341,12 +341,13 @@ def decide_from_indicators(
     return out
 
 
-class V1Policy:
+class V1Policy(StatelessPolicy):
     """Adaptive breakout-trend rule engine implementing :class:`market.decision.Policy` (per-bar path).
 
     A pure function of ``ctx.candles`` (closed candles up to bar t; only the last
     ``cfg.history_bars`` rows are used), ``ctx.position``, ``ctx.equity_usdt`` and
-    ``ctx.regime_proba``; holds no state. Used by serving.
+    ``ctx.regime_proba``; holds no state (empty :class:`market.decision.PolicyState`), has no raw
+    output (``last_raw_action`` None). Used by serving.
 
     Parameters
     ----------
@@ -359,9 +360,8 @@ class V1Policy:
     def __init__(self, config: V1Config | None = None) -> None:
         self.config = config if config is not None else V1Config()
 
-    @property
-    def history_bars(self) -> int:
-        """Trailing candles the engine needs (callers pass at least this many rows)."""
+    def history_bars(self, bar_interval: pd.Timedelta) -> int:
+        """Trailing candles the engine needs (``config.history_bars``, whatever the bar interval)."""
         return self.config.history_bars
 
     @property
@@ -411,7 +411,7 @@ def _empty_indicators(n: int, arrays: tuple[np.ndarray, ...]) -> BarIndicators:
                          nan, False, False, arrays[1], arrays[2])  # fmt: skip
 
 
-class V1SeriesPolicy:
+class V1SeriesPolicy(StatelessPolicy):
     """V1 with its indicators precomputed once over a candle series (backtests and evaluation).
 
     ``decide(ctx)`` reads the row of ``ctx.bar_open_time`` and runs the same decision code as
@@ -448,10 +448,14 @@ class V1SeriesPolicy:
                 )
         self.regime_proba = regime_proba
 
-    @property
-    def history_bars(self) -> int:
-        """Trailing candles the engine needs."""
+    def history_bars(self, bar_interval: pd.Timedelta) -> int:
+        """Trailing candles the engine needs (``config.history_bars``; the series holds them)."""
         return self.config.history_bars
+
+    @property
+    def atr_period_bars(self) -> int:
+        """ATR period (bars) of the stop/take-profit distances, V1's own (as :class:`V1Policy`)."""
+        return self.config.atr_period_bars
 
     def decide(self, ctx: DecisionContext) -> Decision:
         """The decision at ``ctx.bar_open_time`` (a bar of the precomputed series).

@@ -3,7 +3,9 @@
 A policy is asked once per bar, at the close of bar t, and answers with a :class:`Decision`:
 the *target* position. The execution layer (``envs.accounting``) fills it at the open of bar
 t+1. Fallback from V2 to V1 is a swap of objects implementing :class:`Policy`, not a second
-code path.
+code path. The protocol declares everything a caller reads from a policy (history needed, ATR
+period of its stops, raw output, carried state: :class:`PolicyState`), so no caller probes a
+policy for optional attributes.
 
 Semantics of a decision (used identically by the env, the backtester and the paper broker):
 
@@ -90,7 +92,7 @@ class Decision:
                 raise NonFiniteDecisionError("new_stop_price needs direction -1 or +1 (a stop of an open position)")
 
     @classmethod
-    def flat(cls) -> "Decision":
+    def flat(cls) -> Decision:
         """Return the decision to hold no position."""
         return cls(direction=0)
 
@@ -148,12 +150,157 @@ class DecisionContext:
     peak_equity_usdt: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    """Everything a policy carries from one bar to the next that changes what it decides.
+
+    Attributes
+    ----------
+    peak_equity_usdt : float | None
+        Highest account equity the policy has been shown, USDT (the drawdown input of the V2
+        observation, ``envs.trading_env.account_features``); None before the first bar.
+
+    Where it lives: the serving loops keep the run's record in the state store (the peak of the
+    run's equity rows, ``StateStore.peak_equity``) and state it in every :class:`DecisionContext`
+    (``peak_equity_usdt``); :meth:`advanced` lets that record win over the instance's memory, so a
+    restarted process (a new instance) and a hot-swapped bundle see the run's state. A hot swap
+    also hands the outgoing policy's state to the incoming one (:meth:`Policy.restore`,
+    ``serving.hotswap.PolicySlot``), for callers that do not state it.
+
+    Not state (a fresh instance computes the same decision without it): caches whose loss only
+    restarts a computation the batch path does in full (``FrozenPPOPolicy``'s HMM forward-filter
+    step, whose cold start differs by float noise, and its history lengths), and
+    ``last_raw_action``, a record of the last call that is never read back as an input.
+    """
+
+    peak_equity_usdt: float | None = None
+
+    def advanced(self, ctx: DecisionContext) -> PolicyState:
+        """The state after being shown ``ctx`` (pure).
+
+        ``ctx.peak_equity_usdt`` stated: ``max(ctx.peak_equity_usdt, ctx.equity_usdt)`` (the run's
+        record); otherwise the running maximum of the equities shown. A non-finite equity changes
+        nothing.
+        """
+        equity = float(ctx.equity_usdt)
+        if ctx.peak_equity_usdt is not None:
+            record = float(ctx.peak_equity_usdt)
+            return PolicyState(max(record, equity) if math.isfinite(equity) else record)
+        if not math.isfinite(equity):
+            return self
+        return PolicyState(equity if self.peak_equity_usdt is None else max(self.peak_equity_usdt, equity))
+
+
 @runtime_checkable
 class Policy(Protocol):
-    """Anything that maps a :class:`DecisionContext` to a :class:`Decision`."""
+    """Anything that maps a :class:`DecisionContext` to a :class:`Decision`, with what its callers read.
 
-    name: str
+    Members
+    -------
+    name : str
+        Short label recorded with each decision (``v2``, ``v1``, ``flat``, ...).
+    atr_period_bars : int | None
+        ATR period (bars) in whose units ``Decision.stop_atr`` / ``take_profit_atr`` are meant: the
+        caller places stops with the ATR of this period. None: the caller's (the env's) ATR.
+    last_raw_action : np.ndarray | None
+        The raw model output behind the last decision (e.g. the actor's 5 numbers, float32), set by
+        every :meth:`decide` (None when the policy has none, or the call failed before the model
+        answered); serving records it with the decision.
+    state : PolicyState
+        What the policy carries across bars (:class:`PolicyState`).
+    history_bars(bar_interval) -> int
+        Closed candles ``ctx.candles`` must hold (>= 1) for a decision on bars of ``bar_interval``.
+    restore(state)
+        Replace the carried state (restart, hot swap).
+    decide(ctx) -> Decision
+        The target position for the next bar; raises on failure (the caller falls back).
+
+    ``isinstance(obj, Policy)`` checks that every member is present (:func:`missing_policy_members`
+    names the absent ones); :class:`StatelessPolicy` holds the defaults of a policy with no state.
+    """
+
+    @property
+    def name(self) -> str:
+        """Short label recorded with each decision."""
+        ...
+
+    @property
+    def atr_period_bars(self) -> int | None:
+        """ATR period (bars) of the stop/take-profit distances; None: the caller's."""
+        ...
+
+    @property
+    def last_raw_action(self) -> np.ndarray | None:
+        """Raw model output behind the last decision (None: none)."""
+        ...
+
+    @property
+    def state(self) -> PolicyState:
+        """What the policy carries across bars."""
+        ...
+
+    def history_bars(self, bar_interval: pd.Timedelta) -> int:
+        """Closed candles a decision needs on bars of ``bar_interval`` (>= 1)."""
+        ...
+
+    def restore(self, state: PolicyState) -> None:
+        """Replace the carried state (restart, hot swap)."""
+        ...
 
     def decide(self, ctx: DecisionContext) -> Decision:
         """Return the target position for the next bar; raise on failure (caller falls back)."""
         ...
+
+
+POLICY_MEMBERS: tuple[str, ...] = (
+    "name", "atr_period_bars", "last_raw_action", "state", "history_bars", "restore", "decide",
+)  # fmt: skip
+"""The members of :class:`Policy`, in declaration order."""
+
+
+def missing_policy_members(obj: object) -> list[str]:
+    """The :class:`Policy` members ``obj`` lacks (empty: it is a Policy)."""
+    return [m for m in POLICY_MEMBERS if not hasattr(obj, m)]
+
+
+def require_policy(obj: object, role: str) -> Policy:
+    """``obj`` as a :class:`Policy`.
+
+    Raises
+    ------
+    TypeError
+        If ``obj`` lacks a member of the protocol (names ``role`` and the missing members).
+    """
+    if isinstance(obj, Policy):
+        return obj
+    missing = ", ".join(missing_policy_members(obj))
+    raise TypeError(f"{role} {type(obj).__name__} is not a Policy: it lacks {missing}")
+
+
+class StatelessPolicy:
+    """Defaults of :class:`Policy` for a policy that carries nothing across bars.
+
+    No raw output (``last_raw_action`` None), stops in the caller's ATR (``atr_period_bars`` None),
+    one candle of history, an empty :class:`PolicyState` (``restore`` ignores what it is given).
+    Subclasses set ``name``, implement ``decide`` and override what differs.
+    """
+
+    name: str = "policy"
+    atr_period_bars: int | None = None
+    last_raw_action: np.ndarray | None = None
+
+    @property
+    def state(self) -> PolicyState:
+        """Always the empty state: nothing is carried."""
+        return PolicyState()
+
+    def history_bars(self, bar_interval: pd.Timedelta) -> int:
+        """One candle: the decision reads at most the last one."""
+        return 1
+
+    def restore(self, state: PolicyState) -> None:
+        """Nothing to restore."""
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        """Subclasses decide."""
+        raise NotImplementedError

@@ -15,6 +15,10 @@ loop (and, through it, torch); the paper loop (``serving.loop``) uses it too. Th
   ``deadline_exceeded: ...``, ``invalid_return: ...``);
 * if the fallback fails too, the decision is flat with source 'guard' and a ``fallback_failed``
   event.
+
+The raw output recorded with a decision is the primary's ``last_raw_action`` (a member of
+:class:`market.decision.Policy`, set by every ``decide``), read only when the primary answered
+(an abandoned worker may still write it).
 """
 
 from __future__ import annotations
@@ -64,9 +68,9 @@ class FallbackLedger:
         return events
 
 
-def raw_action(policy: Any) -> tuple[float, ...] | None:
-    """The policy's ``last_raw_action`` as a tuple of floats (None when absent or not numeric)."""
-    raw = getattr(policy, "last_raw_action", None)
+def raw_action(policy: Policy) -> tuple[float, ...] | None:
+    """The policy's ``last_raw_action`` as a tuple of floats (None when it has none or it is not numeric)."""
+    raw = policy.last_raw_action
     if raw is None:
         return None
     try:
@@ -128,11 +132,6 @@ def choose(
     if primary is None:
         reason = unavailable_reason or "bundle_load_failed: no primary policy"
     else:
-        if hasattr(primary, "last_raw_action"):
-            try:
-                primary.last_raw_action = None  # type: ignore[attr-defined]
-            except (AttributeError, TypeError):
-                pass
         answered, answer, error = call_with_deadline(primary.decide, ctx, timeout_ms / 1_000.0)
         if not answered:
             reason = f"deadline_exceeded: no answer within {timeout_ms:.0f} ms (worker abandoned)"

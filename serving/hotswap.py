@@ -18,7 +18,9 @@ rejection reason), :func:`agents.bundle.load_bundle` (every file's SHA-256 again
 so truncated or altered weights are refused; observation schema against this code), then a
 probe: the actor on a zero observation and, when the loop has one, a full ``decide`` on the last
 decision context must give finite actions. A rejected candidate leaves the current policy in
-place and produces a ``bundle_rejected`` event.
+place and produces a ``bundle_rejected`` event. A candidate takes over the outgoing policy's
+carried state (:class:`market.decision.PolicyState`, e.g. the peak equity) before it is probed, so
+an identical copy decides exactly as the policy it replaces.
 
 Events are ``(kind, detail)`` pairs the loop writes to the store: ``bundle_swapped``,
 ``bundle_rejected``, ``bundle_reload_failed``, ``reload_request_invalid``, ``primary_backoff``.
@@ -42,7 +44,7 @@ from pydantic import Field
 from agents.bundle import MANIFEST, load_bundle, sha256_file
 from agents.policy import FrozenPPOPolicy
 from market.config_base import StrictConfig
-from market.decision import Decision, DecisionContext, Policy
+from market.decision import Decision, DecisionContext, Policy, PolicyState, require_policy
 
 Event = tuple[str, dict[str, Any]]
 PolicyLoader = Callable[[Path], Policy]
@@ -122,11 +124,11 @@ def load_frozen_policy(path: Path) -> Policy:
 def probe_policy(policy: Policy, ctx: DecisionContext | None) -> None:
     """Raise :class:`BundleRejected` unless ``policy`` gives finite outputs.
 
-    The actor (when the policy has a bundle) on a zero observation, then ``decide(ctx)`` when a
+    The actor (of a :class:`FrozenPPOPolicy`) on a zero observation, then ``decide(ctx)`` when a
     context is given: it must return a :class:`Decision` and a finite ``last_raw_action``.
     """
-    bundle = getattr(policy, "bundle", None)
-    if bundle is not None:
+    if isinstance(policy, FrozenPPOPolicy):
+        bundle = policy.bundle
         action = np.asarray(bundle.actor.act(np.zeros(bundle.actor.obs_dim, np.float32)), dtype=np.float64)
         if not np.isfinite(action).all():
             raise BundleRejected(f"probe: non-finite action {action.tolist()} on a zero observation")
@@ -139,18 +141,20 @@ def probe_policy(policy: Policy, ctx: DecisionContext | None) -> None:
             ) from exc
         if not isinstance(answer, Decision):
             raise BundleRejected(f"probe: decide returned {type(answer).__name__}, not a Decision")
-        raw = getattr(policy, "last_raw_action", None)
+        raw = policy.last_raw_action
         if raw is not None and not np.isfinite(np.asarray(raw, dtype=np.float64)).all():
             raise BundleRejected(f"probe: non-finite raw action {np.asarray(raw).tolist()}")
 
 
 def validate_candidate(
-    path: Path, loader: PolicyLoader, probe_ctx: DecisionContext | None, *, require_gate_pass: bool = False
+    path: Path, loader: PolicyLoader, probe_ctx: DecisionContext | None, *, require_gate_pass: bool = False,
+    state: PolicyState | None = None,
 ) -> Policy:
     """Load ``path`` with every check of the module docstring; raise :class:`BundleRejected` otherwise.
 
     ``require_gate_pass`` (testnet and live serving): the manifest's ``ats gate`` verdict must be
-    ``PASS``, as for the bundle the loop started with.
+    ``PASS``, as for the bundle the loop started with. ``state``: the carried state the candidate
+    takes over before the probe (the outgoing policy's; None: its own).
     """
     path = Path(path)
     if not (path / MANIFEST).is_file():
@@ -167,9 +171,11 @@ def validate_candidate(
     if payloads:
         raise BundleRejected(f"pickle payload refused: {', '.join(payloads)}")
     try:
-        policy = loader(path)
+        policy = require_policy(loader(path), "loaded")
     except Exception as exc:
         raise BundleRejected(f"load failed: {type(exc).__name__}: {exc}") from exc
+    if state is not None:
+        policy.restore(state)
     probe_policy(policy, probe_ctx)
     return policy
 
@@ -215,6 +221,8 @@ class _Failure:
 class PolicySlot:
     """The primary policy with backoff and hot-swap (see the module docstring).
 
+    A swapped-in primary carries on the outgoing one's :class:`market.decision.PolicyState`.
+
     Parameters
     ----------
     policy : Policy | None
@@ -233,6 +241,11 @@ class PolicySlot:
         what is there at construction is the baseline, only new or changed bundles are tried.
     reload_file : Path | None
         Request file of :func:`request_reload`; consumed (deleted) when read.
+
+    Raises
+    ------
+    TypeError
+        If ``policy`` is not a :class:`market.decision.Policy`.
     """
 
     def __init__(
@@ -247,7 +260,7 @@ class PolicySlot:
         reload_file: Path | None = None,
         require_gate_pass: bool = False,
     ) -> None:
-        self._policy = policy
+        self._policy = None if policy is None else require_policy(policy, "primary")
         self.require_gate_pass = require_gate_pass
         self.source = None if source is None else Path(source)
         self.load_error = load_error if policy is None else None
@@ -316,7 +329,8 @@ class PolicySlot:
             return events
         if self._policy is None and self.source is not None and bar >= self._retry_at:
             try:
-                self._swap(validate_candidate(self.source, self._loader, probe_ctx, require_gate_pass=self.require_gate_pass), self.source)
+                self._swap(validate_candidate(self.source, self._loader, probe_ctx, state=self._carried_state(),
+                                              require_gate_pass=self.require_gate_pass), self.source)  # fmt: skip
                 events.append(
                     ("bundle_swapped", {"bundle": str(self.source), "trigger": "retry_after_load_failure"})
                 )
@@ -329,7 +343,7 @@ class PolicySlot:
                 }))  # fmt: skip
         for trigger, candidate in self._candidates(events):
             try:
-                policy = validate_candidate(candidate, self._loader, probe_ctx,
+                policy = validate_candidate(candidate, self._loader, probe_ctx, state=self._carried_state(),
                                             require_gate_pass=self.require_gate_pass)
             except BundleRejected as exc:
                 events.append(
@@ -359,6 +373,10 @@ class PolicySlot:
         return events
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _carried_state(self) -> PolicyState | None:
+        """The outgoing primary's state (None when there is no primary: the candidate keeps its own)."""
+        return None if self._policy is None else self._policy.state
 
     def _swap(self, policy: Policy, source: Path) -> None:
         self._policy, self.source, self.load_error = policy, Path(source), None

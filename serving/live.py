@@ -143,10 +143,10 @@ class GuardLike(Protocol):
 # ---------------------------------------------------------------------------------------------
 
 
-def atr_period_of(policy: object, default_bars: int) -> int:
+def atr_period_of(policy: Policy | None, default_bars: int) -> int:
     """ATR period (bars) in whose units ``policy`` means its stop and take-profit distances: its
     ``atr_period_bars`` (the bundle's feature ATR for V2, V1's own), else ``default_bars``."""
-    period = getattr(policy, "atr_period_bars", None)
+    period = None if policy is None else policy.atr_period_bars
     return int(period) if period else int(default_bars)
 
 
@@ -307,7 +307,7 @@ class LiveLoop:
         if self._notified is None:
             self._notified = self.store.max_ids()  # notify from now on, not the history
         self._event(self._now_ts(), "live_started", {"mode": self.config.mode, "symbol": self.config.symbol, "timeframe": self.config.timeframe,
-                                                     "primary": getattr(self.primary, "name", None), "base_url": getattr(self.broker, "base_url", None)})
+                                                     "primary": None if self.primary is None else self.primary.name, "base_url": getattr(self.broker, "base_url", None)})
 
     @property
     def primary(self) -> Policy | None:

@@ -65,7 +65,7 @@ from pydantic import Field
 from envs.accounting import Bar, is_funding_time
 from envs.config import CostConfig
 from market.config_base import StrictConfig
-from market.decision import Decision, DecisionContext, Policy
+from market.decision import Decision, DecisionContext, Policy, require_policy
 from serving.choice import Choice as _Choice
 from serving.choice import FallbackLedger, reason_kind  # noqa: F401 - reason_kind re-exported
 from serving.choice import choose as _choose
@@ -291,12 +291,15 @@ class PaperStepper:
     :meth:`skip` for a bar that closed without a decision (source 'missed'), then :meth:`finish`.
 
     Parameters are those of :func:`run_replay`; ``slot`` is the primary's
-    :class:`serving.hotswap.PolicySlot`.
+    :class:`serving.hotswap.PolicySlot`; ``bar_interval`` the bar length (None: unknown, e.g. a
+    replay of fewer than two candles; the history check is then skipped).
 
     Raises
     ------
+    TypeError
+        If ``fallback`` is not a :class:`market.decision.Policy`.
     ValueError
-        If ``config.context_bars`` is shorter than the fallback's ``history_bars``.
+        If ``config.context_bars`` is shorter than the fallback's ``history_bars(bar_interval)``.
     """
 
     def __init__(
@@ -311,8 +314,10 @@ class PaperStepper:
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.perf_counter,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        bar_interval: pd.Timedelta | None = None,
     ) -> None:
-        need = int(getattr(fallback, "history_bars", 0) or 0)
+        fallback = require_policy(fallback, "fallback")
+        need = 0 if bar_interval is None else int(fallback.history_bars(bar_interval))
         if config.context_bars is not None and config.context_bars < need:
             raise ValueError(
                 f"config.context_bars={config.context_bars} is shorter than the fallback's history_bars={need}"
@@ -352,7 +357,7 @@ class PaperStepper:
         """Write ``run_started`` at ``time`` (``detail`` first in its detail; mode 'paper'), and
         ``primary_unavailable`` when the slot holds no primary."""
         events = [EventRecord(self.run_id, time, "run_started", {
-            **detail, "primary": getattr(self.slot.policy, "name", None), "fallback": getattr(self.fallback, "name", None),
+            **detail, "primary": None if self.slot.policy is None else self.slot.policy.name, "fallback": self.fallback.name,
             "initial_equity_usdt": self.config.initial_equity_usdt, "risk_state": self.risk_state, "mode": "paper",
         })]  # fmt: skip
         if self.slot.policy is None:
@@ -594,11 +599,10 @@ def run_replay(
     primary : Policy | PolicySlot | None
         The V2 policy, a :class:`serving.hotswap.PolicySlot` holding it (backoff, hot-swap), or
         None when its bundle failed to load (see ``primary_load_error``). A bare policy is wrapped
-        in a slot with ``config.primary_backoff`` and no hot-swap. The policy may expose
-        ``last_raw_action`` (its raw action vector): it is reset to None before each call and
-        stored in the decision row (also when the primary failed or was overruled).
+        in a slot with ``config.primary_backoff`` and no hot-swap. Its ``last_raw_action`` (set by
+        each ``decide``) is stored in the decision row (also when the primary failed or was overruled).
     fallback : Policy
-        The V1 policy. If it has ``history_bars``, ``config.context_bars`` must cover it.
+        The V1 policy; ``config.context_bars`` must cover its ``history_bars`` at the candles' interval.
     atr : np.ndarray
         Shape (len(candles),), float: ATR of each bar in price units (USDT), NaN where unknown, of the
         primary's period (``primary.atr_period_bars``: a stop of ``stop_atr`` is ``stop_atr * atr[t]``
@@ -643,6 +647,8 @@ def run_replay(
         (row-level problems are quarantined instead).
     ValueError
         If ``atr`` or ``fallback_atr`` has the wrong shape, or ``context_bars`` is shorter than the fallback's history.
+    TypeError
+        If ``primary`` or ``fallback`` is not a :class:`market.decision.Policy`.
     """
     _validate_candles(candles)
     n = len(candles)
@@ -657,8 +663,9 @@ def run_replay(
         if isinstance(primary, PolicySlot)
         else PolicySlot(primary, load_error=primary_load_error, backoff=config.primary_backoff)
     )
+    interval = candles.index[1] - candles.index[0] if n >= 2 else None
     stepper = PaperStepper(slot=slot, fallback=fallback, costs=costs, store=store, config=config, guard=guard,
-                           notifier=notifier, clock=clock, now=now)  # fmt: skip
+                           notifier=notifier, clock=clock, now=now, bar_interval=interval)  # fmt: skip
     bars = _ReplayBars(candles, atr_arr, fb_atr_arr, config.context_bars, costs.funding_interval_hours)
     epoch = pd.Timestamp(0, tz="UTC")
     stepper.start(candles.index[0] if n else epoch, bars=n, warmup_bars=config.warmup_bars)

@@ -233,7 +233,8 @@ class PaperLiveLoop:
         self.wall_clock_s, self.monotonic_s, self._sleep = wall_clock_s, monotonic_s, sleep
         now = now or (lambda: datetime.fromtimestamp(self.wall_clock_s(), UTC))
         self.stepper = PaperStepper(slot=slot, fallback=fallback, costs=costs, store=store, config=config,
-                                    guard=guard, notifier=notifier, clock=monotonic_s, now=now)  # fmt: skip
+                                    guard=guard, notifier=notifier, clock=monotonic_s, now=now,
+                                    bar_interval=pd.Timedelta(milliseconds=_TF_MS[feed_config.timeframe]))  # fmt: skip
         self.feed, self.store, self.config, self.feed_config = feed, store, config, feed_config
         self.costs = costs
         self.tf_ms = _TF_MS[feed_config.timeframe]

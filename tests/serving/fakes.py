@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
-from market.decision import Decision, DecisionContext
+from market.decision import Decision, DecisionContext, StatelessPolicy
 
 
 class FakeClock:
@@ -20,7 +21,7 @@ class FakeClock:
         self.now_s += seconds
 
 
-class FixedPolicy:
+class FixedPolicy(StatelessPolicy):
     """Returns the same decision every bar and exposes a fresh raw action."""
 
     name = "v2"
@@ -37,7 +38,7 @@ class FixedPolicy:
         return self.decision
 
 
-class FlipPolicy:
+class FlipPolicy(StatelessPolicy):
     """Long on bars whose open hour is even, short on odd hours (reverses every bar)."""
 
     name = "flip"
@@ -47,7 +48,7 @@ class FlipPolicy:
         return Decision(direction=direction, leverage=3.0, size_frac=0.5, stop_atr=1.0, take_profit_atr=1.5)
 
 
-class RaisingPolicy:
+class RaisingPolicy(StatelessPolicy):
     name = "v2"
 
     def __init__(self, exc: Exception | None = None) -> None:
@@ -57,7 +58,7 @@ class RaisingPolicy:
         raise self.exc
 
 
-class NanLeveragePolicy:
+class NanLeveragePolicy(StatelessPolicy):
     """Maps a raw action with a NaN to a Decision, which raises NonFiniteDecisionError."""
 
     name = "v2"
@@ -70,7 +71,7 @@ class NanLeveragePolicy:
         return Decision(direction=1, leverage=float(self.last_raw_action[1]), size_frac=0.5)
 
 
-class SlowPolicy:
+class SlowPolicy(StatelessPolicy):
     """Answers a fixed decision after ``seconds`` on the fake clock."""
 
     name = "v2"
@@ -83,18 +84,19 @@ class SlowPolicy:
         return self.decision
 
 
-class WrongTypePolicy:
+class WrongTypePolicy(StatelessPolicy):
     name = "v2"
 
     def decide(self, ctx: DecisionContext):  # type: ignore[no-untyped-def]
         return {"direction": 1}
 
 
-class ScriptedFallback:
+class ScriptedFallback(StatelessPolicy):
     """Deterministic stand-in for V1: always flat (or raises when ``fail``)."""
 
     name = "v1"
-    history_bars = 10
+    def history_bars(self, bar_interval: pd.Timedelta) -> int:
+        return 10
 
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
@@ -107,7 +109,7 @@ class ScriptedFallback:
         return Decision.flat()
 
 
-class ValidatingPolicy:
+class ValidatingPolicy(StatelessPolicy):
     """Records every window it is asked on, and each one holding an invalid candle row.
 
     Invalid: any rule of :func:`serving.loop.row_problems` (non-finite or non-positive price,
@@ -116,7 +118,9 @@ class ValidatingPolicy:
     than raised. Answers ``decision`` (default flat).
     """
 
-    history_bars = 10
+    def history_bars(self, bar_interval: pd.Timedelta) -> int:
+
+        return 10
 
     def __init__(self, decision: Decision | None = None, name: str = "v2") -> None:
         self.decision = decision if decision is not None else Decision.flat()

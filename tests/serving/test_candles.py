@@ -17,7 +17,7 @@ import pytest
 from envs.config import CostConfig
 from market.bundled import bundled_candles_path, bundled_funding_path
 from market.candles import fill_gaps, load_candles, load_funding
-from market.decision import Decision, DecisionContext
+from market.decision import Decision, DecisionContext, StatelessPolicy
 from serving.candles import (
     MAX_CONTEXT_BARS,
     PAGE_BARS,
@@ -52,7 +52,7 @@ def _ms(i: int) -> int:
     return int(CANDLES.index[i].value // 1_000_000)
 
 
-class WindowPolicy:
+class WindowPolicy(StatelessPolicy):
     """Records every context window (V2); answers flat (no orders: the candles are the subject)."""
 
     name = "v2"

@@ -13,7 +13,7 @@ import talib
 from agents.bundle import load_bundle
 from agents.policy import FrozenPPOPolicy
 from envs.config import CostConfig
-from market.decision import Decision, DecisionContext, PositionView
+from market.decision import Decision, DecisionContext, PositionView, StatelessPolicy
 from serving.hotswap import (
     BackoffConfig,
     BundleRejected,
@@ -105,7 +105,7 @@ def test_failing_primary_backs_off_and_every_bar_has_one_decision(candles) -> No
 
 
 def test_backoff_resets_after_a_success(candles) -> None:
-    class FailTwice:
+    class FailTwice(StatelessPolicy):
         name = "v2"
         calls = 0
 

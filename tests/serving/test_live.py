@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from market.decision import Decision, DecisionContext
+from market.decision import Decision, DecisionContext, StatelessPolicy
 from serving.errors import FatalError
 from serving.exchange import BinanceFuturesBroker, make_client
 from serving.live import LiveConfig, LiveLoop, validate_window
@@ -32,7 +32,7 @@ class Sleeps(list):
         self.append(seconds)
 
 
-class CountingPolicy:
+class CountingPolicy(StatelessPolicy):
     """Records every context it sees (to prove bad candles never reach it) and answers a fixed decision."""
 
     name = "v2"
@@ -413,7 +413,7 @@ def test_lost_stop_is_placed_again_on_the_next_bar(fake):
     assert_consistent(fake, store)
 
 
-class RaisingPolicy:
+class RaisingPolicy(StatelessPolicy):
     name = "broken"
 
     def __init__(self) -> None:
@@ -535,11 +535,12 @@ def test_duplicate_client_id_on_create_is_ambiguous_not_a_rejection():
                       RejectedError)  # fmt: skip
 
 
-class _V1WithOwnAtr:
+class _V1WithOwnAtr(StatelessPolicy):
     """V1 stand-in that states its ATR period (as :class:`fallback.v1.V1Policy` does) and goes long."""
 
     name = "v1"
-    history_bars = 10
+    def history_bars(self, bar_interval: pd.Timedelta) -> int:
+        return 10
     atr_period_bars = 5
 
     def decide(self, ctx: DecisionContext) -> Decision:

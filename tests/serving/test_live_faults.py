@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from market.decision import Decision
+from market.decision import Decision, StatelessPolicy
 from serving.errors import MalformedResponseError
 from serving.exchange import BinanceFuturesBroker, make_client, trade_fill
 from serving.live import LiveConfig, LiveLoop
@@ -30,7 +30,7 @@ USER_TRADES = "/fapi/v1/userTrades"
 LONG = Decision(direction=1, leverage=3.0, size_frac=0.5, stop_atr=1.0, take_profit_atr=2.0)
 
 
-class Fixed:
+class Fixed(StatelessPolicy):
     """A policy answering a fixed (settable) decision."""
 
     name = "v2"

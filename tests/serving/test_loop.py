@@ -14,7 +14,7 @@ from envs.accounting import AccountState, Bar, is_funding_time, step_bar
 from envs.config import CostConfig
 from fallback.config import V1Config
 from fallback.v1 import V1Policy
-from market.decision import Decision, DecisionContext, PositionView
+from market.decision import Decision, DecisionContext, PositionView, StatelessPolicy
 from serving.errors import DataQualityError
 from serving.hotswap import BackoffConfig
 from serving.loop import ServeConfig, reason_kind, run_replay
@@ -191,7 +191,7 @@ def test_a_hung_primary_cannot_stall_the_bar() -> None:
 
     release = threading.Event()
 
-    class Hung:
+    class Hung(StatelessPolicy):
         name = "v2"
 
         def decide(self, ctx):
@@ -210,7 +210,7 @@ def test_a_hung_primary_cannot_stall_the_bar() -> None:
     assert elapsed < 2.0  # not the 30 s the model would have taken
 
 
-class _LongThenBroken:
+class _LongThenBroken(StatelessPolicy):
     """Long for the first ``n_ok`` calls, then raises."""
 
     name = "v2"
@@ -257,7 +257,7 @@ def test_fallback_ledger_one_event_when_the_fallback_engages_and_one_when_the_pr
 
 
 def test_primary_recovery_is_recorded() -> None:
-    class Flaky:
+    class Flaky(StatelessPolicy):
         name = "v2"
         calls = 0
 
@@ -369,7 +369,7 @@ def test_non_finite_atr_blocks_entries() -> None:
 def test_mixed_failures_never_stop_the_loop() -> None:
     clock = FakeClock()
 
-    class Chaos:
+    class Chaos(StatelessPolicy):
         name = "v2"
         calls = 0
 
@@ -436,7 +436,7 @@ def test_input_validation() -> None:
         run_replay(candles, atr=atr, config=ServeConfig(warmup_bars=10, context_bars=5), **kw)
 
 
-class _EvenHourPrimary:
+class _EvenHourPrimary(StatelessPolicy):
     """V2 stand-in: long on even open hours, raises on odd ones (so V1 decides those bars)."""
 
     name = "v2"
@@ -447,9 +447,10 @@ class _EvenHourPrimary:
         return LONG
 
 
-class _ShortFallback:
+class _ShortFallback(StatelessPolicy):
     name = "v1"
-    history_bars = 10
+    def history_bars(self, bar_interval: pd.Timedelta) -> int:
+        return 10
 
     def decide(self, ctx: DecisionContext) -> Decision:
         return Decision(direction=-1, leverage=2.0, size_frac=0.5, stop_atr=1.0, take_profit_atr=1.5)

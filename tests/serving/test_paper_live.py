@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from envs.config import CostConfig
-from market.decision import Decision, DecisionContext
+from market.decision import Decision, DecisionContext, StatelessPolicy
 from serving.errors import FatalError
 from serving.exchange import BinanceFuturesBroker, make_client
 from serving.hotswap import BackoffConfig
@@ -33,7 +33,7 @@ COSTS = CostConfig()
 LONG = Decision(direction=1, leverage=3.0, size_frac=0.5, stop_atr=1.0, take_profit_atr=2.0)
 
 
-class SeeingPolicy:
+class SeeingPolicy(StatelessPolicy):
     """Answers a fixed decision and records every context (asserting nothing invalid reaches it)."""
 
     name = "v2"

@@ -96,3 +96,29 @@ def test_hot_swap_parity_an_identical_copy_changes_no_decision(bundle, tmp_path,
         np.testing.assert_allclose(probe, reference_obs[split - 1], rtol=0, atol=OBS_ATOL)
         np.testing.assert_allclose(np.stack(observations), reference_obs, rtol=0, atol=OBS_ATOL)
         np.testing.assert_allclose(_raw_actions(store), reference, rtol=0, atol=OBS_ATOL)
+
+
+def test_hot_swap_parity_the_swapped_in_policy_takes_over_the_carried_state(bundle, tmp_path):
+    """For a caller that does not state the run's peak (backtest-style contexts), the slot hands the outgoing
+    policy's :class:`PolicyState` to the validated copy: the copy builds the observation the old one would."""
+    from agents.bundle import load_bundle
+    from market.decision import DecisionContext, PolicyState, PositionView
+    from serving.hotswap import PolicySlot, load_frozen_policy
+    from tests.kit.candles import make_candles
+
+    candles = make_candles(1_030, seed=4)
+    ctxs = [DecisionContext(candles.index[t], candles.iloc[t - 999: t + 1], PositionView(), e)
+            for t, e in zip(range(1_024, 1_028), (10_000.0, 10_600.0, 10_200.0, 10_100.0), strict=True)]  # fmt: skip
+    reload_file = tmp_path / "reload.json"
+    slot = PolicySlot(FrozenPPOPolicy(load_bundle(bundle)), source=bundle, loader=load_frozen_policy,
+                      reload_file=reload_file)  # fmt: skip
+    old = slot.policy
+    for c in ctxs[:3]:
+        old.decide(c)
+    assert old.state == PolicyState(10_600.0)
+    request_reload(reload_file, copy_bundle(bundle, tmp_path / "copy"))
+    events = slot.poll(3, ctxs[2])
+    assert [k for k, _ in events] == ["bundle_swapped"] and slot.policy is not old
+    assert slot.policy.state == old.state
+    n_market = len(old.bundle.market_obs_names)
+    np.testing.assert_array_equal(slot.policy.observation(ctxs[3])[n_market:], old.observation(ctxs[3])[n_market:])

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from ats_cli.main import app
 from envs.config import CostConfig
-from market.decision import Decision, DecisionContext
+from market.decision import Decision, DecisionContext, StatelessPolicy
 from serving.hotswap import BackoffConfig
 from serving.loop import ServeConfig, run_replay
 from serving.risk import RiskConfig, RiskGuard
@@ -21,7 +21,7 @@ from tests.serving.fakes import ScriptedFallback
 N, WARMUP = 140, 40
 
 
-class _EveryThirdFails:
+class _EveryThirdFails(StatelessPolicy):
     """Long (wide stops) except every third call raises: a mix of V2 and V1 bars."""
 
     name = "v2"
