@@ -205,13 +205,15 @@ def build_live_loop(
     wall_clock_s: Callable[[], float] = time.time,
     monotonic_s: Callable[[], float] = time.perf_counter,
     sleep: Callable[[float], None] = time.sleep,
+    crash_points: Any = None,
 ) -> Any:
     """The :class:`serving.live.LiveLoop` of ``ats serve --mode testnet|live`` (pure composition, no I/O
     beyond loading the bundle): bundle slot (hot-swap, backoff; a bundle that fails to load leaves V1
     deciding every bar), V1 with the bundle's V1 config, context of the policies' history + 10 bars
     (at least ``live_config.context_bars``; the loop pages the exchange's klines), the risk guard
     (``risk`` limits, defaults when None; ``use_guard=False`` for tests only) with its state in
-    ``store``, ``run_id`` = ``mode``. The clocks are injected by exchange simulations (tests).
+    ``store``, ``run_id`` = ``mode``. The clocks and the crash points (:class:`serving.crash.CrashPoints`,
+    None: :data:`serving.crash.NO_CRASH`) are injected by exchange simulations and crash tests.
     """
     import pandas as pd
 
@@ -237,9 +239,12 @@ def build_live_loop(
 
         # the default scope: the one `ats status` shows and `ats serve reset-risk` resets
         guard = RiskGuard(risk if risk is not None else RiskConfig(), store)
+    from serving.crash import NO_CRASH
+
     return LiveLoop(broker, store, loop_cfg, primary=slot, fallback=fallback, primary_load_error=load_error,
                     guard=guard, redact=redact, notifier=notifier, wall_clock_s=wall_clock_s,
-                    monotonic_s=monotonic_s, sleep=sleep)
+                    monotonic_s=monotonic_s, sleep=sleep,
+                    crash_points=NO_CRASH if crash_points is None else crash_points)
 
 
 def _v1_config(manifest: dict[str, Any] | None):

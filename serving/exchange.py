@@ -35,6 +35,10 @@ Reads are retried with tenacity (:meth:`BinanceFuturesBroker._read`), honouring 
 and otherwise with capped exponential backoff with jitter. **A create is never retried here**:
 an ambiguous create must be resolved by :meth:`BinanceFuturesBroker.lookup` (client id) by the
 caller (``serving.live``).
+
+It is the exchange implementation of :class:`serving.broker.ExchangeBroker` (the :class:`serving.broker.Broker`
+protocol plus clock, candles and account setup); :class:`serving.broker.OrderSnapshot` and
+:class:`serving.broker.TradeFill` are importable from here too.
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -53,6 +56,7 @@ import pandas as pd
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from market.instruments import DEFAULT_CCXT_SYMBOL, InstrumentSpec, exchange_filters, spec_from_ccxt_market
+from serving.broker import Balance, OrderSnapshot, TradeFill
 from serving.errors import (
     AmbiguousOutcomeError,
     FatalError,
@@ -118,46 +122,6 @@ def classify_error(exc: BaseException, *, during_create: bool, client: Any = Non
                         ccxt.ArgumentsRequired, ccxt.ExchangeError)):  # fmt: skip
         return RejectedError(msg)
     return AmbiguousOutcomeError(msg) if during_create else RetryableError(msg)
-
-
-@dataclass(frozen=True, slots=True)
-class OrderSnapshot:
-    """An exchange order as seen now.
-
-    ``status``: ccxt unified ('open', 'closed', 'canceled', 'expired', 'rejected');
-    ``filled_base`` / ``amount_base`` in base units (``amount_base`` may be 0 for closePosition
-    orders); ``average_price`` USDT or None before any fill; ``conditional``: a stop/take-profit
-    (algo) order; ``actual_order_id``: for a conditional order that triggered, the id of the
-    order it placed in the matching engine (Binance ``actualOrderId``; the trades of the stop or
-    take-profit carry this id), else None.
-    """
-
-    client_id: str
-    exchange_id: str
-    status: str
-    side: str
-    order_type: str
-    amount_base: float
-    filled_base: float
-    average_price: float | None
-    trigger_price: float | None
-    conditional: bool
-    reduce_only: bool
-    actual_order_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TradeFill:
-    """One user trade: ``side`` +1 buy / -1 sell, ``qty_base`` > 0, money in USDT, ``time`` UTC."""
-
-    trade_id: int
-    exchange_order_id: str
-    side: int
-    qty_base: float
-    price: float
-    fee_usdt: float
-    realized_pnl_usdt: float
-    time: pd.Timestamp
 
 
 def _finite(name: str, value: Any, where: str, record: Any = None) -> float:
@@ -588,15 +552,32 @@ class BinanceFuturesBroker:
             return ExchangePosition()
         return ExchangePosition(1 if amt > 0 else -1, abs(amt), entry)
 
-    def equity_usdt(self) -> float:
-        """Margin balance (wallet + unrealised PnL) in USDT."""
+    def balance(self) -> Balance:
+        """Wallet, unrealised PnL and margin balance (equity) in USDT, from one account read.
+
+        Binance's ``totalWalletBalance``, ``totalUnrealizedProfit`` and ``totalMarginBalance``; an answer without
+        them (another venue) gives the USDT total as wallet and equity, with no unrealised PnL.
+
+        Raises
+        ------
+        MalformedResponseError
+            The answer is not a record, or a field read is not a finite number.
+        """
         bal = self._read(lambda: self.client.fetch_balance(), "account")
         if not isinstance(bal, dict):
             raise MalformedResponseError("balance: not a record", bal)
         info = bal.get("info") or {}
         if "totalMarginBalance" in info:
-            return _finite("totalMarginBalance", info["totalMarginBalance"], "balance")
-        return _finite("USDT total", (bal.get("USDT") or {}).get("total"), "balance")
+            equity = _finite("totalMarginBalance", info["totalMarginBalance"], "balance")
+            wallet = _finite("totalWalletBalance", info.get("totalWalletBalance", equity), "balance")
+            upnl = _finite("totalUnrealizedProfit", info.get("totalUnrealizedProfit", equity - wallet), "balance")
+            return Balance(wallet, upnl, equity)
+        total = _finite("USDT total", (bal.get("USDT") or {}).get("total"), "balance")
+        return Balance(total, 0.0, total)
+
+    def equity_usdt(self) -> float:
+        """Margin balance (wallet + unrealised PnL) in USDT: ``balance().equity_usdt``."""
+        return self.balance().equity_usdt
 
     def fills_since(self, last_trade_id: int | None, since_ms: int | None = None) -> list[TradeFill]:
         """User trades with id > ``last_trade_id`` (all recent ones when None), oldest first."""

@@ -28,9 +28,10 @@ from typing import Any
 import pandas as pd
 
 from market.decision import Decision
+from serving.broker import Broker, OrderSnapshot
 from serving.crash import NO_CRASH, CrashPoints
 from serving.errors import AmbiguousOutcomeError, RejectedError
-from serving.exchange import BinanceFuturesBroker, OrderSnapshot, RateLimitedError
+from serving.exchange import RateLimitedError
 from serving.intents import (
     ExchangePosition,
     OrderIntent,
@@ -72,7 +73,7 @@ class OrderExecutor:
     Parameters
     ----------
     broker, store, config
-        The exchange, the state store and the loop's settings (``lookup_attempts``,
+        The venue (:class:`serving.broker.Broker`), the state store and the loop's settings (``lookup_attempts``,
         ``lookup_spacing_s``, ``create_settle_s``, ``rate_limit_max_wait_s``).
     reconciler : Reconciler
         Records order snapshots and re-reads trades and position (:meth:`settle_unknown`).
@@ -84,7 +85,7 @@ class OrderExecutor:
         ``after_send``, ``after_ack`` and ``after_fill`` are passed here.
     """
 
-    def __init__(self, broker: BinanceFuturesBroker, store: StateStore, config: LiveConfig, reconciler: Reconciler,
+    def __init__(self, broker: Broker, store: StateStore, config: LiveConfig, reconciler: Reconciler,
                  *, leverage_of: Callable[[Decision], int], now: Callable[[], pd.Timestamp],
                  sleep: Callable[[float], None], safe: Callable[[str], str],
                  crash_points: CrashPoints = NO_CRASH) -> None:

@@ -84,6 +84,7 @@ import pandas as pd
 
 from market.decision import Decision, DecisionContext, Policy, PositionView
 from market.features import atr as atr_indicator
+from serving.broker import ExchangeBroker
 from serving.candles import (
     CandleCache,
     CandleWindow,
@@ -96,7 +97,6 @@ from serving.choice import Choice, FallbackLedger, choose
 from serving.clock import last_closed_bar_ms, seconds_to_next_poll, stop_on_signals
 from serving.crash import NO_CRASH, CrashPoints
 from serving.errors import AmbiguousOutcomeError, FatalError, RejectedError, RetryableError
-from serving.exchange import BinanceFuturesBroker
 from serving.executor import OrderExecutor, StepResult
 from serving.hotswap import PolicySlot
 from serving.intents import (
@@ -120,8 +120,6 @@ from serving.store import (
     FillRecord,
     StateStore,
 )
-
-_TF_MS = TF_MS  # the name serving.paper_live imports
 
 __all__ = [
     "MISSED_NO_STEP", "GuardLike", "LiveConfig", "LiveLoop", "StepResult", "atr_period_of", "fill_notices",
@@ -196,11 +194,12 @@ MISSED_NO_STEP = ("missed: no step ran for this bar before the next close (proce
 
 
 class LiveLoop:
-    """The live serving loop over a :class:`serving.exchange.BinanceFuturesBroker` (module docstring).
+    """The live serving loop over an exchange (module docstring).
 
     Parameters
     ----------
-    broker : BinanceFuturesBroker
+    broker : ExchangeBroker
+        The venue (:class:`serving.broker.ExchangeBroker`: :class:`serving.exchange.BinanceFuturesBroker`).
     store : StateStore
     config : LiveConfig
     primary : Policy | PolicySlot | None
@@ -232,7 +231,7 @@ class LiveLoop:
 
     def __init__(
         self,
-        broker: BinanceFuturesBroker,
+        broker: ExchangeBroker,
         store: StateStore,
         config: LiveConfig,
         *,
@@ -316,12 +315,9 @@ class LiveLoop:
 
     @property
     def crash_points(self) -> CrashPoints:
-        """The injected crash points (:mod:`serving.crash`), shared by the reconciler and the executor."""
+        """The crash points injected at construction (:mod:`serving.crash`), shared by the reconciler and the
+        executor."""
         return self._crash_points
-
-    @crash_points.setter
-    def crash_points(self, points: CrashPoints) -> None:
-        self._crash_points = self.reconciler.crash_points = self.executor.crash_points = points
 
     def _exchange_leverage(self, decision: Decision) -> int:
         """The integer leverage set on the exchange before the entry of ``decision``."""

@@ -19,7 +19,7 @@ One :meth:`PaperLiveLoop.step`:
    (:class:`serving.candles.CandleCache`, shared with the live loop): paged at start and when
    catching up (ccxt serves at most 1,000 klines a request), otherwise one small request re-reading
    the last few bars; the still-open bar is never used. The funding history is joined as
-   ``funding_rate`` (:func:`serving.live.with_funding_column`).
+   ``funding_rate`` (:func:`serving.candles.with_funding_column`).
 3. **Missed bars.** Bars that closed after the last processed bar and before the bar to decide
    (the process could not poll: failed fetches, a suspended machine) can no longer be decided:
    each gets a decision row of source 'missed' (:meth:`serving.loop.PaperStepper.skip`: its candle
@@ -84,18 +84,14 @@ from serving.candles import (  # noqa: F401 - Page and parse_page re-exported
     Page,
     fetch_funding_since,
     parse_page,
-)
-from serving.errors import FatalError, RejectedError, RetryableError
-from serving.hotswap import PolicySlot
-from serving.live import (
-    _TF_MS,
-    LiveConfig,
-    atr_period_of,
-    last_closed_bar_ms,
-    seconds_to_next_poll,
-    stop_on_signals,
     with_funding_column,
 )
+from serving.clock import last_closed_bar_ms, seconds_to_next_poll, stop_on_signals
+from serving.errors import FatalError, RejectedError, RetryableError
+from serving.hotswap import PolicySlot
+from serving.live import atr_period_of
+from serving.live_config import TF_MS as _TF_MS
+from serving.live_config import LiveConfig
 from serving.loop import BarInput, PaperStepper, ReplaySummary, ServeConfig, row_problems
 from serving.notify import Notifier
 from serving.risk import RiskGuard

@@ -227,9 +227,8 @@ client = make_client(api_key="SIM_KEY", secret="SIM_SECRET", base_url=url, timeo
 broker = BinanceFuturesBroker(client, "BTC/USDT:USDT", read_attempts=3, sleep=lambda s: None)
 loop = build_live_loop(mode="testnet", bundle_dir=bundle, store=StateStore.sqlite(db), broker=broker,
                        live_config=LiveConfig(create_settle_s=0.0), force_gate=True, use_guard=True, log=lambda m: None,
-                       wall_clock_s=lambda: client.fetch_time() / 1000.0)
-if crash:
-    loop.crash_points = KillAt.parse(crash)
+                       wall_clock_s=lambda: client.fetch_time() / 1000.0,
+                       crash_points=KillAt.parse(crash) if crash else None)
 for attempt in range(30):  # the bar of the exchange's clock (which stands still here), resumed until done
     try:
         print("done", loop.step().bar_open_time)

@@ -36,6 +36,21 @@ contains ``now_ms``), taker fee ``fee_rate`` of the notional; a reduce-only orde
 position (-2022 when flat). Conditional orders trigger when the clock is moved
 (:attr:`now_ms` setter) past the close of a bar whose low/high crosses them (stop checked before
 take-profit), and fill at the trigger price; ``closePosition`` orders close whatever is open.
+
+**Kernel fills** (``kernel_fills=KernelFills(...)``, off by default): the env kernel
+(:func:`envs.accounting.step_bar`) fills a market order at the open with adverse slippage
+``slip = (slippage_bps / 1e4 + slippage_atr_coef * ATR / open) * cost_multiplier`` (ATR of the bar
+before), rounded to the tick adversely, and a stop / take-profit at its level (at the open when the
+bar gapped through it) with the same slippage, the take-profit first when the open gapped through
+it, then the stop, then the take-profit inside the bar. A real exchange has no such formula: its
+fills are the order book's. The plain model above fills at the open or the trigger exactly, so a
+simulation against it would differ from the paper broker by the slippage alone; with
+:class:`KernelFills` the fake fills where the kernel would, so a sim/exchange parity test compares
+the serving paths (sizing, timing, protection, accounting), not two slippage models.
+**Funding** (``settle_funding=True``, off by default): when the clock passes a settlement of the
+fixture funding, an open position pays ``position_amt * price * rate`` from the wallet (``price``:
+the open of the bar starting at the settlement, the kernel's; Binance uses the mark price); the
+payments are listed in :attr:`FakeBinance.funding_payments`.
 Client ids are unique only among OPEN orders (-4116), as on Binance, so a filled market order can
 be re-sent with the same id: :meth:`FakeBinance.orders_by_client_id` shows such duplicates.
 Extra fault kinds for trading endpoints: ``accept_then_delay`` (the order is applied, the answer
@@ -104,6 +119,38 @@ class Fault:
     fill_ratio: float = 0.5
     action: Callable[[], None] | None = field(default=None, compare=False)  # kind "before"
     transform: Callable[[Any], Any] | None = field(default=None, compare=False)  # kind "mutate"
+
+
+@dataclass(frozen=True)
+class KernelFills:
+    """Fill prices of the env kernel (module docstring, "Kernel fills"); units as :class:`envs.config.CostConfig`.
+
+    ``atr``: ATR (price units) by bar open time; the ATR of bar t prices the slippage of every fill in bar t+1,
+    as the paper broker's ``atr_at_decision``. ``tick``: the symbol's tick (adverse rounding).
+    """
+
+    atr: pd.Series
+    tick: float
+    slippage_bps: float = 1.0
+    slippage_atr_coef: float = 0.05
+    cost_multiplier: float = 1.0
+
+    @classmethod
+    def from_costs(cls, costs: Any, atr: pd.Series) -> KernelFills:
+        """The kernel's fill model of an :class:`envs.config.CostConfig` and an ATR series."""
+        return cls(atr=atr, tick=costs.instrument.tick_size_usdt, slippage_bps=costs.slippage_bps,
+                   slippage_atr_coef=costs.slippage_atr_coef, cost_multiplier=costs.cost_multiplier)
+
+    def slip(self, open_ms: int, tf_ms: int, open_price: float) -> float:
+        """Slippage fraction of the fills in the bar opening at ``open_ms`` (the kernel's expression)."""
+        atr = float(self.atr.get(pd.Timestamp(open_ms - tf_ms, unit="ms", tz="UTC"), np.nan))
+        return (self.slippage_bps / 1e4 + self.slippage_atr_coef * atr / open_price) * self.cost_multiplier
+
+    def price(self, ref: float, trade_side: int, slip: float) -> float:
+        """``ref`` moved against ``trade_side`` (+1 buy, -1 sell) by ``slip``, rounded to the tick adversely."""
+        from envs.sizing import round_to_tick
+
+        return round_to_tick(ref * (1.0 + trade_side * slip), self.tick, trade_side)
 
 
 #: The markets the fake lists by default (test fixture values; the bundled instrument table never reads them):
@@ -193,6 +240,11 @@ class FakeBinance:
         Server clock, ms since the epoch; later bars and settlements do not exist yet.
     timeframe : str, default "1h"
         The only interval served (others answer 400).
+    kernel_fills : KernelFills | None
+        Fill market, stop and take-profit orders at the env kernel's prices (module docstring); None: at the
+        open / the trigger price.
+    settle_funding : bool
+        Charge funding on open positions at the fixture's settlements (module docstring).
 
     Use as a context manager; :attr:`url` is ``http://127.0.0.1:<port>``.
     """
@@ -209,6 +261,8 @@ class FakeBinance:
         state_path: str | Path | None = None,
         query_lag_ms: int = 0,
         markets: dict[str, dict[str, Any]] | None = None,
+        kernel_fills: KernelFills | None = None,
+        settle_funding: bool = False,
     ) -> None:
         self.timeframe = timeframe
         #: exchangeInfo filters and leverage brackets by market id (a copy: :meth:`set_filter` changes it)
@@ -217,6 +271,10 @@ class FakeBinance:
         self.tf_ms = _TF_MS[timeframe]
         self._now_ms = int(now_ms)
         self.fee_rate = float(fee_rate)
+        self.kernel_fills = kernel_fills  # fill where the env kernel would (module docstring)
+        self.settle_funding = bool(settle_funding)
+        #: ``(settlement ms, position_amt, price, rate, payment)`` of every funding paid (``settle_funding``)
+        self.funding_payments: list[tuple[int, float, float, float, float]] = []
         self.state_path = None if state_path is None else Path(state_path)
         self.trading = _TradingState(wallet_usdt=float(wallet_usdt))
         if self.state_path is not None and self.state_path.exists():
@@ -417,6 +475,10 @@ class FakeBinance:
                 raise _BadRequest(-2022, "ReduceOnly Order is rejected.")
             qty = min(qty, abs(pos))
         price = self.current_price() if triggered_by is None else float(p["fill_price"])
+        if triggered_by is None and self.kernel_fills is not None:
+            open_ms = (self._now_ms // self.tf_ms) * self.tf_ms
+            price = self.kernel_fills.price(price, 1 if side == "BUY" else -1,
+                                            self.kernel_fills.slip(open_ms, self.tf_ms, price))
         if not reduce_only and qty * price < 100.0:
             raise _BadRequest(-4164, "Order's notional must be no smaller than 100")
         st.next_order_id += 1
@@ -483,9 +545,9 @@ class FakeBinance:
             self._fire(a, self._now_ms)
             self._save()
 
-    def _fire(self, a: dict[str, Any], when_ms: int) -> None:
-        """Trigger the conditional order ``a`` at ``when_ms``: a market order at its trigger price when
-        it closes the position, else it expires."""
+    def _fire(self, a: dict[str, Any], when_ms: int, fill_price: float | None = None) -> None:
+        """Trigger the conditional order ``a`` at ``when_ms``: a market order at ``fill_price`` (default its
+        trigger price) when it closes the position, else it expires."""
         st = self.trading
         a["triggerTime"] = a["updateTime"] = int(when_ms)
         pos = st.position_amt
@@ -494,7 +556,8 @@ class FakeBinance:
             a["algoStatus"] = "EXPIRED"
             return
         a["algoStatus"] = "FINISHED"
-        params = {"newClientOrderId": a["clientAlgoId"], "quantity": a["quantity"], "fill_price": a["triggerPrice"],
+        price = a["triggerPrice"] if fill_price is None else repr(float(fill_price))
+        params = {"newClientOrderId": a["clientAlgoId"], "quantity": a["quantity"], "fill_price": price,
                   "reduceOnly": "true"}
         placed = self._new_market_order(params, None, triggered_by=a["clientAlgoId"],
                                         close_position=bool(a["closePosition"]), side=a["side"])
@@ -506,6 +569,8 @@ class FakeBinance:
         changed = False
         for i in closed:
             _, high, low, _, _ = self._ohlcv[i]
+            if self.kernel_fills is not None:
+                changed = self._kernel_exit(i) or changed
             for kind in ("STOP_MARKET", "TAKE_PROFIT_MARKET"):  # stop first, as the env
                 for a in st.algo_orders:
                     if a["algoStatus"] != "NEW" or a["orderType"] != kind:
@@ -518,8 +583,63 @@ class FakeBinance:
                         continue
                     changed = True
                     self._fire(a, int(self._times[i] + self.tf_ms))
+            if self.settle_funding:
+                changed = self._settle_funding(int(self._times[i] + self.tf_ms)) or changed
         if changed:
             self._save()
+
+    def _kernel_exit(self, i: int) -> bool:
+        """The stop or take-profit bar ``i`` fills, in the kernel's order and at its price (module docstring):
+        take-profit gapped at the open, stop (at the open when gapped), take-profit inside the bar. The
+        other orders are left to the plain model (which expires them: no position any more)."""
+        pos = self.trading.position_amt
+        if pos == 0:
+            return False
+        s = 1 if pos > 0 else -1
+        o, high, low, _, _ = (float(x) for x in self._ohlcv[i])
+        closing = "SELL" if s > 0 else "BUY"
+        mine = [a for a in self.trading.algo_orders if a["algoStatus"] == "NEW" and a["side"] == closing]
+        stops = [a for a in mine if a["orderType"] == "STOP_MARKET"]
+        tps = [a for a in mine if a["orderType"] == "TAKE_PROFIT_MARKET"]
+        worst, best = (low, high) if s > 0 else (high, low)
+        hit: tuple[dict[str, Any], float] | None = None
+        for a in tps:  # the open gapped through the take-profit: it fills first, at the open
+            if s * (o - float(a["triggerPrice"])) >= 0:
+                hit = (a, o)
+                break
+        for a in stops if hit is None else ():
+            trig = float(a["triggerPrice"])
+            if s * (trig - worst) >= 0:
+                hit = (a, o if s * (trig - o) >= 0 else trig)
+                break
+        for a in tps if hit is None else ():
+            trig = float(a["triggerPrice"])
+            if s * (best - trig) >= 0:
+                hit = (a, trig)
+                break
+        if hit is None:
+            return False
+        open_ms = int(self._times[i])
+        model = self.kernel_fills
+        assert model is not None
+        price = model.price(hit[1], -s, model.slip(open_ms, self.tf_ms, o))
+        self._fire(hit[0], open_ms + self.tf_ms, fill_price=price)
+        return True
+
+    def _settle_funding(self, at_ms: int) -> bool:
+        """Funding of the settlement at ``at_ms`` (if the fixture has one) on the open position, from the wallet."""
+        st = self.trading
+        k = int(np.searchsorted(self._f_times, at_ms))
+        if st.position_amt == 0 or k >= len(self._f_times) or int(self._f_times[k]) != at_ms:
+            return False
+        j = int(np.searchsorted(self._times, at_ms))
+        if j >= len(self._times) or int(self._times[j]) != at_ms:
+            return False
+        price, rate = float(self._ohlcv[j, 0]), float(self._f_rates[k])
+        payment = st.position_amt * price * rate
+        st.wallet_usdt -= payment
+        self.funding_payments.append((at_ms, st.position_amt, price, rate, payment))
+        return True
 
     def _visible(self, order: dict[str, Any]) -> bool:
         """Whether order queries show ``order`` yet (query lag after the accept)."""
