@@ -15,6 +15,9 @@ take-profit filling between the trades read and the position read.
 serves, restarts it, and checks the same invariants. Both return a :class:`SimReport`;
 ``python -m tests.kit.exchange_sim --bundle B`` prints the fault matrix and the crash matrix for a bundle (e.g. the ``make demo`` bundle).
 
+:func:`run_parity` replays the same candles through the paper broker and serves them with the live loop on the
+fake exchange (kernel fill prices, funding settled), for the sim/exchange parity test.
+
 Invariants checked by the callers: one decision row per bar, no client id placed twice on the
 exchange, the stored position equal to the exchange's, not blocked at the end.
 """
@@ -37,6 +40,7 @@ import pandas as pd
 
 from market.bundled import bundled_candles_path, bundled_funding_path
 from market.candles import load_candles, load_funding
+from market.decision import Decision, DecisionContext, StatelessPolicy
 from tests.kit.fake_binance import ORDER, FakeBinance, Fault
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,6 +213,122 @@ def run_fault_sim(bundle_dir: Path, db_path: Path, *, bars: int = 110, seed: int
         store = StateStore.sqlite(db_path)
         sim_loop(bundle_dir, fake, clock, store).run(max_steps=bars, install_signal_handlers=False)
         return _report(fake, store, bars, clock.faults)
+
+
+@dataclass
+class ParityRun:
+    """The same candles through the paper broker and through the live loop on the fake exchange (:func:`run_parity`).
+
+    ``*_fills``: one row per fill, in order, columns ``bar_open_time`` (the bar in whose open or range it filled),
+    ``side`` (+1 buy / -1 sell), ``qty_base``, ``price``, ``fee_usdt``, ``reason`` (the kernel's names: entry,
+    exit_signal, stop, take_profit; live fills mapped from their client id's kind). ``*_equity``: equity (USDT)
+    marked at each bar's close, by bar open time (paper: the broker's equity row; live: the fake exchange's wallet
+    and position at that close, before the next open's funding). ``tick`` and ``step``: the symbol's.
+    """
+
+    paper_fills: pd.DataFrame
+    live_fills: pd.DataFrame
+    paper_equity: pd.Series
+    live_equity: pd.Series
+    tick: float
+    step: float
+    live_events: dict[str, int] = field(default_factory=dict)
+
+
+_KIND_REASON = {"entry": "entry", "exit": "exit_signal", "unprot": "exit_signal", "stop": "stop", "stopmv": "stop",
+                "tp": "take_profit"}  # fmt: skip
+
+
+def continuous(candles: pd.DataFrame) -> pd.DataFrame:
+    """``candles`` with each open equal to the previous close (high and low widened to keep them consistent): the
+    textbook candle, for which the close the live loop sizes an entry at is the open the kernel fills it at."""
+    out = candles.copy()
+    out.iloc[1:, out.columns.get_loc("open")] = out["close"].to_numpy()[:-1]
+    out["high"] = np.maximum(out["high"], out["open"])
+    out["low"] = np.minimum(out["low"], out["open"])
+    return out
+
+
+def run_parity(make_policy: Callable[[], object], *, costs, bars: int, first_bar: int = 30_000,
+               start_offset_bars: int = 1_200, context_bars: int = 1_010, initial_equity_usdt: float = 10_000.0,
+               query_lag_ms: int = 5_000, transform: Callable[[pd.DataFrame], pd.DataFrame] | None = None
+               ) -> ParityRun:  # fmt: skip
+    """Replay real BTCUSDT 1h candles through the paper broker (:func:`serving.loop.run_replay`) and serve the same
+    candles with the live loop (:class:`serving.live.LiveLoop`, real ccxt client) on :class:`FakeBinance`, with
+    the same policy (``make_policy()``, one instance each; flat fallback), from bar ``start_offset_bars`` for
+    ``bars`` decisions (the first decided bar is the one before it, with ``context_bars`` of context).
+
+    The fake fills where the kernel would (:class:`tests.kit.fake_binance.KernelFills` of ``costs``, with the ATR the
+    paper run uses), charges the taker fee of ``costs`` and settles the fixture's funding, so what differs between
+    the two runs is the serving path, not the fill model. ``transform``: applied to the candles first (e.g.
+    :func:`continuous`).
+    """
+    from market.features import atr as atr_indicator
+    from serving.candles import with_funding_column
+    from serving.exchange import BinanceFuturesBroker, make_client
+    from serving.live import LiveConfig, LiveLoop, atr_period_of
+    from serving.loop import ServeConfig, run_replay
+    from serving.store import StateStore
+    from tests.kit.fake_binance import KernelFills
+
+    candles, funding = real_market(first_bar, start_offset_bars + bars + 50)
+    if transform is not None:
+        candles = transform(candles)
+    live_cfg = LiveConfig(context_bars=context_bars)
+    atr = atr_indicator(candles, atr_period_of(make_policy(), live_cfg.atr_period_bars))  # type: ignore[arg-type]
+    start, last = start_offset_bars, start_offset_bars + bars - 2  # first fill bar, last decided bar
+    paper = candles.iloc[: last + 1]
+    paper = with_funding_column(paper, [(int(t.value // 1_000_000), float(r)) for t, r in funding.items()], H)
+    store = StateStore("sqlite://")
+    run_replay(paper, primary=make_policy(), fallback=FlatPolicy(), atr=atr[: len(paper)], costs=costs,  # type: ignore[arg-type]
+               store=store, config=ServeConfig(warmup_bars=start - 1, context_bars=context_bars,
+                                               initial_equity_usdt=initial_equity_usdt))  # fmt: skip
+    pf = store.fills("paper")[["bar_open_time", "side", "qty_base", "price", "fee_usdt", "reason"]]
+    peq = store.equity("paper").set_index("bar_open_time")["equity_usdt"].iloc[1:]  # from the first fill bar
+    closes: dict[pd.Timestamp, float] = {}
+
+    def snapshot(open_ms: int, fake: FakeBinance) -> None:
+        st = fake.trading
+        close = float(candles["close"].loc[pd.Timestamp(open_ms, unit="ms", tz="UTC")])
+        upnl = st.position_amt * (close - st.entry_price) if st.position_amt else 0.0
+        closes[pd.Timestamp(open_ms, unit="ms", tz="UTC")] = st.wallet_usdt + upnl
+
+    now = int(candles.index[start].value // 1_000_000) + 60_000
+    kernel = KernelFills.from_costs(costs, pd.Series(atr, index=candles.index))
+    fee = costs.taker_fee_bps / 1e4 * costs.cost_multiplier
+    with FakeBinance(candles, funding, now_ms=now, wallet_usdt=initial_equity_usdt, fee_rate=fee,
+                     query_lag_ms=query_lag_ms, kernel_fills=kernel, settle_funding=True) as fake:  # fmt: skip
+        fake.bar_closed = snapshot
+        clock = SimClock(fake, None, 0.0)
+        client = make_client(api_key=SIM_KEY, secret=SIM_SECRET, base_url=fake.url, timeout_ms=2_000, rate_limit=False)
+        broker = BinanceFuturesBroker(client, read_attempts=3, sleep=clock.sleep)
+        live_store = StateStore("sqlite://")
+        loop = LiveLoop(broker, live_store, live_cfg, primary=make_policy(), fallback=FlatPolicy(),  # type: ignore[arg-type]
+                        wall_clock_s=clock.wall, monotonic_s=clock.monotonic, sleep=clock.sleep)  # fmt: skip
+        loop.run(max_steps=bars, install_signal_handlers=False)
+    lf = live_store.exchange_fills(SYMBOL)
+    t_ms = pd.DatetimeIndex(lf["time"]).as_unit("ms").asi8
+    live = pd.DataFrame({
+        "bar_open_time": pd.to_datetime((t_ms - 1) // H * H, unit="ms", utc=True), "side": lf["side"].to_numpy(),
+        "qty_base": lf["qty_base"].to_numpy(), "price": lf["price"].to_numpy(), "fee_usdt": lf["fee_usdt"].to_numpy(),
+        "reason": [_KIND_REASON.get(str(c).rsplit("-", 1)[-1], "external") for c in lf["client_id"]],
+    })  # fmt: skip
+    last_bar = candles.index[last]
+    live = live[live["bar_open_time"] <= last_bar].reset_index(drop=True)
+    leq = pd.Series(closes).sort_index()
+    leq = leq[(leq.index >= candles.index[start]) & (leq.index <= last_bar)]
+    ev = live_store.events("live")
+    return ParityRun(pf.reset_index(drop=True), live, peq[peq.index <= last_bar], leq,
+                     costs.instrument.tick_size_usdt, costs.instrument.lot_step_base, dict(Counter(ev["kind"])))
+
+
+class FlatPolicy(StatelessPolicy):
+    """A policy that always decides flat (the fallback of :func:`run_parity`; never asked there)."""
+
+    name = "v1"
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        return Decision.flat()
 
 
 CHILD = """

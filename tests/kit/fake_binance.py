@@ -275,6 +275,9 @@ class FakeBinance:
         self.settle_funding = bool(settle_funding)
         #: ``(settlement ms, position_amt, price, rate, payment)`` of every funding paid (``settle_funding``)
         self.funding_payments: list[tuple[int, float, float, float, float]] = []
+        #: called as ``bar_closed(open_ms, fake)`` when the clock passes a bar's close, after its stops and
+        #: take-profits, before the funding at the next open (a test's equity snapshot at the close)
+        self.bar_closed: Callable[[int, FakeBinance], None] | None = None
         self.state_path = None if state_path is None else Path(state_path)
         self.trading = _TradingState(wallet_usdt=float(wallet_usdt))
         if self.state_path is not None and self.state_path.exists():
@@ -583,6 +586,8 @@ class FakeBinance:
                         continue
                     changed = True
                     self._fire(a, int(self._times[i] + self.tf_ms))
+            if self.bar_closed is not None:
+                self.bar_closed(int(self._times[i]), self)
             if self.settle_funding:
                 changed = self._settle_funding(int(self._times[i] + self.tf_ms)) or changed
         if changed:
