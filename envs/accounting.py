@@ -46,6 +46,7 @@ from envs import kernel as K
 from envs.config import CostConfig, TradingRulesConfig
 from envs.sizing import SizingRules, decimals_pow10
 from market.decision import Decision, NonFiniteDecisionError, PositionView
+from market.ohlc import describe_row, ohlc_code
 
 FILL_REASONS: tuple[str, ...] = ("entry", "exit_signal", "stop", "take_profit", "liquidation", "rebalance")
 """Why a fill happened (index = the kernel's reason code). ``rebalance``: a resize of the open position in its
@@ -315,16 +316,11 @@ def set_rules(p: np.ndarray, rules: TradingRulesConfig) -> None:
 
 
 def _validate_bar(bar: Bar) -> None:
-    o, h, lo, c = bar.open, bar.high, bar.low, bar.close
-    for name, value in (("open", o), ("high", h), ("low", lo), ("close", c)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(
-                f"bar at open_time_ns={bar.open_time_ns}: {name} must be finite and > 0, got {value!r}"
-            )
-    if not (lo <= o <= h and lo <= c <= h):
-        raise ValueError(
-            f"bar at open_time_ns={bar.open_time_ns} is not OHLC-consistent: open={o}, high={h}, low={lo}, close={c}"
-        )
+    """Raise ``ValueError`` naming the bar and its prices unless it keeps the OHLC row rule (:mod:`market.ohlc`)."""
+    code = ohlc_code(bar.open, bar.high, bar.low, bar.close)
+    if code:
+        where = f"open_time_ns={bar.open_time_ns}"
+        raise ValueError(f"bar breaks the OHLC rule: {describe_row(code, where, bar.open, bar.high, bar.low, bar.close)}")
 
 
 def validate_opening(decision: Decision) -> None:

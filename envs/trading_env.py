@@ -37,6 +37,7 @@ from envs.rewards import RewardConfig
 from envs.sizing import ex_ante_vol_annual
 from market.config_base import StrictConfig
 from market.decision import Decision, NonFiniteDecisionError, PositionView
+from market.ohlc import describe_row, ohlc_codes
 
 ACCOUNT_FEATURES: tuple[str, ...] = (
     "pos_side",
@@ -134,18 +135,15 @@ class EnvData:
             raise ValueError(
                 f"open_time_ns must be strictly increasing; violated at {[_row_label(t, i + 1) for i in bad]}"
             )
-        for name in (*_PRICE_COLUMNS, "atr"):
-            arr = getattr(self, name)
-            bad_mask = ~(np.isfinite(arr) & (arr > 0))
-            if bad_mask.any():
-                rows = [_row_label(t, i) for i in _first_bad(bad_mask)]
-                raise ValueError(f"column {name!r} must be finite and > 0; bad at {rows}")
-        bad_mask = ~(
-            (self.low <= np.minimum(self.open, self.close)) & (self.high >= np.maximum(self.open, self.close))
-        )
+        codes = ohlc_codes(self.open, self.high, self.low, self.close)  # the OHLC row rule (market.ohlc)
+        if codes.any():
+            bad = _first_bad(codes != 0)
+            rows = "; ".join(describe_row(int(codes[i]), _row_label(t, i), self.open[i], self.high[i], self.low[i],
+                                          self.close[i]) for i in bad)  # fmt: skip
+            raise ValueError(f"candles break the OHLC rule at {int((codes != 0).sum())} rows: {rows}")
+        bad_mask = ~(np.isfinite(self.atr) & (self.atr > 0))
         if bad_mask.any():
-            raise ValueError(f"OHLC inconsistent (low/high do not bound open/close) at "
-                             f"{[_row_label(t, i) for i in _first_bad(bad_mask)]}")  # fmt: skip
+            raise ValueError(f"column 'atr' must be finite and > 0; bad at {[_row_label(t, i) for i in _first_bad(bad_mask)]}")
         if np.isinf(self.funding_rate).any():
             raise ValueError(
                 f"column 'funding_rate' is infinite at {[_row_label(t, i) for i in _first_bad(np.isinf(self.funding_rate))]}"

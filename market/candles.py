@@ -22,6 +22,16 @@ import numpy as np
 import pandas as pd
 
 from market.errors import DataValidationError
+from market.ohlc import (
+    HIGH_BELOW_LOW,
+    NEGATIVE_VOLUME,
+    NON_FINITE_PRICE,
+    NON_FINITE_VOLUME,
+    NON_POSITIVE_PRICE,
+    OUTSIDE_RANGE,
+    describe_row,
+    ohlc_codes,
+)
 
 OHLCV_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "volume")
 """Required candle columns, in canonical order."""
@@ -150,6 +160,9 @@ def validate_candles(df: pd.DataFrame, *, interval: pd.Timedelta | str, source: 
     9. ``ohlc_consistency``: ``high >= low``, ``high >= max(open, close)``, ``low <= min(open, close)``;
     10. ``finite_funding``: ``funding_rate``, when present, is finite or NaN (never +-inf).
 
+    Rules 6-9 are the OHLC row rule of :mod:`market.ohlc` (each row's first broken rule); the detail
+    of the error describes the first offending row and its values.
+
     An empty frame fails rule ``non_empty``.
 
     Parameters
@@ -199,28 +212,22 @@ def validate_candles(df: pd.DataFrame, *, interval: pd.Timedelta | str, source: 
         )
 
     ohlcv = df[list(OHLCV_COLUMNS)].to_numpy(dtype=np.float64)
-    not_finite = ~np.isfinite(ohlcv)
-    rows = not_finite.any(axis=1)
-    if rows.any():
-        cols = [c for c, bad in zip(OHLCV_COLUMNS, not_finite.any(axis=0)) if bad]
-        raise DataValidationError(
-            "finite_values", index[rows], source=source, detail=f"NaN or inf in columns {cols}"
-        )
-    o, h, l, c, v = (ohlcv[:, i] for i in range(5))
-    rows = (ohlcv[:, :4] <= 0.0).any(axis=1)
-    if rows.any():
-        raise DataValidationError("positive_prices", index[rows], source=source, detail="a price <= 0")
-    rows = v < 0.0
-    if rows.any():
-        raise DataValidationError("non_negative_volume", index[rows], source=source, detail="volume < 0")
-    rows = (h < l) | (h < np.maximum(o, c)) | (l > np.minimum(o, c))
-    if rows.any():
-        raise DataValidationError(
-            "ohlc_consistency",
-            index[rows],
-            source=source,
-            detail="need high >= low, high >= max(open, close), low <= min(open, close)",
-        )
+    codes = ohlc_codes(*ohlcv.T)
+    if codes.any():
+        not_finite = ~np.isfinite(ohlcv)
+        cols = [c for c, bad in zip(OHLCV_COLUMNS, not_finite.any(axis=0), strict=True) if bad]
+        for rule, group, detail in (
+            ("finite_values", (NON_FINITE_PRICE, NON_FINITE_VOLUME), f"NaN or inf in columns {cols}"),
+            ("positive_prices", (NON_POSITIVE_PRICE,), "a price <= 0"),
+            ("non_negative_volume", (NEGATIVE_VOLUME,), "volume < 0"),
+            ("ohlc_consistency", (HIGH_BELOW_LOW, OUTSIDE_RANGE),
+             "need high >= low, high >= max(open, close), low <= min(open, close)"),
+        ):  # fmt: skip
+            rows = np.isin(codes, group)
+            if rows.any():
+                i = int(np.argmax(rows))
+                first = describe_row(int(codes[i]), f"row {i}", *ohlcv[i])  # the rows list names its time
+                raise DataValidationError(rule, index[rows], source=source, detail=f"{detail}; first: {first}")
     if FUNDING_COLUMN in df.columns:
         rows = np.isinf(df[FUNDING_COLUMN].to_numpy())
         if rows.any():

@@ -176,7 +176,7 @@ class PolicyState:
     peak_equity_usdt: float | None = None
 
     def advanced(self, ctx: DecisionContext) -> PolicyState:
-        """The state after being shown ``ctx`` (pure).
+        """Return the state after being shown ``ctx`` (pure).
 
         ``ctx.peak_equity_usdt`` stated: ``max(ctx.peak_equity_usdt, ctx.equity_usdt)`` (the run's
         record); otherwise the running maximum of the equities shown. A non-finite equity changes
@@ -240,7 +240,7 @@ class Policy(Protocol):
         ...
 
     def history_bars(self, bar_interval: pd.Timedelta) -> int:
-        """Closed candles a decision needs on bars of ``bar_interval`` (>= 1)."""
+        """Return how many closed candles a decision needs on bars of ``bar_interval`` (>= 1)."""
         ...
 
     def restore(self, state: PolicyState) -> None:
@@ -259,7 +259,7 @@ POLICY_MEMBERS: tuple[str, ...] = (
 
 
 def missing_policy_members(obj: object) -> list[str]:
-    """The :class:`Policy` members ``obj`` lacks (empty: it is a Policy)."""
+    """Return the :class:`Policy` members ``obj`` lacks (empty: it is a Policy)."""
     return [m for m in POLICY_MEMBERS if not hasattr(obj, m)]
 
 
@@ -302,5 +302,5 @@ class StatelessPolicy:
         """Nothing to restore."""
 
     def decide(self, ctx: DecisionContext) -> Decision:
-        """Subclasses decide."""
+        """Raise ``NotImplementedError``: subclasses decide."""
         raise NotImplementedError

@@ -54,6 +54,7 @@ from market.instruments import (
     spec_from_ccxt_market,
     write_spec_file,
 )
+from market.ohlc import describe_row, ohlc_codes
 from market.store import (
     CANDLE_COLUMNS,
     FUNDING_COLUMNS,
@@ -256,8 +257,9 @@ def parse_ohlcv_page(rows: Any, *, request: str, tf_ms: int) -> pd.DataFrame:
     Raises
     ------
     MalformedResponseError
-        Not a list, a row that is not 6 values, a None, a non-numeric or non-finite value, or a
-        misaligned open time; the message names the request and the row.
+        Not a list, a row that is not 6 values, a None, a non-numeric or non-finite value, a row that
+        breaks the OHLC row rule (:mod:`market.ohlc`: a price <= 0, volume < 0, high/low not enclosing
+        open/close), or a misaligned open time; the message names the request and the row.
     """
     if not isinstance(rows, (list, tuple)):
         raise MalformedResponseError(f"{request}: expected a list of candles, got {type(rows).__name__}")
@@ -271,6 +273,13 @@ def parse_ohlcv_page(rows: Any, *, request: str, tf_ms: int) -> pd.DataFrame:
             values[i] = [_number(v) for v in row[1:6]]
         except (TypeError, ValueError) as exc:
             raise MalformedResponseError(f"{request}: candle {i} is invalid ({exc}): {row!r}") from None
+    codes = ohlc_codes(*values.T)
+    if codes.any():
+        i = int(np.argmax(codes != 0))
+        raise MalformedResponseError(
+            f"{request}: {int((codes != 0).sum())} candles break the OHLC rule, first candle {i}: "
+            f"{describe_row(int(codes[i]), _ts(int(times[i])), *values[i])}"
+        )
     if tf_ms <= 86_400_000:
         misaligned = np.flatnonzero(times % tf_ms != 0)
         if misaligned.size:

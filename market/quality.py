@@ -16,12 +16,15 @@ rule                   kind    counted rows
 ``misaligned``         hard    steps that are not a whole multiple of the bar interval
 ``gaps``               hard*   places where bars are missing (*soft with ``gap_policy="mark"``)
 ``non_finite``         hard    rows with NaN or inf in open/high/low/close/volume (funding: in the rate)
-``non_positive_price`` hard    rows with a price <= 0
-``negative_volume``    hard    rows with volume < 0
-``ohlc``               hard    rows with high < low, high < max(open, close) or low > min(open, close)
+``non_positive_price`` hard    other rows with a price <= 0
+``negative_volume``    hard    other rows with volume < 0
+``ohlc``               hard    other rows with high < low, high < max(open, close) or low > min(open, close)
 ``infinite_funding``   hard    candle rows whose optional ``funding_rate`` is +-inf
 ``zero_volume``        soft    rows with volume == 0 (exchange halts; reported with the longest run)
 =====================  ======  ==========================================================================
+
+The four candle-row rules are the OHLC row rule of :mod:`market.ohlc`: each bad row is counted once, under
+the first rule it breaks (in the order above), so their counts add up to the bad rows.
 
 For funding files (``timestamp``, ``funding_rate``): ``schema``, ``missing_time``, ``duplicates``,
 ``out_of_order`` and ``non_finite`` are hard; ``gaps`` (settlements further apart than the usual
@@ -39,6 +42,15 @@ import numpy as np
 import pandas as pd
 
 from market.candles import FUNDING_COLUMN, OHLCV_COLUMNS, GapPolicy
+from market.ohlc import (
+    HIGH_BELOW_LOW,
+    NEGATIVE_VOLUME,
+    NON_FINITE_PRICE,
+    NON_FINITE_VOLUME,
+    NON_POSITIVE_PRICE,
+    OUTSIDE_RANGE,
+    ohlc_codes,
+)
 
 MAX_EXAMPLES = 5
 """How many example times a finding keeps."""
@@ -258,14 +270,12 @@ def assess_candles(
         findings.extend(found)
 
     ohlcv = values[list(OHLCV_COLUMNS)].to_numpy(dtype=np.float64)
-    finite = np.isfinite(ohlcv)
-    non_finite = ~finite.all(axis=1)
-    o, h, low, c, v = (ohlcv[:, i] for i in range(5))
-    with np.errstate(invalid="ignore"):
-        non_positive = (np.where(finite[:, :4], ohlcv[:, :4], 1.0) <= 0.0).any(axis=1)
-        negative_volume = np.isfinite(v) & (v < 0.0)
-        ohlc = ~non_finite & ((h < low) | (h < np.maximum(o, c)) | (low > np.minimum(o, c)))
-        zero_volume = v == 0.0
+    codes = ohlc_codes(*ohlcv.T)
+    non_finite = np.isin(codes, (NON_FINITE_PRICE, NON_FINITE_VOLUME))
+    non_positive = codes == NON_POSITIVE_PRICE
+    negative_volume = codes == NEGATIVE_VOLUME
+    ohlc = np.isin(codes, (HIGH_BELOW_LOW, OUTSIDE_RANGE))
+    zero_volume = ohlcv[:, 4] == 0.0
     findings += [
         Finding("non_finite", int(non_finite.sum()), True, _examples(index, non_finite)),
         Finding("non_positive_price", int(non_positive.sum()), True, _examples(index, non_positive)),

@@ -59,6 +59,7 @@ import numpy as np
 import pandas as pd
 
 from market.candles import fill_gaps
+from market.ohlc import describe_row, ohlc_codes
 from serving.errors import RetryableError
 from serving.loop import WindowTaint, row_problems
 
@@ -132,8 +133,9 @@ def check_window(times_ms: np.ndarray, values: np.ndarray, last_closed_open_ms: 
 
     Problems: duplicate or out-of-order open times, a gap (a step other than ``tf_ms``), no row
     for the bar ``last_closed_open_ms`` (stale feed), fewer than ``context_bars`` rows, and, in the
-    last ``context_bars`` rows, a non-finite or non-positive price, a negative or non-finite
-    volume, or high/low not enclosing open/close (at most three such rows are named).
+    last ``context_bars`` rows, a row breaking the OHLC row rule (:mod:`market.ohlc`: a non-finite or
+    non-positive price, a negative or non-finite volume, or high/low not enclosing open/close; at most
+    three such rows are named, with their values).
     """
     t_arr = np.asarray(times_ms, dtype=np.int64)
     problems: list[str] = []
@@ -155,13 +157,9 @@ def check_window(times_ms: np.ndarray, values: np.ndarray, last_closed_open_ms: 
         problems.append(f"only {len(t_arr)} closed bars, {context_bars} needed")
     v = np.asarray(values, dtype=np.float64).reshape(-1, 5)[-context_bars:]
     if len(v):
-        o, h, lo, c, vol = v.T
-        with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(v).all(axis=1) | (v[:, :4] <= 0).any(axis=1) | (vol < 0) | (h < lo) | (
-                lo > np.minimum(o, c)) | (h < np.maximum(o, c))
-        for k in np.flatnonzero(bad)[:3]:
-            problems.append(f"invalid candle at {_ts(int(t_arr[-len(v):][k]))}: open={o[k]!r} high={h[k]!r} "
-                            f"low={lo[k]!r} close={c[k]!r} volume={vol[k]!r}")  # fmt: skip
+        codes = ohlc_codes(*v.T)
+        for k in np.flatnonzero(codes)[:3]:
+            problems.append("invalid candle: " + describe_row(int(codes[k]), _ts(int(t_arr[-len(v):][k])), *v[k]))
     return problems
 
 

@@ -66,6 +66,7 @@ from envs.accounting import Bar, is_funding_time
 from envs.config import CostConfig
 from market.config_base import StrictConfig
 from market.decision import Decision, DecisionContext, Policy, require_policy
+from market.ohlc import row_problems  # re-exported: the quarantine rule of a candle row
 from serving.choice import Choice as _Choice
 from serving.choice import FallbackLedger, reason_kind  # noqa: F401 - reason_kind re-exported
 from serving.choice import choose as _choose
@@ -161,33 +162,6 @@ def _validate_candles(candles: pd.DataFrame) -> None:
         raise DataQualityError(
             f"candles are not sorted by open time: row {pos} ({idx[pos]}) goes back in time"
         )
-
-
-def row_problems(candles: pd.DataFrame) -> list[str | None]:
-    """Per row, the first validation rule it breaks (None when valid).
-
-    Rules: open/high/low/close finite and > 0; volume finite and >= 0;
-    ``low <= min(open, close)`` and ``high >= max(open, close)``.
-    """
-    o, h, lo, c, v = (candles[k].to_numpy(np.float64) for k in _REQUIRED_COLUMNS)
-    out: list[str | None] = [None] * len(candles)
-    with np.errstate(invalid="ignore"):
-        checks = [
-            (~(np.isfinite(o) & np.isfinite(h) & np.isfinite(lo) & np.isfinite(c)), "non-finite price"),
-            (~np.isfinite(v), "non-finite volume"),
-            ((o <= 0) | (h <= 0) | (lo <= 0) | (c <= 0), "non-positive price"),
-            (v < 0, "negative volume"),
-            (h < lo, "high < low"),
-            ((lo > np.minimum(o, c)) | (h < np.maximum(o, c)), "open/close outside [low, high]"),
-        ]
-    for mask, rule in checks:
-        for i in np.flatnonzero(mask):
-            if out[i] is None:
-                out[i] = (
-                    f"{rule} at {candles.index[i]}: open={o[i]!r} high={h[i]!r} low={lo[i]!r} "
-                    f"close={c[i]!r} volume={v[i]!r}"
-                )
-    return out
 
 
 def last_invalid_row(problems: list[str | None]) -> np.ndarray:

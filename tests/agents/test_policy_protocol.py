@@ -93,7 +93,7 @@ def test_a_policy_missing_a_member_is_refused_by_name() -> None:
     assert not isinstance(Bare(), Policy)
     assert missing_policy_members(Bare()) == ["atr_period_bars", "last_raw_action", "state", "history_bars",
                                               "restore"]  # fmt: skip
-    with pytest.raises(TypeError, match="fallback Bare is not a Policy: it lacks atr_period_bars, .*restore"):
+    with pytest.raises(TypeError, match=r"fallback Bare is not a Policy: it lacks atr_period_bars, .*restore"):
         require_policy(Bare(), "fallback")
     assert set(POLICY_MEMBERS) == {"name", "atr_period_bars", "last_raw_action", "state", "history_bars", "restore",
                                    "decide"}  # fmt: skip

@@ -285,7 +285,7 @@ def test_training_data_gap_policy(tmp_path):
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml")
     raw = pd.read_parquet(bundled_candles_path())
-    inside = raw.index[raw["timestamp"] == pd.Timestamp(cfg.data.train_start, tz="UTC")][0] + 100
+    inside = raw.index[raw["timestamp"] == cfg.data.train_start][0] + 100
     path = _write(raw.drop(index=[inside, inside + 1, inside + 7]), tmp_path / "BTCUSDT-1h.parquet")
 
     def with_data(**kw):
