@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN_DIR ?= runs/demo
 
-.PHONY: install demo smoke test serve-demo clean
+.PHONY: install demo smoke lint test serve-demo clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: install
 
 smoke: install
 	$(BIN)/ats train --config configs/smoke.yaml --out runs/smoke
+
+## ruff (rules in pyproject.toml [tool.ruff.lint]) on everything, mypy ([tool.mypy]: the product packages)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test: install
 	PYTHONHASHSEED=0 $(BIN)/pytest -q
