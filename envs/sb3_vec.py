@@ -69,7 +69,7 @@ class BatchedSB3VecEnv(VecEnv):
         """Nothing to release."""
         self.venv.close()
 
-    def seed(self, seed: int | None = None) -> Sequence[None | int]:
+    def seed(self, seed: int | None = None) -> Sequence[int | None]:
         """Seed the random episode starts at the next :meth:`reset` (one generator for all envs)."""
         self._seeds = [seed] + [None] * (self.num_envs - 1)
         return self._seeds

@@ -43,7 +43,7 @@ def to_utc(value: object) -> pd.Timestamp:
     """
     if not isinstance(value, str | dt.date | pd.Timestamp) or isinstance(value, bool):
         # ValueError, not TypeError: pydantic turns only ValueError into a ValidationError naming the field
-        raise ValueError(f"expected a date or date-time (e.g. '2024-01-01'), got {value!r}")  # noqa: TRY004
+        raise ValueError(f"expected a date or date-time (e.g. '2024-01-01'), got {value!r}")
     try:
         t = pd.Timestamp(value)
     except (ValueError, TypeError) as exc:

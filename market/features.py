@@ -489,7 +489,7 @@ def _rolling_sum(x: np.ndarray, window: int, first_row: int = 0) -> np.ndarray:
 
 
 def _safe_ratio(num: np.ndarray, den: np.ndarray, floor: float, fill: float) -> np.ndarray:
-    """num / den where den > floor, ``fill`` where 0 <= den <= floor, NaN where either is NaN."""
+    """Ratio ``num / den`` where den > floor, ``fill`` where 0 <= den <= floor, NaN where either is NaN."""
     out = np.divide(num, den, out=np.full(len(num), fill), where=den > floor)
     out[np.isnan(num) | np.isnan(den)] = np.nan
     return out

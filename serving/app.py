@@ -120,7 +120,7 @@ def serve_replay(
     backoff: BackoffConfig | None = None,
     config: ServeConfig | None = None,
     watch_dir: Path | None = None,
-    notify: NotifyConfig | None | Literal["env"] = "env",
+    notify: NotifyConfig | Literal["env"] | None = "env",
     torch_threads: int | None = 1,
     log: Callable[[str], None] = print,
     progress_factory: Callable | None = None,
@@ -208,7 +208,7 @@ def serve_paper_live(
     watch_dir: Path | None = None,
     testnet_data: bool = False,
     base_url: str | None = None,
-    notify: NotifyConfig | None | Literal["env"] = "env",
+    notify: NotifyConfig | Literal["env"] | None = "env",
     torch_threads: int | None = 1,
     log: Callable[[str], None] = print,
 ) -> ReplaySummary:

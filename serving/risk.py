@@ -545,7 +545,7 @@ class RiskGuard:
                 self.store.append_risk_state(RiskStateRecord(
                     self.scope, ts, RiskState.HALTED.value, "error", reasons, old.tracker.to_json(), self._now(),
                 ))  # fmt: skip
-            except Exception:  # noqa: BLE001, S110 - the in-memory state is already HALTED
+            except Exception:  # noqa: BLE001 - the in-memory state is already HALTED
                 pass
         return reason
 

@@ -8,7 +8,14 @@ from datetime import UTC, datetime
 
 import pytest
 
-from training.gate import GateConfig, ReportMismatchError, apply_gate, evaluate_criteria, require_pass, verdict_of
+from training.gate import (
+    GateConfig,
+    ReportMismatchError,
+    apply_gate,
+    evaluate_criteria,
+    require_pass,
+    verdict_of,
+)
 from training.provenance import bundle_identity, strategy_config_sha256
 
 WF_REPORT = {

@@ -190,7 +190,7 @@ def test_sweep_command_writes_tables(tmp_path: Path) -> None:
 # Regime input (causal HMM) for V1's regime-conditional thresholds
 # ---------------------------------------------------------------------------------------------
 
-def _fast_hmm():  # noqa: ANN202 (a RegimeConfig; imported lazily)
+def _fast_hmm():  # -> RegimeConfig (imported lazily)
     from regime.config import RegimeConfig
 
     return RegimeConfig(n_restarts=1, n_iter=20)
