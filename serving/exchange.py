@@ -148,6 +148,14 @@ def _integer(name: str, value: Any, where: str, record: Any) -> int:
     return int(x)
 
 
+def _given(fields: dict[str, float | None], name: str) -> float:
+    """``fields[name]`` as a float; ValueError when the exchange's filters do not give it."""
+    value = fields[name]
+    if value is None:
+        raise ValueError(f"{name} missing")
+    return float(value)
+
+
 def _list_of_dicts(value: Any, where: str) -> list[dict[str, Any]]:
     """``value`` when it is a list of dicts, else :class:`MalformedResponseError`."""
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -253,6 +261,8 @@ class BinanceFuturesBroker:
         self._market_id: str | None = None
         self._market: dict[str, Any] | None = None
         self.sleeps: list[float] = []  # every backoff slept, for audits and tests
+        #: a redirected REST base URL (``ats serve --base-url``), recorded in the live_started event
+        self.base_url: str | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
     def _tracks_body(self) -> bool:
@@ -328,9 +338,9 @@ class BinanceFuturesBroker:
             f = exchange_filters(m.get("info") or {}, str(m.get("id")))
             mx = f["max_market_qty_base"]
             rules = MarketRules(
-                symbol=str(m["id"]), tick_size_usdt=float(f["tick_size_usdt"]), step_size_base=float(f["lot_step_base"]),
-                min_qty_base=float(f["min_qty_base"]), max_qty_base=math.inf if mx is None else float(mx),
-                min_notional_usdt=float(f["min_notional_usdt"]),
+                symbol=str(m["id"]), tick_size_usdt=_given(f, "tick_size_usdt"), step_size_base=_given(f, "lot_step_base"),
+                min_qty_base=_given(f, "min_qty_base"), max_qty_base=math.inf if mx is None else float(mx),
+                min_notional_usdt=_given(f, "min_notional_usdt"),
             )
         except (KeyError, TypeError, ValueError) as exc:  # InstrumentSpecError is a ValueError
             raise FatalError(f"market {self.symbol!r}: cannot read precision/limits from exchangeInfo: {exc}") from exc
@@ -603,7 +613,7 @@ def trade_fill(t: dict[str, Any]) -> TradeFill:
         and ``realizedPnl`` (finite when present; absent counts as 0). The error carries the record.
     """
     where = "trades"
-    info = t.get("info") if isinstance(t.get("info"), dict) else {}
+    info: dict[str, Any] = t["info"] if isinstance(t.get("info"), dict) else {}
     tid = _integer("id", t.get("id"), where, t)
     if t.get("order") in (None, ""):
         raise MalformedResponseError(f"{where}: trade {tid} without an order id", t)

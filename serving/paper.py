@@ -503,6 +503,7 @@ class PaperBroker:
         out = []
         entry, pos_side = before.entry_price, before.side
         for f in fills:
+            owner: _Order | None
             if f.reason in ("entry", "exit_signal") and order is not None:
                 owner = order
             elif f.reason in ("stop", "take_profit"):

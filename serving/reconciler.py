@@ -30,8 +30,8 @@ from typing import Any, Protocol
 
 import pandas as pd
 
+from serving.broker import Broker, OrderSnapshot
 from serving.crash import NO_CRASH, CrashPoints
-from serving.exchange import BinanceFuturesBroker, OrderSnapshot
 from serving.intents import ExchangePosition, OpenProtection
 from serving.live_config import LiveConfig
 from serving.reconcile import (
@@ -90,7 +90,7 @@ class Reconciler:
         ``during_reconciliation`` is passed between the trades read and the position read.
     """
 
-    def __init__(self, broker: BinanceFuturesBroker, store: StateStore, config: LiveConfig, *,
+    def __init__(self, broker: Broker, store: StateStore, config: LiveConfig, *,
                  now: Callable[[], pd.Timestamp], sleep: Callable[[float], None], safe: Callable[[str], str],
                  guard: ClosedTradeSink | None = None, crash_points: CrashPoints = NO_CRASH) -> None:
         self.broker, self.store, self.config = broker, store, config
