@@ -13,10 +13,11 @@ purged k-fold CV, which guards training data *after* a test window, is satisfied
 window and its test window (``DataConfig.val_end``), so checkpoint selection never sees the bars just
 before the test window.
 
-Every strategy (PPO, V1, buy-and-hold, flat, seeded random) trades the same test windows under the same
-cost model. The report adds, on the stitched curves: metrics by HMM regime at decision time (regimes from
-the chosen seed's fold models, states ordered calm -> volatile) and PPO/V1 re-traded with fees and
-slippage x 0, x 1, x 2.
+Every strategy (PPO, V1, buy-and-hold, time-series momentum ``tsmom``, flat, seeded random) trades the same
+test windows under the same cost model. The report adds, on the stitched curves: metrics by HMM regime at
+decision time (regimes from the chosen seed's fold models, states ordered calm -> volatile), PPO/V1/tsmom
+re-traded with fees and slippage x 0, x 1, x 2, and each strategy's exits by reason over the folds
+(:mod:`training.exits`; PnL in each window's own account).
 
 Each fold and seed is a full ``ats train`` run directory under ``OUT/fold{k}/seed{s}``; its windows,
 seed and data hash are in that run's ``config.yaml`` and bundle manifest, and ``OUT/folds.json``
@@ -38,6 +39,7 @@ from pydantic import Field, ValidationError, model_validator
 from scipy import stats
 
 from agents.bundle import load_bundle
+from market import json_codec
 from market.config_base import StrictConfig, UtcTime, check_periods
 from market.features import warmup_bars
 from training import metrics as M
@@ -45,6 +47,7 @@ from training.backtest import BacktestResult
 from training.config import ConfigError, RunConfig, invalid_config, load_config, read_config_mapping
 from training.evaluate import (
     COST_MULTIPLIERS,
+    COST_SENSITIVE,
     STRATEGIES,
     cost_note,
     pooled_test_backtests,
@@ -53,7 +56,9 @@ from training.evaluate import (
     signed_leverage,
     test_period_backtests,
     test_period_regimes,
+    tsmom_note,
 )
+from training.exits import EXITS_TITLE, exit_summary, exits_table
 from training.pipeline import Log, prepare_data, prepare_symbols, summarize_backtest, train_run
 from training.portfolio import PORTFOLIO_DEFINITION
 from training.provenance import flatten_config, provenance_note, provenance_record
@@ -291,8 +296,10 @@ def run_walkforward(
     val_sortino: dict[int, list[float]] = {s: [] for s in wf.seeds}
     fold_records = []
     regimes_by_seed: dict[int, list[np.ndarray]] = {s: [] for s in wf.seeds}
-    # cost sensitivity: sens[multiplier]["ppo"][seed] and sens[multiplier]["v1"] lists of fold results
-    sens: dict[float, dict] = {m: {"ppo": {s: [] for s in wf.seeds}, "v1": []} for m in COST_MULTIPLIERS if m != 1.0}
+    # cost sensitivity: sens[multiplier]["ppo"][seed] and sens[multiplier][name] (v1, tsmom) lists of fold results
+    baselines = tuple(n for n in COST_SENSITIVE if n != "ppo")
+    sens: dict[float, dict] = {m: {"ppo": {s: [] for s in wf.seeds}, **{n: [] for n in baselines}}
+                               for m in COST_MULTIPLIERS if m != 1.0}
     n_runs, t0 = len(wf.seeds) * wf.folds, time.monotonic()
     pooled = len(base.data.sources()) > 1
     by_symbol_ppo: dict[int, dict[str, list[BacktestResult]]] = {s: {} for s in wf.seeds}
@@ -334,19 +341,19 @@ def run_walkforward(
             regimes_by_seed[seed].append(test_period_regimes(bundle, prep)[:n_decisions])
             for mult, runs in sens.items():
                 again, _ = fold_backtests(cfg, bundle, prep, preps, cost_multiplier=mult, random_seed=k,
-                                          strategies=("ppo", "v1") if first_seed else ("ppo",))
+                                          strategies=COST_SENSITIVE if first_seed else ("ppo",))
                 runs["ppo"][seed].append(again["ppo"])
-                if first_seed:
-                    runs["v1"].append(again["v1"])
+                for name in baselines if first_seed else ():
+                    runs[name].append(again[name])
             v = bundle.manifest["metrics"]["validation"].get("sortino")
             val_sortino[seed].append(float(v) if isinstance(v, (int, float)) else np.nan)
             fold_records.append({**w.as_json(), "seed": seed, "random_policy_seed": k, "run_dir": str(run_dir),
                                  "data_sha256": prep.info["candles_sha256"],
                                  "schema_hash": bundle.manifest["observation"]["schema_hash"]})
             if first_seed:  # seed-independent strategies are traded once per fold
-                for name in ("v1", "buy_and_hold", "flat", "random"):
+                for name in STRATEGIES[1:]:  # every strategy but PPO
                     per_strategy.setdefault(name, []).append(results[name])
-    (out / "folds.json").write_text(json.dumps(fold_records, indent=1))
+    (out / "folds.json").write_text(json_codec.dumps(fold_records, indent=1))
     return _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log,
                       regimes_by_seed=regimes_by_seed, sens=sens, tuning=tuning,
                       by_symbol=(by_symbol_ppo, by_symbol_other) if pooled else None)
@@ -369,14 +376,15 @@ def _metrics_of(results: list[BacktestResult], bar_s: float, initial: float) -> 
     return summarize_backtest(stitch_results(results, initial), bar_s)
 
 
-def _sensitivity_table(ppo: list[BacktestResult], v1: list[BacktestResult], sens: dict, seed: int,
+def _sensitivity_table(base: dict[str, list[BacktestResult]], sens: dict, seed: int,
                        bar_s: float, initial: float) -> dict[str, dict[str, float]]:
-    """Stitched PPO (chosen seed) and V1 with fees and slippage x 0, x 1, x 2."""
-    runs = {1.0: {"ppo": ppo, "v1": v1}}
-    runs.update({m: {"ppo": r["ppo"][seed], "v1": r["v1"]} for m, r in sens.items()})
+    """Stitched PPO (chosen seed), V1 and tsmom (``base``: their fold results at costs x 1) with fees and
+    slippage x 0, x 1, x 2."""
+    runs = {1.0: base}
+    runs.update({m: {n: (r[n][seed] if n == "ppo" else r[n]) for n in base} for m, r in sens.items()})
     out = {}
     for mult in COST_MULTIPLIERS:
-        for name in ("ppo", "v1"):
+        for name in base:
             m = _metrics_of(runs[mult][name], bar_s, initial)
             out[f"{name} costs x{mult:g}"] = {k: m[k] for k in ("total_return", "sortino", "max_drawdown",
                                                                  "fees_paid", "slippage_paid", "n_trades")}
@@ -432,7 +440,8 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
     stitched = {name: stitch_results(res, initial) for name, res in strategies.items()}
     regimes = np.concatenate(regimes_by_seed[chosen])
     slices = {name: regime_slices(res, regimes, bar_s) for name, res in stitched.items()}
-    sensitivity = _sensitivity_table(ppo_by_seed[chosen], per_strategy["v1"], sens, chosen, bar_s, initial)
+    sensitivity = _sensitivity_table({n: strategies[n] for n in COST_SENSITIVE}, sens, chosen, bar_s, initial)
+    exits = {name: exit_summary(res) for name, res in strategies.items()}
     summary = {
         "windows": [w for w in folds if w["seed"] == seeds[0]],
         "seeds": seeds, "chosen_seed_by_validation": chosen,
@@ -450,6 +459,7 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         "provenance": provenance,
         "regime_slices": slices,
         "cost_sensitivity": sensitivity,
+        "exits_by_reason": exits,
     }
     symbol_tables = {}
     if by_symbol is not None:  # a pooled study: the stitched curves above are the equal-weight portfolio
@@ -458,6 +468,9 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
                          for name, res in {"ppo": ppo_sym[chosen][sym], **other_sym[sym]}.items()}
                    for sym in ppo_sym[chosen]}
         summary["by_symbol"] = per_sym
+        summary["exits_by_reason_by_symbol"] = {
+            sym: {name: exit_summary(res) for name, res in {"ppo": ppo_sym[chosen][sym], **other_sym[sym]}.items()}
+            for sym in ppo_sym[chosen]}
         summary["portfolio"] = {"weighting": "equal", "symbols": list(per_sym), "definition": PORTFOLIO_DEFINITION}
         symbol_tables = {f"{sym}: stitched metrics (PPO seed {chosen})": pd.DataFrame(m).round(4)
                          for sym, m in per_sym.items()}
@@ -474,6 +487,7 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         "Sortino 95 % block-bootstrap intervals: " + ", ".join(f"{k} [{v[0]:.2f}, {v[1]:.2f}]" for k, v in ci.items()),
         "All strategies trade the same test windows under the same cost model; equity is stitched across windows.",
         cost_note(base.env, "from the exchange history"),
+        tsmom_note(base.baselines.tsmom, base.env),
         (f"Data {', '.join(base.data.symbol_names)}, candles sha256 {', '.join(sorted({d[:12] for d in provenance['data_sha256']}))}; "
          f"random policy seed = fold index; folds, seeds and windows in folds.json."),
         provenance_note(provenance),
@@ -483,6 +497,7 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
                         f"portfolio ({PORTFOLIO_DEFINITION}); per-symbol stitched results in the 'by symbol' tables.")
     extra = {**symbol_tables, "PPO over seeds (mean, std)": pd.DataFrame(seed_stats).T,
              "cost sensitivity, stitched (fees and slippage x 0, 1, 2)": pd.DataFrame(sensitivity).round(4),
+             f"{EXITS_TITLE}, over the folds (PPO seed {chosen}; PnL in each window's account)": exits_table(exits),
              "costs paid, stitched (USDT)": pd.DataFrame(
                  {n: {"fees": r.fees_paid_usdt, "slippage": r.slippage_paid_usdt, "funding": r.funding_paid_usdt,
                       "liquidation fees": r.liquidation_fees_usdt} for n, r in stitched.items()}).round(2)}

@@ -56,7 +56,8 @@ def test_walkforward_smoke_end_to_end(tmp_path):
     assert [f["random_policy_seed"] for f in folds if f["seed"] == 0] == [0, 1]
     for f in folds:
         assert f["train_start"] < f["val_start"] < f["test_start"] < f["test_end"] and f["data_sha256"]
-    assert set(summary["stitched"]) == {"ppo", "v1", "buy_and_hold", "flat", "random"}
+    all_strategies = {"ppo", "v1", "buy_and_hold", "tsmom", "flat", "random"}
+    assert set(summary["stitched"]) == all_strategies and set(summary["per_fold"]) == all_strategies
     assert summary["stitched"]["flat"]["total_return"] == 0.0
     # the random policy trades, and every strategy is charged under the same cost model
     assert summary["stitched"]["random"]["n_trades"] > 0 and summary["stitched"]["random"]["fees_paid"] > 0
@@ -84,13 +85,23 @@ def test_walkforward_smoke_end_to_end(tmp_path):
         assert "ats walk-forward" in page.dom and "deflated" in page.dom.lower()
         assert page.console == [] and page.screenshot_bytes > 20_000
     # regime slices and cost sensitivity of the stitched curves
-    for name in ("ppo", "v1", "buy_and_hold", "random"):
+    for name in ("ppo", "v1", "buy_and_hold", "tsmom", "random"):
         shares = [p["share_of_bars"] for p in summary["regime_slices"][name].values()]
         assert sum(shares) == pytest.approx(1.0)
     sens = summary["cost_sensitivity"]
     assert sens["v1 costs x0"]["fees_paid"] == 0.0 and sens["v1 costs x2"]["fees_paid"] > sens["v1 costs x1"]["fees_paid"]
     assert sens["v1 costs x1"]["total_return"] == pytest.approx(summary["stitched"]["v1"]["total_return"])
     assert "avg_leverage" in summary["stitched"]["random"]
+    assert sens["tsmom costs x0"]["fees_paid"] == 0.0
+    assert sens["tsmom costs x1"]["total_return"] == pytest.approx(summary["stitched"]["tsmom"]["total_return"])
+    # exits by reason over the folds: the counts sum to the stitched closed trades; a position open at the end
+    # of each of the 2 windows counts once per window
+    exits = summary["exits_by_reason"]
+    assert set(exits) == all_strategies
+    for name, s in exits.items():
+        assert sum(v["count"] for v in s["by_reason"].values()) == summary["stitched"][name]["n_trades"], name
+    assert exits["buy_and_hold"]["end_of_period"]["count"] == 2.0 and exits["flat"]["end_of_period"]["count"] == 0.0
+    assert "exits by reason" in html and "tsmom" in html
     assert (tmp_path / "out" / "report.html").read_text().count("data:image/png;base64,") >= 1
 
 
@@ -255,8 +266,9 @@ def test_walkforward_accepts_a_symbol_list(tmp_path):
     summary = run_walkforward(wf, cfg, tmp_path / "out", log=lambda s: None)
     assert set(summary["by_symbol"]) == {"BTCUSDT", "XRPUSDT"}
     assert summary["portfolio"]["symbols"] == ["BTCUSDT", "XRPUSDT"]
-    for name in ("ppo", "v1", "buy_and_hold", "flat", "random"):
+    for name in ("ppo", "v1", "buy_and_hold", "tsmom", "flat", "random"):
         per = [summary["by_symbol"][s][name]["total_return"] for s in ("BTCUSDT", "XRPUSDT")]
         assert summary["stitched"][name]["total_return"] == pytest.approx(np.mean(per), abs=1e-12)
+    assert set(summary["exits_by_reason_by_symbol"]["XRPUSDT"]) == set(summary["by_symbol"]["XRPUSDT"])
     manifest = json.loads((tmp_path / "out" / "fold0" / "seed0" / "bundle" / "manifest.json").read_text())
     assert manifest["data"]["symbols"] == ["BTCUSDT", "XRPUSDT"]
