@@ -36,6 +36,7 @@ class ActorNet(nn.Module):
         self.obs_dim, self.action_dim, self.hidden, self.activation = obs_dim, action_dim, hidden, activation
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Deterministic action (the Gaussian mean, unclipped) of a batch ``obs``."""
         return self.action_net(self.policy_net(obs))
 
     @torch.inference_mode()

@@ -21,6 +21,7 @@ class FlatPolicy(StatelessPolicy):
     name = "flat"
 
     def decide(self, ctx: DecisionContext) -> Decision:
+        """Flat, whatever the context."""
         return Decision.flat()
 
 
@@ -30,6 +31,7 @@ class BuyAndHoldPolicy(StatelessPolicy):
     name = "buy_and_hold"
 
     def decide(self, ctx: DecisionContext) -> Decision:
+        """Long with all equity at 1x, stops out of reach."""
         return Decision(direction=1, leverage=1.0, size_frac=1.0, stop_atr=_NEVER_ATR, take_profit_atr=_NEVER_ATR)
 
 
@@ -50,6 +52,7 @@ class RandomPolicy(StatelessPolicy):
         self.last_raw_action: np.ndarray | None = None
 
     def decide(self, ctx: DecisionContext) -> Decision:
+        """Decode the action drawn for this bar (seed, open time); set ``last_raw_action``."""
         rng = np.random.default_rng((self.seed, int(ctx.bar_open_time.value) % 2**63))
         self.last_raw_action = rng.uniform(-1.0, 1.0, size=5).astype(np.float32)
         return self._decode(self.last_raw_action)

@@ -78,6 +78,7 @@ class PolicyBundle:
 
     @property
     def market_obs_names(self) -> list[str]:
+        """Names of the market-observation columns (features, then model outputs)."""
         return market_obs_names(self.feature_config, self.models.n_states)
 
 

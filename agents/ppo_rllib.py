@@ -177,14 +177,17 @@ class TradingEpisodeCallback(_callback_base()):
         self._paths: dict[str, tuple[list[float], list[float]]] = {}
 
     def on_episode_start(self, *, episode, **kwargs) -> None:
+        """Start the episode's equity and exposure paths."""
         self._paths[episode.id_] = ([self._initial], [])
 
     def on_episode_step(self, *, episode, **kwargs) -> None:
+        """Append the step's equity and absolute exposure."""
         equity, exposure = self._paths.setdefault(episode.id_, ([self._initial], []))
         equity.append(float(episode.get_infos(-1)["equity_usdt"]))
         exposure.append(abs(float(episode.get_observations(-1)[-EXPOSURE_FROM_END])))
 
     def on_episode_end(self, *, episode, metrics_logger=None, **kwargs) -> None:
+        """Log the episode's statistics, fees and funding to ``metrics_logger``."""
         equity, exposure = self._paths.pop(episode.id_, ([self._initial], []))
         if metrics_logger is None or len(equity) < 2:
             return

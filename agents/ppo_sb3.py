@@ -94,7 +94,7 @@ class EpisodeMetricsCallback(BaseCallback):
 
     def _on_step(self) -> bool:
         new_obs = self.locals.get("new_obs")
-        for i, (info, done) in enumerate(zip(self.locals["infos"], self.locals["dones"])):
+        for i, (info, done) in enumerate(zip(self.locals["infos"], self.locals["dones"], strict=True)):
             path = self._paths[i]
             if not path:
                 path.append(self._initial)  # every episode starts flat at the initial equity
@@ -138,6 +138,7 @@ class ValidationCallback(BaseCallback):
         self.history: list[dict[str, float]] = []
 
     def evaluate_now(self) -> None:
+        """Backtest the current policy on the validation period, log it and keep it if best."""
         metrics = self._validator(self.model)
         metrics = {**metrics, "timesteps": float(self.num_timesteps)}
         self.history.append(metrics)

@@ -15,6 +15,8 @@ console = Console()
 
 
 class GapPolicyOption(str, Enum):
+    """What ``ats data`` does with missing bars: fail, or mark them as gaps."""
+
     error = "error"
     mark = "mark"
 

@@ -26,12 +26,16 @@ def _main(
 
 
 class Device(str, Enum):
+    """Torch device of the training run."""
+
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
 
 
 class Backend(str, Enum):
+    """PPO implementation: Stable-Baselines3 or Ray RLlib."""
+
     sb3 = "sb3"
     rllib = "rllib"
 

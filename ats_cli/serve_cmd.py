@@ -29,6 +29,8 @@ console = Console()
 
 
 class Mode(str, Enum):
+    """Where orders go: the paper broker, the Binance testnet or Binance."""
+
     paper = "paper"
     testnet = "testnet"
     live = "live"

@@ -38,8 +38,13 @@ def status(
     table = Table(title=f"ats status: {shown}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
-    money = lambda x: "n/a" if x is None else f"{x:,.2f} USDT"
-    pct = lambda x: "n/a" if math.isnan(x) else f"{x:.1%}"
+
+    def money(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:,.2f} USDT"
+
+    def pct(x: float) -> str:
+        return "n/a" if math.isnan(x) else f"{x:.1%}"
+
     risk_style = {"ACTIVE": "green", "REDUCING": "yellow", "HALTED": "bold red"}.get(s.risk_state, "")
     table.add_row("run", str(s.run_id))
     table.add_row("mode", str(s.mode))

@@ -13,17 +13,23 @@ console = Console()
 
 
 class TuneBackend(str, Enum):
+    """PPO implementation of the trials."""
+
     sb3 = "sb3"
     rllib = "rllib"
 
 
 class Scheduler(str, Enum):
+    """Early stopping of trials: ASHA, median stopping, or none."""
+
     asha = "asha"
     median = "median"
     none = "none"
 
 
 class Search(str, Enum):
+    """How configurations are drawn: Optuna (TPE) or at random."""
+
     optuna = "optuna"
     random = "random"
 

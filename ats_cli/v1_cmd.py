@@ -42,7 +42,7 @@ def _table(title: str, df) -> Table:
         t.add_column(str(col))
     for row in df.itertuples(index=False):
         cells = []
-        for col, v in zip(df.columns, row):
+        for col, v in zip(df.columns, row, strict=True):
             if col == "chosen":  # JSON in the CSV; k=v in the terminal
                 v = " ".join(f"{k}={x}" for k, x in json.loads(v).items())
             cells.append(_fmt(v))

@@ -1,0 +1,1 @@
+"""Throughput and latency benchmarks (``python benchmarks/<name>.py``; each module says what it measures)."""

@@ -131,7 +131,7 @@ def decode_action(action: np.ndarray, cfg: ActionConfig, *, ex_ante_vol_annual: 
     if values.shape != (5,):
         raise ValueError(f"action must have shape (5,), got {np.shape(action)}")
     a = values.tolist()
-    for name, value in zip(ACTION_NAMES, a):
+    for name, value in zip(ACTION_NAMES, a, strict=True):
         if not math.isfinite(value):
             raise NonFiniteDecisionError(f"action component {name!r} is not finite: {value!r}")
     a0, a1, a2, a3, a4 = (min(1.0, max(-1.0, v)) for v in a)
@@ -189,7 +189,7 @@ def encode_decision(decision: Decision, cfg: ActionConfig, *, clip: bool = False
     ]
     tol = 1e-9
     out = [a0]
-    for name, u in zip(ACTION_NAMES[1:], raw):
+    for name, u in zip(ACTION_NAMES[1:], raw, strict=True):
         if not clip and not -1.0 - tol <= u <= 1.0 + tol:
             raise ValueError(
                 f"decision field {name!r} lies outside the configured action range (encoded {u:.6g})"

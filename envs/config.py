@@ -70,7 +70,7 @@ class CostConfig(StrictConfig):
     )
 
     def with_instrument(self, spec: InstrumentSpec) -> CostConfig:
-        """This config with ``spec`` as the traded symbol's rules (fees, slippage and funding settings kept)."""
+        """Copy of this config with ``spec`` as the traded symbol's rules (fees, slippage and funding settings kept)."""
         return self.updated(instrument=spec)
 
     @property

@@ -30,6 +30,7 @@ against it in ``tests/envs``).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from llvmlite import ir
@@ -120,14 +121,14 @@ MODE_HOLD = 2  # no decision: keep everything as is
 
 # No array is allocated in compiled code, so reference counting (NRT) is off: it would cost an
 # atomic incref/decref per array argument of every call.
-_NUMBA_OPTS = {"cache": True, "nogil": True, "boundscheck": False, "_nrt": False}
+_NUMBA_OPTS: dict[str, Any] = {"cache": True, "nogil": True, "boundscheck": False, "_nrt": False}
 # The per-step functions are inlined into their callers at numba-IR level. A call between compiled
 # functions passes every array as an exploded struct (pointer, shape, strides, ...) and checks a
 # status code; with ~10 calls per env step that was about half of the batched step's time (measured:
 # benchmarks/env_throughput.py). Inlining changes no arithmetic (no fastmath): results are identical
 # (tests/envs/test_kernel_equivalence.py, test_vector_env.py). Cost: longer first compilation
 # (cached on disk by ``cache=True``).
-_INLINE_OPTS = {**_NUMBA_OPTS, "inline": "always"}
+_INLINE_OPTS: dict[str, Any] = {**_NUMBA_OPTS, "inline": "always"}
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers

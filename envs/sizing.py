@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numba import njit
@@ -55,8 +55,8 @@ from numba import njit
 # cache of a function is invalidated by changes to its own file only: after editing this file, delete the
 # kernel's cache (envs/__pycache__/kernel.*.nbi and .nbc) or touch envs/kernel.py, else the kernel keeps the
 # old rule while the Python wrappers below run the new one (tests/envs/test_sizing_parity.py would fail).
-_NUMBA_OPTS = {"cache": True, "nogil": True, "boundscheck": False, "_nrt": False}
-_INLINE_OPTS = {**_NUMBA_OPTS, "inline": "always"}
+_NUMBA_OPTS: dict[str, Any] = {"cache": True, "nogil": True, "boundscheck": False, "_nrt": False}
+_INLINE_OPTS: dict[str, Any] = {**_NUMBA_OPTS, "inline": "always"}
 
 #: Binance's largest USDⓈ-M leverage; the cap of rules that do not state their own.
 BINANCE_MAX_LEVERAGE = 125
@@ -198,17 +198,28 @@ class InstrumentRules(Protocol):
     :class:`serving.intents.MarketRules` both provide it."""
 
     @property
-    def tick_size_usdt(self) -> float: ...
+    def tick_size_usdt(self) -> float:
+        """Price tick, USDT."""
+
     @property
-    def step_size_base(self) -> float: ...
+    def step_size_base(self) -> float:
+        """Quantity step, base asset."""
+
     @property
-    def min_qty_base(self) -> float: ...
+    def min_qty_base(self) -> float:
+        """Smallest order quantity, base asset."""
+
     @property
-    def min_notional_usdt(self) -> float: ...
+    def min_notional_usdt(self) -> float:
+        """Smallest order notional, USDT."""
+
     @property
-    def max_qty_base(self) -> float: ...
+    def max_qty_base(self) -> float:
+        """Largest market order quantity, base asset (``inf`` when unlimited)."""
+
     @property
-    def max_leverage(self) -> int: ...
+    def max_leverage(self) -> int:
+        """Largest exchange leverage (integer)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,7 +153,7 @@ class EnvData:
             rows, cols = np.nonzero(~finite_obs)
             where = [
                 f"{_row_label(t, int(r))}, column {self.market_obs_names[int(c)]!r}"
-                for r, c in zip(rows[:5], cols[:5])
+                for r, c in zip(rows[:5], cols[:5], strict=True)
             ]
             raise ValueError(f"market_obs must be finite (as float32); bad at {where}")
 

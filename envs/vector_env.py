@@ -232,7 +232,7 @@ class BatchedTradingEnv(VectorEnv):
             # copy=True: the caller owns a copy; copy=False: the buffer itself (overwritten next step)
             infos["final_obs"] = self._final_obs.copy() if self.copy else self._final_obs
             infos["_final_obs"] = done
-            infos["final_info"] = dict(zip(K.FINAL_STATS, self._final_stats.T.copy()))
+            infos["final_info"] = dict(zip(K.FINAL_STATS, self._final_stats.T.copy(), strict=True))
             infos["_final_info"] = done
         return self._obs, self._rewards, self._terminated, self._truncated, infos
 

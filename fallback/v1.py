@@ -172,7 +172,7 @@ def effective_thresholds(regime_proba: np.ndarray | None, cfg: V1Config) -> dict
     w = np.eye(len(adj))[state] if cfg.regime_mode == "argmax" else p
 
     def delta(name: str) -> float:
-        return float(sum(wi * getattr(a, name) for wi, a in zip(w, adj)))
+        return float(sum(wi * getattr(a, name) for wi, a in zip(w, adj, strict=True)))
 
     return {
         "adx_min": min(100.0, max(0.0, cfg.adx_min + delta("adx_min_delta"))),

@@ -540,7 +540,7 @@ def hurst_exponent(
     weights = (log_k - log_k.mean()) / np.sum((log_k - log_k.mean()) ** 2)
     h = np.zeros(len(x))
     flat = np.zeros(len(x), dtype=bool)
-    for k, wk in zip(lags, weights):
+    for k, wk in zip(lags, weights, strict=True):
         d = _log_returns(x, int(k))
         s = rolling_std(d, window_bars - int(k), 0, first_row)
         if k == lags[0]:
@@ -594,7 +594,7 @@ def compute_features(
     if validate:
         check_candles(candles, source="compute_features input")
     index = candles.index
-    o, h, l, c, v = (
+    o, h, lo, c, v = (
         np.ascontiguousarray(candles[k].to_numpy(dtype=np.float64))
         for k in ("open", "high", "low", "close", "volume")
     )
@@ -608,10 +608,10 @@ def compute_features(
     for hb in cfg.return_horizons_bars:
         cols[f"logret_{hb}b"] = _log_returns(log_c, hb)
 
-    cols["atr_pct"] = talib.ATR(h, l, c, timeperiod=cfg.atr_period_bars) / c
-    cols["adx"] = talib.ADX(h, l, c, timeperiod=cfg.adx_period_bars) / 100.0
-    cols["plus_di"] = talib.PLUS_DI(h, l, c, timeperiod=cfg.adx_period_bars) / 100.0
-    cols["minus_di"] = talib.MINUS_DI(h, l, c, timeperiod=cfg.adx_period_bars) / 100.0
+    cols["atr_pct"] = talib.ATR(h, lo, c, timeperiod=cfg.atr_period_bars) / c
+    cols["adx"] = talib.ADX(h, lo, c, timeperiod=cfg.adx_period_bars) / 100.0
+    cols["plus_di"] = talib.PLUS_DI(h, lo, c, timeperiod=cfg.adx_period_bars) / 100.0
+    cols["minus_di"] = talib.MINUS_DI(h, lo, c, timeperiod=cfg.adx_period_bars) / 100.0
     cols["rsi"] = talib.RSI(c, timeperiod=cfg.rsi_period_bars) / 100.0
     _, _, hist = talib.MACD(
         c, fastperiod=cfg.macd_fast_bars, slowperiod=cfg.macd_slow_bars, signalperiod=cfg.macd_signal_bars
@@ -658,12 +658,12 @@ def compute_features(
     cols["dow_sin"] = np.sin(2.0 * np.pi * days / 7.0)
     cols["dow_cos"] = np.cos(2.0 * np.pi * days / 7.0)
 
-    rng = h - l
+    rng = h - lo
     cols["bar_range"] = rng / c
-    cols["close_loc"] = np.divide(c - l, rng, out=np.full(n, 0.5), where=rng > 0)
+    cols["close_loc"] = np.divide(c - lo, rng, out=np.full(n, 0.5), where=rng > 0)
 
     # --- range-based volatility (Parkinson 1980; Garman & Klass 1980), per-bar log units
-    log_hl2 = np.log(h / l) ** 2
+    log_hl2 = np.log(h / lo) ** 2
     log_co2 = np.log(c / o) ** 2
     pk_w, gk_w = cfg.parkinson_window_bars, cfg.garman_klass_window_bars
     pk_mean = rolling_mean(log_hl2, pk_w, first)
@@ -693,7 +693,7 @@ def compute_features(
     vol_sum_obv[:ow] = np.nan  # the change needs w + 1 bars
     cols[f"obv_slope_{ow}b"] = np.clip(_safe_ratio(obv_change, vol_sum_obv, 0.0, 0.0), -1.0, 1.0)
     vw = cfg.vwap_window_bars
-    tp = (h + l + c) / 3.0
+    tp = (h + lo + c) / 3.0
     pv_sum, v_sum = _rolling_sum(tp * v, vw, first), _rolling_sum(v, vw, first)
     tp_mean = _rolling_sum(tp, vw, first) / vw
     vwap = np.where(v_sum > 0.0, np.divide(pv_sum, v_sum, out=np.ones(n), where=v_sum > 0.0), tp_mean)
@@ -731,7 +731,7 @@ def compute_features(
     cols[f"autocorr1_{mw}b"] = ac
     rw = cfg.range_window_bars
     cols[f"dist_high_{rw}b"] = c / talib.MAX(h, timeperiod=rw) - 1.0 if rw > 1 else c / h - 1.0
-    cols[f"dist_low_{rw}b"] = c / talib.MIN(l, timeperiod=rw) - 1.0 if rw > 1 else c / l - 1.0
+    cols[f"dist_low_{rw}b"] = c / talib.MIN(lo, timeperiod=rw) - 1.0 if rw > 1 else c / lo - 1.0
 
     # --- funding cumulative, gap flag
     cols[f"funding_cum_{cfg.funding_cum_window_bars}b_bps"] = funding_cum
@@ -834,7 +834,7 @@ def _reduce(ufunc: np.ufunc, x: np.ndarray, starts: np.ndarray, ends: np.ndarray
 
 def _htf_columns(bars: pd.DataFrame, cfg: FeatureConfig) -> dict[str, np.ndarray]:
     """:data:`HTF_FEATURES` of complete higher-timeframe bars (float64, one value per bar)."""
-    h, l, c = (np.ascontiguousarray(bars[k].to_numpy(dtype=np.float64)) for k in ("high", "low", "close"))
+    h, lo, c = (np.ascontiguousarray(bars[k].to_numpy(dtype=np.float64)) for k in ("high", "low", "close"))
     n = len(c)
     cols: dict[str, np.ndarray] = {}
     log_c = np.log(c) if n else np.empty(0)
@@ -843,9 +843,9 @@ def _htf_columns(bars: pd.DataFrame, cfg: FeatureConfig) -> dict[str, np.ndarray
     w = HTF_RVOL_WINDOW_BARS
     cols[f"rvol_{w}b"] = rolling_std(_log_returns(log_c, 1), w, 1)
     nan = np.full(n, np.nan)
-    cols["atr_pct"] = talib.ATR(h, l, c, timeperiod=cfg.atr_period_bars) / c if n else nan
+    cols["atr_pct"] = talib.ATR(h, lo, c, timeperiod=cfg.atr_period_bars) / c if n else nan
     cols["rsi"] = talib.RSI(c, timeperiod=cfg.rsi_period_bars) / 100.0 if n else nan
-    cols["adx"] = talib.ADX(h, l, c, timeperiod=cfg.adx_period_bars) / 100.0 if n else nan
+    cols["adx"] = talib.ADX(h, lo, c, timeperiod=cfg.adx_period_bars) / 100.0 if n else nan
     p = HTF_EMA_PERIOD_BARS
     cols[f"ema_dist_{p}b"] = c / talib.EMA(c, timeperiod=p) - 1.0 if n else nan
     assert tuple(cols) == HTF_FEATURES
@@ -895,7 +895,7 @@ def higher_timeframe_features(candles: pd.DataFrame, timeframe: str, cfg: Featur
     j = np.searchsorted(bar_close, row_close, side="right") - 1
     seen = j >= 0
     out = {}
-    for name, col in zip(names, values.values()):
+    for name, col in zip(names, values.values(), strict=True):
         joined = np.full(len(ns), np.nan)
         joined[seen] = col[j[seen]]
         out[name] = joined
@@ -934,7 +934,7 @@ def drop_warmup(features: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     bad_after = np.flatnonzero(~finite_rows[first:]) + first
     if bad_after.size:
         bad_cols = [
-            str(col) for col, bad in zip(features.columns, ~np.isfinite(values[bad_after]).all(axis=0)) if bad
+            str(col) for col, bad in zip(features.columns, ~np.isfinite(values[bad_after]).all(axis=0), strict=True) if bad
         ]
         raise DataValidationError(
             "nan_after_warmup",

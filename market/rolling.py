@@ -40,7 +40,7 @@ def _check(x: np.ndarray, window: int) -> np.ndarray:
 
 @njit(cache=True)
 def _window_ok(x: np.ndarray, lo: int, hi: int) -> bool:
-    for j in range(lo, hi):
+    for j in range(lo, hi):  # noqa: SIM110 - a plain loop: numba compiles no generator in all()
         if math.isnan(x[j]):
             return False
     return True
@@ -48,7 +48,7 @@ def _window_ok(x: np.ndarray, lo: int, hi: int) -> bool:
 
 @njit(cache=True)
 def _constant(x: np.ndarray, lo: int, hi: int) -> bool:
-    for j in range(lo + 1, hi):
+    for j in range(lo + 1, hi):  # noqa: SIM110 - a plain loop: numba compiles no generator in all()
         if x[j] != x[lo]:
             return False
     return True

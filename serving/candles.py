@@ -77,13 +77,15 @@ class OhlcvFeed(Protocol):
     """Public klines (:class:`serving.exchange.BinanceFuturesBroker`)."""
 
     def fetch_ohlcv(self, timeframe: str, since_ms: int | None, limit: int, until_ms: int | None = None
-                    ) -> list[list[Any]]: ...  # fmt: skip
+                    ) -> list[list[Any]]:  # fmt: skip
+        """Klines ``[open_ms, o, h, l, c, v]`` from ``since_ms`` (ccxt's shape)."""
 
 
 class FundingFeed(Protocol):
     """Public funding history (:class:`serving.exchange.BinanceFuturesBroker`)."""
 
-    def fetch_funding(self, since_ms: int, limit: int = 1000) -> list[tuple[int, float]]: ...
+    def fetch_funding(self, since_ms: int, limit: int = 1000) -> list[tuple[int, float]]:
+        """Funding settlements ``(time_ms, rate)`` from ``since_ms``."""
 
 
 def _ts(ms: int) -> pd.Timestamp:

@@ -96,10 +96,12 @@ class OrderExecutor:
 
     @property
     def run_id(self) -> str:
+        """The serving run's id (from the config)."""
         return self.config.run_id
 
     @property
     def market_id(self) -> str:
+        """The exchange's id of the traded market."""
         return self.broker.market_id
 
     def _event(self, time_: pd.Timestamp, kind: str, detail: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Order intents: what the live loop must send this bar, derived by pure functions.
+r"""Order intents: what the live loop must send this bar, derived by pure functions.
 
 An *intent* is one order the loop has decided to send, with a **deterministic client order id**
 built from (symbol, bar open time, intent kind). Written to the store before it is sent, the id
@@ -7,7 +7,7 @@ enforces ``newClientOrderId`` uniqueness only among *open* orders, so a filled m
 be sent twice with the same id: the loop must look it up first, see ``serving.live``).
 
 Binance rule for ``newClientOrderId`` (USDⓈ-M "New Order (TRADE)" endpoint documentation):
-``^[\\.A-Z\\:/a-z0-9_\\-]{1,36}$``.
+``^[\.A-Z\:/a-z0-9_\-]{1,36}$``.
 
 Mapping from a :class:`market.decision.Decision` to intents (same semantics as the env, see
 ``market.decision``):

@@ -131,9 +131,11 @@ __all__ = [
 class GuardLike(Protocol):
     """The risk guard interface (``serving.risk.RiskGuard``)."""
 
-    def review(self, decision: Decision, account: Any) -> Any: ...
+    def review(self, decision: Decision, account: Any) -> Any:
+        """Mark ``account`` and gate ``decision`` (the guard's verdict); never raises."""
 
-    def record_closed_trade(self, time: pd.Timestamp, pnl_usdt: float) -> None: ...
+    def record_closed_trade(self, time: pd.Timestamp, pnl_usdt: float) -> None:
+        """Count a closed trade's net PnL (USDT) in the guard's statistics."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,10 +285,12 @@ class LiveLoop:
     # -- helpers --------------------------------------------------------------------------------
     @property
     def run_id(self) -> str:
+        """The serving run's id (from the config)."""
         return self.config.run_id
 
     @property
     def market_id(self) -> str:
+        """The exchange's id of the traded market."""
         return self.broker.market_id
 
     def _event(self, time_: pd.Timestamp, kind: str, detail: dict[str, Any] | None = None) -> None:

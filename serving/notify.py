@@ -26,6 +26,7 @@ line (``repr`` of the config hides them).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -52,9 +53,11 @@ DEFAULT_KINDS: tuple[str, ...] = (
 class Notifier(Protocol):
     """What the loops call; implementations must never raise from ``publish``."""
 
-    def publish(self, events: Sequence[EventRecord], fills: Sequence[FillRecord]) -> None: ...
+    def publish(self, events: Sequence[EventRecord], fills: Sequence[FillRecord]) -> None:
+        """Send what is worth sending of a bar's events and fills; never raises."""
 
-    def close(self, timeout_s: float = 5.0) -> None: ...
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flush pending messages, waiting at most ``timeout_s`` seconds."""
 
 
 class NotifyConfig(StrictConfig):
@@ -161,10 +164,8 @@ class WebhookNotifier:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the worker after the queued messages (waits at most ``timeout_s``)."""
-        try:
+        with contextlib.suppress(queue.Full):
             self._queue.put(_STOP, timeout=timeout_s)
-        except queue.Full:
-            pass
         self._thread.join(timeout_s)
         if not self._thread.is_alive():
             self._client.close()

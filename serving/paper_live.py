@@ -142,14 +142,18 @@ class FeedConfig(StrictConfig):
 class CandleFeed(Protocol):
     """Public market data (:class:`serving.exchange.BinanceFuturesBroker` without keys)."""
 
-    def load(self) -> Any: ...
+    def load(self) -> Any:
+        """Load the exchange's markets."""
 
-    def server_time_ms(self) -> int: ...
+    def server_time_ms(self) -> int:
+        """The exchange's clock, ms since the Unix epoch."""
 
     def fetch_ohlcv(self, timeframe: str, since_ms: int | None, limit: int, until_ms: int | None = None
-                    ) -> list[list[Any]]: ...  # fmt: skip
+                    ) -> list[list[Any]]:  # fmt: skip
+        """Klines ``[open_ms, o, h, l, c, v]`` from ``since_ms`` (ccxt's shape)."""
 
-    def fetch_funding(self, since_ms: int, limit: int = 1000) -> list[tuple[int, float]]: ...
+    def fetch_funding(self, since_ms: int, limit: int = 1000) -> list[tuple[int, float]]:
+        """Funding settlements ``(time_ms, rate)`` from ``since_ms``."""
 
 
 def _bar(candles: pd.DataFrame, ts: pd.Timestamp, funding_interval_hours: int) -> Bar:
@@ -246,6 +250,7 @@ class PaperLiveLoop:
 
     @property
     def run_id(self) -> str:
+        """The serving run's id (from the config)."""
         return self.config.run_id
 
     # -- lifecycle --------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ from serving.store import EventRecord, ExchangeFillRecord, StateStore
 class ClosedTradeSink(Protocol):
     """Receives the net PnL of each closed trade (the risk guard, ``serving.risk.RiskGuard``)."""
 
-    def record_closed_trade(self, time: pd.Timestamp, pnl_usdt: float) -> None: ...
+    def record_closed_trade(self, time: pd.Timestamp, pnl_usdt: float) -> None:
+        """Count a closed trade's net PnL (USDT)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +100,12 @@ class Reconciler:
 
     @property
     def run_id(self) -> str:
+        """The serving run's id (from the config)."""
         return self.config.run_id
 
     @property
     def market_id(self) -> str:
+        """The exchange's id of the traded market."""
         return self.broker.market_id
 
     def _event(self, time_: pd.Timestamp, kind: str, detail: dict[str, Any]) -> None:

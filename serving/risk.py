@@ -535,7 +535,7 @@ class RiskGuard:
     def _fail(self, time: Any, exc: BaseException) -> str:
         reason = f"guard_error: {type(exc).__name__}: {exc}"
         old = self._status
-        reasons = old.reasons + (reason,) if old.state is RiskState.HALTED else (reason,)
+        reasons = (*old.reasons, reason) if old.state is RiskState.HALTED else (reason,)
         self._status = RiskStatus(RiskState.HALTED, reasons, old.tracker)
         if self.store is not None:
             try:

@@ -164,6 +164,7 @@ class RedactingFilter(logging.Filter):
         self.secrets = tuple(sorted({s for s in secrets if s and len(s) >= 4}))
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Format the record's message with the secrets masked; always keep the record."""
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken record is dropped rather than risk a leak

@@ -1,0 +1,1 @@
+"""Directional signals: a TCN (causal dilated convolutions) trained on the triple-barrier labels."""

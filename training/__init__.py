@@ -1,0 +1,1 @@
+"""Training pipeline, evaluation, reports, walk-forward, tuning and the promotion gate."""

@@ -41,6 +41,7 @@ class BacktestResult:
 
     @property
     def bar_open_times(self) -> pd.DatetimeIndex:
+        """Open times of the backtested bars."""
         return pd.DatetimeIndex(self.equity.index)
 
 

@@ -221,6 +221,7 @@ class TsmomPolicy(StatelessPolicy):
         return bool(is_decision_bar(int(bar_open_time.value), self._bar_ns, self.cfg.rebalance_interval_bars))
 
     def decide(self, ctx: DecisionContext) -> Decision:
+        """Hold between rebalance bars; on one, the target exposure of the trend over the history."""
         if not self.is_rebalance_bar(ctx.bar_open_time):
             return Decision(direction=ctx.position.side)  # hold
         direction, exposure = tsmom_target(

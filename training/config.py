@@ -136,6 +136,7 @@ class DataConfig(StrictConfig):
 
     @staticmethod
     def period_keys() -> tuple[str, ...]:
+        """Names of the period boundaries, in time order."""
         return ("load_start", "train_start", "val_start", "val_end", "test_start", "test_end")
 
     def ts(self, key: str) -> pd.Timestamp:

@@ -43,6 +43,7 @@ Output: plain dicts; :func:`walkforward_diagnostics` returns them through :mod:`
 
 from __future__ import annotations
 
+import contextlib
 import html
 import tempfile
 import time
@@ -196,6 +197,7 @@ class DiagSettings:
                    regime_horizon_bars=int(cfg.regime.horizon_bars))
 
     def as_json(self) -> dict:
+        """The settings as a JSON-ready dict."""
         return dict(self.__dict__)
 
 
@@ -332,13 +334,13 @@ def signal_diagnostics(proba: np.ndarray, y: np.ndarray, prior_proba: np.ndarray
         auc_macro = float(np.nanmean(auc))
     return {
         "n": n,
-        "class_share": dict(zip(CLASS_NAMES, (np.bincount(y, minlength=N_CLASSES) / n).tolist())),
+        "class_share": dict(zip(CLASS_NAMES, (np.bincount(y, minlength=N_CLASSES) / n).tolist(), strict=True)),
         "log_loss_model": float(ll_m.mean()),
         "log_loss_prior": float(ll_p.mean()),
         "log_loss_diff": float(diff.mean()),
         "log_loss_diff_ci95": _ci(lo[0], hi[0]),
         "skill": float(1.0 - ll_m.mean() / ll_p.mean()) if ll_p.mean() > 0 else float("nan"),
-        "auc_ovr": dict(zip(CLASS_NAMES, auc.tolist())),
+        "auc_ovr": dict(zip(CLASS_NAMES, auc.tolist(), strict=True)),
         "auc_macro": auc_macro,
         "auc_macro_ci95": _ci(lo[1], hi[1]),
         "accuracy_model": float(np.mean(np.argmax(proba, axis=1) == y)),
@@ -421,10 +423,8 @@ def regime_separation(ret: np.ndarray, regime: np.ndarray, n_states: int, length
     if len(groups) >= 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
+            with contextlib.suppress(ValueError):  # all values identical: kw stays NaN
                 kw = float(stats.kruskal(*groups).pvalue)
-            except ValueError:  # all values identical
-                pass
             bf = float(stats.levene(*groups, center="median").pvalue)
     return {
         "n": q,
@@ -472,6 +472,7 @@ class StackPredictions:
 
     @property
     def n_states(self) -> int:
+        """Number of regime-probability columns in the outputs."""
         return sum(1 for c in self.outputs.columns if str(c).startswith("regime_p"))
 
     @classmethod
@@ -552,7 +553,7 @@ def layer_summary(arrays: Sequence[BlockArrays], settings: DiagSettings) -> dict
     prior = np.concatenate([np.tile(x.prior, (len(x.y), 1)) for x in arrays])
     sig = signal_diagnostics(proba, y, prior, [len(x.y) for x in arrays], settings)
     if len(arrays) == 1:
-        sig["prior"] = dict(zip(CLASS_NAMES, arrays[0].prior.tolist()))
+        sig["prior"] = dict(zip(CLASS_NAMES, arrays[0].prior.tolist(), strict=True))
     tr = transition_diagnostics(np.concatenate([x.ahead for x in arrays]), np.concatenate([x.persist for x in arrays]),
                                 np.concatenate([x.target for x in arrays]), k, [len(x.target) for x in arrays],
                                 settings)
@@ -660,9 +661,9 @@ def observation_ablation(cfg: Any, *, variants: Sequence[str] = tuple(ABLATION_V
     if bad or not variants:
         raise ValueError(f"ablation variants must be among {list(ABLATION_VARIANTS)}, got {list(variants)}")
     if total_timesteps is not None:
-        ppo = cfg.ppo.model_copy(update={"total_timesteps": int(total_timesteps),
-                                         "eval_every_steps": min(cfg.ppo.eval_every_steps, int(total_timesteps))})
-        cfg = cfg.model_copy(update={"ppo": ppo})
+        ppo = cfg.ppo.updated(total_timesteps=int(total_timesteps),
+                              eval_every_steps=min(cfg.ppo.eval_every_steps, int(total_timesteps)))
+        cfg = cfg.updated(ppo=ppo)
     device = resolve_device(cfg.device)
     preps = prepare_symbols(cfg)
     pooled = len(preps) > 1
@@ -691,13 +692,13 @@ def observation_ablation(cfg: Any, *, variants: Sequence[str] = tuple(ABLATION_V
             sel = ObservationGroups(groups=ABLATION_VARIANTS[name])
             obs_v = [sel.select(o, feature_cols) for o in obs_list]
             train_rows = np.concatenate([o.iloc[: p.val_row - f].to_numpy(np.float32)
-                                         for o, p, f in zip(obs_v, preps, firsts)])
+                                         for o, p, f in zip(obs_v, preps, firsts, strict=True)])
             normalizer = ObsNormalizer.fit(train_rows, cfg.ppo.obs_clip)
             vals = {p.info["symbol"]: (env_data(p, o, normalizer, p.val_row, p.val_stop),
-                                       p.candles.iloc[p.val_row : p.val_stop]) for p, o in zip(preps, obs_v)}
+                                       p.candles.iloc[p.val_row : p.val_stop]) for p, o in zip(preps, obs_v, strict=True)}
             if pooled:
                 train = [(p.info["symbol"], env_data(p, o, normalizer, f, p.val_row), envs[p.info["symbol"]])
-                         for p, o, f in zip(preps, obs_v, firsts)]
+                         for p, o, f in zip(preps, obs_v, firsts, strict=True)]
 
                 def validator(model, vals=vals) -> dict[str, float]:
                     res = {s: run_backtest(SB3ActorPolicy(model, cfg.env.actions), d, c, envs[s])
@@ -731,7 +732,7 @@ def observation_ablation(cfg: Any, *, variants: Sequence[str] = tuple(ABLATION_V
                            "symbols": symbols, "variants": out, "reading": ablation_reading({"_": out})}
     if stack_diagnostics:
         res["stack"] = {s: diagnose_stack(p, o, folds, cfg, dcfg=dcfg, symbol=s if pooled else None)
-                        for s, p, o in zip(symbols, preps, obs_list)}
+                        for s, p, o in zip(symbols, preps, obs_list, strict=True)}
     return res
 
 
@@ -899,7 +900,7 @@ def walkforward_diagnostics(fold_records: Sequence[Mapping[str, Any]], dcfg: Dia
         for k in folds:
             base = next(c for (f, _), c in cfgs.items() if f == k)
             for s in ab_seeds:
-                cfg = cfgs.get((k, s)) or base.model_copy(update={"seed": s})
+                cfg = cfgs.get((k, s)) or base.updated(seed=s)
                 log(f"ablation: fold {k}, seed {s}")
                 runs[f"fold{k}/seed{s}"] = observation_ablation(
                     cfg, variants=ab.variants, total_timesteps=ab.total_timesteps, dcfg=dcfg, log=log,

@@ -74,6 +74,7 @@ class EvalSpan:
 
     @property
     def open_times(self) -> pd.DatetimeIndex:
+        """Open times of the span's bars."""
         return pd.DatetimeIndex(self.features.index[self.start_row : self.end_row])
 
 

@@ -39,6 +39,8 @@ class GateConfig(StrictConfig):
 
 @dataclass(frozen=True)
 class Criterion:
+    """One gate criterion's outcome: ``status`` passed, failed or missing, and the numbers behind it."""
+
     name: str
     status: str  # "passed" | "failed" | "missing"
     detail: str

@@ -191,7 +191,7 @@ def _render_positions(positions: Mapping[str, pd.Series], regimes: pd.Series | N
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(len(positions), 1, sharex=True))
     colours = ("#4c9a2a", "#e0a800", "#c0392b", "#6c3483", "#2e86c1")
-    for ax, (name, pos) in zip(axes, positions.items()):
+    for ax, (name, pos) in zip(axes, positions.items(), strict=True):
         x, x_label = _x_values(pos.index)
         if regimes is not None:
             reg = regimes.reindex(pos.index).to_numpy()

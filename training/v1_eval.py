@@ -346,7 +346,7 @@ def grid_configs(base: V1Config, grid: Mapping[str, Sequence[Any]]) -> list[tupl
     keys = list(grid)
     out = []
     for values in itertools.product(*(grid[k] for k in keys)):
-        params = dict(zip(keys, values))
+        params = dict(zip(keys, values, strict=True))
         out.append((params, V1Config.model_validate({**base.model_dump(), **params})))
     return out
 
@@ -448,7 +448,7 @@ def walk_forward_sweep(
     for k in range(1, n_folds + 1):
         tr0, tr1, te1 = times[0], times[k], times[k + 1]
         scored = []
-        for (params, _), res in zip(combos, results):
+        for (params, _), res in zip(combos, results, strict=True):
             trn = window_stats(res, tr0, tr1, p)
             tst = window_stats(res, tr1, te1, p)
             rows.append({"fold": k, **params, "train_profit_factor": trn.profit_factor, "train_win_rate": trn.win_rate,

@@ -47,7 +47,7 @@ def test_truncated_actor_file_raises_model_load_error(sb3_model, tmp_path):
     path = tmp_path / "policy.safetensors"
     save_actor(path, actor_state_from_sb3(sb3_model.policy))
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ModelLoadError, match="policy.safetensors"):
+    with pytest.raises(ModelLoadError, match=r"policy\.safetensors"):
         load_actor(path, obs_dim=11, action_dim=5, hidden=(16, 8), activation="tanh")
 
 

@@ -394,16 +394,7 @@ _STATE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AccountState))
 class _Work:
     """Mutable scratch copy of an :class:`AccountState`, private to one :func:`step_bar` call."""
 
-    __slots__ = _STATE_FIELDS + (
-        "fills",
-        "trades",
-        "fees",
-        "slippage",
-        "funding",
-        "liq_fee",
-        "liquidated",
-        "skipped",
-    )
+    __slots__ = (*_STATE_FIELDS, "fills", "trades", "fees", "slippage", "funding", "liq_fee", "liquidated", "skipped")
 
     def __init__(self, state: AccountState) -> None:
         for name in _STATE_FIELDS:

@@ -157,7 +157,7 @@ def _same(x, y) -> bool:
     if isinstance(x, np.ndarray):
         return np.array_equal(x, y)
     if isinstance(x, (tuple, list)):
-        return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y))
+        return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y, strict=True))
     if dataclasses.is_dataclass(x):
         return dataclasses.astuple(x) == dataclasses.astuple(y)
     return x == y

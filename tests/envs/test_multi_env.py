@@ -95,7 +95,7 @@ def test_pooled_vec_env_trains_on_every_symbol():
     seen = set()
     for _ in range(400):
         _, _, dones, infos = venv.step(np.tile(_actions(1), (2, 1)))
-        seen |= {i["symbol"] for i, d in zip(infos, dones) if d}
+        seen |= {i["symbol"] for i, d in zip(infos, dones, strict=True) if d}
     assert seen == {"BTCUSDT", "XRPUSDT"}
 
 

@@ -141,7 +141,7 @@ def _same(x, y) -> bool:
     if isinstance(x, np.ndarray):
         return np.array_equal(x, y)
     if isinstance(x, (tuple, list)):
-        return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y))
+        return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y, strict=True))
     if isinstance(x, dict):
         return x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
     return x == y

@@ -86,8 +86,8 @@ def test_same_seed_same_batched_trajectory() -> None:
         return out
 
     first, second, other = run(7), run(7), run(8)
-    assert all(np.array_equal(a, b) for a, b in zip(first, second))
-    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
 
 
 def test_step_errors_name_the_problem() -> None:
@@ -99,7 +99,7 @@ def test_step_errors_name_the_problem() -> None:
         env.step(np.zeros((3, 5), dtype=np.float32))
     bad = np.zeros((2, 5), dtype=np.float32)
     bad[1, 2] = np.nan
-    with pytest.raises(NonFiniteDecisionError, match="env 1.*'size'"):
+    with pytest.raises(NonFiniteDecisionError, match=r"env 1.*'size'"):
         env.step(bad)
     with pytest.raises(ValueError, match="env 0: evaluation span"):
         env.reset(options={"start_index": [50, 10], "end_index": [40, 20]})
@@ -121,8 +121,8 @@ def test_copy_true_returns_arrays_the_next_step_does_not_overwrite() -> None:
             {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else
                  {n: np.array(c, copy=True) for n, c in v.items()}) for k, v in ref[4].items()}])  # fmt: skip
     # every earlier result still holds its own step's values (equal to the copy=False env's at that step)
-    for out, snap in zip(kept, snapshots):
-        for x, y in zip(out[:4], snap[:4]):
+    for out, snap in zip(kept, snapshots, strict=True):
+        for x, y in zip(out[:4], snap[:4], strict=True):
             assert np.array_equal(x, y)
         assert out[4].keys() == snap[4].keys()
         assert np.array_equal(out[4]["equity_usdt"], snap[4]["equity_usdt"])

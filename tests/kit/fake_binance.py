@@ -79,6 +79,7 @@ it placed, which its trade carries.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -864,10 +865,8 @@ class FakeBinance:
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.end_headers()
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (timeout fault)
                     self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout fault)
 
             def do_GET(self) -> None:
                 self._dispatch("GET")
@@ -930,10 +929,8 @@ class FakeBinance:
                     return self._send(400, json.dumps({"code": exc.code, "msg": exc.msg}))
                 if fault is not None and fault.kind == "drop":
                     self.close_connection = True
-                    try:
+                    with contextlib.suppress(OSError):
                         self.connection.shutdown(2)  # socket.SHUT_RDWR: no answer at all
-                    except OSError:
-                        pass
                     return None
                 if fault is not None and fault.kind == "accept_then_delay":
                     fake._release.wait(fault.delay_s)

@@ -74,9 +74,9 @@ def test_provenance_lists_the_files_checksums():
 
 
 def test_missing_bundled_file_names_the_path():
-    with pytest.raises(FileNotFoundError, match="DOGEUSDT-1h.parquet"):
+    with pytest.raises(FileNotFoundError, match=r"DOGEUSDT-1h\.parquet"):
         bundled_candles_path("DOGEUSDT")
-    with pytest.raises(FileNotFoundError, match="BTCUSDT-4h.parquet"):
+    with pytest.raises(FileNotFoundError, match=r"BTCUSDT-4h\.parquet"):
         bundled_candles_path("BTCUSDT", "4h")
-    with pytest.raises(FileNotFoundError, match="SOLUSDT-funding.parquet"):
+    with pytest.raises(FileNotFoundError, match=r"SOLUSDT-funding\.parquet"):
         bundled_funding_path("SOLUSDT")

@@ -268,9 +268,9 @@ def test_load_candles_bad_row_in_file(tmp_path):
 
 
 def test_load_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.parquet"):
         load_candles(tmp_path / "nope.parquet")
-    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.parquet"):
         load_funding(tmp_path / "nope.parquet")
 
 

@@ -80,7 +80,7 @@ def test_utc_time_parses_and_converts():
 def test_check_periods_names_the_boundaries():
     t = pd.Timestamp("2024-01-01", tz="UTC")
     check_periods({"a": t, "b": None, "c": t + pd.Timedelta(hours=1)})
-    with pytest.raises(ValueError, match="c=.* is not after a="):
+    with pytest.raises(ValueError, match=r"c=.* is not after a="):
         check_periods({"a": t, "b": None, "c": t})
     with pytest.raises(ValueError, match="withheld"):
         check_periods({"end": DATA_END + pd.Timedelta(hours=1)})

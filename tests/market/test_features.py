@@ -282,7 +282,7 @@ def _naive_columns(df: pd.DataFrame, cfg: FeatureConfig) -> dict[str, np.ndarray
     import talib
     from scipy import stats
 
-    o, h, l, c, v = (df[k].to_numpy() for k in ("open", "high", "low", "close", "volume"))
+    o, h, lo, c, v = (df[k].to_numpy() for k in ("open", "high", "low", "close", "volume"))
     n = len(c)
     r = np.concatenate([[np.nan], np.diff(np.log(c))])
     out = {k: np.full(n, np.nan) for k in ("pk", "gk", "obv", "vwap", "hurst", "er", "ent", "skew", "kurt", "ac",
@@ -290,17 +290,17 @@ def _naive_columns(df: pd.DataFrame, cfg: FeatureConfig) -> dict[str, np.ndarray
     w = cfg.parkinson_window_bars
     for t in range(w - 1, n):
         s = slice(t - w + 1, t + 1)
-        out["pk"][t] = np.sqrt(np.mean(np.log(h[s] / l[s]) ** 2) / (4 * np.log(2)))
+        out["pk"][t] = np.sqrt(np.mean(np.log(h[s] / lo[s]) ** 2) / (4 * np.log(2)))
     w = cfg.garman_klass_window_bars
     for t in range(w - 1, n):
         s = slice(t - w + 1, t + 1)
-        out["gk"][t] = np.sqrt(np.mean(0.5 * np.log(h[s] / l[s]) ** 2 - (2 * np.log(2) - 1) * np.log(c[s] / o[s]) ** 2))
+        out["gk"][t] = np.sqrt(np.mean(0.5 * np.log(h[s] / lo[s]) ** 2 - (2 * np.log(2) - 1) * np.log(c[s] / o[s]) ** 2))
     w = cfg.obv_window_bars
     for t in range(w, n):
         s = slice(t - w + 1, t + 1)
         out["obv"][t] = np.sum(np.sign(c[s] - c[t - w : t]) * v[s]) / np.sum(v[s])
     w = cfg.vwap_window_bars
-    tp = (h + l + c) / 3
+    tp = (h + lo + c) / 3
     for t in range(w - 1, n):
         s = slice(t - w + 1, t + 1)
         out["vwap"][t] = c[t] / (np.sum(tp[s] * v[s]) / np.sum(v[s])) - 1
@@ -328,7 +328,7 @@ def _naive_columns(df: pd.DataFrame, cfg: FeatureConfig) -> dict[str, np.ndarray
     w = cfg.range_window_bars
     for t in range(w - 1, n):
         out["hi"][t] = c[t] / h[t - w + 1 : t + 1].max() - 1
-        out["lo"][t] = c[t] / l[t - w + 1 : t + 1].min() - 1
+        out["lo"][t] = c[t] / lo[t - w + 1 : t + 1].min() - 1
     w = cfg.funding_cum_window_bars
     rate = np.nan_to_num(df["funding_rate"].to_numpy())
     for t in range(w - 1, n):
@@ -522,8 +522,8 @@ def test_serving_buffer_equals_batch_at_its_last_row(cfg):
         buf = compute_features(candles.iloc[end - n + 1 : end + 1], cfg).to_numpy(np.float64)[-1]
         assert np.isfinite(buf).all()
         worst = np.maximum(worst, np.abs(buf - full.to_numpy(np.float64)[end]))
-    assert worst[loose].max() <= 5e-5, dict(zip(np.array(names)[loose], worst[loose]))
-    assert worst[~loose].max() <= 1e-6, dict(zip(np.array(names)[~loose], worst[~loose]))
+    assert worst[loose].max() <= 5e-5, dict(zip(np.array(names)[loose], worst[loose], strict=True))
+    assert worst[~loose].max() <= 1e-6, dict(zip(np.array(names)[~loose], worst[~loose], strict=True))
 
 
 @settings(max_examples=15, deadline=None)

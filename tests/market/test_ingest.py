@@ -274,7 +274,7 @@ def test_malformed_page_stops_and_keeps_what_was_stored(tmp_path, server):
     server.add_fault(KLINES, Fault("duplicate"))  # page 1 fine (doubled)
     server.add_fault(KLINES, Fault("duplicate"))
     server.add_fault(KLINES, Fault("null_rows"))  # page 3: rows of null
-    with pytest.raises(MalformedResponseError, match="fetch_ohlcv.*raw row 0 is invalid"):
+    with pytest.raises(MalformedResponseError, match=r"fetch_ohlcv.*raw row 0 is invalid"):
         _run(tmp_path, server)
     stored = read_store_file(candles_path(tmp_path, "binanceusdm", SYMBOL, "1h"), CANDLE_COLUMNS)
     assert len(stored) > 0 and stored.index.is_monotonic_increasing

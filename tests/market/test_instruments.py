@@ -3,6 +3,7 @@ spec ``ats data download`` writes (against the local fake exchange), and the CLI
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -332,7 +333,7 @@ def test_bundled_table_is_consistent_and_cites_every_value():
     median close (the sanity guard) for the symbols whose candles ship in the repo."""
     for symbol, spec in BUNDLED_SPECS.items():
         rows = spec.bracket_rows()
-        for (cap0, rate0, cum0), (cap1, rate1, cum1) in zip(rows, rows[1:]):
+        for (cap0, rate0, cum0), (cap1, rate1, cum1) in itertools.pairwise(rows):
             assert cap1 > cap0 and rate1 > rate0
             assert cum1 == pytest.approx(cum0 + cap0 * (rate1 - rate0)), (symbol, cap1)
         assert rows[0][2] == 0.0 and spec.symbol == symbol

@@ -33,7 +33,7 @@ T = 4
 def _path(bars: list[tuple[float, float, float]]) -> pd.DataFrame:
     """5 flat bars, then ``bars`` as (high, low, close), then 3 flat bars; open = previous close."""
     rows = [(101.0, 99.0, 100.0)] * 5 + bars + [(101.0, 99.0, 100.0)] * 3
-    high, low, close = (np.array(col, dtype=np.float64) for col in zip(*rows))
+    high, low, close = (np.array(col, dtype=np.float64) for col in zip(*rows, strict=True))
     open_ = np.concatenate([[100.0], close[:-1]])
     high, low = np.maximum(high, np.maximum(open_, close)), np.minimum(low, np.minimum(open_, close))
     index = pd.date_range("2022-01-01", periods=len(rows), freq="1h", tz="UTC", name="open_time")

@@ -261,12 +261,12 @@ def test_corrupt_or_missing_files_raise_model_load_error(fitted, tmp_path):
     npz = tmp_path / "regime_hmm.npz"
     data = npz.read_bytes()
     npz.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelLoadError, match="regime_hmm.npz"):
+    with pytest.raises(ModelLoadError, match=r"regime_hmm\.npz"):
         RegimeHMM.load(tmp_path)
 
     model.save(tmp_path)
     (tmp_path / "regime_hmm.json").unlink()
-    with pytest.raises(ModelLoadError, match="regime_hmm.json"):
+    with pytest.raises(ModelLoadError, match=r"regime_hmm\.json"):
         RegimeHMM.load(tmp_path)
 
 
@@ -289,7 +289,7 @@ def test_wrong_shapes_in_file_raise_model_load_error(fitted, tmp_path):
     meta = json.loads((tmp_path / "regime_hmm.json").read_text())
     meta["config"]["n_states"] = 4  # disagrees with the arrays
     (tmp_path / "regime_hmm.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelLoadError, match="regime_hmm.npz"):
+    with pytest.raises(ModelLoadError, match=r"regime_hmm\.npz"):
         RegimeHMM.load(tmp_path)
 
 

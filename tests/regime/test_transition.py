@@ -142,7 +142,7 @@ def test_corrupt_or_inconsistent_files_raise_model_load_error(fitted, tmp_path):
     model.save(tmp_path)
     txt = tmp_path / "regime_transition.txt"
     txt.write_text("this is not a LightGBM model\n")
-    with pytest.raises(ModelLoadError, match="regime_transition.txt"):
+    with pytest.raises(ModelLoadError, match=r"regime_transition\.txt"):
         RegimeTransitionModel.load(tmp_path)
 
     model.save(tmp_path)
@@ -150,7 +150,7 @@ def test_corrupt_or_inconsistent_files_raise_model_load_error(fitted, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["n_features"] = 5  # disagrees with the booster
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ModelLoadError, match="regime_transition.txt"):
+    with pytest.raises(ModelLoadError, match=r"regime_transition\.txt"):
         RegimeTransitionModel.load(tmp_path)
 
     model.save(tmp_path)
@@ -159,7 +159,7 @@ def test_corrupt_or_inconsistent_files_raise_model_load_error(fitted, tmp_path):
         RegimeTransitionModel.load(tmp_path)
 
     meta_path.write_text("{not json")
-    with pytest.raises(ModelLoadError, match="regime_transition.json"):
+    with pytest.raises(ModelLoadError, match=r"regime_transition\.json"):
         RegimeTransitionModel.load(tmp_path)
 
 

@@ -254,7 +254,10 @@ def _paper(fake, policy, context=CONTEXT):
     feed = BinanceFuturesBroker(client, read_attempts=2, sleep=lambda s: None)
     store = StateStore("sqlite://")
     config = ServeConfig(run_id="p", context_bars=context, primary_backoff=BackoffConfig(initial_bars=0))
-    clock = lambda: fake.now_ms / 1000.0
+
+    def clock() -> float:
+        return fake.now_ms / 1000.0
+
     loop = PaperLiveLoop(feed, store, config, FeedConfig(bad_candle_hold_bars=HOLD), primary=policy,
                          fallback=ScriptedFallback(), costs=CostConfig(), wall_clock_s=clock, monotonic_s=clock,
                          sleep=lambda s: None)  # fmt: skip

@@ -135,15 +135,15 @@ def test_create_5xx_is_ambiguous_and_429_is_rate_limited(fake):
 
 def test_rejections_and_auth(fake):
     broker, _ = _broker(fake)
-    with pytest.raises(RejectedError, match="4164|notional"):
+    with pytest.raises(RejectedError, match=r"4164|notional"):
         broker.create(_entry(0.001))  # ~30 USDT < min notional 100
     exit_ = OrderIntent(client_order_id("BTCUSDT", BAR, "exit"), "exit", "BTCUSDT", BAR, "sell", "market", 0.2,
                         None, True, False)
-    with pytest.raises(RejectedError, match="2022|ReduceOnly"):
+    with pytest.raises(RejectedError, match=r"2022|ReduceOnly"):
         broker.create(exit_)  # reduce-only on a flat position
     stop = OrderIntent(client_order_id("BTCUSDT", BAR, "stop"), "stop", "BTCUSDT", BAR, "sell", "stop_market", None,
                        fake.current_price() * 2, True, True)
-    with pytest.raises(RejectedError, match="2021|immediately"):
+    with pytest.raises(RejectedError, match=r"2021|immediately"):
         broker.create(stop)  # a sell stop above the price would trigger at once
     fake.add_fault("/fapi/v3/positionRisk", Fault("auth_error"))
     with pytest.raises(FatalError):

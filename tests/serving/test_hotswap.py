@@ -286,7 +286,7 @@ def test_reload_request_swaps_and_is_consumed(good_bundle, other_bundle, candles
     swaps = ev[ev.kind == "bundle_swapped"]
     assert list(swaps.detail.map(lambda x: x["trigger"])) == ["reload_request"]
     assert slot.source == other_bundle.resolve() and not req.exists()
-    with pytest.raises(FileNotFoundError, match="manifest.json missing"):
+    with pytest.raises(FileNotFoundError, match=r"manifest\.json missing"):
         request_reload(req, tmp_path)
 
 
@@ -329,7 +329,10 @@ def test_failed_load_is_retried_after_backoff(good_bundle, candles, tmp_path) ->
     kit.truncate_weights(bundle)
     slot = PolicySlot.from_bundle(bundle, backoff=BackoffConfig(initial_bars=1, factor=2.0, max_bars=64))
     assert slot.policy is None
-    repaired = lambda: shutil.copy(good_bundle / "policy.safetensors", bundle / "policy.safetensors")
+
+    def repaired() -> None:
+        shutil.copy(good_bundle / "policy.safetensors", bundle / "policy.safetensors")
+
     _, store = _replay(candles, slot, progress=_drop_at(3, repaired), backoff=slot.backoff)
     ev = store.events()
     assert list(ev[ev.kind.isin(["bundle_reload_failed", "bundle_swapped"])].kind) == [
@@ -340,7 +343,7 @@ def test_failed_load_is_retried_after_backoff(good_bundle, candles, tmp_path) ->
 
 
 def test_validate_candidate_rejects_a_directory_without_manifest(tmp_path) -> None:
-    with pytest.raises(BundleRejected, match="no manifest.json"):
+    with pytest.raises(BundleRejected, match=r"no manifest\.json"):
         validate_candidate(tmp_path, load_frozen_policy, None)
 
 

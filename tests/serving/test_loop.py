@@ -335,7 +335,7 @@ def test_no_invalid_row_reaches_a_policy_and_entries_wait_until_it_leaves_the_wi
     ev = store.events()
     assert list(ev[ev.kind == "context_window_invalid"].time) == [held[0]]  # one event per stretch
     f = store.fills()
-    assert not ((f.reason == "entry") & f.bar_open_time.isin(held[1:] + [candles.index[q + context]])).any()
+    assert not ((f.reason == "entry") & f.bar_open_time.isin([*held[1:], candles.index[q + context]])).any()
 
 
 def test_exits_still_happen_while_the_window_holds_an_invalid_row() -> None:

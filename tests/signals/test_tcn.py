@@ -211,7 +211,7 @@ def test_truncated_or_inconsistent_files_raise_model_load_error(trained, tmp_pat
     weights = tmp_path / "tcn.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) - 100])
-    with pytest.raises(ModelLoadError, match="tcn.safetensors"):
+    with pytest.raises(ModelLoadError, match=r"tcn\.safetensors"):
         TCNSignalModel.load(tmp_path)
 
     model.save(tmp_path)
@@ -220,12 +220,12 @@ def test_truncated_or_inconsistent_files_raise_model_load_error(trained, tmp_pat
     meta["feature_mean"].append(0.0)
     meta["feature_std"].append(1.0)
     (tmp_path / "tcn.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelLoadError, match="tcn.safetensors"):  # shapes do not match
+    with pytest.raises(ModelLoadError, match=r"tcn\.safetensors"):  # shapes do not match
         TCNSignalModel.load(tmp_path)
 
     weights.unlink()
     with pytest.raises(ModelLoadError, match="missing"):
         TCNSignalModel.load(tmp_path)
     (tmp_path / "tcn.json").unlink()
-    with pytest.raises(ModelLoadError, match="tcn.json"):
+    with pytest.raises(ModelLoadError, match=r"tcn\.json"):
         TCNSignalModel.load(tmp_path)

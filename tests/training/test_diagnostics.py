@@ -228,7 +228,7 @@ def test_observation_groups_select_columns_before_the_env():
     assert D.ObservationGroups(groups=("market", "signal")).columns(names, feats) == feats + list(SIGNAL_COLUMNS)
     assert D.ObservationGroups().columns(names, feats) == names
     with pytest.raises(ValueError):
-        D.column_groups(names + ["mystery"], feats)
+        D.column_groups([*names, "mystery"], feats)
     with pytest.raises(ValueError):
         D.AblationConfig(variants=("market", "signal only"))
 
@@ -238,7 +238,7 @@ def test_observation_groups_select_columns_before_the_env():
 def test_ablation_on_the_smoke_config_returns_four_sortinos(tmp_path):
     """Stack once (~20-30 s on 2 cores), then four PPO runs of one short rollout each."""
     cfg = load_config(REPO / "configs" / "smoke.yaml")
-    cfg = cfg.model_copy(update={"ppo": cfg.ppo.model_copy(update={"n_steps": 64, "batch_size": 64, "n_epochs": 1})})
+    cfg = cfg.updated(ppo=cfg.ppo.updated(n_steps=64, batch_size=64, n_epochs=1))
     t0 = time.perf_counter()
     res = D.observation_ablation(cfg, total_timesteps=128, run_dir=tmp_path,
                                  dcfg=D.DiagnosticsConfig(bootstrap_samples=50))
@@ -262,8 +262,8 @@ def test_walkforward_diagnostics_from_run_directories_with_the_ablation(tmp_path
     from training.pipeline import train_run
 
     cfg = load_config(REPO / "configs" / "smoke.yaml")
-    cfg = cfg.model_copy(update={"ppo": cfg.ppo.model_copy(update={
-        "n_steps": 64, "batch_size": 64, "n_epochs": 1, "total_timesteps": 128, "eval_every_steps": 128})})
+    cfg = cfg.updated(ppo=cfg.ppo.updated(n_steps=64, batch_size=64, n_epochs=1, total_timesteps=128,
+                                          eval_every_steps=128))
     run_dir = tmp_path / "fold0" / "seed1"
     train_run(cfg, run_dir, log=lambda s: None)
     records = [{"fold": 0, "seed": 1, "run_dir": str(run_dir)}]

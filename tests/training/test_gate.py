@@ -25,7 +25,10 @@ WF_REPORT = {
 }
 
 
-def _status(report, cfg=GateConfig()):
+DEFAULT_GATE = GateConfig()
+
+
+def _status(report, cfg=DEFAULT_GATE):
     return {c.name: c.status for c in evaluate_criteria(report, cfg)}
 
 

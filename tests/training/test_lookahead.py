@@ -52,7 +52,7 @@ def test_tolerance_is_per_column_and_absolute():
     assert [o.column for o in truncation_offenders(jitter, candles, [50])] == ["a"]
     assert truncation_offenders(jitter, candles, [50], atol=1e-6) == []
     assert truncation_offenders(jitter, candles, [50], atol={"a": 1e-6}) == []
-    with pytest.raises(ValueError, match="unknown|does not produce"):
+    with pytest.raises(ValueError, match=r"unknown|does not produce"):
         truncation_offenders(jitter, candles, [50], atol={"nope": 1.0})
     with pytest.raises(ValueError, match="outside"):
         truncation_offenders(jitter, candles, [200])
@@ -91,7 +91,7 @@ def test_shipped_features_have_no_offenders_on_bundled_data(cfg):
     candles = join_funding(load_candles(bundled_candles_path()), load_funding(bundled_funding_path()))
     data = candles.iloc[-6000:]
     rng = np.random.default_rng(8)
-    cuts = random_cuts(len(data), 12, rng, min_row=10) + [warmup_bars(cfg) - 1, warmup_bars(cfg)]
+    cuts = [*random_cuts(len(data), 12, rng, min_row=10), warmup_bars(cfg) - 1, warmup_bars(cfg)]
     assert truncation_offenders(lambda c: compute_features(c, cfg), data, cuts) == []
 
 
