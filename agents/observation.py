@@ -39,6 +39,7 @@ class StackModels:
 
     @property
     def n_states(self) -> int:
+        """Number of HMM regimes."""
         return int(self.hmm.cfg.n_states)
 
 
@@ -149,10 +150,12 @@ class ObsNormalizer:
 
     @classmethod
     def fit(cls, market_obs: np.ndarray, clip: float) -> ObsNormalizer:
+        """Normaliser with the column means and standard deviations (floored at 1e-6) of ``market_obs``."""
         mean = market_obs.mean(axis=0).astype(np.float32)
         std = np.maximum(market_obs.std(axis=0), 1e-6).astype(np.float32)
         return cls(mean=mean, std=std, clip=float(clip))
 
     def __call__(self, market_obs: np.ndarray) -> np.ndarray:
+        """Standardised ``market_obs`` clipped to ``[-clip, clip]``, float32."""
         z = (np.asarray(market_obs, dtype=np.float32) - self.mean) / self.std
         return np.clip(z, -self.clip, self.clip).astype(np.float32)

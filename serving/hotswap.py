@@ -29,6 +29,7 @@ Events are ``(kind, detail)`` pairs the loop writes to the store: ``bundle_swapp
 from __future__ import annotations
 
 import json
+import contextlib
 import math
 import os
 import zipfile
@@ -293,6 +294,7 @@ class PolicySlot:
 
     @property
     def consecutive_failures(self) -> int:
+        """Failed loads or probes since the last success."""
         return self._failures
 
     # -- per bar ---------------------------------------------------------------------------------
@@ -409,10 +411,8 @@ class PolicySlot:
                         {"file": str(self.reload_file), "error": f"{type(exc).__name__}: {exc}"},
                     )
                 )
-                try:
+                with contextlib.suppress(OSError):
                     self.reload_file.unlink()
-                except OSError:
-                    pass
         changed = [(p, k) for p, k in self._watched().items() if self._seen.get(str(p)) != k]
         for p, k in sorted(changed, key=lambda pk: (pk[0] / MANIFEST).stat().st_mtime_ns):
             self._seen[str(p)] = k

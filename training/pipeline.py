@@ -20,6 +20,7 @@ equal-weight portfolio of the symbols' validation backtests.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -83,6 +84,7 @@ class PreparedData:
 
     @property
     def n_rows(self) -> int:
+        """Number of candle rows."""
         return len(self.candles)
 
 
@@ -215,16 +217,16 @@ def fit_stack_pooled(preps: list[PreparedData], fit_ends: list[int], cfg: RunCon
     if missing:
         raise ValueError(f"regime_input_features not among the feature columns: {missing}")
     single = len(preps) == 1
-    x_parts = [p.features[cols].to_numpy(np.float64)[:e] for p, e in zip(preps, fit_ends)]
+    x_parts = [p.features[cols].to_numpy(np.float64)[:e] for p, e in zip(preps, fit_ends, strict=True)]
     lengths = None if single else [len(x) for x in x_parts]
     x_hmm = x_parts[0] if single else np.concatenate(x_parts)
     hmm = RegimeHMM(cfg.regime).fit(x_hmm, lengths)
-    f_parts = [p.features.to_numpy(np.float32)[:e] for p, e in zip(preps, fit_ends)]
+    f_parts = [p.features.to_numpy(np.float32)[:e] for p, e in zip(preps, fit_ends, strict=True)]
     filtered = hmm.filtered_proba(x_hmm) if single else np.concatenate([hmm.filtered_proba(x) for x in x_parts])
     feats = f_parts[0] if single else np.concatenate(f_parts)
     transition = RegimeTransitionModel(cfg.regime).fit(feats, filtered, cfg.regime.horizon_bars, lengths)
     l_parts = []
-    for p, e in zip(preps, fit_ends):
+    for p, e in zip(preps, fit_ends, strict=True):
         lab = p.labels[:e].copy()
         lab[max(0, e - purge_bars(cfg)) :] = -1
         l_parts.append(lab)
@@ -246,7 +248,7 @@ def fold_starts(prep: PreparedData, cfg: RunConfig) -> list[int]:
         raise ValueError(
             f"training period ({prep.val_row} bars) too short for min_fit_bars={first} and {cfg.stacking.n_folds} folds"
         )
-    return [int(round(b)) for b in np.linspace(first, prep.val_row, cfg.stacking.n_folds + 1)]
+    return [round(b) for b in np.linspace(first, prep.val_row, cfg.stacking.n_folds + 1).tolist()]
 
 
 def build_market_obs(prep: PreparedData, cfg: RunConfig, *, device: str, log: Log) -> tuple[pd.DataFrame, StackModels, list[dict]]:
@@ -257,7 +259,7 @@ def build_market_obs(prep: PreparedData, cfg: RunConfig, *, device: str, log: Lo
     """
     starts = fold_starts(prep, cfg)
     parts, folds = [], []
-    for k, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+    for k, (a, b) in enumerate(itertools.pairwise(starts)):
         t0 = time.perf_counter()
         models = fit_stack(prep, a, cfg, device=device, seed=cfg.seed + k)
         parts.append(model_outputs(prep.features, models, start=a, end=b))
@@ -440,13 +442,13 @@ def train_pooled(cfg: RunConfig, run_dir: Path, *, device: str, log: Log = print
     market_obs, final_models, folds = build_market_obs_pooled(preps, cfg, device=device, log=log)
     firsts = pooled_fold_first(preps, cfg)
     train_rows = np.concatenate([o.iloc[: p.val_row - f].to_numpy(np.float32)
-                                 for o, p, f in zip(market_obs, preps, firsts)])
+                                 for o, p, f in zip(market_obs, preps, firsts, strict=True)])
     normalizer = ObsNormalizer.fit(train_rows, cfg.ppo.obs_clip)
     envs = {p.info["symbol"]: symbol_env_config(cfg, p.instrument.spec) for p in preps}
     legs = [(p.info["symbol"], env_data(p, o, normalizer, f, p.val_row), envs[p.info["symbol"]])
-            for p, o, f in zip(preps, market_obs, firsts)]
+            for p, o, f in zip(preps, market_obs, firsts, strict=True)]
     vals = {p.info["symbol"]: (env_data(p, o, normalizer, p.val_row, p.val_stop), p.candles.iloc[p.val_row : p.val_stop])
-            for p, o in zip(preps, market_obs)}
+            for p, o in zip(preps, market_obs, strict=True)}
     bar_s = preps[0].info["bar_interval_s"]
 
     def validator(model) -> dict[str, float]:

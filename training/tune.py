@@ -231,10 +231,10 @@ def prepare_pooled_fold(cfg: RunConfig, window: FoldWindow, *, device: str, log:
     market_obs, _, _ = build_market_obs_pooled(preps, cfg, device=device, log=lambda s: None)
     firsts = pooled_fold_first(preps, cfg)
     normalizer = ObsNormalizer.fit(np.concatenate([o.iloc[: p.val_row - f].to_numpy(np.float32)
-                                                   for o, p, f in zip(market_obs, preps, firsts)]), cfg.ppo.obs_clip)
+                                                   for o, p, f in zip(market_obs, preps, firsts, strict=True)]), cfg.ppo.obs_clip)
     pooled = {p.info["symbol"]: (env_data(p, o, normalizer, f, p.val_row), env_data(p, o, normalizer, p.val_row, p.test_row),
                                  p.candles.iloc[p.val_row : p.test_row], p.instrument.spec)
-              for p, o, f in zip(preps, market_obs, firsts)}
+              for p, o, f in zip(preps, market_obs, firsts, strict=True)}
     log(f"fold {window.fold} ({len(preps)} symbols): train {window.train_start:%Y-%m-%d}..{window.val_start:%Y-%m-%d}, "
         f"validation {window.val_start:%Y-%m-%d %H:%M}..{window.test_start:%Y-%m-%d %H:%M}")
     first = next(iter(pooled.values()))

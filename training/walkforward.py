@@ -27,6 +27,7 @@ lists them all. Re-running with the same config reproduces the metrics (seeded e
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from dataclasses import dataclass, replace
@@ -112,6 +113,7 @@ class FoldWindow:
     val_end: pd.Timestamp | None = None  # None: validation runs up to test_start (no embargo gap)
 
     def as_json(self) -> dict:
+        """The fold's boundaries as a JSON-ready dict (times as strings)."""
         return {k: (str(v) if isinstance(v, pd.Timestamp) else v) for k, v in self.__dict__.items()}
 
 
@@ -125,10 +127,10 @@ def fold_windows(wf: WalkForwardConfig, bar: pd.Timedelta) -> list[FoldWindow]:
     """
     start, end = wf.start, wf.end
     n_bars = int((end - start) / bar)
-    edges = [start + bar * int(round(i * n_bars / wf.folds)) for i in range(wf.folds + 1)]
+    edges = [start + bar * round(i * n_bars / wf.folds) for i in range(wf.folds + 1)]
     data_start = wf.data_start
     out = []
-    for k, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+    for k, (a, b) in enumerate(itertools.pairwise(edges)):
         val_start = a - bar * (wf.val_bars + wf.embargo_bars)
         train_start = data_start if wf.scheme == "expanding" else val_start - bar * wf.train_bars
         if train_start < data_start or (val_start - train_start) < bar * wf.train_bars:
@@ -227,6 +229,7 @@ class TuningRecord:
     n_trials: int  # every configuration tried (completed, stopped early or failed)
 
     def as_json(self) -> dict:
+        """The record as a JSON-ready dict."""
         return dict(self.__dict__)
 
 

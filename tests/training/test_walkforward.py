@@ -226,7 +226,7 @@ def test_tuning_record_errors(tmp_path):
             load_tuning_record(_trials_json(tmp_path / f"bad{bad}", bad))
     (tmp_path / "notjson").mkdir()
     (tmp_path / "notjson" / "trials.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match="trials.json"):
+    with pytest.raises(ValueError, match=r"trials\.json"):
         load_tuning_record(tmp_path / "notjson")
 
 
