@@ -13,13 +13,13 @@ Column order (the observation schema): feature columns (``market.features.featur
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from envs.trading_env import ACCOUNT_FEATURES
+from market import json_codec
 from market.features import FeatureConfig, feature_names
 from regime.hmm import RegimeHMM
 from regime.transition import RegimeTransitionModel
@@ -60,7 +60,7 @@ def market_obs_names(feature_cfg: FeatureConfig, n_states: int) -> list[str]:
 def schema_hash(names: list[str] | tuple[str, ...], extra: dict | None = None) -> str:
     """SHA-256 of the observation schema (market names, account features, and ``extra``)."""
     payload = {"market_obs": list(names), "account": list(ACCOUNT_FEATURES), "extra": extra or {}}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json_codec.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def model_outputs(features: pd.DataFrame, models: StackModels, *, start: int, end: int) -> pd.DataFrame:

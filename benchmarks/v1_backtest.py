@@ -92,8 +92,7 @@ def main() -> None:
         f"V1 decide (serving path, 1,000-candle context): median {statistics.median(per_bar):.3f} ms per bar "
         f"(runs: {', '.join(f'{x:.3f}' for x in per_bar)}); load average {os.getloadavg()[0]:.2f}"
     )
-    year: list[float] = []
-    info: dict = {}
+    year, info = [], {}
     for _ in range(args.repeats):
         dt, info = year_backtest_s(candles, start, end)
         year.append(dt)

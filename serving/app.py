@@ -11,14 +11,15 @@ wired here.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+from agents.policy import FrozenPPOPolicy
 from envs.config import CostConfig
 from fallback.config import V1Config
 from fallback.v1 import V1Policy
+from market import json_codec
 from market.candles import load_candles
 from market.features import FeatureConfig
 from market.features import atr as atr_indicator
@@ -38,7 +39,7 @@ DEFAULT_RISK = RiskConfig()
 def _v1_config_from_manifest(bundle_dir: Path) -> V1Config:
     """The V1 config the bundle was evaluated with, if its manifest is readable; defaults otherwise."""
     try:
-        manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+        manifest = json_codec.loads((Path(bundle_dir) / "manifest.json").read_text())
         return V1Config.model_validate(manifest["config"]["v1"])
     except Exception:  # noqa: BLE001 - an unreadable manifest must not stop the fallback from running
         return V1Config()
@@ -56,7 +57,7 @@ def _costs_from_manifest(bundle_dir: Path, symbol: str | None = None) -> CostCon
         symbol's spec is never used.
     """
     try:
-        manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+        manifest = json_codec.loads((Path(bundle_dir) / "manifest.json").read_text())
         data = manifest.get("data", {})
     except (OSError, ValueError, AttributeError) as exc:
         if symbol is not None:
@@ -88,7 +89,7 @@ def _policies(bundle_dir: Path, backoff: BackoffConfig, watch_dir: Path | None, 
     slot = PolicySlot.from_bundle(
         bundle_dir, backoff=backoff, watch_dir=watch_dir, reload_file=reload_request_path(db_path)
     )
-    bundle = getattr(slot.policy, "bundle", None)
+    bundle = slot.policy.bundle if isinstance(slot.policy, FrozenPPOPolicy) else None
     if bundle is not None:
         costs, feature_cfg = bundle.env_config.costs, bundle.feature_config
         pooled = (bundle.manifest.get("data") or {}).get("instruments") or {}
@@ -181,7 +182,7 @@ def serve_replay(
         log(f"[red]risk guard is {guard.state.value}[/] (persisted): {'; '.join(guard.status.reasons)}")
     notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
     n = max(0, len(candles) - warmup_bars)
-    kwargs: dict[str, Any] = {"fallback": fallback, "atr": atr, "fallback_atr": fallback_atr, "costs": costs, "store": store,
+    kwargs = {"fallback": fallback, "atr": atr, "fallback_atr": fallback_atr, "costs": costs, "store": store,
               "config": config, "guard": guard, "notifier": notifier}
     try:
         if progress_factory is None:

@@ -28,7 +28,6 @@ Events are ``(kind, detail)`` pairs the loop writes to the store: ``bundle_swapp
 
 from __future__ import annotations
 
-import json
 import contextlib
 import math
 import os
@@ -44,6 +43,7 @@ from pydantic import Field
 
 from agents.bundle import MANIFEST, load_bundle, sha256_file
 from agents.policy import FrozenPPOPolicy
+from market import json_codec
 from market.config_base import StrictConfig
 from market.decision import Decision, DecisionContext, Policy, PolicyState, require_policy
 
@@ -162,7 +162,7 @@ def validate_candidate(
         raise BundleRejected(f"{path}: no {MANIFEST}")
     if require_gate_pass:
         try:
-            verdict = (json.loads((path / MANIFEST).read_text()).get("gate") or {}).get("verdict")
+            verdict = (json_codec.loads((path / MANIFEST).read_text()).get("gate") or {}).get("verdict")
         except (OSError, ValueError) as exc:
             raise BundleRejected(f"{path}: unreadable {MANIFEST}: {exc}") from exc
         if verdict != "PASS":
@@ -202,7 +202,7 @@ def request_reload(
         raise FileNotFoundError(f"{bundle_dir} is not a bundle: {MANIFEST} missing")
     request_file = Path(request_file)
     tmp = request_file.with_name(request_file.name + ".tmp")
-    tmp.write_text(json.dumps({"bundle": str(bundle_dir), "requested_at": now().isoformat()}))
+    tmp.write_text(json_codec.dumps({"bundle": str(bundle_dir), "requested_at": now().isoformat()}))
     os.replace(tmp, request_file)
     return request_file
 
@@ -403,7 +403,7 @@ class PolicySlot:
             try:
                 text = self.reload_file.read_text()
                 self.reload_file.unlink()
-                out.append(("reload_request", Path(json.loads(text)["bundle"])))
+                out.append(("reload_request", Path(json_codec.loads(text)["bundle"])))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 events.append(
                     (

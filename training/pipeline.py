@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from agents.policy import SB3ActorPolicy
 from agents.ppo_sb3 import resolve_device, train_ppo
 from agents.tb_logging import write_layout_to
 from envs.trading_env import EnvData
+from market import json_codec
 from market.bundled import bundled_candles_path, bundled_funding_path
 from market.candles import join_funding, load_candles, load_funding
 from market.errors import DataValidationError
@@ -488,8 +488,8 @@ def _save_run(run_dir: Path, cfg: Any, result: Any, actor_tensors: dict[str, Any
     """Write a trained run's ``folds.json``, ``validation_history.json`` and policy bundle (one- and
     multi-symbol runs alike); ``selection`` says how the checkpoint was chosen when it is not the
     default (best validation Sortino). Returns the bundle directory."""
-    (run_dir / "folds.json").write_text(json.dumps(folds, indent=1))
-    (run_dir / "validation_history.json").write_text(json.dumps([M.to_jsonable(h) for h in result.history], indent=1))
+    (run_dir / "folds.json").write_text(json_codec.dumps(folds, indent=1))
+    (run_dir / "validation_history.json").write_text(json_codec.dumps([M.to_jsonable(h) for h in result.history], indent=1))
     metrics = {"validation": M.to_jsonable(result.best_metrics), "selected_step": result.best_step}
     if selection is not None:
         metrics["selection"] = selection

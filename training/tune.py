@@ -27,7 +27,6 @@ López de Prado 2014)), ``folds.json`` (the fold windows) and Ray's own trial lo
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import pandas as pd
 import yaml
 from pydantic import Field
 
+from market import json_codec
 from market.config_base import StrictConfig
 from training.config import RLlibConfig, RunConfig
 from training.walkforward import FoldWindow, WalkForwardConfig, fold_run_config, fold_windows
@@ -366,7 +366,7 @@ def run_tune(base: RunConfig, tcfg: TuneConfig, out: Path, *, ray_address: str |
     stack_device = resolve_device(cfg.device)
     bar = pd.Timedelta(seconds=prepare_data(cfg).info["bar_interval_s"])
     windows = tuning_windows(cfg, tcfg.folds, tcfg.val_bars, bar)
-    (out / "folds.json").write_text(json.dumps([window_json(w) for w in windows], indent=1))
+    (out / "folds.json").write_text(json_codec.dumps([window_json(w) for w in windows], indent=1))
     folds = [prepare_fold(fold_run_config(cfg, w, cfg.seed, bar), w, device=stack_device, log=log) for w in windows]
     fold_cfg = fold_run_config(cfg, windows[0], cfg.seed, bar)  # periods differ per fold; PPO/env/reward do not
     bundles = trial_bundles(tcfg.backend, cfg.rllib, gpus_per_trial=tcfg.gpus_per_trial)
@@ -450,7 +450,7 @@ def run_tune(base: RunConfig, tcfg: TuneConfig, out: Path, *, ray_address: str |
         "note": "`ats walkforward --tuning-dir` with this directory adds n_trials to the deflated Sharpe ratio's "
                 "trial count",
     }
-    (out / "trials.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "trials.json").write_text(json_codec.dumps(summary, strict=False, indent=1))
     log(f"tune: {summary['n_trials']} trials ({summary['n_completed']} completed, {summary['n_stopped_early']} "
         f"stopped early, {summary['n_errors']} failed); best {METRIC} {summary['best'][METRIC]:.3f}")
     return summary
