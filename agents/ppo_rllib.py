@@ -158,7 +158,7 @@ def _callback_base():
     return RLlibCallback
 
 
-class TradingEpisodeCallback(_callback_base()):
+class TradingEpisodeCallback(_callback_base()):  # type: ignore[misc]  # base class of the installed ray version
     """RLlib callback: trading statistics of every finished training episode.
 
     Runs in each env runner. It follows each episode's equity (``info["equity_usdt"]``) and its
@@ -351,7 +351,7 @@ def build_ppo_config(
         )
         .rl_module(model_config=actor_model_config(ppo_config.net_arch))
         .learners(num_learners=int(rllib_config.num_learners), num_gpus_per_learner=num_gpus_per_learner)
-        .callbacks(callback)
+        .callbacks(callback)  # type: ignore[arg-type]  # RLlib calls it to build the callback; its stubs say a class
         .debugging(seed=seed, log_level="WARN")
     )
 

@@ -139,7 +139,7 @@ class ValidationCallback(BaseCallback):
 
     def evaluate_now(self) -> None:
         """Backtest the current policy on the validation period, log it and keep it if best."""
-        metrics = self._validator(self.model)
+        metrics = self._validator(self.model)  # type: ignore[arg-type]  # SB3 types it BaseAlgorithm; here a PPO
         metrics = {**metrics, "timesteps": float(self.num_timesteps)}
         self.history.append(metrics)
         for key, value in metrics.items():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Market data: download (ccxt) and check.")
@@ -55,7 +55,7 @@ def download(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[span]}"),
         TextColumn("{task.fields[rows]:,} rows"), TimeElapsedColumn(), console=console, disable=quiet,
     )
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
 
     def on_progress(p: DownloadProgress) -> None:
         total = max((p.target_end - p.target_start).total_seconds(), 1.0)

@@ -107,7 +107,7 @@ def serve(
                           initial_equity=initial_equity, watch_dir=watch, no_risk=no_risk, testnet_data=testnet_data,
                           base_url=base_url)
         return
-    if mode is Mode.paper:
+    if mode is Mode.paper and replay is not None:  # paper without --replay returned above
         _serve_paper(settings, replay=replay, bundle=bundle, db=db, warmup_bars=warmup_bars, max_bars=max_bars,
                      initial_equity=initial_equity, watch_dir=watch, no_risk=no_risk, symbol=symbol)
         return
@@ -143,7 +143,7 @@ def serve(
     console.print(f"\n[bold]stopped[/] after {bars} bars; state database: {db} (`ats status --db {db}`)")
 
 
-def _serve_paper(settings, *, replay: Path | None, bundle: Path, db: Path, warmup_bars: int | None, max_bars: int,
+def _serve_paper(settings, *, replay: Path, bundle: Path, db: Path, warmup_bars: int | None, max_bars: int,
                  initial_equity: float | None, watch_dir: Path | None, no_risk: bool,
                  symbol: str | None = None) -> None:
     from pydantic import ValidationError

@@ -79,6 +79,7 @@ def sweep(
     """Choose V1's parameters on expanding training folds; report each choice out of sample."""
     from training import metrics as M
     from training.v1_eval import (
+        SelectBy,
         data_instrument,
         load_v1_candles,
         parse_grid,
@@ -98,7 +99,8 @@ def sweep(
     resolved = data_instrument(data, candles, symbol=symbol, spec_path=instrument_spec)
     env = env.updated(costs=env.costs.with_instrument(resolved.spec))
     console.print(f"[dim]{resolved.describe()}[/]")
-    res = walk_forward_sweep(candles, start, end, grid_values, env, base=base, n_folds=folds, select_by=select,
+    select_by: SelectBy = "sortino" if select == "sortino" else "profit_factor"
+    res = walk_forward_sweep(candles, start, end, grid_values, env, base=base, n_folds=folds, select_by=select_by,
                              min_train_trades=min_train_trades, log=lambda s: console.print(f"[dim]{s}[/]"))  # fmt: skip
     console.print(_table("out-of-sample result of every combination, per fold", res["combos"]))
     console.print(_table(f"walk-forward: parameters chosen by training {select}", res["folds"]))

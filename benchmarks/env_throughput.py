@@ -29,6 +29,7 @@ Nothing here runs in the test suite.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -139,7 +140,7 @@ def v2_decision_latency_ms(bundle_dir: str, replay: str, n_bars: int = 200) -> t
     from agents.policy import FrozenPPOPolicy
     from market.decision import DecisionContext, PositionView
 
-    policy = FrozenPPOPolicy(load_bundle(bundle_dir))
+    policy = FrozenPPOPolicy(load_bundle(Path(bundle_dir)))
     candles = load_candles(replay)
     times = []
     for t in range(len(candles) - n_bars, len(candles)):
@@ -196,10 +197,10 @@ def main() -> None:
         batched_nocopy.append(wall)
         batched_nocopy_cpu.append(cpu)
     for r in range(args.repeats):
-        f, s = ppo_fps(lambda r=r: make_vec_env(data, cfg, n_envs=PPO_ENVS, seed=r), args.ppo_steps, r)
+        f, s = ppo_fps(functools.partial(make_vec_env, data, cfg, n_envs=PPO_ENVS, seed=r), args.ppo_steps, r)
         ppo.append(f)
         share.append(s)
-        f, s = ppo_fps(lambda r=r: make_vec_env(data, cfg, n_envs=PPO_ENVS, seed=r, batched=True), args.ppo_steps, r)
+        f, s = ppo_fps(functools.partial(make_vec_env, data, cfg, n_envs=PPO_ENVS, seed=r, batched=True), args.ppo_steps, r)
         ppo_batched.append(f)
         share_batched.append(s)
         f, s = ppo_fps(lambda: DummyVecEnv([lambda: Monitor(make_min()) for _ in range(PPO_ENVS)]),

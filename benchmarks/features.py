@@ -51,7 +51,8 @@ def tiled_candles(rows: int) -> pd.DataFrame:
     base = join_funding(load_candles(bundled_candles_path()), load_funding(bundled_funding_path()))
     step = base.index[1] - base.index[0]
     span = base.index[-1] - base.index[0] + step
-    parts, scale, k = [], 1.0, 0
+    parts: list[pd.DataFrame] = []
+    scale, k = 1.0, 0
     while sum(len(p) for p in parts) < rows:
         part = base.copy()
         part[list(PRICE_COLUMNS)] = part[list(PRICE_COLUMNS)] * scale

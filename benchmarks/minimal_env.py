@@ -34,7 +34,7 @@ class MinimalTradingEnv(gym.Env):
         If the shapes disagree or ``episode_len_bars`` does not fit in the data.
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}  # type: ignore[misc]  # gymnasium annotates it per instance; it is a class constant
 
     def __init__(self, obs: np.ndarray, close: np.ndarray, episode_len_bars: int = 720) -> None:
         super().__init__()

@@ -102,6 +102,8 @@ def measure(bundle_dir: Path, n_bars: int, context_bars: int = 1_000, breakdown:
     first = len(candles) - n_bars
     lat, store_ms, feat_ms, sources = [], [], [], {"v2": 0, "v1": 0, "guard": 0}
     policy0 = slot.policy
+    if policy0 is None:
+        raise SystemExit(f"the bundle in {bundle_dir} did not load")
     keep = policy0.history_bars(candles.index[1] - candles.index[0])
     for t in range(first, len(candles)):
         ts = candles.index[t]

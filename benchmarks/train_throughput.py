@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"n_steps {p.n_steps}, batch {p.batch_size}, epochs {p.n_epochs}, net {list(p.net_arch)}, {args.steps} steps")
     with tempfile.TemporaryDirectory() as tmp:
         tb = Path(tmp)
-        out = {"sb3_fps": sb3_fps(cfg, data, bar_s, args.steps, tb / "sb3")}
+        out: dict[str, Any] = {"sb3_fps": sb3_fps(cfg, data, bar_s, args.steps, tb / "sb3")}
         out["rllib_fps"] = rllib_fps(cfg, data, bar_s, args.steps, tb / "r0", runners=0, ray_cpus=args.ray_cpus)
         out["rllib_runners"] = {
             str(n): rllib_fps(cfg, data, bar_s, args.steps, tb / f"r{n}", runners=n, ray_cpus=args.ray_cpus)

@@ -92,7 +92,8 @@ def main() -> None:
         f"V1 decide (serving path, 1,000-candle context): median {statistics.median(per_bar):.3f} ms per bar "
         f"(runs: {', '.join(f'{x:.3f}' for x in per_bar)}); load average {os.getloadavg()[0]:.2f}"
     )
-    year, info = [], {}
+    year: list[float] = []
+    info: dict = {}
     for _ in range(args.repeats):
         dt, info = year_backtest_s(candles, start, end)
         year.append(dt)

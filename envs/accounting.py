@@ -193,7 +193,7 @@ class ClosedTrade:
     ``bars_held`` counts the bars the position was open at a close, plus the exit bar for an intrabar exit.
     """
 
-    entry_time_ns: int
+    entry_time_ns: int | None  # None: the kernel recorded no entry time (NO_TIME)
     exit_time_ns: int
     side: int
     qty_base: float

@@ -896,8 +896,8 @@ def batch_step(actions, fs, is_, bars, times, market_obs, p, obs, rewards, termi
             t_next = int(fs[ahead, E_T]) + 1
             if t_next < bars.shape[0]:
                 for off in range(0, obs_row + 64, 64):
-                    _prefetch(obs_base + t_next * obs_row + off)
-                _prefetch(bars_base + t_next * bars_row)
+                    _prefetch(obs_base + t_next * obs_row + off)  # type: ignore[call-arg]  # numba passes typingctx
+                _prefetch(bars_base + t_next * bars_row)  # type: ignore[call-arg]  # numba passes typingctx
                 _prefetch(bars_base + t_next * bars_row + bars_row - 8)
         code, term, trunc = env_step(MODE_ACTION, actions[k], fs[k], is_[k], bars, times, market_obs, p,
                                      obs[k], ev[k], evi[k], out[k])  # fmt: skip

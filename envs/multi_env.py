@@ -100,7 +100,7 @@ class MultiSymbolEnv(gym.Env):
             info["symbol"] = self.symbol
         return obs, reward, terminated, truncated, info
 
-    def render(self) -> str | None:
+    def render(self) -> str | None:  # type: ignore[override]  # gymnasium's RenderFrame is an unbound TypeVar; ansi renders a str
         """The current symbol's render line, prefixed with the symbol."""
         line = self.envs[self._k].render()
         return None if line is None else f"{self.symbol} {line}"

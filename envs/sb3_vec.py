@@ -76,7 +76,7 @@ class BatchedSB3VecEnv(VecEnv):
 
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
         """The batched env's attribute, once per selected env."""
-        return [getattr(self.venv, attr_name)] * len(self._get_indices(indices))
+        return [getattr(self.venv, attr_name)] * len(list(self._get_indices(indices)))
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         """Set an attribute on the batched env (shared by all envs).
@@ -86,7 +86,7 @@ class BatchedSB3VecEnv(VecEnv):
         ValueError
             If only some envs are selected (the envs share one object).
         """
-        if len(self._get_indices(indices)) != self.num_envs:
+        if len(list(self._get_indices(indices))) != self.num_envs:
             raise ValueError("BatchedSB3VecEnv: attributes are shared by all envs; set them for all indices")
         setattr(self.venv, attr_name, value)
 
@@ -102,5 +102,5 @@ class BatchedSB3VecEnv(VecEnv):
 
     def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
         """No gymnasium wrappers inside: False for every env."""
-        return [False] * len(self._get_indices(indices))
+        return [False] * len(list(self._get_indices(indices)))
 

@@ -311,7 +311,7 @@ def _finite(name: str, value: object, *, positive: bool = False, at_least: float
 def _side(side: object) -> int:
     if side not in (-1, 1) or isinstance(side, bool):
         raise SizingError(f"side must be -1 or +1, got {side!r}")
-    return int(side)  # type: ignore[call-overload]
+    return int(side)
 
 
 def size_entry(

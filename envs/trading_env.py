@@ -150,10 +150,10 @@ class EnvData:
             )
         finite_obs = np.isfinite(self.market_obs)
         if not finite_obs.all():
-            rows, cols = np.nonzero(~finite_obs)
+            bad_rows, bad_cols = np.nonzero(~finite_obs)
             where = [
                 f"{_row_label(t, int(r))}, column {self.market_obs_names[int(c)]!r}"
-                for r, c in zip(rows[:5], cols[:5], strict=True)
+                for r, c in zip(bad_rows[:5], bad_cols[:5], strict=True)
             ]
             raise ValueError(f"market_obs must be finite (as float32); bad at {where}")
 
@@ -534,7 +534,7 @@ class TradingEnv(gym.Env):
         If ``data`` has fewer than 2 bars or ``render_mode`` is unsupported.
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"], "render_fps": 4}  # type: ignore[misc]  # gymnasium annotates it per instance; it is a class constant
 
     def __init__(
         self, data: EnvData, config: EnvConfig | None = None, render_mode: str | None = None
@@ -827,7 +827,7 @@ class TradingEnv(gym.Env):
             info["reward_cost_penalty"] = float(out[K.O_COST_PEN])
         return info
 
-    def render(self) -> str | None:
+    def render(self) -> str | None:  # type: ignore[override]  # gymnasium's RenderFrame is an unbound TypeVar; ansi renders a str
         """In "ansi" mode, one line: bar time, equity, position."""
         if self.render_mode != "ansi":
             return None

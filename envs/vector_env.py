@@ -62,7 +62,7 @@ class BatchedTradingEnv(VectorEnv):
         If ``num_envs < 1`` or ``data`` has fewer than 2 bars.
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.SAME_STEP}
+    metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.SAME_STEP}  # type: ignore[misc]  # gymnasium annotates it per instance; it is a class constant
 
     def __init__(self, data: EnvData, config: EnvConfig | None = None, num_envs: int = 1, copy: bool = True):
         if not isinstance(data, EnvData):

@@ -74,7 +74,9 @@ class BarIndicators:
         return {name: getattr(self, name) for name in VALUE_NAMES}
 
 
-def validated_arrays(candles: pd.DataFrame, rows: int | None = None) -> tuple[np.ndarray, ...]:
+def validated_arrays(
+    candles: pd.DataFrame, rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``open high low close volume`` of the last ``rows`` rows (all if None) as float64 arrays.
 
     Raises
@@ -90,10 +92,11 @@ def validated_arrays(candles: pd.DataFrame, rows: int | None = None) -> tuple[np
     if missing:
         raise ValueError(f"V1: ctx.candles lacks required columns {missing}")
     n = len(candles) if rows is None else min(rows, len(candles))
-    cols = tuple(
+    o, h, lo, c, v = (
         np.ascontiguousarray(candles[name].to_numpy(dtype=np.float64)[len(candles) - n :])
         for name in PRICE_COLUMNS
     )
+    cols = (o, h, lo, c, v)
     for j, col in enumerate(cols):
         bad = ~np.isfinite(col)
         if bad.any():
@@ -132,7 +135,7 @@ def window_indicators(o: np.ndarray, h: np.ndarray, lo: np.ndarray, c: np.ndarra
     plus_di = talib.PLUS_DI(h, lo, c, timeperiod=p_adx)
     minus_di = talib.MINUS_DI(h, lo, c, timeperiod=p_adx)
     upper, middle, lower = talib.BBANDS(
-        c, timeperiod=cfg.bb_period_bars, nbdevup=BB_NBDEV, nbdevdn=BB_NBDEV, matype=0
+        c, timeperiod=cfg.bb_period_bars, nbdevup=BB_NBDEV, nbdevdn=BB_NBDEV, matype=talib.MA_Type.SMA
     )
     width = (upper - lower) / middle
     lookback = width[-cfg.bb_width_lookback_bars :]
@@ -248,7 +251,7 @@ class SeriesIndicators:
         self.bb_width_pct = nan.copy()
         if T >= bbp:
             upper, middle, lower = talib.BBANDS(
-                c, timeperiod=bbp, nbdevup=BB_NBDEV, nbdevdn=BB_NBDEV, matype=0
+                c, timeperiod=bbp, nbdevup=BB_NBDEV, nbdevdn=BB_NBDEV, matype=talib.MA_Type.SMA
             )
             self.bb_width = (upper - lower) / middle
             if W - bbp + 1 >= L and T >= L:  # the lookback fits in the window's defined widths

@@ -365,7 +365,7 @@ class V1Policy(StatelessPolicy):
         return self.config.history_bars
 
     @property
-    def atr_period_bars(self) -> int:
+    def atr_period_bars(self) -> int:  # type: ignore[override]  # StatelessPolicy's default is a plain attribute
         """ATR period (bars) in whose units this engine's ``stop_atr`` / ``take_profit_atr`` are meant:
         the executor must place its stops with the ATR of this period (it sized with it)."""
         return self.config.atr_period_bars
@@ -453,7 +453,7 @@ class V1SeriesPolicy(StatelessPolicy):
         return self.config.history_bars
 
     @property
-    def atr_period_bars(self) -> int:
+    def atr_period_bars(self) -> int:  # type: ignore[override]  # StatelessPolicy's default is a plain attribute
         """ATR period (bars) of the stop/take-profit distances, V1's own (as :class:`V1Policy`)."""
         return self.config.atr_period_bars
 

@@ -618,7 +618,7 @@ def compute_features(
     )
     cols["macd_hist_rel"] = hist / c
     upper, middle, lower = talib.BBANDS(
-        c, timeperiod=cfg.bbands_period_bars, nbdevup=cfg.bbands_nbdev, nbdevdn=cfg.bbands_nbdev, matype=0
+        c, timeperiod=cfg.bbands_period_bars, nbdevup=cfg.bbands_nbdev, nbdevdn=cfg.bbands_nbdev, matype=talib.MA_Type.SMA
     )
     band = upper - lower
     cols["bb_width"] = band / middle
@@ -679,7 +679,7 @@ def compute_features(
 
     # --- Stochastic RSI (TA-Lib: 0 where RSI is flat over the window)
     sp = cfg.stochrsi_period_bars
-    fastk, fastd = talib.STOCHRSI(c, timeperiod=sp, fastk_period=sp, fastd_period=3, fastd_matype=0)
+    fastk, fastd = talib.STOCHRSI(c, timeperiod=sp, fastk_period=sp, fastd_period=3, fastd_matype=talib.MA_Type.SMA)
     cols["stochrsi_k"] = np.clip(fastk / 100.0, 0.0, 1.0)  # clip: SMA rounding can leave -1e-15
     cols["stochrsi_d"] = np.clip(fastd / 100.0, 0.0, 1.0)
 
@@ -745,8 +745,8 @@ def compute_features(
     names = feature_names(cfg)
     assert list(cols) == names, "feature_names and compute_features disagree"
     matrix = np.empty((n, len(names)), dtype=np.float32)  # one block: far cheaper than a dict of columns
-    for j, k in enumerate(names):
-        matrix[:, j] = cols[k]
+    for j, name in enumerate(names):
+        matrix[:, j] = cols[name]
     return pd.DataFrame(matrix, index=index, columns=_column_index(tuple(names)), copy=False)
 
 

@@ -47,7 +47,7 @@ _TEXT_TO_FLOAT = {NAN_TEXT: math.nan, POS_INF_TEXT: math.inf, NEG_INF_TEXT: -mat
 """Strings read back as floats: the codec's three, plus the legacy report spellings ``"inf"``/``"-inf"``."""
 
 
-def encode_float(x: float) -> float | str:
+def encode_float(x: float | np.floating) -> float | str:
     """One float as the codec writes it: itself if finite, else ``"NaN"``/``"Infinity"``/``"-Infinity"``."""
     x = float(x)
     if math.isnan(x):

@@ -410,6 +410,7 @@ class RegimeHMM:
             score = float(hmm.score(Z, lengths))
             if best is None or score > best_score:  # strict: ties keep the lower seed
                 best, best_score = hmm, score
+        assert best is not None  # n_restarts >= 1: the loop ran
         hmm = best
         covars = np.asarray(hmm.covars_, dtype=np.float64)  # (K, d, d) for both covariance types
         col = self.cfg.vol_col
@@ -552,6 +553,8 @@ class RegimeHMM:
             If the model is not fitted.
         """
         self._require_fitted()
+        assert self.startprob is not None and self.transmat is not None and self.means is not None
+        assert self.covars is not None and self.x_mean is not None and self.x_std is not None
         dir = Path(dir)
         dir.mkdir(parents=True, exist_ok=True)
         np.savez(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -92,7 +93,7 @@ class RegimeTransitionModel:
 
     def __init__(self, cfg: RegimeConfig | None = None) -> None:
         self.cfg = cfg if cfg is not None else RegimeConfig()
-        self.booster = None  # lightgbm.Booster | None
+        self.booster: Any = None  # lightgbm.Booster | None (lightgbm is imported lazily)
         self.classes: np.ndarray | None = None  # (m,) int64: booster output j -> regime classes[j]
         self.n_states: int | None = None
         self.n_features: int | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from agents.policy import FrozenPPOPolicy
 from envs.config import CostConfig
@@ -182,7 +182,7 @@ def serve_replay(
         log(f"[red]risk guard is {guard.state.value}[/] (persisted): {'; '.join(guard.status.reasons)}")
     notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
     n = max(0, len(candles) - warmup_bars)
-    kwargs = {"fallback": fallback, "atr": atr, "fallback_atr": fallback_atr, "costs": costs, "store": store,
+    kwargs: dict[str, Any] = {"fallback": fallback, "atr": atr, "fallback_atr": fallback_atr, "costs": costs, "store": store,
               "config": config, "guard": guard, "notifier": notifier}
     try:
         if progress_factory is None:

@@ -155,11 +155,11 @@ def choose(
         if not isinstance(answer, Decision):
             raise TypeError(f"fallback returned {type(answer).__name__}, not a Decision")
     except Exception as exc:  # noqa: BLE001 - the loop must go on: decide flat
-        error = f"{type(exc).__name__}: {exc}"
+        fallback_error = f"{type(exc).__name__}: {exc}"
         latency_ms = (clock() - t0) * 1_000.0
-        event = ("fallback_failed", {"primary_reason": reason, "fallback_error": error})
+        event = ("fallback_failed", {"primary_reason": reason, "fallback_error": fallback_error})
         return Choice(
-            Decision.flat(), "guard", f"{reason}; fallback_failed: {error}", raw, latency_ms, [event],
+            Decision.flat(), "guard", f"{reason}; fallback_failed: {fallback_error}", raw, latency_ms, [event],
             reason if primary is not None else None,
         )
     latency_ms = (clock() - t0) * 1_000.0

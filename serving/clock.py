@@ -40,5 +40,5 @@ def stop_on_signals(stop: threading.Event, *, install: bool = True) -> Iterator[
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -62,7 +62,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from envs.accounting import Bar, is_funding_time
+from envs.accounting import Bar, ClosedTrade, is_funding_time
 from envs.config import CostConfig
 from market.config_base import StrictConfig
 from market.decision import Decision, DecisionContext, Policy, require_policy
@@ -417,7 +417,8 @@ class PaperStepper:
     def _process(self, bar: BarInput, events: list[EventRecord]) -> tuple[list[FillRecord], float, EquityRecord]:
         """Step 1: the broker processes ``bar`` with the pending decision (or quarantines it); closed
         round trips go to the guard. Returns (fills, equity marked at the close in USDT, equity row)."""
-        ts, fills, closed_trades = bar.time, [], ()
+        ts, fills = bar.time, []
+        closed_trades: tuple[ClosedTrade, ...] = ()
         if bar.problem is not None:
             self.n_quarantined += 1
             discarded = self.broker.cancel_pending()

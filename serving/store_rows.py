@@ -174,7 +174,7 @@ def to_row(record: Any) -> dict[str, Any]:
     return out
 
 
-def from_row(cls: type[Any], row: Mapping[str, Any], **extra: Any) -> Any:
+def from_row(cls: type[Any], row: Mapping[Any, Any], **extra: Any) -> Any:
     """The row dataclass ``cls`` of a stored row (a mapping with at least its columns); ``extra``
     sets fields that are not columns."""
     values = {}
@@ -186,7 +186,7 @@ def from_row(cls: type[Any], row: Mapping[str, Any], **extra: Any) -> Any:
 
 def table_of(cls: type[Any]) -> sa.Table:
     """The SQLAlchemy table of a row dataclass."""
-    return cls.__table__  # type: ignore[no-any-return]
+    return cls.__table__
 
 
 # ----------------------------------------------------------------------------------------------

@@ -266,9 +266,9 @@ def _symbol_paths_absolute(raw: dict, base: Path) -> None:
     """Make the relative paths of ``data.symbols`` entries absolute, relative to the config file's folder ``base``
     (so a saved run config, read from the run directory, names the same files)."""
     data = raw.get("data")
-    symbols = data.get("symbols") if isinstance(data, dict) else None
-    if not isinstance(symbols, list):
+    if not isinstance(data, dict) or not isinstance(data.get("symbols"), list):
         return
+    symbols = data["symbols"]
     out = []
     for entry in symbols:
         if isinstance(entry, dict):

@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,7 @@ from envs.actions import decode_action
 from envs.trading_env import EnvConfig, EnvData
 from fallback.config import V1Config
 from fallback.v1 import V1Policy
+from market.decision import Policy
 from market.errors import DataValidationError
 from market.features import atr as atr_indicator
 from market.features import compute_features, drop_warmup
@@ -125,6 +127,16 @@ def span_v1_env_data(span: EvalSpan, v1_cfg: V1Config) -> EnvData:
     return v1_env_data(span.candles.iloc[a:b], atr)
 
 
+_T = TypeVar("_T")
+
+
+def _needed(value: _T | None) -> _T:
+    """``value``, which the caller has already required (a bundle, the bundle's env data, a resolved spec)."""
+    if value is None:
+        raise ValueError("span_backtests: a bundle (or a resolved instrument spec) is needed here")
+    return value
+
+
 def span_backtests(
     bundle: PolicyBundle | None,
     span: EvalSpan,
@@ -156,14 +168,14 @@ def span_backtests(
     if bundle is None and (set(strategies) - NO_BUNDLE or ("v1" in strategies and v1_cfg.regime_adjustments)):
         raise ValueError(f"span_backtests: strategies {strategies} need a bundle")
     hours = env_cfg.costs.funding_interval_hours
-    data = span_env_data(bundle, span, hours) if set(strategies) - NO_BUNDLE else None
+    data = span_env_data(_needed(bundle), span, hours) if set(strategies) - NO_BUNDLE else None
     tsmom_cfg = TsmomConfig() if tsmom_cfg is None else tsmom_cfg
     times = span.candles.index[span.start_row : span.end_row]
     bar_s = float(np.median(np.diff(times.asi8))) / 1e9 if len(times) > 1 else 3600.0
     candles = span.candles.iloc[: span.end_row]  # history before the span is visible to V1 (closed candles)
     cfg = env_cfg.updated(costs=env_cfg.costs.updated(cost_multiplier=cost_multiplier))
-    factories: dict[str, Callable[[], object]] = {
-        "ppo": lambda: FrozenPPOPolicy(bundle),
+    factories: dict[str, Callable[[], Policy]] = {
+        "ppo": lambda: FrozenPPOPolicy(_needed(bundle)),
         "v1": lambda: V1Policy(v1_cfg),
         "buy_and_hold": BuyAndHoldPolicy,
         "tsmom": lambda: TsmomPolicy(tsmom_cfg, env_cfg.actions, bar_s),
@@ -171,12 +183,12 @@ def span_backtests(
         "random": lambda: RandomPolicy(lambda x: decode_action(x, env_cfg.actions), seed=random_seed),
     }
     # V1's regime-conditional thresholds read the bundle's forward-filtered HMM probabilities
-    regime = span_regime_proba(bundle, span) if "v1" in strategies and v1_cfg.regime_adjustments else None
+    regime = span_regime_proba(_needed(bundle), span) if "v1" in strategies and v1_cfg.regime_adjustments else None
     special = {"v1": lambda: span_v1_env_data(span, v1_cfg), "tsmom": lambda: span_rule_env_data(span, hours)}
     history = {"tsmom": tsmom_cfg.history_bars}
     rules = {"tsmom": cfg.updated(trading_rules=tsmom_cfg.trading_rules())}  # tsmom's own rebalance bars and band
     return {
-        name: run_backtest(factories[name](), special[name]() if name in special else data, candles,
+        name: run_backtest(factories[name](), special[name]() if name in special else _needed(data), candles,
                            rules.get(name, cfg), offset=span.start_row,
                            history_bars=history.get(name, v1_cfg.history_bars),
                            regime_proba=regime if name == "v1" else None)
@@ -484,7 +496,7 @@ def pooled_test_backtests(cfg: RunConfig, bundle: PolicyBundle, preps: list[Prep
     """:func:`span_backtests` of every symbol's test period, each under its own instrument spec:
     ``{symbol: {strategy: result}}`` (random policy seeded ``random_seed``, default the run's seed)."""
     seed = cfg.seed if random_seed is None else random_seed
-    return {p.info["symbol"]: span_backtests(bundle, EvalSpan.test_period(p), symbol_env_config(cfg, p.instrument.spec),
+    return {p.info["symbol"]: span_backtests(bundle, EvalSpan.test_period(p), symbol_env_config(cfg, _needed(p.instrument).spec),
                                              cfg.v1, cost_multiplier=cost_multiplier, strategies=strategies,
                                              random_seed=seed, tsmom_cfg=cfg.baselines.tsmom)
             for p in preps}
@@ -522,7 +534,7 @@ def evaluate_pooled(run_dir: Path, cfg: RunConfig, bundle: PolicyBundle, *, log:
     slices = {s: {n: regime_slices(r, regimes[s], bar_s) for n, r in res.items()} for s, res in by_symbol.items()}
     symbols = [p.info["symbol"] for p in preps]
     trained = "+".join(symbols)
-    records = {p.info["symbol"]: {**p.instrument.record(), "trained_on": trained, "evaluated_on": p.info["symbol"],
+    records = {p.info["symbol"]: {**_needed(p.instrument).record(), "trained_on": trained, "evaluated_on": p.info["symbol"],
                                   "transfer": False} for p in preps}
     info = preps[0].info
     notes = [

@@ -46,8 +46,9 @@ def equal_weight(results: Mapping[str, BacktestResult], name: str | None = None)
                        name=name or items[0].name)
     sides = np.stack([r.position_side for r in items])
     notional = None
-    if all(r.position_notional_usdt is not None for r in items):
-        notional = np.mean([r.position_notional_usdt for r in items], axis=0)
+    notionals = [r.position_notional_usdt for r in items if r.position_notional_usdt is not None]
+    if len(notionals) == len(items):
+        notional = np.mean(notionals, axis=0)
     return BacktestResult(
         name=name or items[0].name,
         equity=equity,

@@ -55,14 +55,15 @@ def wandb_tracking(
         directory = Path(os.environ.get("WANDB_DIR") or run_dir)
         directory.mkdir(parents=True, exist_ok=True)
         # both backends write their events to tb/PPO_1: as the root, tags keep their TensorBoard names
-        wandb.tensorboard.patch(root_logdir=str(Path(run_dir).resolve() / "tb" / "PPO_1"))
+        # wandb sets its tensorboard submodule on import; its type stubs do not declare it
+        wandb.tensorboard.patch(root_logdir=str(Path(run_dir).resolve() / "tb" / "PPO_1"))  # type: ignore[attr-defined]
         patched = True
         run = (init or wandb.init)(
             project=project or os.environ.get("WANDB_PROJECT", "ats"),
             name=name,
             config=dict(config),
             dir=str(directory),
-            mode=wandb_mode(),
+            mode=wandb_mode(),  # type: ignore[arg-type]  # WANDB_MODE as set; wandb.init validates it
         )
         log(f"W&B: {wandb_mode()} run {run.id} in {run.dir}")
     except Exception as exc:  # noqa: BLE001 -- W&B is optional: never fail a training run because of it
@@ -86,4 +87,4 @@ def _close(run: Any | None, patched: bool) -> None:
         if patched:
             import wandb
 
-            wandb.tensorboard.unpatch()
+            wandb.tensorboard.unpatch()  # type: ignore[attr-defined]  # see patch above

@@ -24,11 +24,12 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import pandas as pd
 
+from envs.accounting import ClosedTrade
 from envs.trading_env import EnvConfig, EnvData
 from fallback.config import V1Config
 from fallback.v1 import V1SeriesPolicy
@@ -50,6 +51,14 @@ from training.pipeline import summarize_backtest
 from training.report import write_report
 
 Log = Callable[[str], None]
+
+
+class SweepResult(TypedDict):
+    """What :func:`walk_forward_sweep` returns."""
+
+    combos: pd.DataFrame  # out-of-sample result of every combination, per fold
+    folds: pd.DataFrame  # per fold: the combination chosen on the training window and its test result
+    walk_forward: dict[str, float]  # pooled out-of-sample statistics of the chosen combinations
 SelectBy = Literal["profit_factor", "sortino"]
 
 
@@ -404,7 +413,7 @@ def walk_forward_sweep(
     select_by: SelectBy = "profit_factor",
     min_train_trades: int = 10,
     log: Log = lambda s: None,
-) -> dict[str, pd.DataFrame | dict[str, float]]:
+) -> SweepResult:
     """Walk-forward parameter choice for V1 (see the module docstring).
 
     Returns
@@ -444,7 +453,7 @@ def walk_forward_sweep(
         log(f"combination {i + 1}/{len(combos)} {params}: {len(res.trades)} trades")
     rows, fold_rows = [], []
     oos_returns: list[np.ndarray] = []
-    oos_trades = []
+    oos_trades: list[ClosedTrade] = []
     for k in range(1, n_folds + 1):
         tr0, tr1, te1 = times[0], times[k], times[k + 1]
         scored = []

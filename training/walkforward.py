@@ -40,6 +40,7 @@ from pydantic import Field, ValidationError, model_validator
 from scipy import stats
 
 from agents.bundle import load_bundle
+from envs.accounting import ClosedTrade
 from market import json_codec
 from market.config_base import StrictConfig, UtcTime, check_periods
 from market.features import warmup_bars
@@ -172,7 +173,8 @@ def stitch_results(results: list[BacktestResult], initial: float) -> BacktestRes
     """
     if not results:
         raise ValueError("no backtests to stitch")
-    level, eqs, times, trades = float(initial), [np.array([initial], np.float64)], [results[0].equity.index[0]], []
+    level, eqs, times = float(initial), [np.array([initial], np.float64)], [results[0].equity.index[0]]
+    trades: list[ClosedTrade] = []
     sides, notionals, costs = [], [], np.zeros(5)
     for res in results:
         e = res.equity.to_numpy(np.float64)
@@ -297,7 +299,7 @@ def run_walkforward(
     per_strategy: dict[str, list[BacktestResult]] = {}
     ppo_by_seed: dict[int, list[BacktestResult]] = {s: [] for s in wf.seeds}
     val_sortino: dict[int, list[float]] = {s: [] for s in wf.seeds}
-    fold_records = []
+    fold_records: list[dict] = []
     regimes_by_seed: dict[int, list[np.ndarray]] = {s: [] for s in wf.seeds}
     # cost sensitivity: sens[multiplier]["ppo"][seed] and sens[multiplier][name] (v1, tsmom) lists of fold results
     baselines = tuple(n for n in COST_SENSITIVE if n != "ppo")
