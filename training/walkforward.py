@@ -47,6 +47,7 @@ from market.features import warmup_bars
 from training import metrics as M
 from training.backtest import BacktestResult
 from training.config import ConfigError, RunConfig, invalid_config, load_config, read_config_mapping
+from training.diagnostics import DiagnosticsConfig, walkforward_diagnostics
 from training.evaluate import (
     COST_MULTIPLIERS,
     COST_SENSITIVE,
@@ -93,6 +94,11 @@ class WalkForwardConfig(StrictConfig):
     base_overrides: dict = Field(
         default_factory=dict,
         description="nested keys merged into the base run config (e.g. {ppo: {total_timesteps: 100000}})",
+    )
+    diagnostics: DiagnosticsConfig = Field(
+        default_factory=DiagnosticsConfig,
+        description="out-of-fold layer diagnostics (training.diagnostics); ablation.enabled trains the observation "
+                    "ablation (expensive, off by default)",
     )
 
     @model_validator(mode="after")
@@ -465,6 +471,7 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         "regime_slices": slices,
         "cost_sensitivity": sensitivity,
         "exits_by_reason": exits,
+        "diagnostics": walkforward_diagnostics(folds, wf.diagnostics, chosen_seed=chosen, out=out, log=log),
     }
     symbol_tables = {}
     if by_symbol is not None:  # a pooled study: the stitched curves above are the equal-weight portfolio
