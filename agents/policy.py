@@ -10,10 +10,30 @@ import pandas as pd
 
 from agents.bundle import PolicyBundle
 from agents.observation import last_row_outputs
-from envs.actions import decode_action
+from envs.actions import ActionConfig, decode_action
+from envs.sizing import ex_ante_vol_annual
 from envs.trading_env import account_features
 from market.decision import Decision, DecisionContext, NonFiniteDecisionError, PolicyState, StatelessPolicy
 from market.features import compute_features, drop_warmup, feature_names, min_history_bars, warmup_bars
+
+
+def decision_vol_annual(candles: pd.DataFrame, cfg: ActionConfig) -> float | None:
+    """The ``ex_ante_vol_annual`` input of :func:`envs.actions.decode_action` at the last bar of ``candles``.
+
+    None unless ``cfg.sizing_mode == "vol_target"``; then :func:`envs.sizing.ex_ante_vol_annual` (the env's
+    estimator, span ``cfg.vol_span_bars``, at least ``cfg.vol_min_bars`` returns) of the closes of ``candles``
+    (causal: the decided bar and the ones before it), annualised with the bar length of its last two rows; NaN
+    (no trade) with fewer than two candles or returns than ``cfg.vol_min_bars``. The env computes it over its
+    whole data span, the caller over the candles it is given, so the two agree up to the exponential weights
+    of the returns before the window.
+    """
+    if cfg.sizing_mode != "vol_target":
+        return None
+    if len(candles) < 2:
+        return float("nan")
+    bar_s = (candles.index[-1] - candles.index[-2]).total_seconds()
+    close = candles["close"].to_numpy(np.float64)
+    return float(ex_ante_vol_annual(close, bar_s, cfg.vol_span_bars, cfg.vol_min_bars)[-1])
 
 
 class FrozenPPOPolicy:
@@ -115,11 +135,7 @@ class FrozenPPOPolicy:
     def observation(self, ctx: DecisionContext) -> np.ndarray:
         """Build the full observation (float32, (obs_dim,)) for the last bar of ``ctx.candles``."""
         b = self.bundle
-        candles = ctx.candles
-        if len(candles) >= 2:
-            keep = self.history_bars(candles.index[-1] - candles.index[-2])
-            if len(candles) > keep:
-                candles = candles.iloc[-keep:]
+        candles = self._window(ctx.candles)
         # The serving loops validated these candles (gaps, order, finite OHLCV) before building ctx;
         # anything non-finite that got here ends as a non-finite observation, refused in decide().
         # Once the HMM filter has the previous bar, only the rows the TCN reads are needed: the
@@ -152,7 +168,16 @@ class FrozenPPOPolicy:
             raise NonFiniteDecisionError(f"non-finite observation at {ctx.bar_open_time}")
         action = self.bundle.actor.act(obs)
         self.last_raw_action = action
-        return decode_action(action, self.bundle.env_config.actions)
+        cfg = self.bundle.env_config.actions
+        return decode_action(action, cfg, ex_ante_vol_annual=decision_vol_annual(self._window(ctx.candles), cfg))
+
+    def _window(self, candles: pd.DataFrame) -> pd.DataFrame:
+        """The last ``history_bars`` of ``candles`` (all when fewer): the window the observation is built from, so
+        that every caller giving at least that history gets the same decision (backtest, paper, live)."""
+        if len(candles) < 2:
+            return candles
+        keep = self.history_bars(candles.index[-1] - candles.index[-2])
+        return candles.iloc[-keep:] if len(candles) > keep else candles
 
 
 class SB3ActorPolicy(StatelessPolicy):
@@ -174,4 +199,5 @@ class SB3ActorPolicy(StatelessPolicy):
         self.last_raw_action = None
         action, _ = self.model.predict(ctx.observation, deterministic=True)
         self.last_raw_action = np.asarray(action, dtype=np.float32)
-        return decode_action(self.last_raw_action, self.action_config)
+        vol = decision_vol_annual(ctx.candles, self.action_config)
+        return decode_action(self.last_raw_action, self.action_config, ex_ante_vol_annual=vol)

@@ -34,8 +34,10 @@ from tests.kit.candles import make_candles
 HMM_COLUMNS = ("logret_1b", "rvol_24b")
 
 
-def build_bundle(out_dir: Path, candles: pd.DataFrame | None = None, seed: int = 0) -> Path:
-    """Write a loadable bundle to ``out_dir`` fitted on ``candles`` (default: 1,600 synthetic 1h bars)."""
+def build_bundle(out_dir: Path, candles: pd.DataFrame | None = None, seed: int = 0, env: EnvConfig | None = None
+                 ) -> Path:  # fmt: skip
+    """Write a loadable bundle to ``out_dir`` fitted on ``candles`` (default: 1,600 synthetic 1h bars), with the env
+    config ``env`` (default ``EnvConfig()``: its action decoding, costs and trading rules)."""
     torch.manual_seed(seed)
     candles = make_candles(1_600, seed=seed) if candles is None else candles
     fcfg = FeatureConfig()
@@ -59,7 +61,7 @@ def build_bundle(out_dir: Path, candles: pd.DataFrame | None = None, seed: int =
         [x[w - 1 :], model_outputs(feats, models, start=w - 1, end=len(feats)).to_numpy()], axis=1
     )
     normalizer = ObsNormalizer.fit(market, clip=10.0)
-    env = EnvConfig()
+    env = EnvConfig() if env is None else env
     actor = ActorNet(market.shape[1] + 6, 5, (16, 16), "tanh")
     tensors = {k: v.detach().clone().contiguous() for k, v in actor.state_dict().items()}
     return save_bundle(
