@@ -6,7 +6,8 @@
 A bundle that fails to load does not stop serving: every bar is then decided by V1 and the
 load error is recorded as the fallback reason of each decision (the load is retried after the
 backoff). The risk guard (state persisted in the same database), hot-swap and notifications are
-wired here.
+wired here. The paper account trades by the bundle env's trading rules (decision interval, minimum holding
+period, rebalance band: :mod:`serving.trading_rules`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agents.policy import FrozenPPOPolicy
-from envs.config import CostConfig
+from envs.config import CostConfig, TradingRulesConfig
 from fallback.config import V1Config
 from fallback.v1 import V1Policy
 from market import json_codec
@@ -32,6 +33,7 @@ from serving.notify import NotifyConfig, make_notifier, notify_config_from_env
 from serving.paper_live import FeedConfig
 from serving.risk import RiskConfig, RiskGuard
 from serving.store import StateStore
+from serving.trading_rules import bundle_env_config
 
 DEFAULT_RISK = RiskConfig()
 
@@ -100,6 +102,13 @@ def _policies(bundle_dir: Path, backoff: BackoffConfig, watch_dir: Path | None, 
         costs, feature_cfg = _costs_from_manifest(bundle_dir, symbol), FeatureConfig()
         log(f"[yellow]bundle failed to load, V1 decides every bar[/]: {slot.load_error}")
     return slot, V1Policy(_v1_config_from_manifest(bundle_dir)), costs, feature_cfg
+
+
+def _trading_rules(slot: PolicySlot) -> TradingRulesConfig | None:
+    """The execution rules of the primary bundle's env (decision interval, minimum holding period, rebalance band;
+    :mod:`serving.trading_rules`); None (the defaults) when the bundle failed to load."""
+    env = bundle_env_config(slot.policy)
+    return None if env is None else env.trading_rules
 
 
 def _set_torch_threads(torch_threads: int | None) -> None:
@@ -183,7 +192,7 @@ def serve_replay(
     notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
     n = max(0, len(candles) - warmup_bars)
     kwargs: dict[str, Any] = {"fallback": fallback, "atr": atr, "fallback_atr": fallback_atr, "costs": costs, "store": store,
-              "config": config, "guard": guard, "notifier": notifier}
+              "config": config, "guard": guard, "notifier": notifier, "trading_rules": _trading_rules(slot)}
     try:
         if progress_factory is None:
             return run_replay(candles, primary=slot, **kwargs)
@@ -263,6 +272,7 @@ def serve_paper_live(
     notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
     loop = PaperLiveLoop(BinanceFuturesBroker(client, feed.symbol), store, config, feed, primary=slot,
                          fallback=fallback, costs=costs, guard=guard, notifier=notifier)  # fmt: skip
+    loop.stepper.use_trading_rules(_trading_rules(slot))
     log(f"paper on live candles: {feed.symbol} {feed.timeframe} from the {'testnet' if testnet_data else 'real'} "
         f"market{f' at {base_url}' if base_url else ''}; state in {db_path}; stop with Ctrl-C (between bars)")
     try:

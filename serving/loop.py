@@ -25,6 +25,14 @@ For every bar t from ``warmup_bars`` on:
 Every processed bar has exactly one decision row and one source ('v2', 'v1', or 'guard' when the
 loop or the risk guard imposed the decision).
 
+Trading rules (``trading_rules``: the bundle env's :class:`envs.config.TradingRulesConfig`, applied as
+in the env, :mod:`serving.trading_rules`): the policy is asked only at decision bars (between them
+the bar is a hold, source 'guard', reason ``not_decision_bar: ...``); a decision that would close or
+flip a position held for fewer than ``min_hold_bars`` bars is a hold (source 'guard', reason
+``min_hold: ...``, a ``min_hold`` event); the paper broker resizes within the rebalance band as the
+kernel does. A hold the loop imposes is submitted as no decision; a decision the risk guard changes
+is read whatever the rules (a kill switch is not held back).
+
 All rows of one bar go to the store in one transaction. The loop never stops for a policy
 failure. A candle row that fails validation (non-finite or non-positive price, negative or
 non-finite volume, high/low not enclosing open and close) is *quarantined*: the broker skips the
@@ -63,7 +71,7 @@ import pandas as pd
 from pydantic import Field
 
 from envs.accounting import Bar, ClosedTrade, is_funding_time
-from envs.config import CostConfig
+from envs.config import CostConfig, TradingRulesConfig
 from market.config_base import StrictConfig
 from market.decision import Decision, DecisionContext, Policy, require_policy
 from market.ohlc import row_problems  # re-exported: the quarantine rule of a candle row
@@ -76,6 +84,7 @@ from serving.notify import Notifier
 from serving.paper import PaperBroker
 from serving.risk import AccountSnapshot, RiskGuard
 from serving.store import DecisionRecord, EquityRecord, EventRecord, FillRecord, StateStore
+from serving.trading_rules import decides_at, min_hold_reason, not_decision_bar_reason
 
 _REQUIRED_COLUMNS = ("open", "high", "low", "close", "volume")
 
@@ -266,14 +275,16 @@ class PaperStepper:
 
     Parameters are those of :func:`run_replay`; ``slot`` is the primary's
     :class:`serving.hotswap.PolicySlot`; ``bar_interval`` the bar length (None: unknown, e.g. a
-    replay of fewer than two candles; the history check is then skipped).
+    replay of fewer than two candles; the history check is then skipped; needed with a decision
+    interval > 1).
 
     Raises
     ------
     TypeError
         If ``fallback`` is not a :class:`market.decision.Policy`.
     ValueError
-        If ``config.context_bars`` is shorter than the fallback's ``history_bars(bar_interval)``.
+        If ``config.context_bars`` is shorter than the fallback's ``history_bars(bar_interval)``, or
+        ``trading_rules`` has a decision interval > 1 and ``bar_interval`` is None.
     """
 
     def __init__(
@@ -289,6 +300,7 @@ class PaperStepper:
         clock: Callable[[], float] = time.perf_counter,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         bar_interval: pd.Timedelta | None = None,
+        trading_rules: TradingRulesConfig | None = None,
     ) -> None:
         fallback = require_policy(fallback, "fallback")
         need = 0 if bar_interval is None else int(fallback.history_bars(bar_interval))
@@ -299,7 +311,8 @@ class PaperStepper:
         self.slot, self.fallback, self.costs, self.store, self.config = slot, fallback, costs, store, config
         self.guard, self.notifier, self._clock, self._now = guard, notifier, clock, now
         self.run_id = config.run_id
-        self.broker = PaperBroker(config.initial_equity_usdt, costs)
+        self.bar_interval, self.trading_rules = bar_interval, trading_rules
+        self.broker = self._new_broker()
         self.counts: Counter[str] = Counter()  # decision rows by source
         #: fallback_engaged / primary_recovered events and the bars decided per fallback reason kind
         self.fallback_ledger = FallbackLedger()
@@ -324,7 +337,29 @@ class PaperStepper:
         if self.bars:
             raise RuntimeError("use_costs must be called before the first bar")
         self.costs = costs
-        self.broker = PaperBroker(self.config.initial_equity_usdt, costs)
+        self.broker = self._new_broker()
+
+    def use_trading_rules(self, rules: TradingRulesConfig | None) -> None:
+        """Trade under ``rules`` (the bundle's ``env_config.trading_rules``; module docstring of
+        :mod:`serving.trading_rules`) instead of those given at construction.
+
+        Raises
+        ------
+        RuntimeError
+            If a bar was already processed.
+        ValueError
+            A decision interval > 1 without the bar length.
+        """
+        if self.bars:
+            raise RuntimeError("use_trading_rules must be called before the first bar")
+        self.trading_rules = rules
+        self.broker = self._new_broker()
+
+    def _new_broker(self) -> PaperBroker:
+        """The paper account of the run: its costs and trading rules (decision bars, holding period, band)."""
+        ns = None if self.bar_interval is None else int(pd.Timedelta(self.bar_interval).value)
+        return PaperBroker(self.config.initial_equity_usdt, self.costs, trading_rules=self.trading_rules,
+                           bar_interval_ns=ns)  # fmt: skip
 
     # -- run boundaries ---------------------------------------------------------------------------
     def start(self, time: pd.Timestamp, **detail: Any) -> None:
@@ -377,7 +412,7 @@ class PaperStepper:
         events = [EventRecord(self.run_id, bar.time, kind, detail) for kind, detail in self.slot.poll(bar.t, self._last_ctx)]
         fills, equity_usdt, equity_row = self._process(bar, events)
         state = self.broker.state
-        choice = self._decide(bar, state, equity_usdt)
+        choice, loop_hold = self._decide(bar, state, equity_usdt)
         self._held_by = bar.taint.key if bar.problem is None and bar.taint is not None else None
         for key, value in (("primary", bar.atr), ("fallback", bar.fallback_atr)):
             if bar.problem is None and math.isfinite(value) and value > 0:
@@ -395,9 +430,13 @@ class PaperStepper:
                 f"{choice.reason + '; ' if choice.reason else ''}atr_invalid: atr[t]={atr_t!r}, no new position",
                 choice.raw_action, choice.latency_ms, choice.events,
             )  # fmt: skip
+        wanted = decision
         if self.guard is not None and bar.problem is None:
             choice, decision = self._review(bar, choice, decision, equity_usdt, state)
-        self.broker.submit(decision, atr_t if atr_ok else self._last_valid_atr[atr_key])
+        imposed = decision.direction != wanted.direction  # the guard's: read whatever the trading rules
+        # a hold the loop imposed is no decision (the env's bars between decisions; with a band a hold would resize)
+        self.broker.submit(None if loop_hold and not imposed else decision,
+                           atr_t if atr_ok else self._last_valid_atr[atr_key], imposed=imposed)  # fmt: skip
         return self._record(bar, choice, decision, fills, events, equity_row)
 
     def skip(self, bar: BarInput, reason: str) -> DecisionRecord:
@@ -443,17 +482,22 @@ class PaperStepper:
                 self.guard.record_closed_trade(ts, trade.pnl_usdt)
         return fills, float(equity_usdt), row
 
-    def _decide(self, bar: BarInput, state: Any, equity_usdt: float) -> _Choice:
-        """Steps 2-4: hold on a quarantined or held bar, else bundle -> V1 -> flat."""
+    def _decide(self, bar: BarInput, state: Any, equity_usdt: float) -> tuple[_Choice, bool]:
+        """Steps 2-4: hold on a quarantined or held bar and between decision bars, else bundle -> V1 -> flat, whose
+        close or flip of a position younger than the minimum holding period is a hold (:mod:`serving.trading_rules`).
+        Returns the choice and whether it is a hold the loop imposed (submitted as no decision)."""
         if bar.problem is not None:
-            return _Choice(_hold(state.side), "guard", f"quarantine: {bar.problem}", None, 0.0, [])
+            return _Choice(_hold(state.side), "guard", f"quarantine: {bar.problem}", None, 0.0, []), True
+        self._peak_equity_usdt = max(self._peak_equity_usdt, float(equity_usdt))  # every marked bar, as the env
         if bar.taint is not None:
             self.n_window_held += 1
             choice = _Choice(_hold(state.side), "guard", bar.taint.reason, None, 0.0, [])
             if self._held_by != bar.taint.key:
                 choice.events.append(("context_window_invalid", dict(bar.taint.detail)))
-            return choice
-        self._peak_equity_usdt = max(self._peak_equity_usdt, float(equity_usdt))
+            return choice, True
+        rules = self.trading_rules
+        if rules is not None and not decides_at(bar.time, self.bar_interval, rules):
+            return _Choice(_hold(state.side), "guard", not_decision_bar_reason(rules), None, 0.0, []), True
         ctx = DecisionContext(bar_open_time=bar.time, candles=bar.window, position=self.broker.position_view(),
                               equity_usdt=float(equity_usdt), peak_equity_usdt=self._peak_equity_usdt)  # fmt: skip
         self._last_ctx = ctx
@@ -462,7 +506,13 @@ class PaperStepper:
         if policy is not None:
             choice.events.extend(self.slot.record(bar.t, choice.primary_failure))
         choice.events.extend(self.fallback_ledger.observe(choice.source, choice.reason))
-        return choice
+        held = min_hold_reason(choice.decision.direction, state.side, state.bars_in_trade, rules)
+        if held is not None:
+            choice.events.append(("min_hold", {"decision": _decision_detail(choice.decision),
+                                               "bars_in_trade": int(state.bars_in_trade)}))  # fmt: skip
+            reason = f"{choice.reason}; {held}" if choice.reason else held
+            return _Choice(_hold(state.side), "guard", reason, choice.raw_action, choice.latency_ms, choice.events), True
+        return choice, False
 
     def _review(self, bar: BarInput, choice: _Choice, decision: Decision, equity_usdt: float,
                 state: Any) -> tuple[_Choice, Decision]:
@@ -562,6 +612,7 @@ def run_replay(
     progress: Callable[[int, int], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    trading_rules: TradingRulesConfig | None = None,
 ) -> ReplaySummary:
     """Replay ``candles`` bar by bar through the paper broker with V2 -> V1 fallback.
 
@@ -607,6 +658,11 @@ def run_replay(
         Monotonic seconds, used for decision latency (default ``time.perf_counter``).
     now : Callable[[], datetime]
         Wall clock (tz-aware) for ``created_at`` of decision rows.
+    trading_rules : TradingRulesConfig | None
+        The execution rules of the bundle's env (``bundle.env_config.trading_rules``): the policy is asked only at
+        decision bars (a hold between them, source 'guard'), a close or flip of a position younger than
+        ``min_hold_bars`` is a hold, the paper broker resizes in the band (:mod:`serving.trading_rules`). None: a
+        decision every bar, no holding period, no resize.
 
     The ``latency_ms`` of a decision row runs from the start of the decision to the final answer
     (primary attempt plus fallback when one was needed); the deadline applies to the primary alone.
@@ -640,7 +696,8 @@ def run_replay(
     )
     interval = candles.index[1] - candles.index[0] if n >= 2 else None
     stepper = PaperStepper(slot=slot, fallback=fallback, costs=costs, store=store, config=config, guard=guard,
-                           notifier=notifier, clock=clock, now=now, bar_interval=interval)  # fmt: skip
+                           notifier=notifier, clock=clock, now=now, bar_interval=interval,
+                           trading_rules=trading_rules)  # fmt: skip
     bars = _ReplayBars(candles, atr_arr, fb_atr_arr, config.context_bars, costs.funding_interval_hours)
     epoch = pd.Timestamp(0, tz="UTC")
     stepper.start(candles.index[0] if n else epoch, bars=n, warmup_bars=config.warmup_bars)

@@ -11,7 +11,9 @@ Two ways to drive it (do not mix them on one account):
   decision submitted at the close of bar t-1, then ``submit(decision_t, atr_t)`` queues the next one. The
   execution rules of the bundle's env (``trading_rules``: decision interval, minimum holding period,
   rebalance band; :class:`envs.config.TradingRulesConfig`) act as in the env: ``step_bar(rules=...)``, and a
-  decision taken at a bar that is not a decision bar is not read (a hold), as ``TradingEnv.step_decision``.
+  decision taken at a bar that is not a decision bar is not read (a hold), as ``TradingEnv.step_decision``;
+  ``submit(None, atr)`` is no decision (the env's bars between decisions), and a decision the risk guard imposes
+  (``submit(..., imposed=True)``) is read whatever the rules.
 * **Orders** (the :class:`serving.broker.Broker` protocol, the live loop's venue operations): ``create`` a
   market order (entry, reduce-only exit) or a ``closePosition`` stop / take-profit, ``lookup``, ``cancel``,
   ``open_orders``, ``position``, ``fills_since``, ``balance``. The venue moves bar by bar, in two halves:
@@ -112,7 +114,8 @@ class PaperBroker:
             raise ValueError("a decision interval > 1 bar needs bar_interval_ns (the bar length) to find decision bars")
         self._bar_ns = None if bar_interval_ns is None else int(bar_interval_ns)
         self._equity = float(initial_equity_usdt)
-        self._pending: tuple[Decision, float] | None = None
+        self._pending: tuple[Decision | None, float] | None = None
+        self._imposed = False  # the pending decision is read whatever the trading rules (submit(imposed=True))
         self._last_atr = math.nan
         self._last_time_ns: int | None = None
         # the order venue (Broker protocol)
@@ -138,8 +141,8 @@ class PaperBroker:
         return self._equity
 
     @property
-    def pending(self) -> tuple[Decision, float] | None:
-        """The queued ``(decision, atr_at_decision)`` for the next bar, or None."""
+    def pending(self) -> tuple[Decision | None, float] | None:
+        """The queued ``(decision, atr_at_decision)`` for the next bar (decision None: no decision), or None."""
         return self._pending
 
     @property
@@ -151,41 +154,46 @@ class PaperBroker:
         """The open position as policies see it."""
         return self._state.position_view()
 
-    def submit(self, decision: Decision, atr_at_decision: float) -> None:
+    def submit(self, decision: Decision | None, atr_at_decision: float, *, imposed: bool = False) -> None:
         """Queue ``decision`` (taken at the close of the current bar) for the next bar's open.
 
         Parameters
         ----------
-        decision : Decision
-            Target position.
+        decision : Decision | None
+            Target position; None: no decision (the position and its orders stay as they are, as the env's
+            bars between decision bars; with a rebalance band a hold *decision* would resize).
         atr_at_decision : float
             ATR of the decision bar in price units (USDT); it sets the stop/take-profit distances
             and the volatility part of slippage.
+        imposed : bool
+            The decision is imposed by the risk guard: it is read whatever the trading rules (off a decision bar
+            and within the minimum holding period too; a kill switch is not held back by them).
 
         Raises
         ------
         TypeError
-            If ``decision`` is not a :class:`Decision`.
+            If ``decision`` is neither a :class:`Decision` nor None.
         ValueError
             If a decision is already pending, or ``atr_at_decision`` is non-finite or <= 0 while a
             fill may follow (a position is open or the decision changes the side).
         """
-        if not isinstance(decision, Decision):
+        if decision is not None and not isinstance(decision, Decision):
             raise TypeError(f"submit expects a Decision, got {type(decision).__name__}")
         if self._pending is not None:
             raise ValueError("a decision is already pending for the next bar; call cancel_pending() first")
         atr = float(atr_at_decision)
-        needs_atr = decision.direction != self._state.side or self._state.side != 0
+        direction = self._state.side if decision is None else decision.direction
+        needs_atr = decision is not None and (direction != self._state.side or self._state.side != 0)
         if needs_atr and not (math.isfinite(atr) and atr > 0):
             raise ValueError(
                 f"atr_at_decision must be finite and > 0 when a fill may follow, got {atr_at_decision!r} "
-                f"(decision direction {decision.direction}, position side {self._state.side})"
+                f"(decision direction {direction}, position side {self._state.side})"
             )
-        self._pending = (decision, atr)
+        self._pending, self._imposed = (decision, atr), bool(imposed and decision is not None)
 
     def cancel_pending(self) -> Decision | None:
         """Drop the queued decision and return it (None if there was none)."""
-        pending, self._pending = self._pending, None
+        pending, self._pending, self._imposed = self._pending, None, False
         return None if pending is None else pending[0]
 
     def reads_decision(self, bar: Bar) -> bool:
@@ -215,16 +223,19 @@ class PaperBroker:
         if self._queue or self._open_bar is not None:
             raise ValueError("orders are queued or a bar is open on the order venue; use open_bar/close_bar")
         decision, atr = self._pending if self._pending is not None else (None, self._last_atr)
-        if decision is not None and not self.reads_decision(bar):
+        if not math.isfinite(atr):
+            atr = self._last_atr  # no decision was submitted with an ATR: the last one prices stop slippage
+        imposed = self._imposed
+        if decision is not None and not imposed and not self.reads_decision(bar):
             decision = None
-        result = step_bar(self._state, decision, bar, atr, self._costs, rules=self._trading_rules)
+        result = step_bar(self._state, decision, bar, atr, self._costs, rules=None if imposed else self._trading_rules)
         self._state = result.state
         self._equity = result.equity_usdt
         self._last_time_ns = bar.open_time_ns
         self._mark = bar.close
         if math.isfinite(atr) and atr > 0:
             self._last_atr = atr
-        self._pending = None
+        self._pending, self._imposed = None, False
         return result
 
     def _check_time(self, bar: Bar) -> None:
