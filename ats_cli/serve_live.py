@@ -213,18 +213,24 @@ def build_live_loop(
     (at least ``live_config.context_bars``; the loop pages the exchange's klines), the risk guard
     (``risk`` limits, defaults when None; ``use_guard=False`` for tests only) with its state in
     ``store``, ``run_id`` = ``mode``. The clocks and the crash points (:class:`serving.crash.CrashPoints`,
-    None: :data:`serving.crash.NO_CRASH`) are injected by exchange simulations and crash tests.
+    None: :data:`serving.crash.NO_CRASH`) are injected by exchange simulations and crash tests. The loop trades
+    by the bundle env's trading rules (:mod:`serving.trading_rules`); a bundle whose rules live cannot trade (a
+    rebalance band) raises :class:`serving.trading_rules.UnservableBundleError` (a :class:`FatalError`), and
+    such a hot-swap candidate is rejected (``bundle_rejected``; the current policy stays).
     """
     import pandas as pd
 
     from fallback.v1 import V1Policy
     from serving.hotswap import PolicySlot
     from serving.live import LiveLoop
+    from serving.trading_rules import load_live_policy, refuse_unservable_bundle
 
     manifest = manifest if manifest is not None else _read_manifest(bundle_dir)
+    # rules live cannot trade as the env does (a rebalance band): refused at start, and as a hot-swap candidate
+    refuse_unservable_bundle(bundle_dir)
     # hot-swapped bundles need PASS too; --force-gate (an explicit override) lifts it for the whole session
     slot = PolicySlot.from_bundle(bundle_dir, watch_dir=watch_dir, reload_file=reload_file,
-                                  require_gate_pass=not force_gate)  # fmt: skip
+                                  require_gate_pass=not force_gate, loader=load_live_policy)  # fmt: skip
     primary, load_error = slot.policy, slot.load_error
     if primary is None:
         log(f"[yellow]bundle failed to load, V1 decides every bar[/]: {load_error}")

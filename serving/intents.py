@@ -21,7 +21,9 @@ Mapping from a :class:`market.decision.Decision` to intents (same semantics as t
   ``floor(min(size_frac * equity, equity / (1 + L * fee)) * L / price, step)`` base units with
   ``L = min(leverage, max_leverage)``, capped at the max market quantity; none below the min
   quantity or the min notional), the exchange leverage set before it being ``ceil(L)``
-  (:func:`exchange_leverage`);
+  (:func:`exchange_leverage`). The live loop sizes it as the kernel would if the next open equalled the last
+  close (:func:`next_open_entry`): at the modelled fill (the kernel's adverse slippage and tick rounding,
+  :func:`modelled_fill_price`) and, on a flip, with the equity left after the modelled exit's fee and slippage;
 * after the entry fill, :func:`protective_intents` gives the ``stop`` (STOP_MARKET) and ``tp``
   (TAKE_PROFIT_MARKET) orders, both ``closePosition`` (they close whatever is open, so a partial
   fill is covered), ``stop_atr`` / ``take_profit_atr`` ATRs from the average fill price, rounded
@@ -42,7 +44,9 @@ from typing import Literal
 
 import pandas as pd
 
+from envs import kernel as K
 from envs import sizing
+from envs.accounting import cost_params
 from envs.config import CostConfig
 from market.decision import Decision
 from market.instruments import InstrumentSpec
@@ -239,6 +243,116 @@ def _size(equity_usdt: float, size_frac: float, leverage: float, price_usdt: flo
         raise IntentError(str(exc)) from None
 
 
+def modelled_fill_price(reference_usdt: float, trade_side: int, atr_usdt: float, costs: CostConfig,
+                        tick_size_usdt: float | None = None) -> float:  # fmt: skip
+    """The env kernel's fill of a taker market order of ``trade_side`` (+1 buy / -1 sell) at an open of
+    ``reference_usdt``: :func:`envs.kernel.adverse_fill` (the compiled function every kernel fill runs) with the
+    kernel's slippage ``slip = (slippage_bps / 1e4 + slippage_atr_coef * atr / open) * cost_multiplier``, read
+    from the kernel's parameter vector of ``costs`` (:func:`envs.accounting.cost_params`), rounded to the tick
+    adversely (buy up, sell down).
+
+    Parameters
+    ----------
+    reference_usdt : float
+        The open the order fills at (USDT, finite > 0); live: the last close, its best estimate of the next open.
+    trade_side : int
+        +1 buy, -1 sell.
+    atr_usdt : float
+        ATR of the decided bar (USDT, finite >= 0), as the kernel's ``atr_at_decision``.
+    costs : CostConfig
+        The cost model (slippage, cost multiplier; the tick of its instrument unless ``tick_size_usdt`` is given).
+    tick_size_usdt : float | None
+        The traded market's tick (live: the exchange's filter); None: ``costs.instrument``'s.
+
+    Raises
+    ------
+    IntentError
+        A non-finite or non-positive reference price or tick, a negative or non-finite ATR, a side not +-1.
+    """
+    ref = _check_finite_positive("reference_usdt", reference_usdt)
+    atr = float(atr_usdt)
+    if not (math.isfinite(atr) and atr >= 0):
+        raise IntentError(f"atr_usdt must be finite and >= 0, got {atr_usdt!r}")
+    if trade_side not in (-1, 1) or isinstance(trade_side, bool):
+        raise IntentError(f"trade_side must be -1 or +1, got {trade_side!r}")
+    p = cost_params(costs)
+    tick = p[K.P_TICK] if tick_size_usdt is None else _check_finite_positive("tick_size_usdt", tick_size_usdt)
+    slip = (p[K.P_SLIP_BPS] / 1e4 + p[K.P_SLIP_ATR] * atr / ref) * p[K.P_COST_MULT]  # bar_apply's slippage
+    return float(K.adverse_fill(ref, int(trade_side), slip, tick, sizing.decimals_pow10(tick)))
+
+
+@dataclass(frozen=True, slots=True)
+class FillModel:
+    """How the live loop models the next open's fills when it sizes an entry (:func:`next_open_entry`).
+
+    ``costs``: the cost model the policy was trained with (the bundle's ``env_config.costs``: taker fee, slippage
+    bps and ATR coefficient, cost multiplier); ``atr_usdt``: the ATR of the decided bar (USDT) in the deciding
+    policy's period, the kernel's ``atr_at_decision``.
+    """
+
+    costs: CostConfig
+    atr_usdt: float
+
+    @property
+    def taker_fee_rate(self) -> float:
+        """The kernel's taker fee rate (fraction of notional, cost multiplier included)."""
+        return float(cost_params(self.costs)[K.P_FEE_RATE])
+
+    def fill_price(self, reference_usdt: float, trade_side: int, tick_size_usdt: float) -> float:
+        """:func:`modelled_fill_price` of this model."""
+        return modelled_fill_price(reference_usdt, trade_side, self.atr_usdt, self.costs, tick_size_usdt)
+
+
+@dataclass(frozen=True, slots=True)
+class NextOpenEntry:
+    """Result of :func:`next_open_entry`: the entry ``size`` (:class:`envs.sizing.EntrySize`), the modelled entry
+    fill it was sized at (``fill_usdt``) and the equity that sized it (``equity_usdt``: after the modelled exit of
+    the position held, on a flip)."""
+
+    size: sizing.EntrySize
+    fill_usdt: float
+    equity_usdt: float
+
+
+def next_open_entry(*, position: ExchangePosition, decision: Decision, reference_usdt: float, equity_usdt: float,
+                    rules: MarketRules, fills: FillModel) -> NextOpenEntry:  # fmt: skip
+    """The entry the env kernel would make for ``decision`` if the next open were ``reference_usdt``.
+
+    The kernel (:func:`envs.kernel.bar_step`) closes the position held at the open, then sizes the new one with
+    the cash left, at its fill. At decision time the next open is unknown; on a 24/7 market it is (nearly) the
+    last close, so live takes ``reference_usdt`` = the last close for it and applies the kernel's rule:
+
+    1. on a flip, the exit of ``position`` at the modelled fill ``X = fill_price(ref, -side)``; the sizing equity
+       is ``equity - qty * |X - ref| - qty * X * fee``: equity less the modelled exit slippage and exit fee (the
+       kernel's cash after the exit, equity marked at the open); from flat, ``equity`` itself;
+    2. the entry fill ``P = fill_price(ref, direction)`` (adverse slippage, tick-rounded);
+    3. :func:`envs.sizing.size_entry` at ``P`` with that equity and the model's taker fee.
+
+    So whenever the next open equals the last close, live sends the kernel's quantity (tested:
+    ``tests/serving/test_sim_exchange_parity.py``); a gap between them moves the kernel's fill, and the quantity
+    can land a lot apart. Funding settled at that open on the position held is not modelled (the kernel takes it
+    from the margin before the exit).
+
+    Raises
+    ------
+    IntentError
+        ``decision`` is not an entry (direction 0), non-finite equity or reference price, or the sizing rule's
+        input errors.
+    """
+    if decision.direction not in (-1, 1):
+        raise IntentError(f"next_open_entry needs an entry decision (direction +-1), got {decision.direction!r}")
+    ref = _check_finite_positive("reference_usdt", reference_usdt)
+    fee = fills.taker_fee_rate
+    tick = rules.tick_size_usdt
+    equity = float(equity_usdt)
+    if position.side != 0 and position.side != decision.direction:
+        exit_fill = fills.fill_price(ref, -position.side, tick)
+        qty = float(position.qty_base)
+        equity -= qty * abs(exit_fill - ref) + qty * exit_fill * fee
+    fill = fills.fill_price(ref, decision.direction, tick)
+    return NextOpenEntry(_size(equity, decision.size_frac, decision.leverage, fill, rules, fee), fill, equity)
+
+
 def _close_side(position_side: int) -> str:
     return "sell" if position_side > 0 else "buy"
 
@@ -307,20 +421,26 @@ def plan_bar(
     rules: MarketRules,
     allow_entry: bool = True,
     taker_fee_rate: float = DEFAULT_TAKER_FEE_RATE,
+    fills: FillModel | None = None,
 ) -> BarPlan:
     """Orders for this bar from the exchange position and the decision (module docstring).
 
     Parameters
     ----------
     price_usdt : float
-        Reference price for sizing the entry (the close of the decided bar), finite > 0.
+        Reference price of the entry, finite > 0: with ``fills``, the expected next open (the live loop: the close
+        of the decided bar); without, the price the entry is sized at as it is.
     equity_usdt : float
-        Account equity (USDT) used for sizing.
+        Account equity (USDT), marked now.
     allow_entry : bool
         False on a quarantined bar, an unreconciled position, or a guard in REDUCING/HALTED:
         exits and stop moves are still planned, entries are not.
     taker_fee_rate : float
-        Taker fee (fraction of notional) the entry sizing reserves (:func:`entry_quantity`).
+        Taker fee (fraction of notional) the entry sizing reserves without ``fills`` (:func:`entry_quantity`).
+    fills : FillModel | None
+        The modelled fills of the next open (the live loop's rule): the entry is sized as the kernel would size it
+        if the next open were ``price_usdt`` (:func:`next_open_entry`: at the modelled entry fill, with the equity
+        after the modelled exit on a flip, the model's fee). None: at ``price_usdt`` with ``equity_usdt``.
 
     Raises
     ------
@@ -355,8 +475,13 @@ def plan_bar(
         if not allow_entry:
             notes.append("entry blocked")
         else:
-            qty, why = entry_quantity(equity_usdt, decision.size_frac, decision.leverage, price_usdt, rules,
-                                      taker_fee_rate)
+            if fills is None:
+                qty, why = entry_quantity(equity_usdt, decision.size_frac, decision.leverage, price_usdt, rules,
+                                          taker_fee_rate)  # fmt: skip
+            else:
+                size = next_open_entry(position=position, decision=decision, reference_usdt=price_usdt,
+                                       equity_usdt=equity_usdt, rules=rules, fills=fills).size  # fmt: skip
+                qty, why = size.quantity_base, size.skip_reason
             if why is not None:
                 notes.append(f"entry skipped: {why}")
             else:

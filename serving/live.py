@@ -40,8 +40,15 @@ killed anywhere and restarted carries on where it stopped):
    ``primary_recovered`` when the bundle decides again: :class:`serving.choice.FallbackLedger`,
    shared with the paper loop); then the optional risk guard
    (``guard.review(decision, AccountSnapshot) -> GuardVerdict``; a guard that raises blocks
-   entries: fail closed). The decision row and its intents (:func:`serving.intents.plan_bar`) are
-   written in ONE transaction **before** anything is sent.
+   entries: fail closed). The bundle env's trading rules (:mod:`serving.trading_rules`) act as in the
+   env: the policy is asked only at decision bars (a hold between them, source 'guard'); a close or
+   flip of a position younger than ``min_hold_bars`` (bars since our entry's fill) is a hold (source
+   'guard', ``min_hold`` event; stops and take-profits still act, the guard may still flatten); a
+   bundle with a rebalance band is refused (:class:`serving.trading_rules.UnservableBundleError`).
+   An entry is sized as the env kernel would size it if the next open equalled the decided bar's
+   close (:func:`serving.intents.next_open_entry`: the cost model's adverse slippage and fee, the
+   equity after the modelled exit on a flip). The decision row and its intents
+   (:func:`serving.intents.plan_bar`) are written in ONE transaction **before** anything is sent.
 5. **Execute** the bar's intents (:class:`serving.executor.OrderExecutor`): exit (after cancelling
    our open protective orders), entry (after setting the exchange leverage), stop move; once the
    entry has a fill, its ``stop`` and ``tp`` (written, then sent); a refused stop closes the
@@ -73,6 +80,8 @@ reconciler and the executor; ``tests/serving/test_crash_recovery.py`` injects
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import threading
 import time
@@ -82,6 +91,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
+from envs.config import CostConfig, TradingRulesConfig
 from market.decision import Decision, DecisionContext, Policy, PositionView
 from market.features import atr as atr_indicator
 from serving.broker import ExchangeBroker
@@ -101,6 +111,7 @@ from serving.executor import OrderExecutor, StepResult
 from serving.hotswap import PolicySlot
 from serving.intents import (
     ExchangePosition,
+    FillModel,
     OpenProtection,
     exchange_leverage,
     parse_client_order_id,
@@ -119,6 +130,13 @@ from serving.store import (
     ExchangeFillRecord,
     FillRecord,
     StateStore,
+)
+from serving.trading_rules import (
+    bundle_env_config,
+    decides_at,
+    min_hold_reason,
+    not_decision_bar_reason,
+    require_live_servable,
 )
 
 __all__ = [
@@ -186,6 +204,12 @@ def fill_notices(fills: Sequence[ExchangeFillRecord]) -> list[FillRecord]:
     return out
 
 
+@functools.cache
+def _default_costs() -> CostConfig:
+    """The cost model's defaults (a run without a bundle: V1 alone, test policies)."""
+    return CostConfig()
+
+
 MISSED_NO_STEP = ("missed: no step ran for this bar before the next close (process stopped or restarting, or every "
                   "attempt failed before the bar was known); nothing was sent, the position was left as it was")
 
@@ -229,6 +253,17 @@ class LiveLoop:
     crash_points : CrashPoints
         Called at each crash point (:mod:`serving.crash`); the default never fires. Tests inject
         :class:`serving.crash.KillAt`.
+    costs : CostConfig | None
+        The cost model entries are sized with (fee, slippage: :func:`serving.intents.next_open_entry`);
+        None: the current primary bundle's ``env_config.costs`` (defaults without one).
+    trading_rules : TradingRulesConfig | None
+        Decision interval and minimum holding period (module docstring, phase 4); None: the current
+        primary bundle's ``env_config.trading_rules`` (defaults without one).
+
+    Raises
+    ------
+    serving.trading_rules.UnservableBundleError
+        The trading rules (given, or the primary bundle's) set a rebalance band.
     """
 
     def __init__(
@@ -247,6 +282,8 @@ class LiveLoop:
         redact: Callable[[str], str] = lambda text: text,
         notifier: Notifier | None = None,
         crash_points: CrashPoints = NO_CRASH,
+        costs: CostConfig | None = None,
+        trading_rules: TradingRulesConfig | None = None,
     ) -> None:
         if config.timeframe not in TF_MS:
             raise ValueError(f"timeframe {config.timeframe!r} not supported; use one of {sorted(TF_MS)}")
@@ -255,6 +292,8 @@ class LiveLoop:
             primary_load_error = f"bundle_load_failed: {primary_load_error}"
         self.slot = primary if isinstance(primary, PolicySlot) else PolicySlot(primary, load_error=primary_load_error)
         self.fallback, self.primary_load_error = fallback, primary_load_error
+        self._costs, self._trading_rules = costs, trading_rules
+        require_live_servable(self.trading_rules, "the primary bundle" if trading_rules is None else "these rules")
         self._last_ctx: DecisionContext | None = None
         self.guard = guard
         self.wall_clock_s, self.monotonic_s, self._sleep = wall_clock_s, monotonic_s, sleep
@@ -322,6 +361,18 @@ class LiveLoop:
         """The crash points injected at construction (:mod:`serving.crash`), shared by the reconciler and the
         executor."""
         return self._crash_points
+
+    @property
+    def costs(self) -> CostConfig:
+        """The cost model entries are sized with: the one given, else the current primary bundle's, else defaults."""
+        env = None if self._costs is not None else bundle_env_config(self.slot.policy)
+        return self._costs if self._costs is not None else env.costs if env is not None else _default_costs()
+
+    @property
+    def trading_rules(self) -> TradingRulesConfig | None:
+        """The trading rules decisions follow: the ones given, else the current primary bundle's (None: defaults)."""
+        env = None if self._trading_rules is not None else bundle_env_config(self.slot.policy)
+        return self._trading_rules if env is None else env.trading_rules
 
     def _exchange_leverage(self, decision: Decision) -> int:
         """The integer leverage set on the exchange before the entry of ``decision``."""
@@ -416,20 +467,29 @@ class LiveLoop:
         else:
             choice = self._choose(bar, bar_ms, window.candles, state, equity, events)
             atr_t = self._atr(window.candles, choice.source)  # in the deciding policy's ATR units
+            age = self._bars_in_trade(position, bar)
+            held = min_hold_reason(choice.decision.direction, position.side, age, self.trading_rules)
+            if held is not None:  # the env reads it as a hold; stops and take-profits stay
+                events.append(EventRecord(self.run_id, bar, "min_hold", {
+                    "decision": dataclasses.asdict(choice.decision), "bars_in_trade": age}))  # fmt: skip
+                why = f"{choice.reason}; {held}" if choice.reason else held
+                choice = Choice(Decision(direction=position.side), "guard", why, choice.raw_action, choice.latency_ms)
         decision, source = choice.decision, choice.source
         if not (math.isfinite(atr_t) and atr_t > 0):
             blocked.append(f"atr_invalid: {atr_t!r}")
         if not equity > 0:
             blocked.append(f"equity_not_positive: {equity!r}")
-        # the close of the decided bar sizes an entry; on a quarantined bar there is none (entries blocked)
+        # the close of the decided bar is the expected next open; on a quarantined bar there is none (no entry)
         price = float(window.candles["close"].iloc[-1]) if window.candles is not None else math.nan
         if self.guard is not None:
             decision, guard_blocks, guard_events = self._review(decision, bar, equity, position, price)
             blocked += guard_blocks
             events += guard_events
+        # sized as the kernel would if the next open were this close (its slippage, fee and, on a flip, exit)
+        fills = FillModel(self.costs, atr_t) if math.isfinite(atr_t) and atr_t > 0 else None
         plan = plan_bar(symbol=self.market_id, bar_open_time=bar, position=position, protection=state.protection,
                         decision=decision, price_usdt=price, equity_usdt=equity, rules=self.broker.rules,
-                        allow_entry=not blocked)
+                        allow_entry=not blocked, fills=fills)
         if plan.notes:
             events.append(EventRecord(self.run_id, bar, "plan_notes", {"notes": list(plan.notes), "blocked": blocked}))
         record = DecisionRecord.from_decision(
@@ -466,13 +526,16 @@ class LiveLoop:
         bar_index = bar_ms // self.tf_ms  # the slot's backoff counts bars
         for kind, detail in self.slot.poll(bar_index, self._last_ctx):  # hot-swap between bars
             events.append(EventRecord(self.run_id, bar, kind, detail))
+        self._last_ctx = ctx
+        rules = self.trading_rules
+        if rules is not None and not decides_at(bar, pd.Timedelta(milliseconds=self.tf_ms), rules):
+            return Choice(Decision(direction=view.side), "guard", not_decision_bar_reason(rules), None, 0.0)
         policy, unavailable = self.slot.acquire(bar_index)
         choice = choose(ctx, policy, self.fallback, unavailable or self.primary_load_error,
                         self.config.decision_timeout_ms, self.monotonic_s)
         if policy is not None:
             for kind, detail in self.slot.record(bar_index, choice.primary_failure):
                 events.append(EventRecord(self.run_id, bar, kind, detail))
-        self._last_ctx = ctx
         for kind, detail in choice.events:
             events.append(EventRecord(self.run_id, bar, kind, detail))
         for kind, detail in self.fallback_ledger.observe(choice.source, choice.reason):
@@ -568,6 +631,12 @@ class LiveLoop:
         entry_bar = mine["bar_open_time"].iloc[-1]
         row = self.store.decision_at(self.run_id, entry_bar)
         return None if row is None else (entry_bar, row)
+
+    def _bars_in_trade(self, position: ExchangePosition, bar: pd.Timestamp) -> int | None:
+        """Closes since our entry of ``position`` filled, at the close of ``bar`` (the entry of bar b fills at the
+        open of b+1), the kernel's count; None for a position we did not open (or flat)."""
+        found = self._our_entry(position)
+        return None if found is None else max(0, int((bar - found[0]) / pd.Timedelta(milliseconds=self.tf_ms)))
 
     def _position_view(self, position: ExchangePosition, protection: OpenProtection, bar: pd.Timestamp
                        ) -> PositionView:

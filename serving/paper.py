@@ -47,7 +47,7 @@ from envs.sizing import round_to_tick
 from market.decision import Decision, PositionView
 from serving.broker import Balance, OrderSnapshot, TradeFill
 from serving.errors import RejectedError
-from serving.intents import ExchangePosition, MarketRules, OrderIntent
+from serving.intents import ExchangePosition, MarketRules, OrderIntent, modelled_fill_price
 
 #: ATR multiple of the stop and take-profit of a venue entry's decision: the kernel sets them, the venue
 #: replaces them with its open orders right after the fill; so far away that they never act before that.
@@ -496,9 +496,7 @@ class PaperBroker:
             return Decision.flat() if ok else None
         if state.side != 0:
             return None
-        c = self._costs
-        slip = (c.slippage_bps / 1e4 + c.slippage_atr_coef * atr / o) * c.cost_multiplier  # the kernel's slippage
-        fill = round_to_tick(o * (1.0 + side * slip), self._rules.tick_size_usdt, side)
+        fill = modelled_fill_price(o, side, atr, self._costs, self._rules.tick_size_usdt)  # the kernel's fill
         lev, cash = float(self._leverage), state.cash_usdt
         budget = cash / (1.0 + lev * self._fee_rate())  # the sizing rule's cap: margin + fee <= cash
         if order.amount * fill / lev > budget:

@@ -223,7 +223,8 @@ class ParityRun:
     ``side`` (+1 buy / -1 sell), ``qty_base``, ``price``, ``fee_usdt``, ``reason`` (the kernel's names: entry,
     exit_signal, stop, take_profit; live fills mapped from their client id's kind). ``*_equity``: equity (USDT)
     marked at each bar's close, by bar open time (paper: the broker's equity row; live: the fake exchange's wallet
-    and position at that close, before the next open's funding). ``tick`` and ``step``: the symbol's.
+    and position at that close, before the next open's funding). ``tick`` and ``step``: the symbol's. ``candles``:
+    the candles both runs traded (after ``transform``).
     """
 
     paper_fills: pd.DataFrame
@@ -233,6 +234,7 @@ class ParityRun:
     tick: float
     step: float
     live_events: dict[str, int] = field(default_factory=dict)
+    candles: pd.DataFrame | None = None
 
 
 _KIND_REASON = {"entry": "entry", "exit": "exit_signal", "unprot": "exit_signal", "stop": "stop", "stopmv": "stop",
@@ -304,7 +306,7 @@ def run_parity(make_policy: Callable[[], object], *, costs, bars: int, first_bar
         broker = BinanceFuturesBroker(client, read_attempts=3, sleep=clock.sleep)
         live_store = StateStore("sqlite://")
         loop = LiveLoop(broker, live_store, live_cfg, primary=make_policy(), fallback=FlatPolicy(),  # type: ignore[arg-type]
-                        wall_clock_s=clock.wall, monotonic_s=clock.monotonic, sleep=clock.sleep)  # fmt: skip
+                        wall_clock_s=clock.wall, monotonic_s=clock.monotonic, sleep=clock.sleep, costs=costs)  # fmt: skip
         loop.run(max_steps=bars, install_signal_handlers=False)
     lf = live_store.exchange_fills(SYMBOL)
     t_ms = pd.DatetimeIndex(lf["time"]).as_unit("ms").asi8
@@ -319,7 +321,7 @@ def run_parity(make_policy: Callable[[], object], *, costs, bars: int, first_bar
     leq = leq[(leq.index >= candles.index[start]) & (leq.index <= last_bar)]
     ev = live_store.events("live")
     return ParityRun(pf.reset_index(drop=True), live, peq[peq.index <= last_bar], leq,
-                     costs.instrument.tick_size_usdt, costs.instrument.lot_step_base, dict(Counter(ev["kind"])))
+                     costs.instrument.tick_size_usdt, costs.instrument.lot_step_base, dict(Counter(ev["kind"])), candles)
 
 
 class FlatPolicy(StatelessPolicy):
