@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -72,6 +73,8 @@ from training.stats import (
     sharpe_sampling_variance,
 )
 
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
 
 class WalkForwardConfig(StrictConfig):
     """A walk-forward study: the base run config and how the span is cut into folds."""
@@ -95,6 +98,15 @@ class WalkForwardConfig(StrictConfig):
         default_factory=dict,
         description="nested keys merged into the base run config (e.g. {ppo: {total_timesteps: 100000}})",
     )
+    variants: dict[str, dict] = Field(
+        default_factory=lambda: {"base": {}}, min_length=1,
+        description="named variants: nested keys merged into the base run config (after base_overrides), e.g. "
+                    "{base: {}, interval4: {env: {trading_rules: {decision_interval_bars: 4}}}}; every variant x seed "
+                    "is a trial of the DSR and a column of the PBO matrix; the reported variant is chosen on validation",
+    )
+    symbols: tuple[str, ...] | None = Field(
+        None, min_length=1, description="replaces data.symbols of the base config (bundled or downloaded data by name)",
+    )
     diagnostics: DiagnosticsConfig = Field(
         default_factory=DiagnosticsConfig,
         description="out-of-fold layer diagnostics (training.diagnostics); ablation.enabled trains the observation "
@@ -104,6 +116,10 @@ class WalkForwardConfig(StrictConfig):
     @model_validator(mode="after")
     def _ordered(self) -> WalkForwardConfig:
         check_periods({"data_start": self.data_start, "start": self.start, "end": self.end})
+        for name in self.variants:
+            if not VARIANT_NAME.fullmatch(name) or name == "variants":
+                raise ValueError(f"variants: {name!r} is not a variant name (letters, digits, '_', '-', '.'; it names "
+                                 "the variant's output folder)")
         return self
 
 
@@ -225,7 +241,41 @@ def load_walkforward(path: Path, **overrides: object) -> tuple[WalkForwardConfig
             base = RunConfig.model_validate(deep_merge(base.model_dump(mode="json"), wf.base_overrides))
         except ValidationError as exc:
             raise ConfigError(f"{path}: base_overrides: {exc}") from exc
+    if wf.symbols is not None:
+        base = merged_config(base, {"data": {"symbols": list(wf.symbols)}}, f"{path}: symbols")
+    for name in wf.variants:  # every variant's merged config is validated before any fold is trained
+        variant_config(wf, base, name, where=f"{path}: ")
     return wf, base
+
+
+def merged_config(base: RunConfig, overrides: dict, where: str = "") -> RunConfig:
+    """``base`` with ``overrides`` merged in (:func:`deep_merge`), validated as a whole; ``env.costs.instrument``
+    is resolved again for the merged data (:func:`training.config.with_instrument`). ``data.symbols`` replaces the
+    base's symbol keys (``symbol``, ``symbols``, ``candles_path``, ``funding_path``, ``instrument_spec``).
+
+    Raises
+    ------
+    training.config.ConfigError
+        If the merged config is invalid or its instrument spec cannot be resolved.
+    """
+    from market.instruments import InstrumentSpecError
+    from training.config import with_instrument
+
+    raw = base.model_dump(mode="json")
+    data_over = overrides.get("data") if isinstance(overrides.get("data"), dict) else {}
+    if "symbols" in data_over:
+        raw["data"] = {k: v for k, v in raw["data"].items()
+                       if k not in ("symbol", "symbols", "candles_path", "funding_path", "instrument_spec")}
+    try:
+        return with_instrument(RunConfig.model_validate(deep_merge(raw, overrides)))[0]
+    except (ValidationError, InstrumentSpecError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def variant_config(wf: WalkForwardConfig, base: RunConfig, name: str, *, where: str = "") -> RunConfig:
+    """The run config of variant ``name``: the base config with the variant's overrides merged in (validated)."""
+    overrides = wf.variants[name]
+    return merged_config(base, overrides, f"{where}variants.{name}") if overrides else base
 
 
 @dataclass(frozen=True)
@@ -262,24 +312,28 @@ def load_tuning_record(tuning_dir: Path) -> TuningRecord:
     return TuningRecord(str(path), hashlib.sha256(raw).hexdigest(), n)
 
 
-def dsr_trial_count(n_seeds: int, tuning_trials: int, tuning: TuningRecord | None = None) -> dict[str, int]:
-    """Trials the deflated Sharpe ratio deflates for (Bailey & López de Prado 2014): the PPO seeds, the
-    config's ``tuning_trials`` and the configurations of an ``ats tune`` search (``--tuning-dir``).
+def dsr_trial_count(n_seeds: int, tuning_trials: int, tuning: TuningRecord | None = None,
+                    n_variants: int = 1) -> dict[str, int]:
+    """Trials the deflated Sharpe ratio deflates for (Bailey & López de Prado 2014): every variant x PPO seed
+    of the study, the config's ``tuning_trials`` and the configurations of an ``ats tune`` search
+    (``--tuning-dir``).
 
     The two tuning counts are added, never merged: a search counted in both is counted twice, which
-    deflates more (the conservative error). Returns ``seeds``, ``tuning_trials_config``,
-    ``tuning_dir`` and their sum ``total``.
+    deflates more (the conservative error). Returns ``seeds``, ``variants``, ``variant_seed_trials``
+    (their product), ``tuning_trials_config``, ``tuning_dir`` and the sum ``total``.
 
     Raises
     ------
     ValueError
-        If a count is negative.
+        If a count is negative or there is no variant.
     """
     from_dir = 0 if tuning is None else tuning.n_trials
-    if min(n_seeds, tuning_trials, from_dir) < 0:
-        raise ValueError(f"trial counts must be >= 0, got {n_seeds}, {tuning_trials}, {from_dir}")
-    return {"seeds": n_seeds, "tuning_trials_config": tuning_trials, "tuning_dir": from_dir,
-            "total": n_seeds + tuning_trials + from_dir}
+    if min(n_seeds, tuning_trials, from_dir) < 0 or n_variants < 1:
+        raise ValueError(f"trial counts must be >= 0 (variants >= 1), got {n_seeds}, {tuning_trials}, {from_dir}, "
+                         f"{n_variants}")
+    return {"seeds": n_seeds, "variants": n_variants, "variant_seed_trials": n_variants * n_seeds,
+            "tuning_trials_config": tuning_trials, "tuning_dir": from_dir,
+            "total": n_variants * n_seeds + tuning_trials + from_dir}
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
@@ -290,10 +344,48 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+@dataclass
+class VariantRuns:
+    """One variant's fold x seed runs: PPO test results, validation Sortino of each chosen checkpoint, regimes,
+    cost-sensitivity reruns and per-symbol results (pooled runs), and its folds.json records."""
+
+    name: str
+    cfg: RunConfig
+    ppo_by_seed: dict[int, list[BacktestResult]]
+    val_sortino: dict[int, list[float]]
+    regimes_by_seed: dict[int, list[np.ndarray]]
+    sens: dict[float, dict]
+    by_symbol_ppo: dict[int, dict[str, list[BacktestResult]]]
+    fold_records: list[dict]
+
+    def validation_score(self) -> float:
+        """Mean over folds and seeds of each fold run's validation Sortino (of its chosen checkpoint); -inf if none."""
+        v = np.array([x for s in self.val_sortino.values() for x in s], np.float64)
+        return float(np.nanmean(v)) if np.isfinite(v).any() else -np.inf
+
+    def chosen_seed(self) -> int:
+        """The seed with the best mean validation Sortino over the folds (first seed on ties or no value)."""
+        seeds = list(self.ppo_by_seed)
+        return max(seeds, key=lambda s: np.nanmean(self.val_sortino[s]) if np.isfinite(self.val_sortino[s]).any()
+                   else -np.inf)
+
+
+def choose_variant(runs: dict[str, VariantRuns]) -> str:
+    """The variant with the best validation score (:meth:`VariantRuns.validation_score`); the first on ties.
+    Test windows play no part."""
+    return max(runs, key=lambda n: runs[n].validation_score())
+
+
 def run_walkforward(
     wf: WalkForwardConfig, base: RunConfig, out: Path, *, log: Log = print, tuning: TuningRecord | None = None
 ) -> dict:
     """Run the study into ``out``; return the summary written to ``out/metrics.json``.
+
+    Every variant (``wf.variants``; one variant: run directories ``OUT/fold{k}/seed{s}``, several:
+    ``OUT/variants/{name}/fold{k}/seed{s}``) trains every fold and seed; the seed-independent strategies
+    (V1, tsmom, buy-and-hold, flat, random) are traded once per fold, under the first variant's config. The
+    report's PPO lines are the variant chosen on validation (:func:`choose_variant`) and its seed chosen on
+    validation; the test windows are read once, after every run, and select nothing.
 
     ``tuning`` (:func:`load_tuning_record`): the search that chose ``base``; its trials join the DSR's
     count (:func:`dsr_trial_count`) and it is recorded in the provenance.
@@ -303,71 +395,82 @@ def run_walkforward(
     bar = pd.Timedelta(seconds=3600)  # refined from the data below
     windows = None
     per_strategy: dict[str, list[BacktestResult]] = {}
-    ppo_by_seed: dict[int, list[BacktestResult]] = {s: [] for s in wf.seeds}
-    val_sortino: dict[int, list[float]] = {s: [] for s in wf.seeds}
-    fold_records: list[dict] = []
-    regimes_by_seed: dict[int, list[np.ndarray]] = {s: [] for s in wf.seeds}
     # cost sensitivity: sens[multiplier]["ppo"][seed] and sens[multiplier][name] (v1, tsmom) lists of fold results
     baselines = tuple(n for n in COST_SENSITIVE if n != "ppo")
-    sens: dict[float, dict] = {m: {"ppo": {s: [] for s in wf.seeds}, **{n: [] for n in baselines}}
-                               for m in COST_MULTIPLIERS if m != 1.0}
-    n_runs, t0 = len(wf.seeds) * wf.folds, time.monotonic()
+    base_sens: dict[float, dict] = {m: {n: [] for n in baselines} for m in COST_MULTIPLIERS if m != 1.0}
+    n_runs, t0 = len(wf.variants) * len(wf.seeds) * wf.folds, time.monotonic()
     pooled = len(base.data.sources()) > 1
-    by_symbol_ppo: dict[int, dict[str, list[BacktestResult]]] = {s: {} for s in wf.seeds}
     by_symbol_other: dict[str, dict[str, list[BacktestResult]]] = {}
+    runs: dict[str, VariantRuns] = {}
+    all_records: list[dict] = []
+    several = len(wf.variants) > 1
 
     def elapsed_s() -> float:
         return time.monotonic() - t0
 
-    for seed in wf.seeds:
-        for k in range(wf.folds):
-            if windows is None:
-                prep0 = prepare_data(fold_run_config(base, FoldWindow(0, wf.data_start,
-                    wf.start - bar * wf.val_bars, wf.start, wf.end), wf.seeds[0], bar))
-                bar = pd.Timedelta(seconds=prep0.info["bar_interval_s"])
-                windows = fold_windows(wf, bar)
-            w = windows[k]
-            cfg = fold_run_config(base, w, seed, bar)
-            run_dir = out / f"fold{k}" / f"seed{seed}"
-            done = len(fold_records)
-            eta = "" if not done else (
-                f"; {done}/{n_runs} trainings done in {elapsed_s() / 60:.1f} min, ETA {elapsed_s() / done * (n_runs - done) / 60:.0f} min")
-            log(f"fold {k + 1}/{wf.folds}, seed {seed}: train {w.train_start:%Y-%m-%d}..{w.val_start:%Y-%m-%d}, "
-                f"test {w.test_start:%Y-%m-%d}..{w.test_end:%Y-%m-%d}{eta}")
-            bundle_dir = train_run(cfg, run_dir, log=lambda s: None)
-            bundle = load_bundle(bundle_dir)
-            prep = prepare_data(cfg)
-            preps = prepare_symbols(cfg) if pooled else None
-            first_seed = seed == wf.seeds[0]
-            results, per_symbol = fold_backtests(cfg, bundle, prep, preps, random_seed=k,
-                                                 strategies=STRATEGIES if first_seed else ("ppo",))
-            for sym, res in (per_symbol or {}).items():
-                for name, r in res.items():
-                    if name == "ppo":
-                        by_symbol_ppo[seed].setdefault(sym, []).append(r)
-                    else:
-                        by_symbol_other.setdefault(sym, {}).setdefault(name, []).append(r)
-            ppo_by_seed[seed].append(results["ppo"])
-            n_decisions = len(results["ppo"].position_side)  # the window's last bar decides nothing
-            regimes_by_seed[seed].append(test_period_regimes(bundle, prep)[:n_decisions])
-            for mult, runs in sens.items():
-                again, _ = fold_backtests(cfg, bundle, prep, preps, cost_multiplier=mult, random_seed=k,
-                                          strategies=COST_SENSITIVE if first_seed else ("ppo",))
-                runs["ppo"][seed].append(again["ppo"])
-                for name in baselines if first_seed else ():
-                    runs[name].append(again[name])
-            v = bundle.manifest["metrics"]["validation"].get("sortino")
-            val_sortino[seed].append(float(v) if isinstance(v, (int, float)) else np.nan)
-            fold_records.append({**w.as_json(), "seed": seed, "random_policy_seed": k, "run_dir": str(run_dir),
-                                 "data_sha256": prep.info["candles_sha256"],
-                                 "schema_hash": bundle.manifest["observation"]["schema_hash"]})
-            if first_seed:  # seed-independent strategies are traded once per fold
-                for name in STRATEGIES[1:]:  # every strategy but PPO
-                    per_strategy.setdefault(name, []).append(results[name])
-    (out / "folds.json").write_text(json_codec.dumps(fold_records, indent=1))
-    return _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log,
-                      regimes_by_seed=regimes_by_seed, sens=sens, tuning=tuning,
-                      by_symbol=(by_symbol_ppo, by_symbol_other) if pooled else None)
+    for vi, vname in enumerate(wf.variants):
+        vcfg = variant_config(wf, base, vname)
+        vout = out / "variants" / vname if several else out
+        vr = runs[vname] = VariantRuns(
+            vname, vcfg, {s: [] for s in wf.seeds}, {s: [] for s in wf.seeds}, {s: [] for s in wf.seeds},
+            {m: {"ppo": {s: [] for s in wf.seeds}} for m in base_sens}, {s: {} for s in wf.seeds}, [])
+        for seed in wf.seeds:
+            for k in range(wf.folds):
+                if windows is None:
+                    prep0 = prepare_data(fold_run_config(vcfg, FoldWindow(0, wf.data_start,
+                        wf.start - bar * wf.val_bars, wf.start, wf.end), wf.seeds[0], bar))
+                    bar = pd.Timedelta(seconds=prep0.info["bar_interval_s"])
+                    windows = fold_windows(wf, bar)
+                w = windows[k]
+                cfg = fold_run_config(vcfg, w, seed, bar)
+                run_dir = vout / f"fold{k}" / f"seed{seed}"
+                done = len(all_records)
+                eta = "" if not done else (
+                    f"; {done}/{n_runs} trainings done in {elapsed_s() / 60:.1f} min, ETA {elapsed_s() / done * (n_runs - done) / 60:.0f} min")
+                log(f"{f'variant {vname}, ' if several else ''}fold {k + 1}/{wf.folds}, seed {seed}: train "
+                    f"{w.train_start:%Y-%m-%d}..{w.val_start:%Y-%m-%d}, test {w.test_start:%Y-%m-%d}..{w.test_end:%Y-%m-%d}{eta}")
+                bundle_dir = train_run(cfg, run_dir, log=lambda s: None)
+                bundle = load_bundle(bundle_dir)
+                prep = prepare_data(cfg)
+                preps = prepare_symbols(cfg) if pooled else None
+                first_seed = vi == 0 and seed == wf.seeds[0]  # the seed-independent strategies: once per fold
+                results, per_symbol = fold_backtests(cfg, bundle, prep, preps, random_seed=k,
+                                                     strategies=STRATEGIES if first_seed else ("ppo",))
+                for sym, res in (per_symbol or {}).items():
+                    for name, r in res.items():
+                        if name == "ppo":
+                            vr.by_symbol_ppo[seed].setdefault(sym, []).append(r)
+                        else:
+                            by_symbol_other.setdefault(sym, {}).setdefault(name, []).append(r)
+                vr.ppo_by_seed[seed].append(results["ppo"])
+                n_decisions = len(results["ppo"].position_side)  # the window's last bar decides nothing
+                vr.regimes_by_seed[seed].append(test_period_regimes(bundle, prep)[:n_decisions])
+                for mult in base_sens:
+                    again, _ = fold_backtests(cfg, bundle, prep, preps, cost_multiplier=mult, random_seed=k,
+                                              strategies=COST_SENSITIVE if first_seed else ("ppo",))
+                    vr.sens[mult]["ppo"][seed].append(again["ppo"])
+                    for name in baselines if first_seed else ():
+                        base_sens[mult][name].append(again[name])
+                v = bundle.manifest["metrics"]["validation"].get("sortino")
+                vr.val_sortino[seed].append(float(v) if isinstance(v, (int, float)) else np.nan)
+                rec = {**w.as_json(), "seed": seed, "random_policy_seed": k, "run_dir": str(run_dir),
+                       "data_sha256": prep.info["candles_sha256"],
+                       "schema_hash": bundle.manifest["observation"]["schema_hash"], "variant": vname}
+                vr.fold_records.append(rec)
+                all_records.append(rec)
+                if first_seed:
+                    for name in STRATEGIES[1:]:  # every strategy but PPO
+                        per_strategy.setdefault(name, []).append(results[name])
+        if several:
+            (vout / "folds.json").write_text(json_codec.dumps(vr.fold_records, indent=1))
+    (out / "folds.json").write_text(json_codec.dumps(all_records, indent=1))
+    chosen_variant = choose_variant(runs)
+    vr = runs[chosen_variant]
+    sens = {m: {"ppo": vr.sens[m]["ppo"], **base_sens[m]} for m in base_sens}
+    return _summarize(wf, vr.cfg, out, bar, per_strategy, vr.ppo_by_seed, vr.val_sortino, log,
+                      regimes_by_seed=vr.regimes_by_seed, sens=sens, tuning=tuning,
+                      by_symbol=(vr.by_symbol_ppo, by_symbol_other) if pooled else None,
+                      runs=runs, chosen_variant=chosen_variant)
 
 
 def fold_backtests(cfg: RunConfig, bundle, prep, preps, *, random_seed: int, strategies: tuple[str, ...],
@@ -403,12 +506,12 @@ def _sensitivity_table(base: dict[str, list[BacktestResult]], sens: dict, seed: 
 
 
 def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, *, regimes_by_seed, sens,
-               tuning=None, by_symbol=None) -> dict:
+               tuning=None, by_symbol=None, runs: dict[str, VariantRuns], chosen_variant: str) -> dict:
     bar_s = bar.total_seconds()
     p = M.bars_per_year(bar_s)
     initial = base.env.initial_equity_usdt
     seeds = list(ppo_by_seed)
-    folds = json.loads((out / "folds.json").read_text())
+    folds = [f for f in json.loads((out / "folds.json").read_text()) if f.get("variant", chosen_variant) == chosen_variant]
     schemas = sorted({f["schema_hash"] for f in folds})
     provenance = provenance_record(base.model_dump(mode="json"), walkforward_config=wf.model_dump(mode="json"),
                                    schema_hash=schemas[0] if len(schemas) == 1 else schemas,
@@ -430,10 +533,18 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         if np.ptp(r) > 0:
             ci[name] = M.block_bootstrap_ci(r, lambda x: M.sortino_ratio(x, p), block_len=wf.bootstrap_block_bars,
                                             n_boot=wf.bootstrap_samples, alpha=0.05, seed=0)
-    seed_returns = np.column_stack([M.returns_from_equity(_stitch(ppo_by_seed[s], initial).to_numpy()) for s in seeds])
-    trial_count = dsr_trial_count(len(seeds), wf.tuning_trials, tuning)
+    # every variant x seed is a trial: a column of the DSR's cross-trial variance and of the PBO matrix
+    several = len(runs) > 1
+    trial_names = [(v, s) for v in runs for s in seeds]
+    try:
+        seed_returns = np.column_stack([M.returns_from_equity(_stitch(runs[v].ppo_by_seed[s], initial).to_numpy())
+                                        for v, s in trial_names])
+    except ValueError as exc:
+        raise ValueError(f"the variants' stitched test curves differ in length (one set of bars is required): {exc}") \
+            from exc
+    trial_count = dsr_trial_count(len(seeds), wf.tuning_trials, tuning, n_variants=len(runs))
     n_trials = trial_count["total"]
-    chosen_returns = seed_returns[:, seeds.index(chosen)]
+    chosen_returns = seed_returns[:, trial_names.index((chosen_variant, chosen))]
     dsr, sr_var = None, None
     if chosen_returns.std() > 0:
         sr_var = dsr_trial_variance(seed_returns, chosen_returns)
@@ -443,7 +554,7 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
     # PBO over the configurations one would choose among: every PPO seed and the V1 rules
     v1_returns = M.returns_from_equity(_stitch(per_strategy["v1"], initial).to_numpy())
     pbo_matrix = np.column_stack([seed_returns, v1_returns])
-    pbo_columns = [f"ppo seed {s}" for s in seeds] + ["v1"]
+    pbo_columns = [f"ppo {v} seed {s}" if several else f"ppo seed {s}" for v, s in trial_names] + ["v1"]
     pbo = None
     if np.ptp(pbo_matrix, axis=1).max() > 0:  # identical columns leave nothing to rank
         n_blocks = 8 if len(pbo_matrix) >= 16 * 8 else 4
@@ -453,6 +564,8 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
     slices = {name: regime_slices(res, regimes, bar_s) for name, res in stitched.items()}
     sensitivity = _sensitivity_table({n: strategies[n] for n in COST_SENSITIVE}, sens, chosen, bar_s, initial)
     exits = {name: exit_summary(res) for name, res in strategies.items()}
+    variants = variants_summary(wf, runs, chosen_variant, per_strategy, ci, bar_s, initial,
+                                pooled=by_symbol is not None)
     summary = {
         "windows": [w for w in folds if w["seed"] == seeds[0]],
         "seeds": seeds, "chosen_seed_by_validation": chosen,
@@ -473,6 +586,9 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         "exits_by_reason": exits,
         "diagnostics": walkforward_diagnostics(folds, wf.diagnostics, chosen_seed=chosen, out=out, log=log),
     }
+    summary["variants"] = variants["variants"]
+    summary["variants_table"] = variants["table"]
+    summary["chosen_variant"] = variants["chosen"]
     symbol_tables = {}
     if by_symbol is not None:  # a pooled study: the stitched curves above are the equal-weight portfolio
         ppo_sym, other_sym = by_symbol
@@ -492,7 +608,8 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         (f"Walk-forward, {wf.scheme} scheme, {wf.folds} folds over {wf.start} .. {wf.end}; validation {wf.val_bars} "
          f"bars before each test window (embargo gap {wf.embargo_bars} bars); seeds {seeds} (PPO shown: seed {chosen}, "
          "chosen on mean validation Sortino)."),
-        dsr_reading + f" (trials counted: {n_trials} = {len(seeds)} seeds + {wf.tuning_trials} tuning runs"
+        dsr_reading + f" (trials counted: {n_trials} = {f'{len(runs)} variants x ' if several else ''}{len(seeds)} "
+                      f"seeds + {wf.tuning_trials} tuning runs"
         + ("" if tuning is None else f" + {tuning.n_trials} trials of the search in {tuning.trials_json}") + ").",
         pbo.reading() + f" (configurations: {', '.join(pbo_columns)})." if pbo
         else "PBO undefined: every configuration (PPO seeds, V1) traded identically out of sample.",
@@ -504,10 +621,13 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
          f"random policy seed = fold index; folds, seeds and windows in folds.json."),
         provenance_note(provenance),
     ]
+    notes.insert(1, variants["chosen"]["statement"])
     if by_symbol is not None:
         notes.insert(1, f"Pooled over {', '.join(base.data.symbol_names)}: the strategy lines are the equal-weight "
                         f"portfolio ({PORTFOLIO_DEFINITION}); per-symbol stitched results in the 'by symbol' tables.")
-    extra = {**symbol_tables, "PPO over seeds (mean, std)": pd.DataFrame(seed_stats).T,
+    extra = {f"variants, stitched out of sample (chosen on validation: {chosen_variant}; baselines beside them)":
+             pd.DataFrame(variants["table"]).T,
+             **symbol_tables, "PPO over seeds (mean, std)": pd.DataFrame(seed_stats).T,
              "cost sensitivity, stitched (fees and slippage x 0, 1, 2)": pd.DataFrame(sensitivity).round(4),
              f"{EXITS_TITLE}, over the folds (PPO seed {chosen}; PnL in each window's account)": exits_table(exits),
              "costs paid, stitched (USDT)": pd.DataFrame(
@@ -526,6 +646,78 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
     for line in notes[:3]:
         log(line)
     return summary
+
+
+VARIANT_COLUMNS = ("sortino", "total_return", "max_drawdown", "turnover", "costs_paid")
+
+
+def _costs_paid(m: dict[str, float]) -> float:
+    """Fees + slippage + funding paid (USDT; funding received counts negative)."""
+    return float(m["fees_paid"] + m["slippage_paid"] + m["funding_paid"])
+
+
+def variants_summary(wf: WalkForwardConfig, runs: dict[str, VariantRuns], chosen_variant: str,
+                     per_strategy: dict[str, list[BacktestResult]], baseline_ci: dict, bar_s: float, initial: float,
+                     *, pooled: bool) -> dict:
+    """The variants of a study side by side, stitched out of sample, and the validation-only choice among them.
+
+    ``variants[name]``: its overrides, validation score (mean over folds and seeds of each fold run's validation
+    Sortino of its chosen checkpoint), its seed chosen on validation, that seed's stitched metrics, the block-bootstrap
+    95 % interval of that seed's Sortino, mean and std over seeds of :data:`VARIANT_COLUMNS` and (pooled runs)
+    ``by_symbol``. ``table``: one row per variant and per baseline (v1, tsmom, buy_and_hold, flat: one run, std 0).
+    ``chosen``: the chosen variant and how it was chosen.
+    """
+    p = M.bars_per_year(bar_s)
+    variants, table = {}, {}
+    for name, vr in runs.items():
+        seeds = list(vr.ppo_by_seed)
+        per_seed = {s: _metrics_of(vr.ppo_by_seed[s], bar_s, initial) for s in seeds}
+        for m in per_seed.values():
+            m["costs_paid"] = _costs_paid(m)
+        cs = vr.chosen_seed()
+        r = M.returns_from_equity(_stitch(vr.ppo_by_seed[cs], initial).to_numpy())
+        ci = (M.block_bootstrap_ci(r, lambda x: M.sortino_ratio(x, p), block_len=wf.bootstrap_block_bars,
+                                   n_boot=wf.bootstrap_samples, alpha=0.05, seed=0) if np.ptp(r) > 0 else None)
+        over = {k: {"mean": float(np.nanmean([per_seed[s][k] for s in seeds])),
+                    "std": float(np.nanstd([per_seed[s][k] for s in seeds], ddof=1))} for k in VARIANT_COLUMNS}
+        score = vr.validation_score()
+        variants[name] = {
+            "overrides": wf.variants[name], "validation_sortino_mean": score if np.isfinite(score) else None,
+            "validation_sortino_by_seed": {str(s): vr.val_sortino[s] for s in seeds}, "chosen_seed_by_validation": cs,
+            "stitched_chosen_seed": per_seed[cs], "sortino_ci95_chosen_seed": None if ci is None else [ci[0], ci[1]],
+            "over_seeds": over, "n_seeds": len(seeds),
+        }
+        if pooled:
+            variants[name]["by_symbol"] = {sym: _metrics_of(res, bar_s, initial)
+                                           for sym, res in vr.by_symbol_ppo[cs].items()}
+        table[f"ppo {name}"] = {
+            "validation_sortino": score if np.isfinite(score) else None, "seed": cs,
+            "sortino": per_seed[cs]["sortino"], "sortino_ci95_lo": None if ci is None else ci[0],
+            "sortino_ci95_hi": None if ci is None else ci[1],
+            **{f"{k}_mean": over[k]["mean"] for k in VARIANT_COLUMNS},
+            **{f"{k}_std": over[k]["std"] for k in VARIANT_COLUMNS},
+        }
+    for name in ("v1", "tsmom", "buy_and_hold", "flat"):
+        if name not in per_strategy:
+            continue
+        m = _metrics_of(per_strategy[name], bar_s, initial)
+        m["costs_paid"] = _costs_paid(m)
+        ci = baseline_ci.get(name)
+        table[name] = {"validation_sortino": None, "seed": None, "sortino": m["sortino"],
+                       "sortino_ci95_lo": None if ci is None else float(ci[0]),
+                       "sortino_ci95_hi": None if ci is None else float(ci[1]),
+                       **{f"{k}_mean": m[k] for k in VARIANT_COLUMNS}, **{f"{k}_std": 0.0 for k in VARIANT_COLUMNS}}
+    scores = {n: variants[n]["validation_sortino_mean"] for n in runs}
+    statement = (
+        f"Chosen variant: {chosen_variant} (of {', '.join(runs)}), by the mean over folds and seeds of each fold "
+        f"run's validation Sortino of its chosen checkpoint ("
+        + ", ".join(f"{n} {'n/a' if v is None else f'{v:.3f}'}" for n, v in scores.items())
+        + "). Validation only: each run's chosen checkpoint traded its test window once, and no choice (variant, "
+        "seed or checkpoint) was made on the test windows.")
+    chosen = {"name": chosen_variant, "by": "validation", "score": "mean validation sortino over folds and seeds",
+              "validation_sortino_mean": scores, "test_windows_read_once": True, "selected_on_test": False,
+              "statement": statement}
+    return M.to_jsonable({"variants": variants, "table": table, "chosen": chosen})
 
 
 def dsr_trial_variance(trial_returns: np.ndarray, chosen_returns: np.ndarray) -> dict[str, float]:

@@ -208,9 +208,12 @@ def test_tuning_dir_trials_join_the_deflated_sharpe_count(tmp_path):
     record = load_tuning_record(_trials_json(tmp_path / "tune", 12))
     assert record.n_trials == 12 and record.trials_json == str((tmp_path / "tune" / "trials.json").resolve())
     assert len(record.sha256) == 64
-    assert dsr_trial_count(3, 2) == {"seeds": 3, "tuning_trials_config": 2, "tuning_dir": 0, "total": 5}
+    assert dsr_trial_count(3, 2) == {"seeds": 3, "variants": 1, "variant_seed_trials": 3, "tuning_trials_config": 2,
+                                     "tuning_dir": 0, "total": 5}
     counted = dsr_trial_count(3, 2, record)
-    assert counted == {"seeds": 3, "tuning_trials_config": 2, "tuning_dir": 12, "total": 17}
+    assert counted == {"seeds": 3, "variants": 1, "variant_seed_trials": 3, "tuning_trials_config": 2,
+                       "tuning_dir": 12, "total": 17}
+    assert dsr_trial_count(3, 2, record, n_variants=2)["total"] == 2 * 3 + 2 + 12  # every variant x seed is a trial
     returns = np.random.default_rng(0).normal(2e-3, 1e-2, 2000)
     without, with_search = (deflated_sharpe_ratio(returns, n_trials=n, sr_variance=1e-3) for n in (5, counted["total"]))
     assert with_search.n_trials == 17 and with_search.dsr < without.dsr
