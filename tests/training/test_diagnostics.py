@@ -14,6 +14,7 @@ import pytest
 from agents.observation import SIGNAL_COLUMNS, model_output_names
 from market import json_codec
 from training import diagnostics as D
+from training import layer_stats as S
 from training.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,17 +56,17 @@ def test_auc_of_random_scores_is_one_half_and_matches_sklearn():
     rng = np.random.default_rng(1)
     y = _labels(40_000, seed=2)
     scores = rng.dirichlet(np.ones(3), size=len(y))
-    auc = D.auc_one_vs_rest(scores, y)
+    auc = S.auc_one_vs_rest(scores, y)
     assert np.all(np.abs(auc - 0.5) < 0.015)
     from sklearn.metrics import roc_auc_score
 
     tied = np.round(scores[:500, 0], 1)  # ties counted 1/2, as sklearn does
-    assert D.roc_auc(tied, y[:500] == 0) == pytest.approx(roc_auc_score(y[:500] == 0, tied))
-    assert np.isnan(D.roc_auc(np.arange(5.0), np.zeros(5, bool)))
+    assert S.roc_auc(tied, y[:500] == 0) == pytest.approx(roc_auc_score(y[:500] == 0, tied))
+    assert np.isnan(S.roc_auc(np.arange(5.0), np.zeros(5, bool)))
 
 
 def test_block_bootstrap_resamples_within_segments():
-    idx = D.block_indices([5, 3], 2, np.random.default_rng(0))
+    idx = S.block_indices([5, 3], 2, np.random.default_rng(0))
     assert len(idx) == 8 and set(idx[:5]) <= set(range(5)) and set(idx[5:]) <= {5, 6, 7}
 
 
@@ -99,7 +100,7 @@ def test_persistence_baseline_accuracy_by_hand():
     full = D.block_arrays(sp, D.OofBlock("b", 1, 1, 8), _settings(regime_horizon_bars=2))
     assert len(full.target) == 5 and list(full.target) == [1, 1, 0, 0, 2]
     # balanced accuracy: mean recall over the target classes present
-    assert D.balanced_accuracy(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3) == pytest.approx((0.5 + 1 + 0) / 3)
+    assert S.balanced_accuracy(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3) == pytest.approx((0.5 + 1 + 0) / 3)
 
 
 def test_persistence_on_the_whole_sequence_by_hand():
