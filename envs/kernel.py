@@ -30,7 +30,6 @@ against it in ``tests/envs``).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 from llvmlite import ir
@@ -38,6 +37,35 @@ from numba import njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+# The layouts (indices, codes, numba options) and the rewards / observation live in their own modules. Every
+# name is re-exported here: callers read the kernel as one module (``from envs import kernel as K``).
+# isort: off
+from envs.kernel_layout import (
+    F_CASH, F_QTY, F_ENTRY, F_MARGIN, F_LEV, F_STOP, F_TP, F_LIQ, F_ENTRY_FEE, F_TRADE_FUNDING, F_FEES,
+    F_FUNDING, F_SLIP, F_LIQ_FEES, F_TURNOVER, E_EQUITY, E_PEAK, E_DRAWDOWN, E_T, E_START, E_END,
+    N_ENV_FLOAT, I_SIDE, I_ENTRY_TIME, I_BARS, I_FILLS, I_TRADES, I_SKIPPED, I_FALLBACK, N_INT, NO_TIME,
+    P_FEE_RATE, P_SLIP_BPS, P_SLIP_ATR, P_COST_MULT, P_FUND_FALLBACK, P_LOT, P_TICK, P_MIN_NOTIONAL,
+    P_LOT_POW10, P_TICK_POW10, P_TURNOVER_PEN, P_DD_PEN, P_SCALE, P_DEAD_ZONE, P_MAX_LEV, P_MAX_SIZE,
+    P_STOP_LO, P_STOP_HI, P_TP_LO, P_TP_HI, P_INITIAL_EQUITY, P_MIN_EQUITY_FRAC, P_MAX_DD, P_N_BRACKETS,
+    P_MAKER_FEE_RATE, P_TP_LIMIT, P_MIN_QTY, P_MAX_QTY, P_MAX_EXCH_LEV, P_MIN_HOLD, P_REBALANCE, P_BAND,
+    P_SIZING_MODE, P_TARGET_VOL, P_COST_PEN, P_RW_VOL_TARGET, P_BRACKETS, O_FEES, O_SLIP, O_FUNDING,
+    O_LIQ_FEE, O_LIQUIDATED, O_SKIPPED, O_N_EVENTS, O_ERR_VALUE, O_R, O_EQUITY, O_REWARD, O_BASE,
+    O_TURNOVER_PEN, O_DD_PEN, O_COST_PEN, EV_REASON, EV_SIDE, EV_QTY, EV_PRICE, EV_FEE, EV_SLIP, EV_ENTRY,
+    EV_PNL, EVI_ENTRY_TIME, EVI_BARS, EVI_SIDE, EVI_TIME, R_ENTRY, R_EXIT_SIGNAL, R_STOP, R_TAKE_PROFIT,
+    R_LIQUIDATION, R_REBALANCE, B_OPEN, B_HIGH, B_LOW, B_CLOSE, B_ATR, B_FUNDING_RATE, B_IS_FUNDING, B_VOL,
+    B_DECISION, OK, ERR_BRACKET, ERR_ACTION, ERR_RETURN, MODE_ACTION, MODE_DECISION, MODE_HOLD,
+    _NUMBA_OPTS, _INLINE_OPTS,
+)
+from envs.kernel_layout import (  # re-exported
+    N_ACCOUNT_FLOAT as N_ACCOUNT_FLOAT, E_RW_A as E_RW_A, E_RW_B as E_RW_B, E_RW_N as E_RW_N,
+    P_RKIND as P_RKIND, P_ETA as P_ETA, P_WARMUP as P_WARMUP, P_FLOOR as P_FLOOR, P_CLIP as P_CLIP,
+    P_MAX_LEV_OBS as P_MAX_LEV_OBS, SIZING_MODES as SIZING_MODES, REWARD_KINDS as REWARD_KINDS,
+    N_OUT as N_OUT, N_EV as N_EV, N_EVI as N_EVI, MAX_EVENTS as MAX_EVENTS, N_BAR as N_BAR,
+    FINAL_STATS as FINAL_STATS,
+)
+from envs.kernel_reward import _clip as _clip, _log_return as _log_return, _unit_clip as _unit_clip
+from envs.kernel_reward import reward_step, write_observation
+# isort: on
 from envs.sizing import (
     SIZE_BAD_INPUT,
     SIZE_OK,
@@ -47,88 +75,6 @@ from envs.sizing import (
     size_position,
     vol_target_decision,
 )
-
-# ---------------------------------------------------------------------------------------------
-# Layouts
-# ---------------------------------------------------------------------------------------------
-
-(F_CASH, F_QTY, F_ENTRY, F_MARGIN, F_LEV, F_STOP, F_TP, F_LIQ, F_ENTRY_FEE, F_TRADE_FUNDING,
- F_FEES, F_FUNDING, F_SLIP, F_LIQ_FEES, F_TURNOVER) = range(15)  # fmt: skip
-N_ACCOUNT_FLOAT = 15
-# Env fields appended to the account's float state.
-(E_EQUITY, E_PEAK, E_DRAWDOWN, E_T, E_START, E_END, E_RW_A, E_RW_B, E_RW_N) = range(15, 24)  # fmt: skip
-N_ENV_FLOAT = 24
-
-(I_SIDE, I_ENTRY_TIME, I_BARS, I_FILLS, I_TRADES, I_SKIPPED, I_FALLBACK) = range(7)  # fmt: skip
-N_INT = 7
-NO_TIME = np.iinfo(np.int64).min
-
-# Parameters.
-(P_FEE_RATE, P_SLIP_BPS, P_SLIP_ATR, P_COST_MULT, P_FUND_FALLBACK, P_LOT, P_TICK, P_MIN_NOTIONAL,
- P_LOT_POW10, P_TICK_POW10,
- P_RKIND, P_ETA, P_WARMUP, P_FLOOR, P_CLIP, P_TURNOVER_PEN, P_DD_PEN, P_SCALE,
- P_DEAD_ZONE, P_MAX_LEV, P_MAX_SIZE, P_STOP_LO, P_STOP_HI, P_TP_LO, P_TP_HI,
- P_INITIAL_EQUITY, P_MIN_EQUITY_FRAC, P_MAX_DD, P_MAX_LEV_OBS, P_N_BRACKETS,
- P_MAKER_FEE_RATE, P_TP_LIMIT, P_MIN_QTY, P_MAX_QTY, P_MAX_EXCH_LEV,
- P_MIN_HOLD, P_REBALANCE, P_BAND, P_SIZING_MODE, P_TARGET_VOL, P_COST_PEN, P_RW_VOL_TARGET) = range(42)  # fmt: skip
-# P_MIN_HOLD .. P_BAND: envs.config.TradingRulesConfig (P_REBALANCE 1.0 when rebalance_band_frac is set);
-# P_SIZING_MODE 1.0 = "vol_target" (envs.actions.ActionConfig); P_COST_PEN, P_RW_VOL_TARGET (0 = off):
-# envs.rewards.RewardConfig. All 0 in cost_params: today's rules.
-P_BRACKETS = 42
-SIZING_MODES: tuple[str, ...] = ("equity_fraction", "vol_target")
-REWARD_KINDS: tuple[str, ...] = ("sortino", "differential_sharpe", "log_return")
-
-# Per-bar outputs ``out`` (float64, N_OUT).
-# (O_EQUITY .. O_COST_PEN are adjacent, in this order: the env reads them with one slice.)
-(O_FEES, O_SLIP, O_FUNDING, O_LIQ_FEE, O_LIQUIDATED, O_SKIPPED, O_N_EVENTS, O_ERR_VALUE, O_R,
- O_EQUITY, O_REWARD, O_BASE, O_TURNOVER_PEN, O_DD_PEN, O_COST_PEN) = range(15)  # fmt: skip
-N_OUT = 15
-
-# Events of one bar: ``ev`` float64 (MAX_EVENTS, N_EV): reason code (index into
-# envs.accounting.FILL_REASONS), fill side, qty, price, fee, slippage, trade entry price, trade net PnL;
-# ``evi`` int64 (MAX_EVENTS, N_EVI): trade entry time ns, bars held, trade side, open time ns of the bar of the fill.
-# An env step of several bars (decision interval) appends the events of its bars: at most 4 (the first bar's
-# close, entry or resize and intrabar exit, then one exit of the position held through the later bars).
-(EV_REASON, EV_SIDE, EV_QTY, EV_PRICE, EV_FEE, EV_SLIP, EV_ENTRY, EV_PNL) = range(8)  # fmt: skip
-N_EV = 8
-(EVI_ENTRY_TIME, EVI_BARS, EVI_SIDE, EVI_TIME) = range(4)  # fmt: skip
-N_EVI = 4
-MAX_EVENTS = 4
-R_ENTRY, R_EXIT_SIGNAL, R_STOP, R_TAKE_PROFIT, R_LIQUIDATION, R_REBALANCE = range(6)
-
-# Bar data columns ``bars`` float64 (T, N_BAR): OHLC, ATR, funding rate and flag, the ex-ante annualised
-# volatility at the close (NaN when not needed or not known yet; envs.sizing.ex_ante_vol_annual) and the decision
-# bar flag (1.0: the agent acts at this bar's close; envs.accounting.is_decision_bar).
-(B_OPEN, B_HIGH, B_LOW, B_CLOSE, B_ATR, B_FUNDING_RATE, B_IS_FUNDING, B_VOL, B_DECISION) = range(9)  # fmt: skip
-N_BAR = 9
-
-# Return codes.
-OK = 0
-ERR_BRACKET = 1  # notional above the largest maintenance bracket (value in out[O_ERR_VALUE])
-ERR_ACTION = 2  # non-finite action component (index in out[O_ERR_VALUE])
-ERR_RETURN = 3  # non-finite per-bar return (value in out[O_ERR_VALUE])
-
-#: Columns of ``final_stats`` in :func:`batch_step` (episode totals captured before the autoreset).
-FINAL_STATS: tuple[str, ...] = (
-    "equity_usdt", "fees_paid_usdt", "funding_paid_usdt", "slippage_paid_usdt", "liquidation_fees_usdt",
-    "turnover_usdt", "n_trades", "n_fills", "n_skipped_min_notional", "n_fallback_funding",
-)  # fmt: skip
-
-# Decision modes of the env step.
-MODE_ACTION = 0  # decode the 5-d action
-MODE_DECISION = 1  # ``action`` holds (direction, leverage, size_frac, stop_atr, take_profit_atr[, new_stop_price])
-MODE_HOLD = 2  # no decision: keep everything as is
-
-# No array is allocated in compiled code, so reference counting (NRT) is off: it would cost an
-# atomic incref/decref per array argument of every call.
-_NUMBA_OPTS: dict[str, Any] = {"cache": True, "nogil": True, "boundscheck": False, "_nrt": False}
-# The per-step functions are inlined into their callers at numba-IR level. A call between compiled
-# functions passes every array as an exploded struct (pointer, shape, strides, ...) and checks a
-# status code; with ~10 calls per env step that was about half of the batched step's time (measured:
-# benchmarks/env_throughput.py). Inlining changes no arithmetic (no fastmath): results are identical
-# (tests/envs/test_kernel_equivalence.py, test_vector_env.py). Cost: longer first compilation
-# (cached on disk by ``cache=True``).
-_INLINE_OPTS: dict[str, Any] = {**_NUMBA_OPTS, "inline": "always"}
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
@@ -587,103 +533,8 @@ def bar_apply(fs, is_, has_decision, direction, lev, size_frac, stop_atr, tp_atr
 
 
 # ---------------------------------------------------------------------------------------------
-# Rewards (same forms and arithmetic as envs.rewards)
-# ---------------------------------------------------------------------------------------------
-
-
-@njit(**_INLINE_OPTS)
-def _unit_clip(x):  # pragma: no cover - compiled
-    """``min(1.0, max(-1.0, x))`` for a finite x."""
-    return 1.0 if x > 1.0 else (-1.0 if x < -1.0 else x)  # explicit comparisons, not min/max: fast in numba
-
-
-@njit(**_INLINE_OPTS)
-def _clip(x, bound):  # pragma: no cover - compiled
-    return bound if x > bound else max(x, -bound)
-
-
-@njit(**_INLINE_OPTS)
-def _log_return(r, clip):  # pragma: no cover - compiled
-    if r <= -1.0:
-        return -clip
-    return _clip(math.log1p(r), clip)
-
-
-@njit(**_INLINE_OPTS)
-def reward_step(st, r, p):  # pragma: no cover - compiled
-    """Consume the net return ``r``; ``st[E_RW_A], st[E_RW_B], st[E_RW_N]`` hold A, B (or DD2), n.
-
-    Same formulas, warm-up, floor and clip as :mod:`envs.rewards` (Moody & Saffell 2001)."""
-    kind = int(p[P_RKIND])
-    clip = p[P_CLIP]
-    if kind == 2:
-        return _log_return(r, clip)
-    eta = p[P_ETA]
-    a = st[E_RW_A]
-    b = st[E_RW_B]
-    n = st[E_RW_N]
-    if kind == 0:
-        if n < p[P_WARMUP]:
-            out = _log_return(r, clip)
-        else:
-            dd = max(math.sqrt(b), p[P_FLOOR])
-            x = r - 0.5 * a
-            if r > 0:
-                out = _clip(x / dd, clip)
-            else:
-                out = _clip((dd * dd * x - 0.5 * a * r * r) / (dd * dd * dd), clip)
-        st[E_RW_A] = a + eta * (r - a)
-        neg = min(r, 0.0)
-        st[E_RW_B] = b + eta * (neg * neg - b)
-    else:
-        if n < p[P_WARMUP]:
-            out = _log_return(r, clip)
-        else:
-            sd = max(math.sqrt(max(b - a * a, 0.0)), p[P_FLOOR])
-            d_a = r - a
-            d_b = r * r - b
-            out = _clip((b * d_a - 0.5 * a * d_b) / (sd * sd * sd), clip)
-        st[E_RW_A] = a + eta * (r - a)
-        st[E_RW_B] = b + eta * (r * r - b)
-    st[E_RW_N] = n + 1.0
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # The env step
 # ---------------------------------------------------------------------------------------------
-
-
-@njit(**_INLINE_OPTS)
-def write_observation(fs, is_, bars, market_obs, p, obs):  # pragma: no cover - compiled
-    """``obs[:F] = market_obs[t]``, then the 6 account features of ``envs.trading_env.ACCOUNT_FEATURES``."""
-    t = int(fs[E_T])
-    nm = market_obs.shape[1]
-    for j in range(nm):
-        obs[j] = market_obs[t, j]
-    side = is_[I_SIDE]
-    equity = fs[E_EQUITY]
-    peak = fs[E_PEAK]
-    mark = bars[t, B_CLOSE]
-    den = max(1e-09, equity)
-    if side == 0:
-        exposure = 0.0
-        lev_frac = 0.0
-        upnl = 0.0
-        bars_frac = 0.0
-    else:
-        qty = fs[F_QTY]
-        exposure = side * qty * mark / den
-        lev_frac = fs[F_LEV] / p[P_MAX_LEV_OBS]
-        upnl = side * qty * (mark - fs[F_ENTRY]) / den
-        bars_frac = min(is_[I_BARS] / 720, 1.0)
-    dd = max(0.0, 1.0 - equity / peak) if peak > 0 else 0.0
-    obs[nm] = float(side)
-    obs[nm + 1] = exposure
-    obs[nm + 2] = lev_frac
-    obs[nm + 3] = upnl
-    obs[nm + 4] = bars_frac
-    obs[nm + 5] = dd
 
 
 @njit(**_NUMBA_OPTS)
