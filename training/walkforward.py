@@ -712,8 +712,8 @@ def variants_summary(wf: WalkForwardConfig, runs: dict[str, VariantRuns], chosen
         f"Chosen variant: {chosen_variant} (of {', '.join(runs)}), by the mean over folds and seeds of each fold "
         f"run's validation Sortino of its chosen checkpoint ("
         + ", ".join(f"{n} {'n/a' if v is None else f'{v:.3f}'}" for n, v in scores.items())
-        + "). Validation only: each run's chosen checkpoint traded its test window once, and no choice (variant, "
-        "seed or checkpoint) was made on the test windows.")
+        + "; ties: the first listed). Validation only: the test windows were read once (each run's chosen checkpoint traded each of "
+        "them once) and no choice (variant, seed or checkpoint) was made on them.")
     chosen = {"name": chosen_variant, "by": "validation", "score": "mean validation sortino over folds and seeds",
               "validation_sortino_mean": scores, "test_windows_read_once": True, "selected_on_test": False,
               "statement": statement}
