@@ -262,8 +262,8 @@ def merged_config(base: RunConfig, overrides: dict, where: str = "") -> RunConfi
     from training.config import with_instrument
 
     raw = base.model_dump(mode="json")
-    data_over = overrides.get("data") if isinstance(overrides.get("data"), dict) else {}
-    if "symbols" in data_over:
+    data_over = overrides.get("data")
+    if isinstance(data_over, dict) and "symbols" in data_over:
         raw["data"] = {k: v for k, v in raw["data"].items()
                        if k not in ("symbol", "symbols", "candles_path", "funding_path", "instrument_spec")}
     try:
