@@ -8,6 +8,7 @@
 ``ats serve reload --db STATE --bundle NEW``                       hot-swap request to a running loop
 ``ats serve reset-risk --db STATE --note "..."``                   leave a kill switch (the only way)
 ``ats serve accept-position --db STATE --note "..."``              adopt the exchange position (unreconciled)
+``ats serve migrate-db --db STATE --symbol BTCUSDT``               a state file of before multi-symbol serving
 """
 
 from __future__ import annotations
@@ -208,4 +209,7 @@ app.command("reload", help="validate a bundle and swap it into the running loop 
 app.command("reset-risk", help="reset a HALTED/REDUCING risk guard to ACTIVE (recorded)")(status_cmd.reset_risk)
 app.command("accept-position", help="adopt the exchange's position of an unreconciled symbol at the next bar (recorded)")(
     status_cmd.accept_position
+)
+app.command("migrate-db", help="add the per-symbol columns to a state database written before multi-symbol serving")(
+    status_cmd.migrate_db
 )

@@ -130,6 +130,25 @@ def accept_position(
                   "base); the live loop adopts the exchange position at its next bar or start")
 
 
+def migrate_db(
+    db: str = typer.Option(..., "--db", help="serving state database: a SQLite file or a SQLAlchemy URL"),
+    symbol: str = typer.Option(..., "--symbol", help="the symbol its runs traded (BTC/USDT:USDT or BTCUSDT): every "
+                               "existing decision, fill and equity row is recorded as this symbol"),
+) -> None:
+    """Add the per-symbol columns to a state database written before multi-symbol serving (schema 1)."""
+    from serving.store import migrate_symbol_column
+
+    try:
+        altered = migrate_symbol_column(db, _market_id(symbol))
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(code=2) from exc
+    if altered:
+        console.print(f"migrated {db}: tables {', '.join(altered)} now have a symbol column (rows: {_market_id(symbol)})")
+    else:
+        console.print(f"{db} already has the symbol columns: nothing to do")
+
+
 def reload(
     db: Annotated[Path, typer.Option("--db", help="state database of the running `ats serve`")],
     bundle: Annotated[Path, typer.Option("--bundle", help="bundle directory to validate and swap in")],

@@ -124,11 +124,12 @@ def measure(bundle_dir: Path, n_bars: int, context_bars: int = 1_000, breakdown:
         record = DecisionRecord.from_decision(
             cfg.run_id, ts, choice.source, verdict.decision, raw_action=choice.raw_action,
             fallback_reason=choice.reason, latency_ms=choice.latency_ms, created_at=datetime.now(UTC),
+            symbol=broker.market_id,
         )  # fmt: skip
         t1 = time.perf_counter()
         # ---- intent ready: timed span ends
         store.append(decisions=[record], equity=[EquityRecord(cfg.run_id, ts, result.equity_usdt, state.cash_usdt,
-                                                              state.side, state.qty_base)])  # fmt: skip
+                                                              state.side, state.qty_base, broker.market_id)])  # fmt: skip
         store_ms.append((time.perf_counter() - t1) * 1e3)
         if breakdown:
             t2 = time.perf_counter()

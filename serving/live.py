@@ -181,13 +181,13 @@ def missed_bars(last_decided: pd.Timestamp | None, bar: pd.Timestamp, tf_ms: int
 
 
 def missed_bar_records(run_id: str, bars: Sequence[pd.Timestamp], side: int, reasons: dict[pd.Timestamp, str],
-                       default_reason: str, created_at: pd.Timestamp) -> list[DecisionRecord]:
-    """Decision rows (source 'missed') of ``bars`` (pure): direction ``side`` (the position left in
+                       default_reason: str, created_at: pd.Timestamp, symbol: str) -> list[DecisionRecord]:
+    """Decision rows (source 'missed') of ``symbol`` for ``bars`` (pure): direction ``side`` (the position left in
     place), default sizing, no raw action, latency 0, reason ``reasons.get(bar, default_reason)``."""
     decision = Decision(direction=int(side)) if side else Decision.flat()
     return [DecisionRecord.from_decision(run_id, b, "missed", decision, raw_action=None,
                                          fallback_reason=reasons.get(b, default_reason), latency_ms=0.0,
-                                         created_at=created_at.to_pydatetime()) for b in bars]  # fmt: skip
+                                         created_at=created_at.to_pydatetime(), symbol=symbol) for b in bars]  # fmt: skip
 
 
 def fill_notices(fills: Sequence[ExchangeFillRecord]) -> list[FillRecord]:
@@ -200,7 +200,7 @@ def fill_notices(fills: Sequence[ExchangeFillRecord]) -> list[FillRecord]:
     for f in fills:
         parsed = parse_client_order_id(f.client_id) if f.client_id else None
         out.append(FillRecord(f.run_id, f.time, int(f.side), float(f.qty_base), float(f.price), float(f.fee_usdt),
-                              0.0, parsed[2] if parsed else "external"))
+                              0.0, parsed[2] if parsed else "external", f.symbol))
     return out
 
 
@@ -263,7 +263,8 @@ class LiveLoop:
     Raises
     ------
     serving.trading_rules.UnservableBundleError
-        The trading rules (given, or the primary bundle's) set a rebalance band.
+        The trading rules (given, or the primary bundle's) set a rebalance band, or the costs (given, or the
+        primary bundle's) set limit entries (``entry_order = "limit"``).
     """
 
     def __init__(
@@ -294,6 +295,7 @@ class LiveLoop:
         self.fallback, self.primary_load_error = fallback, primary_load_error
         self._costs, self._trading_rules = costs, trading_rules
         require_live_servable(self.trading_rules, "the primary bundle" if trading_rules is None else "these rules")
+        require_live_servable(None, "the primary bundle" if costs is None else "these costs", self.costs)
         self._last_ctx: DecisionContext | None = None
         self.guard = guard
         self.wall_clock_s, self.monotonic_s, self._sleep = wall_clock_s, monotonic_s, sleep
@@ -415,7 +417,7 @@ class LiveLoop:
         state = self.reconciler.reconcile(bar)
         self._record_late_equity(bar, state.position)
         self._record_missed(bar, state.position.side)
-        decided = self.store.decision_at(self.run_id, bar)
+        decided = self.store.decision_at(self.run_id, bar, self.market_id)
         if decided is not None:
             return self._resume(bar, bar_ms, decided, state)
         return self._decide_and_execute(bar, bar_ms, state)
@@ -424,13 +426,13 @@ class LiveLoop:
         """The bar is decided already: finish its unresolved intents and protect its filled entry
         (``bar_resumed`` event), or record its missing equity row; ``StepResult(None)`` if nothing is left."""
         result = StepResult(bar)
-        intents = self.store.bar_intents(self.run_id, bar)
+        intents = self.store.bar_intents(self.run_id, bar, self.market_id)
         unfinished = any(i.status in UNRESOLVED_STATUSES for i in intents)
         entry = next((i for i in intents if i.kind == "entry"), None)
         needs_protection = entry is not None and entry.status in ("acked", "filled") and not any(
             i.kind in ("stop", "tp") for i in intents)
         if not unfinished and not needs_protection:
-            if not self.store.has_equity(self.run_id, bar):  # stopped after its orders, before its equity
+            if not self.store.has_equity(self.run_id, bar, self.market_id):  # stopped after its orders, before its equity
                 self._finish(bar, state, result)
             return StepResult(None)  # nothing new
         result.source, result.decision = decided.source, decided.decision()
@@ -494,7 +496,7 @@ class LiveLoop:
             events.append(EventRecord(self.run_id, bar, "plan_notes", {"notes": list(plan.notes), "blocked": blocked}))
         record = DecisionRecord.from_decision(
             self.run_id, bar, source, decision, raw_action=choice.raw_action, fallback_reason=choice.reason,
-            latency_ms=choice.latency_ms, created_at=self._now_ts().to_pydatetime(),
+            latency_ms=choice.latency_ms, created_at=self._now_ts().to_pydatetime(), symbol=self.market_id,
         )  # fmt: skip
         orders = list(plan.orders)
         if state.blocked or self.internal_error is not None:
@@ -520,7 +522,7 @@ class LiveLoop:
         (:func:`serving.choice.choose`); the slot's, the choice's and the fallback events
         (:class:`serving.choice.FallbackLedger`) go to ``events``."""
         view = self._position_view(state.position, state.protection, bar)
-        recorded_peak = self.store.peak_equity(self.run_id)  # the run's, not the policy instance's
+        recorded_peak = self.store.peak_equity(self.run_id)  # the run's (the account's), not the policy instance's
         ctx = DecisionContext(bar_open_time=bar, candles=candles, position=view, equity_usdt=equity,
                               peak_equity_usdt=max(equity, recorded_peak if recorded_peak is not None else equity))
         bar_index = bar_ms // self.tf_ms  # the slot's backoff counts bars
@@ -547,15 +549,16 @@ class LiveLoop:
         its orders and its equity snapshot, and the bar has passed): record one now, with the
         equity read now and ``position`` (this step's reconciled one), and an ``equity_recorded_late``
         event saying so."""
-        last = self.store.last_decision_bar(self.run_id)
-        if last is None or last >= bar or self.store.has_equity(self.run_id, last):
+        last = self.store.last_decision_bar(self.run_id, self.market_id)
+        if last is None or last >= bar or self.store.has_equity(self.run_id, last, self.market_id):
             return
-        row = self.store.decision_at(self.run_id, last)
+        row = self.store.decision_at(self.run_id, last, self.market_id)
         if row is None or row.source == "missed":
             return
         equity = self.broker.equity_usdt()
         now = self._now_ts()
-        self.store.append(equity=[EquityRecord(self.run_id, last, equity, equity, position.side, position.qty_base)],
+        self.store.append(equity=[EquityRecord(self.run_id, last, equity, equity, position.side, position.qty_base,
+                                               self.market_id)],
                           events=[EventRecord(self.run_id, now, "equity_recorded_late", {
                               "bar": str(last), "equity_usdt": equity,
                               "why": "stopped before the bar's equity snapshot; equity read at the next step"})])
@@ -563,7 +566,7 @@ class LiveLoop:
     def _record_missed(self, bar: pd.Timestamp, side: int) -> None:
         """Record the bars before ``bar`` that closed without a decision (source 'missed'; module
         docstring), with ``side``: the reconciled exchange position (what was left in place)."""
-        gap = missed_bars(self.store.last_decision_bar(self.run_id), bar, self.tf_ms)
+        gap = missed_bars(self.store.last_decision_bar(self.run_id, self.market_id), bar, self.tf_ms)
         if not gap:
             self._bar_failures = {b: v for b, v in self._bar_failures.items() if b >= bar}
             return
@@ -572,11 +575,11 @@ class LiveLoop:
                    for b, (n, err) in self._bar_failures.items()}  # fmt: skip
         side = int(side)
         now = self._now_ts()
-        rows = missed_bar_records(self.run_id, gap, side, reasons, MISSED_NO_STEP, now)
+        rows = missed_bar_records(self.run_id, gap, side, reasons, MISSED_NO_STEP, now, self.market_id)
         failed = [b for b in gap if b in self._bar_failures]
         self.store.append(decisions=rows, events=[EventRecord(self.run_id, now, "bars_missed", {
             "first": str(gap[0]), "last": str(gap[-1]), "count": len(gap), "failed_in_process": len(failed),
-            "position_side": side})])  # fmt: skip
+            "position_side": side, "symbol": self.market_id})])  # fmt: skip
         self._bar_failures = {b: v for b, v in self._bar_failures.items() if b >= bar}
 
     def _note_failure(self, error: str) -> None:
@@ -623,13 +626,13 @@ class LiveLoop:
         """(bar, decision row) of our latest filled entry on the side of ``position``; None if none."""
         if position.side == 0:
             return None
-        intents = self.store.intents(self.run_id)
+        intents = self.store.intents(self.run_id, self.market_id)
         side = "buy" if position.side > 0 else "sell"
         mine = intents[(intents["kind"] == "entry") & (intents["status"] == "filled") & (intents["side"] == side)]
         if not len(mine):
             return None
         entry_bar = mine["bar_open_time"].iloc[-1]
-        row = self.store.decision_at(self.run_id, entry_bar)
+        row = self.store.decision_at(self.run_id, entry_bar, self.market_id)
         return None if row is None else (entry_bar, row)
 
     def _bars_in_trade(self, position: ExchangePosition, bar: pd.Timestamp) -> int | None:
@@ -720,11 +723,12 @@ class LiveLoop:
             An intent of ``bar`` is still 'written', 'sent', 'unknown' or 'not_found'.
         """
         position, _agreed = self.reconciler.sync_position(self._now_ts())
-        if not self.store.has_equity(self.run_id, bar):
+        if not self.store.has_equity(self.run_id, bar, self.market_id):
             equity = self.broker.equity_usdt()
             self.store.append(equity=[EquityRecord(self.run_id, bar, equity, equity, position.side,
-                                                   position.qty_base)])
-        unresolved = [i.client_id for i in self.store.bar_intents(self.run_id, bar) if i.status in UNRESOLVED_STATUSES]
+                                                   position.qty_base, self.market_id)])
+        unresolved = [i.client_id for i in self.store.bar_intents(self.run_id, bar, self.market_id)
+                      if i.status in UNRESOLVED_STATUSES]
         if unresolved:
             raise RetryableError(f"intents of bar {bar} unresolved: {unresolved}; the bar is resumed within it")
 

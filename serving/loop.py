@@ -326,6 +326,11 @@ class PaperStepper:
         self._peak_equity_usdt = float(config.initial_equity_usdt)
         self._last_ctx: DecisionContext | None = None
 
+    @property
+    def symbol(self) -> str:
+        """The traded symbol (exchange id of ``costs.instrument``, e.g. ``BTCUSDT``): the ``symbol`` of its rows."""
+        return self.costs.instrument.symbol
+
     def use_costs(self, costs: CostConfig) -> None:
         """Trade under ``costs`` (e.g. the exchange's instrument spec, read at start) instead of the bundle's.
 
@@ -467,7 +472,7 @@ class PaperStepper:
             equity_usdt = self.broker.equity_usdt
         else:
             result = self.broker.on_bar(bar.bar)
-            fills = [FillRecord.from_fill(self.run_id, f) for f in result.fills]
+            fills = [FillRecord.from_fill(self.run_id, f, self.symbol) for f in result.fills]
             closed_trades = result.closed_trades
             if result.liquidated:
                 events.append(EventRecord(self.run_id, ts, "liquidation",
@@ -476,7 +481,7 @@ class PaperStepper:
                 events.append(EventRecord(self.run_id, ts, "skipped_min_notional", {}))
             equity_usdt = result.equity_usdt
         state = self.broker.state
-        row = EquityRecord(self.run_id, ts, float(equity_usdt), state.cash_usdt, state.side, state.qty_base)
+        row = EquityRecord(self.run_id, ts, float(equity_usdt), state.cash_usdt, state.side, state.qty_base, self.symbol)
         if self.guard is not None:
             for trade in closed_trades:
                 self.guard.record_closed_trade(ts, trade.pnl_usdt)
@@ -545,7 +550,7 @@ class PaperStepper:
         events.extend(EventRecord(self.run_id, bar.time, kind, detail) for kind, detail in choice.events)
         record = DecisionRecord.from_decision(
             self.run_id, bar.time, choice.source, decision, raw_action=choice.raw_action,
-            fallback_reason=choice.reason, latency_ms=choice.latency_ms, created_at=self._now(),
+            fallback_reason=choice.reason, latency_ms=choice.latency_ms, created_at=self._now(), symbol=self.symbol,
         )  # fmt: skip
         self.store.append(decisions=[record], fills=fills, equity=[equity_row], events=events)
         self._publish(events, fills)

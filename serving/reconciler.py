@@ -136,7 +136,7 @@ class Reconciler:
         now = self._now()
         sym = self.market_id
         # (a) unresolved intents of earlier bars
-        for it in self.store.unresolved_intents(self.run_id):
+        for it in self.store.unresolved_intents(self.run_id, sym):
             if current_bar is not None and it.bar_open_time >= current_bar:
                 continue  # this bar's intents are executed by the step itself
             snap = self.broker.lookup(it.client_id, conditional=it.order_type in PROTECTIVE_TYPES)
@@ -172,7 +172,7 @@ class Reconciler:
         """Look up each of our 'acked' stops and take-profits that the exchange no longer lists as
         open, and record what became of it (:meth:`record_snapshot`); one lookup each, since a
         resolved intent is no longer 'acked'. Not found: left as it is (asked again next bar)."""
-        intents = self.store.intents(self.run_id)
+        intents = self.store.intents(self.run_id, self.market_id)
         if not len(intents):
             return
         acked = intents[(intents["status"] == "acked") & intents["order_type"].isin(PROTECTIVE_TYPES)]

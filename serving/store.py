@@ -2,13 +2,14 @@
 
 Tables, written only by inserts (each defined once, as a row dataclass, in :mod:`serving.store_rows`):
 
-* ``decisions`` -- one row per bar: which policy decided (``source`` 'v2', 'v1', 'guard' when
+* ``decisions`` -- one row per bar and symbol (``symbol``: exchange id, e.g. ``BTCUSDT``): which policy decided (``source`` 'v2', 'v1', 'guard' when
   the loop itself imposed a safe decision, or 'missed' when the live loop made no decision at
   the bar's close and records that afterwards), the action, V2's raw action, the fallback reason
   and the decision latency (:class:`DecisionRecord`).
 * ``fills`` -- every execution of the paper broker (:class:`FillRecord` of an
   :class:`envs.accounting.Fill`).
-* ``equity`` -- one snapshot per processed bar, marked at its close (:class:`EquityRecord`).
+* ``equity`` -- one snapshot per processed bar and symbol, marked at its close (:class:`EquityRecord`);
+  ``account_equity`` -- the whole account of a multi-symbol run per bar (:class:`AccountEquityRecord`).
 * ``events`` -- anything worth an alert or an audit line (fallbacks, quarantines, ...;
   :class:`EventRecord`).
 * ``risk_state`` -- the risk guard's history per scope (:class:`RiskStateRecord`); the latest row
@@ -35,6 +36,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from market import json_codec
+from serving.errors import FatalError
 from serving.store_live import LiveTables
 from serving.store_rows import (
     DECISION_SOURCES,
@@ -42,7 +44,9 @@ from serving.store_rows import (
     METADATA,
     RISK_CHANGES,
     RISK_STATES,
+    SYMBOL_TABLES,
     AcceptRequest,
+    AccountEquityRecord,
     DecisionRecord,
     EquityRecord,
     EventRecord,
@@ -63,9 +67,10 @@ from serving.store_rows import (
 )
 
 __all__ = [
-    "DECISION_SOURCES", "INTENT_STATUSES", "RISK_CHANGES", "RISK_STATES", "AcceptRequest", "DecisionRecord",
-    "EquityRecord", "EventRecord", "ExchangeFillRecord", "FillRecord", "IntentRecord", "IntentStatusRecord",
-    "OrderRecord", "PositionRecord", "RiskStateRecord", "StateStore", "dumps_json", "to_utc_iso",
+    "DECISION_SOURCES", "INTENT_STATUSES", "RISK_CHANGES", "RISK_STATES", "AcceptRequest", "AccountEquityRecord",
+    "DecisionRecord", "EquityRecord", "EventRecord", "ExchangeFillRecord", "FillRecord", "IntentRecord",
+    "IntentStatusRecord", "OrderRecord", "PositionRecord", "RiskStateRecord", "StateStore", "StoreSchemaError",
+    "dumps_json", "migrate_symbol_column", "to_utc_iso",
 ]  # fmt: skip
 
 
@@ -76,6 +81,54 @@ def _enable_sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA busy_timeout=5000")
     finally:
         cursor.close()
+
+
+class StoreSchemaError(FatalError):
+    """The state database was written by an older version of the store (no ``symbol`` column); see
+    :func:`migrate_symbol_column`."""
+
+
+def _missing_symbol_column(engine: sa.engine.Engine) -> list[str]:
+    """Tables of :data:`SYMBOL_TABLES` that exist in ``engine``'s database without a ``symbol`` column."""
+    inspector = sa.inspect(engine)
+    present = set(inspector.get_table_names())
+    return [t for t in SYMBOL_TABLES
+            if t in present and "symbol" not in {c["name"] for c in inspector.get_columns(t)}]
+
+
+def migrate_symbol_column(target: str | Path, symbol: str) -> list[str]:
+    """Add the ``symbol`` column to a state database of schema 1 (single-symbol serving), recording every existing
+    row of ``decisions``, ``fills`` and ``equity`` as ``symbol`` (the exchange id the old runs traded, e.g.
+    ``BTCUSDT``); ``target`` is a SQLite file path or a SQLAlchemy URL. Idempotent.
+
+    Returns
+    -------
+    list[str]
+        The tables altered (empty when the database was already of schema 2).
+
+    Raises
+    ------
+    ValueError
+        ``symbol`` is not an exchange id (letters and digits, e.g. ``BTCUSDT``).
+    FileNotFoundError
+        ``target`` is a path to no file.
+    """
+    if not (isinstance(symbol, str) and symbol.isalnum() and symbol.upper() == symbol):
+        raise ValueError(f"symbol must be an exchange id in capitals such as 'BTCUSDT', got {symbol!r}")
+    text = str(target)
+    if "://" not in text and not Path(text).expanduser().is_file():
+        raise FileNotFoundError(f"no state database at {text}")
+    url = text if "://" in text else sa.engine.URL.create(
+        "sqlite", database=str(Path(text).expanduser().resolve())).render_as_string(hide_password=False)
+    engine = sa.create_engine(url, future=True)
+    try:
+        todo = _missing_symbol_column(engine)
+        with engine.begin() as conn:
+            for name in todo:  # symbol is validated above: alphanumeric, so the literal is safe
+                conn.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN symbol VARCHAR(32) NOT NULL DEFAULT '{symbol}'")
+        return todo
+    finally:
+        engine.dispose()
 
 
 class StateStore(LiveTables):
@@ -89,6 +142,11 @@ class StateStore(LiveTables):
     ----------
     url : str
         SQLAlchemy database URL, e.g. ``sqlite:////abs/path/state.db`` or ``sqlite://`` (memory).
+
+    Raises
+    ------
+    StoreSchemaError
+        The database holds tables of schema 1 (no ``symbol`` column; :func:`migrate_symbol_column`).
     """
 
     def __init__(self, url: str) -> None:
@@ -96,6 +154,14 @@ class StateStore(LiveTables):
         self._engine = sa.create_engine(url, future=True)
         if self._engine.dialect.name == "sqlite":
             sa.event.listen(self._engine, "connect", _enable_sqlite_wal)
+        old = _missing_symbol_column(self._engine)
+        if old:
+            self._engine.dispose()
+            shown = sa.engine.make_url(url).render_as_string(hide_password=True)
+            raise StoreSchemaError(
+                f"state database {shown} predates multi-symbol serving: its tables {', '.join(old)} have no 'symbol' "
+                "column. Serve with a new --db, or migrate this one, naming the symbol its runs traded: "
+                "`ats serve migrate-db --db <file or URL> --symbol BTCUSDT`")
         METADATA.create_all(self._engine)
 
     @classmethod
@@ -143,6 +209,7 @@ class StateStore(LiveTables):
         fills: Iterable[FillRecord] = (),
         equity: Iterable[EquityRecord] = (),
         events: Iterable[EventRecord] = (),
+        account: Iterable[AccountEquityRecord] = (),
     ) -> None:
         """Insert the given rows in ONE transaction (all or nothing).
 
@@ -153,7 +220,8 @@ class StateStore(LiveTables):
             nothing of this call is written).
         """
         batches = [(table_of(cls), [to_row(r) for r in rows]) for cls, rows in (
-            (DecisionRecord, decisions), (FillRecord, fills), (EquityRecord, equity), (EventRecord, events))]
+            (DecisionRecord, decisions), (FillRecord, fills), (EquityRecord, equity), (EventRecord, events),
+            (AccountEquityRecord, account))]
         with self._engine.begin() as conn:
             for table, rows in batches:
                 if rows:
@@ -167,10 +235,13 @@ class StateStore(LiveTables):
 
     # -- reads -----------------------------------------------------------------------------------
 
-    def _read(self, table: sa.Table, run_id: str | None, time_columns: tuple[str, ...]) -> pd.DataFrame:
+    def _read(self, table: sa.Table, run_id: str | None, time_columns: tuple[str, ...],
+              symbol: str | None = None) -> pd.DataFrame:
         stmt = sa.select(table).order_by(table.c.id)
         if run_id is not None:
             stmt = stmt.where(table.c.run_id == run_id)
+        if symbol is not None:
+            stmt = stmt.where(table.c.symbol == symbol)
         with self._engine.connect() as conn:
             result = conn.execute(stmt)
             df = pd.DataFrame(result.fetchall(), columns=list(result.keys()), dtype=object)
@@ -184,21 +255,33 @@ class StateStore(LiveTables):
             df[col] = pd.to_datetime(df[col], utc=True, format="ISO8601")
         return df
 
-    def decisions(self, run_id: str | None = None) -> pd.DataFrame:
-        """All decisions (of ``run_id`` if given) in insertion order; ``raw_action`` as lists of floats."""
-        df = self._read(table_of(DecisionRecord), run_id, ("bar_open_time", "created_at"))
+    def decisions(self, run_id: str | None = None, symbol: str | None = None) -> pd.DataFrame:
+        """All decisions (of ``run_id`` / ``symbol`` if given) in insertion order; ``raw_action`` as lists of
+        floats."""
+        df = self._read(table_of(DecisionRecord), run_id, ("bar_open_time", "created_at"), symbol)
         df["raw_action"] = pd.Series(
             [loads_floats(x) for x in df["raw_action"]], index=df.index, dtype=object
         )
         return df
 
-    def fills(self, run_id: str | None = None) -> pd.DataFrame:
-        """All fills (of ``run_id`` if given) in insertion order."""
-        return self._read(table_of(FillRecord), run_id, ("bar_open_time",))
+    def fills(self, run_id: str | None = None, symbol: str | None = None) -> pd.DataFrame:
+        """All paper fills (of ``run_id`` / ``symbol`` if given) in insertion order."""
+        return self._read(table_of(FillRecord), run_id, ("bar_open_time",), symbol)
 
-    def equity(self, run_id: str | None = None) -> pd.DataFrame:
-        """All equity snapshots (of ``run_id`` if given) in insertion order."""
-        return self._read(table_of(EquityRecord), run_id, ("bar_open_time",))
+    def equity(self, run_id: str | None = None, symbol: str | None = None) -> pd.DataFrame:
+        """All per-symbol equity snapshots (of ``run_id`` / ``symbol`` if given) in insertion order."""
+        return self._read(table_of(EquityRecord), run_id, ("bar_open_time",), symbol)
+
+    def account_equity(self, run_id: str | None = None) -> pd.DataFrame:
+        """The account snapshots of multi-symbol runs (of ``run_id`` if given) in insertion order."""
+        return self._read(table_of(AccountEquityRecord), run_id, ("bar_open_time",))
+
+    def symbols(self, run_id: str) -> list[str]:
+        """The symbols ``run_id`` decided (sorted; empty before its first decision)."""
+        t = table_of(DecisionRecord)
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(t.c.symbol).where(t.c.run_id == run_id).distinct()).scalars().all()
+        return sorted(str(s) for s in rows)
 
     def events(self, run_id: str | None = None) -> pd.DataFrame:
         """All events (of ``run_id`` if given) in insertion order; ``detail`` decoded to dicts."""
@@ -223,40 +306,51 @@ class StateStore(LiveTables):
             fi = conn.execute(sa.select(sa.func.max(table_of(ExchangeFillRecord).c.id))).scalar()
         return int(ev or 0), int(fi or 0)
 
-    def peak_equity(self, run_id: str) -> float | None:
-        """Highest recorded equity of ``run_id`` (USDT; None before its first equity row)."""
+    @staticmethod
+    def _where(t: sa.Table, run_id: str, symbol: str | None, bar_open_time: pd.Timestamp | None = None) -> Any:
+        cond = t.c.run_id == run_id
+        if symbol is not None:
+            cond = cond & (t.c.symbol == symbol)
+        if bar_open_time is not None:
+            cond = cond & (t.c.bar_open_time == to_utc_iso(bar_open_time))
+        return cond
+
+    def peak_equity(self, run_id: str, symbol: str | None = None) -> float | None:
+        """Highest recorded equity of ``run_id`` (of ``symbol``'s rows if given; USDT; None before its first
+        equity row)."""
         t = table_of(EquityRecord)
         with self._engine.connect() as conn:
-            value = conn.execute(sa.select(sa.func.max(t.c.equity_usdt)).where(t.c.run_id == run_id)).scalar()
+            value = conn.execute(sa.select(sa.func.max(t.c.equity_usdt)).where(self._where(t, run_id, symbol))).scalar()
         return None if value is None else float(value)
 
-    def has_equity(self, run_id: str, bar_open_time: pd.Timestamp) -> bool:
-        """Whether an equity row exists for (run, bar)."""
+    def has_equity(self, run_id: str, bar_open_time: pd.Timestamp, symbol: str | None = None) -> bool:
+        """Whether an equity row exists for (run, bar) (of ``symbol`` if given)."""
         t = table_of(EquityRecord)
-        stmt = sa.select(t.c.id).where((t.c.run_id == run_id) & (t.c.bar_open_time == to_utc_iso(bar_open_time)))
+        stmt = sa.select(t.c.id).where(self._where(t, run_id, symbol, bar_open_time))
         with self._engine.connect() as conn:
             return conn.execute(stmt.limit(1)).first() is not None
 
-    def has_decision(self, run_id: str, bar_open_time: pd.Timestamp) -> bool:
-        """Whether a decision row exists for (run, bar)."""
+    def has_decision(self, run_id: str, bar_open_time: pd.Timestamp, symbol: str | None = None) -> bool:
+        """Whether a decision row exists for (run, bar) (of ``symbol`` if given)."""
         t = table_of(DecisionRecord)
-        stmt = sa.select(t.c.id).where((t.c.run_id == run_id) & (t.c.bar_open_time == to_utc_iso(bar_open_time)))
+        stmt = sa.select(t.c.id).where(self._where(t, run_id, symbol, bar_open_time))
         with self._engine.connect() as conn:
             return conn.execute(stmt.limit(1)).first() is not None
 
-    def decision_at(self, run_id: str, bar_open_time: pd.Timestamp) -> DecisionRecord | None:
-        """The decision row of (run, bar), None when the bar was not decided."""
+    def decision_at(self, run_id: str, bar_open_time: pd.Timestamp, symbol: str | None = None) -> DecisionRecord | None:
+        """The decision row of (run, bar) (of ``symbol`` if given; else the first of the bar), None when the bar was
+        not decided."""
         t = table_of(DecisionRecord)
-        stmt = sa.select(t).where((t.c.run_id == run_id) & (t.c.bar_open_time == to_utc_iso(bar_open_time)))
+        stmt = sa.select(t).where(self._where(t, run_id, symbol, bar_open_time))
         with self._engine.connect() as conn:
             row = conn.execute(stmt.order_by(t.c.id).limit(1)).mappings().first()
         return None if row is None else from_row(DecisionRecord, row)
 
-    def last_decision_bar(self, run_id: str) -> pd.Timestamp | None:
-        """Open time of the latest decided bar of ``run_id`` (None when none)."""
+    def last_decision_bar(self, run_id: str, symbol: str | None = None) -> pd.Timestamp | None:
+        """Open time of the latest decided bar of ``run_id`` (of ``symbol`` if given; None when none)."""
         t = table_of(DecisionRecord)
         with self._engine.connect() as conn:
-            value = conn.execute(sa.select(sa.func.max(t.c.bar_open_time)).where(t.c.run_id == run_id)).scalar()
+            value = conn.execute(sa.select(sa.func.max(t.c.bar_open_time)).where(self._where(t, run_id, symbol))).scalar()
         return None if value is None else pd.Timestamp(value).tz_convert("UTC")
 
     # -- risk state ------------------------------------------------------------------------------

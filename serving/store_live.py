@@ -106,9 +106,9 @@ class LiveTables:
                 raise KeyError(f"no order intent with client id {client_id!r}")
             conn.execute(sa.insert(table_of(IntentStatusRecord)), [to_row(record)])
 
-    def intents(self, run_id: str | None = None) -> pd.DataFrame:
-        """All order intents (of ``run_id`` if given) in insertion order, with their latest ``status``."""
-        df = self._read(table_of(IntentRecord), run_id, ("bar_open_time", "created_at"))
+    def intents(self, run_id: str | None = None, symbol: str | None = None) -> pd.DataFrame:
+        """All order intents (of ``run_id`` / ``symbol`` if given) in insertion order, with their latest ``status``."""
+        df = self._read(table_of(IntentRecord), run_id, ("bar_open_time", "created_at"), symbol)
         latest = self._latest_intent_status()
         df["status"] = pd.Series([latest.get(c) for c in df["client_id"]], index=df.index, dtype=object)
         return df
@@ -142,20 +142,26 @@ class LiveTables:
         with self._engine.connect() as conn:
             return list(conn.execute(stmt).scalars())
 
-    def bar_intents(self, run_id: str, bar_open_time: pd.Timestamp) -> list[IntentRecord]:
-        """The intents of one bar (insertion order), each with its latest ``status``."""
+    def bar_intents(self, run_id: str, bar_open_time: pd.Timestamp, symbol: str | None = None) -> list[IntentRecord]:
+        """The intents of one bar (of ``symbol`` if given; insertion order), each with its latest ``status``."""
         t = table_of(IntentRecord)
         stmt = sa.select(t).where((t.c.run_id == run_id) & (t.c.bar_open_time == to_utc_iso(bar_open_time)))
+        if symbol is not None:
+            stmt = stmt.where(t.c.symbol == symbol)
         with self._engine.connect() as conn:
             rows = conn.execute(stmt.order_by(t.c.id)).mappings().all()
         return [from_row(IntentRecord, r, status=self.intent_status(r["client_id"])) for r in rows]
 
-    def unresolved_intents(self, run_id: str) -> list[IntentRecord]:
-        """Intents of ``run_id`` whose latest status is 'written', 'sent', 'unknown' or 'not_found'."""
+    def unresolved_intents(self, run_id: str, symbol: str | None = None) -> list[IntentRecord]:
+        """Intents of ``run_id`` (of ``symbol`` if given) whose latest status is 'written', 'sent', 'unknown' or
+        'not_found'."""
         latest = self._latest_intent_status()
         t = table_of(IntentRecord)
+        stmt = sa.select(t).where(t.c.run_id == run_id)
+        if symbol is not None:
+            stmt = stmt.where(t.c.symbol == symbol)
         with self._engine.connect() as conn:
-            rows = conn.execute(sa.select(t).where(t.c.run_id == run_id).order_by(t.c.id)).mappings().all()
+            rows = conn.execute(stmt.order_by(t.c.id)).mappings().all()
         return [from_row(IntentRecord, r, status=latest.get(r["client_id"])) for r in rows
                 if latest.get(r["client_id"]) in _UNRESOLVED]
 

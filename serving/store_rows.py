@@ -5,7 +5,10 @@ A field annotated ``Annotated[type, Col(sql_type, ...)]`` (:class:`Col`) is a co
 type, nullability and codec); any other field is not stored (e.g. an intent's current ``status``,
 read from ``intent_status``). Every table has an autoincrement integer ``id`` primary key first;
 :func:`table` builds it with the indexes and constraints given. Table and column names, types and order are those of the state files written
-before (``tests/serving/test_store_rows.py`` checks the DDL), so existing files open unchanged.
+before (``tests/serving/test_store_rows.py`` checks the DDL), except what multi-symbol serving added (schema 2): a
+``symbol`` column appended last to ``decisions``, ``fills`` and ``equity`` (:data:`SYMBOL_TABLES`) and the
+``account_equity`` table. A state file of schema 1 is refused when opened, with the command that migrates it
+(:func:`serving.store.migrate_symbol_column`).
 
 Codecs (how a Python value is stored): numbers and booleans as themselves; times as UTC ISO-8601
 text (``2024-01-01T00:00:00+00:00``, :func:`to_utc_iso`), which sorts correctly on any backend;
@@ -44,6 +47,16 @@ POSITION_SOURCES: tuple[str, ...] = ("baseline", "reconcile", "unreconciled")
 # ----------------------------------------------------------------------------------------------
 # encoding
 # ----------------------------------------------------------------------------------------------
+
+
+SYMBOL_TABLES: tuple[str, ...] = ("decisions", "fills", "equity")
+"""Tables that gained a ``symbol`` column for multi-symbol serving (schema 2); a state file without it predates
+them (:func:`serving.store.migrate_symbol_column`)."""
+
+
+def _check_symbol(symbol: str) -> None:
+    if not isinstance(symbol, str) or not symbol.strip():
+        raise ValueError(f"a row's symbol must be a non-empty exchange id such as 'BTCUSDT', got {symbol!r}")
 
 
 def to_utc_iso(time: pd.Timestamp | datetime | str) -> str:
@@ -197,7 +210,8 @@ def table_of(cls: type[Any]) -> sa.Table:
 @table("decisions", sa.Index("ix_decisions_run_bar", "run_id", "bar_open_time"))
 @dataclass(frozen=True, slots=True)
 class DecisionRecord:
-    """One row of ``decisions``. ``source`` is one of :data:`DECISION_SOURCES`; ``latency_ms`` in ms."""
+    """One row of ``decisions``: the decision of ``symbol`` (exchange id, e.g. ``BTCUSDT``) at the close of
+    ``bar_open_time``. ``source`` is one of :data:`DECISION_SOURCES`; ``latency_ms`` in ms."""
 
     run_id: Annotated[str, Col(sa.String(128))]
     bar_open_time: Annotated[pd.Timestamp, Col(sa.String(40), codec=TIME)]
@@ -211,8 +225,10 @@ class DecisionRecord:
     fallback_reason: Annotated[str | None, Col(sa.Text, nullable=True)]
     latency_ms: Annotated[float, Col(sa.Float)]
     created_at: Annotated[datetime, Col(sa.String(40), codec=DATETIME)]
+    symbol: Annotated[str, Col(sa.String(32))]
 
     def __post_init__(self) -> None:
+        _check_symbol(self.symbol)
         if self.source not in DECISION_SOURCES:
             raise ValueError(f"decision source must be one of {DECISION_SOURCES}, got {self.source!r}")
 
@@ -228,13 +244,14 @@ class DecisionRecord:
         fallback_reason: str | None,
         latency_ms: float,
         created_at: datetime,
+        symbol: str,
     ) -> DecisionRecord:
-        """Build the row of a :class:`market.decision.Decision`."""
+        """Build the row of a :class:`market.decision.Decision` of ``symbol`` (exchange id, e.g. ``BTCUSDT``)."""
         raw = None if raw_action is None else tuple(float(x) for x in raw_action)
         return cls(
             run_id, bar_open_time, source, int(decision.direction), float(decision.leverage),
             float(decision.size_frac), float(decision.stop_atr), float(decision.take_profit_atr),
-            raw, fallback_reason, float(latency_ms), created_at,
+            raw, fallback_reason, float(latency_ms), created_at, symbol,
         )  # fmt: skip
 
     def decision(self) -> Decision:
@@ -246,7 +263,8 @@ class DecisionRecord:
 @table("fills", sa.Index("ix_fills_run_bar", "run_id", "bar_open_time"))
 @dataclass(frozen=True, slots=True)
 class FillRecord:
-    """One row of ``fills``: ``side`` +1 buy / -1 sell, ``qty_base`` > 0, ``price`` in USDT."""
+    """One row of ``fills`` (a paper fill of ``symbol``): ``side`` +1 buy / -1 sell, ``qty_base`` > 0, ``price`` in
+    USDT."""
 
     run_id: Annotated[str, Col(sa.String(128))]
     bar_open_time: Annotated[pd.Timestamp, Col(sa.String(40), codec=TIME)]
@@ -256,20 +274,30 @@ class FillRecord:
     fee_usdt: Annotated[float, Col(sa.Float)]
     slippage_usdt: Annotated[float, Col(sa.Float)]
     reason: Annotated[str, Col(sa.String(32))]
+    symbol: Annotated[str, Col(sa.String(32))]
+
+    def __post_init__(self) -> None:
+        _check_symbol(self.symbol)
 
     @classmethod
-    def from_fill(cls, run_id: str, fill: Fill) -> FillRecord:
-        """Build the row of an :class:`envs.accounting.Fill` (its ``open_time_ns`` is the bar's open)."""
+    def from_fill(cls, run_id: str, fill: Fill, symbol: str) -> FillRecord:
+        """Build the row of an :class:`envs.accounting.Fill` of ``symbol`` (its ``open_time_ns`` is the bar's open)."""
         return cls(
             run_id, pd.Timestamp(fill.open_time_ns, unit="ns", tz="UTC"), int(fill.side), float(fill.qty_base),
-            float(fill.price), float(fill.fee_usdt), float(fill.slippage_usdt), fill.reason,
+            float(fill.price), float(fill.fee_usdt), float(fill.slippage_usdt), fill.reason, symbol,
         )  # fmt: skip
 
 
 @table("equity", sa.Index("ix_equity_run_bar", "run_id", "bar_open_time"))
 @dataclass(frozen=True, slots=True)
 class EquityRecord:
-    """One row of ``equity``: the account marked at the close of ``bar_open_time`` (USDT)."""
+    """One row of ``equity``: the book of ``symbol`` marked at the close of ``bar_open_time`` (USDT).
+
+    ``equity_usdt`` / ``cash_usdt`` are the equity and cash the symbol trades with: the whole account in a
+    single-symbol run and on an exchange (testnet/live: the account's equity), the symbol's sleeve of the paper
+    account in a multi-symbol paper run (:mod:`serving.portfolio`; the account is then the sum of the sleeves, also
+    written to ``account_equity``). ``position_side`` / ``position_qty_base``: the symbol's position.
+    """
 
     run_id: Annotated[str, Col(sa.String(128))]
     bar_open_time: Annotated[pd.Timestamp, Col(sa.String(40), codec=TIME)]
@@ -277,6 +305,26 @@ class EquityRecord:
     cash_usdt: Annotated[float, Col(sa.Float)]
     position_side: Annotated[int, Col(sa.Integer)]
     position_qty_base: Annotated[float, Col(sa.Float)]
+    symbol: Annotated[str, Col(sa.String(32))]
+
+    def __post_init__(self) -> None:
+        _check_symbol(self.symbol)
+
+
+@table("account_equity", sa.Index("ix_account_equity_run_bar", "run_id", "bar_open_time"))
+@dataclass(frozen=True, slots=True)
+class AccountEquityRecord:
+    """One row of ``account_equity``: the whole account of a multi-symbol run marked at the close of
+    ``bar_open_time`` (USDT): ``equity_usdt`` (cash + unrealized PnL of every symbol), ``gross_notional_usdt``
+    (sum of ``|qty| * close`` over the symbols), ``margin_usdt`` (initial margin of the open positions) and
+    ``n_positions`` (symbols with an open position)."""
+
+    run_id: Annotated[str, Col(sa.String(128))]
+    bar_open_time: Annotated[pd.Timestamp, Col(sa.String(40), codec=TIME)]
+    equity_usdt: Annotated[float, Col(sa.Float)]
+    gross_notional_usdt: Annotated[float, Col(sa.Float)]
+    margin_usdt: Annotated[float, Col(sa.Float)]
+    n_positions: Annotated[int, Col(sa.Integer)]
 
 
 @table("events", sa.Index("ix_events_run_time", "run_id", "time"))

@@ -74,8 +74,8 @@ EVENTS = [
     EventRecord("r", T, "skipped_min_notional", {}),  # not a notified kind
 ]
 FILLS = [
-    FillRecord("r", T, 1, 0.5, 30_000.0, 6.0, 1.0, "entry"),
-    FillRecord("r", T, -1, 0.5, 29_000.0, 6.0, 1.0, "stop"),
+    FillRecord("r", T, 1, 0.5, 30_000.0, 6.0, 1.0, "entry", "BTCUSDT"),
+    FillRecord("r", T, -1, 0.5, 29_000.0, 6.0, 1.0, "stop", "BTCUSDT"),
 ]
 
 

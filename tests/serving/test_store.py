@@ -21,7 +21,7 @@ CREATED = datetime(2024, 3, 1, 9, 0, 1, tzinfo=UTC)
 def _decision(run_id: str = "r1", source: str = "v2", raw=(0.5, math.nan, 1.0, 0.2, 0.1), reason=None):
     return DecisionRecord.from_decision(
         run_id, T0, source, Decision(1, 2.0, 0.25, 1.5, 3.0),
-        raw_action=raw, fallback_reason=reason, latency_ms=12.5, created_at=CREATED,
+        raw_action=raw, fallback_reason=reason, latency_ms=12.5, created_at=CREATED, symbol="BTCUSDT",
     )  # fmt: skip
 
 
@@ -30,8 +30,8 @@ def test_round_trip(tmp_path) -> None:
     fill = Fill(int(T0.value), -1, 0.123, 30_000.1, 1.84, 0.37, "stop")
     store.append(
         decisions=[_decision(), _decision(source="v1", raw=None, reason="exception: RuntimeError: boom")],
-        fills=[FillRecord.from_fill("r1", fill)],
-        equity=[EquityRecord("r1", T0, 10_050.5, 6_000.0, -1, 0.123)],
+        fills=[FillRecord.from_fill("r1", fill, "BTCUSDT")],
+        equity=[EquityRecord("r1", T0, 10_050.5, 6_000.0, -1, 0.123, "BTCUSDT")],
         events=[EventRecord("r1", T0, "quarantine", {"problem": "high < low", "n": 3, "x": math.inf})],
     )
     d = store.decisions()
@@ -75,7 +75,7 @@ def test_append_is_one_transaction(tmp_path) -> None:
     bad_event = EventRecord("r1", T0, None, {})  # type: ignore[arg-type]  # NOT NULL violation, inserted last
     with pytest.raises(sa.exc.IntegrityError):
         store.append(
-            decisions=[_decision()], equity=[EquityRecord("r1", T0, 1.0, 1.0, 0, 0.0)], events=[bad_event]
+            decisions=[_decision()], equity=[EquityRecord("r1", T0, 1.0, 1.0, 0, 0.0, "BTCUSDT")], events=[bad_event]
         )
     assert store.decisions().empty and store.equity().empty and store.events().empty
 
@@ -104,4 +104,38 @@ def test_rejects_bad_records() -> None:
         _decision(source="v3")
     store = StateStore("sqlite://")
     with pytest.raises(ValueError, match="naive"):
-        store.append(equity=[EquityRecord("r", pd.Timestamp("2024-01-01"), 1.0, 1.0, 0, 0.0)])
+        store.append(equity=[EquityRecord("r", pd.Timestamp("2024-01-01"), 1.0, 1.0, 0, 0.0, "BTCUSDT")])
+
+
+def test_reads_of_one_symbol_see_only_its_rows(tmp_path) -> None:
+    """Two symbols of one run at the same bars: every per-symbol read keeps them apart, the run-wide reads see both."""
+    from serving.intents import OrderIntent
+
+    store = StateStore.sqlite(tmp_path / "state.db")
+    t1 = T0 + pd.Timedelta(hours=1)
+
+    def row(symbol: str, t: pd.Timestamp, direction: int) -> DecisionRecord:
+        return DecisionRecord.from_decision("r", t, "v2", Decision(direction, 1.0, 0.5, 1.5, 3.0), raw_action=None,
+                                            fallback_reason=None, latency_ms=1.0, created_at=CREATED, symbol=symbol)
+
+    store.append(decisions=[row("BTCUSDT", T0, 1), row("ETHUSDT", T0, -1), row("ETHUSDT", t1, 0)],
+                 equity=[EquityRecord("r", T0, 5_000.0, 5_000.0, 1, 0.1, "BTCUSDT"),
+                         EquityRecord("r", T0, 6_000.0, 6_000.0, -1, 2.0, "ETHUSDT")])
+    for symbol, direction in (("BTCUSDT", 1), ("ETHUSDT", -1)):
+        d = store.decision_at("r", T0, symbol)
+        assert d is not None and d.symbol == symbol and d.direction == direction
+    assert store.last_decision_bar("r", "BTCUSDT") == T0 and store.last_decision_bar("r", "ETHUSDT") == t1
+    assert store.last_decision_bar("r") == t1
+    assert store.has_equity("r", T0, "ETHUSDT") and not store.has_equity("r", t1, "ETHUSDT")
+    assert not store.has_decision("r", t1, "BTCUSDT") and store.has_decision("r", t1, "ETHUSDT")
+    assert store.peak_equity("r", "BTCUSDT") == 5_000.0 and store.peak_equity("r") == 6_000.0
+    assert store.symbols("r") == ["BTCUSDT", "ETHUSDT"]
+    assert list(store.decisions("r", "ETHUSDT")["direction"]) == [-1, 0]
+    assert list(store.equity("r", "BTCUSDT")["position_qty_base"]) == [0.1]
+    intents = [OrderIntent(f"ats-{s}-1709280000-entry", "entry", s, T0, "buy", "market", 0.1, None, False, False)
+               for s in ("BTCUSDT", "ETHUSDT")]
+    store.write_intents("r", intents, T0)
+    assert [i.symbol for i in store.bar_intents("r", T0, "ETHUSDT")] == ["ETHUSDT"]
+    assert [i.symbol for i in store.unresolved_intents("r", "BTCUSDT")] == ["BTCUSDT"]
+    assert len(store.unresolved_intents("r")) == 2
+    assert list(store.intents("r", "ETHUSDT")["symbol"]) == ["ETHUSDT"]

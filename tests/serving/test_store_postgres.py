@@ -54,10 +54,10 @@ def test_round_trip_on_postgres(pg_url):
     store = StateStore(pg_url)
     decision = DecisionRecord.from_decision("r1", t0, "v2", Decision(1, 2.0, 0.25, 1.5, 3.0),
                                             raw_action=(0.5, math.nan, 1.0, 0.2, 0.1), fallback_reason=None,
-                                            latency_ms=12.5, created_at=t0.to_pydatetime())
+                                            latency_ms=12.5, created_at=t0.to_pydatetime(), symbol="BTCUSDT")
     store.append(decisions=[decision], fills=[FillRecord.from_fill("r1", Fill(int(t0.value), -1, 0.123, 30_000.1,
-                                                                              1.84, 0.37, "stop"))],
-                 equity=[EquityRecord("r1", t0, 10_050.5, 6_000.0, -1, 0.123)],
+                                                                              1.84, 0.37, "stop"), "BTCUSDT")],
+                 equity=[EquityRecord("r1", t0, 10_050.5, 6_000.0, -1, 0.123, "BTCUSDT")],
                  events=[EventRecord("r1", t0, "quarantine", {"problem": "high < low", "x": math.inf})])
     again = StateStore(pg_url)  # another connection (a restarted process) reads the same rows
     d = again.decisions()

@@ -164,10 +164,10 @@ CREATE TABLE risk_state (
 );"""
 
 ROWS = [
-    DecisionRecord("r", T, "v2", 1, 3.0, 0.5, 2.0, 4.0, (0.1, math.nan, -math.inf), None, 12.5, CREATED),
-    DecisionRecord("r", T, "missed", 0, 1.0, 0.1, 2.0, 3.0, None, "missed: no step", 0.0, CREATED),
-    FillRecord("r", T, -1, 0.01, 60_000.0, 0.3, 0.1, "stop"),
-    EquityRecord("r", T, 1_000.0, 990.0, 1, 0.01),
+    DecisionRecord("r", T, "v2", 1, 3.0, 0.5, 2.0, 4.0, (0.1, math.nan, -math.inf), None, 12.5, CREATED, "BTCUSDT"),
+    DecisionRecord("r", T, "missed", 0, 1.0, 0.1, 2.0, 3.0, None, "missed: no step", 0.0, CREATED, "ETHUSDT"),
+    FillRecord("r", T, -1, 0.01, 60_000.0, 0.3, 0.1, "stop", "BTCUSDT"),
+    EquityRecord("r", T, 1_000.0, 990.0, 1, 0.01, "BTCUSDT"),
     EventRecord("r", T, "quarantine", {"problems": ["gap"], "x": math.nan}),
     EventRecord("r", T, "live_started"),
     RiskStateRecord("default", T, "HALTED", "transition", ("drawdown", "daily loss"), {"peak": 1.0, "n": math.inf},
@@ -209,15 +209,90 @@ def test_each_row_round_trips_through_its_table(row):
     _assert_same_row(from_row(type(row), stored), row)
 
 
-def test_the_tables_have_the_schema_of_the_state_files_written_before(tmp_path):
+ACCOUNT_TABLE = """CREATE TABLE account_equity (
+	id INTEGER NOT NULL, 
+	run_id VARCHAR(128) NOT NULL, 
+	bar_open_time VARCHAR(40) NOT NULL, 
+	equity_usdt FLOAT NOT NULL, 
+	gross_notional_usdt FLOAT NOT NULL, 
+	margin_usdt FLOAT NOT NULL, 
+	n_positions INTEGER NOT NULL, 
+	PRIMARY KEY (id)
+);
+"""
+
+
+def _schema_2() -> str:
+    """SCHEMA_BEFORE with what multi-symbol serving added: ``symbol`` last in decisions, equity and fills, and the
+    account_equity table with its index."""
+    out = ACCOUNT_TABLE + SCHEMA_BEFORE
+    for table, last in (("decisions", "created_at VARCHAR(40) NOT NULL, "), ("equity", "position_qty_base FLOAT NOT NULL, "),
+                        ("fills", "reason VARCHAR(32) NOT NULL, ")):
+        head = f"CREATE TABLE {table} ("
+        start = out.index(head)
+        at = out.index(last, start) + len(last)
+        out = out[:at] + "\n\tsymbol VARCHAR(32) NOT NULL, " + out[at:]
+    index = "CREATE INDEX ix_decisions_run_bar"
+    return out.replace(index, "CREATE INDEX ix_account_equity_run_bar ON account_equity (run_id, bar_open_time);\n"
+                       + index)
+
+
+def test_the_tables_have_the_schema_of_the_state_files_written_before_plus_the_symbol_columns(tmp_path):
     StateStore.sqlite(tmp_path / "s.db").close()
     ddl = sqlite3.connect(tmp_path / "s.db").execute(
         "select sql from sqlite_master where sql is not null order by name").fetchall()
-    assert "\n".join(sql + ";" for (sql,) in ddl) == SCHEMA_BEFORE
+    text = "\n".join(sql + ";" for (sql,) in ddl)
+    assert text == _schema_2()
+    assert text.count("symbol VARCHAR(32) NOT NULL") == 6  # decisions, equity, fills + the three tables that had it
 
 
-def test_a_state_file_written_before_opens_and_reads_as_typed_rows(tmp_path):
-    """Rows inserted with the old schema's SQL (as the old code wrote them) read back as typed rows."""
+def _old_state_file(path):
+    conn = sqlite3.connect(path)
+    statements = [x.strip() for x in SCHEMA_BEFORE.split(";") if x.strip()]
+    for sql in sorted(statements, key=lambda x: not x.startswith("CREATE TABLE")):  # tables before indexes
+        conn.execute(sql)
+    conn.commit()
+    conn.close()
+
+
+def test_a_state_file_without_symbol_columns_is_refused_with_the_migration_command(tmp_path):
+    from serving.store import StoreSchemaError
+
+    path = tmp_path / "old.db"
+    _old_state_file(path)
+    with pytest.raises(StoreSchemaError, match=r"decisions, fills, equity have no 'symbol' column.*migrate-db"):
+        StateStore.sqlite(path)
+    # nothing was created or changed by the refused open
+    names = {r[0] for r in sqlite3.connect(path).execute("select name from sqlite_master where type='table'")}
+    assert "account_equity" not in names
+
+
+def test_migration_is_explicit_idempotent_and_gives_the_columns_of_a_new_file(tmp_path):
+    from serving.store import migrate_symbol_column
+
+    path = tmp_path / "old.db"
+    _old_state_file(path)
+    with pytest.raises(ValueError, match="exchange id"):
+        migrate_symbol_column(path, "BTC/USDT:USDT")
+    with pytest.raises(FileNotFoundError):
+        migrate_symbol_column(tmp_path / "none.db", "BTCUSDT")
+    assert migrate_symbol_column(path, "BTCUSDT") == ["decisions", "fills", "equity"]
+    assert migrate_symbol_column(path, "BTCUSDT") == []
+    StateStore.sqlite(path).close()
+    StateStore.sqlite(tmp_path / "new.db").close()
+
+    def columns(p, table):
+        return [r[1] for r in sqlite3.connect(p).execute(f"pragma table_info({table})")]
+
+    for table in ("decisions", "fills", "equity"):
+        assert columns(path, table) == columns(tmp_path / "new.db", table)
+
+
+def test_a_state_file_written_before_opens_after_migration_and_reads_as_typed_rows(tmp_path):
+    """Rows inserted with the old schema's SQL (as the old code wrote them) read back as typed rows of the symbol
+    named at the migration."""
+    from serving.store import migrate_symbol_column
+
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
     statements = [x.strip() for x in SCHEMA_BEFORE.split(";") if x.strip()]
@@ -238,9 +313,11 @@ def test_a_state_file_written_before_opens_and_reads_as_typed_rows(tmp_path):
     conn.execute("insert into events (run_id, time, kind, detail) values ('live', ?, 'old', NULL)", (t,))
     conn.commit()
     conn.close()
+    migrate_symbol_column(path, "BTCUSDT")
     store = StateStore.sqlite(path)
-    decision = store.decision_at("live", T)
+    decision = store.decision_at("live", T, "BTCUSDT")
     assert decision is not None and decision.decision().direction == -1 and decision.created_at == T.to_pydatetime()
+    assert decision.symbol == "BTCUSDT" and store.decision_at("live", T, "ETHUSDT") is None
     assert decision.raw_action is not None and decision.raw_action[0] == 0.25 and math.isnan(decision.raw_action[1])
     (intent,) = store.unresolved_intents("live")
     assert intent.status == "written" and intent.intent() == OrderIntent(
@@ -271,7 +348,7 @@ def test_store_reads_return_typed_rows(tmp_path):
     pending = store.pending_position_accept("BTCUSDT")
     assert pending is not None and pending.request_id is not None and pending.detail() == request.detail()
     record = DecisionRecord.from_decision("live", T, "v1", store_decision(), raw_action=None, fallback_reason="x",
-                                          latency_ms=1.0, created_at=CREATED)
+                                          latency_ms=1.0, created_at=CREATED, symbol="BTCUSDT")
     store.append(decisions=[record])
     assert store.decision_at("live", T) == record
 
@@ -284,8 +361,8 @@ def store_decision():
 
 def test_rows_reject_values_outside_their_domain():
     with pytest.raises(ValueError, match="decision source"):
-        DecisionRecord("r", T, "v3", 0, 1.0, 0.1, 1.0, 1.0, None, None, 0.0, CREATED)
+        DecisionRecord("r", T, "v3", 0, 1.0, 0.1, 1.0, 1.0, None, None, 0.0, CREATED, "BTCUSDT")
     with pytest.raises(ValueError, match="intent status"):
         IntentStatusRecord("c", "lost", T)
     with pytest.raises(ValueError, match="naive"):
-        to_row(EquityRecord("r", pd.Timestamp("2024-01-01"), 1.0, 1.0, 0, 0.0))
+        to_row(EquityRecord("r", pd.Timestamp("2024-01-01"), 1.0, 1.0, 0, 0.0, "BTCUSDT"))
