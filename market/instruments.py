@@ -192,11 +192,37 @@ _BRACKETS_SNAPSHOT = (
 )
 
 
+_FILTERS_RESPONSE_2024 = (
+    "exchangeInfo filters (PRICE_FILTER tickSize; LOT_SIZE and MARKET_LOT_SIZE stepSize, minQty; MARKET_LOT_SIZE "
+    "maxQty; MIN_NOTIONAL) of the USDT-M perpetual in a stored raw GET /fapi/v1/exchangeInfo response "
+    "(futuresType U_MARGINED), github.com/eddysan/TradingBotFest exchange_info.json "
+    "@445b59f59dc7d3b5489a104a965d97101a5be23f (the same response as a Python repr at "
+    "@8932e1a6439f15cd7d5d6d46afb424123392510c). Its serverTime 1727892008657 is 2024-10-02 18:00 UTC and its newest "
+    "listing (DIAUSDT) has onboardDate 2024-10-02 12:30 UTC, so it was taken on 2024-10-02; it is the live exchange, "
+    "not the testnet: its BTCUSDT and XRPUSDT filters equal this table's, and its ETHUSDT and LTCUSDT filters differ "
+    "only in MIN_NOTIONAL (20 there, 5 in the 2023 snapshot)"
+)
+
+_SOL_GRID_NOTE = (
+    "SOLUSDT's tick and step changed after this response, as the SOLUSDT 1h candles of ../shared/data/binance_usdm "
+    "(2024-01-01..2025-06-30) show: all prices lie on the 0.001 grid; up to 2024-10-14 06:00 UTC 6,890 of 6,895 "
+    "candles have a price off the 0.01 grid, from then on 66 of 6,233 (a 0.01 tick); volumes are whole SOL up to "
+    "2025-04-09 08:00 UTC and on a 0.01 grid from then on (a finer step). No document of the later values was found, "
+    "so this spec keeps the response's (tick 0.001, step 1): "
+    "from 2024-10-14 the simulated tick is finer than the exchange's, and from 2025-04-09 the quantity step coarser; "
+    "refresh with `ats data download` for today's values"
+)
+
+
 def _published_spec(
     symbol: str, *, tick: float, step: float, min_qty: float, max_market_qty: float, min_notional: float,
     max_leverage: int, brackets: tuple[tuple[float, float, float], ...],
+    filters: str = _FILTERS_SNAPSHOT, filters_when: str = "before 2023-12-29", read: str = "2026-12-07",
+    note: str = "",
 ) -> InstrumentSpec:
-    """A bundled spec read from the two public snapshots above (filters before 2023-12-29, brackets mid-2024)."""
+    """A bundled spec read from public snapshots: the filters from ``filters`` (by default the ccxt snapshot, taken
+    ``filters_when``), the brackets from :data:`_BRACKETS_SNAPSHOT` (mid-2024); ``read`` is the date the values were
+    read from them, ``note`` what else the source must say (e.g. a filter that changed later)."""
     return InstrumentSpec(
         symbol=symbol,
         tick_size_usdt=tick,
@@ -207,9 +233,9 @@ def _published_spec(
         max_leverage=max_leverage,
         maintenance_brackets=brackets_from_rows(brackets),
         funding_interval_hours=8,
-        source=f"Binance USDT-M {symbol}. {_FILTERS_SNAPSHOT}; {_BRACKETS_SNAPSHOT}; funding every 8 h: "
-        "../shared/data/README.md (all intervals 8 h)",
-        read_on="filters before 2023-12-29; brackets 2024-06-28..2024-09-27 (read from the snapshots 2026-12-07)",
+        source=f"Binance USDT-M {symbol}. {filters}; {_BRACKETS_SNAPSHOT}; funding every 8 h: "
+        "../shared/data/README.md (all intervals 8 h)" + (f". {note}" if note else ""),
+        read_on=f"filters {filters_when}; brackets 2024-06-28..2024-09-27 (read from the snapshots {read})",
     )
 
 
@@ -265,12 +291,34 @@ BUNDLED_SPECS: dict[str, InstrumentSpec] = {
             (3_000_000.0, 0.05, 23_045.0),
         ),
     ),
+    "SOLUSDT": _published_spec(
+        "SOLUSDT", tick=0.001, step=1.0, min_qty=1.0, max_market_qty=5000.0, min_notional=5.0, max_leverage=100,
+        brackets=(
+            (20_000.0, 0.005, 0.0),
+            (100_000.0, 0.0065, 30.0),
+            (800_000.0, 0.01, 380.0),
+            (4_000_000.0, 0.02, 8_380.0),
+            (8_000_000.0, 0.025, 28_380.0),
+        ),
+        filters=_FILTERS_RESPONSE_2024, filters_when="2024-10-02", read="2026-12-08", note=_SOL_GRID_NOTE,
+    ),
+    "BCHUSDT": _published_spec(
+        "BCHUSDT", tick=0.01, step=0.001, min_qty=0.001, max_market_qty=850.0, min_notional=20.0, max_leverage=75,
+        brackets=(
+            (5_000.0, 0.005, 0.0),
+            (10_000.0, 0.0065, 7.5),
+            (50_000.0, 0.01, 42.5),
+            (500_000.0, 0.02, 542.5),
+            (2_000_000.0, 0.05, 15_542.5),
+        ),
+        filters=_FILTERS_RESPONSE_2024, filters_when="2024-10-02", read="2026-12-08",
+    ),
 }
 """Specs shipped with the package, by symbol; every value has its source document and date in ``source`` and
 ``read_on``. BTCUSDT from this project's documented values; ETHUSDT, XRPUSDT and LTCUSDT from two public stored
-snapshots (:data:`_FILTERS_SNAPSHOT`, :data:`_BRACKETS_SNAPSHOT`). SOLUSDT and BCHUSDT are not here: their
-brackets are in the bracket snapshot, but no citable document of their exchangeInfo filters was found (SOLUSDT's
-tick and step have also changed since 2024); give them with a spec file or ``ats data download``."""
+snapshots (:data:`_FILTERS_SNAPSHOT`, :data:`_BRACKETS_SNAPSHOT`); SOLUSDT and BCHUSDT from a stored exchangeInfo
+response of 2024-10-02 (:data:`_FILTERS_RESPONSE_2024`) and the same bracket snapshot. SOLUSDT's tick and step
+changed after 2024-10-02 (:data:`_SOL_GRID_NOTE`)."""
 
 DEFAULT_SYMBOL = "BTCUSDT"
 """The symbol of the bundled candles (``market/bundled/BTCUSDT-1h.parquet``), the default of configs."""

@@ -46,11 +46,11 @@ def test_cli_evaluates_the_btc_bundle_on_xrp_at_xrps_tick(smoke_run, tmp_path):
     inst = json.loads((tmp_path / "table" / "metrics.json").read_text())["instrument"]
     assert (inst["evaluated_on"], inst["origin"], inst["spec"]["tick_size_usdt"]) == ("XRPUSDT", "bundled_table", 1e-4)
     # a symbol no source knows: the CLI refuses and names it
-    sol = tmp_path / "SOLUSDT-1h.parquet"
-    sol.write_bytes(bundled_candles_path("XRPUSDT").read_bytes())
-    r = CliRunner().invoke(app, ["evaluate", "--bundle", str(smoke_run / "bundle"), "--data", str(sol),
+    doge = tmp_path / "DOGEUSDT-1h.parquet"
+    doge.write_bytes(bundled_candles_path("XRPUSDT").read_bytes())
+    r = CliRunner().invoke(app, ["evaluate", "--bundle", str(smoke_run / "bundle"), "--data", str(doge),
                                  "--period", ":".join(PERIOD), "--out", str(tmp_path / "none")])
-    assert r.exit_code == 2 and "no instrument spec for SOLUSDT" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "no instrument spec for DOGEUSDT" in r.output and "Traceback" not in r.output
 
 
 def test_one_xrp_fill_is_the_models_bps_plus_atr_slippage_on_xrps_tick(smoke_run):

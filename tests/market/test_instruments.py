@@ -39,6 +39,7 @@ from tests.kit.instruments import XRP_TEST_SOURCE, write_spec_json, xrp_test_spe
 
 HOUR_MS = 3_600_000
 REPO = Path(__file__).resolve().parents[2]
+SHARED_USDM = REPO.parent / "shared" / "data" / "binance_usdm"
 
 
 @pytest.fixture(scope="module")
@@ -292,12 +293,12 @@ def test_cli_refuses_a_symbol_that_contradicts_the_file_name(tmp_path):
 
 def test_cli_train_refuses_a_config_symbol_without_a_spec(tmp_path):
     cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
-    cfg["data"].update(symbol="SOLUSDT", candles_path=_xrp_copy(tmp_path, "SOLUSDT-1h.parquet"))  # not in the table
-    path = tmp_path / "sol.yaml"
+    cfg["data"].update(symbol="DOGEUSDT", candles_path=_xrp_copy(tmp_path, "DOGEUSDT-1h.parquet"))  # not in the table
+    path = tmp_path / "doge.yaml"
     path.write_text(yaml.safe_dump(cfg))
     r = CliRunner().invoke(app, ["train", "--config", str(path), "--out", str(tmp_path / "run")])
     assert r.exit_code == 2, r.output
-    assert "no instrument spec for SOLUSDT" in r.output and "Traceback" not in r.output
+    assert "no instrument spec for DOGEUSDT" in r.output and "Traceback" not in r.output
 
 
 def test_v1_evaluation_on_xrp_uses_the_xrp_spec(tmp_path):
@@ -338,7 +339,38 @@ def test_bundled_table_is_consistent_and_cites_every_value():
             assert cum1 == pytest.approx(cum0 + cap0 * (rate1 - rate0)), (symbol, cap1)
         assert rows[0][2] == 0.0 and spec.symbol == symbol
         assert "Binance USDT-M" in spec.source and spec.read_on
+        if symbol != "BTCUSDT":  # read from public documents: each named by repository @ commit
+            assert "github.com/" in spec.source and "@" in spec.source, symbol
     for symbol in ("BTCUSDT", "ETHUSDT", "XRPUSDT"):
         closes = load_candles(bundled_candles_path(symbol))["close"].to_numpy()
         check_spec_fits(BUNDLED_SPECS[symbol], symbol, closes)
-    assert {"SOLUSDT", "BCHUSDT"}.isdisjoint(BUNDLED_SPECS)  # no citable filters found: not guessed
+    assert {"BTCUSDT", "ETHUSDT", "XRPUSDT", "LTCUSDT", "SOLUSDT", "BCHUSDT"} <= set(BUNDLED_SPECS)
+
+
+def test_sol_and_bch_specs_are_the_2024_exchange_info_values():
+    """The values read from the stored exchangeInfo response of 2024-10-02 and the bracket snapshot, with their
+    document (repository @ commit) and date; SOLUSDT's source says its tick and step changed after that date."""
+    sol, bch = BUNDLED_SPECS["SOLUSDT"], BUNDLED_SPECS["BCHUSDT"]
+    assert (sol.tick_size_usdt, sol.lot_step_base, sol.min_qty_base, sol.max_market_qty_base, sol.min_notional_usdt,
+            sol.max_leverage) == (0.001, 1.0, 1.0, 5000.0, 5.0, 100)
+    assert sol.bracket_rows()[:2] == ((20_000.0, 0.005, 0.0), (100_000.0, 0.0065, 30.0))
+    assert (bch.tick_size_usdt, bch.lot_step_base, bch.min_qty_base, bch.max_market_qty_base, bch.min_notional_usdt,
+            bch.max_leverage) == (0.01, 0.001, 0.001, 850.0, 20.0, 75)
+    assert bch.bracket_rows()[-1] == (2_000_000.0, 0.05, 15_542.5)
+    for spec in (sol, bch):
+        assert "eddysan/TradingBotFest exchange_info.json @445b59f59dc7d3b5489a104a965d97101a5be23f" in spec.source
+        assert "binance_leverage_tiers.json @01d10aebcab25c526473c603a88e14eb7d9699cc" in spec.source
+        assert spec.read_on.startswith("filters 2024-10-02;") and spec.funding_interval_hours == 8
+    assert "tick and step changed" in sol.source and "tick and step changed" not in bch.source
+
+
+@pytest.mark.parametrize("symbol", ["LTCUSDT", "SOLUSDT", "BCHUSDT"])
+def test_bundled_specs_fit_the_shared_candles(symbol):
+    """The sanity guard on the real USDT-M candles of the symbols whose candles are not bundled (../shared/data)."""
+    path = SHARED_USDM / f"{symbol}-1h.parquet"
+    if not path.is_file():
+        pytest.skip(f"{path} is not on this machine (the shared data folder is not part of the repository)")
+    closes = load_candles(path)["close"].to_numpy()
+    check_spec_fits(BUNDLED_SPECS[symbol], symbol, closes)
+    with pytest.raises(InstrumentSpecError, match="does not fit the data"):  # the guard can fail on these candles
+        check_spec_fits(BUNDLED_SPECS[symbol].model_copy(update={"tick_size_usdt": 1.0}), symbol, closes)
