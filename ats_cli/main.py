@@ -272,6 +272,11 @@ def _register_subcommands() -> None:
     app.command("status", help="serving state: mode, position, equity, today's PnL, risk, V2/V1 shares")(
         status_cmd.status
     )
+    from ats_cli import report_cmd
+
+    app.command("report", help="HTML report of a serving period (equity, trades, fallback share, incidents, drift)")(
+        report_cmd.report
+    )
 
 
 _register_subcommands()
