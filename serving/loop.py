@@ -82,7 +82,7 @@ from serving.errors import DataQualityError
 from serving.hotswap import BackoffConfig, PolicySlot
 from serving.notify import Notifier
 from serving.paper import PaperBroker
-from serving.risk import AccountSnapshot, RiskGuard
+from serving.risk import AccountSnapshot, GuardVerdict, RiskGuard
 from serving.store import DecisionRecord, EquityRecord, EventRecord, FillRecord, StateStore
 from serving.trading_rules import decides_at, min_hold_reason, not_decision_bar_reason
 
@@ -264,6 +264,38 @@ class BarInput:
     taint: WindowTaint | None = None
 
 
+@dataclass(frozen=True)
+class BarRows:
+    """The rows of one symbol's bar, as stored in one transaction."""
+
+    decisions: list[DecisionRecord]
+    fills: list[FillRecord]
+    equity: list[EquityRecord]
+    events: list[EventRecord]
+
+
+@dataclass
+class PendingBar:
+    """A bar of :class:`PaperStepper` processed and decided but not yet reviewed by the guard nor submitted
+    (:meth:`PaperStepper.begin`). ``decision`` is the one to submit (the guard may change it), ``wanted`` the
+    loop's before the guard; ``equity_usdt`` this book's equity marked at the bar's close (USDT); ``state`` the
+    broker's account after the bar; ``loop_hold``: a hold the loop imposed (submitted as no decision)."""
+
+    bar: BarInput
+    events: list[EventRecord]
+    fills: list[FillRecord]
+    equity_usdt: float
+    equity_row: EquityRecord
+    state: Any
+    choice: _Choice
+    decision: Decision
+    wanted: Decision
+    loop_hold: bool
+    atr_t: float
+    atr_ok: bool
+    atr_key: str
+
+
 class PaperStepper:
     """The per-bar logic of paper serving (module docstring, steps 0-5), with its state.
 
@@ -325,6 +357,10 @@ class PaperStepper:
         #: (not in a policy instance) so a hot-swapped bundle sees the run's drawdown
         self._peak_equity_usdt = float(config.initial_equity_usdt)
         self._last_ctx: DecisionContext | None = None
+        #: also told every closed round trip (time, net PnL in USDT), after the guard
+        self.closed_trade_sinks: list[Callable[[pd.Timestamp, float], None]] = []
+        #: add ``symbol`` to the detail of every event of a bar (set in multi-symbol runs: notifications name it)
+        self.name_symbol_in_events = False
 
     @property
     def symbol(self) -> str:
@@ -409,6 +445,24 @@ class PaperStepper:
     def step(self, bar: BarInput) -> DecisionRecord:
         """Process and decide ``bar`` (module docstring, steps 0-5); returns its decision row (stored).
 
+        The same as :meth:`begin`, the guard's review (:meth:`review`) and :meth:`complete`; the multi-symbol
+        paper loop (:mod:`serving.portfolio`) calls them apart to review every symbol of a bar together.
+
+        Raises
+        ------
+        ValueError
+            From the broker, if ``bar`` is not later than the previous bar.
+        """
+        pending = self.begin(bar)
+        if self.guard is not None and bar.problem is None:
+            self.review(pending, self.guard.review(pending.decision, self.snapshot(pending)))
+        record, _ = self.complete(pending)
+        return record
+
+    def begin(self, bar: BarInput) -> PendingBar:
+        """Steps 0-4 of ``bar`` without the guard: hot-swap, the broker processes the bar, the policies decide.
+        Nothing is stored or submitted before :meth:`complete`.
+
         Raises
         ------
         ValueError
@@ -435,14 +489,32 @@ class PaperStepper:
                 f"{choice.reason + '; ' if choice.reason else ''}atr_invalid: atr[t]={atr_t!r}, no new position",
                 choice.raw_action, choice.latency_ms, choice.events,
             )  # fmt: skip
-        wanted = decision
-        if self.guard is not None and bar.problem is None:
-            choice, decision = self._review(bar, choice, decision, equity_usdt, state)
-        imposed = decision.direction != wanted.direction  # the guard's: read whatever the trading rules
+        return PendingBar(bar, events, fills, equity_usdt, equity_row, state, choice, decision, decision, loop_hold,
+                          atr_t, atr_ok, atr_key)
+
+    def snapshot(self, pending: PendingBar) -> AccountSnapshot:
+        """The book of ``pending`` as a risk guard sees it (this symbol's equity and position at the bar's close)."""
+        return _account_snapshot(pending.bar.time, pending.equity_usdt, pending.state, pending.bar.bar.close)
+
+    def review(self, pending: PendingBar, verdict: GuardVerdict, *, track_state: bool = True) -> None:
+        """Step 4b: apply a risk guard's ``verdict`` on ``pending.decision`` (this symbol's guard, then in a
+        multi-symbol run the account's): a changed direction makes the row's source 'guard' (reason ``risk: ...``),
+        a clipped size adds a ``risk_clipped`` event; a change of this symbol's guard state is a
+        ``risk_state_changed`` event (``track_state``; the account's state is tracked by its caller)."""
+        pending.choice, pending.decision = self._review(pending.bar, pending.choice, pending.decision, verdict,
+                                                        track_state)
+
+    def complete(self, pending: PendingBar, *, write: bool = True) -> tuple[DecisionRecord, BarRows]:
+        """Step 5: submit ``pending.decision`` to the broker and record the bar; returns its decision row and all
+        its rows. ``write=False``: the rows are not stored nor published (the caller stores several symbols' rows
+        in one transaction, then calls :meth:`publish`)."""
+        imposed = pending.decision.direction != pending.wanted.direction  # the guard's: read whatever the rules
         # a hold the loop imposed is no decision (the env's bars between decisions; with a band a hold would resize)
-        self.broker.submit(None if loop_hold and not imposed else decision,
-                           atr_t if atr_ok else self._last_valid_atr[atr_key], imposed=imposed)  # fmt: skip
-        return self._record(bar, choice, decision, fills, events, equity_row)
+        self.broker.submit(None if pending.loop_hold and not imposed else pending.decision,
+                           pending.atr_t if pending.atr_ok else self._last_valid_atr[pending.atr_key],
+                           imposed=imposed)  # fmt: skip
+        return self._record(pending.bar, pending.choice, pending.decision, pending.fills, pending.events,
+                            pending.equity_row, write=write)
 
     def skip(self, bar: BarInput, reason: str) -> DecisionRecord:
         """Record ``bar``, which closed without a decision: a decision row of source 'missed'.
@@ -456,7 +528,9 @@ class PaperStepper:
         events: list[EventRecord] = []
         fills, _, equity_row = self._process(bar, events)
         decision = _hold(self.broker.state.side)
-        return self._record(bar, _Choice(decision, "missed", reason, None, 0.0, []), decision, fills, events, equity_row)
+        record, _ = self._record(bar, _Choice(decision, "missed", reason, None, 0.0, []), decision, fills, events,
+                                 equity_row)
+        return record
 
     def _process(self, bar: BarInput, events: list[EventRecord]) -> tuple[list[FillRecord], float, EquityRecord]:
         """Step 1: the broker processes ``bar`` with the pending decision (or quarantines it); closed
@@ -482,9 +556,11 @@ class PaperStepper:
             equity_usdt = result.equity_usdt
         state = self.broker.state
         row = EquityRecord(self.run_id, ts, float(equity_usdt), state.cash_usdt, state.side, state.qty_base, self.symbol)
-        if self.guard is not None:
-            for trade in closed_trades:
+        for trade in closed_trades:
+            if self.guard is not None:
                 self.guard.record_closed_trade(ts, trade.pnl_usdt)
+            for sink in self.closed_trade_sinks:  # e.g. the account guard of a multi-symbol run
+                sink(ts, trade.pnl_usdt)
         return fills, float(equity_usdt), row
 
     def _decide(self, bar: BarInput, state: Any, equity_usdt: float) -> tuple[_Choice, bool]:
@@ -519,11 +595,10 @@ class PaperStepper:
             return _Choice(_hold(state.side), "guard", reason, choice.raw_action, choice.latency_ms, choice.events), True
         return choice, False
 
-    def _review(self, bar: BarInput, choice: _Choice, decision: Decision, equity_usdt: float,
-                state: Any) -> tuple[_Choice, Decision]:
-        """Step 4b: the risk guard reviews ``decision`` (independent of the policy)."""
-        verdict = self.guard.review(decision, _account_snapshot(bar.time, equity_usdt, state, bar.bar.close))  # type: ignore[union-attr]
-        if verdict.state != self.risk_state:
+    def _review(self, bar: BarInput, choice: _Choice, decision: Decision, verdict: GuardVerdict,
+                track_state: bool = True) -> tuple[_Choice, Decision]:
+        """Step 4b: apply the risk guard's verdict on ``decision`` (the guard is independent of the policy)."""
+        if track_state and verdict.state != self.risk_state:
             choice.events.append(("risk_state_changed", {
                 "from": self.risk_state, "to": verdict.state, "reasons": list(verdict.reasons),
             }))  # fmt: skip
@@ -543,18 +618,27 @@ class PaperStepper:
         return choice, decision
 
     def _record(self, bar: BarInput, choice: _Choice, decision: Decision, fills: list[FillRecord],
-                events: list[EventRecord], equity_row: EquityRecord) -> DecisionRecord:
-        """Step 5: the bar's decision row, fills, equity and events in one transaction, then notify."""
+                events: list[EventRecord], equity_row: EquityRecord, *, write: bool = True
+                ) -> tuple[DecisionRecord, BarRows]:
+        """Step 5: the bar's decision row, fills, equity and events in one transaction, then notify (``write``)."""
         self.bars += 1
         self.counts[choice.source] += 1
         events.extend(EventRecord(self.run_id, bar.time, kind, detail) for kind, detail in choice.events)
+        if self.name_symbol_in_events:
+            events = [EventRecord(e.run_id, e.time, e.kind, {**e.detail, "symbol": self.symbol}) for e in events]
         record = DecisionRecord.from_decision(
             self.run_id, bar.time, choice.source, decision, raw_action=choice.raw_action,
             fallback_reason=choice.reason, latency_ms=choice.latency_ms, created_at=self._now(), symbol=self.symbol,
         )  # fmt: skip
-        self.store.append(decisions=[record], fills=fills, equity=[equity_row], events=events)
-        self._publish(events, fills)
-        return record
+        rows = BarRows([record], fills, [equity_row], events)
+        if write:
+            self.store.append(decisions=rows.decisions, fills=rows.fills, equity=rows.equity, events=rows.events)
+            self.publish(rows)
+        return record, rows
+
+    def publish(self, rows: BarRows) -> None:
+        """Count the events of ``rows`` and hand them and its fills to the notifier (after they are stored)."""
+        self._publish(rows.events, rows.fills)
 
     def note(self, time: pd.Timestamp, kind: str, detail: dict[str, Any]) -> None:
         """Write one event of the run outside a bar's transaction (stored, counted, notified)."""

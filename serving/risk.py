@@ -510,6 +510,25 @@ class RiskGuard:
             side = account.position_side if isinstance(account, AccountSnapshot) else 0
             return GuardVerdict(_exits_only(decision, side), RiskState.HALTED.value, (reason,))
 
+    def observe(self, time: pd.Timestamp, equity_usdt: float) -> RiskStatus:
+        """Mark ``equity_usdt`` (USDT) at ``time`` and update the state, without a decision to gate (the account's
+        guard of a multi-symbol run gates with :func:`serving.account_risk.gate_account`). Returns the status.
+
+        Raises
+        ------
+        ValueError
+            ``time`` naive or ``equity_usdt`` not finite and > 0 (the caller fails closed: :meth:`fail`).
+        """
+        self._sync_reset()
+        tracker = observe_equity(self._status.tracker, time, float(equity_usdt))
+        self._commit(evaluate(self._status, tracker, self.config), time)
+        return self._status
+
+    def fail(self, time: Any, exc: BaseException) -> str:
+        """Go HALTED because of ``exc`` (reason ``guard_error: ...``, persisted if the store works); returns the
+        reason. Never raises."""
+        return self._fail(time, exc)
+
     def record_closed_trade(self, time: pd.Timestamp, pnl_usdt: float) -> None:
         """Count a closed round trip (net PnL in USDT) for the kill switches; never raises."""
         try:
