@@ -8,6 +8,7 @@ to the action box. We export exactly those layers so serving needs neither SB3 n
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,6 +18,25 @@ from torch import nn
 from regime.hmm import ModelLoadError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+class Actor(Protocol):
+    """What a bundle's actor offers its callers: :class:`ActorNet`, or a seed ensemble's
+    :class:`agents.ensemble.EnsembleActor`."""
+
+    @property
+    def obs_dim(self) -> int:
+        """Length of the observation it reads (market columns + account features)."""
+        ...
+
+    @property
+    def action_dim(self) -> int:
+        """Length of the action it returns (5)."""
+        ...
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """The deterministic action, float32 (action_dim,), in [-1, 1], of one observation (obs_dim,)."""
+        ...
 
 
 class ActorNet(nn.Module):

@@ -13,6 +13,11 @@ Layout::
 :func:`load_bundle` verifies every file against the SHA-256 recorded in the manifest, loads each
 model with its non-pickle loader, rebuilds the observation schema from the loaded configs and
 refuses the bundle (``ModelLoadError``) if its hash differs from the manifest's.
+
+A seed ensemble (``ats ensemble``, :mod:`agents.ensemble`) is a bundle too: its manifest has an
+``ensemble`` block and its files are the member bundles, copied verbatim under ``members/m{i}/``;
+:func:`load_bundle` verifies them against the ensemble's manifest, then loads each member with itself
+and returns one :class:`PolicyBundle` whose actor combines the members' actions.
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from agents.actor import ActorNet, load_actor, save_actor
+from agents.actor import Actor, load_actor, save_actor
 from agents.observation import ObsNormalizer, StackModels, market_obs_names, schema_hash
 from envs import ENV_ID
+from envs.actions import ActionConfig
 from envs.trading_env import ACCOUNT_FEATURES, EnvConfig
 from market import json_codec
-from market.features import FeatureConfig
+from market.features import FeatureConfig, feature_names
 from regime.hmm import ModelLoadError, RegimeHMM
 from regime.transition import RegimeTransitionModel
 from signals.tcn import TCNSignalModel
@@ -66,11 +72,16 @@ def package_versions() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class PolicyBundle:
-    """A loaded bundle: the actor, the observation pipeline and the configs it was trained with."""
+    """A loaded bundle: the actor, the observation pipeline and the configs it was trained with.
+
+    ``actor`` is an :class:`agents.actor.ActorNet`, or for a seed ensemble an
+    :class:`agents.ensemble.EnsembleActor` (``normalizer`` is then the identity and ``models`` an
+    :class:`agents.ensemble.EnsembleModels`: see :mod:`agents.ensemble`).
+    """
 
     path: Path
     manifest: dict[str, Any]
-    actor: ActorNet
+    actor: Actor
     normalizer: ObsNormalizer
     feature_config: FeatureConfig
     env_config: EnvConfig
@@ -78,8 +89,8 @@ class PolicyBundle:
 
     @property
     def market_obs_names(self) -> list[str]:
-        """Names of the market-observation columns (features, then model outputs)."""
-        return market_obs_names(self.feature_config, self.models.n_states)
+        """Names of the market-observation columns (features, then model outputs: ``models.output_names``)."""
+        return list(feature_names(self.feature_config)) + self.models.output_names
 
 
 def save_bundle(
@@ -116,28 +127,53 @@ def save_bundle(
     models.hmm.save(out_dir / "regime" / "hmm")
     models.transition.save(out_dir / "regime" / "transition")
     models.tcn.save(out_dir / "signals" / "tcn")
+    write_manifest(out_dir, market_obs_names=names, action_config=env_config.actions, data_info=data_info,
+                   run_config=run_config, metrics=metrics)
+    return out_dir
+
+
+def write_manifest(
+    out_dir: Path,
+    *,
+    market_obs_names: list[str],
+    action_config: ActionConfig,
+    data_info: dict[str, Any],
+    run_config: dict[str, Any],
+    metrics: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``out_dir/manifest.json`` over the files already in ``out_dir`` and return it.
+
+    The manifest holds the format version, env id, observation schema (``market_obs_names``, the
+    account features and their :func:`agents.observation.schema_hash`), the action box and
+    ``action_config``, ``data_info``, ``run_config``, the installed package versions, ``metrics``,
+    ``files`` (the SHA-256 of every other file under ``out_dir``, by relative path, subfolders
+    included) and then the entries of ``extra`` (a seed ensemble's ``ensemble`` block).
+    """
+    out_dir = Path(out_dir)
     files = {
-        str(p.relative_to(out_dir)): sha256_file(p)
+        p.relative_to(out_dir).as_posix(): sha256_file(p)
         for p in sorted(out_dir.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.relative_to(out_dir).as_posix() != MANIFEST
     }
     manifest = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "env_id": ENV_ID,
         "observation": {
-            "market_obs_names": names,
+            "market_obs_names": list(market_obs_names),
             "account_features": list(ACCOUNT_FEATURES),
-            "schema_hash": schema_hash(names, {"env_id": ENV_ID}),
+            "schema_hash": schema_hash(market_obs_names, {"env_id": ENV_ID}),
         },
-        "action": {"shape": [5], "low": -1.0, "high": 1.0, "config": env_config.actions.model_dump(mode="json")},
+        "action": {"shape": [5], "low": -1.0, "high": 1.0, "config": action_config.model_dump(mode="json")},
         "data": data_info,
         "config": run_config,
         "versions": package_versions(),
         "metrics": metrics,
         "files": files,
+        **(extra or {}),
     }
     (out_dir / MANIFEST).write_text(json_codec.dumps(manifest, strict=False, indent=1))
-    return out_dir
+    return manifest
 
 
 def load_bundle(path: Path, *, device: str = "cpu") -> PolicyBundle:
@@ -148,7 +184,8 @@ def load_bundle(path: Path, *, device: str = "cpu") -> PolicyBundle:
     ModelLoadError
         Missing manifest or file, a file whose SHA-256 differs from the manifest (truncated,
         corrupted or swapped), a model that fails to load, or an observation schema that does not
-        match the manifest.
+        match the manifest; for a seed ensemble also a member that fails these checks or members
+        that do not fit together (:class:`agents.ensemble.EnsembleError`, a subclass).
     """
     path = Path(path)
     manifest_path = path / MANIFEST
@@ -164,6 +201,10 @@ def load_bundle(path: Path, *, device: str = "cpu") -> PolicyBundle:
             raise ModelLoadError(f"bundle file missing: {file}")
         if sha256_file(file) != digest:
             raise ModelLoadError(f"bundle file {file} does not match its SHA-256 in the manifest (corrupt or altered)")
+    if "ensemble" in manifest:  # a seed ensemble: its files (the members) are verified above
+        from agents.ensemble import load_ensemble
+
+        return load_ensemble(path, manifest, device=device)
     try:
         meta = json_codec.loads((path / "policy.json").read_text())
         feature_config = FeatureConfig.model_validate_json((path / "features.json").read_text())

@@ -42,6 +42,20 @@ class StackModels:
         """Number of HMM regimes."""
         return int(self.hmm.cfg.n_states)
 
+    @property
+    def signal_models(self) -> tuple[TCNSignalModel, ...]:
+        """The signal models whose outputs enter the observation, in column order: ``(tcn,)``.
+
+        A seed ensemble (:class:`agents.ensemble.EnsembleModels`) has one per member, all with the
+        ``window_bars`` of ``tcn``.
+        """
+        return (self.tcn,)
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the model-output columns, in order: :func:`model_output_names` of ``n_states``."""
+        return model_output_names(self.n_states)
+
 
 def model_output_names(n_states: int) -> list[str]:
     """Names of the model-output columns appended to the features, in order."""
@@ -67,12 +81,14 @@ def model_outputs(features: pd.DataFrame, models: StackModels, *, start: int, en
     """Model outputs for rows ``[start, end)`` of ``features`` (warm-up already dropped).
 
     Every output at row t uses feature rows <= t only: the HMM filter runs forward from row 0,
-    the LightGBM model is row-wise, the TCN reads the window of rows ``t - window + 1 .. t``.
+    the LightGBM model is row-wise, the TCN reads the window of rows ``t - window + 1 .. t``
+    (each of ``models.signal_models`` in turn: one, or one per member of a seed ensemble).
 
     Returns
     -------
     pd.DataFrame
-        float32, index ``features.index[start:end]``, columns ``model_output_names(K)``.
+        float32, index ``features.index[start:end]``, columns ``models.output_names``
+        (``model_output_names(K)`` for a single bundle's models).
 
     Raises
     ------
@@ -88,12 +104,12 @@ def model_outputs(features: pd.DataFrame, models: StackModels, *, start: int, en
     filtered = models.hmm.filtered_proba(x_hmm)[start:end]
     feats = features.to_numpy(np.float32)
     ahead = models.transition.predict_proba(feats[start:end])
-    signal = models.tcn.predict_proba(feats[start - window + 1 : end])[window - 1 :]
-    out = np.concatenate([filtered, ahead, signal], axis=1).astype(np.float32)
+    signal = [m.predict_proba(feats[start - window + 1 : end])[window - 1 :] for m in models.signal_models]
+    out = np.concatenate([filtered, ahead, *signal], axis=1).astype(np.float32)
     if not np.isfinite(out).all():
         bad = np.where(~np.isfinite(out).all(axis=1))[0][:5]
         raise ValueError(f"non-finite model outputs at rows {[str(features.index[start + i]) for i in bad]}")
-    return pd.DataFrame(out, index=features.index[start:end], columns=model_output_names(models.n_states))
+    return pd.DataFrame(out, index=features.index[start:end], columns=models.output_names)
 
 
 def last_row_outputs(features: pd.DataFrame, models: StackModels, regime_proba: np.ndarray) -> np.ndarray:
@@ -116,7 +132,8 @@ def last_row_outputs(features: pd.DataFrame, models: StackModels, regime_proba: 
     Returns
     -------
     np.ndarray
-        float32, shape (2K + 3,), in the order of :func:`model_output_names`.
+        float32, shape (2K + 3 S,) with S = ``len(models.signal_models)`` (1 for a single bundle), in the
+        order of ``models.output_names``.
 
     Raises
     ------
@@ -133,8 +150,8 @@ def last_row_outputs(features: pd.DataFrame, models: StackModels, regime_proba: 
         raise ValueError(f"regime_proba must have shape ({k},), got {regime.shape}")
     feats = features.to_numpy(np.float32)
     ahead = models.transition.predict_proba(feats[-1:])
-    signal = models.tcn.predict_proba(feats[-window:])[-1:]
-    out = np.concatenate([regime[None, :], ahead, signal], axis=1).astype(np.float32)[0]
+    signal = [m.predict_proba(feats[-window:])[-1:] for m in models.signal_models]
+    out = np.concatenate([regime[None, :], ahead, *signal], axis=1).astype(np.float32)[0]
     if not np.isfinite(out).all():
         raise ValueError(f"non-finite model outputs at {features.index[-1]}: {out.tolist()}")
     return out

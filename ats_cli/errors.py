@@ -39,6 +39,7 @@ _EXPECTED: tuple[tuple[str, str, str | None], ...] = (
     ("market.errors", "DataValidationError",
      "fix or replace the data file; `ats data check FILE` reports every rule it breaks"),
     ("market.instruments", "InstrumentSpecError", None),  # the message names the symbol and the ways to give a spec
+    ("agents.ensemble", "EnsembleError", None),  # members that cannot form an ensemble: the message names them
     ("regime.hmm", "ModelLoadError", _BUNDLE_HINT),  # agents.bundle.load_bundle raises it for any bundle problem
     ("serving.hotswap", "BundleRejected", _BUNDLE_HINT),
     ("serving.errors", "FatalError", None),  # credentials, .env permissions, arming, exchange set-up: the message says

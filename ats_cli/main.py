@@ -262,12 +262,14 @@ def gate(
 
 def _register_subcommands() -> None:
     """Sub-command groups that live in their own modules."""
-    from ats_cli import check_cmd, data_cmd, serve_cmd, status_cmd, tune_cmd, v1_cmd
+    from ats_cli import check_cmd, data_cmd, ensemble_cmd, serve_cmd, status_cmd, tune_cmd, v1_cmd
 
     app.add_typer(data_cmd.app, name="data", help="market data: download (ccxt) and quality check")
     app.add_typer(check_cmd.app, name="check", help="checks: look-ahead (truncation) check of features and models")
     app.command("sweep-v1", help="walk-forward parameter sweep of the V1 rules")(v1_cmd.sweep)
     app.command("tune", help="Ray Tune search of PPO/reward parameters (validation folds)")(tune_cmd.tune)
+    app.command("ensemble", help="several trained bundles (seeds) as one bundle: mean action or majority direction")(
+        ensemble_cmd.ensemble)
     app.add_typer(serve_cmd.app, name="serve")
     app.command("status", help="serving state: mode, position, equity, today's PnL, risk, V2/V1 shares")(
         status_cmd.status
