@@ -279,6 +279,11 @@ def _register_subcommands() -> None:
     app.command("report", help="HTML report of a serving period (equity, trades, fallback share, incidents, drift)")(
         report_cmd.report
     )
+    from ats_cli import dashboard_cmd
+
+    app.command("dashboard", help="read-only web dashboard of a serving database (loopback by default)")(
+        dashboard_cmd.dashboard
+    )
 
 
 _register_subcommands()
