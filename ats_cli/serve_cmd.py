@@ -55,9 +55,12 @@ def serve(
         "user@host/ats) instead of the --db SQLite file; --db still names the reload-request file")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="serve YAML: paper/live/risk sections (see configs/serve.yaml)")] = None,
-    replay: Annotated[Path | None, typer.Option(
+    replay: Annotated[list[str] | None, typer.Option(
         "--replay", help="paper: replay this candles parquet bar by bar instead of polling the exchange's live "
-        "candles")] = None,
+        "candles; repeat it for several symbols on one account (the symbol from the file name, BTCUSDT-1h.parquet, "
+        "or given as SYMBOL=PATH)")] = None,
+    allow_transfer: Annotated[bool, typer.Option(
+        "--allow-transfer", help="several --replay: serve symbols the bundle was not trained on (logged)")] = False,
     warmup_bars: Annotated[int | None, typer.Option(
         "--warmup-bars", min=0, help="paper --replay: bars observed before the first decision")] = None,
     max_bars: Annotated[int, typer.Option(
@@ -109,8 +112,19 @@ def serve(
                           base_url=base_url)
         return
     if mode is Mode.paper and replay is not None:  # paper without --replay returned above
-        _serve_paper(settings, replay=replay, bundle=bundle, db=db, warmup_bars=warmup_bars, max_bars=max_bars,
-                     initial_equity=initial_equity, watch_dir=watch, no_risk=no_risk, symbol=symbol)
+        replays = _replay_files(replay)
+        if len(replays) > 1:
+            if symbol is not None or watch is not None:
+                raise typer.BadParameter("several --replay files name their symbols themselves (no --symbol) and "
+                                         "hot-swap (--watch-dir) serves one symbol only")
+            _serve_paper_multi(ctx, settings, replays=replays, bundle=bundle, db=db, warmup_bars=warmup_bars,
+                               max_bars=max_bars, initial_equity=initial_equity, no_risk=no_risk,
+                               allow_transfer=allow_transfer)
+            return
+        named, path = next(iter(replays.items()))
+        _serve_paper(settings, replay=path, bundle=bundle, db=db, warmup_bars=warmup_bars, max_bars=max_bars,
+                     initial_equity=initial_equity, watch_dir=watch, no_risk=no_risk,
+                     symbol=symbol if symbol is not None else (named if "=" in replay[0] else None))
         return
     if testnet_data:
         raise typer.BadParameter("--testnet-data is for paper on live candles")
@@ -160,6 +174,81 @@ def _serve_paper(settings, *, replay: Path, bundle: Path, db: Path, warmup_bars:
     except ValidationError as exc:  # an option outside its range (e.g. --initial-equity 0)
         raise typer.BadParameter(_validation_message(exc)) from exc
     _print_summary(summary, db)
+
+
+def replay_symbol(item: str) -> tuple[str, Path]:
+    """(symbol, path) of one ``--replay`` value: ``SYMBOL=PATH``, or ``PATH`` whose file name starts with the
+    symbol (``BTCUSDT-1h.parquet``, ``ETHUSDT_1h.parquet``, ``SOLUSDT.parquet``).
+
+    Raises
+    ------
+    typer.BadParameter
+        The symbol cannot be told (not letters and digits).
+    """
+    from market.store import symbol_file_stem
+
+    if "=" in item:
+        name, _, path = item.partition("=")
+    else:
+        path = item
+        name = Path(item).name.split(".")[0].split("-")[0].split("_")[0]
+    try:
+        symbol = symbol_file_stem(name.strip()).upper()
+    except ValueError:
+        symbol = ""
+    if not symbol or not symbol.isalnum():
+        raise typer.BadParameter(f"cannot tell the symbol of {item!r}: name it SYMBOL=PATH (e.g. BTCUSDT=candles.parquet)",
+                                 param_hint="--replay")
+    return symbol, Path(path)
+
+
+def _replay_files(items: list[str]) -> dict[str, Path]:
+    """``--replay`` values as symbol -> path (in the order given).
+
+    Raises
+    ------
+    typer.BadParameter
+        A symbol given twice, or one that cannot be told (several files must each name their symbol).
+    """
+    if len(items) == 1 and "=" not in items[0]:
+        return {"": Path(items[0])}  # one file: the symbol need not be in its name (the bundle's spec, --symbol)
+    out: dict[str, Path] = {}
+    for item in items:
+        symbol, path = replay_symbol(item)
+        if symbol in out:
+            raise typer.BadParameter(f"{symbol} is replayed twice ({out[symbol]} and {path})", param_hint="--replay")
+        out[symbol] = path
+    return out
+
+
+def _serve_paper_multi(ctx: typer.Context, settings, *, replays: dict[str, Path], bundle: Path, db: Path,
+                       warmup_bars: int | None, max_bars: int, initial_equity: float | None, no_risk: bool,
+                       allow_transfer: bool) -> None:
+    """``ats serve --mode paper --replay A --replay B ...``: several symbols on one paper account."""
+    from pydantic import ValidationError
+
+    from serving.app import serve_replay_multi
+
+    try:
+        summary = serve_replay_multi(
+            replays=replays, bundle_dir=bundle, db_path=db, config=settings.paper, warmup_bars=warmup_bars,
+            max_bars=max_bars, initial_equity_usdt=initial_equity, risk=None if no_risk else settings.risk,
+            account_risk=None if no_risk else settings.account_risk, allow_transfer=allow_transfer, log=_log,
+            progress_factory=lambda: counting_progress(console),
+        )
+    except ValidationError as exc:
+        raise typer.BadParameter(_validation_message(exc)) from exc
+    except ValueError as exc:  # a bad setting or a refused transfer (FatalError, see ats_cli.errors)
+        report(exc, ctx)
+    console.print(f"\n[bold green]served[/] {len(summary.symbols)} symbols over {summary.bars} bars on one account; "
+                  f"final equity {summary.final_equity_usdt:,.2f} USDT (from {summary.initial_equity_usdt:,.2f})")
+    for symbol, leg in summary.legs.items():
+        console.print(f"  {symbol}: {leg.decisions_v2} decided by V2, {leg.decisions_v1} by V1, {leg.decisions_guard} "
+                      f"by the guard; sleeve equity {leg.final_equity_usdt:,.2f} USDT")
+    if summary.account_risk_state not in (None, "ACTIVE"):
+        console.print(f"  [yellow]account risk guard {summary.account_risk_state}[/] (reset: `ats serve reset-risk "
+                      f"--db {db} --scope account --note ...`)")
+    console.print(f"  state database: {db} (`ats status --db {db}`)")
 
 
 def _serve_paper_live(ctx: typer.Context, settings, *, bundle: Path, db: Path, symbol: str | None,

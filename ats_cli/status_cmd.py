@@ -51,13 +51,22 @@ def status(
     if s.base_url:
         table.add_row("exchange URL", s.base_url)
     table.add_row("last bar", str(s.last_bar))
-    table.add_row(
-        "position", f"{_SIDE[s.position_side]} {s.position_qty_base:.6g}" if s.position_side else "flat"
-    )
-    table.add_row("equity", money(s.equity_usdt))
+    if s.symbols:  # a multi-symbol run: one line per symbol, then the account
+        for x in s.symbols:
+            pos = f"{_SIDE[x.position_side]} {x.position_qty_base:.6g}" if x.position_side else "flat"
+            table.add_row(f"{x.symbol}", f"{pos}; book {money(x.equity_usdt)}; {x.bars} bars (V2 {x.decided_v2}, "
+                          f"V1 {x.decided_v1}, guard {x.decided_guard}" + (f", missed {x.decided_missed}"
+                          if x.decided_missed else "") + f"); risk {x.risk_state}")
+        table.add_row("account", f"equity {money(s.equity_usdt)}; {s.n_positions} open position(s)"
+                      + (f"; notional {money(s.gross_notional_usdt)}" if s.gross_notional_usdt is not None else ""))
+    else:
+        table.add_row(
+            "position", f"{_SIDE[s.position_side]} {s.position_qty_base:.6g}" if s.position_side else "flat"
+        )
+        table.add_row("equity", money(s.equity_usdt))
     table.add_row(f"today's PnL ({s.day} UTC)", money(s.today_pnl_usdt))
     table.add_row(
-        "risk state",
+        "account risk state" if s.symbols else "risk state",
         f"[{risk_style}]{s.risk_state}[/]" + (f" since {s.risk_since}" if s.risk_since is not None else ""),
     )
     for r in s.risk_reasons:

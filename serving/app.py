@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agents.policy import FrozenPPOPolicy
 from envs.config import CostConfig, TradingRulesConfig
@@ -26,6 +26,7 @@ from market.features import FeatureConfig
 from market.features import atr as atr_indicator
 from market.instruments import InstrumentSpec, InstrumentSpecError, resolve_spec
 from market.store import symbol_file_stem
+from serving.account_risk import AccountRiskConfig
 from serving.errors import FatalError
 from serving.hotswap import BackoffConfig, PolicySlot, reload_request_path
 from serving.loop import ReplaySummary, ServeConfig, run_replay
@@ -34,6 +35,9 @@ from serving.paper_live import FeedConfig
 from serving.risk import RiskConfig, RiskGuard
 from serving.store import StateStore
 from serving.trading_rules import bundle_env_config
+
+if TYPE_CHECKING:
+    from serving.portfolio import PortfolioSummary
 
 DEFAULT_RISK = RiskConfig()
 
@@ -277,6 +281,125 @@ def serve_paper_live(
         f"market{f' at {base_url}' if base_url else ''}; state in {db_path}; stop with Ctrl-C (between bars)")
     try:
         return loop.run(max_bars=max_bars)
+    finally:
+        if notifier is not None:
+            notifier.close()
+
+
+def bundle_symbols(bundle_dir: Path) -> list[str]:
+    """The symbols a bundle was trained on, from its manifest (``data.symbols`` of a pooled run, else
+    ``data.symbol``), as exchange ids (``BTCUSDT``); empty when the manifest records none or is unreadable."""
+    try:
+        data = json_codec.loads((Path(bundle_dir) / "manifest.json").read_text()).get("data") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    raw = data.get("symbols") or ([data["symbol"]] if data.get("symbol") else [])
+    return [symbol_file_stem(str(s)) for s in raw]
+
+
+def check_symbols_served(bundle_dir: Path, symbols: list[str], allow_transfer: bool) -> list[str]:
+    """The symbols of ``symbols`` the bundle was not trained on (:func:`bundle_symbols`); empty when all were.
+
+    Raises
+    ------
+    FatalError
+        Some were not, and ``allow_transfer`` is False (the message names them and the bundle's symbols).
+    """
+    trained = bundle_symbols(bundle_dir)
+    foreign = [s for s in symbols if s not in trained]
+    if foreign and not allow_transfer:
+        known = ", ".join(trained) if trained else "none recorded in its manifest"
+        raise FatalError(f"bundle {bundle_dir} was trained on {known}; it is not asked to serve {', '.join(foreign)} "
+                         "unless --allow-transfer is given (a transfer to an unseen symbol; it is logged)")
+    return foreign
+
+
+def serve_replay_multi(
+    *,
+    replays: dict[str, Path],
+    bundle_dir: Path,
+    db_path: Path,
+    config: ServeConfig | None = None,
+    warmup_bars: int | None = None,
+    max_bars: int = 0,
+    initial_equity_usdt: float | None = None,
+    risk: RiskConfig | None = DEFAULT_RISK,
+    account_risk: AccountRiskConfig | None = None,
+    allow_transfer: bool = False,
+    notify: NotifyConfig | Literal["env"] | None = "env",
+    torch_threads: int | None = 1,
+    log: Callable[[str], None] = print,
+    progress_factory: Callable | None = None,
+) -> PortfolioSummary:
+    """Replay several symbols' candles on one paper account (:func:`serving.portfolio.run_portfolio_replay`).
+
+    Parameters
+    ----------
+    replays : dict[str, Path]
+        Symbol (exchange id, ``BTCUSDT``) -> its candles file.
+    bundle_dir : Path
+        One bundle serves every symbol: each gets its own instance (slot) of it, V1 with the bundle's V1 config and
+        the symbol's instrument spec (a pooled bundle's record of it, else :func:`market.instruments.resolve_spec`).
+    config, warmup_bars, max_bars, initial_equity_usdt, notify, torch_threads, log, progress_factory
+        As :func:`serve_replay` (``max_bars``: clock times decided; the warm-up is per symbol).
+    risk : RiskConfig | None
+        Each symbol's guard (kill switches, entry caps; scope ``symbol:<SYMBOL>``); None: none.
+    account_risk : AccountRiskConfig | None
+        The account's guard (scope ``account``); default :class:`serving.account_risk.AccountRiskConfig` when
+        ``risk`` is given, none when ``risk`` is None.
+    allow_transfer : bool
+        Serve symbols the bundle was not trained on (:func:`check_symbols_served`); each is logged as a
+        ``transfer_allowed`` event.
+
+    Hot-swap (``--watch-dir``, ``ats serve reload``) is not wired for several symbols yet.
+
+    Raises
+    ------
+    FatalError
+        The bundle was not trained on a symbol and ``allow_transfer`` is False.
+    market.instruments.InstrumentSpecError
+        A symbol without a known instrument spec.
+    """
+    from serving.portfolio import Leg, run_portfolio_replay
+
+    _set_torch_threads(torch_threads)
+    symbols = sorted(replays)
+    foreign = check_symbols_served(bundle_dir, symbols, allow_transfer)
+    config = config if config is not None else ServeConfig(warmup_bars=1200)
+    overrides = {"warmup_bars": warmup_bars, "initial_equity_usdt": initial_equity_usdt}
+    config = ServeConfig.model_validate({**config.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+    legs = []
+    for symbol in symbols:
+        candles = load_candles(replays[symbol])
+        if max_bars:
+            candles = candles.iloc[: config.warmup_bars + max_bars]
+        slot, fallback, costs, feature_cfg = _policies(bundle_dir, config.primary_backoff, None, db_path, log, symbol)
+        if costs.instrument.symbol != symbol:  # a single-symbol bundle serving another symbol: that symbol's spec
+            costs = costs.with_instrument(resolve_spec(symbol).spec)
+        legs.append(Leg(symbol, candles, slot, fallback, atr_indicator(candles, feature_cfg.atr_period_bars), costs,
+                        fallback_atr=atr_indicator(candles, fallback.atr_period_bars),
+                        trading_rules=_trading_rules(slot)))
+    store = StateStore.sqlite(db_path)
+    if risk is not None and account_risk is None:
+        account_risk = AccountRiskConfig()
+    for symbol in foreign:
+        log(f"[yellow]transfer[/]: the bundle was not trained on {symbol} (--allow-transfer)")
+    notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
+    files = {s: str(replays[s]) for s in symbols}
+    kwargs: dict[str, Any] = {"store": store, "config": config, "symbol_risk": risk, "account_risk": account_risk,
+                              "notifier": notifier, "detail": {"replay": files, "transfer": foreign}}
+    try:
+        if foreign:
+            store.append_event(config.run_id, legs[0].candles.index[0], "transfer_allowed",
+                               {"symbols": foreign, "bundle": str(bundle_dir),
+                                "trained_on": bundle_symbols(bundle_dir)})
+        if progress_factory is None:
+            return run_portfolio_replay(legs, **kwargs)
+        with progress_factory() as progress:
+            task = progress.add_task(f"replay of {len(symbols)} symbols after {config.warmup_bars:,} warm-up bars",
+                                     total=None, unit="bar times")
+            return run_portfolio_replay(legs, **kwargs, progress=lambda i, total: progress.update(
+                task, completed=i, total=total))
     finally:
         if notifier is not None:
             notifier.close()

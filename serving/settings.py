@@ -12,6 +12,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from market.config_base import StrictConfig
+from serving.account_risk import AccountRiskConfig
 from serving.errors import FatalError
 from serving.live import LiveConfig
 from serving.loop import ServeConfig
@@ -28,7 +29,10 @@ class ServeSettings(StrictConfig):
     live : LiveConfig
         Testnet/live loop: symbol, timeframe, deadline, candle-poll delay, clock-offset limit.
     risk : RiskConfig | None
-        Limits of the risk guard. ``null`` disables the guard, allowed in paper mode only.
+        Limits of the risk guard (of each symbol's guard in a multi-symbol run, whose daily loss and drawdown are
+        then the account's). ``null`` disables the guard, allowed in paper mode only.
+    account_risk : AccountRiskConfig
+        Limits of the account's guard of a multi-symbol run (:mod:`serving.account_risk`); unused with one symbol.
     watch_dir : Path | None
         Directory watched for new bundles (validated, then swapped in between bars).
     """
@@ -36,6 +40,7 @@ class ServeSettings(StrictConfig):
     paper: ServeConfig = Field(default_factory=lambda: ServeConfig(warmup_bars=1200))
     live: LiveConfig = Field(default_factory=LiveConfig)
     risk: RiskConfig | None = Field(default_factory=RiskConfig)
+    account_risk: AccountRiskConfig = Field(default_factory=AccountRiskConfig)
     watch_dir: Path | None = None
 
 
