@@ -12,7 +12,8 @@ Timing (see ``market.decision``): a decision taken at the close of bar t is appl
 1. funding settlement at the open of bar t+1 (charged on the position held into it),
 2. trailing: on a hold, ``decision.new_stop_price`` moves the stop if it tightens it (tick-rounded
    conservatively); then fills at the open (close the old position and/or open the new one, taker,
-   adverse slippage),
+   adverse slippage; with ``CostConfig.entry_order = "limit"`` the new one is a limit order at the open, filled
+   during the bar only if the bar trades through it, maker fee),
 3. intrabar exits from the bar's high/low (stop or liquidation first, then take-profit),
 4. mark to market at the close.
 
@@ -171,8 +172,9 @@ class AccountState:
 class Fill:
     """One execution. ``side`` +1 buy / -1 sell, ``qty_base`` > 0, ``price`` in USDT.
 
-    ``fee_usdt`` is the taker fee charged (0 for a liquidation, whose clearance fee is reported in
-    :attr:`BarResult.liquidation_fee_usdt`); ``slippage_usdt = qty * |price - reference price|`` is
+    ``fee_usdt`` is the fee charged: taker, or maker for a limit take-profit or a limit entry
+    (``CostConfig.take_profit_order`` / ``entry_order``); 0 for a liquidation, whose clearance fee is reported in
+    :attr:`BarResult.liquidation_fee_usdt`. ``slippage_usdt = qty * |price - reference price|`` is
     informational (already inside ``price``, never charged a second time). ``reason`` is one of
     :data:`FILL_REASONS`.
     """
@@ -260,6 +262,8 @@ def cost_params(cfg: CostConfig) -> np.ndarray:
     p[K.P_TICK_POW10] = decimals_pow10(rules.tick_size_usdt)
     p[K.P_MAKER_FEE_RATE] = cfg.maker_fee_bps / 1e4 * cfg.cost_multiplier
     p[K.P_TP_LIMIT] = 1.0 if cfg.take_profit_order == "limit" else 0.0
+    p[K.P_ENTRY_LIMIT] = 1.0 if cfg.entry_order == "limit" else 0.0
+    p[K.P_ENTRY_OFFSET] = cfg.entry_limit_offset_bps / 1e4 if cfg.entry_order == "limit" else 0.0
     p[K.P_N_BRACKETS] = len(cfg.maintenance_brackets)
     p[K.P_BRACKETS :] = brackets
     return p
@@ -383,6 +387,7 @@ def state_to_arrays(state: AccountState, fs: np.ndarray, is_: np.ndarray) -> Non
     is_[K.I_TRADES] = state.n_trades
     is_[K.I_SKIPPED] = state.n_skipped_min_notional
     is_[K.I_FALLBACK] = state.n_fallback_funding
+    is_[K.I_MISSED] = 0  # missed limit entries are counted by the env (not an AccountState field)
 
 
 def state_from_arrays(fs: np.ndarray, is_: np.ndarray) -> AccountState:
@@ -482,6 +487,12 @@ def step_bar(
     (4) mark to market at the close, ``bars_in_trade += 1`` if a position is open.
     ``slip = (slippage_bps / 1e4 + slippage_atr_coef * atr_at_decision / bar.open) * cost_multiplier``; fees are
     ``notional * taker_fee_bps / 1e4 * cost_multiplier`` per fill.
+    With ``cfg.entry_order = "limit"`` the opening in (2) is a limit order at the open (less
+    ``cfg.entry_limit_offset_bps``), sized at that price with the maker fee rate, filled at it (maker fee, no
+    slippage) only if the bar trades through it (long: ``bar.low < limit``, short: ``bar.high > limit``); else
+    no position (a missed entry: neither a fill nor ``skipped_min_notional``; the env counts it). In its fill
+    bar (3) checks the stop against the bar's adverse extreme and the take-profit against the close only
+    (:class:`envs.config.CostConfig`).
 
     Parameters
     ----------

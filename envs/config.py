@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from market.config_base import StrictConfig
 from market.instruments import DEFAULT_SYMBOL, InstrumentSpec, bundled_spec
@@ -27,6 +27,21 @@ class CostConfig(StrictConfig):
     default (the bundled table's spec of the bundled candles' symbol) only serves code that builds an env by hand
     on the bundled data, e.g. unit tests. ``tick_size_quote``, ``lot_size_base``, ``min_notional_usdt``,
     ``maintenance_brackets`` and ``funding_interval_hours`` read the spec.
+
+    Entry order (issue 16 lever "maker-priced entries"; default ``"market"``: today's entries, bit for bit).
+    ``entry_order = "limit"`` opens a position (from flat, or the opening leg of a flip, whose close stays a market
+    order) with a limit order resting from the fill bar's open at ``open * (1 - s * entry_limit_offset_bps / 1e4)``
+    (s = +1 buy / -1 sell), rounded to the tick away from the market. It fills at that price, maker fee, no
+    slippage, only if the bar trades *through* it (long: low < limit; short: high > limit); a bar that only
+    touches it, or never reaches it, leaves the account flat and counts a missed entry (no market fallback; the
+    order is taken as cancelled at the bar's end). Sized by the one sizing rule at the limit price with the maker
+    fee rate (:mod:`envs.sizing`). In the fill bar the stop and liquidation are checked against the bar's adverse
+    extreme (reached after the trade-through) and the take-profit against the close only (a high or low before
+    the fill cannot take profit). Rebalance adds and all exits stay as configured above. Sources: the
+    trade-through convention of conservative backtest fill models (a resting order's place in the queue is
+    unknown, so a touch is not a fill; backtrader's and TradingView's broker emulators fill a limit on a touch,
+    which is the optimistic variant); the maker rate of the Binance USDT-M fee schedule (``maker_fee_bps``).
+    Live serving places no entry limit orders and refuses such a bundle (:mod:`serving.trading_rules`).
     """
 
     taker_fee_bps: float = Field(
@@ -39,13 +54,27 @@ class CostConfig(StrictConfig):
         2.0,
         ge=0.0,
         description="Maker fee in basis points of fill notional (VIP0 USDT-M 0.02 %); charged on "
-        "take-profit fills when take_profit_order is 'limit'.",
+        "take-profit fills when take_profit_order is 'limit' and on entries when entry_order is 'limit'.",
     )
     take_profit_order: Literal["market", "limit"] = Field(
         "market",
         description="'market': a reduce-only TAKE_PROFIT_MARKET order (taker fee, adverse slippage); "
         "'limit': a resting reduce-only limit order at the level (maker fee, no slippage; fills at "
         "the open when the bar gaps through it).",
+    )
+    entry_order: Literal["market", "limit"] = Field(
+        "market",
+        description="'market': a position is opened by a market order at the next open (taker fee, adverse "
+        "slippage); 'limit': by a limit order at the next open (less entry_limit_offset_bps), filled at its "
+        "price only if the bar trades through it (long: low < limit; short: high > limit), maker fee, no "
+        "slippage; not filled: no position (a missed entry, counted), no market fallback.",
+    )
+    entry_limit_offset_bps: float = Field(
+        0.0,
+        ge=0.0,
+        le=1_000.0,
+        description="With entry_order 'limit': the limit lies this many basis points of the open below it (a "
+        "buy) or above it (a sell), rounded to the tick away from the market. 0: at the open.",
     )
     slippage_bps: float = Field(
         1.0, ge=0.0, description="Fixed part of slippage in basis points of price, adverse, per fill."
@@ -68,6 +97,15 @@ class CostConfig(StrictConfig):
     cost_multiplier: float = Field(
         1.0, ge=0.0, description="Scales fees and slippage (cost sensitivity runs: 0, 1, 2)."
     )
+
+    @model_validator(mode="after")
+    def _offset_needs_a_limit_entry(self) -> CostConfig:
+        if self.entry_limit_offset_bps != 0.0 and self.entry_order != "limit":
+            raise ValueError(
+                f"entry_limit_offset_bps={self.entry_limit_offset_bps} is set but entry_order is "
+                f"{self.entry_order!r}: the offset places a limit entry; set entry_order: limit or drop the offset"
+            )
+        return self
 
     def with_instrument(self, spec: InstrumentSpec) -> CostConfig:
         """Copy of this config with ``spec`` as the traded symbol's rules (fees, slippage and funding settings kept)."""

@@ -43,13 +43,13 @@ from numba.extending import intrinsic
 from envs.kernel_layout import (
     F_CASH, F_QTY, F_ENTRY, F_MARGIN, F_LEV, F_STOP, F_TP, F_LIQ, F_ENTRY_FEE, F_TRADE_FUNDING, F_FEES,
     F_FUNDING, F_SLIP, F_LIQ_FEES, F_TURNOVER, E_EQUITY, E_PEAK, E_DRAWDOWN, E_T, E_START, E_END,
-    N_ENV_FLOAT, I_SIDE, I_ENTRY_TIME, I_BARS, I_FILLS, I_TRADES, I_SKIPPED, I_FALLBACK, N_INT, NO_TIME,
+    N_ENV_FLOAT, I_SIDE, I_ENTRY_TIME, I_BARS, I_FILLS, I_TRADES, I_SKIPPED, I_FALLBACK, I_MISSED, N_INT, NO_TIME,
     P_FEE_RATE, P_SLIP_BPS, P_SLIP_ATR, P_COST_MULT, P_FUND_FALLBACK, P_LOT, P_TICK, P_MIN_NOTIONAL,
     P_LOT_POW10, P_TICK_POW10, P_TURNOVER_PEN, P_DD_PEN, P_SCALE, P_DEAD_ZONE, P_MAX_LEV, P_MAX_SIZE,
     P_STOP_LO, P_STOP_HI, P_TP_LO, P_TP_HI, P_INITIAL_EQUITY, P_MIN_EQUITY_FRAC, P_MAX_DD, P_N_BRACKETS,
     P_MAKER_FEE_RATE, P_TP_LIMIT, P_MIN_QTY, P_MAX_QTY, P_MAX_EXCH_LEV, P_MIN_HOLD, P_REBALANCE, P_BAND,
-    P_SIZING_MODE, P_TARGET_VOL, P_COST_PEN, P_RW_VOL_TARGET, P_BRACKETS, O_FEES, O_SLIP, O_FUNDING,
-    O_LIQ_FEE, O_LIQUIDATED, O_SKIPPED, O_N_EVENTS, O_ERR_VALUE, O_R, O_EQUITY, O_REWARD, O_BASE,
+    P_SIZING_MODE, P_TARGET_VOL, P_COST_PEN, P_RW_VOL_TARGET, P_ENTRY_LIMIT, P_ENTRY_OFFSET, P_BRACKETS, O_FEES,
+    O_SLIP, O_FUNDING, O_LIQ_FEE, O_LIQUIDATED, O_SKIPPED, O_MISSED, O_N_EVENTS, O_ERR_VALUE, O_R, O_EQUITY, O_REWARD, O_BASE,
     O_TURNOVER_PEN, O_DD_PEN, O_COST_PEN, EV_REASON, EV_SIDE, EV_QTY, EV_PRICE, EV_FEE, EV_SLIP, EV_ENTRY,
     EV_PNL, EVI_ENTRY_TIME, EVI_BARS, EVI_SIDE, EVI_TIME, R_ENTRY, R_EXIT_SIGNAL, R_STOP, R_TAKE_PROFIT,
     R_LIQUIDATION, R_REBALANCE, B_OPEN, B_HIGH, B_LOW, B_CLOSE, B_ATR, B_FUNDING_RATE, B_IS_FUNDING, B_VOL,
@@ -219,16 +219,29 @@ def _liquidate(fs, is_, price, bars_held, ev, evi, out):  # pragma: no cover - c
 
 
 @njit(**_INLINE_OPTS)
-def _open(fs, is_, direction, lev, size_frac, stop_atr, tp_atr, o, time_ns, atr, slip, fee_rate, p,
+def _open(fs, is_, direction, lev, size_frac, stop_atr, tp_atr, o, h, lo, time_ns, atr, slip, fee_rate, p,
           ev, evi, out):  # pragma: no cover - compiled  # fmt: skip
-    """Open ``direction`` at the next open with adverse slippage, sized by the one sizing rule
-    (:func:`envs.sizing.size_position`: quantity from the requested leverage, margin at the integer
-    exchange leverage ``ceil(lev)``, stop / take-profit to the nearest tick); the liquidation price
-    uses that margin. ``fs[F_LEV]`` keeps the requested leverage (what the policy chose and observes)."""
+    """Open ``direction`` at the next open, sized by the one sizing rule (:func:`envs.sizing.size_position`:
+    quantity from the requested leverage, margin at the integer exchange leverage ``ceil(lev)``, stop /
+    take-profit to the nearest tick); the liquidation price uses that margin. ``fs[F_LEV]`` keeps the requested
+    leverage (what the policy chose and observes).
+
+    A market entry (default) fills at the open ``o`` with adverse slippage, taker fee. A limit entry
+    (``p[P_ENTRY_LIMIT]``, :class:`envs.config.CostConfig` ``entry_order = "limit"``) rests at
+    ``o * (1 - direction * p[P_ENTRY_OFFSET])`` rounded to the tick away from the market (buy down, sell up), is
+    sized at that price with the maker fee rate, and fills at it, maker fee, no slippage, only if the bar trades
+    through it (long: ``lo < limit``; short: ``h > limit``); otherwise no position and a missed entry
+    (``is_[I_MISSED]``, ``out[O_MISSED]``). An entry the sizing rule skips (no budget, minimums) is a skip, not
+    a miss (no order would be placed)."""
     tick = p[P_TICK]
     tick_pow = p[P_TICK_POW10]
     cash = fs[F_CASH]  # flat here, so equity == cash
-    fill = adverse_fill(o, direction, slip, tick, tick_pow)
+    limit = p[P_ENTRY_LIMIT] > 0.0
+    if limit:
+        fill = round_price(o * (1.0 - direction * p[P_ENTRY_OFFSET]), tick, -direction, tick_pow)
+        fee_rate = p[P_MAKER_FEE_RATE]
+    else:
+        fill = adverse_fill(o, direction, slip, tick, tick_pow)
     code, qty, notional, margin, _lev_x, stop, tp = size_position(
         cash, size_frac, lev, fill, fee_rate, atr, stop_atr, tp_atr, direction, tick, p[P_LOT], p[P_MIN_QTY],
         p[P_MAX_QTY], p[P_MIN_NOTIONAL], p[P_MAX_EXCH_LEV], tick_pow, p[P_LOT_POW10])  # fmt: skip
@@ -239,12 +252,16 @@ def _open(fs, is_, direction, lev, size_frac, stop_atr, tp_atr, o, time_ns, atr,
         is_[I_SKIPPED] += 1
         out[O_SKIPPED] = 1.0
         return OK
+    if limit and not (lo < fill if direction > 0 else h > fill):  # the bar did not trade through the limit
+        is_[I_MISSED] += 1
+        out[O_MISSED] = 1.0
+        return OK
     row = _bracket_row(notional, p)
     if row < 0:
         out[O_ERR_VALUE] = notional
         return ERR_BRACKET
     fee = notional * fee_rate
-    slip_usdt = qty * abs(fill - o)
+    slip_usdt = 0.0 if limit else qty * abs(fill - o)
     fs[F_CASH] -= margin + fee
     is_[I_SIDE] = direction
     fs[F_QTY] = qty
@@ -469,7 +486,9 @@ def bar_apply(fs, is_, has_decision, direction, lev, size_frac, stop_atr, tp_atr
     The trading rules of ``p`` act here: a decision that would close or flip a position held for fewer than
     ``p[P_MIN_HOLD]`` bars is read as no decision (a hold's stop move still applies), and with
     ``p[P_REBALANCE]`` a decision in the held direction resizes the position (:func:`_resize`) unless the
-    position is that young.
+    position is that young. With ``p[P_ENTRY_LIMIT]`` an opening (from flat or after a flip's market close) is a
+    limit order filled only on a trade-through (:func:`_open`), and the intrabar exits of its fill bar see the
+    path after the fill (2d).
     """
     n_events0 = int(out[O_N_EVENTS])
     side0 = is_[I_SIDE]
@@ -483,6 +502,9 @@ def bar_apply(fs, is_, has_decision, direction, lev, size_frac, stop_atr, tp_atr
     else:
         slip = 0.0
     fee_rate = p[P_FEE_RATE]
+    o_x = o  # the path of the bar the intrabar exits see (2d changes it after a limit entry's fill)
+    h_x = h
+    lo_x = lo
     # 1. Funding on the position held into the settlement.
     if is_funding and is_[I_SIDE] != 0:
         rate = funding_rate
@@ -511,18 +533,29 @@ def bar_apply(fs, is_, has_decision, direction, lev, size_frac, stop_atr, tp_atr
             price = adverse_fill(o, -is_[I_SIDE], slip, p[P_TICK], p[P_TICK_POW10])
             _close(fs, is_, price, o, R_EXIT_SIGNAL, is_[I_BARS], fee_rate, ev, evi, out)
         if opening:
-            code = _open(fs, is_, direction, lev, size_frac, stop_atr, tp_atr, o, time_ns, atr, slip,
+            code = _open(fs, is_, direction, lev, size_frac, stop_atr, tp_atr, o, h, lo, time_ns, atr, slip,
                          fee_rate, p, ev, evi, out)  # fmt: skip
             if code != OK:
                 return code
+            if p[P_ENTRY_LIMIT] > 0.0 and is_[I_SIDE] != 0:
+                # 2d. A limit entry filled during the bar, not at its open: of the bar's path after the fill only
+                # the adverse extreme (the low of a long, the high of a short: the trade-through came before it)
+                # and the close are known. So its stop / liquidation are checked against that extreme, its
+                # take-profit against the close only (a high before the fill must not take profit), and the
+                # gap-at-the-open rules see the fill price as the open (the position did not exist at the open).
+                o_x = fs[F_ENTRY]
+                if is_[I_SIDE] > 0:
+                    h_x = c
+                else:
+                    lo_x = c
     elif has_decision and p[P_REBALANCE] > 0.0 and not locked and direction != 0 and is_[I_SIDE] == direction:
         # 2c. Rebalance a position held in the decided direction (after the stop move).
         code = _resize(fs, is_, size_frac, lev, o, slip, fee_rate, p, ev, evi, out)
         if code != OK:
             return code
-    # 3. Intrabar exits of the position held after the open.
+    # 3. Intrabar exits of the position held after the open (after a limit entry's fill: 2d).
     if is_[I_SIDE] != 0:
-        _intrabar_exit(fs, is_, o, h, lo, slip, fee_rate, p, ev, evi, out)
+        _intrabar_exit(fs, is_, o_x, h_x, lo_x, slip, fee_rate, p, ev, evi, out)
     # 4. Mark to market at the close.
     if is_[I_SIDE] != 0:
         is_[I_BARS] += 1
@@ -774,6 +807,7 @@ def batch_step(actions, fs, is_, bars, times, market_obs, p, obs, rewards, termi
             final_stats[k, 7] = irow[I_FILLS]
             final_stats[k, 8] = irow[I_SKIPPED]
             final_stats[k, 9] = irow[I_FALLBACK]
+            final_stats[k, 10] = irow[I_MISSED]
             start = starts[cursor[0]]
             cursor[0] += 1
             end = last if length <= 0 else min(start + length, last)

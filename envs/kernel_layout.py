@@ -22,8 +22,9 @@ N_ACCOUNT_FLOAT = 15
 (E_EQUITY, E_PEAK, E_DRAWDOWN, E_T, E_START, E_END, E_RW_A, E_RW_B, E_RW_N) = range(15, 24)  # fmt: skip
 N_ENV_FLOAT = 24
 
-(I_SIDE, I_ENTRY_TIME, I_BARS, I_FILLS, I_TRADES, I_SKIPPED, I_FALLBACK) = range(7)  # fmt: skip
-N_INT = 7
+(I_SIDE, I_ENTRY_TIME, I_BARS, I_FILLS, I_TRADES, I_SKIPPED, I_FALLBACK, I_MISSED) = range(8)  # fmt: skip
+N_INT = 8
+# I_MISSED: limit entries the bar did not trade through (CostConfig.entry_order "limit"); not an AccountState field.
 NO_TIME = np.iinfo(np.int64).min
 
 # Parameters.
@@ -33,19 +34,22 @@ NO_TIME = np.iinfo(np.int64).min
  P_DEAD_ZONE, P_MAX_LEV, P_MAX_SIZE, P_STOP_LO, P_STOP_HI, P_TP_LO, P_TP_HI,
  P_INITIAL_EQUITY, P_MIN_EQUITY_FRAC, P_MAX_DD, P_MAX_LEV_OBS, P_N_BRACKETS,
  P_MAKER_FEE_RATE, P_TP_LIMIT, P_MIN_QTY, P_MAX_QTY, P_MAX_EXCH_LEV,
- P_MIN_HOLD, P_REBALANCE, P_BAND, P_SIZING_MODE, P_TARGET_VOL, P_COST_PEN, P_RW_VOL_TARGET) = range(42)  # fmt: skip
+ P_MIN_HOLD, P_REBALANCE, P_BAND, P_SIZING_MODE, P_TARGET_VOL, P_COST_PEN, P_RW_VOL_TARGET,
+ P_ENTRY_LIMIT, P_ENTRY_OFFSET) = range(44)  # fmt: skip
 # P_MIN_HOLD .. P_BAND: envs.config.TradingRulesConfig (P_REBALANCE 1.0 when rebalance_band_frac is set);
 # P_SIZING_MODE 1.0 = "vol_target" (envs.actions.ActionConfig); P_COST_PEN, P_RW_VOL_TARGET (0 = off):
-# envs.rewards.RewardConfig. All 0 in cost_params: today's rules.
-P_BRACKETS = 42
+# envs.rewards.RewardConfig. All 0 in cost_params: today's rules. P_ENTRY_LIMIT 1.0 = CostConfig.entry_order
+# "limit", P_ENTRY_OFFSET its offset as a fraction of the open (entry_limit_offset_bps / 1e4); 0: market entries.
+P_BRACKETS = 44
 SIZING_MODES: tuple[str, ...] = ("equity_fraction", "vol_target")
 REWARD_KINDS: tuple[str, ...] = ("sortino", "differential_sharpe", "log_return")
 
 # Per-bar outputs ``out`` (float64, N_OUT).
 # (O_EQUITY .. O_COST_PEN are adjacent, in this order: the env reads them with one slice.)
-(O_FEES, O_SLIP, O_FUNDING, O_LIQ_FEE, O_LIQUIDATED, O_SKIPPED, O_N_EVENTS, O_ERR_VALUE, O_R,
- O_EQUITY, O_REWARD, O_BASE, O_TURNOVER_PEN, O_DD_PEN, O_COST_PEN) = range(15)  # fmt: skip
-N_OUT = 15
+# (O_FEES .. O_N_EVENTS are reset together at a step's first bar; O_MISSED: 1.0 when a limit entry was missed.)
+(O_FEES, O_SLIP, O_FUNDING, O_LIQ_FEE, O_LIQUIDATED, O_SKIPPED, O_MISSED, O_N_EVENTS, O_ERR_VALUE, O_R,
+ O_EQUITY, O_REWARD, O_BASE, O_TURNOVER_PEN, O_DD_PEN, O_COST_PEN) = range(16)  # fmt: skip
+N_OUT = 16
 
 # Events of one bar: ``ev`` float64 (MAX_EVENTS, N_EV): reason code (index into
 # envs.accounting.FILL_REASONS), fill side, qty, price, fee, slippage, trade entry price, trade net PnL;
@@ -74,7 +78,7 @@ ERR_RETURN = 3  # non-finite per-bar return (value in out[O_ERR_VALUE])
 #: Columns of ``final_stats`` in :func:`batch_step` (episode totals captured before the autoreset).
 FINAL_STATS: tuple[str, ...] = (
     "equity_usdt", "fees_paid_usdt", "funding_paid_usdt", "slippage_paid_usdt", "liquidation_fees_usdt",
-    "turnover_usdt", "n_trades", "n_fills", "n_skipped_min_notional", "n_fallback_funding",
+    "turnover_usdt", "n_trades", "n_fills", "n_skipped_min_notional", "n_fallback_funding", "n_missed_entries",
 )  # fmt: skip
 
 # Decision modes of the env step.

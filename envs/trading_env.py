@@ -301,7 +301,11 @@ class TradingEnv(gym.Env):
     ``config.actions.sizing_mode = "vol_target"`` decodes the size component as a fraction of a target
     volatility (:func:`envs.actions.decode_action`); ``config.reward`` has the cost penalty and volatility
     scaling (:mod:`envs.rewards`). With ``reward.cost_penalty_mult > 0`` the info also holds
-    ``reward_cost_penalty`` (subtracted like the other penalties).
+    ``reward_cost_penalty`` (subtracted like the other penalties). ``config.costs.entry_order = "limit"``
+    (:class:`envs.config.CostConfig`) opens positions with limit orders at the open filled only on a
+    trade-through; a bar that does not trade through leaves the account flat (a missed entry): the full info
+    then also holds ``missed_entry`` (this step) and ``n_missed_entries`` (the episode's count), and the lean
+    info ``n_missed_entries`` at the episode's last step (the batched env's ``final_info`` always has it).
 
     ``info`` (``config.info_level``): ``"lean"`` (default, for training: SB3's ``DummyVecEnv``
     deep-copies every info dict) holds every step ``equity_usdt`` and the reward's components
@@ -355,6 +359,7 @@ class TradingEnv(gym.Env):
         self._full = self.config.info_level == "full"
         self._cost_info = self.config.reward.cost_penalty_mult > 0.0
         self._resizes = self.config.trading_rules.rebalance_band_frac is not None
+        self._limit_entries = self.config.costs.entry_order == "limit"
         self._fs = np.zeros(K.N_ENV_FLOAT, dtype=np.float64)
         self._is = np.zeros(K.N_INT, dtype=np.int64)
         self._ev = np.zeros((K.MAX_EVENTS, K.N_EV), dtype=np.float64)
@@ -513,6 +518,8 @@ class TradingEnv(gym.Env):
             info["reward_cost_penalty"] = float(out[K.O_COST_PEN])
         if self._done:
             info.update(episode_summary(self._fs, self._is))
+            if self._limit_entries:
+                info["n_missed_entries"] = int(self._is[K.I_MISSED])
         return self._obs_buf.copy(), r, terminated, truncated, info
 
     def step_decision(self, decision: Decision | None):
@@ -566,6 +573,8 @@ class TradingEnv(gym.Env):
                 info["reward_cost_penalty"] = float(out[K.O_COST_PEN])
             if self._done:
                 info.update(episode_summary(fs, self._is))
+                if self._limit_entries:
+                    info["n_missed_entries"] = int(self._is[K.I_MISSED])
         return self._obs_buf.copy(), float(out[K.O_REWARD]), terminated, truncated, info
 
     def _raise(self, code: int, action: np.ndarray) -> None:
@@ -620,6 +629,9 @@ class TradingEnv(gym.Env):
         })  # fmt: skip
         if self._cost_info:
             info["reward_cost_penalty"] = float(out[K.O_COST_PEN])
+        if self._limit_entries:
+            info["missed_entry"] = bool(out[K.O_MISSED])
+            info["n_missed_entries"] = int(is_[K.I_MISSED])
         return info
 
     def render(self) -> str | None:  # type: ignore[override]  # gymnasium's RenderFrame is an unbound TypeVar; ansi renders a str

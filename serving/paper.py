@@ -109,6 +109,10 @@ class PaperBroker:
                  leverage: int = 20) -> None:  # fmt: skip
         self._state = AccountState.initial(initial_equity_usdt)
         self._costs = costs
+        # The venue's orders are market orders whatever the bundle's entry_order (a limit entry is a decision-mode
+        # rule of the kernel; the live loop, which drives the venue, refuses limit-entry bundles).
+        self._venue_costs = costs if costs.entry_order == "market" else costs.updated(entry_order="market",
+                                                                                       entry_limit_offset_bps=0.0)
         self._trading_rules = trading_rules
         if trading_rules is not None and trading_rules.decision_interval_bars > 1 and not (bar_interval_ns or 0) > 0:
             raise ValueError("a decision interval > 1 bar needs bar_interval_ns (the bar length) to find decision bars")
@@ -449,7 +453,7 @@ class PaperBroker:
                 order.status = "expired" if order.status == "open" else order.status
                 continue
             opening = Bar(bar.open_time_ns, o, o, o, o, bar.funding_rate, funding)
-            result = step_bar(state, decision, opening, atr_usdt, self._costs)
+            result = step_bar(state, decision, opening, atr_usdt, self._venue_costs)
             trades += self._record(result.fills, order, state, bar.open_time_ns)
             state, funding = result.state, False
             if order is not None and order.status == "open":

@@ -16,7 +16,10 @@ changes nothing):
 * **rebalance band**: the paper broker resizes as the kernel does (:class:`serving.paper.PaperBroker`); the live
   loop has no partial resize orders yet, so it refuses a bundle that sets a band (:func:`live_rules_problem`:
   :class:`UnservableBundleError` at start, ``bundle_rejected`` for a hot-swap candidate through
-  :func:`load_live_policy`) instead of trading it differently from its backtest.
+  :func:`load_live_policy`) instead of trading it differently from its backtest;
+* **limit entries** (``env.costs.entry_order = "limit"``, :class:`envs.config.CostConfig`): the paper broker enters
+  as the kernel does (a limit at the open, filled only on a trade-through); live sends market entries, so it
+  refuses such a bundle the same way.
 
 The rules of a run are its primary bundle's (:func:`bundle_env_config`); a run whose primary is not a bundle
 policy (tests, V1 alone) trades by the defaults (every bar, no holding period, no resize) unless it is given rules.
@@ -30,7 +33,7 @@ import pandas as pd
 
 from agents.policy import FrozenPPOPolicy
 from envs.accounting import is_decision_bar
-from envs.config import TradingRulesConfig
+from envs.config import CostConfig, TradingRulesConfig
 from envs.trading_env import EnvConfig
 from market import json_codec
 from market.decision import Policy
@@ -93,19 +96,26 @@ def min_hold_reason(direction: int, side: int, bars_in_trade: int | None,
             f"decision (direction {direction}) is read as a hold")  # fmt: skip
 
 
-def live_rules_problem(rules: TradingRulesConfig | None) -> str | None:
-    """Why the live loop cannot trade ``rules`` as the env does (None: it can)."""
+def live_rules_problem(rules: TradingRulesConfig | None, costs: CostConfig | None = None) -> str | None:
+    """Why the live loop cannot trade ``rules`` and ``costs`` as the env does (None: it can): a rebalance band, or
+    limit entries (``costs.entry_order = "limit"``: the env enters with a limit order at the open filled only on
+    a trade-through, and live serving sends market entries)."""
     if rules is not None and rules.rebalance_band_frac is not None:
         return (f"trading_rules.rebalance_band_frac={rules.rebalance_band_frac} is set: the env resizes a held "
                 "position towards its aim (partial closes and adds), and live serving has no partial resize "
                 "orders yet; serve this bundle on paper, or train without the band (rebalance_band_frac: null)")
+    if costs is not None and costs.entry_order != "market":
+        return (f"costs.entry_order={costs.entry_order!r} is set: the env enters with a limit order at the open "
+                "(maker fee, filled only when the bar trades through it, else no entry), and live serving places "
+                "market entries only (no post-only entry orders yet); serve this bundle on paper, or train with "
+                "entry_order: market")
     return None
 
 
-def require_live_servable(rules: TradingRulesConfig | None, what: str) -> None:
+def require_live_servable(rules: TradingRulesConfig | None, what: str, costs: CostConfig | None = None) -> None:
     """Raise :class:`UnservableBundleError` naming ``what`` (e.g. the bundle) when :func:`live_rules_problem` finds
     one."""
-    problem = live_rules_problem(rules)
+    problem = live_rules_problem(rules, costs)
     if problem is not None:
         raise UnservableBundleError(f"refusing to serve {what} live: {problem}")
 
@@ -116,7 +126,8 @@ def load_live_policy(path: Path) -> Policy:
     policy)."""
     policy = load_frozen_policy(path)
     env = bundle_env_config(policy)
-    require_live_servable(None if env is None else env.trading_rules, f"bundle {path}")
+    require_live_servable(None if env is None else env.trading_rules, f"bundle {path}",
+                          None if env is None else env.costs)  # fmt: skip
     return policy
 
 
@@ -126,7 +137,7 @@ def refuse_unservable_bundle(bundle_dir: Path) -> None:
     """
     try:
         meta = json_codec.loads((Path(bundle_dir) / "policy.json").read_text())
-        rules = EnvConfig.model_validate(meta["env_config"]).trading_rules
+        env = EnvConfig.model_validate(meta["env_config"])
     except Exception:  # noqa: BLE001 - the loader names what is wrong with the bundle
         return
-    require_live_servable(rules, f"bundle {bundle_dir}")
+    require_live_servable(env.trading_rules, f"bundle {bundle_dir}", env.costs)

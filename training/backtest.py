@@ -38,6 +38,7 @@ class BacktestResult:
     n_skipped_min_notional: int
     terminated: bool
     position_notional_usdt: np.ndarray | None = None  # float64 (n_steps,), |notional| at each bar close, USDT
+    n_missed_entries: int = 0  # limit entries the fill bar did not trade through (CostConfig.entry_order "limit")
 
     @property
     def bar_open_times(self) -> pd.DatetimeIndex:
@@ -119,4 +120,5 @@ def run_backtest(
         n_skipped_min_notional=int(info.get("n_skipped_min_notional", 0)),
         terminated=bool(terminated),
         position_notional_usdt=np.asarray(notionals, dtype=np.float64),
+        n_missed_entries=int(info.get("n_missed_entries", 0)),
     )

@@ -423,6 +423,10 @@ def cost_note(env_cfg: EnvConfig, funding_source: str) -> str:
     c = env_cfg.costs
     tp = (f"take-profit as a resting limit order (maker fee {c.maker_fee_bps} bps, no slippage)"
           if c.take_profit_order == "limit" else "take-profit-market orders (taker)")
+    if c.entry_order == "limit":  # issue 16 lever: maker-priced entries (envs.config.CostConfig)
+        at = "the next open" + (f" -/+ {c.entry_limit_offset_bps:g} bps" if c.entry_limit_offset_bps else "")
+        tp += (f", entries as limit orders at {at} (maker fee {c.maker_fee_bps} bps, no slippage; filled only when "
+               "the bar trades through the limit, else no entry, counted as missed)")
     return (f"Costs for every strategy: taker fee {c.taker_fee_bps} bps per fill, {tp}, slippage {c.slippage_bps} bps + "
             f"{c.slippage_atr_coef} x ATR%, {c.funding_interval_hours}-hourly funding {funding_source} (fallback rate "
             f"{c.funding_fallback_rate} per settlement where missing), isolated-margin liquidation; decisions at bar "

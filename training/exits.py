@@ -6,7 +6,8 @@ intrabar exits, stop first when a bar touches both), ``exit_signal`` (the policy
 flip or a close; reported as ``signal``), ``liquidation`` and ``rebalance`` (the partial close of a resize,
 ``TradingRulesConfig.rebalance_band_frac``). A position still open when a backtest ends is
 marked to market, not closed; it is counted apart as ``end_of_period`` and never in the closed trades, so the
-reasons' counts sum to ``n_trades``.
+reasons' counts sum to ``n_trades``. With limit entries (``CostConfig.entry_order = "limit"``) the entries that
+never happened, because the fill bar did not trade through the limit, are counted as ``missed_entries``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def exit_summary(results: BacktestResult | Sequence[BacktestResult]) -> dict:
         ``n_closed_trades``; ``avg_holding_bars`` (mean bars held per closed trade, ``nan`` with none);
         ``by_reason`` (:func:`market.trade_stats.exits_by_reason`: count, share, mean and total net PnL in
         USDT, mean bars held per reason); ``end_of_period`` (``count`` of positions open at a window's end,
-        marked to market, not closed; ``mean_bars_held`` so far, ``nan`` with none).
+        marked to market, not closed; ``mean_bars_held`` so far, ``nan`` with none); ``missed_entries`` (limit
+        entries not filled: :attr:`training.backtest.BacktestResult.n_missed_entries`, 0 with market entries).
     """
     runs = [results] if isinstance(results, BacktestResult) else list(results)
     trades = [t for r in runs for t in r.trades]
@@ -55,6 +57,7 @@ def exit_summary(results: BacktestResult | Sequence[BacktestResult]) -> dict:
             "count": float(len(open_bars)),
             "mean_bars_held": float(np.mean(open_bars)) if open_bars else math.nan,
         },
+        "missed_entries": float(sum(r.n_missed_entries for r in runs)),
     }
 
 
@@ -70,7 +73,8 @@ def _cell(count: float, share: float, mean_pnl: float, bars: float) -> str:
 def exits_table(summaries: Mapping[str, dict]) -> pd.DataFrame:
     """The report's table: a row per exit reason, a column per strategy, each cell "count (share), mean net PnL
     per trade (USDT), mean bars held"; ``end_of_period`` counts positions open at the end (marked, not closed,
-    no share or PnL) and ``all closed`` is the strategy's total (``n_trades``, mean PnL, average holding bars)."""
+    no share or PnL) and ``all closed`` is the strategy's total (``n_trades``, mean PnL, average holding bars);
+    a ``missed entries (limit not filled)`` row is added when a strategy has any (limit entries)."""
     cols = {}
     for name, s in summaries.items():
         col = {
@@ -82,6 +86,8 @@ def exits_table(summaries: Mapping[str, dict]) -> pd.DataFrame:
         n = s["n_closed_trades"]
         total = sum(v["total_pnl_usdt"] for v in s["by_reason"].values())
         col["all closed"] = _cell(n, 1.0, total / n if n else math.nan, s["avg_holding_bars"])
+        if any(v.get("missed_entries", 0.0) for v in summaries.values()):
+            col["missed entries (limit not filled)"] = f"{s.get('missed_entries', 0.0):.0f}"
         cols[name] = col
     frame = pd.DataFrame(cols)
     frame.index.name = "exit"

@@ -62,6 +62,7 @@ def equal_weight(results: Mapping[str, BacktestResult], name: str | None = None)
         n_skipped_min_notional=sum(r.n_skipped_min_notional for r in items),
         terminated=any(r.terminated for r in items),
         position_notional_usdt=notional,
+        n_missed_entries=sum(r.n_missed_entries for r in items),
     )
 
 

@@ -218,6 +218,7 @@ def stitch_results(results: list[BacktestResult], initial: float) -> BacktestRes
         liquidation_fees_usdt=float(costs[3]), turnover_usdt=float(costs[4]),
         n_skipped_min_notional=sum(r.n_skipped_min_notional for r in results),
         terminated=any(r.terminated for r in results), position_notional_usdt=np.concatenate(notionals),
+        n_missed_entries=sum(r.n_missed_entries for r in results),
     )
 
 
