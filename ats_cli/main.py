@@ -238,19 +238,29 @@ def walkforward(
 @app.command()
 def gate(
     bundle: Path = typer.Option(..., "--bundle", help="policy bundle directory"),
-    report: Path = typer.Option(..., "--report", help="walk-forward or evaluate report directory (metrics.json)"),
+    report: Path = typer.Option(None, "--report", help="walk-forward or evaluate report directory (metrics.json); "
+                                "default: the report the bundle's last gate verdict recorded"),
     min_dsr: float = typer.Option(0.95, help="minimum deflated Sharpe ratio"),
     max_pbo: float = typer.Option(0.5, help="maximum probability of backtest overfitting"),
     max_drawdown: float = typer.Option(0.35, help="maximum PPO test drawdown (fraction)"),
     require_beat_v1: bool = typer.Option(True, help="PPO test Sortino must exceed V1's"),
+    paper_db: str = typer.Option(None, "--paper-db", help="state database of the bundle's paper run on live candles "
+                                 "(`ats serve --mode paper` without --replay): the paper protection's evidence"),
+    paper_run_id: str = typer.Option(None, "--paper-run-id", help="run of --paper-db (default: the latest)"),
+    protection_days: float = typer.Option(14.0, "--protection-days", min=0, help="days of paper trading on live "
+                                          "candles before PASS (0: no paper protection)"),
 ) -> None:
-    """Write PASS, HOLD or REJECT with reasons into the bundle's manifest."""
+    """Write PASS, HOLD or REJECT with reasons into the bundle's manifest (paper protection: README)."""
+    from ats_cli.gate_cmd import paper_evidence, recorded_report
     from training.gate import GateConfig, ReportMismatchError, apply_gate
 
-    cfg = GateConfig(min_dsr=min_dsr, max_pbo=max_pbo, max_drawdown_frac=max_drawdown, require_beat_v1=require_beat_v1)
+    cfg = GateConfig(min_dsr=min_dsr, max_pbo=max_pbo, max_drawdown_frac=max_drawdown, require_beat_v1=require_beat_v1,
+                     paper_protection_days=protection_days)
     try:
-        result = apply_gate(bundle, report, cfg)
-    except (FileNotFoundError, ReportMismatchError) as exc:
+        report = report if report is not None else recorded_report(bundle)
+        paper = None if paper_db is None else paper_evidence(paper_db, paper_run_id)
+        result = apply_gate(bundle, report, cfg, paper=paper)
+    except (FileNotFoundError, ReportMismatchError, ValueError) as exc:
         console.print(f"[bold red]gate refused:[/] {exc}")
         raise typer.Exit(code=2) from exc
     colour = {"PASS": "green", "HOLD": "yellow", "REJECT": "red"}[result["verdict"]]

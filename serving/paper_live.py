@@ -89,6 +89,7 @@ from serving.candles import (  # noqa: F401 - Page and parse_page re-exported
 from serving.clock import last_closed_bar_ms, seconds_to_next_poll, stop_on_signals
 from serving.errors import FatalError, RejectedError, RetryableError
 from serving.hotswap import PolicySlot
+from serving.identity import bundle_identity
 from serving.live import atr_period_of
 from serving.live_config import TF_MS as _TF_MS
 from serving.live_config import LiveConfig
@@ -275,7 +276,8 @@ class PaperLiveLoop:
         fc = self.feed_config
         instrument = self._exchange_instrument()
         self.stepper.start(self._now_ts(), candles="live", symbol=fc.symbol, timeframe=fc.timeframe,
-                           context_bars=self.config.context_bars, instrument=instrument)  # fmt: skip
+                           context_bars=self.config.context_bars, instrument=instrument,
+                           bundle=bundle_identity(self.stepper.slot))  # fmt: skip  # (ats gate --paper-db reads it)
         self._started = True
 
     def _exchange_instrument(self) -> dict[str, Any]:

@@ -123,11 +123,16 @@ def test_infinite_sortino_written_as_a_string_is_a_number_not_missing():
 
 def test_apply_gate_writes_the_verdict_into_the_manifest(tmp_path):
     bundle, report = _write(tmp_path, MANIFEST, _wf_report_for(MANIFEST))
-    gate = apply_gate(bundle, report, GateConfig(), now=lambda: datetime(2026, 1, 2, tzinfo=UTC))
+    gate = apply_gate(bundle, report, GateConfig(paper_protection_days=0), now=lambda: datetime(2026, 1, 2, tzinfo=UTC))
     assert gate["report_sha256"] == hashlib.sha256((report / "metrics.json").read_bytes()).hexdigest()
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["gate"] == gate and gate["verdict"] == "PASS" and gate["decided_at"].startswith("2026-01-02")
     assert manifest["format_version"] == 1  # the rest of the manifest is kept
+    assert gate["paper"] == {"disabled": True}
+    # with the default paper protection (14 days) and no paper run: at best HOLD
+    held = apply_gate(bundle, report, GateConfig())
+    assert held["verdict"] == "HOLD" and held["reasons"][-1].startswith("paper_protection: missing")
+    manifest["gate"] = gate
     require_pass(manifest)
     manifest["gate"]["verdict"] = "HOLD"
     with pytest.raises(PermissionError, match="HOLD"):
