@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.serving_latency [--bundle runs/demo/bundle] [--bars 10000] [--json PATH]
+    python -m benchmarks.serving_latency [--bundle runs/demo/bundle] [--bars 10000] [--json PATH] [--symbols N]
     (or python benchmarks/serving_latency.py ...)
 
 Bundle: ``--bundle DIR`` if given (exit 2 if it is not there); else ``runs/demo/bundle`` if
@@ -29,6 +29,15 @@ trailing-window statistics for the TCN's rows only: ``features_*_ms``). Timings 
 may be shared. ``--torch-threads`` (default 1) sets torch's intra-op threads: on 2 shared cores
 one thread is faster for the small TCN/actor. ``--json PATH`` writes ``{"p50_ms", "p99_ms",
 "bars", ...}``. Target: p99 <= 10 ms.
+
+``--symbols N`` (N >= 2): the multi-symbol path of ``serving.portfolio``, one account of N symbols decided
+together at each bar. The timed span of a bar runs from the N closed candles arriving to the N intents being
+ready: for each symbol (sorted) its context, bundle -> V1 choice and its own guard's review, then the account's
+guard over all N (``serving.account_risk.AccountGuard.review``) and the N decision rows. Reported: ``p50_ms`` /
+``p99_ms`` of that span per bar (all N symbols), and ``per_symbol_p99_ms`` (span / N). The series are the bundled
+BTCUSDT, ETHUSDT and XRPUSDT 1h files (each with its instrument spec); beyond three a series is reused by a
+further symbol (its own policy instance, book and guard; named e.g. ``BTCUSDT2``): latency depends on the shapes,
+not on the prices.
 """
 
 from __future__ import annotations
@@ -152,6 +161,85 @@ def measure(bundle_dir: Path, n_bars: int, context_bars: int = 1_000, breakdown:
     return out
 
 
+def measure_portfolio(bundle_dir: Path, n_bars: int, n_symbols: int, context_bars: int = 1_000) -> dict:
+    """Per-bar latency (ms) of deciding ``n_symbols`` symbols together on one account (module docstring)."""
+    from market.instruments import resolve_spec
+    from serving.account_risk import AccountGuard, AccountRiskConfig, SymbolBook, per_symbol_limits
+
+    bases = ("BTCUSDT", "ETHUSDT", "XRPUSDT")
+    series = {b: join_funding(load_candles(BUNDLED / f"{b}-1h.parquet"), load_funding(BUNDLED / f"{b}-funding.parquet"))
+              for b in bases[: min(n_symbols, 3)]}
+    common = series[bases[0]].index
+    for c in series.values():
+        common = common.intersection(c.index)
+    if len(common) < n_bars + context_bars:
+        raise SystemExit(f"the bundled series share {len(common)} bars, fewer than {n_bars} + {context_bars}")
+    bundle = load_bundle(bundle_dir)
+    cfg = ServeConfig(context_bars=context_bars)
+    sleeve = cfg.initial_equity_usdt / n_symbols
+    account = AccountGuard(AccountRiskConfig(), StateStore("sqlite://"))
+    legs = []
+    for i in range(n_symbols):
+        base = bases[i % 3]
+        name = base if i < 3 else f"{base}{i // 3 + 1}"
+        candles = series[base].loc[common]
+        costs = bundle.env_config.costs.with_instrument(resolve_spec(base).spec)
+        legs.append({
+            "symbol": name, "candles": candles, "slot": PolicySlot(FrozenPPOPolicy(load_bundle(bundle_dir)), source=bundle_dir),
+            "broker": PaperBroker(sleeve, costs), "guard": RiskGuard(per_symbol_limits(RiskConfig()), StateStore("sqlite://")),
+            "atr": atr_indicator(candles, bundle.feature_config.atr_period_bars), "costs": costs,
+            "ohlcf": [candles[k].to_numpy(np.float64) for k in ("open", "high", "low", "close", "funding_rate")],
+        })  # fmt: skip
+    fallback = V1Policy(V1Config())
+    store = StateStore("sqlite://")
+    first = len(common) - n_bars
+    lat, sources = [], {"v2": 0, "v1": 0, "guard": 0}
+    for t in range(first, len(common)):
+        ts = common[t]
+        results = []
+        for leg in legs:  # the exchange's part (fills, marks): not timed
+            o, h, lo, c, f = (a[t] for a in leg["ohlcf"])
+            result = leg["broker"].on_bar(Bar(int(ts.value), o, h, lo, c, f,
+                                              is_funding_time(int(ts.value), leg["costs"].funding_interval_hours)))
+            for trade in result.closed_trades:
+                leg["guard"].record_closed_trade(ts, trade.pnl_usdt)
+                account.record_closed_trade(ts, trade.pnl_usdt)
+            results.append(result)
+        # ---- the N candles arrived: timed span starts
+        t0 = time.perf_counter()
+        decided = []
+        for leg, result in zip(legs, results, strict=True):
+            broker, state, c = leg["broker"], leg["broker"].state, leg["ohlcf"][3][t]
+            ctx = DecisionContext(ts, leg["candles"].iloc[t + 1 - context_bars : t + 1], broker.position_view(),
+                                  result.equity_usdt)
+            policy, unavailable = leg["slot"].acquire(t)
+            choice = _choose(ctx, policy, fallback, unavailable, cfg.decision_timeout_ms, time.perf_counter)
+            leg["slot"].record(t, choice.primary_failure)
+            verdict = leg["guard"].review(choice.decision, _account_snapshot(ts, result.equity_usdt, state, c))
+            decided.append((choice, verdict.decision, SymbolBook(
+                leg["symbol"], verdict.decision, int(state.side), float(state.qty_base) * c,
+                float(state.margin_usdt) if state.side else 0.0, float(result.equity_usdt))))
+        verdicts = account.review(ts, sum(b.sizing_equity_usdt for _, _, b in decided), [b for _, _, b in decided])
+        records = [DecisionRecord.from_decision(
+            cfg.run_id, ts, choice.source, verdicts[book.symbol].decision, raw_action=choice.raw_action,
+            fallback_reason=choice.reason, latency_ms=choice.latency_ms, created_at=datetime.now(UTC),
+            symbol=book.symbol) for choice, _, book in decided]  # fmt: skip
+        t1 = time.perf_counter()
+        # ---- N intents ready: timed span ends
+        store.append(decisions=records)
+        lat.append((t1 - t0) * 1e3)
+        for leg, (choice, _, book) in zip(legs, decided, strict=True):
+            sources[choice.source] += 1
+            atr_t = float(leg["atr"][t])
+            leg["broker"].submit(verdicts[book.symbol].decision, atr_t)
+    arr = np.asarray(lat)
+    return {**_percentiles(arr), "per_symbol_p50_ms": float(np.percentile(arr / n_symbols, 50)),
+            "per_symbol_p99_ms": float(np.percentile(arr / n_symbols, 99)), "bars": len(arr), "sources": sources,
+            "symbols": [leg["symbol"] for leg in legs], "bundle": str(bundle_dir),
+            "span": [str(common[first]), str(common[-1])], "loadavg_1m": os.getloadavg()[0],
+            "torch_threads": torch.get_num_threads()}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=None,
@@ -160,6 +248,8 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--breakdown", action="store_true", help="also time compute_features alone")
+    parser.add_argument("--symbols", type=int, default=1,
+                        help="decide this many symbols together on one account (the multi-symbol path; default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
     if args.bundle is not None and not (args.bundle / "manifest.json").is_file():
@@ -176,13 +266,17 @@ def main() -> None:
             print(f"{DEMO_BUNDLE} not found (`make demo` makes it): building a stand-in bundle with the demo's "
                   "architecture and feature schema, untrained weights (benchmarks/standin_bundle.py) ...")  # fmt: skip
             bundle = build_demo_standin(Path(tmp) / "bundle")
-        res = measure(bundle, args.bars, breakdown=args.breakdown)
+        if args.symbols < 1:
+            raise SystemExit("--symbols must be >= 1")
+        res = (measure(bundle, args.bars, breakdown=args.breakdown) if args.symbols == 1
+               else measure_portfolio(bundle, args.bars, args.symbols))
         res["stand_in_bundle"] = bundle != args.bundle and bundle != DEMO_BUNDLE
     from rich.console import Console
     from rich.table import Table
 
+    what = f"{args.symbols} symbols together, per bar" if args.symbols > 1 else "V2 path"
     table = Table(
-        title=f"serving latency, candle -> intent, V2 path ({res['bars']} bars, {res['span'][0]} .. {res['span'][1]})"
+        title=f"serving latency, candle -> intent, {what} ({res['bars']} bars, {res['span'][0]} .. {res['span'][1]})"
     )
     for col in ("metric", "value"):
         table.add_column(col)
@@ -192,6 +286,8 @@ def main() -> None:
         "p99_ms",
         "max_ms",
         "mean_ms",
+        "per_symbol_p50_ms",
+        "per_symbol_p99_ms",
         "store_p50_ms",
         "store_p99_ms",
         "features_p50_ms",
@@ -202,6 +298,8 @@ def main() -> None:
     table.add_row("bundle", ("stand-in, demo architecture, untrained (benchmarks/standin_bundle.py)"
                              if res["stand_in_bundle"] else res["bundle"]))  # fmt: skip
     table.add_row("decided by", ", ".join(f"{k} {v}" for k, v in res["sources"].items()))
+    if "symbols" in res:
+        table.add_row("symbols", ", ".join(res["symbols"]))
     table.add_row("load average (1 min)", f"{res['loadavg_1m']:.2f}")
     table.add_row("torch threads", str(res["torch_threads"]))
     table.add_row("target p99 <= 10 ms", "met" if res["p99_ms"] <= 10.0 else "NOT met")
