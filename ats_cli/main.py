@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from ats_cli.errors import DEBUG_ENV, ExpectedErrorGroup
+from ats_cli.errors import DEBUG_ENV, ExpectedErrorGroup, debug_requested
 from ats_cli.progress import counting_progress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, cls=ExpectedErrorGroup,
@@ -211,6 +211,7 @@ def evaluate_cmd(
 
 @app.command()
 def walkforward(
+    ctx: typer.Context,
     config: Path = typer.Option(..., "--config", help="walk-forward YAML (see configs/walkforward_smoke.yaml)"),
     out: Path = typer.Option(..., "--out", help="output directory"),
     folds: int = typer.Option(None, "--folds", help="override the number of folds"),
@@ -220,17 +221,45 @@ def walkforward(
         help="output directory of the `ats tune` search that chose this config: its trials.json n_trials is "
         "added to the deflated Sharpe ratio's trial count (on top of tuning_trials) and recorded in provenance",
     ),
+    ray_address: str = typer.Option(None, "--ray-address", help="run the trainings as Ray tasks: local (Ray on this "
+                                    "machine), auto (the cluster this node joined), HOST:PORT; default: the "
+                                    "config's ray_address, else one after another"),
+    cpus_per_task: float = typer.Option(None, "--cpus-per-task", min=0.01, help="Ray: CPUs reserved per training "
+                                        "(default: the config's, else the base config's torch_threads)"),
+    gpus_per_task: float = typer.Option(None, "--gpus-per-task", min=0, help="Ray: GPUs reserved per training "
+                                        "(default: the config's, else 0)"),
+    device: Device = typer.Option(None, "--device", help="where torch trains (TCN, PPO) in every fold (default: the "
+                                  "base config's)"),
 ) -> None:
     """Refit the pipeline on forward folds and judge the stitched out-of-sample result (DSR, PBO, seeds)."""
+    from training.fanout import RayResourceError, TaskFailedError
     from training.walkforward import load_tuning_record, load_walkforward, run_walkforward
 
     try:
         tuning = None if tuning_dir is None else load_tuning_record(tuning_dir)
     except (OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--tuning-dir") from exc
-    wf, base = load_walkforward(config, folds=folds, scheme=scheme)
+    wf, base = load_walkforward(config, folds=folds, scheme=scheme, ray_address=ray_address,
+                                cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task)
+    if device is not None:
+        base = base.updated(device=device.value)
     t0 = time.perf_counter()
-    run_walkforward(wf, base, out, log=_log, tuning=tuning)
+    with counting_progress(console) as progress:
+        bar = progress.add_task("walk-forward", total=None, unit="trainings")
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total)
+
+        try:
+            run_walkforward(wf, base, out, log=_log, tuning=tuning, on_progress=on_progress)
+        except RayResourceError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--cpus-per-task/--gpus-per-task") from exc
+        except TaskFailedError as exc:
+            if debug_requested(ctx):
+                raise
+            console.print(f"[bold red]walk-forward stopped[/]: {exc}\n  the failed training's run directory and "
+                          "Ray's worker logs (/tmp/ray/session_latest/logs on its node) say more")
+            raise typer.Exit(1) from exc
     console.print(f"\n[bold green]done[/] in {time.perf_counter() - t0:.0f} s")
     console.print(f"  report: {out / 'report.html'}\n  metrics: {out / 'metrics.json'}\n  folds: {out / 'folds.json'}")
 

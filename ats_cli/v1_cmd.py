@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ats_cli.progress import counting_progress
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="V1 rule engine tools")
 console = Console()
 
@@ -75,9 +77,14 @@ def sweep(
     ),
     config: Path = typer.Option(None, "--config", help="run config YAML whose env and v1 sections are used"),
     out: Path = typer.Option(None, "--out", help="folder for combos.csv, folds.csv, walk_forward.json"),
+    ray_address: str = typer.Option(None, "--ray-address", help="backtest the combinations as Ray tasks: local (Ray "
+                                    "on this machine), auto (the cluster this node joined), HOST:PORT; default: one "
+                                    "after another"),
+    cpus_per_task: float = typer.Option(1.0, "--cpus-per-task", min=0.01, help="Ray: CPUs reserved per combination"),
 ) -> None:
     """Choose V1's parameters on expanding training folds; report each choice out of sample."""
     from training import metrics as M
+    from training.fanout import RayResourceError, RaySettings, TaskFailedError
     from training.v1_eval import (
         SelectBy,
         data_instrument,
@@ -100,8 +107,22 @@ def sweep(
     env = env.updated(costs=env.costs.with_instrument(resolved.spec))
     console.print(f"[dim]{resolved.describe()}[/]")
     select_by: SelectBy = "sortino" if select == "sortino" else "profit_factor"
-    res = walk_forward_sweep(candles, start, end, grid_values, env, base=base, n_folds=folds, select_by=select_by,
-                             min_train_trades=min_train_trades, log=lambda s: console.print(f"[dim]{s}[/]"))  # fmt: skip
+    try:
+        ray = None if ray_address is None else RaySettings(address=ray_address, num_cpus=cpus_per_task)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--ray-address") from exc
+    with counting_progress(console) as progress:
+        bar = progress.add_task("V1 sweep", total=None, unit="backtests")
+        try:
+            res = walk_forward_sweep(candles, start, end, grid_values, env, base=base, n_folds=folds,
+                                     select_by=select_by, min_train_trades=min_train_trades,
+                                     log=lambda s: console.print(f"[dim]{s}[/]"), ray=ray,
+                                     on_progress=lambda d, n: progress.update(bar, completed=d, total=n))
+        except RayResourceError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--cpus-per-task") from exc
+        except TaskFailedError as exc:
+            console.print(f"[bold red]sweep stopped[/]: {exc}")
+            raise typer.Exit(1) from exc
     console.print(_table("out-of-sample result of every combination, per fold", res["combos"]))
     console.print(_table(f"walk-forward: parameters chosen by training {select}", res["folds"]))
     wf = res["walk_forward"]
@@ -114,4 +135,12 @@ def sweep(
         res["combos"].to_csv(out / "combos.csv", index=False)
         res["folds"].to_csv(out / "folds.csv", index=False)
         (out / "walk_forward.json").write_text(json.dumps(M.to_jsonable(wf), indent=1, allow_nan=False))
-        console.print(f"written: {out / 'combos.csv'}, {out / 'folds.csv'}, {out / 'walk_forward.json'}")
+        written = [out / "combos.csv", out / "folds.csv", out / "walk_forward.json"]
+        if res["execution"] is not None:  # Ray: where each combination ran and what was retried
+            (out / "execution.json").write_text(json.dumps(M.to_jsonable(res["execution"]), indent=1,
+                                                           allow_nan=False))
+            written.append(out / "execution.json")
+        console.print(f"written: {', '.join(map(str, written))}")
+    if res["execution"] is not None and res["execution"]["retried"]:
+        console.print("[yellow]retried[/]: " + "; ".join(f"{r['label']} ({r['attempts']} attempts: "
+                                                         f"{' | '.join(r['errors'])})" for r in res["execution"]["retried"]))

@@ -47,6 +47,7 @@ from market.instruments import (
 from regime.config import RegimeConfig
 from training import metrics as M
 from training.backtest import BacktestResult, run_backtest
+from training.fanout import Progress, RaySettings, run_tasks
 from training.pipeline import summarize_backtest
 from training.report import write_report
 
@@ -59,6 +60,7 @@ class SweepResult(TypedDict):
     combos: pd.DataFrame  # out-of-sample result of every combination, per fold
     folds: pd.DataFrame  # per fold: the combination chosen on the training window and its test result
     walk_forward: dict[str, float]  # pooled out-of-sample statistics of the chosen combinations
+    execution: dict[str, Any] | None  # Ray runs: where each combination ran, retries (training.fanout); else None
 SelectBy = Literal["profit_factor", "sortino"]
 
 
@@ -413,8 +415,16 @@ def walk_forward_sweep(
     select_by: SelectBy = "profit_factor",
     min_train_trades: int = 10,
     log: Log = lambda s: None,
+    ray: RaySettings | None = None,
+    on_progress: Progress | None = None,
 ) -> SweepResult:
     """Walk-forward parameter choice for V1 (see the module docstring).
+
+    The backtests of the combinations (one per combination over the whole span, the expensive part; the folds
+    only cut windows out of them) run one after another, or as Ray tasks with ``ray``
+    (:func:`training.fanout.run_tasks`: the candles go to the cluster once, each task reserves ``ray.num_cpus``,
+    a failed task is retried ``ray.retries`` times); the results are the same either way and in grid order.
+    ``on_progress(done, total)`` follows the backtests.
 
     Returns
     -------
@@ -424,6 +434,8 @@ def walk_forward_sweep(
         and the chosen set's out-of-sample profit factor, win rate, Sortino, trades;
         ``walk_forward``: pooled out-of-sample ``profit_factor``, ``win_rate``, ``sortino``,
         ``n_trades``, ``total_return`` of the chosen sets.
+        ``execution``: with ``ray``, the :class:`training.fanout.ExecutionReport` as JSON (hosts, wall times,
+        retried combinations); None when sequential.
 
     A combination with fewer than ``min_train_trades`` closed training trades, or a non-finite
     score other than +inf, is not eligible (score -inf); ties go to the first in grid order.
@@ -432,6 +444,8 @@ def walk_forward_sweep(
     ------
     ValueError
         If ``n_folds < 1``, the span is too short for the folds, or the grid is invalid.
+    training.fanout.TaskFailedError
+        With ``ray``: a combination's backtest failed every attempt (the message names it).
     """
     if n_folds < 1:
         raise ValueError(f"n_folds must be >= 1, got {n_folds}")
@@ -446,11 +460,11 @@ def walk_forward_sweep(
     ns = candles.index.asi8
     times = [int(ns[i]) if i < len(ns) else int(ns[-1]) + 1 for i in bounds]
     p = M.bars_per_year(float((candles.index[1] - candles.index[0]).total_seconds()))
-    results = []
-    for i, (params, cfg) in enumerate(combos):
-        res = evaluate_v1(candles, start, end, cfg, env)
-        results.append(res)
-        log(f"combination {i + 1}/{len(combos)} {params}: {len(res.trades)} trades")
+    labels = [f"combination {i + 1}/{len(combos)} {params}" for i, (params, _) in enumerate(combos)]
+    results, report = run_tasks(_combination_backtest, [(cfg, start, end, env) for _, cfg in combos], labels=labels,
+                                shared=(candles,), ray=ray, log=log, on_progress=on_progress, unit="backtests")
+    for label, res in zip(labels, results, strict=True):
+        log(f"{label}: {len(res.trades)} trades")
     rows, fold_rows = [], []
     oos_returns: list[np.ndarray] = []
     oos_trades: list[ClosedTrade] = []
@@ -485,4 +499,12 @@ def walk_forward_sweep(
     pooled = {"profit_factor": M.profit_factor(oos_trades), "win_rate": M.win_rate(oos_trades),
               "sortino": M.sortino_ratio(r, p), "n_trades": float(len(oos_trades)),
               "total_return": float(np.prod(1.0 + r) - 1.0)}  # fmt: skip
-    return {"combos": pd.DataFrame(rows), "folds": pd.DataFrame(fold_rows), "walk_forward": pooled}
+    return {"combos": pd.DataFrame(rows), "folds": pd.DataFrame(fold_rows), "walk_forward": pooled,
+            "execution": None if ray is None else report.as_json()}
+
+
+def _combination_backtest(item: tuple[V1Config, pd.Timestamp, pd.Timestamp, EnvConfig], attempt: int,
+                          candles: pd.DataFrame) -> BacktestResult:
+    """One combination's backtest over the sweep's span (a :func:`training.fanout.run_tasks` task)."""
+    cfg, start, end, env = item
+    return evaluate_v1(candles, start, end, cfg, env)

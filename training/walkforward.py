@@ -30,17 +30,15 @@ import hashlib
 import itertools
 import json
 import re
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from scipy import stats
 
-from agents.bundle import load_bundle
 from envs.accounting import ClosedTrade
 from market import json_codec
 from market.config_base import StrictConfig, UtcTime, check_periods
@@ -54,16 +52,13 @@ from training.evaluate import (
     COST_SENSITIVE,
     STRATEGIES,
     cost_note,
-    pooled_test_backtests,
-    portfolio_of,
     regime_slices,
     signed_leverage,
-    test_period_backtests,
-    test_period_regimes,
     tsmom_note,
 )
 from training.exits import EXITS_TITLE, exit_summary, exits_table
-from training.pipeline import Log, prepare_data, prepare_symbols, summarize_backtest, train_run
+from training.fanout import Progress, check_ray_address, run_tasks
+from training.pipeline import Log, summarize_backtest
 from training.portfolio import PORTFOLIO_DEFINITION
 from training.provenance import flatten_config, provenance_note, provenance_record
 from training.report import write_report
@@ -71,6 +66,15 @@ from training.stats import (
     deflated_sharpe_ratio,
     probability_of_backtest_overfitting,
     sharpe_sampling_variance,
+)
+from training.wf_tasks import (  # noqa: F401 (fold_backtests: re-exported)
+    FoldResult,
+    FoldTask,
+    fold_backtests,
+    fold_tasks,
+    ray_settings,
+    run_fold_task,
+    study_bar,
 )
 
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -112,6 +116,21 @@ class WalkForwardConfig(StrictConfig):
         description="out-of-fold layer diagnostics (training.diagnostics); ablation.enabled trains the observation "
                     "ablation (expensive, off by default)",
     )
+    ray_address: str | None = Field(
+        None, description="run the trainings as Ray tasks: local (start Ray on this machine), auto (the cluster this "
+                          "node joined with `ray start`), HOST:PORT or ray://HOST:PORT; null: one after another here",
+    )
+    cpus_per_task: float | None = Field(
+        None, gt=0, description="Ray: logical CPUs reserved per training (null: the base config's torch_threads)")
+    gpus_per_task: float = Field(
+        0.0, ge=0, description="Ray: GPUs reserved per training (a fraction shares a GPU); > 0 needs device auto|cuda")
+    task_retries: int = Field(1, ge=0, le=5, description="Ray: resubmissions of a failed training before the study "
+                                                          "stops with an error naming it")
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, value: str | None) -> str | None:
+        return None if value is None else check_ray_address(value)
 
     @model_validator(mode="after")
     def _ordered(self) -> WalkForwardConfig:
@@ -121,6 +140,15 @@ class WalkForwardConfig(StrictConfig):
                 raise ValueError(f"variants: {name!r} is not a variant name (letters, digits, '_', '-', '.'; it names "
                                  "the variant's output folder)")
         return self
+
+    def study_dump(self) -> dict:
+        """The config as JSON without :data:`EXECUTION_FIELDS` (where the trainings ran is not what the study is;
+        the report's provenance and config table use this, so a Ray run reports as the sequential one)."""
+        return self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))
+
+
+#: Walk-forward config fields that say where the trainings run, not what the study computes.
+EXECUTION_FIELDS = ("ray_address", "cpus_per_task", "gpus_per_task", "task_retries")
 
 
 @dataclass(frozen=True)
@@ -378,7 +406,8 @@ def choose_variant(runs: dict[str, VariantRuns]) -> str:
 
 
 def run_walkforward(
-    wf: WalkForwardConfig, base: RunConfig, out: Path, *, log: Log = print, tuning: TuningRecord | None = None
+    wf: WalkForwardConfig, base: RunConfig, out: Path, *, log: Log = print, tuning: TuningRecord | None = None,
+    on_progress: Progress | None = None,
 ) -> dict:
     """Run the study into ``out``; return the summary written to ``out/metrics.json``.
 
@@ -388,82 +417,83 @@ def run_walkforward(
     report's PPO lines are the variant chosen on validation (:func:`choose_variant`) and its seed chosen on
     validation; the test windows are read once, after every run, and select nothing.
 
+    The trainings (:func:`fold_tasks`, each run by :func:`training.wf_tasks.run_fold_task`) run one after another
+    in this process, or as Ray tasks when ``wf.ray_address`` is set (:func:`ray_settings`,
+    :func:`training.fanout.run_tasks`: ``cpus_per_task`` / ``gpus_per_task`` reserved per task, a failed task
+    retried ``task_retries`` times and listed in metrics.json ``execution.retried`` and the log; one that fails
+    every attempt stops the study with :class:`training.fanout.TaskFailedError` naming its variant, fold and
+    seed). Results are gathered in the sequential order whatever order the tasks finish in
+    (:func:`gather_walkforward`), so both give the same report; a Ray run adds ``execution`` (hosts, wall
+    times, retries) to metrics.json. ``on_progress(done, total)`` follows the trainings.
+
     ``tuning`` (:func:`load_tuning_record`): the search that chose ``base``; its trials join the DSR's
     count (:func:`dsr_trial_count`) and it is recorded in the provenance.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    bar = pd.Timedelta(seconds=3600)  # refined from the data below
-    windows = None
+    settings = ray_settings(wf, base)
+    bar = study_bar(wf, base)
+    tasks = fold_tasks(wf, base, out, bar)
+    results, report = run_tasks(run_fold_task, tasks, labels=[t.label for t in tasks], ray=settings, log=log,
+                                on_progress=on_progress, unit="trainings")
+    if report.retried:
+        log("retried trainings: " + "; ".join(f"{t.label} ({t.attempts} attempts: {' | '.join(t.errors)})"
+                                              for t in report.retried))
+    execution = None if settings is None else report.as_json()
+    return gather_walkforward(wf, base, out, bar, tasks, results, log=log, tuning=tuning, execution=execution)
+
+
+def gather_walkforward(wf: WalkForwardConfig, base: RunConfig, out: Path, bar: pd.Timedelta, tasks: list[FoldTask],
+                       results: list[FoldResult], *, log: Log = print, tuning: TuningRecord | None = None,
+                       execution: dict | None = None) -> dict:
+    """Gather the trainings' results (``results[i]`` of ``tasks[i]``, in :func:`fold_tasks` order), write
+    ``folds.json`` (and each variant's), choose the variant on validation and summarise (:func:`_summarize`;
+    ``execution``, when given, is written to metrics.json as is).
+
+    Raises
+    ------
+    ValueError
+        If ``tasks`` and ``results`` differ in length.
+    """
+    if len(tasks) != len(results):
+        raise ValueError(f"{len(results)} results for {len(tasks)} walk-forward tasks")
     per_strategy: dict[str, list[BacktestResult]] = {}
-    # cost sensitivity: sens[multiplier]["ppo"][seed] and sens[multiplier][name] (v1, tsmom) lists of fold results
     baselines = tuple(n for n in COST_SENSITIVE if n != "ppo")
+    # cost sensitivity: sens[multiplier]["ppo"][seed] and sens[multiplier][name] (v1, tsmom) lists of fold results
     base_sens: dict[float, dict] = {m: {n: [] for n in baselines} for m in COST_MULTIPLIERS if m != 1.0}
-    n_runs, t0 = len(wf.variants) * len(wf.seeds) * wf.folds, time.monotonic()
     pooled = len(base.data.sources()) > 1
     by_symbol_other: dict[str, dict[str, list[BacktestResult]]] = {}
     runs: dict[str, VariantRuns] = {}
     all_records: list[dict] = []
-    several = len(wf.variants) > 1
-
-    def elapsed_s() -> float:
-        return time.monotonic() - t0
-
-    for vi, vname in enumerate(wf.variants):
-        vcfg = variant_config(wf, base, vname)
-        vout = out / "variants" / vname if several else out
-        vr = runs[vname] = VariantRuns(
-            vname, vcfg, {s: [] for s in wf.seeds}, {s: [] for s in wf.seeds}, {s: [] for s in wf.seeds},
-            {m: {"ppo": {s: [] for s in wf.seeds}} for m in base_sens}, {s: {} for s in wf.seeds}, [])
-        for seed in wf.seeds:
-            for k in range(wf.folds):
-                if windows is None:
-                    prep0 = prepare_data(fold_run_config(vcfg, FoldWindow(0, wf.data_start,
-                        wf.start - bar * wf.val_bars, wf.start, wf.end), wf.seeds[0], bar))
-                    bar = pd.Timedelta(seconds=prep0.info["bar_interval_s"])
-                    windows = fold_windows(wf, bar)
-                w = windows[k]
-                cfg = fold_run_config(vcfg, w, seed, bar)
-                run_dir = vout / f"fold{k}" / f"seed{seed}"
-                done = len(all_records)
-                eta = "" if not done else (
-                    f"; {done}/{n_runs} trainings done in {elapsed_s() / 60:.1f} min, ETA {elapsed_s() / done * (n_runs - done) / 60:.0f} min")
-                log(f"{f'variant {vname}, ' if several else ''}fold {k + 1}/{wf.folds}, seed {seed}: train "
-                    f"{w.train_start:%Y-%m-%d}..{w.val_start:%Y-%m-%d}, test {w.test_start:%Y-%m-%d}..{w.test_end:%Y-%m-%d}{eta}")
-                bundle_dir = train_run(cfg, run_dir, log=lambda s: None)
-                bundle = load_bundle(bundle_dir)
-                prep = prepare_data(cfg)
-                preps = prepare_symbols(cfg) if pooled else None
-                first_seed = vi == 0 and seed == wf.seeds[0]  # the seed-independent strategies: once per fold
-                results, per_symbol = fold_backtests(cfg, bundle, prep, preps, random_seed=k,
-                                                     strategies=STRATEGIES if first_seed else ("ppo",))
-                for sym, res in (per_symbol or {}).items():
-                    for name, r in res.items():
-                        if name == "ppo":
-                            vr.by_symbol_ppo[seed].setdefault(sym, []).append(r)
-                        else:
-                            by_symbol_other.setdefault(sym, {}).setdefault(name, []).append(r)
-                vr.ppo_by_seed[seed].append(results["ppo"])
-                n_decisions = len(results["ppo"].position_side)  # the window's last bar decides nothing
-                vr.regimes_by_seed[seed].append(test_period_regimes(bundle, prep)[:n_decisions])
-                for mult in base_sens:
-                    again, _ = fold_backtests(cfg, bundle, prep, preps, cost_multiplier=mult, random_seed=k,
-                                              strategies=COST_SENSITIVE if first_seed else ("ppo",))
-                    vr.sens[mult]["ppo"][seed].append(again["ppo"])
-                    for name in baselines if first_seed else ():
-                        base_sens[mult][name].append(again[name])
-                v = bundle.manifest["metrics"]["validation"].get("sortino")
-                vr.val_sortino[seed].append(float(v) if isinstance(v, (int, float)) else np.nan)
-                rec = {**w.as_json(), "seed": seed, "random_policy_seed": k, "run_dir": str(run_dir),
-                       "data_sha256": prep.info["candles_sha256"],
-                       "schema_hash": bundle.manifest["observation"]["schema_hash"], "variant": vname}
-                vr.fold_records.append(rec)
-                all_records.append(rec)
-                if first_seed:
-                    for name in STRATEGIES[1:]:  # every strategy but PPO
-                        per_strategy.setdefault(name, []).append(results[name])
-        if several:
-            (vout / "folds.json").write_text(json_codec.dumps(vr.fold_records, indent=1))
+    for task, res in zip(tasks, results, strict=True):
+        vr = runs.get(task.variant)
+        if vr is None:
+            vr = runs[task.variant] = VariantRuns(
+                task.variant, variant_config(wf, base, task.variant), {s: [] for s in wf.seeds},
+                {s: [] for s in wf.seeds}, {s: [] for s in wf.seeds},
+                {m: {"ppo": {s: [] for s in wf.seeds}} for m in base_sens}, {s: {} for s in wf.seeds}, [])
+        seed, first_seed = task.seed, task.trades_baselines
+        for sym, per in (res.per_symbol or {}).items():
+            for name, r in per.items():
+                if name == "ppo":
+                    vr.by_symbol_ppo[seed].setdefault(sym, []).append(r)
+                else:
+                    by_symbol_other.setdefault(sym, {}).setdefault(name, []).append(r)
+        vr.ppo_by_seed[seed].append(res.results["ppo"])
+        vr.regimes_by_seed[seed].append(res.regimes)
+        for mult in base_sens:
+            vr.sens[mult]["ppo"][seed].append(res.sens[mult]["ppo"])
+            for name in baselines if first_seed else ():
+                base_sens[mult][name].append(res.sens[mult][name])
+        vr.val_sortino[seed].append(res.val_sortino)
+        vr.fold_records.append(res.record)
+        all_records.append(res.record)
+        if first_seed:
+            for name in STRATEGIES[1:]:  # every strategy but PPO
+                per_strategy.setdefault(name, []).append(res.results[name])
+    if len(runs) > 1:
+        for vname, variant_runs in runs.items():
+            (out / "variants" / vname / "folds.json").write_text(json_codec.dumps(variant_runs.fold_records, indent=1))
     (out / "folds.json").write_text(json_codec.dumps(all_records, indent=1))
     chosen_variant = choose_variant(runs)
     vr = runs[chosen_variant]
@@ -471,19 +501,7 @@ def run_walkforward(
     return _summarize(wf, vr.cfg, out, bar, per_strategy, vr.ppo_by_seed, vr.val_sortino, log,
                       regimes_by_seed=vr.regimes_by_seed, sens=sens, tuning=tuning,
                       by_symbol=(vr.by_symbol_ppo, by_symbol_other) if pooled else None,
-                      runs=runs, chosen_variant=chosen_variant)
-
-
-def fold_backtests(cfg: RunConfig, bundle, prep, preps, *, random_seed: int, strategies: tuple[str, ...],
-                   cost_multiplier: float = 1.0) -> tuple[dict[str, BacktestResult], dict | None]:
-    """One fold's test-window backtests: a single-symbol run's (and None), or a pooled run's equal-weight portfolio
-    (:func:`training.evaluate.portfolio_of`) and its per-symbol results ``{symbol: {strategy: result}}``."""
-    if preps is None:
-        return test_period_backtests(cfg, bundle, prep, random_seed=random_seed, strategies=strategies,
-                                     cost_multiplier=cost_multiplier), None
-    per_symbol = pooled_test_backtests(cfg, bundle, preps, cost_multiplier=cost_multiplier, strategies=strategies,
-                                       random_seed=random_seed)
-    return portfolio_of(per_symbol), per_symbol
+                      runs=runs, chosen_variant=chosen_variant, execution=execution)
 
 
 def _metrics_of(results: list[BacktestResult], bar_s: float, initial: float) -> dict[str, float]:
@@ -507,14 +525,15 @@ def _sensitivity_table(base: dict[str, list[BacktestResult]], sens: dict, seed: 
 
 
 def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, *, regimes_by_seed, sens,
-               tuning=None, by_symbol=None, runs: dict[str, VariantRuns], chosen_variant: str) -> dict:
+               tuning=None, by_symbol=None, runs: dict[str, VariantRuns], chosen_variant: str,
+               execution: dict | None = None) -> dict:
     bar_s = bar.total_seconds()
     p = M.bars_per_year(bar_s)
     initial = base.env.initial_equity_usdt
     seeds = list(ppo_by_seed)
     folds = [f for f in json.loads((out / "folds.json").read_text()) if f.get("variant", chosen_variant) == chosen_variant]
     schemas = sorted({f["schema_hash"] for f in folds})
-    provenance = provenance_record(base.model_dump(mode="json"), walkforward_config=wf.model_dump(mode="json"),
+    provenance = provenance_record(base.model_dump(mode="json"), walkforward_config=wf.study_dump(),
                                    schema_hash=schemas[0] if len(schemas) == 1 else schemas,
                                    data_sha256=sorted({f["data_sha256"] for f in folds}),
                                    **({} if tuning is None else {"tuning": tuning.as_json()}))  # fmt: skip
@@ -603,6 +622,8 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         summary["portfolio"] = {"weighting": "equal", "symbols": list(per_sym), "definition": PORTFOLIO_DEFINITION}
         symbol_tables = {f"{sym}: stitched metrics (PPO seed {chosen})": pd.DataFrame(m).round(4)
                          for sym, m in per_sym.items()}
+    if execution is not None:  # a Ray run: where the trainings ran (absent from a sequential run's report)
+        summary["execution"] = execution
     summary = M.to_jsonable(summary)
     (out / "metrics.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
     notes = [
@@ -638,7 +659,7 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         extra[f"{name} by regime at decision time (0 = calmest; chosen seed's fold models)"] = pd.DataFrame(table).round(4)
     for name, folds in per_fold.items():
         extra[f"{name} per fold"] = pd.DataFrame(folds).T.round(4)
-    extra["walk-forward config"] = pd.DataFrame({"value": flatten_config(wf.model_dump(mode="json"))})
+    extra["walk-forward config"] = pd.DataFrame({"value": flatten_config(wf.study_dump())})
     extra["run config"] = pd.DataFrame({"value": flatten_config(provenance["config"])})
     write_report(out, title=f"ats walk-forward: {base.name}",
                  equity_curves={k: v.equity for k, v in stitched.items()}, metrics=metrics, notes=notes,

@@ -240,7 +240,7 @@ def test_walkforward_cli_passes_the_tuning_record(tmp_path, monkeypatch):
     from ats_cli.main import app
 
     seen = {}
-    monkeypatch.setattr(wf_mod, "run_walkforward", lambda wf, base, out, *, log, tuning: seen.update(tuning=tuning))
+    monkeypatch.setattr(wf_mod, "run_walkforward", lambda wf, base, out, *, log, tuning, **_: seen.update(tuning=tuning))
     args = ["walkforward", "--config", str(REPO / "configs" / "walkforward_smoke.yaml"), "--out", str(tmp_path / "o")]
     res = CliRunner().invoke(app, [*args, "--tuning-dir", str(_trials_json(tmp_path / "tune", 7))])
     assert res.exit_code == 0, res.output
