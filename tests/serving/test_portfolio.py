@@ -259,3 +259,45 @@ def test_account_guard_halts_on_the_accounts_drawdown_and_fails_closed() -> None
     v = broken.review(t, float("inf"), [_book("BTCUSDT", _long(0.5)), _book("ETHUSDT", Decision(direction=1), 1, 1.0)])
     assert v["BTCUSDT"].decision == Decision.flat() and v["ETHUSDT"].decision == Decision(direction=1)
     assert broken.state is RiskState.HALTED and v["BTCUSDT"].reasons[0].startswith("guard_error")
+
+
+class _LosingLong(StatelessPolicy):
+    """Goes long at every bar with a stop a hair away: a stream of small losing round trips (fast kill switch)."""
+
+    name = "v2"
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        return Decision(direction=1, leverage=1.0, size_frac=0.2, stop_atr=0.05, take_profit_atr=50.0)
+
+
+def test_one_symbols_kill_switch_halts_it_alone_and_the_accounts_halts_all() -> None:
+    """ETHUSDT's own fast kill switch (3 losing round trips) halts ETHUSDT only (scope symbol:ETHUSDT); BTCUSDT keeps
+    deciding by its policy. Then the same losses counted by the account's kill switch halt every symbol."""
+    per_symbol = LOOSE.updated(fast_kill_consecutive_losses=3)
+    store = StateStore("sqlite://")
+    hold = Decision(direction=1, leverage=1.0, size_frac=0.2, stop_atr=50.0, take_profit_atr=50.0)  # no round trip
+    run_portfolio_replay([_leg("BTCUSDT", primary=FixedPolicy(hold)), _leg("ETHUSDT", primary=_LosingLong())],
+                         store=store, config=_config(EQUITY), symbol_risk=per_symbol, account_risk=LOOSE_ACCOUNT,
+                         now=lambda: NOW)
+    assert store.latest_risk_state("symbol:ETHUSDT").state == "HALTED"
+    assert store.latest_risk_state("symbol:BTCUSDT") is None or store.latest_risk_state("symbol:BTCUSDT").state == "ACTIVE"
+    assert store.latest_risk_state("account") is None or store.latest_risk_state("account").state == "ACTIVE"
+    eth, btc = store.decisions("p", "ETHUSDT"), store.decisions("p", "BTCUSDT")
+    halted_at = eth[eth.fallback_reason.fillna("").str.contains("fast_kill")].bar_open_time.min()
+    assert pd.notna(halted_at)
+    after_eth = eth[eth.bar_open_time > halted_at]
+    assert len(after_eth) and (after_eth.direction == 0).all()  # halted: flat from then on
+    after_btc = btc[btc.bar_open_time > halted_at]
+    assert len(after_btc) and (after_btc.source == "v2").all() and (after_btc.direction == 1).all()  # BTC trades on
+    assert store.equity("p", "BTCUSDT").position_side.iloc[-1] == 1
+    # the account's kill switch counts every symbol's losses: it halts both
+    store = StateStore("sqlite://")
+    run_portfolio_replay([_leg("BTCUSDT", primary=FixedPolicy(hold)), _leg("ETHUSDT", primary=_LosingLong())],
+                         store=store, config=_config(EQUITY), symbol_risk=LOOSE,
+                         account_risk=LOOSE_ACCOUNT.updated(fast_kill_consecutive_losses=3), now=lambda: NOW)
+    assert store.latest_risk_state("account").state == "HALTED"
+    last = store.decisions("p").groupby("symbol").tail(5)
+    assert (last.direction == 0).all() and (last.source == "guard").all()
+    changed = store.events("p")
+    changed = changed[changed.kind == "risk_state_changed"]
+    assert any(d.get("scope") == "account" and d["to"] == "HALTED" for d in changed.detail)
