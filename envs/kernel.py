@@ -14,8 +14,9 @@ turnover (USDT). An env appends its own fields (``E_*``: equity, peak, drawdown,
 reward estimates) after them, so one row holds an env's whole float state.
 
 ``is_`` int64 (``I_*``): side (-1/0/+1), entry open time in ns (:data:`NO_TIME` = none), bars in
-trade, number of fills, trades, skipped entries (no margin budget, min quantity or min notional) and
-funding fallbacks.
+trade, number of fills, trades, skipped entries (no margin budget, min quantity or min notional),
+funding fallbacks and missed limit entries (``I_MISSED``: the bar did not trade through the limit; not a field of
+:class:`envs.accounting.AccountState`, which ``step_bar`` converts, so the env counts them).
 
 ``p`` float64 parameters (``P_*``): costs and the instrument's rules (tick, step, min / max quantity,
 min notional, max leverage), reward, action ranges, episode rules, then the maintenance-bracket table (``p[P_N_BRACKETS]`` rows of cap, mmr, cum from ``P_BRACKETS``).

@@ -11,8 +11,9 @@ The rule (Binance USDⓈ-M, isolated margin, one-way mode)
 ----------------------------------------------------------
 Inputs: equity E (USDT; the free balance of a flat account), ``size_frac`` f in [0, 1], requested leverage
 L_req >= 1, reference price P (USDT; the kernel: its simulated fill, the next open with adverse slippage rounded
-to the tick; live: the close of the decided bar, its best estimate of that fill), taker fee rate r (fraction of
-notional), side s = +1 long / -1 short, the symbol's rules (tick, step, min quantity, max market quantity, min
+to the tick, or for a limit entry, ``CostConfig.entry_order = "limit"``, the limit price; live: the close of the
+decided bar, its best estimate of that fill), taker fee rate r (fraction of notional; the maker rate for a limit
+entry, the fee it pays), side s = +1 long / -1 short, the symbol's rules (tick, step, min quantity, max market quantity, min
 notional, max leverage; :class:`market.instruments.InstrumentSpec`, i.e. Binance ``exchangeInfo`` filters
 PRICE_FILTER / MARKET_LOT_SIZE / MIN_NOTIONAL and the first leverage bracket's ``initialLeverage``).
 
