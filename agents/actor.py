@@ -80,12 +80,15 @@ def actor_state_from_sb3(sb3_policy: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_actor(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write actor tensors to ``path`` (safetensors)."""
-    save_file(tensors, str(path))
+    """Write actor tensors to ``path`` (safetensors) from whatever device they are on (CPU, CUDA): each is
+    detached, copied to the CPU and made contiguous first. A safetensors file records dtype, shape and byte
+    offsets only, never a device, so a bundle trained on a GPU is the same file as one trained on the CPU."""
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
 
 
 def load_actor(path: Path, *, obs_dim: int, action_dim: int, hidden: tuple[int, ...], activation: str) -> ActorNet:
-    """Build an :class:`ActorNet` and load its weights from safetensors.
+    """Build an :class:`ActorNet` on the CPU and load its weights from safetensors (no pickle; the tensors are
+    created on the CPU, as ``torch.load(..., map_location="cpu")`` would place them).
 
     Raises
     ------
@@ -93,7 +96,7 @@ def load_actor(path: Path, *, obs_dim: int, action_dim: int, hidden: tuple[int, 
         If the file is missing, truncated/corrupt, or its tensors do not fit the architecture.
     """
     try:
-        tensors = load_file(str(path))
+        tensors = load_file(str(path), device="cpu")  # every tensor on the CPU, whatever trained it
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise ModelLoadError(f"cannot read actor weights {path}: {type(exc).__name__}: {exc}") from exc
     net = ActorNet(obs_dim, action_dim, hidden, activation)
