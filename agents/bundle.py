@@ -106,8 +106,12 @@ def save_bundle(
     run_config: dict[str, Any],
     data_info: dict[str, Any],
     metrics: dict[str, Any],
+    drift_reference: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a bundle directory (see module docstring) and return its path."""
+    """Write a bundle directory (see module docstring) and return its path. ``drift_reference``
+    (:func:`agents.drift_reference.fit_reference` of the training rows) is written as ``drift_reference.json``
+    before the manifest, so the manifest hashes it; None writes none (the drift monitor then reports feature
+    and regime drift as unavailable)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = market_obs_names(feature_config, models.n_states)
@@ -127,6 +131,10 @@ def save_bundle(
     models.hmm.save(out_dir / "regime" / "hmm")
     models.transition.save(out_dir / "regime" / "transition")
     models.tcn.save(out_dir / "signals" / "tcn")
+    if drift_reference is not None:
+        from agents.drift_reference import write_reference
+
+        write_reference(out_dir, drift_reference)
     write_manifest(out_dir, market_obs_names=names, action_config=env_config.actions, data_info=data_info,
                    run_config=run_config, metrics=metrics)
     return out_dir

@@ -35,6 +35,7 @@ def status(
             console.print(f"[red]{exc}[/]")
             raise typer.Exit(code=2) from exc
         shown = store.display_url if "://" in db else db
+        drift = _drift_line(store, s.run_id)
     table = Table(title=f"ats status: {shown}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -77,7 +78,16 @@ def status(
     table.add_row("decided by guard", f"{s.decided_guard} ({pct(s.share('guard'))})")
     if s.decided_missed:
         table.add_row("missed (no decision)", f"{s.decided_missed} ({pct(s.share('missed'))})")
+    table.add_row("drift", drift)
     console.print(table)
+
+
+def _drift_line(store, run_id: str | None) -> str:
+    """The latest drift evaluation of the run (statistic, threshold, action taken; :mod:`serving.drift`)."""
+    from serving.drift import drift_status_line
+
+    line = None if run_id is None else drift_status_line(store.events(run_id))
+    return "no drift evaluation recorded" if line is None else line
 
 
 def reset_risk(

@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError
 
 from market.config_base import StrictConfig
 from serving.account_risk import AccountRiskConfig
+from serving.drift import DriftConfig
 from serving.errors import FatalError
 from serving.live import LiveConfig
 from serving.loop import ServeConfig
@@ -35,6 +36,8 @@ class ServeSettings(StrictConfig):
         Limits of the account's guard of a multi-symbol run (:mod:`serving.account_risk`); unused with one symbol.
     watch_dir : Path | None
         Directory watched for new bundles (validated, then swapped in between bars).
+    drift : DriftConfig
+        Drift thresholds and the action on a breach (:mod:`serving.drift`).
     """
 
     paper: ServeConfig = Field(default_factory=lambda: ServeConfig(warmup_bars=1200))
@@ -42,6 +45,7 @@ class ServeSettings(StrictConfig):
     risk: RiskConfig | None = Field(default_factory=RiskConfig)
     account_risk: AccountRiskConfig = Field(default_factory=AccountRiskConfig)
     watch_dir: Path | None = None
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
 
 def load_serve_settings(path: Path | None) -> ServeSettings:

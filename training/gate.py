@@ -262,6 +262,21 @@ def evaluate_paper(evidence: PaperEvidence | None, report: dict[str, Any], manif
     return out, record
 
 
+def expected_bar_return(report: dict[str, Any]) -> dict[str, float] | None:
+    """The walk-forward's expected per-bar return of PPO, for the drift monitor's performance CUSUM
+    (:mod:`serving.drift`): ``mean`` = the stitched total return compounded per bar, ``(1 + R)^(1/n) - 1``, and
+    ``std`` = ``|mean / SR|`` with SR the per-bar Sharpe ratio of the deflated-Sharpe record (``sr_per_bar``).
+    None when the report lacks them or SR is 0 (an ``ats evaluate`` report has no per-bar Sharpe)."""
+    ppo = (report.get("stitched") or {}).get("ppo") or {}
+    total, n = _num(ppo.get("total_return")), _num(ppo.get("n_bars"))
+    sr = _num((report.get("deflated_sharpe") or {}).get("sr_per_bar"))
+    if total is None or n is None or n < 1 or sr is None or abs(sr) < 1e-9 or total <= -1:
+        return None
+    mean = (1.0 + total) ** (1.0 / n) - 1.0
+    std = abs(mean / sr)
+    return {"mean": mean, "std": std} if std > 0 and math.isfinite(std) else None
+
+
 def apply_gate(bundle_dir: Path, report_dir: Path, cfg: GateConfig, *,
                now: Callable[[], datetime] = lambda: datetime.now(UTC),
                paper: PaperEvidence | None = None) -> dict[str, Any]:
@@ -304,6 +319,7 @@ def apply_gate(bundle_dir: Path, report_dir: Path, cfg: GateConfig, *,
         "report_kind": "evaluate" if "bundle" in report["provenance"] else "walkforward",
         "decided_at": decided.isoformat(),
         "paper": paper_record,
+        "expected_bar_return": expected_bar_return(report),
     }
     manifest["gate"] = gate
     tmp = manifest_path.with_suffix(".json.tmp")

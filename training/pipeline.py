@@ -411,7 +411,7 @@ def train_run(cfg: RunConfig, run_dir: Path, *, log: Log = print, on_ppo_progres
     log(f"PPO: {cfg.ppo.total_timesteps} steps in {time.perf_counter() - t0:.0f} s; best validation Sortino "
         f"{result.best_metrics.get('sortino', float('nan')):.3f} at step {result.best_step}")
     bundle = _save_run(run_dir, cfg, result, actor_tensors, normalizer, final_models, folds,
-                       data_info={**prep.info, "folds": folds})
+                       data_info={**prep.info, "folds": folds}, drift_reference=_drift_reference([prep], final_models))
     _write_replay(prep, cfg, run_dir / "replay")
     return bundle
 
@@ -473,7 +473,8 @@ def train_pooled(cfg: RunConfig, run_dir: Path, *, device: str, log: Log = print
         f"{result.best_step}")
     bundle = _save_run(run_dir, cfg, result, actor_state_from_sb3(result.model.policy), normalizer, final_models,
                        folds, data_info=pooled_data_info(preps, folds),
-                       selection="best validation Sortino of the equal-weight portfolio of all symbols")
+                       selection="best validation Sortino of the equal-weight portfolio of all symbols",
+                       drift_reference=_drift_reference(preps, final_models))
     _write_replay(preps[0], cfg, run_dir / "replay")
     for p in preps[1:]:
         _write_replay(p, cfg, run_dir / "replay" / p.info["symbol"])
@@ -484,7 +485,8 @@ REPLAY_HISTORY_BARS = 1200
 
 
 def _save_run(run_dir: Path, cfg: Any, result: Any, actor_tensors: dict[str, Any], normalizer: Any,
-              final_models: Any, folds: Any, *, data_info: dict[str, Any], selection: str | None = None) -> Path:
+              final_models: Any, folds: Any, *, data_info: dict[str, Any], selection: str | None = None,
+              drift_reference: dict[str, Any] | None = None) -> Path:
     """Write a trained run's ``folds.json``, ``validation_history.json`` and policy bundle (one- and
     multi-symbol runs alike); ``selection`` says how the checkpoint was chosen when it is not the
     default (best validation Sortino). Returns the bundle directory."""
@@ -496,8 +498,21 @@ def _save_run(run_dir: Path, cfg: Any, result: Any, actor_tensors: dict[str, Any
     return save_bundle(
         run_dir / "bundle", actor_tensors=actor_tensors, hidden=tuple(cfg.ppo.net_arch), activation="tanh",
         normalizer=normalizer, feature_config=cfg.features, env_config=cfg.env, models=final_models,
-        run_config=cfg.model_dump(mode="json"), data_info=data_info, metrics=metrics,
+        run_config=cfg.model_dump(mode="json"), data_info=data_info, metrics=metrics, drift_reference=drift_reference,
     )
+
+
+def _drift_reference(preps: list[PreparedData], models: Any) -> dict[str, Any]:
+    """The training distribution the bundle carries for drift detection (:mod:`agents.drift_reference`): every
+    symbol's training rows (before its validation period) of the features, and their forward-filtered regime
+    probabilities (filtered per symbol)."""
+    from agents.drift_reference import fit_reference
+
+    cols = list(models.hmm_columns)
+    features = pd.concat([p.features.iloc[: p.val_row] for p in preps])
+    proba = np.concatenate([models.hmm.filtered_proba(p.features[cols].to_numpy(np.float64)[: p.val_row])
+                            for p in preps])
+    return fit_reference(features, proba, source=f"training rows of {len(preps)} symbol(s), before validation")
 
 
 def _write_replay(prep: PreparedData, cfg: RunConfig, out: Path) -> None:
