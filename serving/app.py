@@ -374,6 +374,7 @@ def serve_replay_multi(
         if max_bars:
             candles = candles.iloc[: config.warmup_bars + max_bars]
         slot, fallback, costs, feature_cfg = _policies(bundle_dir, config.primary_backoff, None, db_path, log, symbol)
+        slot.reload_file = None  # a reload request would reach the first symbol's slot only: not wired here
         if costs.instrument.symbol != symbol:  # a single-symbol bundle serving another symbol: that symbol's spec
             costs = costs.with_instrument(resolve_spec(symbol).spec)
         legs.append(Leg(symbol, candles, slot, fallback, atr_indicator(candles, feature_cfg.atr_period_bars), costs,

@@ -108,7 +108,7 @@ def test_bars_missed_while_the_process_was_down_are_recorded_on_restart(fake):
     ev = store.events("live")
     gap = ev[ev.kind == "bars_missed"].detail.tolist()
     assert gap == [{"first": str(_bar(1)), "last": str(_bar(2)), "count": 2, "failed_in_process": 0,
-                    "position_side": 1}]  # fmt: skip
+                    "position_side": 1, "symbol": "BTCUSDT"}]  # fmt: skip
     restarted.step()  # same bar again: nothing more recorded
     assert len(store.decisions("live")) == 4
     s = read_status(store)
