@@ -249,14 +249,20 @@ class EnsembleActor:
     def act(self, obs: np.ndarray) -> np.ndarray:
         """The combined action (:func:`combine_actions`), float32 (5,); sets ``last_member_actions``.
 
+        A member action that is not finite makes the whole action NaN, as a single actor's NaN output is
+        returned as it is: decoding it raises :class:`market.decision.NonFiniteDecisionError` (the caller falls
+        back) and the hot-swap probe rejects such a bundle.
+
         Raises
         ------
         ValueError
-            Wrong observation length, or a member action that is not finite (the caller falls back).
+            Wrong observation length.
         """
         self.last_member_actions = None
         acts = np.stack([actor.act(o) for actor, o in zip(self.actors, self.member_observations(obs), strict=True)])
         self.last_member_actions = acts.astype(np.float32)
+        if not np.isfinite(acts).all():
+            return np.full(self.action_dim, np.nan, dtype=np.float32)
         return combine_actions(acts, self.mode, self.dead_zone)
 
 

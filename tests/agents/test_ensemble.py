@@ -28,10 +28,10 @@ from ats_cli.main import app
 from envs import ENV_ID
 from envs.actions import ActionConfig, decode_action
 from envs.trading_env import EnvConfig
-from market.decision import DecisionContext, PositionView
+from market.decision import DecisionContext, NonFiniteDecisionError, PositionView
 from market.features import FeatureConfig
 from regime.hmm import ModelLoadError
-from serving.hotswap import PolicySlot
+from serving.hotswap import BundleRejected, PolicySlot, load_frozen_policy, validate_candidate
 from serving.loop import ServeConfig, run_replay
 from serving.store import StateStore
 from tests.kit.candles import make_candles
@@ -346,6 +346,23 @@ def test_a_member_swapped_for_another_config_is_refused_on_load(members, mean_en
     (ens / MANIFEST).write_text(json.dumps(manifest, indent=1))
     with pytest.raises(EnsembleError, match="members/m2: env action config differs"):
         load_bundle(ens)
+
+
+@pytest.mark.parametrize("mode", ["mean", "majority"])
+def test_a_member_answering_nan_makes_the_ensemble_fall_back(mode, members, candles, tmp_path):
+    """A member whose actor answers NaN (it loads: its weights are hashed): the ensemble's action is NaN, so the
+    decision raises NonFiniteDecisionError (serving falls back to V1) and the hot-swap probe rejects the bundle,
+    in majority mode too (where a NaN direction would otherwise count as a flat vote)."""
+    poisoned = kit.copy_bundle(members[1], tmp_path / "nan")
+    kit.nan_weights(poisoned)
+    ens_dir = build_ensemble([members[0], poisoned, members[2]], tmp_path / "E", mode)
+    policy = FrozenPPOPolicy(load_bundle(ens_dir))
+    ctx = _contexts(candles, policy.history_bars(HOUR), [1_200])[0]
+    with pytest.raises(NonFiniteDecisionError):
+        policy.decide(ctx)
+    assert policy.last_raw_action is not None and np.isnan(policy.last_raw_action).all()
+    with pytest.raises(BundleRejected, match="probe: non-finite action"):
+        validate_candidate(ens_dir, load_frozen_policy, None)
 
 
 # ---------------------------------------------------------------------------------------------
