@@ -21,7 +21,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ats_cli import status_cmd
+from ats_cli import drift_cmd, status_cmd
 from ats_cli.errors import report
 from ats_cli.progress import counting_progress
 
@@ -296,6 +296,8 @@ def _print_summary(summary, db: Path) -> None:
 
 app.command("reload", help="validate a bundle and swap it into the running loop between bars")(status_cmd.reload)
 app.command("reset-risk", help="reset a HALTED/REDUCING risk guard to ACTIVE (recorded)")(status_cmd.reset_risk)
+app.command("reset-drift", help="end the drift monitor's V1 mode: the bundle decides again (recorded)")(
+    drift_cmd.reset_drift)
 app.command("accept-position", help="adopt the exchange's position of an unreconciled symbol at the next bar (recorded)")(
     status_cmd.accept_position
 )

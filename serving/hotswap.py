@@ -22,6 +22,10 @@ place and produces a ``bundle_rejected`` event. A candidate takes over the outgo
 carried state (:class:`market.decision.PolicyState`, e.g. the peak equity) before it is probed, so
 an identical copy decides exactly as the policy it replaces.
 
+The slot keeps the last bundle that passed the gate before the current one (:attr:`PolicySlot.previous`,
+loaded): a drift breach with the ``rollback`` action swaps back to it (:meth:`PolicySlot.rollback`,
+:mod:`serving.drift_watch`).
+
 Events are ``(kind, detail)`` pairs the loop writes to the store: ``bundle_swapped``,
 ``bundle_rejected``, ``bundle_reload_failed``, ``reload_request_invalid``, ``primary_backoff``.
 """
@@ -181,6 +185,14 @@ def validate_candidate(
     return policy
 
 
+def gate_verdict(path: Path) -> str | None:
+    """The ``ats gate`` verdict recorded in the manifest of the bundle at ``path`` (None: none, or unreadable)."""
+    try:
+        return (json_codec.loads((Path(path) / MANIFEST).read_text()).get("gate") or {}).get("verdict")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def reload_request_path(db_path: Path) -> Path:
     """Where ``ats serve reload`` leaves its request for the loop serving ``db_path``."""
     db_path = Path(db_path)
@@ -273,6 +285,9 @@ class PolicySlot:
         self._retry_at = 0
         self._last_failure: _Failure | None = None
         self._seen: dict[str, str] = {str(p): k for p, k in self._watched().items()}
+        #: the last bundle that passed the gate before the current one (policy, directory), kept loaded for a
+        #: drift rollback (:meth:`rollback`); set when a swap replaces a primary whose manifest says PASS
+        self.previous: tuple[Policy, Path] | None = None
 
     @classmethod
     def from_bundle(
@@ -380,7 +395,28 @@ class PolicySlot:
         """The outgoing primary's state (None when there is no primary: the candidate keeps its own)."""
         return None if self._policy is None else self._policy.state
 
+    def rollback(self, reason: str) -> list[Event]:
+        """Swap back to :attr:`previous`, the last bundle that passed the gate before the current one (a drift
+        breach: :mod:`serving.drift_watch`); it carries on the outgoing primary's state. Returns its
+        ``bundle_swapped`` event (trigger ``drift_rollback``), or [] when there is none (nothing changes). The
+        bundle rolled back from is not kept: a second rollback needs another gated bundle swapped in first."""
+        if self.previous is None:
+            return []
+        policy, path = self.previous
+        old = self.source
+        state = self._carried_state()
+        if state is not None:
+            policy.restore(state)
+        self.previous = None
+        self._policy, self.source, self.load_error = policy, Path(path), None
+        self._failures, self._retry_at, self._last_failure = 0, 0, None
+        return [("bundle_swapped", {"bundle": str(path), "trigger": "drift_rollback", "reason": reason,
+                                    "previous": None if old is None else str(old)})]  # fmt: skip
+
     def _swap(self, policy: Policy, source: Path) -> None:
+        if self._policy is not None and self.source is not None and Path(source) != self.source \
+                and gate_verdict(self.source) == "PASS":
+            self.previous = (self._policy, self.source)
         self._policy, self.source, self.load_error = policy, Path(source), None
         self._failures, self._retry_at, self._last_failure = 0, 0, None
 

@@ -6,6 +6,9 @@ For every bar t from ``warmup_bars`` on:
 
 0. between bars, the primary's :class:`serving.hotswap.PolicySlot` may swap in a validated new
    bundle (watched directory or ``ats serve reload`` request) or re-load a bundle that failed;
+   after the broker's step 1, the drift monitor (``drift_watch``, :mod:`serving.drift_watch`; optional)
+   observes the bar, evaluates every ``every_bars`` bars and may roll the slot back or put V1 in charge
+   (then the primary is not asked: V1 decides, reason ``drift: ...``);
 1. the broker processes bar t with the decision taken at the close of bar t-1 (fills at the
    open, stops/take-profits/liquidation inside the bar, funding at settlement times); its fills
    and the equity marked at the close are recorded; closed round trips go to the risk guard;
@@ -78,6 +81,8 @@ from market.ohlc import row_problems  # re-exported: the quarantine rule of a ca
 from serving.choice import Choice as _Choice
 from serving.choice import FallbackLedger, reason_kind  # noqa: F401 - reason_kind re-exported
 from serving.choice import choose as _choose
+from serving.drift import DriftConfig
+from serving.drift_watch import DriftWatch
 from serving.errors import DataQualityError
 from serving.hotswap import BackoffConfig, PolicySlot
 from serving.notify import Notifier
@@ -361,6 +366,8 @@ class PaperStepper:
         self.closed_trade_sinks: list[Callable[[pd.Timestamp, float], None]] = []
         #: add ``symbol`` to the detail of every event of a bar (set in multi-symbol runs: notifications name it)
         self.name_symbol_in_events = False
+        #: the drift monitor (:mod:`serving.drift_watch`): observes every bar before the policies decide; None: off
+        self.drift_watch: DriftWatch | None = None
 
     @property
     def symbol(self) -> str:
@@ -470,6 +477,7 @@ class PaperStepper:
         """
         events = [EventRecord(self.run_id, bar.time, kind, detail) for kind, detail in self.slot.poll(bar.t, self._last_ctx)]
         fills, equity_usdt, equity_row = self._process(bar, events)
+        self._watch_drift(bar, equity_usdt, events)
         state = self.broker.state
         choice, loop_hold = self._decide(bar, state, equity_usdt)
         self._held_by = bar.taint.key if bar.problem is None and bar.taint is not None else None
@@ -526,11 +534,21 @@ class PaperStepper:
         direction is the side after the bar, its reason ``reason``. Returns the row (stored).
         """
         events: list[EventRecord] = []
-        fills, _, equity_row = self._process(bar, events)
+        fills, equity_usdt, equity_row = self._process(bar, events)
+        self._watch_drift(bar, equity_usdt, events)
         decision = _hold(self.broker.state.side)
         record, _ = self._record(bar, _Choice(decision, "missed", reason, None, 0.0, []), decision, fills, events,
                                  equity_row)
         return record
+
+    def _watch_drift(self, bar: BarInput, equity_usdt: float, events: list[EventRecord]) -> None:
+        """The drift monitor observes ``bar`` (its valid context window, the equity marked at its close); its events
+        (``drift``, a breach's action) join the bar's rows; a rollback swaps the slot's primary before the decision."""
+        if self.drift_watch is None:
+            return
+        window = bar.window if bar.problem is None and bar.taint is None else None
+        events.extend(EventRecord(self.run_id, bar.time, kind, detail)
+                      for kind, detail in self.drift_watch.observe(bar.time, window, equity_usdt, self.slot))
 
     def _process(self, bar: BarInput, events: list[EventRecord]) -> tuple[list[FillRecord], float, EquityRecord]:
         """Step 1: the broker processes ``bar`` with the pending decision (or quarantines it); closed
@@ -583,6 +601,8 @@ class PaperStepper:
                               equity_usdt=float(equity_usdt), peak_equity_usdt=self._peak_equity_usdt)  # fmt: skip
         self._last_ctx = ctx
         policy, unavailable = self.slot.acquire(bar.t)
+        if self.drift_watch is not None:  # the drift monitor's v1 mode: V1 decides (reason 'drift: ...')
+            policy, unavailable = self.drift_watch.gate(policy, unavailable)
         choice = _choose(ctx, policy, self.fallback, unavailable, self.config.decision_timeout_ms, self._clock)
         if policy is not None:
             choice.events.extend(self.slot.record(bar.t, choice.primary_failure))
@@ -702,6 +722,7 @@ def run_replay(
     clock: Callable[[], float] = time.perf_counter,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     trading_rules: TradingRulesConfig | None = None,
+    drift: DriftConfig | None = None,
 ) -> ReplaySummary:
     """Replay ``candles`` bar by bar through the paper broker with V2 -> V1 fallback.
 
@@ -752,6 +773,10 @@ def run_replay(
         decision bars (a hold between them, source 'guard'), a close or flip of a position younger than
         ``min_hold_bars`` is a hold, the paper broker resizes in the band (:mod:`serving.trading_rules`). None: a
         decision every bar, no holding period, no resize.
+    drift : DriftConfig | None
+        The drift monitor's settings (:mod:`serving.drift_watch`: evaluated every ``every_bars`` bars, ``drift``
+        events, the action on a breach; its ``v1`` mode read back from ``store`` for this run and symbol); None:
+        no monitor.
 
     The ``latency_ms`` of a decision row runs from the start of the decision to the final answer
     (primary attempt plus fallback when one was needed); the deadline applies to the primary alone.
@@ -787,6 +812,8 @@ def run_replay(
     stepper = PaperStepper(slot=slot, fallback=fallback, costs=costs, store=store, config=config, guard=guard,
                            notifier=notifier, clock=clock, now=now, bar_interval=interval,
                            trading_rules=trading_rules)  # fmt: skip
+    if drift is not None:
+        stepper.drift_watch = DriftWatch(drift, store, config.run_id, stepper.symbol)
     bars = _ReplayBars(candles, atr_arr, fb_atr_arr, config.context_bars, costs.funding_interval_hours)
     epoch = pd.Timestamp(0, tz="UTC")
     stepper.start(candles.index[0] if n else epoch, bars=n, warmup_bars=config.warmup_bars)

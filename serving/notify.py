@@ -9,7 +9,8 @@ and never waits on the network.
 
 Sent: entries and exits (fills), ``fallback_engaged`` / ``primary_recovered`` /
 ``fallback_failed``, kill switches and every other ``risk_state_changed``, bundle swaps and
-rejections, liquidations, quarantined bars and run start/finish; from the live loop also its
+rejections, liquidations, quarantined bars, drift breaches and drift-mode changes (V1 in charge, reset;
+:mod:`serving.drift_watch`) and run start/finish; from the live loop also its
 start/stop, errors (``step_failed``, ``internal_error``, ``fatal_error``, ``guard_error``,
 ``order_rejected``), an unreconciled or accepted position, a stop the exchange refused, and
 missed bars (:data:`DEFAULT_KINDS`).
@@ -42,7 +43,7 @@ from serving.store import EventRecord, FillRecord
 DEFAULT_KINDS: tuple[str, ...] = (
     "run_started", "run_finished", "fallback_engaged", "primary_recovered", "fallback_failed",
     "risk_state_changed", "bundle_swapped", "bundle_rejected", "liquidation", "quarantine",
-    "primary_unavailable", "guard_error",
+    "primary_unavailable", "guard_error", "drift_breach", "drift_mode",
     # live loop (serving.live)
     "live_started", "live_stopped", "step_failed", "internal_error", "fatal_error", "order_rejected",
     "position_unreconciled", "position_accepted", "position_baseline_reset", "stop_rejected_closing",

@@ -62,6 +62,8 @@ from serving.loop import (
     _ReplayBars,
     _validate_candles,
 )
+from serving.drift import DriftConfig
+from serving.drift_watch import DriftWatch
 from serving.notify import Notifier
 from serving.risk import RiskConfig, RiskGuard
 from serving.store import AccountEquityRecord, EventRecord, StateStore
@@ -178,6 +180,7 @@ def run_portfolio_replay(
     clock: Callable[[], float] = time.perf_counter,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     detail: dict[str, Any] | None = None,
+    drift: DriftConfig | None = None,
 ) -> PortfolioSummary:
     """Replay several symbols on one paper account (module docstring).
 
@@ -198,6 +201,9 @@ def run_portfolio_replay(
         As :func:`serving.loop.run_replay` (``progress``: clock times consumed, total).
     detail : dict | None
         Added to the ``run_started`` event (e.g. the replayed files).
+    drift : DriftConfig | None
+        The drift monitor of each symbol (:mod:`serving.drift_watch`: its own window, returns of its sleeve, action
+        on its slot and its own ``v1`` mode); None: none.
 
     Returns
     -------
@@ -243,6 +249,8 @@ def run_portfolio_replay(
                                guard=guard, notifier=notifier, clock=clock, now=now, bar_interval=interval,
                                trading_rules=leg.trading_rules)  # fmt: skip
         stepper.name_symbol_in_events = True
+        if drift is not None:
+            stepper.drift_watch = DriftWatch(drift, store, config.run_id, leg.symbol)
         if account_guard is not None:
             stepper.closed_trade_sinks.append(account_guard.record_closed_trade)
         runs.append(_LegRun(leg, stepper, _ReplayBars(leg.candles, atr, fb_atr, config.context_bars,
