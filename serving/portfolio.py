@@ -51,6 +51,8 @@ from serving.account_risk import (
     per_symbol_limits,
     symbol_scope,
 )
+from serving.drift import DriftConfig
+from serving.drift_watch import DriftWatch
 from serving.errors import DataQualityError
 from serving.hotswap import PolicySlot
 from serving.loop import (
@@ -62,8 +64,6 @@ from serving.loop import (
     _ReplayBars,
     _validate_candles,
 )
-from serving.drift import DriftConfig
-from serving.drift_watch import DriftWatch
 from serving.notify import Notifier
 from serving.risk import RiskConfig, RiskGuard
 from serving.store import AccountEquityRecord, EventRecord, StateStore
