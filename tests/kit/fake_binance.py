@@ -1,9 +1,20 @@
 """A local Binance USDⓈ-M REST server (127.0.0.1) for testing the real ccxt client without internet.
 
-It serves, from fixture data (rows of the bundled BTCUSDT files):
+**Several symbols.** ``candles`` and ``funding`` are one symbol's frame and series (``BTCUSDT``: every test written
+before multi-symbol serving) or mappings symbol -> frame / series (the first symbol is the *primary*: the one the
+single-symbol helpers below mean when no ``symbol`` is named). Every market-data and trading endpoint below answers
+per symbol (its ``symbol`` parameter: klines, funding, orders, conditional orders, trades, positions, leverage and
+margin type), as unkindly for each as for one: request caps, query lag, malformed answers and faults (a fault queued
+with ``symbol=`` meets only that symbol's requests; without it, the next request to the path, whatever its symbol).
+One account (one wallet, one-way mode) holds every symbol's position; ``account``/``balance`` total them. A bare
+frame answers any symbol's requests from it (records naming BTCUSDT), as the single-symbol fake always did.
+
+It serves, from fixture data (rows of the bundled BTCUSDT files, or any fixture frames):
 
 * ``GET /fapi/v1/exchangeInfo``: the perpetuals of ``markets`` (default :data:`DEFAULT_MARKETS`: BTCUSDT and
-  XRPUSDT, enough for ccxt ``load_markets``); :meth:`FakeBinance.set_filter` changes a filter value;
+  XRPUSDT, enough for ccxt ``load_markets``, plus the :data:`KNOWN_MARKETS` entry of every other served symbol);
+  :meth:`FakeBinance.set_filter` changes a filter value; an order below a market's ``MIN_NOTIONAL`` (-4164) or a
+  trigger off its tick (-4014) is refused;
 * ``GET /fapi/v1/time``: the server clock (``now_ms``, set by the test);
 * ``GET /fapi/v1/klines``: candles from ``startTime`` (and up to ``endTime``), at most ``limit``
   (default 500, capped at 1500, as Binance), only bars that opened at or before ``now_ms``; the bar
@@ -84,7 +95,7 @@ import json
 import os
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -187,6 +198,24 @@ DEFAULT_MARKETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Markets the fake can list besides the defaults (added when their symbol is served). ETHUSDT: the bundled
+#: instrument table's published filters (tick 0.01, step 0.001, min notional 5; test fixture values here).
+KNOWN_MARKETS: dict[str, dict[str, Any]] = {
+    **DEFAULT_MARKETS,
+    "ETHUSDT": {
+        "base": "ETH", "pricePrecision": 2, "quantityPrecision": 3,
+        "filters": [
+            {"filterType": "PRICE_FILTER", "maxPrice": "306177", "minPrice": "39.86", "tickSize": "0.01"},
+            {"filterType": "LOT_SIZE", "maxQty": "10000", "minQty": "0.001", "stepSize": "0.001"},
+            {"filterType": "MARKET_LOT_SIZE", "maxQty": "2000", "minQty": "0.001", "stepSize": "0.001"},
+            {"filterType": "MIN_NOTIONAL", "notional": "5"},
+        ],
+        "brackets": [{"bracket": 1, "initialLeverage": 125, "notionalCap": 50_000, "notionalFloor": 0,
+                      "maintMarginRatio": 0.004, "cum": 0.0}],
+    },
+}
+
+
 def _exchange_info(now_ms: int, markets: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     markets = DEFAULT_MARKETS if markets is None else markets
     symbols = [{
@@ -212,13 +241,15 @@ def _ms(index: pd.DatetimeIndex) -> np.ndarray:
 
 @dataclass
 class _TradingState:
-    """The account of the fake exchange (JSON-serialisable)."""
+    """The account of the fake exchange (JSON-serialisable): one wallet, one position per symbol.
+
+    ``positions``: symbol -> ``{"amt", "entry", "leverage", "margin_type"}``; ``position_amt``, ``entry_price``,
+    ``leverage`` and ``margin_type`` read and set the ``primary`` symbol's (the single-symbol tests' view).
+    """
 
     wallet_usdt: float = 10_000.0
-    position_amt: float = 0.0
-    entry_price: float = 0.0
-    leverage: int = 20
-    margin_type: str = "CROSSED"
+    primary: str = "BTCUSDT"
+    positions: dict[str, dict[str, Any]] = field(default_factory=dict)
     dual_side: bool = False
     next_order_id: int = 1000
     next_trade_id: int = 5000
@@ -226,34 +257,89 @@ class _TradingState:
     algo_orders: list[dict[str, Any]] = field(default_factory=list)
     trades: list[dict[str, Any]] = field(default_factory=list)
 
+    def pos(self, symbol: str | None = None) -> dict[str, Any]:
+        """The position record of ``symbol`` (the primary's when None), created flat at leverage 20, cross."""
+        sym = self.primary if symbol is None else symbol
+        return self.positions.setdefault(sym, {"amt": 0.0, "entry": 0.0, "leverage": 20, "margin_type": "CROSSED"})
+
+    @property
+    def position_amt(self) -> float:
+        return float(self.pos()["amt"])
+
+    @position_amt.setter
+    def position_amt(self, value: float) -> None:
+        self.pos()["amt"] = float(value)
+
+    @property
+    def entry_price(self) -> float:
+        return float(self.pos()["entry"])
+
+    @entry_price.setter
+    def entry_price(self, value: float) -> None:
+        self.pos()["entry"] = float(value)
+
+    @property
+    def leverage(self) -> int:
+        return int(self.pos()["leverage"])
+
+    @leverage.setter
+    def leverage(self, value: int) -> None:
+        self.pos()["leverage"] = int(value)
+
+    @property
+    def margin_type(self) -> str:
+        return str(self.pos()["margin_type"])
+
+    @margin_type.setter
+    def margin_type(self, value: str) -> None:
+        self.pos()["margin_type"] = str(value)
+
+
+class _Series:
+    """One symbol's fixture data: candle open times (ms) and OHLCV rows, funding times and rates, the candles served
+    otherwise (:meth:`FakeBinance.corrupt_candle`) and its kernel fill model."""
+
+    def __init__(self, candles: pd.DataFrame, funding: pd.Series, kernel_fills: KernelFills | None) -> None:
+        self.times = _ms(candles.index)
+        self.ohlcv = candles[["open", "high", "low", "close", "volume"]].to_numpy(dtype=np.float64)
+        self.f_times = _ms(funding.index)
+        self.f_rates = funding.to_numpy(dtype=np.float64)
+        self.bad_candles: dict[int, dict[str, float] | None] = {}  # open ms -> values served instead (None: absent)
+        self.kernel_fills = kernel_fills
+
 
 class FakeBinance:
     """Threaded HTTP server on 127.0.0.1 (a free port) speaking the Binance USDⓈ-M market-data API.
 
     Parameters
     ----------
-    candles : pandas.DataFrame
+    candles : pandas.DataFrame | Mapping[str, pandas.DataFrame]
         Fixture candles (UTC open-time index, ``open high low close volume``), e.g. a slice of the
-        bundled BTCUSDT 1h file.
-    funding : pandas.Series
-        Fixture funding rates indexed by UTC funding time.
+        bundled BTCUSDT 1h file: one frame (served as BTCUSDT) or one per symbol (the first is the primary).
+    funding : pandas.Series | Mapping[str, pandas.Series]
+        Fixture funding rates indexed by UTC funding time (one series, or one per symbol of ``candles``).
     now_ms : int
         Server clock, ms since the epoch; later bars and settlements do not exist yet.
     timeframe : str, default "1h"
         The only interval served (others answer 400).
-    kernel_fills : KernelFills | None
-        Fill market, stop and take-profit orders at the env kernel's prices (module docstring); None: at the
-        open / the trigger price.
+    kernel_fills : KernelFills | Mapping[str, KernelFills] | None
+        Fill market, stop and take-profit orders at the env kernel's prices (module docstring; the primary's, or
+        one per symbol); None: at the open / the trigger price.
     settle_funding : bool
         Charge funding on open positions at the fixture's settlements (module docstring).
 
     Use as a context manager; :attr:`url` is ``http://127.0.0.1:<port>``.
+
+    Raises
+    ------
+    ValueError
+        ``funding`` (or ``kernel_fills``) names other symbols than ``candles``, or no symbol is given.
     """
 
     def __init__(
         self,
-        candles: pd.DataFrame,
-        funding: pd.Series,
+        candles: pd.DataFrame | Mapping[str, pd.DataFrame],
+        funding: pd.Series | Mapping[str, pd.Series],
         *,
         now_ms: int,
         timeframe: str = "1h",
@@ -262,33 +348,53 @@ class FakeBinance:
         state_path: str | Path | None = None,
         query_lag_ms: int = 0,
         markets: dict[str, dict[str, Any]] | None = None,
-        kernel_fills: KernelFills | None = None,
+        kernel_fills: KernelFills | Mapping[str, KernelFills] | None = None,
         settle_funding: bool = False,
     ) -> None:
+        frames = {"BTCUSDT": candles} if isinstance(candles, pd.DataFrame) else dict(candles)
+        rates = {"BTCUSDT": funding} if isinstance(funding, pd.Series) else dict(funding)
+        if not frames or set(rates) != set(frames):
+            raise ValueError(f"funding must be given for exactly the symbols of candles: candles {sorted(frames)}, "
+                             f"funding {sorted(rates)}")
+        primary = next(iter(frames))
+        fills = ({primary: kernel_fills} if isinstance(kernel_fills, KernelFills)
+                 else dict(kernel_fills or {}))  # fmt: skip
+        if set(fills) - set(frames):
+            raise ValueError(f"kernel_fills names symbols not served: {sorted(set(fills) - set(frames))}")
+        #: the served symbols (exchange ids), the primary first
+        self.symbols: tuple[str, ...] = tuple(frames)
+        #: one bare frame: every symbol asked for is answered from it, as the BTCUSDT-only fake did (its records
+        #: name BTCUSDT); a mapping: a symbol not in it is refused (-1121)
+        self.any_symbol = isinstance(candles, pd.DataFrame)
+        self.primary = primary
+        self._series = {sym: _Series(frames[sym], rates[sym], fills.get(sym)) for sym in frames}
         self.timeframe = timeframe
+        if markets is None:
+            markets = {**DEFAULT_MARKETS, **{s: KNOWN_MARKETS[s] for s in frames if s in KNOWN_MARKETS}}
+        missing = [s for s in frames if s not in markets]
+        if missing:
+            raise ValueError(f"served symbols without a market (exchangeInfo filters): {missing}")
         #: exchangeInfo filters and leverage brackets by market id (a copy: :meth:`set_filter` changes it)
-        self.markets = json.loads(json.dumps(DEFAULT_MARKETS if markets is None else markets))
+        self.markets = json.loads(json.dumps(markets))
         self.query_lag_ms = int(query_lag_ms)  # order queries see an order this long after its accept
         self.tf_ms = _TF_MS[timeframe]
         self._now_ms = int(now_ms)
         self.fee_rate = float(fee_rate)
-        self.kernel_fills = kernel_fills  # fill where the env kernel would (module docstring)
         self.settle_funding = bool(settle_funding)
-        #: ``(settlement ms, position_amt, price, rate, payment)`` of every funding paid (``settle_funding``)
+        #: ``(settlement ms, position_amt, price, rate, payment)`` of every funding paid (``settle_funding``), every
+        #: symbol's in settlement order; :attr:`funding_by_symbol` splits them by symbol
         self.funding_payments: list[tuple[int, float, float, float, float]] = []
+        self.funding_by_symbol: dict[str, list[tuple[int, float, float, float, float]]] = {s: [] for s in frames}
         #: called as ``bar_closed(open_ms, fake)`` when the clock passes a bar's close, after its stops and
         #: take-profits, before the funding at the next open (a test's equity snapshot at the close)
         self.bar_closed: Callable[[int, FakeBinance], None] | None = None
         self.state_path = None if state_path is None else Path(state_path)
-        self.trading = _TradingState(wallet_usdt=float(wallet_usdt))
+        self.trading = _TradingState(wallet_usdt=float(wallet_usdt), primary=primary)
         if self.state_path is not None and self.state_path.exists():
             self.trading = _TradingState(**json.loads(self.state_path.read_text()))
-        self._times = _ms(candles.index)
-        self._ohlcv = candles[["open", "high", "low", "close", "volume"]].to_numpy(dtype=np.float64)
-        self._f_times = _ms(funding.index)
-        self._f_rates = funding.to_numpy(dtype=np.float64)
-        self._faults: dict[str, deque[Fault]] = {}
-        self._bad_candles: dict[int, dict[str, float] | None] = {}  # open ms -> values served instead (None: absent)
+        for sym in frames:
+            self.trading.pos(sym)
+        self._faults: dict[tuple[str, str | None], deque[Fault]] = {}
         self._lock = threading.Lock()
         self._tlock = threading.RLock()
         self._release = threading.Event()
@@ -326,33 +432,38 @@ class FakeBinance:
                     return
             raise KeyError(f"{symbol} has no filter {filter_type}")
 
-    def corrupt_candle(self, open_ms: int, **values: float) -> None:
-        """Serve the candle opening at ``open_ms`` with ``values`` (any of ``open high low close
-        volume``, e.g. ``close=float("nan")``, ``volume=-1.0``) in place of the fixture's, on every
+    def _market(self, symbol: str | None) -> _Series:
+        """The fixture data of ``symbol`` (the primary's when None); 400 -1121 for a symbol not served."""
+        return self._series[self._sym(symbol)]
+
+    def corrupt_candle(self, open_ms: int, symbol: str | None = None, **values: float) -> None:
+        """Serve ``symbol``'s candle (the primary's when None) opening at ``open_ms`` with ``values`` (any of ``open
+        high low close volume``, e.g. ``close=float("nan")``, ``volume=-1.0``) in place of the fixture's, on every
         klines request from now on, as an exchange whose history holds a bad row (until
         :meth:`restore_candle`)."""
         unknown = set(values) - {"open", "high", "low", "close", "volume"}
         if unknown:
             raise ValueError(f"not candle fields: {sorted(unknown)}")
         with self._lock:
-            self._bad_candles[int(open_ms)] = {k: float(v) for k, v in values.items()}
+            self._market(symbol).bad_candles[int(open_ms)] = {k: float(v) for k, v in values.items()}
 
-    def drop_candle(self, open_ms: int) -> None:
-        """Leave the candle opening at ``open_ms`` out of every klines answer from now on (a gap in
-        the exchange's history, until :meth:`restore_candle`)."""
+    def drop_candle(self, open_ms: int, symbol: str | None = None) -> None:
+        """Leave ``symbol``'s candle (the primary's when None) opening at ``open_ms`` out of every klines answer from
+        now on (a gap in the exchange's history, until :meth:`restore_candle`)."""
         with self._lock:
-            self._bad_candles[int(open_ms)] = None
+            self._market(symbol).bad_candles[int(open_ms)] = None
 
-    def restore_candle(self, open_ms: int) -> None:
-        """Serve the candle opening at ``open_ms`` as the fixture has it again (the exchange
-        corrected its history)."""
+    def restore_candle(self, open_ms: int, symbol: str | None = None) -> None:
+        """Serve ``symbol``'s candle (the primary's when None) opening at ``open_ms`` as the fixture has it again
+        (the exchange corrected its history)."""
         with self._lock:
-            self._bad_candles.pop(int(open_ms), None)
+            self._market(symbol).bad_candles.pop(int(open_ms), None)
 
-    def add_fault(self, path: str, fault: Fault, times: int = 1) -> None:
-        """Apply ``fault`` to the next ``times`` requests to ``path`` (after the faults already queued)."""
+    def add_fault(self, path: str, fault: Fault, times: int = 1, symbol: str | None = None) -> None:
+        """Apply ``fault`` to the next ``times`` requests to ``path`` (after the faults already queued); with
+        ``symbol``, to the next requests to ``path`` for that symbol only (queued before the path's own)."""
         with self._lock:
-            self._faults.setdefault(path, deque()).extend([fault] * times)
+            self._faults.setdefault((path, symbol), deque()).extend([fault] * times)
 
     def pending_faults(self) -> int:
         """Faults queued that no request has met yet."""
@@ -363,10 +474,13 @@ class FakeBinance:
         """Number of requests received for ``path``."""
         return sum(1 for p, _ in self.requests if p == path)
 
-    def _next_fault(self, path: str) -> Fault | None:
+    def _next_fault(self, path: str, symbol: str | None = None) -> Fault | None:
         with self._lock:
-            queue = self._faults.get(path)
-            return queue.popleft() if queue else None
+            for key in ((path, symbol), (path, None)) if symbol is not None else ((path, None),):
+                queue = self._faults.get(key)
+                if queue:
+                    return queue.popleft()
+            return None
 
     # -- trading ---------------------------------------------------------------------------------
     @property
@@ -381,14 +495,16 @@ class FakeBinance:
             if self._now_ms > old:
                 self._trigger_conditionals(old, self._now_ms)
 
-    def current_price(self) -> float:
-        """Price market orders fill at: the open of the bar containing ``now_ms`` (else the last close)."""
-        i = int(np.searchsorted(self._times, self._now_ms, side="right")) - 1
+    def current_price(self, symbol: str | None = None) -> float:
+        """Price ``symbol``'s (the primary's when None) market orders fill at: the open of the bar containing
+        ``now_ms`` (else the last close)."""
+        m = self._market(symbol)
+        i = int(np.searchsorted(m.times, self._now_ms, side="right")) - 1
         if i < 0:
             raise _BadRequest(-1121, "no price yet")
-        if self._times[i] + self.tf_ms > self._now_ms:
-            return float(self._ohlcv[i, 0])
-        return float(self._ohlcv[i, 3])
+        if m.times[i] + self.tf_ms > self._now_ms:
+            return float(m.ohlcv[i, 0])
+        return float(m.ohlcv[i, 3])
 
     def orders_by_client_id(self) -> dict[str, int]:
         """How many orders (regular and conditional, any status) the server holds per client id."""
@@ -401,16 +517,33 @@ class FakeBinance:
                 out[a["clientAlgoId"]] = out.get(a["clientAlgoId"], 0) + 1
             return out
 
-    def position(self) -> tuple[float, float]:
-        """``(signed position quantity in base units, entry price)``."""
+    def position(self, symbol: str | None = None) -> tuple[float, float]:
+        """``(signed position quantity in base units, entry price)`` of ``symbol`` (the primary when None)."""
         with self._tlock:
-            return self.trading.position_amt, self.trading.entry_price
+            pos = self.trading.pos(self._sym(symbol))
+            return float(pos["amt"]), float(pos["entry"])
 
-    def set_position(self, amt: float, entry_price: float) -> None:
-        """Force a position (an 'external' trade the client does not know about)."""
+    def set_position(self, amt: float, entry_price: float, symbol: str | None = None) -> None:
+        """Force ``symbol``'s position (the primary's when None): an 'external' trade the client does not know
+        about."""
         with self._tlock:
-            self.trading.position_amt, self.trading.entry_price = float(amt), float(entry_price)
+            pos = self.trading.pos(self._sym(symbol))
+            pos["amt"], pos["entry"] = float(amt), float(entry_price)
             self._save()
+
+    def _sym(self, symbol: str | None) -> str:
+        """``symbol`` if served (the primary when None), else 400 -1121."""
+        sym = self.primary if symbol is None or self.any_symbol else symbol
+        if sym not in self._series:
+            raise _BadRequest(-1121, f"Invalid symbol {sym!r}.")
+        return sym
+
+    def _min_notional(self, symbol: str) -> float:
+        return next((float(f["notional"]) for f in self.markets[symbol]["filters"] if f["filterType"] == "MIN_NOTIONAL"),
+                    0.0)
+
+    def _tick(self, symbol: str) -> float:
+        return next(float(f["tickSize"]) for f in self.markets[symbol]["filters"] if f["filterType"] == "PRICE_FILTER")
 
     def _save(self) -> None:
         if self.state_path is None:
@@ -421,8 +554,10 @@ class FakeBinance:
 
     def _apply_fill(self, side: str, qty: float, price: float, order: dict[str, Any]) -> None:
         st = self.trading
+        sym = str(order["symbol"])
+        rec = st.pos(sym)
         signed = qty if side == "BUY" else -qty
-        pos, entry = st.position_amt, st.entry_price
+        pos, entry = float(rec["amt"]), float(rec["entry"])
         realized = 0.0
         if pos == 0 or (pos > 0) == (signed > 0):
             new = pos + signed
@@ -436,14 +571,14 @@ class FakeBinance:
             elif (new > 0) != (pos > 0):
                 entry = price
         fee = qty * price * self.fee_rate
-        st.position_amt, st.entry_price = round(new, 8), entry
+        rec["amt"], rec["entry"] = round(new, 8), entry
         st.wallet_usdt += realized - fee
         st.next_trade_id += 1
         st.trades.append({
             "buyer": side == "BUY", "commission": repr(fee), "commissionAsset": "USDT", "id": st.next_trade_id,
             "maker": False, "orderId": order["orderId"], "price": repr(price), "qty": repr(qty),
             "quoteQty": repr(qty * price), "realizedPnl": repr(realized), "side": side, "positionSide": "BOTH",
-            "symbol": "BTCUSDT", "time": self._now_ms,
+            "symbol": sym, "time": self._now_ms,
         })
         executed = float(order["executedQty"]) + qty
         cum = float(order["cumQuote"]) + qty * price
@@ -453,6 +588,7 @@ class FakeBinance:
     def _new_market_order(self, p: dict[str, str], fault: Fault | None, triggered_by: str | None = None,
                           close_position: bool = False, side: str | None = None) -> dict[str, Any]:
         st = self.trading
+        sym = self._sym(p.get("symbol"))
         side = side or p.get("side", "").upper()
         if side not in ("BUY", "SELL"):
             raise _BadRequest(-1102, "side is mandatory")
@@ -463,7 +599,7 @@ class FakeBinance:
         if any(o["clientOrderId"] == cid and o["status"] in ("NEW", "PARTIALLY_FILLED") for o in st.orders):
             raise _BadRequest(-4116, "ClientOrderId is duplicated.")
         reduce_only = p.get("reduceOnly", "false").lower() == "true" or close_position
-        pos = st.position_amt
+        pos = float(st.pos(sym)["amt"])
         if close_position:
             qty = abs(pos)
         else:
@@ -478,16 +614,17 @@ class FakeBinance:
             if not closing or pos == 0:
                 raise _BadRequest(-2022, "ReduceOnly Order is rejected.")
             qty = min(qty, abs(pos))
-        price = self.current_price() if triggered_by is None else float(p["fill_price"])
-        if triggered_by is None and self.kernel_fills is not None:
+        price = self.current_price(sym) if triggered_by is None else float(p["fill_price"])
+        kernel = self._series[sym].kernel_fills
+        if triggered_by is None and kernel is not None:
             open_ms = (self._now_ms // self.tf_ms) * self.tf_ms
-            price = self.kernel_fills.price(price, 1 if side == "BUY" else -1,
-                                            self.kernel_fills.slip(open_ms, self.tf_ms, price))
-        if not reduce_only and qty * price < 100.0:
-            raise _BadRequest(-4164, "Order's notional must be no smaller than 100")
+            price = kernel.price(price, 1 if side == "BUY" else -1, kernel.slip(open_ms, self.tf_ms, price))
+        floor = self._min_notional(sym)
+        if not reduce_only and qty * price < floor:
+            raise _BadRequest(-4164, f"Order's notional must be no smaller than {floor:g}")
         st.next_order_id += 1
         order = {
-            "orderId": st.next_order_id, "symbol": "BTCUSDT", "status": "NEW", "clientOrderId": cid, "price": "0",
+            "orderId": st.next_order_id, "symbol": sym, "status": "NEW", "clientOrderId": cid, "price": "0",
             "avgPrice": "0", "origQty": repr(qty), "executedQty": "0", "cumQuote": "0", "timeInForce": "GTC",
             "type": "MARKET", "reduceOnly": reduce_only, "closePosition": close_position, "side": side,
             "positionSide": "BOTH", "stopPrice": "0", "workingType": "CONTRACT_PRICE", "priceProtect": False,
@@ -505,6 +642,7 @@ class FakeBinance:
 
     def _new_algo_order(self, p: dict[str, str]) -> dict[str, Any]:
         st = self.trading
+        sym = self._sym(p.get("symbol"))
         otype = p.get("type", "").upper()
         if otype not in ("STOP_MARKET", "TAKE_PROFIT_MARKET"):
             raise _BadRequest(-1116, f"algo order type {otype!r} not supported by the fake")
@@ -513,12 +651,13 @@ class FakeBinance:
             trigger = float(p["triggerPrice"])
         except (KeyError, ValueError):
             raise _BadRequest(-1102, "triggerPrice is mandatory") from None
-        if round(trigger / 0.1) * 0.1 - trigger > 1e-6 or trigger <= 0:
+        tick = self._tick(sym)
+        if abs(round(trigger / tick) * tick - trigger) > tick * 1e-5 or trigger <= 0:
             raise _BadRequest(-4014, "Price not increased by tick size.")
         cid = p.get("clientAlgoId") or f"fakealgo-{st.next_order_id + 1}"
         if any(a["clientAlgoId"] == cid and a["algoStatus"] == "NEW" for a in st.algo_orders):
             raise _BadRequest(-4116, "ClientOrderId is duplicated.")
-        price = self.current_price()
+        price = self.current_price(sym)
         is_stop = otype == "STOP_MARKET"
         immediate = (side == "SELL" and (trigger >= price if is_stop else trigger <= price)) or (
             side == "BUY" and (trigger <= price if is_stop else trigger >= price)
@@ -529,7 +668,7 @@ class FakeBinance:
         st.next_order_id += 1
         algo = {
             "algoId": st.next_order_id, "clientAlgoId": cid, "algoType": "CONDITIONAL", "orderType": otype,
-            "symbol": "BTCUSDT", "side": side, "positionSide": "BOTH", "timeInForce": "GTC",
+            "symbol": sym, "side": side, "positionSide": "BOTH", "timeInForce": "GTC",
             "quantity": p.get("quantity", "0"), "algoStatus": "NEW", "triggerPrice": repr(trigger), "price": "0",
             "icebergQuantity": None, "selfTradePreventionMode": "NONE", "workingType": "CONTRACT_PRICE",
             "priceMatch": "NONE", "closePosition": close_position,
@@ -554,7 +693,7 @@ class FakeBinance:
         trigger price) when it closes the position, else it expires."""
         st = self.trading
         a["triggerTime"] = a["updateTime"] = int(when_ms)
-        pos = st.position_amt
+        pos = float(st.pos(a["symbol"])["amt"])
         sell = a["side"] == "SELL"
         if not ((pos > 0 and sell) or (pos < 0 and not sell)):
             a["algoStatus"] = "EXPIRED"
@@ -562,49 +701,62 @@ class FakeBinance:
         a["algoStatus"] = "FINISHED"
         price = a["triggerPrice"] if fill_price is None else repr(float(fill_price))
         params = {"newClientOrderId": a["clientAlgoId"], "quantity": a["quantity"], "fill_price": price,
-                  "reduceOnly": "true"}
+                  "reduceOnly": "true", "symbol": a["symbol"]}
         placed = self._new_market_order(params, None, triggered_by=a["clientAlgoId"],
                                         close_position=bool(a["closePosition"]), side=a["side"])
         a["actualOrderId"], a["actualPrice"] = str(placed["orderId"]), placed["avgPrice"]
 
     def _trigger_conditionals(self, old_ms: int, new_ms: int) -> None:
+        """The stops and take-profits of the bars that closed in ``(old_ms, new_ms]``, bar time by bar time (every
+        symbol's bar of a time, in symbol order), then :attr:`bar_closed`, then the funding at the next open."""
         st = self.trading
-        closed = np.flatnonzero((self._times + self.tf_ms > old_ms) & (self._times + self.tf_ms <= new_ms))
+        closing = {sym: np.flatnonzero((m.times + self.tf_ms > old_ms) & (m.times + self.tf_ms <= new_ms))
+                   for sym, m in self._series.items()}  # fmt: skip
+        opens = sorted({int(self._series[sym].times[i]) for sym, idx in closing.items() for i in idx})
         changed = False
-        for i in closed:
-            _, high, low, _, _ = self._ohlcv[i]
-            if self.kernel_fills is not None:
-                changed = self._kernel_exit(i) or changed
-            for kind in ("STOP_MARKET", "TAKE_PROFIT_MARKET"):  # stop first, as the env
-                for a in st.algo_orders:
-                    if a["algoStatus"] != "NEW" or a["orderType"] != kind:
-                        continue
-                    trig = float(a["triggerPrice"])
-                    sell = a["side"] == "SELL"
-                    hit = (low <= trig if sell else high >= trig) if kind == "STOP_MARKET" else (
-                        high >= trig if sell else low <= trig)
-                    if not hit:
-                        continue
-                    changed = True
-                    self._fire(a, int(self._times[i] + self.tf_ms))
+        for open_ms in opens:
+            for sym, idx in closing.items():
+                m = self._series[sym]
+                hits = idx[m.times[idx] == open_ms]
+                if not len(hits):
+                    continue
+                i = int(hits[0])
+                _, high, low, _, _ = m.ohlcv[i]
+                if m.kernel_fills is not None:
+                    changed = self._kernel_exit(sym, i) or changed
+                for kind in ("STOP_MARKET", "TAKE_PROFIT_MARKET"):  # stop first, as the env
+                    for a in st.algo_orders:
+                        if a["algoStatus"] != "NEW" or a["orderType"] != kind or a["symbol"] != sym:
+                            continue
+                        trig = float(a["triggerPrice"])
+                        sell = a["side"] == "SELL"
+                        hit = (low <= trig if sell else high >= trig) if kind == "STOP_MARKET" else (
+                            high >= trig if sell else low <= trig)
+                        if not hit:
+                            continue
+                        changed = True
+                        self._fire(a, open_ms + self.tf_ms)
             if self.bar_closed is not None:
-                self.bar_closed(int(self._times[i]), self)
+                self.bar_closed(open_ms, self)
             if self.settle_funding:
-                changed = self._settle_funding(int(self._times[i] + self.tf_ms)) or changed
+                for sym in self._series:
+                    changed = self._settle_funding(sym, open_ms + self.tf_ms) or changed
         if changed:
             self._save()
 
-    def _kernel_exit(self, i: int) -> bool:
-        """The stop or take-profit bar ``i`` fills, in the kernel's order and at its price (module docstring):
-        take-profit gapped at the open, stop (at the open when gapped), take-profit inside the bar. The
+    def _kernel_exit(self, symbol: str, i: int) -> bool:
+        """The stop or take-profit ``symbol``'s bar ``i`` fills, in the kernel's order and at its price (module
+        docstring): take-profit gapped at the open, stop (at the open when gapped), take-profit inside the bar. The
         other orders are left to the plain model (which expires them: no position any more)."""
-        pos = self.trading.position_amt
+        pos = float(self.trading.pos(symbol)["amt"])
         if pos == 0:
             return False
+        m = self._series[symbol]
         s = 1 if pos > 0 else -1
-        o, high, low, _, _ = (float(x) for x in self._ohlcv[i])
+        o, high, low, _, _ = (float(x) for x in m.ohlcv[i])
         closing = "SELL" if s > 0 else "BUY"
-        mine = [a for a in self.trading.algo_orders if a["algoStatus"] == "NEW" and a["side"] == closing]
+        mine = [a for a in self.trading.algo_orders
+                if a["algoStatus"] == "NEW" and a["side"] == closing and a["symbol"] == symbol]  # fmt: skip
         stops = [a for a in mine if a["orderType"] == "STOP_MARKET"]
         tps = [a for a in mine if a["orderType"] == "TAKE_PROFIT_MARKET"]
         worst, best = (low, high) if s > 0 else (high, low)
@@ -625,26 +777,30 @@ class FakeBinance:
                 break
         if hit is None:
             return False
-        open_ms = int(self._times[i])
-        model = self.kernel_fills
+        open_ms = int(m.times[i])
+        model = m.kernel_fills
         assert model is not None
         price = model.price(hit[1], -s, model.slip(open_ms, self.tf_ms, o))
         self._fire(hit[0], open_ms + self.tf_ms, fill_price=price)
         return True
 
-    def _settle_funding(self, at_ms: int) -> bool:
-        """Funding of the settlement at ``at_ms`` (if the fixture has one) on the open position, from the wallet."""
+    def _settle_funding(self, symbol: str, at_ms: int) -> bool:
+        """Funding of ``symbol``'s settlement at ``at_ms`` (if its fixture has one) on its open position, from the
+        wallet."""
         st = self.trading
-        k = int(np.searchsorted(self._f_times, at_ms))
-        if st.position_amt == 0 or k >= len(self._f_times) or int(self._f_times[k]) != at_ms:
+        m = self._series[symbol]
+        amt = float(st.pos(symbol)["amt"])
+        k = int(np.searchsorted(m.f_times, at_ms))
+        if amt == 0 or k >= len(m.f_times) or int(m.f_times[k]) != at_ms:
             return False
-        j = int(np.searchsorted(self._times, at_ms))
-        if j >= len(self._times) or int(self._times[j]) != at_ms:
+        j = int(np.searchsorted(m.times, at_ms))
+        if j >= len(m.times) or int(m.times[j]) != at_ms:
             return False
-        price, rate = float(self._ohlcv[j, 0]), float(self._f_rates[k])
-        payment = st.position_amt * price * rate
+        price, rate = float(m.ohlcv[j, 0]), float(m.f_rates[k])
+        payment = amt * price * rate
         st.wallet_usdt -= payment
-        self.funding_payments.append((at_ms, st.position_amt, price, rate, payment))
+        self.funding_payments.append((at_ms, amt, price, rate, payment))
+        self.funding_by_symbol[symbol].append((at_ms, amt, price, rate, payment))
         return True
 
     def _visible(self, order: dict[str, Any]) -> bool:
@@ -672,11 +828,9 @@ class FakeBinance:
 
     def _account(self) -> dict[str, Any]:
         st = self.trading
-        price = self.current_price()
-        upnl = st.position_amt * (price - st.entry_price) if st.position_amt else 0.0
-        notional = abs(st.position_amt) * price
-        margin = notional / max(st.leverage, 1)
-        pos = self._position_risk()[0]
+        rows = self._position_risk(None)
+        upnl = sum(float(r["unRealizedProfit"]) for r in rows)
+        margin = sum(float(r["initialMargin"]) for r in rows)
         asset = {
             "asset": "USDT", "walletBalance": repr(st.wallet_usdt), "unrealizedProfit": repr(upnl),
             "marginBalance": repr(st.wallet_usdt + upnl), "maintMargin": "0", "initialMargin": repr(margin),
@@ -690,48 +844,61 @@ class FakeBinance:
             "totalPositionInitialMargin": repr(margin), "totalOpenOrderInitialMargin": "0",
             "totalCrossWalletBalance": "0", "totalCrossUnPnl": "0", "availableBalance": repr(st.wallet_usdt - margin),
             "maxWithdrawAmount": repr(st.wallet_usdt - margin), "canTrade": True, "assets": [asset],
-            "positions": [pos],
+            "positions": rows,
         }
 
-    def _position_risk(self) -> list[dict[str, Any]]:
+    def _position_risk(self, symbol: str | None) -> list[dict[str, Any]]:
+        """One row per served symbol (only ``symbol``'s when given), flat ones included."""
         st = self.trading
-        price = self.current_price()
-        upnl = st.position_amt * (price - st.entry_price) if st.position_amt else 0.0
-        notional = st.position_amt * price
-        return [{
-            "symbol": "BTCUSDT", "positionSide": "BOTH", "positionAmt": repr(st.position_amt),
-            "entryPrice": repr(st.entry_price), "breakEvenPrice": repr(st.entry_price), "markPrice": repr(price),
-            "unRealizedProfit": repr(upnl), "unrealizedProfit": repr(upnl), "liquidationPrice": "0",
-            "isolatedMargin": repr(abs(notional) / max(st.leverage, 1)), "notional": repr(notional),
-            "marginAsset": "USDT", "isolatedWallet": repr(abs(notional) / max(st.leverage, 1)),
-            "initialMargin": repr(abs(notional) / max(st.leverage, 1)), "maintMargin": "0",
-            "positionInitialMargin": repr(abs(notional) / max(st.leverage, 1)), "openOrderInitialMargin": "0",
-            "adl": 0, "bidNotional": "0", "askNotional": "0", "updateTime": self._now_ms,
-            "leverage": str(st.leverage), "marginType": st.margin_type.lower(), "isolated": st.margin_type == "ISOLATED",
-            "maxNotionalValue": "1000000", "isAutoAddMargin": "false",
-        }]
+        out = []
+        for sym in ([self._sym(symbol)] if symbol is not None else list(self._series)):
+            rec = st.pos(sym)
+            amt, entry, lev = float(rec["amt"]), float(rec["entry"]), int(rec["leverage"])
+            price = self.current_price(sym)
+            upnl = amt * (price - entry) if amt else 0.0
+            notional = amt * price
+            margin = repr(abs(notional) / max(lev, 1))
+            out.append({
+                "symbol": sym, "positionSide": "BOTH", "positionAmt": repr(amt),
+                "entryPrice": repr(entry), "breakEvenPrice": repr(entry), "markPrice": repr(price),
+                "unRealizedProfit": repr(upnl), "unrealizedProfit": repr(upnl), "liquidationPrice": "0",
+                "isolatedMargin": margin, "notional": repr(notional),
+                "marginAsset": "USDT", "isolatedWallet": margin,
+                "initialMargin": margin, "maintMargin": "0",
+                "positionInitialMargin": margin, "openOrderInitialMargin": "0",
+                "adl": 0, "bidNotional": "0", "askNotional": "0", "updateTime": self._now_ms,
+                "leverage": str(lev), "marginType": str(rec["margin_type"]).lower(),
+                "isolated": rec["margin_type"] == "ISOLATED", "maxNotionalValue": "1000000", "isAutoAddMargin": "false",
+            })  # fmt: skip
+        return out
 
     def _trading_route(self, method: str, path: str, p: dict[str, str], fault: Fault | None) -> Any:
         """Answer a trading request (under the trading lock); None when ``path`` is not a trading route."""
         st = self.trading
+        wanted_sym = p.get("symbol")  # None: every symbol (listings), the primary (single-symbol lookups)
         if method == "POST" and path == "/fapi/v1/leverage":
+            sym = self._sym(wanted_sym)
             lev = int(p.get("leverage", "0"))
             if not 1 <= lev <= 125:
                 raise _BadRequest(-4028, f"Leverage {lev} is not valid")
-            st.leverage = lev
-            return {"leverage": lev, "maxNotionalValue": "1000000", "symbol": p.get("symbol", "BTCUSDT")}
+            st.pos(sym)["leverage"] = lev
+            return {"leverage": lev, "maxNotionalValue": "1000000", "symbol": sym}
         if method == "POST" and path == "/fapi/v1/marginType":
+            rec = st.pos(self._sym(wanted_sym))
             mt = p.get("marginType", "").upper()
             if mt not in ("ISOLATED", "CROSSED"):
                 raise _BadRequest(-1102, "bad marginType")
-            if mt == st.margin_type:
+            if mt == rec["margin_type"]:
                 raise _BadRequest(-4046, "No need to change margin type.")
-            st.margin_type = mt
+            rec["margin_type"] = mt
             return {"code": 200, "msg": "success"}
+
+        def of_symbol(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return items if wanted_sym is None else [o for o in items if o["symbol"] == self._sym(wanted_sym)]
         if path == ORDER:
             if method == "POST":
                 return self._public(self._new_market_order(p, fault))
-            order = self._find(st.orders, p, "orderId", ("origClientOrderId",), "clientOrderId",
+            order = self._find(of_symbol(st.orders), p, "orderId", ("origClientOrderId",), "clientOrderId",
                                lagged=method == "GET")
             if method == "DELETE":
                 if order["status"] not in ("NEW", "PARTIALLY_FILLED"):
@@ -741,8 +908,8 @@ class FakeBinance:
         if path == ALGO_ORDER:
             if method == "POST":
                 return self._public(self._new_algo_order(p))
-            algo = self._find(st.algo_orders, p, "algoId", ("clientAlgoId", "origClientOrderId"), "clientAlgoId",
-                              lagged=method == "GET")
+            algo = self._find(of_symbol(st.algo_orders), p, "algoId", ("clientAlgoId", "origClientOrderId"),
+                              "clientAlgoId", lagged=method == "GET")
             if method == "DELETE":
                 if algo["algoStatus"] != "NEW":
                     raise _BadRequest(-2011, "Unknown order sent.")
@@ -760,22 +927,24 @@ class FakeBinance:
             return [{"symbol": sym, "notionalCoef": 1.0, "brackets": [dict(b) for b in self.markets[sym]["brackets"]]}
                     for sym in wanted if sym in self.markets]
         if path == "/fapi/v1/openOrders":
-            return [self._public(o) for o in st.orders if o["status"] in ("NEW", "PARTIALLY_FILLED") and self._visible(o)]
+            return [self._public(o) for o in of_symbol(st.orders)
+                    if o["status"] in ("NEW", "PARTIALLY_FILLED") and self._visible(o)]  # fmt: skip
         if path == "/fapi/v1/allOrders":
-            return [self._public(o) for o in st.orders if self._visible(o)][-int(p.get("limit", 500)):]
+            return [self._public(o) for o in of_symbol(st.orders) if self._visible(o)][-int(p.get("limit", 500)):]
         if path in ("/fapi/v1/openAlgoOrders", "/fapi/v1/algoOpenOrders"):
-            return [self._public(a) for a in st.algo_orders if a["algoStatus"] == "NEW" and self._visible(a)]
+            return [self._public(a) for a in of_symbol(st.algo_orders) if a["algoStatus"] == "NEW" and self._visible(a)]
         if path in ("/fapi/v1/allAlgoOrders", "/fapi/v1/algoOrders"):
-            return [self._public(a) for a in st.algo_orders if self._visible(a)][-int(p.get("limit", 500)):]
+            return [self._public(a) for a in of_symbol(st.algo_orders)
+                    if self._visible(a)][-int(p.get("limit", 500)):]  # fmt: skip
         if path == "/fapi/v1/userTrades":
-            trades = st.trades
+            trades = of_symbol(st.trades)
             if "fromId" in p:
                 trades = [t for t in trades if t["id"] >= int(p["fromId"])]
             elif "startTime" in p:
                 trades = [t for t in trades if t["time"] >= int(p["startTime"])]
             return trades[: int(p.get("limit", 500))]
         if path in ("/fapi/v2/positionRisk", "/fapi/v3/positionRisk"):
-            return self._position_risk()
+            return self._position_risk(wanted_sym)
         if path in ("/fapi/v2/account", "/fapi/v3/account"):
             return self._account()
         if path in ("/fapi/v2/balance", "/fapi/v3/balance"):
@@ -790,6 +959,7 @@ class FakeBinance:
     def _klines(self, params: dict[str, str], fault: Fault | None) -> list[list[Any]]:
         if params.get("interval") != self.timeframe:
             raise _BadRequest(-1120, f"invalid interval {params.get('interval')!r}")
+        m = self._market(params.get("symbol"))
         limit = min(int(params.get("limit", 500)), 1500)
         start = int(params["startTime"]) if "startTime" in params else None
         end = min(int(params.get("endTime", self.now_ms)), self.now_ms)
@@ -798,19 +968,19 @@ class FakeBinance:
         if fault is not None and fault.kind == "overlap" and start is not None:
             start -= fault.bars * self.tf_ms
         with self._lock:
-            bad = dict(self._bad_candles)
-        mask = self._times <= end
+            bad = dict(m.bad_candles)
+        mask = m.times <= end
         if start is not None:
-            mask &= self._times >= start
+            mask &= m.times >= start
         dropped = [t for t, values in bad.items() if values is None]
         if dropped:
-            mask &= ~np.isin(self._times, dropped)
+            mask &= ~np.isin(m.times, dropped)
         pos = np.flatnonzero(mask)
         pos = pos[:limit] if start is not None else pos[-limit:]
         rows = []
         for i in pos:
-            t = int(self._times[i])
-            o, h, low, c, v = (float(x) for x in self._ohlcv[i])
+            t = int(m.times[i])
+            o, h, low, c, v = (float(x) for x in m.ohlcv[i])
             if t + self.tf_ms > self.now_ms:  # still open: partial values
                 c = o
                 h, low, v = max(o, c), min(o, c), v / 7.0
@@ -835,12 +1005,14 @@ class FakeBinance:
         return rows
 
     def _funding(self, params: dict[str, str], fault: Fault | None) -> list[dict[str, Any]]:
+        sym = self._sym(params.get("symbol"))
+        m = self._series[sym]
         limit = min(int(params.get("limit", 100)), 1000)
         start = int(params.get("startTime", 0))
         end = min(int(params.get("endTime", self.now_ms)), self.now_ms)
-        pos = np.flatnonzero((self._f_times >= start) & (self._f_times <= end))[:limit]
+        pos = np.flatnonzero((m.f_times >= start) & (m.f_times <= end))[:limit]
         rows = [
-            {"symbol": "BTCUSDT", "fundingTime": int(self._f_times[i]), "fundingRate": repr(float(self._f_rates[i])),
+            {"symbol": sym, "fundingTime": int(m.f_times[i]), "fundingRate": repr(float(m.f_rates[i])),
              "markPrice": "0"}
             for i in pos
         ]
@@ -887,7 +1059,9 @@ class FakeBinance:
                 path = parts.path
                 with fake._lock:
                     fake.requests.append((path if method == "GET" else f"{method} {path}", params))
-                fault = fake._next_fault(f"{method} {path}") or (fake._next_fault(path) if method == "GET" else None)
+                sym = params.get("symbol")
+                fault = fake._next_fault(f"{method} {path}", sym) or (
+                    fake._next_fault(path, sym) if method == "GET" else None)
                 if fault is not None:
                     if fault.kind == "status_429":
                         body = json.dumps({"code": -1003, "msg": "Too many requests; current limit is 2400."})
@@ -948,11 +1122,11 @@ class FakeBinance:
 
 def assert_consistent(fake: FakeBinance, store: Any, symbol: str = "BTCUSDT") -> None:
     """The invariants of a serving run against ``fake`` (test helper): no client id placed twice, the
-    stored position equal to the exchange's, and not blocked (``store``: a
+    stored position of ``symbol`` equal to the exchange's, and not blocked (``store``: a
     :class:`serving.store.StateStore`; its latest events are shown when blocked)."""
     dup = {k: v for k, v in fake.orders_by_client_id().items() if v != 1}
     assert dup == {}, f"duplicate orders on the exchange: {dup}"
-    amt, _ = fake.position()
+    amt, _ = fake.position(symbol)
     last = store.last_position(symbol)
     assert last.side * last.qty_base == pytest.approx(amt, abs=1e-9)
     assert not store.position_blocked(symbol), store.events()[["kind", "detail"]].tail(8)
