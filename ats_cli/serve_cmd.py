@@ -152,7 +152,7 @@ def serve(
     try:
         bars = serve_live(mode=mode.value, bundle_dir=bundle, db_path=db, db_url=db_url, env_file=env_file, live=live,
                           force_gate=force_gate, max_bars=max_bars or None, live_config=live_cfg, risk=settings.risk,
-                          watch_dir=watch, log=_log, base_url=base_url)
+                          watch_dir=watch, log=_log, base_url=base_url, drift=settings.drift)
     except ValueError as exc:  # a bad setting (arming, credentials, exchange set-up: FatalError, see ats_cli.errors)
         report(exc, ctx)
     console.print(f"\n[bold]stopped[/] after {bars} bars; state database: {db} (`ats status --db {db}`)")
@@ -170,6 +170,7 @@ def _serve_paper(settings, *, replay: Path, bundle: Path, db: Path, warmup_bars:
             replay=replay, bundle_dir=bundle, db_path=db, config=settings.paper, warmup_bars=warmup_bars,
             initial_equity_usdt=initial_equity, max_bars=max_bars, risk=None if no_risk else settings.risk,
             watch_dir=watch_dir, log=_log, progress_factory=lambda: counting_progress(console), symbol=symbol,
+            drift=settings.drift,
         )
     except ValidationError as exc:  # an option outside its range (e.g. --initial-equity 0)
         raise typer.BadParameter(_validation_message(exc)) from exc
@@ -234,6 +235,7 @@ def _serve_paper_multi(ctx: typer.Context, settings, *, replays: dict[str, Path]
             replays=replays, bundle_dir=bundle, db_path=db, config=settings.paper, warmup_bars=warmup_bars,
             max_bars=max_bars, initial_equity_usdt=initial_equity, risk=None if no_risk else settings.risk,
             account_risk=None if no_risk else settings.account_risk, allow_transfer=allow_transfer, log=_log,
+            drift=settings.drift,
             progress_factory=lambda: counting_progress(console),
         )
     except ValidationError as exc:
@@ -266,7 +268,7 @@ def _serve_paper_live(ctx: typer.Context, settings, *, bundle: Path, db: Path, s
         summary = serve_paper_live(
             bundle_dir=bundle, db_path=db, feed=feed, config=settings.paper, initial_equity_usdt=initial_equity,
             max_bars=max_bars or None, risk=None if no_risk else settings.risk, watch_dir=watch_dir,
-            testnet_data=testnet_data, base_url=base_url, log=_log,
+            testnet_data=testnet_data, base_url=base_url, log=_log, drift=settings.drift,
         )
     except ValidationError as exc:
         raise typer.BadParameter(_validation_message(exc)) from exc

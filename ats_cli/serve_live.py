@@ -129,6 +129,7 @@ def serve_live(
     risk: Any = None,
     watch_dir: Path | None = None,
     notify: Any = "env",
+    drift: Any = None,
 ) -> int:
     """Run the live loop until SIGTERM/SIGINT (or ``max_bars`` bars); returns the bars processed.
 
@@ -175,7 +176,7 @@ def serve_live(
     loop = build_live_loop(mode=mode, bundle_dir=bundle_dir, store=store, broker=broker, live_config=base,
                            reload_file=reload_request_path(db_path), force_gate=force_gate, manifest=manifest,
                            use_guard=use_guard, risk=risk, watch_dir=watch_dir, notifier=notifier,
-                           redact=creds.redact, log=log)
+                           redact=creds.redact, log=log, drift=drift)
     log(f"serving {symbol} {timeframe} on {mode}{f' at {base_url}' if base_url else ''}; state in {db_path}; "
         "stop with Ctrl-C (between bars)"
         + ("; notifications on" if notifier is not None else ""))
@@ -206,6 +207,7 @@ def build_live_loop(
     monotonic_s: Callable[[], float] = time.perf_counter,
     sleep: Callable[[float], None] = time.sleep,
     crash_points: Any = None,
+    drift: Any = None,
 ) -> Any:
     """The :class:`serving.live.LiveLoop` of ``ats serve --mode testnet|live`` (pure composition, no I/O
     beyond loading the bundle): bundle slot (hot-swap, backoff; a bundle that fails to load leaves V1
@@ -216,7 +218,8 @@ def build_live_loop(
     None: :data:`serving.crash.NO_CRASH`) are injected by exchange simulations and crash tests. The loop trades
     by the bundle env's trading rules (:mod:`serving.trading_rules`); a bundle whose rules live cannot trade (a
     rebalance band) raises :class:`serving.trading_rules.UnservableBundleError` (a :class:`FatalError`), and
-    such a hot-swap candidate is rejected (``bundle_rejected``; the current policy stays).
+    such a hot-swap candidate is rejected (``bundle_rejected``; the current policy stays). ``drift``
+    (:class:`serving.drift.DriftConfig`, None: none) attaches the drift monitor (:mod:`serving.drift_watch`).
     """
     import pandas as pd
 
@@ -247,10 +250,16 @@ def build_live_loop(
         guard = RiskGuard(risk if risk is not None else RiskConfig(), store)
     from serving.crash import NO_CRASH
 
-    return LiveLoop(broker, store, loop_cfg, primary=slot, fallback=fallback, primary_load_error=load_error,
+    loop = LiveLoop(broker, store, loop_cfg, primary=slot, fallback=fallback, primary_load_error=load_error,
                     guard=guard, redact=redact, notifier=notifier, wall_clock_s=wall_clock_s,
                     monotonic_s=monotonic_s, sleep=sleep,
                     crash_points=NO_CRASH if crash_points is None else crash_points)
+    if drift is not None:
+        from serving.drift_watch import DriftWatch
+
+        market_id = str(loop_cfg.symbol).split(":")[0].replace("/", "").upper()  # BTC/USDT:USDT -> BTCUSDT
+        loop.drift_watch = DriftWatch(drift, store, loop_cfg.run_id, market_id)
+    return loop
 
 
 def _v1_config(manifest: dict[str, Any] | None):

@@ -27,6 +27,8 @@ from market.features import atr as atr_indicator
 from market.instruments import InstrumentSpec, InstrumentSpecError, resolve_spec
 from market.store import symbol_file_stem
 from serving.account_risk import AccountRiskConfig
+from serving.drift import DriftConfig
+from serving.drift_watch import DriftWatch
 from serving.errors import FatalError
 from serving.hotswap import BackoffConfig, PolicySlot, reload_request_path
 from serving.loop import ReplaySummary, ServeConfig, run_replay
@@ -139,6 +141,7 @@ def serve_replay(
     log: Callable[[str], None] = print,
     progress_factory: Callable | None = None,
     symbol: str | None = None,
+    drift: DriftConfig | None = None,
 ) -> ReplaySummary:
     """Replay ``replay`` candles bar by bar: V2 from the bundle, V1 on any V2 failure, paper fills.
 
@@ -171,6 +174,8 @@ def serve_replay(
     symbol : str | None
         The replayed symbol, for the instrument spec when the bundle does not load and its manifest does not
         record one (paper fills always use the bundle's recorded spec when it has one).
+    drift : DriftConfig | None
+        The drift monitor (``configs/serve.yaml`` ``drift:``; :mod:`serving.drift_watch`); None: none.
 
     Raises
     ------
@@ -196,7 +201,8 @@ def serve_replay(
     notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
     n = max(0, len(candles) - warmup_bars)
     kwargs: dict[str, Any] = {"fallback": fallback, "atr": atr, "fallback_atr": fallback_atr, "costs": costs, "store": store,
-              "config": config, "guard": guard, "notifier": notifier, "trading_rules": _trading_rules(slot)}
+              "config": config, "guard": guard, "notifier": notifier, "trading_rules": _trading_rules(slot),
+              "drift": drift}
     try:
         if progress_factory is None:
             return run_replay(candles, primary=slot, **kwargs)
@@ -225,6 +231,7 @@ def serve_paper_live(
     notify: NotifyConfig | Literal["env"] | None = "env",
     torch_threads: int | None = 1,
     log: Callable[[str], None] = print,
+    drift: DriftConfig | None = None,
 ) -> ReplaySummary:
     """Forward-test the bundle on the exchange's live candles with the paper broker (no key, no order).
 
@@ -241,7 +248,7 @@ def serve_paper_live(
         ``ServeConfig(warmup_bars=1200)`` as for the replay.
     initial_equity_usdt : float | None
         Overrides ``config.initial_equity_usdt`` (USDT).
-    risk, watch_dir, notify, torch_threads, log
+    risk, watch_dir, notify, torch_threads, log, drift
         As :func:`serve_replay`.
     testnet_data : bool
         Read the Binance futures testnet's public candles instead of the real market's.
@@ -277,6 +284,8 @@ def serve_paper_live(
     loop = PaperLiveLoop(BinanceFuturesBroker(client, feed.symbol), store, config, feed, primary=slot,
                          fallback=fallback, costs=costs, guard=guard, notifier=notifier)  # fmt: skip
     loop.stepper.use_trading_rules(_trading_rules(slot))
+    if drift is not None:
+        loop.stepper.drift_watch = DriftWatch(drift, store, config.run_id, loop.stepper.symbol)
     log(f"paper on live candles: {feed.symbol} {feed.timeframe} from the {'testnet' if testnet_data else 'real'} "
         f"market{f' at {base_url}' if base_url else ''}; state in {db_path}; stop with Ctrl-C (between bars)")
     try:
@@ -330,6 +339,7 @@ def serve_replay_multi(
     torch_threads: int | None = 1,
     log: Callable[[str], None] = print,
     progress_factory: Callable | None = None,
+    drift: DriftConfig | None = None,
 ) -> PortfolioSummary:
     """Replay several symbols' candles on one paper account (:func:`serving.portfolio.run_portfolio_replay`).
 
@@ -340,8 +350,9 @@ def serve_replay_multi(
     bundle_dir : Path
         One bundle serves every symbol: each gets its own instance (slot) of it, V1 with the bundle's V1 config and
         the symbol's instrument spec (a pooled bundle's record of it, else :func:`market.instruments.resolve_spec`).
-    config, warmup_bars, max_bars, initial_equity_usdt, notify, torch_threads, log, progress_factory
-        As :func:`serve_replay` (``max_bars``: clock times decided; the warm-up is per symbol).
+    config, warmup_bars, max_bars, initial_equity_usdt, notify, torch_threads, log, progress_factory, drift
+        As :func:`serve_replay` (``max_bars``: clock times decided; the warm-up is per symbol; ``drift``: a
+        monitor per symbol).
     risk : RiskConfig | None
         Each symbol's guard (kill switches, entry caps; scope ``symbol:<SYMBOL>``); None: none.
     account_risk : AccountRiskConfig | None
@@ -388,7 +399,7 @@ def serve_replay_multi(
     notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
     files = {s: str(replays[s]) for s in symbols}
     kwargs: dict[str, Any] = {"store": store, "config": config, "symbol_risk": risk, "account_risk": account_risk,
-                              "notifier": notifier, "detail": {"replay": files, "transfer": foreign}}
+                              "notifier": notifier, "detail": {"replay": files, "transfer": foreign}, "drift": drift}
     try:
         if foreign:
             store.append_event(config.run_id, legs[0].candles.index[0], "transfer_allowed",

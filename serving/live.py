@@ -106,6 +106,7 @@ from serving.candles import (
 from serving.choice import Choice, FallbackLedger, choose
 from serving.clock import last_closed_bar_ms, seconds_to_next_poll, stop_on_signals
 from serving.crash import NO_CRASH, CrashPoints
+from serving.drift_watch import DriftWatch
 from serving.errors import AmbiguousOutcomeError, FatalError, RejectedError, RetryableError
 from serving.executor import OrderExecutor, StepResult
 from serving.hotswap import PolicySlot
@@ -322,6 +323,8 @@ class LiveLoop:
         self._attempt_bar: pd.Timestamp | None = None  # bar of the step in progress (None: not known yet)
         #: bar -> (failed attempts, last error) for bars whose steps failed in this process
         self._bar_failures: dict[pd.Timestamp, tuple[int, str]] = {}
+        #: the drift monitor (:mod:`serving.drift_watch`, the paper loop's): observes each decided bar; None: off
+        self.drift_watch: DriftWatch | None = None
 
     # -- helpers --------------------------------------------------------------------------------
     @property
@@ -529,10 +532,15 @@ class LiveLoop:
         for kind, detail in self.slot.poll(bar_index, self._last_ctx):  # hot-swap between bars
             events.append(EventRecord(self.run_id, bar, kind, detail))
         self._last_ctx = ctx
+        if self.drift_watch is not None:  # may roll the slot back or put V1 in charge (serving.drift_watch)
+            for kind, detail in self.drift_watch.observe(bar, candles, equity, self.slot):
+                events.append(EventRecord(self.run_id, bar, kind, detail))
         rules = self.trading_rules
         if rules is not None and not decides_at(bar, pd.Timedelta(milliseconds=self.tf_ms), rules):
             return Choice(Decision(direction=view.side), "guard", not_decision_bar_reason(rules), None, 0.0)
         policy, unavailable = self.slot.acquire(bar_index)
+        if self.drift_watch is not None:
+            policy, unavailable = self.drift_watch.gate(policy, unavailable)
         choice = choose(ctx, policy, self.fallback, unavailable or self.primary_load_error,
                         self.config.decision_timeout_ms, self.monotonic_s)
         if policy is not None:

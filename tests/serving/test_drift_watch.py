@@ -247,3 +247,37 @@ def test_drift_off_writes_nothing(world, tmp_path):
     store = StateStore.sqlite(tmp_path / "s.db")
     _replay(world["shifted"], store, CFG.updated(enabled=False, action="v1"), bundle=world["a"], end=START + 48)
     assert _drift_rows(store).empty and (store.decisions("paper").source == "v2").all()
+
+
+def test_the_live_loop_runs_the_same_monitor(world, tmp_path):
+    """``ats serve --mode testnet``'s loop (:func:`ats_cli.serve_live.build_live_loop`) on the fake exchange serving
+    the paper tests' shifted market: its evaluations breach where the paper replay's do (windows one bar apart), V2
+    decides until the evaluation that breaches, V1 from it on (reason 'drift')."""
+    from tests.kit.exchange_sim import FakeBinance, SimClock, sim_loop
+
+    c = world["shifted"].iloc[: END + 50]
+    now = int(c.index[START].value // 1_000_000) + 60_000
+    store = StateStore.sqlite(tmp_path / "s.db")
+    with FakeBinance(c.drop(columns="funding_rate"), c.funding_rate.dropna(), now_ms=now, query_lag_ms=5_000) as fake:
+        loop = sim_loop(world["a"], fake, SimClock(fake, None, 0.0), store)
+        loop.drift_watch = DriftWatch(CFG.updated(action="v1"), store, loop.run_id, "BTCUSDT")
+        loop.run(max_steps=END - START, install_signal_handlers=False)
+    ev = store.events("testnet")
+    d = ev[ev.kind == DRIFT_EVENT]
+    live = pd.DataFrame([{"time": t, **det} for t, det in zip(d.time, d.detail, strict=True)])
+    paper_store = StateStore.sqlite(tmp_path / "paper.db")
+    _replay(world["shifted"], paper_store, CFG.updated(action="v1"), bundle=world["a"])
+    paper = _drift_rows(paper_store)
+    # the live loop's first bar is the last one closed before its start (one earlier than the replay's first)
+    keys = ["statistic", "breach"]
+    assert live.breach.any() and live.time.iloc[0] == paper.time.iloc[0] - pd.Timedelta(hours=1)
+    fp = paper[paper.statistic == "feature_psi"]
+    fl = live[live.statistic == "feature_psi"]
+    assert fl[keys].reset_index(drop=True).equals(fp[keys].reset_index(drop=True)[: len(fl)])
+    assert (fl.value.to_numpy() > 0).sum() == (fp.value.to_numpy()[: len(fl)] > 0).sum()  # windows one bar apart
+    t0 = live[live.breach].time.min()
+    dec = store.decisions("testnet")
+    before, after = dec[dec.bar_open_time < t0], dec[dec.bar_open_time >= t0]
+    assert len(before) >= 23 and (before.source == "v2").all()
+    assert len(after) and (after.source == "v1").all() and after.fallback_reason.str.startswith("drift: ").all()
+    assert drift_mode(ev, "BTCUSDT")["mode"] == "v1"
