@@ -223,11 +223,19 @@ EXECUTION_KEYS = ("execution",)
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # 2 x 6 smoke trainings on 2 shared cores
-def test_sequential_and_ray_walkforward_reports_are_identical(tmp_path, local_ray):
+def test_sequential_and_ray_walkforward_reports_are_identical(tmp_path, local_ray, monkeypatch):
     """configs/walkforward_smoke.yaml (2 folds x 3 seeds) sequentially, then as 6 Ray tasks of 1 CPU on a local Ray
     of 2 CPUs (two run at once, so they finish out of order), into the same output path: metrics.json, folds.json
-    and report.html are identical except the Ray run's ``execution`` block."""
+    and report.html are identical except the Ray run's ``execution`` block.
+
+    The report's ``provenance.git_commit`` is read from the repository when the report is written; other sessions
+    commit to this shared checkout while the test runs, so it is pinned to one value for both runs (it is the code
+    version, the same code runs both)."""
+    import training.provenance
     from training.walkforward import load_walkforward, run_walkforward
+
+    commit = training.provenance.git_commit()
+    monkeypatch.setattr(training.provenance, "git_commit", lambda repo_dir=None: commit)
 
     out = tmp_path / "out"
     wf, base = load_walkforward(REPO / "configs" / "walkforward_smoke.yaml")
@@ -244,7 +252,7 @@ def test_sequential_and_ray_walkforward_reports_are_identical(tmp_path, local_ra
     assert (out / "report.html").read_bytes() == (tmp_path / "seq" / "report.html").read_bytes()
     ex = ray_metrics["execution"]
     assert ex["backend"] == "ray" and ex["n_tasks"] == 6 and ex["num_cpus_per_task"] == 1.0 and ex["retried"] == []
-    assert [t["label"][:17] for t in ex["tasks"]] == [f"fold {k}/2, seed {s}" for s in (0, 1, 2) for k in (1, 2)]
+    assert [t["label"][:16] for t in ex["tasks"]] == [f"fold {k}/2, seed {s}" for s in (0, 1, 2) for k in (1, 2)]
     assert sorted(t["done_rank"] for t in ex["tasks"]) == list(range(6))
     # the trainings themselves are the same, bit for bit (weights of every fold and seed)
     for k in (0, 1):
