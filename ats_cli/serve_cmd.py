@@ -60,7 +60,7 @@ def serve(
         "candles; repeat it for several symbols on one account (the symbol from the file name, BTCUSDT-1h.parquet, "
         "or given as SYMBOL=PATH)")] = None,
     allow_transfer: Annotated[bool, typer.Option(
-        "--allow-transfer", help="several --replay: serve symbols the bundle was not trained on (logged)")] = False,
+        "--allow-transfer", help="several --replay or --symbols: serve symbols the bundle was not trained on (logged)")] = False,
     warmup_bars: Annotated[int | None, typer.Option(
         "--warmup-bars", min=0, help="paper --replay: bars observed before the first decision")] = None,
     max_bars: Annotated[int, typer.Option(
@@ -74,6 +74,9 @@ def serve(
         "--symbol", help="testnet/live and paper on live candles: unified ccxt symbol (default BTC/USDT:USDT); "
         "--replay: the replayed symbol's instrument spec when the bundle's manifest cannot say, or which symbol of a "
         "pooled bundle is served (its spec)")] = None,
+    symbols: Annotated[str | None, typer.Option(
+        "--symbols", help="testnet/live: several symbols on one account in one process, comma-separated "
+        "(BTCUSDT,ETHUSDT); overrides serve.symbols of --config")] = None,
     timeframe: Annotated[str | None, typer.Option(
         "--timeframe", help="testnet/live and paper on live candles: bar length (default 1h)")] = None,
     testnet_data: Annotated[bool, typer.Option(
@@ -139,6 +142,14 @@ def serve(
         raise typer.BadParameter("the risk guard cannot be disabled on testnet or live")
     if replay is not None:
         raise typer.BadParameter("--replay is for --mode paper; testnet/live poll the exchange's closed candles")
+    served = [s for s in symbols.split(",") if s.strip()] if symbols is not None else list(settings.symbols)
+    if len(served) > 1:
+        _serve_live_multi(ctx, settings, mode=mode.value, symbols=served, bundle=bundle, db=db, db_url=db_url,
+                          env_file=env_file, live=live, force_gate=force_gate, max_bars=max_bars, symbol=symbol,
+                          timeframe=timeframe, base_url=base_url, watch=watch, allow_transfer=allow_transfer)
+        return
+    if len(served) == 1 and symbol is None:
+        symbol = served[0]
     from pydantic import ValidationError
 
     from ats_cli.serve_live import serve_live
@@ -154,6 +165,36 @@ def serve(
                           force_gate=force_gate, max_bars=max_bars or None, live_config=live_cfg, risk=settings.risk,
                           watch_dir=watch, log=_log, base_url=base_url, drift=settings.drift)
     except ValueError as exc:  # a bad setting (arming, credentials, exchange set-up: FatalError, see ats_cli.errors)
+        report(exc, ctx)
+    console.print(f"\n[bold]stopped[/] after {bars} bars; state database: {db} (`ats status --db {db}`)")
+
+
+def _serve_live_multi(ctx: typer.Context, settings, *, mode: str, symbols: list[str], bundle: Path, db: Path,
+                      db_url: str | None, env_file: Path | None, live: bool, force_gate: bool, max_bars: int,
+                      symbol: str | None, timeframe: str | None, base_url: str | None, watch: Path | None,
+                      allow_transfer: bool) -> None:
+    """``ats serve --mode testnet|live --symbols A,B``: several symbols on one account in one process."""
+    from pydantic import ValidationError
+
+    from ats_cli.serve_live import serve_live_multi
+    from serving.live import LiveConfig
+
+    if symbol is not None or watch is not None:
+        raise typer.BadParameter("--symbols names the symbols itself (no --symbol), and hot-swap (--watch-dir) "
+                                 "serves one symbol only")
+    try:
+        live_cfg = LiveConfig.model_validate({**settings.live.model_dump(),
+                                              **({"timeframe": timeframe} if timeframe else {})})
+    except ValidationError as exc:
+        raise typer.BadParameter(_validation_message(exc)) from exc
+    bars = 0
+    try:
+        bars = serve_live_multi(mode=mode, symbols=symbols, bundle_dir=bundle, db_path=db, db_url=db_url,
+                                env_file=env_file, live=live, force_gate=force_gate, max_bars=max_bars or None,
+                                log=_log, base_url=base_url, live_config=live_cfg, risk=settings.risk,
+                                account_risk=settings.account_risk, allow_transfer=allow_transfer,
+                                drift=settings.drift)  # fmt: skip
+    except ValueError as exc:  # a bad setting, arming, credentials, exchange set-up (FatalError), a foreign symbol
         report(exc, ctx)
     console.print(f"\n[bold]stopped[/] after {bars} bars; state database: {db} (`ats status --db {db}`)")
 

@@ -270,3 +270,159 @@ def _v1_config(manifest: dict[str, Any] | None):
         return V1Config.model_validate((manifest or {})["config"]["v1"])
     except Exception:  # noqa: BLE001 - an unreadable manifest must not stop the fallback from running
         return V1Config()
+
+
+def unified_symbol(symbol: str) -> str:
+    """A USDⓈ-M perpetual as ccxt's unified symbol: ``ETHUSDT`` -> ``ETH/USDT:USDT``; a unified one unchanged (pure).
+
+    Raises
+    ------
+    FatalError
+        Neither form (``ETH``, ``ETH-USD``): the message names it.
+    """
+    s = symbol.strip().upper()
+    if "/" in s and s.endswith(":USDT"):
+        return s
+    if s.endswith("USDT") and len(s) > 4 and s.isalnum():
+        return f"{s[:-4]}/USDT:USDT"
+    raise FatalError(f"symbol {symbol!r}: give a USDT perpetual as BTCUSDT or BTC/USDT:USDT")
+
+
+def build_live_portfolio(
+    *,
+    mode: str,
+    bundle_dir: Path,
+    store: Any,
+    brokers: dict[str, Any],
+    live_config: Any,
+    force_gate: bool = False,
+    manifest: dict[str, Any] | None = None,
+    use_guard: bool = True,
+    risk: Any = None,
+    account_risk: Any = None,
+    notifier: Any = None,
+    redact: Callable[[str], str] = lambda text: text,
+    log: Callable[[str], None] = print,
+    wall_clock_s: Callable[[], float] = time.time,
+    monotonic_s: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+    crash_points: Any = None,
+    drift: Any = None,
+) -> Any:
+    """The :class:`serving.live_portfolio.LivePortfolio` of ``ats serve --mode testnet|live --symbols A,B`` (pure
+    composition, no I/O beyond loading the bundle): one :func:`build_live_loop` per symbol of ``brokers`` (unified
+    ccxt symbol -> its broker, all on one client), each with its own bundle slot (no hot-swap: a reload request
+    would reach one symbol only), V1, its config (``live_config`` with its symbol), a :class:`serving.live_portfolio.
+    SymbolEvents` view of ``store`` (its events name it) and a :class:`serving.live_portfolio.SymbolGuard`: its own
+    guard (``risk`` without daily loss and drawdown, scope ``symbol:<SYMBOL>``; ``use_guard=False`` for tests only)
+    and the account's guard (``account_risk``, :class:`serving.account_risk.AccountRiskConfig`, defaults when None)
+    for its closed trades. One run id (``mode``). ``drift`` (:class:`serving.drift.DriftConfig`, None: none): a drift
+    monitor per symbol (:func:`build_live_loop`).
+    """
+    from market.store import symbol_file_stem
+    from serving.account_risk import AccountGuard, AccountRiskConfig, per_symbol_limits, symbol_scope
+    from serving.live_portfolio import LivePortfolio, SymbolEvents, SymbolGuard
+    from serving.risk import RiskConfig, RiskGuard
+
+    account_guard = AccountGuard(account_risk if account_risk is not None else AccountRiskConfig(), store) \
+        if use_guard else None
+    loops = []
+    for unified, broker in brokers.items():
+        exchange_id = symbol_file_stem(unified).upper()
+        view = SymbolEvents(store, exchange_id).as_store()
+        loop = build_live_loop(mode=mode, bundle_dir=bundle_dir, store=view, broker=broker,
+                               live_config=live_config.updated(symbol=unified), reload_file=None,
+                               force_gate=force_gate, manifest=manifest, use_guard=False, notifier=None,
+                               redact=redact, log=log, wall_clock_s=wall_clock_s, monotonic_s=monotonic_s,
+                               sleep=sleep, crash_points=crash_points, drift=drift)  # fmt: skip
+        own = (RiskGuard(per_symbol_limits(risk if risk is not None else RiskConfig()), store,
+                         scope=symbol_scope(exchange_id)) if use_guard else None)  # fmt: skip
+        loop.set_guard(SymbolGuard(own, account_guard))
+        loops.append(loop)
+    return LivePortfolio(loops, store, account_guard=account_guard, notifier=notifier)
+
+
+def serve_live_multi(
+    *,
+    mode: str,
+    symbols: list[str],
+    bundle_dir: Path,
+    db_path: Path,
+    db_url: str | None = None,
+    env_file: Path | None = None,
+    live: bool = False,
+    force_gate: bool = False,
+    max_bars: int | None = None,
+    prompt: Callable[[str], str] = input,
+    log: Callable[[str], None] = print,
+    base_url: str | None = None,
+    live_config: Any = None,
+    risk: Any = None,
+    account_risk: Any = None,
+    allow_transfer: bool = False,
+    notify: Any = "env",
+    drift: Any = None,
+) -> int:
+    """``ats serve --mode testnet|live --symbols A,B,...``: several symbols in one process on one account
+    (:class:`serving.live_portfolio.LivePortfolio`) until SIGTERM/SIGINT (or ``max_bars`` bar closes); returns the
+    bar closes processed. As :func:`serve_live` otherwise (arming: the phrase names the symbols joined by ``,``;
+    keys, ``base_url``, notifications); one ccxt client (one rate limiter) for every symbol's broker. A symbol the
+    bundle was not trained on is refused unless ``allow_transfer`` (logged, ``transfer_allowed`` event).
+    Hot-swap (``--watch-dir``, ``ats serve reload``) is not wired for several symbols.
+
+    Raises
+    ------
+    FatalError
+        Arming, credentials, an unreadable symbol or the exchange set-up fail.
+    ValueError
+        Fewer than two symbols, a symbol given twice, or a symbol the bundle was not trained on without
+        ``allow_transfer``.
+    """
+    from serving.app import check_symbols_served
+    from serving.exchange import BinanceFuturesBroker, make_client
+    from serving.live import LiveConfig
+    from serving.notify import make_notifier, notify_config_from_env
+    from serving.secrets import load_credentials
+    from serving.store import EventRecord, StateStore
+
+    unified = [unified_symbol(s) for s in symbols]
+    if len(unified) < 2 or len(set(unified)) != len(unified):
+        raise ValueError(f"--symbols needs two or more distinct symbols, got {symbols}")
+    exchange_ids = [u.split("/")[0] + "USDT" for u in unified]
+    foreign = check_symbols_served(bundle_dir, exchange_ids, allow_transfer)
+    if base_url is not None:
+        check_base_url(base_url)
+    manifest = _read_manifest(bundle_dir)
+    label = ",".join(exchange_ids)
+    typed = prompt(f"Type '{arming_phrase(label)}' to arm LIVE trading: ") if mode == "live" and live else None
+    for w in check_arming(mode=mode, live_flag=live, manifest=manifest, force_gate=force_gate, typed_phrase=typed,
+                          symbol=label):
+        log(f"[yellow]warning[/]: {w}")
+    creds = load_credentials(env_file=env_file)
+    log(f"credentials loaded from {creds.source} (values hidden)")
+    store = StateStore(db_url) if db_url else StateStore.sqlite(db_path)
+    client = make_client(api_key=creds.api_key.reveal(), secret=creds.api_secret.reveal(),
+                         sandbox=mode == "testnet", base_url=base_url)
+    brokers = {}
+    for u in unified:
+        brokers[u] = BinanceFuturesBroker(client, u)
+        brokers[u].base_url = base_url
+    notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
+    base = live_config if live_config is not None else LiveConfig()
+    portfolio = build_live_portfolio(mode=mode, bundle_dir=bundle_dir, store=store, brokers=brokers, live_config=base,
+                                     force_gate=force_gate, manifest=manifest, risk=risk, account_risk=account_risk,
+                                     notifier=notifier, redact=creds.redact, log=log, drift=drift)  # fmt: skip
+    import pandas as pd
+
+    for s in foreign:
+        log(f"[yellow]transfer[/]: the bundle was not trained on {s} (--allow-transfer)")
+    if foreign:
+        store.append(events=[EventRecord(mode, pd.Timestamp.now(tz="UTC"), "transfer_allowed", {
+            "symbols": foreign, "bundle": str(bundle_dir)})])  # fmt: skip
+    log(f"serving {label} {base.timeframe} on {mode} on one account{f' at {base_url}' if base_url else ''}; state in "
+        f"{db_path}; stop with Ctrl-C (between bars)" + ("; notifications on" if notifier is not None else ""))
+    try:
+        return portfolio.run(max_steps=max_bars)
+    finally:
+        if notifier is not None:
+            notifier.close()

@@ -220,6 +220,29 @@ MISSED_NO_STEP = ("missed: no step ran for this bar before the next close (proce
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class PendingLiveBar:
+    """A new bar decided up to its own guard's review (:meth:`LiveLoop.begin_bar`), not yet written or sent.
+
+    ``decision`` (after the symbol's guard) is what :meth:`LiveLoop.complete_bar` plans; an account-wide guard may
+    replace it and add to ``blocked`` (reasons entries are refused) and ``events`` before. ``candles``: the context
+    window (None: quarantined); ``atr_t`` and ``price_usdt`` (the decided bar's close) in price units;
+    ``equity_usdt``: what the symbol sizes on (its share of the account).
+    """
+
+    bar: pd.Timestamp
+    state: Reconciled
+    candles: pd.DataFrame | None
+    choice: Choice
+    decision: Decision
+    blocked: list[str]
+    events: list[EventRecord]
+    atr_t: float
+    price_usdt: float
+    equity_usdt: float
+    result: StepResult
+
+
 class LiveLoop:
     """The live serving loop over an exchange (module docstring).
 
@@ -323,6 +346,11 @@ class LiveLoop:
         self._attempt_bar: pd.Timestamp | None = None  # bar of the step in progress (None: not known yet)
         #: bar -> (failed attempts, last error) for bars whose steps failed in this process
         self._bar_failures: dict[pd.Timestamp, tuple[int, str]] = {}
+        #: the share of the account's equity this symbol sizes its entries on and its policies see (1: the whole
+        #: account; 1/N for each of N symbols on one account, the paper portfolio's equal sleeves)
+        self.equity_share: float = 1.0
+        #: the reconciled state of the last :meth:`begin_bar` (None before it)
+        self.last_state: Reconciled | None = None
         #: the drift monitor (:mod:`serving.drift_watch`, the paper loop's): observes each decided bar; None: off
         self.drift_watch: DriftWatch | None = None
 
@@ -379,6 +407,12 @@ class LiveLoop:
         env = None if self._trading_rules is not None else bundle_env_config(self.slot.policy)
         return self._trading_rules if env is None else env.trading_rules
 
+    def set_guard(self, guard: GuardLike | None) -> None:
+        """Review decisions with ``guard`` and report closed trades to it from now on (the loop's and its
+        reconciler's; a multi-symbol run's :class:`serving.live_portfolio.SymbolGuard`)."""
+        self.guard = guard
+        self.reconciler.guard = guard
+
     def _exchange_leverage(self, decision: Decision) -> int:
         """The integer leverage set on the exchange before the entry of ``decision``."""
         return exchange_leverage(decision.leverage, self.config.max_leverage)
@@ -411,19 +445,28 @@ class LiveLoop:
     def _step(self) -> StepResult:
         self._attempt_bar = None
         self.start()
-        server_ms = self.broker.server_time_ms()
+        started = self.begin_bar(self.broker.server_time_ms())
+        return started if isinstance(started, StepResult) else self.complete_bar(started)
+
+    def begin_bar(self, server_ms: int) -> StepResult | PendingLiveBar:
+        """Phases 1-4 of the last bar closed at ``server_ms`` (the exchange clock): reconcile, record late equity and
+        missed bars, then resume a decided bar (its :class:`StepResult`) or decide a new one up to its own guard's
+        review (a :class:`PendingLiveBar` for :meth:`complete_bar`; a multi-symbol run reviews the pending bars of
+        every symbol together in between: :mod:`serving.live_portfolio`). Errors propagate as from :meth:`step`."""
+        self.start()
         wall_ms = self.wall_clock_s() * 1000.0
         self.clock_offset_ms = server_ms - wall_ms
         bar_ms = self.last_closed_bar_ms(server_ms)
         bar = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
         self._attempt_bar = bar
         state = self.reconciler.reconcile(bar)
+        self.last_state = state
         self._record_late_equity(bar, state.position)
         self._record_missed(bar, state.position.side)
         decided = self.store.decision_at(self.run_id, bar, self.market_id)
         if decided is not None:
             return self._resume(bar, bar_ms, decided, state)
-        return self._decide_and_execute(bar, bar_ms, state)
+        return self._prepare(bar, bar_ms, state)
 
     def _resume(self, bar: pd.Timestamp, bar_ms: int, decided: DecisionRecord, state: Reconciled) -> StepResult:
         """The bar is decided already: finish its unresolved intents and protect its filled entry
@@ -448,8 +491,8 @@ class LiveLoop:
         self._finish(bar, state, result)
         return result
 
-    def _decide_and_execute(self, bar: pd.Timestamp, bar_ms: int, state: Reconciled) -> StepResult:
-        """Phases 3-6 of a new bar (module docstring)."""
+    def _prepare(self, bar: pd.Timestamp, bar_ms: int, state: Reconciled) -> PendingLiveBar:
+        """Phases 3-4 of a new bar (module docstring) up to its own guard's review."""
         result = StepResult(bar)
         blocked: list[str] = []
         if abs(self.clock_offset_ms) > self.config.max_clock_offset_ms:
@@ -460,7 +503,7 @@ class LiveLoop:
             blocked.append(f"internal_error: {self.internal_error}")
         window = self._fetch_window(bar_ms)
         position = state.position
-        equity = self.broker.equity_usdt()
+        equity = self.broker.equity_usdt() * self.equity_share  # the symbol's share of the account
         events: list[EventRecord] = []
         if window.candles is None:
             result.quarantined = True
@@ -479,7 +522,7 @@ class LiveLoop:
                     "decision": dataclasses.asdict(choice.decision), "bars_in_trade": age}))  # fmt: skip
                 why = f"{choice.reason}; {held}" if choice.reason else held
                 choice = Choice(Decision(direction=position.side), "guard", why, choice.raw_action, choice.latency_ms)
-        decision, source = choice.decision, choice.source
+        decision = choice.decision
         if not (math.isfinite(atr_t) and atr_t > 0):
             blocked.append(f"atr_invalid: {atr_t!r}")
         if not equity > 0:
@@ -490,6 +533,17 @@ class LiveLoop:
             decision, guard_blocks, guard_events = self._review(decision, bar, equity, position, price)
             blocked += guard_blocks
             events += guard_events
+        return PendingLiveBar(bar, state, window.candles, choice, decision, blocked, events, atr_t, price, equity,
+                              result)
+
+    def complete_bar(self, pending: PendingLiveBar) -> StepResult:
+        """Phases 4-6 of a bar :meth:`begin_bar` left pending: plan its intents from ``pending.decision``, write the
+        decision row and intents in one transaction, send them, record fills, position and equity."""
+        bar, state, choice, decision, atr_t, price = (pending.bar, pending.state, pending.choice, pending.decision,
+                                                      pending.atr_t, pending.price_usdt)
+        blocked, events, equity, result, position = (pending.blocked, pending.events, pending.equity_usdt,
+                                                     pending.result, pending.state.position)
+        source = choice.source
         # sized as the kernel would if the next open were this close (its slippage, fee and, on a flip, exit)
         fills = FillModel(self.costs, atr_t) if math.isfinite(atr_t) and atr_t > 0 else None
         plan = plan_bar(symbol=self.market_id, bar_open_time=bar, position=position, protection=state.protection,
@@ -515,7 +569,7 @@ class LiveLoop:
         result.source, result.decision, result.entries_blocked = source, decision, tuple(blocked)
         self.executor.execute(bar, orders, state.open_orders, result, atr_t)
         if position.side != 0 and decision.direction == position.side and not state.blocked:
-            self._repair_protection(bar, position, state.protection, window.candles, result)
+            self._repair_protection(bar, position, state.protection, pending.candles, result)
         self._finish(bar, state, result)
         return result
 
@@ -526,6 +580,7 @@ class LiveLoop:
         (:class:`serving.choice.FallbackLedger`) go to ``events``."""
         view = self._position_view(state.position, state.protection, bar)
         recorded_peak = self.store.peak_equity(self.run_id)  # the run's (the account's), not the policy instance's
+        recorded_peak = None if recorded_peak is None else recorded_peak * self.equity_share  # as ``equity``
         ctx = DecisionContext(bar_open_time=bar, candles=candles, position=view, equity_usdt=equity,
                               peak_equity_usdt=max(equity, recorded_peak if recorded_peak is not None else equity))
         bar_index = bar_ms // self.tf_ms  # the slot's backoff counts bars

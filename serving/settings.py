@@ -38,6 +38,9 @@ class ServeSettings(StrictConfig):
         Directory watched for new bundles (validated, then swapped in between bars).
     drift : DriftConfig
         Drift thresholds and the action on a breach (:mod:`serving.drift`).
+    symbols : tuple[str, ...]
+        Testnet/live: the symbols served together on one account (``BTCUSDT`` or ``BTC/USDT:USDT``; two or more:
+        :mod:`serving.live_portfolio`); empty: ``live.symbol`` alone. ``--symbols`` overrides it.
     """
 
     paper: ServeConfig = Field(default_factory=lambda: ServeConfig(warmup_bars=1200))
@@ -46,6 +49,7 @@ class ServeSettings(StrictConfig):
     account_risk: AccountRiskConfig = Field(default_factory=AccountRiskConfig)
     watch_dir: Path | None = None
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    symbols: tuple[str, ...] = ()
 
 
 def load_serve_settings(path: Path | None) -> ServeSettings:
