@@ -4,6 +4,7 @@
 ``ats serve --mode paper --replay CANDLES --bundle B --db STATE``   replay candles on a paper broker
 ``ats serve --mode testnet --bundle B --db STATE``                 Binance USDⓈ-M testnet (ccxt sandbox)
 ``ats serve --mode testnet --base-url URL ...``                    the same through a local simulator or proxy
+``ats serve --mode testnet --symbols BTCUSDT,ETHUSDT ...``         several symbols on one account, one process
 ``ats serve --mode live --live --bundle B --db STATE``             real orders (PASS gate + arming phrase)
 ``ats serve reload --db STATE --bundle NEW``                       hot-swap request to a running loop
 ``ats serve reset-risk --db STATE --note "..."``                   leave a kill switch (the only way)
@@ -107,6 +108,9 @@ def serve(
     watch = watch_dir if watch_dir is not None else settings.watch_dir
     if db_url is not None and mode is Mode.paper:
         raise typer.BadParameter("--db-url is for testnet/live; paper serving keeps its state in the --db file")
+    if mode is Mode.paper and symbols is not None:
+        raise typer.BadParameter("--symbols is for testnet/live: paper replays take one --replay per symbol, and paper "
+                                 "on live candles serves one --symbol per process")
     if mode is Mode.paper and replay is None:
         if warmup_bars is not None:
             raise typer.BadParameter("--warmup-bars is for --replay; on live candles the context comes from the exchange")

@@ -266,3 +266,14 @@ def test_ats_serve_testnet_with_two_symbols_against_the_fake_exchange(tmp_path, 
     status = runner.invoke(app, ["status", "--db", str(db)], env={"COLUMNS": "250"})
     assert status.exit_code == 0, status.output
     assert "BTCUSDT" in status.output and "ETHUSDT" in status.output and "account" in status.output.lower()
+
+
+def test_symbols_is_refused_in_paper_mode_not_ignored(tmp_path):
+    from typer.testing import CliRunner
+
+    from ats_cli.main import app
+
+    r = CliRunner().invoke(app, ["serve", "--mode", "paper", "--symbols", "BTCUSDT,ETHUSDT", "--bundle", str(tmp_path),
+                                 "--db", str(tmp_path / "s.sqlite")], env={"COLUMNS": "250"})
+    assert r.exit_code != 0 and "--symbols is for testnet/live" in r.output
+    assert not (tmp_path / "s.sqlite").exists()
