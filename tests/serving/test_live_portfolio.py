@@ -179,10 +179,10 @@ def _child(fake: FakeBinance, db: Path, crash: str | None) -> subprocess.Complet
 @pytest.mark.parametrize("crash", [
     "after_intent_written",
     "after_send",        # BTC's exit accepted, its answer never recorded
-    "after_send:7",      # ETH's exit accepted (after BTC's four orders), its answer never recorded
+    "after_send:7",      # a later send of the bar (past BTCUSDT's orders), its answer never recorded
     "after_ack",
     "after_fill",        # BTC's exit filled, its entry not yet sent
-    "after_fill:4",      # ETH's entry filled, its stop/take-profit not yet written
+    "after_fill:4",      # a later fill of the bar (past BTCUSDT's exit and entry)
     "during_reconciliation",
     "after_fill:2+partial",  # BTC's exit filled only in part, its entry filled, then kill -9
 ])  # fmt: skip
