@@ -1,6 +1,8 @@
-"""Multi-symbol paper replay: several symbols on one paper account, decided bar by bar together.
+"""Multi-symbol paper serving: several symbols on one paper account, decided bar by bar together.
 
-:func:`run_portfolio_replay` drives one :class:`serving.loop.PaperStepper` per symbol (a *leg*: its candles, its
+:class:`AccountStepper` steps one :class:`serving.loop.PaperStepper` per symbol on one account (the per-bar logic
+below); :func:`run_portfolio_replay` feeds it candle files, :class:`serving.paper_live.PaperLivePortfolio` the
+exchange's live candles (``ats serve --mode paper --symbols A,B``). The replay drives one stepper per symbol (a *leg*: its candles, its
 policies through the same fallback chain bundle -> V1 -> flat, its cost model and instrument spec, its trading
 rules) on one clock:
 
@@ -32,7 +34,7 @@ import dataclasses
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -66,7 +68,7 @@ from serving.loop import (
 )
 from serving.notify import Notifier
 from serving.risk import RiskConfig, RiskGuard
-from serving.store import AccountEquityRecord, EventRecord, StateStore
+from serving.store import AccountEquityRecord, DecisionRecord, EventRecord, StateStore
 
 
 @dataclass(frozen=True)
@@ -144,12 +146,11 @@ def _missing_bar(symbol: str, t: int, ts: pd.Timestamp) -> BarInput:
 
 
 class _LegRun:
-    """A leg's stepper, its replayed rows and its last known close (its notional on a quarantined bar)."""
+    """A leg's stepper and its replayed rows."""
 
     def __init__(self, leg: Leg, stepper: PaperStepper, bars: _ReplayBars) -> None:
         self.leg, self.stepper, self.bars = leg, stepper, bars
         self.pos = {ts: i for i, ts in enumerate(leg.candles.index)}
-        self.last_close = math.nan
 
     def bar_at(self, t: int, ts: pd.Timestamp) -> BarInput:
         i = self.pos.get(ts)
@@ -158,14 +159,187 @@ class _LegRun:
         return dataclasses.replace(self.bars[i], t=t)
 
 
-def _book(run: _LegRun, pending: PendingBar) -> SymbolBook:
+def _book(symbol: str, pending: PendingBar, last_close: float) -> SymbolBook:
+    """The account guard's view of ``symbol`` at ``pending``'s close (its notional at ``last_close``, the last known
+    close, or the entry price before any)."""
     state = pending.state
-    if pending.bar.problem is None:
-        run.last_close = float(pending.bar.bar.close)
-    mark = run.last_close if math.isfinite(run.last_close) else float(state.entry_price or 0.0)
+    mark = last_close if math.isfinite(last_close) else float(state.entry_price or 0.0)
     notional = float(state.qty_base) * mark if state.side != 0 else 0.0
     margin = float(state.margin_usdt) if state.side != 0 else 0.0
-    return SymbolBook(run.leg.symbol, pending.decision, int(state.side), notional, margin, float(pending.equity_usdt))
+    return SymbolBook(symbol, pending.decision, int(state.side), notional, margin, float(pending.equity_usdt))
+
+
+class AccountStepper:
+    """Several symbols' :class:`serving.loop.PaperStepper` on one paper account, stepped bar by bar together (module
+    docstring): the per-bar logic shared by the multi-symbol replay (:func:`run_portfolio_replay`) and paper on live
+    candles with several symbols (:class:`serving.paper_live.PaperLivePortfolio`).
+
+    Parameters
+    ----------
+    steppers : Sequence[PaperStepper]
+        One per symbol (distinct ``stepper.symbol``; each trades its sleeve; processed in symbol order).
+    store : StateStore
+        Where every row goes.
+    run_id : str
+        The run's id.
+    account_guard : AccountGuard | None
+        The account's guard (None: none); told every symbol's closed trades.
+    notifier : Notifier | None
+        Receives the account-level events (the symbols' own go through their steppers).
+
+    Raises
+    ------
+    ValueError
+        No stepper, or a symbol given twice.
+    """
+
+    def __init__(self, steppers: Sequence[PaperStepper], store: StateStore, run_id: str, *,
+                 account_guard: AccountGuard | None = None, notifier: Notifier | None = None) -> None:
+        if not steppers:
+            raise ValueError("an account needs at least one symbol")
+        self.steppers = sorted(steppers, key=lambda s: s.symbol)
+        self.symbols = [s.symbol for s in self.steppers]
+        if len(set(self.symbols)) != len(self.symbols):
+            raise ValueError(f"each symbol may be served once on an account, got {self.symbols}")
+        self.store, self.run_id, self.account_guard, self.notifier = store, run_id, account_guard, notifier
+        for stepper in self.steppers:
+            stepper.name_symbol_in_events = True
+            if account_guard is not None:
+                stepper.closed_trade_sinks.append(account_guard.record_closed_trade)
+        #: the account guard's state (None without it)
+        self.account_state: str | None = account_guard.state.value if account_guard is not None else None
+        #: account-level events by kind
+        self.account_events: Counter[str] = Counter()
+        #: decided (or missed) bar times so far
+        self.bars = 0
+        self._last_close = {symbol: math.nan for symbol in self.symbols}  # each symbol's last valid close
+
+    def start(self, time: pd.Timestamp, initial_equity_usdt: float, **detail: Any) -> None:
+        """Write the run's ``run_started`` (``detail`` first; mode 'paper', the symbols, the account's and each
+        sleeve's equity, the account guard's state, each symbol's primary and fallback) and a
+        ``primary_unavailable`` per symbol whose slot holds no primary."""
+        started = [EventRecord(self.run_id, time, "run_started", {
+            **detail, "mode": "paper", "symbols": self.symbols, "initial_equity_usdt": initial_equity_usdt,
+            "sleeve_equity_usdt": sleeve_equity_usdt(initial_equity_usdt, len(self.symbols)),
+            "risk_state": self.account_state,
+            "primary": {s.symbol: None if s.slot.policy is None else s.slot.policy.name for s in self.steppers},
+            "fallback": {s.symbol: s.fallback.name for s in self.steppers},
+        })]  # fmt: skip
+        started += [EventRecord(self.run_id, time, "primary_unavailable", {"symbol": s.symbol, "error": s.slot.load_error})
+                    for s in self.steppers if s.slot.policy is None]
+        self._write_account_events(started)
+
+    def step(self, time: pd.Timestamp, bars: Mapping[str, BarInput]) -> list[DecisionRecord]:
+        """Decide the bar at ``time`` of every symbol together (``bars``: symbol -> its :class:`BarInput`, one per
+        symbol): each processes and decides (:meth:`PaperStepper.begin`), its own guard reviews its decision, then
+        the account's guard all of them (quarantined bars hold whatever it says); then each submits. Every
+        symbol's rows and the ``account_equity`` row go to the store in one transaction. Returns the decision rows
+        (symbol order).
+
+        Raises
+        ------
+        ValueError
+            ``bars`` does not name exactly the account's symbols; from a broker, a bar not later than its last.
+        """
+        self._check_symbols(bars)
+        pendings = [(stepper, stepper.begin(bars[stepper.symbol])) for stepper in self.steppers]
+        for stepper, pending in pendings:  # each symbol's own guard first
+            if stepper.guard is not None and pending.bar.problem is None:
+                stepper.review(pending, stepper.guard.review(pending.decision, stepper.snapshot(pending)))
+        books = []
+        for stepper, pending in pendings:
+            if pending.bar.problem is None:
+                self._last_close[stepper.symbol] = float(pending.bar.bar.close)
+            books.append(_book(stepper.symbol, pending, self._last_close[stepper.symbol]))
+        equity = float(sum(b.sizing_equity_usdt for b in books))
+        account_rows: list[EventRecord] = []
+        if self.account_guard is not None:
+            verdicts = self.account_guard.review(time, equity, books)
+            for stepper, pending in pendings:
+                if pending.bar.problem is None:  # a quarantined bar holds whatever the account says
+                    stepper.review(pending, verdicts[stepper.symbol], track_state=False)
+            if self.account_guard.state.value != self.account_state:
+                account_rows.append(EventRecord(self.run_id, time, "risk_state_changed", {
+                    "scope": ACCOUNT_SCOPE, "from": self.account_state, "to": self.account_guard.state.value,
+                    "reasons": list(self.account_guard.reasons)}))  # fmt: skip
+                self.account_state = self.account_guard.state.value
+        rows = [stepper.complete(pending, write=False)[1] for stepper, pending in pendings]
+        account = AccountEquityRecord(self.run_id, time, equity, float(sum(b.position_notional_usdt for b in books)),
+                                      float(sum(b.position_margin_usdt for b in books)),
+                                      int(sum(1 for s in self.steppers if s.broker.state.side != 0)))
+        self.store.append(decisions=[d for r in rows for d in r.decisions], fills=[f for r in rows for f in r.fills],
+                          equity=[e for r in rows for e in r.equity],
+                          events=[e for r in rows for e in r.events] + account_rows, account=[account])  # fmt: skip
+        for (stepper, _), r in zip(pendings, rows, strict=True):
+            stepper.publish(r)
+        self._count_account_events(account_rows)
+        self.bars += 1
+        return [d for r in rows for d in r.decisions]
+
+    def skip(self, time: pd.Timestamp, bars: Mapping[str, BarInput], reason: str) -> list[DecisionRecord]:
+        """Record the bar at ``time``, which closed without a decision, for every symbol (:meth:`PaperStepper.skip`:
+        a 'missed' row each, the candle still goes through its paper broker), then its ``account_equity`` row
+        (each symbol's rows are stored as it is skipped, the account's after them). No guard reviews a missed bar.
+
+        Raises
+        ------
+        ValueError
+            As :meth:`step`.
+        """
+        self._check_symbols(bars)
+        records = [stepper.skip(bars[stepper.symbol], reason) for stepper in self.steppers]
+        notional = margin = 0.0
+        for stepper in self.steppers:
+            bar, state = bars[stepper.symbol], stepper.broker.state
+            if bar.problem is None and math.isfinite(bar.bar.close):
+                self._last_close[stepper.symbol] = float(bar.bar.close)
+            if state.side != 0:
+                last = self._last_close[stepper.symbol]
+                notional += float(state.qty_base) * (last if math.isfinite(last) else float(state.entry_price or 0.0))
+                margin += float(state.margin_usdt)
+        equity = float(sum(s.broker.equity_usdt for s in self.steppers))
+        open_positions = int(sum(1 for s in self.steppers if s.broker.state.side != 0))
+        self.store.append(account=[AccountEquityRecord(self.run_id, time, equity, notional, margin, open_positions)])
+        self.bars += 1
+        return records
+
+    def note(self, time: pd.Timestamp, kind: str, detail: dict[str, Any]) -> None:
+        """Write one account-level event (stored, counted, notified)."""
+        self._write_account_events([EventRecord(self.run_id, time, kind, detail)])
+
+    def summary(self, initial_equity_usdt: float) -> PortfolioSummary:
+        """The run so far (each symbol's :class:`serving.loop.ReplaySummary`, the account's equity and state)."""
+        legs = {s.symbol: s.summary() for s in self.steppers}
+        final = float(sum(v.final_equity_usdt for v in legs.values()))
+        return PortfolioSummary(self.run_id, tuple(self.symbols), self.bars, legs, float(initial_equity_usdt), final,
+                                self.account_state, Counter(self.account_events))
+
+    def finish(self, time: pd.Timestamp, initial_equity_usdt: float, **detail: Any) -> PortfolioSummary:
+        """Write ``run_finished`` at ``time`` (bars, symbols, the account's final equity and state, each symbol's
+        totals, then ``detail``) and return the summary."""
+        s = self.summary(initial_equity_usdt)
+        self._write_account_events([EventRecord(self.run_id, time, "run_finished", {
+            "bars": s.bars, "symbols": self.symbols, "final_equity_usdt": s.final_equity_usdt,
+            "risk_state": self.account_state,
+            "by_symbol": {sym: {"decisions_v2": v.decisions_v2, "decisions_v1": v.decisions_v1,
+                                "decisions_guard": v.decisions_guard, "final_equity_usdt": v.final_equity_usdt,
+                                "n_fills": v.n_fills, "n_quarantined": v.n_quarantined} for sym, v in s.legs.items()},
+            **detail,
+        })])  # fmt: skip
+        return dataclasses.replace(s, account_events=Counter(self.account_events))
+
+    def _check_symbols(self, bars: Mapping[str, BarInput]) -> None:
+        if sorted(bars) != self.symbols:
+            raise ValueError(f"a bar of the account needs one input per symbol {self.symbols}, got {sorted(bars)}")
+
+    def _write_account_events(self, events: list[EventRecord]) -> None:
+        self.store.append(events=events)
+        self._count_account_events(events)
+
+    def _count_account_events(self, events: list[EventRecord]) -> None:
+        self.account_events.update(e.kind for e in events)
+        if self.notifier is not None and events:
+            self.notifier.publish(events, [])
 
 
 def run_portfolio_replay(
@@ -248,82 +422,23 @@ def run_portfolio_replay(
         stepper = PaperStepper(slot=slot, fallback=leg.fallback, costs=leg.costs, store=store, config=leg_config,
                                guard=guard, notifier=notifier, clock=clock, now=now, bar_interval=interval,
                                trading_rules=leg.trading_rules)  # fmt: skip
-        stepper.name_symbol_in_events = True
         if drift is not None:
             stepper.drift_watch = DriftWatch(drift, store, config.run_id, leg.symbol)
-        if account_guard is not None:
-            stepper.closed_trade_sinks.append(account_guard.record_closed_trade)
         runs.append(_LegRun(leg, stepper, _ReplayBars(leg.candles, atr, fb_atr, config.context_bars,
                                                       leg.costs.funding_interval_hours)))
+    account = AccountStepper([run.stepper for run in runs], store, config.run_id, account_guard=account_guard,
+                             notifier=notifier)
     first = max(run.leg.candles.index[config.warmup_bars] for run in runs)
     union = runs[0].leg.candles.index
     for run in runs[1:]:
         union = union.union(run.leg.candles.index)
     times = union[union >= first]
-    run_id = config.run_id
-    account_state = account_guard.state.value if account_guard is not None else None
-    account_events: Counter[str] = Counter()
-    started = [EventRecord(run_id, times[0] if len(times) else first, "run_started", {
-        **(detail or {}), "mode": "paper", "symbols": symbols, "initial_equity_usdt": config.initial_equity_usdt,
-        "sleeve_equity_usdt": sleeve, "warmup_bars": config.warmup_bars, "risk_state": account_state,
-        "primary": {r.leg.symbol: None if r.stepper.slot.policy is None else r.stepper.slot.policy.name for r in runs},
-        "fallback": {r.leg.symbol: r.stepper.fallback.name for r in runs},
-    })]  # fmt: skip
-    started += [EventRecord(run_id, started[0].time, "primary_unavailable",
-                            {"symbol": r.leg.symbol, "error": r.stepper.slot.load_error})
-                for r in runs if r.stepper.slot.policy is None]
-    store.append(events=started)
-    account_events.update(e.kind for e in started)
-    if notifier is not None:
-        notifier.publish(started, [])
+    account.start(times[0] if len(times) else first, config.initial_equity_usdt,
+                  **{**(detail or {}), "warmup_bars": config.warmup_bars})
     offset = int(union.get_loc(times[0])) if len(times) else 0
     for k, ts in enumerate(times):
         t = offset + k
-        pendings = [(run, run.stepper.begin(run.bar_at(t, ts))) for run in runs]
-        for run, pending in pendings:  # each symbol's own guard first
-            guard = run.stepper.guard
-            if guard is not None and pending.bar.problem is None:
-                run.stepper.review(pending, guard.review(pending.decision, run.stepper.snapshot(pending)))
-        books = [_book(run, pending) for run, pending in pendings]
-        equity = float(sum(b.sizing_equity_usdt for b in books))
-        account_rows: list[EventRecord] = []
-        if account_guard is not None:
-            verdicts = account_guard.review(ts, equity, books)
-            for run, pending in pendings:
-                if pending.bar.problem is None:  # a quarantined bar holds whatever the account says
-                    run.stepper.review(pending, verdicts[run.leg.symbol], track_state=False)
-            if account_guard.state.value != account_state:
-                account_rows.append(EventRecord(run_id, ts, "risk_state_changed", {
-                    "scope": ACCOUNT_SCOPE, "from": account_state, "to": account_guard.state.value,
-                    "reasons": list(account_guard.reasons)}))  # fmt: skip
-                account_state = account_guard.state.value
-        rows = [run.stepper.complete(pending, write=False)[1] for run, pending in pendings]
-        states = [run.stepper.broker.state for run in runs]
-        account = AccountEquityRecord(run_id, ts, equity, float(sum(b.position_notional_usdt for b in books)),
-                                      float(sum(b.position_margin_usdt for b in books)),
-                                      int(sum(1 for s in states if s.side != 0)))
-        store.append(decisions=[d for r in rows for d in r.decisions], fills=[f for r in rows for f in r.fills],
-                     equity=[e for r in rows for e in r.equity], events=[e for r in rows for e in r.events] + account_rows,
-                     account=[account])  # fmt: skip
-        for (run, _), r in zip(pendings, rows, strict=True):
-            run.stepper.publish(r)
-        account_events.update(e.kind for e in account_rows)
-        if notifier is not None and account_rows:
-            notifier.publish(account_rows, [])
+        account.step(ts, {run.leg.symbol: run.bar_at(t, ts) for run in runs})
         if progress is not None:
             progress(k + 1, len(times))
-    summaries = {run.leg.symbol: run.stepper.summary() for run in runs}
-    final = float(sum(s.final_equity_usdt for s in summaries.values()))
-    end = times[-1] if len(times) else first
-    finished = [EventRecord(run_id, end, "run_finished", {
-        "bars": len(times), "symbols": symbols, "final_equity_usdt": final, "risk_state": account_state,
-        "by_symbol": {s: {"decisions_v2": v.decisions_v2, "decisions_v1": v.decisions_v1,
-                          "decisions_guard": v.decisions_guard, "final_equity_usdt": v.final_equity_usdt,
-                          "n_fills": v.n_fills, "n_quarantined": v.n_quarantined} for s, v in summaries.items()},
-    })]  # fmt: skip
-    store.append(events=finished)
-    account_events.update(e.kind for e in finished)
-    if notifier is not None:
-        notifier.publish(finished, [])
-    return PortfolioSummary(run_id, tuple(symbols), len(times), summaries, float(config.initial_equity_usdt), final,
-                            account_state, account_events)
+    return account.finish(times[-1] if len(times) else first, config.initial_equity_usdt)
