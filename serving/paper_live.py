@@ -62,10 +62,10 @@ import math
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import pandas as pd
 from pydantic import Field, model_validator
@@ -76,6 +76,7 @@ from market.config_base import StrictConfig
 from market.decision import Policy
 from market.features import atr as atr_indicator
 from market.instruments import DEFAULT_CCXT_SYMBOL, resolve_spec
+from market.store import symbol_file_stem
 from serving.candles import (  # noqa: F401 - Page and parse_page re-exported
     MAX_CONTEXT_BARS,
     PAGE_BARS,
@@ -97,6 +98,10 @@ from serving.loop import BarInput, PaperStepper, ReplaySummary, ServeConfig, row
 from serving.notify import Notifier
 from serving.risk import RiskGuard
 from serving.store import DecisionRecord, StateStore
+
+if TYPE_CHECKING:
+    from serving.account_risk import AccountGuard
+    from serving.portfolio import PortfolioSummary
 
 MAX_MISSED_CANDLE_BARS = 1_500  # missed bars before the window whose candles are still read
 
@@ -173,7 +178,112 @@ MISSED_REASON = ("missed: the bar closed while the loop could not poll (failed f
                  "running); nothing was decided, its candle went through the paper broker with the position held")
 
 
-class PaperLiveLoop:
+S = TypeVar("S")
+
+
+class _Poller(Generic[S]):
+    """Polling after each bar close, retries, signals and ``run_finished`` of the live-candle paper loops
+    (:class:`PaperLiveLoop`, :class:`PaperLivePortfolio`; ``S`` the summary their ``run`` returns)."""
+
+    feed_config: FeedConfig
+    stop_requested: threading.Event
+    clock_offset_ms: float
+    tf_ms: int
+    wall_clock_s: Callable[[], float]
+    monotonic_s: Callable[[], float]
+    _sleep: Callable[[float], None]
+    _started: bool
+    _failures: int
+    _last_error: str | None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def step(self) -> list[DecisionRecord]:
+        raise NotImplementedError
+
+    def _note(self, kind: str, detail: dict[str, Any], when: pd.Timestamp | None = None) -> None:
+        raise NotImplementedError
+
+    def _finish(self, time: pd.Timestamp, **detail: Any) -> S:
+        raise NotImplementedError
+
+    def _now_ts(self) -> pd.Timestamp:
+        return pd.Timestamp(int(self.wall_clock_s() * 1000), unit="ms", tz="UTC")
+
+    # -- running ----------------------------------------------------------------------------------
+    def seconds_to_next_poll(self) -> float:
+        """Seconds until ``close_delay_s`` after the next bar close, by the exchange-corrected wall
+        clock, within [``poll_interval_s``, one bar]."""
+        fc = self.feed_config
+        return seconds_to_next_poll(self.wall_clock_s() * 1000.0 + self.clock_offset_ms, self.tf_ms,
+                                    fc.close_delay_s, fc.poll_interval_s)
+
+    def run(self, *, max_bars: int | None = None, install_signal_handlers: bool = True) -> S:
+        """Poll until SIGTERM/SIGINT (:attr:`stop_requested`) or ``max_bars`` bars decided; returns
+        the run's summary after writing ``run_finished``.
+
+        A signal only sets :attr:`stop_requested`; the bar in progress finishes first.
+
+        Raises
+        ------
+        FatalError
+            From :meth:`start` (store holds the run, unknown symbol) or the exchange (recorded).
+        Exception
+            Any unexpected error of a step, recorded as ``internal_error`` with its traceback.
+        """
+        with stop_on_signals(self.stop_requested, install=install_signal_handlers):
+            try:
+                self.start()
+                decided = self._run(max_bars)
+                return self._finish(self._now_ts(), decided_bars=decided, stopped="max_bars"
+                                    if max_bars is not None and decided >= max_bars else "signal")  # fmt: skip
+            except BaseException as exc:
+                if self._started:
+                    self._finish(self._now_ts(), stopped=f"{type(exc).__name__}: {exc}"[:500])
+                raise
+
+    def _run(self, max_bars: int | None) -> int:
+        decided = 0
+        while not self.stop_requested.is_set():
+            failed = False
+            try:
+                decided += 1 if self.step() else 0
+            except (RetryableError, RejectedError) as exc:
+                failed = True
+                self._failures += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"[:300]
+                self._note("step_failed", {"error": self._last_error, "consecutive": self._failures})
+            except FatalError as exc:
+                self._note("fatal_error", {"error": f"{type(exc).__name__}: {exc}"[:1000]})
+                raise
+            except Exception as exc:
+                self._note("internal_error", {"error": f"{type(exc).__name__}: {exc}"[:1000],
+                                              "traceback": traceback.format_exc()[-3000:]})  # fmt: skip
+                raise
+            if max_bars is not None and decided >= max_bars:
+                break
+            self._wait(failed)
+        return decided
+
+    def _wait(self, failed: bool) -> None:
+        """Sleep until the next poll (a failed poll: the retry wait, doubling) in slices of at most
+        1 s, so that a signal stops the loop promptly."""
+        wait = self.seconds_to_next_poll()
+        if failed:
+            retry = self.feed_config.step_retry_initial_s * 2.0 ** (self._failures - 1)
+            wait = min(retry, self.feed_config.step_retry_max_s, wait)
+        end = self.monotonic_s() + wait
+        while not self.stop_requested.is_set():
+            left = end - self.monotonic_s()
+            if left <= 0:
+                return
+            self._sleep(min(1.0, left))
+
+
+
+
+class PaperLiveLoop(_Poller[ReplaySummary]):
     """The live-candle paper loop (module docstring).
 
     Parameters
@@ -306,11 +416,11 @@ class PaperLiveLoop:
         """The run so far (see :class:`serving.loop.ReplaySummary`)."""
         return self.stepper.summary()
 
-    def _now_ts(self) -> pd.Timestamp:
-        return pd.Timestamp(int(self.wall_clock_s() * 1000), unit="ms", tz="UTC")
-
     def _note(self, kind: str, detail: dict[str, Any], when: pd.Timestamp | None = None) -> None:
         self.stepper.note(when if when is not None else self._now_ts(), kind, detail)
+
+    def _finish(self, time: pd.Timestamp, **detail: Any) -> ReplaySummary:
+        return self.stepper.finish(time, **detail)
 
     # -- one poll ---------------------------------------------------------------------------------
     def last_closed_bar_ms(self, server_ms: int) -> int:
@@ -385,11 +495,17 @@ class PaperLiveLoop:
         return row_problems(ctx.raw.loc[[ts]])[0]
 
     def _skip(self, ctx: CandleContext, ms: int) -> DecisionRecord:
+        return self.stepper.skip(self._missed_input(ctx, ms), self._missed_reason())
+
+    def _missed_input(self, ctx: CandleContext, ms: int) -> BarInput:
+        """The :class:`BarInput` of the missed bar opening at ``ms`` (its candle as served; no window, no ATR)."""
         ts = pd.Timestamp(ms, unit="ms", tz="UTC")
-        bar = BarInput(ms // self.tf_ms, ts, _bar(ctx.raw, ts, self.costs.funding_interval_hours), None,
-                       math.nan, math.nan, self._problem(ctx, ts))  # fmt: skip
+        return BarInput(ms // self.tf_ms, ts, _bar(ctx.raw, ts, self.costs.funding_interval_hours), None,
+                        math.nan, math.nan, self._problem(ctx, ts))  # fmt: skip
+
+    def _missed_reason(self) -> str:
         reason = MISSED_REASON if self._last_error is None else f"{MISSED_REASON}; last error: {self._last_error}"
-        return self.stepper.skip(bar, reason[:2000])
+        return reason[:2000]
 
     def _decided_input(self, ctx: CandleContext, bar_ms: int, funding_problem: str | None) -> BarInput:
         """The :class:`BarInput` of the bar to decide: its own candle (as served), the context window
@@ -407,74 +523,179 @@ class PaperLiveLoop:
                         ctx.candles if problem is None and taint is None else None, _last_atr(window, primary_period),
                         _last_atr(window, fallback_period), problem, taint)  # fmt: skip
 
-    # -- running ----------------------------------------------------------------------------------
-    def seconds_to_next_poll(self) -> float:
-        """Seconds until ``close_delay_s`` after the next bar close, by the exchange-corrected wall
-        clock, within [``poll_interval_s``, one bar]."""
-        fc = self.feed_config
-        return seconds_to_next_poll(self.wall_clock_s() * 1000.0 + self.clock_offset_ms, self.tf_ms,
-                                    fc.close_delay_s, fc.poll_interval_s)
 
-    def run(self, *, max_bars: int | None = None, install_signal_handlers: bool = True) -> ReplaySummary:
-        """Poll until SIGTERM/SIGINT (:attr:`stop_requested`) or ``max_bars`` bars decided; returns
-        the run's summary after writing ``run_finished``.
+class PaperLivePortfolio(_Poller["PortfolioSummary"]):
+    """Paper on live candles for several symbols on one paper account (``ats serve --mode paper --symbols A,B``).
 
-        A signal only sets :attr:`stop_requested`; the bar in progress finishes first.
+    One :class:`PaperLiveLoop` per symbol reads its candles (its feed, its rolling window, its repairs and holds:
+    the module docstring); the account steps them together exactly as the multi-symbol replay does
+    (:class:`serving.portfolio.AccountStepper`: equal sleeves, each symbol's guard then the account's, one decision
+    row per symbol, one ``account_equity`` row per bar, all of a bar's rows in one transaction). So the run equals,
+    bar for bar, :func:`serving.portfolio.run_portfolio_replay` of the same closed candles
+    (``tests/serving/test_paper_live_portfolio.py``).
+
+    One :meth:`step`: the exchange clock (read through the first symbol's feed) says which bar to decide, the same
+    for every symbol (one timeframe); every symbol's candles and funding are read *before anything is written*, so
+    a failed read of any symbol ends the whole poll (``step_failed``) and the next poll retries all of them (within
+    the bar: the bar is still decided for all symbols together; after it: missed for all). Missed bars
+    (:meth:`serving.portfolio.AccountStepper.skip`) get a 'missed' row per symbol and an ``account_equity`` row; one
+    ``bars_missed`` event per gap names the symbols. A symbol whose own candle is invalid or absent is quarantined
+    for the bar while the others are decided. Candle events (repairs, holds) name their symbol.
+
+    Restart, failures and signals as :class:`PaperLiveLoop` (a store holding the run is refused; ``run_finished``
+    with the account's totals and each symbol's).
+
+    Parameters
+    ----------
+    loops : Sequence[PaperLiveLoop]
+        One per symbol, built on ``store`` with ``config`` whose ``initial_equity_usdt`` is the symbol's sleeve
+        (:func:`serving.portfolio.sleeve_equity_usdt`), the same run id and timeframe; each stepper's costs of its
+        feed's symbol, its own symbol guard (if any) as the stepper's ``guard``. The first loop's clocks, sleep and
+        poll timing drive the run.
+    store : StateStore
+        The run's store (the loops').
+    config : ServeConfig
+        The account's settings: ``initial_equity_usdt`` (the whole account), ``run_id``.
+    account_guard : serving.account_risk.AccountGuard | None
+        The account's guard; None: none.
+    notifier : Notifier | None
+        Receives the account-level events.
+
+    Raises
+    ------
+    ValueError
+        No loop; loops of different run ids, timeframes or stores; a sleeve that is not ``initial_equity_usdt / N``;
+        a stepper whose costs are not of its feed's symbol; a symbol given twice.
+    """
+
+    def __init__(self, loops: Sequence[PaperLiveLoop], store: StateStore, config: ServeConfig, *,
+                 account_guard: AccountGuard | None = None, notifier: Notifier | None = None) -> None:
+        from serving.portfolio import AccountStepper, sleeve_equity_usdt
+
+        if not loops:
+            raise ValueError("paper on live candles needs at least one symbol")
+        sleeve = sleeve_equity_usdt(config.initial_equity_usdt, len(loops))
+        for loop in loops:
+            fed = symbol_file_stem(loop.feed_config.symbol)
+            if loop.stepper.symbol != fed:
+                raise ValueError(f"the loop fed {fed} trades the instrument spec of {loop.stepper.symbol}: give it "
+                                 f"the costs of {fed}")
+            if loop.run_id != config.run_id or loop.store is not store:
+                raise ValueError(f"the loop of {fed} writes run {loop.run_id!r} to another store or run than the "
+                                 f"account's ({config.run_id!r})")
+            if loop.feed_config.timeframe != loops[0].feed_config.timeframe:
+                raise ValueError(f"every symbol must be served on one timeframe, got {loop.feed_config.timeframe} "
+                                 f"({fed}) and {loops[0].feed_config.timeframe}")
+            if not math.isclose(loop.config.initial_equity_usdt, sleeve, rel_tol=1e-12):
+                raise ValueError(f"the loop of {fed} trades {loop.config.initial_equity_usdt} USDT; each of the "
+                                 f"{len(loops)} sleeves of a {config.initial_equity_usdt} USDT account is {sleeve}")
+        self.loops = sorted(loops, key=lambda loop: loop.stepper.symbol)
+        self.account = AccountStepper([loop.stepper for loop in self.loops], store, config.run_id,
+                                      account_guard=account_guard, notifier=notifier)
+        lead = self.loops[0]
+        self.store, self.config, self.feed_config = store, config, lead.feed_config
+        self.wall_clock_s, self.monotonic_s, self._sleep = lead.wall_clock_s, lead.monotonic_s, lead._sleep
+        self.tf_ms = lead.tf_ms
+        self.stop_requested = threading.Event()
+        self.clock_offset_ms = 0.0
+        self.last_bar: pd.Timestamp | None = None
+        self._started = False
+        self._failures = 0
+        self._last_error: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        """The serving run's id."""
+        return self.config.run_id
+
+    @property
+    def symbols(self) -> list[str]:
+        """The served symbols (exchange ids, sorted)."""
+        return list(self.account.symbols)
+
+    def start(self) -> None:
+        """Refuse a store holding this run, load every symbol's market (its exchange filters), write ``run_started``.
 
         Raises
         ------
         FatalError
-            From :meth:`start` (store holds the run, unknown symbol) or the exchange (recorded).
-        Exception
-            Any unexpected error of a step, recorded as ``internal_error`` with its traceback.
+            As :meth:`PaperLiveLoop.start`.
         """
-        with stop_on_signals(self.stop_requested, install=install_signal_handlers):
-            try:
-                self.start()
-                decided = self._run(max_bars)
-                return self.stepper.finish(self._now_ts(), decided_bars=decided, stopped="max_bars"
-                                           if max_bars is not None and decided >= max_bars else "signal")  # fmt: skip
-            except BaseException as exc:
-                if self._started:
-                    self.stepper.finish(self._now_ts(), stopped=f"{type(exc).__name__}: {exc}"[:500])
-                raise
+        if self._started:
+            return
+        last = self.store.last_decision_bar(self.run_id)
+        if last is not None:
+            raise FatalError(
+                f"the state database already holds paper run {self.run_id!r} (last bar {last}); a paper account "
+                "cannot be resumed after a restart: use a new --db (or another run_id) for a new forward test"
+            )
+        instruments = {}
+        for loop in self.loops:
+            loop.feed.load()
+            instruments[loop.stepper.symbol] = loop._exchange_instrument()
+            loop._started = True
+        if [loop.stepper.symbol for loop in self.loops] != self.account.symbols:
+            raise FatalError(f"the exchange's instrument specs name other symbols than {self.account.symbols}")
+        fc = self.feed_config
+        self.account.start(self._now_ts(), self.config.initial_equity_usdt, candles="live",
+                           feeds={loop.stepper.symbol: loop.feed_config.symbol for loop in self.loops},
+                           timeframe=fc.timeframe, context_bars=self.config.context_bars, instrument=instruments,
+                           bundle=bundle_identity(self.loops[0].stepper.slot))  # fmt: skip
+        self._started = True
 
-    def _run(self, max_bars: int | None) -> int:
-        decided = 0
-        while not self.stop_requested.is_set():
-            failed = False
-            try:
-                decided += 1 if self.step() else 0
-            except (RetryableError, RejectedError) as exc:
-                failed = True
-                self._failures += 1
-                self._last_error = f"{type(exc).__name__}: {exc}"[:300]
-                self._note("step_failed", {"error": self._last_error, "consecutive": self._failures})
-            except FatalError as exc:
-                self._note("fatal_error", {"error": f"{type(exc).__name__}: {exc}"[:1000]})
-                raise
-            except Exception as exc:
-                self._note("internal_error", {"error": f"{type(exc).__name__}: {exc}"[:1000],
-                                              "traceback": traceback.format_exc()[-3000:]})  # fmt: skip
-                raise
-            if max_bars is not None and decided >= max_bars:
-                break
-            self._wait(failed)
-        return decided
+    def summary(self) -> PortfolioSummary:
+        """The run so far (:class:`serving.portfolio.PortfolioSummary`)."""
+        return self.account.summary(self.config.initial_equity_usdt)
 
-    def _wait(self, failed: bool) -> None:
-        """Sleep until the next poll (a failed poll: the retry wait, doubling) in slices of at most
-        1 s, so that a signal stops the loop promptly."""
-        wait = self.seconds_to_next_poll()
-        if failed:
-            retry = self.feed_config.step_retry_initial_s * 2.0 ** (self._failures - 1)
-            wait = min(retry, self.feed_config.step_retry_max_s, wait)
-        end = self.monotonic_s() + wait
-        while not self.stop_requested.is_set():
-            left = end - self.monotonic_s()
-            if left <= 0:
-                return
-            self._sleep(min(1.0, left))
+    def _note(self, kind: str, detail: dict[str, Any], when: pd.Timestamp | None = None) -> None:
+        self.account.note(when if when is not None else self._now_ts(), kind, detail)
+
+    def _finish(self, time: pd.Timestamp, **detail: Any) -> PortfolioSummary:
+        return self.account.finish(time, self.config.initial_equity_usdt, **detail)
+
+    def step(self) -> list[DecisionRecord]:
+        """Process every bar closed since the last poll for every symbol (class docstring); returns the decision
+        rows written (missed bars first, symbol order within a bar; empty when no new bar has closed).
+
+        Raises
+        ------
+        RetryableError, RejectedError
+            A symbol's fetch failed (nothing of this poll was recorded; the next poll retries).
+        FatalError
+            From :meth:`start`.
+        """
+        self.start()
+        lead = self.loops[0]
+        server_ms = int(lead.feed.server_time_ms())
+        lead._check_offset(server_ms)
+        self.clock_offset_ms = lead.clock_offset_ms
+        bar_ms = last_closed_bar_ms(server_ms, self.tf_ms)
+        last_ms = None if self.last_bar is None else int(self.last_bar.value // 1_000_000)
+        if last_ms is not None and bar_ms <= last_ms:
+            return []
+        missed = [] if last_ms is None else list(range(last_ms + self.tf_ms, bar_ms, self.tf_ms))
+        polled = [(loop, *loop._fetch(bar_ms, missed)) for loop in self.loops]  # every read before any write
+        rows: list[DecisionRecord] = []
+        for loop in self.loops:
+            loop._last_error = self._last_error
+        for ms in missed:
+            ts = pd.Timestamp(ms, unit="ms", tz="UTC")
+            rows += self.account.skip(ts, {loop.stepper.symbol: loop._missed_input(ctx, ms) for loop, ctx, _ in polled},
+                                      lead._missed_reason())
+        if missed:
+            self._note("bars_missed", {"first": str(rows[0].bar_open_time), "last": str(rows[-1].bar_open_time),
+                                       "count": len(missed), "symbols": self.symbols, "last_error": self._last_error})
+        bar = pd.Timestamp(bar_ms, unit="ms", tz="UTC")
+        for loop, ctx, _ in polled:
+            for kind, detail in ctx.events:
+                loop._note(kind, {**detail, "symbol": loop.stepper.symbol}, bar)
+        rows += self.account.step(bar, {loop.stepper.symbol: loop._decided_input(ctx, bar_ms, funding_problem)
+                                        for loop, ctx, funding_problem in polled})
+        self.last_bar = bar
+        for loop in self.loops:
+            loop.last_bar = bar
+        self._failures, self._last_error = 0, None
+        return rows
 
 
 def _last_atr(window: pd.DataFrame, period_bars: int) -> float:
