@@ -1,6 +1,7 @@
 """``ats serve``: run the serving loop (paper replay, testnet, live), plus ``reload`` and ``reset-risk``.
 
 ``ats serve --mode paper --bundle B --db STATE``                   live candles (public klines), paper broker
+``ats serve --mode paper --symbols BTCUSDT,ETHUSDT ...``           live candles, several symbols on one paper account
 ``ats serve --mode paper --replay CANDLES --bundle B --db STATE``   replay candles on a paper broker
 ``ats serve --mode testnet --bundle B --db STATE``                 Binance USDⓈ-M testnet (ccxt sandbox)
 ``ats serve --mode testnet --base-url URL ...``                    the same through a local simulator or proxy
@@ -76,7 +77,7 @@ def serve(
         "--replay: the replayed symbol's instrument spec when the bundle's manifest cannot say, or which symbol of a "
         "pooled bundle is served (its spec)")] = None,
     symbols: Annotated[str | None, typer.Option(
-        "--symbols", help="testnet/live: several symbols on one account in one process, comma-separated "
+        "--symbols", help="live candles (paper, testnet, live): several symbols on one account in one process, comma-separated "
         "(BTCUSDT,ETHUSDT); overrides serve.symbols of --config")] = None,
     timeframe: Annotated[str | None, typer.Option(
         "--timeframe", help="testnet/live and paper on live candles: bar length (default 1h)")] = None,
@@ -108,12 +109,26 @@ def serve(
     watch = watch_dir if watch_dir is not None else settings.watch_dir
     if db_url is not None and mode is Mode.paper:
         raise typer.BadParameter("--db-url is for testnet/live; paper serving keeps its state in the --db file")
-    if mode is Mode.paper and symbols is not None:
-        raise typer.BadParameter("--symbols is for testnet/live: paper replays take one --replay per symbol, and paper "
-                                 "on live candles serves one --symbol per process")
+    if mode is Mode.paper and replay is not None and symbols is not None:
+        raise typer.BadParameter("--symbols is for live candles (paper, testnet, live): paper replays take one "
+                                 "--replay per symbol")
     if mode is Mode.paper and replay is None:
         if warmup_bars is not None:
             raise typer.BadParameter("--warmup-bars is for --replay; on live candles the context comes from the exchange")
+        served = [s.strip() for s in symbols.split(",") if s.strip()] if symbols is not None else list(settings.symbols)
+        if len(served) > 1:
+            _serve_paper_live_multi(ctx, settings, symbols=served, bundle=bundle, db=db, symbol=symbol,
+                                    timeframe=timeframe, max_bars=max_bars, initial_equity=initial_equity,
+                                    watch_dir=watch, no_risk=no_risk, testnet_data=testnet_data, base_url=base_url,
+                                    allow_transfer=allow_transfer)
+            return
+        if len(served) == 1 and symbol is None:
+            from ats_cli.serve_live import unified_symbol
+
+            try:
+                symbol = unified_symbol(served[0])
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--symbols") from exc
         _serve_paper_live(ctx, settings, bundle=bundle, db=db, symbol=symbol, timeframe=timeframe, max_bars=max_bars,
                           initial_equity=initial_equity, watch_dir=watch, no_risk=no_risk, testnet_data=testnet_data,
                           base_url=base_url)
@@ -287,15 +302,7 @@ def _serve_paper_multi(ctx: typer.Context, settings, *, replays: dict[str, Path]
         raise typer.BadParameter(_validation_message(exc)) from exc
     except ValueError as exc:  # a bad setting or a refused transfer (FatalError, see ats_cli.errors)
         report(exc, ctx)
-    console.print(f"\n[bold green]served[/] {len(summary.symbols)} symbols over {summary.bars} bars on one account; "
-                  f"final equity {summary.final_equity_usdt:,.2f} USDT (from {summary.initial_equity_usdt:,.2f})")
-    for symbol, leg in summary.legs.items():
-        console.print(f"  {symbol}: {leg.decisions_v2} decided by V2, {leg.decisions_v1} by V1, {leg.decisions_guard} "
-                      f"by the guard; sleeve equity {leg.final_equity_usdt:,.2f} USDT")
-    if summary.account_risk_state not in (None, "ACTIVE"):
-        console.print(f"  [yellow]account risk guard {summary.account_risk_state}[/] (reset: `ats serve reset-risk "
-                      f"--db {db} --scope account --note ...`)")
-    console.print(f"  state database: {db} (`ats status --db {db}`)")
+    _print_portfolio_summary(summary, db)
 
 
 def _serve_paper_live(ctx: typer.Context, settings, *, bundle: Path, db: Path, symbol: str | None,
@@ -320,6 +327,57 @@ def _serve_paper_live(ctx: typer.Context, settings, *, bundle: Path, db: Path, s
     except ValueError as exc:  # a bad setting (a DB holding the run, an unknown symbol: FatalError, see ats_cli.errors)
         report(exc, ctx)
     _print_summary(summary, db)
+
+
+def _serve_paper_live_multi(ctx: typer.Context, settings, *, symbols: list[str], bundle: Path, db: Path,
+                            symbol: str | None, timeframe: str | None, max_bars: int, initial_equity: float | None,
+                            watch_dir: Path | None, no_risk: bool, testnet_data: bool, base_url: str | None,
+                            allow_transfer: bool) -> None:
+    """``ats serve --mode paper --symbols A,B`` without ``--replay``: several symbols' live candles on one paper
+    account."""
+    from pydantic import ValidationError
+
+    from ats_cli.serve_live import unified_symbol
+    from serving.app import serve_paper_live_multi
+    from serving.errors import FatalError
+    from serving.paper_live import FeedConfig
+
+    if symbol is not None or watch_dir is not None:
+        raise typer.BadParameter("--symbols names the symbols itself (no --symbol), and hot-swap (--watch-dir) "
+                                 "serves one symbol only")
+    try:
+        unified = [unified_symbol(s) for s in symbols]
+    except FatalError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--symbols") from exc
+    summary = None
+    try:
+        feed = FeedConfig.model_validate({**FeedConfig.from_live(settings.live).model_dump(),
+                                          **({"timeframe": timeframe} if timeframe else {})})
+        summary = serve_paper_live_multi(
+            symbols=unified, bundle_dir=bundle, db_path=db, feed=feed, config=settings.paper,
+            initial_equity_usdt=initial_equity, max_bars=max_bars or None, risk=None if no_risk else settings.risk,
+            account_risk=None if no_risk else settings.account_risk, allow_transfer=allow_transfer,
+            testnet_data=testnet_data, base_url=base_url, log=_log, drift=settings.drift,
+        )
+    except ValidationError as exc:
+        raise typer.BadParameter(_validation_message(exc)) from exc
+    except ValueError as exc:  # a bad setting, a DB holding the run, an unknown symbol, a refused transfer
+        report(exc, ctx)
+    if summary is not None:
+        _print_portfolio_summary(summary, db)
+
+
+def _print_portfolio_summary(summary, db: Path) -> None:
+    console.print(f"\n[bold green]served[/] {len(summary.symbols)} symbols over {summary.bars} bars on one account; "
+                  f"final equity {summary.final_equity_usdt:,.2f} USDT (from {summary.initial_equity_usdt:,.2f})")
+    for symbol, leg in summary.legs.items():
+        console.print(f"  {symbol}: {leg.decisions_v2} decided by V2, {leg.decisions_v1} by V1, {leg.decisions_guard} "
+                      f"by the guard" + (f", {leg.decisions_missed} missed" if leg.decisions_missed else "")
+                      + f"; sleeve equity {leg.final_equity_usdt:,.2f} USDT")
+    if summary.account_risk_state not in (None, "ACTIVE"):
+        console.print(f"  [yellow]account risk guard {summary.account_risk_state}[/] (reset: `ats serve reset-risk "
+                      f"--db {db} --scope account --note ...`)")
+    console.print(f"  state database: {db} (`ats status --db {db}`)")
 
 
 def _validation_message(exc) -> str:

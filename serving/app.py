@@ -26,7 +26,7 @@ from market.features import FeatureConfig
 from market.features import atr as atr_indicator
 from market.instruments import InstrumentSpec, InstrumentSpecError, resolve_spec
 from market.store import symbol_file_stem
-from serving.account_risk import AccountRiskConfig
+from serving.account_risk import AccountGuard, AccountRiskConfig, per_symbol_limits, symbol_scope
 from serving.drift import DriftConfig
 from serving.drift_watch import DriftWatch
 from serving.errors import FatalError
@@ -412,6 +412,108 @@ def serve_replay_multi(
                                      total=None, unit="bar times")
             return run_portfolio_replay(legs, **kwargs, progress=lambda i, total: progress.update(
                 task, completed=i, total=total))
+    finally:
+        if notifier is not None:
+            notifier.close()
+
+
+def serve_paper_live_multi(
+    *,
+    symbols: list[str],
+    bundle_dir: Path,
+    db_path: Path,
+    feed: FeedConfig | None = None,
+    config: ServeConfig | None = None,
+    initial_equity_usdt: float | None = None,
+    max_bars: int | None = None,
+    risk: RiskConfig | None = DEFAULT_RISK,
+    account_risk: AccountRiskConfig | None = None,
+    allow_transfer: bool = False,
+    testnet_data: bool = False,
+    base_url: str | None = None,
+    notify: NotifyConfig | Literal["env"] | None = "env",
+    torch_threads: int | None = 1,
+    log: Callable[[str], None] = print,
+    drift: DriftConfig | None = None,
+) -> PortfolioSummary:
+    """Forward-test the bundle on several symbols' live candles on one paper account (``ats serve --mode paper
+    --symbols A,B``; :class:`serving.paper_live.PaperLivePortfolio`): equal sleeves, every symbol's bar decided
+    together, each symbol's guard then the account's, as the multi-symbol replay (:func:`serve_replay_multi`).
+
+    Parameters
+    ----------
+    symbols : list[str]
+        Two or more distinct ccxt unified symbols (``BTC/USDT:USDT``); each gets its own instance (slot) of the
+        bundle, V1 with the bundle's V1 config and its instrument spec (the exchange's filters at start).
+    feed : FeedConfig | None
+        Timeframe and poll timing (its ``symbol`` is ignored; each symbol's feed is a copy naming it).
+    config, initial_equity_usdt, max_bars, testnet_data, base_url, notify, torch_threads, log
+        As :func:`serve_paper_live` (``initial_equity_usdt``: the whole account, split equally).
+    risk, account_risk, allow_transfer, drift
+        As :func:`serve_replay_multi` (``drift``: a monitor per symbol).
+
+    Hot-swap (``--watch-dir``, ``ats serve reload``) is not wired for several symbols yet.
+
+    Raises
+    ------
+    FatalError
+        ``db_path`` already holds this paper run, the exchange does not list a symbol, or the bundle was not trained
+        on a symbol and ``allow_transfer`` is False.
+    ValueError
+        Fewer than two distinct symbols, or a setting out of range.
+    market.instruments.InstrumentSpecError
+        A symbol without a known instrument spec.
+    """
+    from serving.exchange import BinanceFuturesBroker, make_client
+    from serving.paper_live import PaperLiveLoop, PaperLivePortfolio
+    from serving.portfolio import sleeve_equity_usdt
+    from serving.store import EventRecord
+
+    exchange_ids = [symbol_file_stem(s) for s in symbols]
+    if len(exchange_ids) < 2 or len(set(exchange_ids)) != len(exchange_ids):
+        raise ValueError(f"paper serving of several symbols needs two or more distinct symbols, got {symbols}")
+    _set_torch_threads(torch_threads)
+    foreign = check_symbols_served(bundle_dir, exchange_ids, allow_transfer)
+    feed = feed if feed is not None else FeedConfig()
+    config = config if config is not None else ServeConfig(warmup_bars=1200)
+    if initial_equity_usdt is not None:
+        config = ServeConfig.model_validate({**config.model_dump(), "initial_equity_usdt": initial_equity_usdt})
+    store = StateStore.sqlite(db_path)
+    if store.last_decision_bar(config.run_id) is not None:  # before the guards or anything else writes
+        raise FatalError(f"{db_path} already holds paper run {config.run_id!r}; a paper account cannot be "
+                         "resumed after a restart: start the forward test with a new --db")  # fmt: skip
+    if risk is not None and account_risk is None:
+        account_risk = AccountRiskConfig()
+    sleeve = config.updated(initial_equity_usdt=sleeve_equity_usdt(config.initial_equity_usdt, len(symbols)))
+    client = make_client(api_key=None, secret=None, sandbox=testnet_data, base_url=base_url)
+    notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
+    loops = []
+    for unified, symbol in zip(symbols, exchange_ids, strict=True):
+        slot, fallback, costs, _ = _policies(bundle_dir, config.primary_backoff, None, db_path, log, unified)
+        slot.reload_file = None  # a reload request would reach the first symbol's slot only: not wired here
+        if costs.instrument.symbol != symbol:  # a single-symbol bundle serving another symbol: that symbol's spec
+            costs = costs.with_instrument(resolve_spec(symbol).spec)
+        guard = (RiskGuard(per_symbol_limits(risk), store, scope=symbol_scope(symbol)) if risk is not None else None)
+        loop = PaperLiveLoop(BinanceFuturesBroker(client, unified), store, sleeve, feed.model_copy(
+            update={"symbol": unified}), primary=slot, fallback=fallback, costs=costs, guard=guard, notifier=notifier)
+        loop.stepper.use_trading_rules(_trading_rules(slot))
+        if drift is not None:
+            loop.stepper.drift_watch = DriftWatch(drift, store, config.run_id, symbol)
+        loops.append(loop)
+    account = AccountGuard(account_risk, store) if account_risk is not None else None
+    portfolio = PaperLivePortfolio(loops, store, config, account_guard=account, notifier=notifier)
+    for symbol in foreign:
+        log(f"[yellow]transfer[/]: the bundle was not trained on {symbol} (--allow-transfer)")
+    log(f"paper on live candles: {','.join(exchange_ids)} {feed.timeframe} on one account from the "
+        f"{'testnet' if testnet_data else 'real'} market{f' at {base_url}' if base_url else ''}; state in {db_path}; "
+        "stop with Ctrl-C (between bars)")
+    try:
+        if foreign:
+            import pandas as pd
+
+            store.append(events=[EventRecord(config.run_id, pd.Timestamp.now(tz="UTC"), "transfer_allowed", {
+                "symbols": foreign, "bundle": str(bundle_dir), "trained_on": bundle_symbols(bundle_dir)})])  # fmt: skip
+        return portfolio.run(max_bars=max_bars)
     finally:
         if notifier is not None:
             notifier.close()

@@ -268,12 +268,16 @@ def test_ats_serve_testnet_with_two_symbols_against_the_fake_exchange(tmp_path, 
     assert "BTCUSDT" in status.output and "ETHUSDT" in status.output and "account" in status.output.lower()
 
 
-def test_symbols_is_refused_in_paper_mode_not_ignored(tmp_path):
+
+def test_symbols_with_a_replay_is_refused_not_ignored(tmp_path):
+    """Paper on live candles serves ``--symbols`` (``tests/serving/test_paper_live_portfolio.py``); a paper replay
+    takes one ``--replay`` per symbol and refuses ``--symbols`` rather than ignoring it."""
     from typer.testing import CliRunner
 
     from ats_cli.main import app
 
-    r = CliRunner().invoke(app, ["serve", "--mode", "paper", "--symbols", "BTCUSDT,ETHUSDT", "--bundle", str(tmp_path),
-                                 "--db", str(tmp_path / "s.sqlite")], env={"COLUMNS": "250"})
-    assert r.exit_code != 0 and "--symbols is for testnet/live" in r.output
+    r = CliRunner().invoke(app, ["serve", "--mode", "paper", "--symbols", "BTCUSDT,ETHUSDT", "--replay",
+                                 str(tmp_path / "c.parquet"), "--bundle", str(tmp_path), "--db",
+                                 str(tmp_path / "s.sqlite")], env={"COLUMNS": "250"})  # fmt: skip
+    assert r.exit_code != 0 and "one --replay per symbol" in r.output
     assert not (tmp_path / "s.sqlite").exists()

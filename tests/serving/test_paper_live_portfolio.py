@@ -229,3 +229,52 @@ def test_run_stops_after_max_bars_and_writes_the_account_totals(fake):
     finished = ev.detail.iloc[-1]
     assert finished["stopped"] == "max_bars" and set(finished["by_symbol"]) == {"BTCUSDT", "ETHUSDT"}
     assert math.isclose(finished["final_equity_usdt"], sum(v["final_equity_usdt"] for v in finished["by_symbol"].values()))
+
+
+def test_ats_serve_paper_with_two_symbols_on_live_candles(tmp_path, monkeypatch):
+    """``ats serve --mode paper --symbols BTCUSDT,ETHUSDT --base-url URL`` (no key): both symbols decided together on
+    one paper account (V1: the bundle does not load), an account row, ``ats status`` shows both; a bundle not
+    trained on them is refused without ``--allow-transfer``; hot-swap is refused; ``--symbols`` with ``--replay``
+    is refused."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ats_cli.main import app
+    from tests.serving.portfolio_kit import BTC as KIT_BTC
+    from tests.serving.portfolio_kit import two_symbol_fake
+
+    for var in ("ATS_BINANCE_API_KEY", "ATS_BINANCE_API_SECRET", "ATS_DISCORD_WEBHOOK_URL", "ATS_TELEGRAM_BOT_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    runner = CliRunner()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"gate": {"verdict": "HOLD"}, "data": {"symbol": "BTCUSDT"}}))
+    db = tmp_path / "paper.sqlite"
+    args = ["serve", "--mode", "paper", "--symbols", "BTCUSDT,ETHUSDT", "--bundle", str(bundle), "--db", str(db),
+            "--max-bars", "1"]
+    env = {"COLUMNS": "250"}
+    with two_symbol_fake() as fake:
+        refused = runner.invoke(app, [*args, "--base-url", fake.url], env=env)
+        assert refused.exit_code != 0 and "ETHUSDT" in refused.output and "--allow-transfer" in refused.output
+        hot = runner.invoke(app, [*args, "--base-url", fake.url, "--watch-dir", str(tmp_path)], env=env)
+        assert hot.exit_code != 0 and "--watch-dir" in hot.output
+        r = runner.invoke(app, [*args, "--base-url", fake.url, "--allow-transfer"], env=env)
+        assert r.exit_code == 0, r.output
+        assert "served 2 symbols over 1 bars" in r.output and "ETHUSDT: 0 decided by V2, 1 by V1" in r.output
+    store = StateStore.sqlite(db)
+    d = store.decisions("paper")
+    assert d.groupby("symbol").size().to_dict() == {"BTCUSDT": 1, "ETHUSDT": 1}
+    assert set(d.source) == {"v1"} and list(d.bar_open_time.unique()) == [KIT_BTC.index[1_099]]
+    assert len(store.account_equity("paper")) == 1
+    kinds = list(store.events("paper").kind)
+    assert "transfer_allowed" in kinds and kinds[-1] == "run_finished"
+    store.close()
+    status = runner.invoke(app, ["status", "--db", str(db)], env=env)
+    assert status.exit_code == 0, status.output
+    assert "BTCUSDT" in status.output and "ETHUSDT" in status.output and "account" in status.output.lower()
+    replayed = runner.invoke(app, ["serve", "--mode", "paper", "--symbols", "BTCUSDT,ETHUSDT", "--replay",
+                                   str(tmp_path / "x.parquet"), "--bundle", str(bundle), "--db",
+                                   str(tmp_path / "r.sqlite")], env=env)  # fmt: skip
+    assert replayed.exit_code != 0 and "one --replay per symbol" in replayed.output
+    assert not (tmp_path / "r.sqlite").exists()
