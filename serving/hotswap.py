@@ -28,6 +28,9 @@ loaded): a drift breach with the ``rollback`` action swaps back to it (:meth:`Po
 
 Events are ``(kind, detail)`` pairs the loop writes to the store: ``bundle_swapped``,
 ``bundle_rejected``, ``bundle_reload_failed``, ``reload_request_invalid``, ``primary_backoff``.
+
+Several symbols (:class:`SlotGroup`): one candidate is probed once per symbol and swapped into every symbol's slot
+at the same bar, or into none when any symbol refuses it.
 """
 
 from __future__ import annotations
@@ -421,36 +424,127 @@ class PolicySlot:
         self._failures, self._retry_at, self._last_failure = 0, 0, None
 
     def _watched(self) -> dict[Path, str]:
-        if self.watch_dir is None or not self.watch_dir.is_dir():
-            return {}
-        dirs = [self.watch_dir, *sorted(p for p in self.watch_dir.iterdir() if p.is_dir())]
-        out = {}
-        for d in dirs:
-            if (d / MANIFEST).is_file():
-                try:
-                    out[d] = _bundle_key(d)
-                except OSError:
-                    continue  # vanished while scanning: next poll
-        return out
+        return _watched_bundles(self.watch_dir)
 
     def _candidates(self, events: list[Event]) -> list[tuple[str, Path]]:
-        out: list[tuple[str, Path]] = []
-        if self.reload_file is not None and self.reload_file.is_file():
+        return _take_candidates(self.reload_file, self.watch_dir, self._seen, events)
+
+
+def _watched_bundles(watch_dir: Path | None) -> dict[Path, str]:
+    """Bundle directories under ``watch_dir`` (itself or a sub-directory holding a manifest) -> content key."""
+    if watch_dir is None or not watch_dir.is_dir():
+        return {}
+    dirs = [watch_dir, *sorted(p for p in watch_dir.iterdir() if p.is_dir())]
+    out = {}
+    for d in dirs:
+        if (d / MANIFEST).is_file():
             try:
-                text = self.reload_file.read_text()
-                self.reload_file.unlink()
-                out.append(("reload_request", Path(json_codec.loads(text)["bundle"])))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                events.append(
-                    (
-                        "reload_request_invalid",
-                        {"file": str(self.reload_file), "error": f"{type(exc).__name__}: {exc}"},
-                    )
+                out[d] = _bundle_key(d)
+            except OSError:
+                continue  # vanished while scanning: next poll
+    return out
+
+
+def _take_candidates(reload_file: Path | None, watch_dir: Path | None, seen: dict[str, str],
+                     events: list[Event]) -> list[tuple[str, Path]]:
+    """The candidates of this poll as (trigger, bundle): a reload request (consumed; an unreadable one is a
+    ``reload_request_invalid`` event in ``events``), then the new or changed bundles of ``watch_dir`` (oldest
+    manifest first; ``seen`` updated)."""
+    out: list[tuple[str, Path]] = []
+    if reload_file is not None and reload_file.is_file():
+        try:
+            text = reload_file.read_text()
+            reload_file.unlink()
+            out.append(("reload_request", Path(json_codec.loads(text)["bundle"])))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            events.append(
+                (
+                    "reload_request_invalid",
+                    {"file": str(reload_file), "error": f"{type(exc).__name__}: {exc}"},
                 )
-                with contextlib.suppress(OSError):
-                    self.reload_file.unlink()
-        changed = [(p, k) for p, k in self._watched().items() if self._seen.get(str(p)) != k]
-        for p, k in sorted(changed, key=lambda pk: (pk[0] / MANIFEST).stat().st_mtime_ns):
-            self._seen[str(p)] = k
-            out.append(("watch_dir", p))
+            )
+            with contextlib.suppress(OSError):
+                reload_file.unlink()
+    changed = [(p, k) for p, k in _watched_bundles(watch_dir).items() if seen.get(str(p)) != k]
+    for p, k in sorted(changed, key=lambda pk: (pk[0] / MANIFEST).stat().st_mtime_ns):
+        seen[str(p)] = k
+        out.append(("watch_dir", p))
+    return out
+
+
+class SlotGroup:
+    """Hot-swap for a run serving several symbols (one :class:`PolicySlot` per symbol, each its own instance of one
+    bundle): a candidate (a reload request, :func:`request_reload`, or a bundle dropped into ``watch_dir``) is
+    validated once per symbol (:func:`validate_candidate` with that symbol's last decision context as the probe and
+    its primary's carried state), and swapped into every slot at the same bar only if every symbol accepts it; if
+    any symbol refuses it, no slot changes. Both are recorded per symbol: a ``bundle_swapped`` event per symbol, or
+    a ``bundle_rejected`` event per symbol naming the symbols that refused (``refused_by``: symbol -> reason) and
+    this symbol's own verdict (``reason``, None when it accepted).
+
+    The slots' own reload request and watched directory must be off (``reload_file`` and ``watch_dir`` None): the
+    group reads them, so a request reaches every symbol. A slot still re-loads its own bundle after a load failure
+    (:meth:`PolicySlot.poll`).
+
+    Parameters
+    ----------
+    slots : dict[str, PolicySlot]
+        Symbol -> its slot (each with a loader).
+    watch_dir : Path | None
+        Watched for new bundles; what is there at construction is the baseline.
+    reload_file : Path | None
+        Request file of :func:`request_reload` (consumed when read).
+
+    Raises
+    ------
+    ValueError
+        No slot, a slot without a loader, or a slot that reads its own request file or watched directory.
+    """
+
+    def __init__(self, slots: dict[str, PolicySlot], *, watch_dir: Path | None = None,
+                 reload_file: Path | None = None) -> None:
+        if not slots:
+            raise ValueError("a slot group needs at least one symbol's slot")
+        self._loaders: dict[str, PolicyLoader] = {}
+        for symbol, slot in slots.items():
+            if slot._loader is None:
+                raise ValueError(f"the slot of {symbol} has no loader: it cannot be hot-swapped")
+            self._loaders[symbol] = slot._loader
+            if slot.reload_file is not None or slot.watch_dir is not None:
+                raise ValueError(f"the slot of {symbol} reads its own reload request or watched directory: give them "
+                                 "to the group only, so that a candidate reaches every symbol")
+        self.slots = dict(sorted(slots.items()))
+        self.watch_dir = None if watch_dir is None else Path(watch_dir)
+        self.reload_file = None if reload_file is None else Path(reload_file)
+        self._seen: dict[str, str] = {str(p): k for p, k in _watched_bundles(self.watch_dir).items()}
+
+    def poll(self, probe_ctxs: dict[str, DecisionContext | None]) -> dict[str, list[Event]]:
+        """Between bars, before any symbol decides: try each candidate on every symbol; swap it in everywhere or
+        nowhere (class docstring). Returns each symbol's events (every symbol of the group has an entry)."""
+        out: dict[str, list[Event]] = {symbol: [] for symbol in self.slots}
+        shared: list[Event] = []
+        candidates = _take_candidates(self.reload_file, self.watch_dir, self._seen, shared)
+        for symbol in self.slots:
+            out[symbol].extend(shared)
+        for trigger, candidate in candidates:
+            accepted: dict[str, Policy] = {}
+            refused: dict[str, str] = {}
+            for symbol, slot in self.slots.items():
+                try:
+                    accepted[symbol] = validate_candidate(candidate, self._loaders[symbol], probe_ctxs.get(symbol),
+                                                          state=slot._carried_state(),
+                                                          require_gate_pass=slot.require_gate_pass)  # fmt: skip
+                except BundleRejected as exc:
+                    refused[symbol] = str(exc)
+            if refused:
+                for symbol, slot in self.slots.items():
+                    out[symbol].append(("bundle_rejected", {
+                        "bundle": str(candidate), "trigger": trigger, "reason": refused.get(symbol),
+                        "refused_by": refused, "kept": None if slot.source is None else str(slot.source),
+                    }))  # fmt: skip
+                continue
+            for symbol, slot in self.slots.items():
+                old = slot.source
+                slot._swap(accepted[symbol], candidate)
+                out[symbol].append(("bundle_swapped", {"bundle": str(candidate), "trigger": trigger,
+                                                       "previous": None if old is None else str(old)}))
         return out

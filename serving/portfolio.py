@@ -56,7 +56,7 @@ from serving.account_risk import (
 from serving.drift import DriftConfig
 from serving.drift_watch import DriftWatch
 from serving.errors import DataQualityError
-from serving.hotswap import PolicySlot
+from serving.hotswap import PolicySlot, SlotGroup
 from serving.loop import (
     BarInput,
     PaperStepper,
@@ -186,21 +186,32 @@ class AccountStepper:
         The account's guard (None: none); told every symbol's closed trades.
     notifier : Notifier | None
         Receives the account-level events (the symbols' own go through their steppers).
+    slot_group : SlotGroup | None
+        Hot-swap of the run (:class:`serving.hotswap.SlotGroup` over the steppers' slots): polled once per decided
+        bar before any symbol decides, so a candidate is swapped into every symbol at the same bar or into none;
+        its events join each symbol's rows of the bar. None: no hot-swap (a slot still re-loads its own bundle
+        after a load failure).
 
     Raises
     ------
     ValueError
-        No stepper, or a symbol given twice.
+        No stepper, a symbol given twice, or a slot group whose slots are not the steppers'.
     """
 
     def __init__(self, steppers: Sequence[PaperStepper], store: StateStore, run_id: str, *,
-                 account_guard: AccountGuard | None = None, notifier: Notifier | None = None) -> None:
+                 account_guard: AccountGuard | None = None, notifier: Notifier | None = None,
+                 slot_group: SlotGroup | None = None) -> None:
         if not steppers:
             raise ValueError("an account needs at least one symbol")
         self.steppers = sorted(steppers, key=lambda s: s.symbol)
         self.symbols = [s.symbol for s in self.steppers]
         if len(set(self.symbols)) != len(self.symbols):
             raise ValueError(f"each symbol may be served once on an account, got {self.symbols}")
+        if slot_group is not None and (list(slot_group.slots) != self.symbols or any(
+                slot_group.slots[s.symbol] is not s.slot for s in self.steppers)):
+            raise ValueError(f"the slot group must hold the slots of the steppers of {self.symbols}, got "
+                             f"{list(slot_group.slots)}")
+        self.slot_group = slot_group
         self.store, self.run_id, self.account_guard, self.notifier = store, run_id, account_guard, notifier
         for stepper in self.steppers:
             stepper.name_symbol_in_events = True
@@ -242,7 +253,15 @@ class AccountStepper:
             ``bars`` does not name exactly the account's symbols; from a broker, a bar not later than its last.
         """
         self._check_symbols(bars)
-        pendings = [(stepper, stepper.begin(bars[stepper.symbol])) for stepper in self.steppers]
+        swaps = ({} if self.slot_group is None
+                 else self.slot_group.poll({s.symbol: s._last_ctx for s in self.steppers}))  # before anyone decides
+        pendings = []
+        for stepper in self.steppers:
+            bar = bars[stepper.symbol]
+            pending = stepper.begin(bar)
+            pending.events[:0] = [EventRecord(self.run_id, bar.time, kind, detail)
+                                  for kind, detail in swaps.get(stepper.symbol, [])]
+            pendings.append((stepper, pending))
         for stepper, pending in pendings:  # each symbol's own guard first
             if stepper.guard is not None and pending.bar.problem is None:
                 stepper.review(pending, stepper.guard.review(pending.decision, stepper.snapshot(pending)))
@@ -355,6 +374,7 @@ def run_portfolio_replay(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     detail: dict[str, Any] | None = None,
     drift: DriftConfig | None = None,
+    slot_group: SlotGroup | None = None,
 ) -> PortfolioSummary:
     """Replay several symbols on one paper account (module docstring).
 
@@ -378,6 +398,9 @@ def run_portfolio_replay(
     drift : DriftConfig | None
         The drift monitor of each symbol (:mod:`serving.drift_watch`: its own window, returns of its sleeve, action
         on its slot and its own ``v1`` mode); None: none.
+    slot_group : SlotGroup | None
+        Hot-swap over the legs' slots (each leg's ``primary`` the group's slot of its symbol): a candidate swapped
+        into every symbol at the same bar or into none (:class:`AccountStepper`); None: none.
 
     Returns
     -------
@@ -427,7 +450,7 @@ def run_portfolio_replay(
         runs.append(_LegRun(leg, stepper, _ReplayBars(leg.candles, atr, fb_atr, config.context_bars,
                                                       leg.costs.funding_interval_hours)))
     account = AccountStepper([run.stepper for run in runs], store, config.run_id, account_guard=account_guard,
-                             notifier=notifier)
+                             notifier=notifier, slot_group=slot_group)
     first = max(run.leg.candles.index[config.warmup_bars] for run in runs)
     union = runs[0].leg.candles.index
     for run in runs[1:]:
