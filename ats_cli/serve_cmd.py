@@ -136,12 +136,11 @@ def serve(
     if mode is Mode.paper and replay is not None:  # paper without --replay returned above
         replays = _replay_files(replay)
         if len(replays) > 1:
-            if symbol is not None or watch is not None:
-                raise typer.BadParameter("several --replay files name their symbols themselves (no --symbol) and "
-                                         "hot-swap (--watch-dir) serves one symbol only")
+            if symbol is not None:
+                raise typer.BadParameter("several --replay files name their symbols themselves (no --symbol)")
             _serve_paper_multi(ctx, settings, replays=replays, bundle=bundle, db=db, warmup_bars=warmup_bars,
                                max_bars=max_bars, initial_equity=initial_equity, no_risk=no_risk,
-                               allow_transfer=allow_transfer)
+                               allow_transfer=allow_transfer, watch_dir=watch)
             return
         named, path = next(iter(replays.items()))
         _serve_paper(settings, replay=path, bundle=bundle, db=db, warmup_bars=warmup_bars, max_bars=max_bars,
@@ -284,7 +283,7 @@ def _replay_files(items: list[str]) -> dict[str, Path]:
 
 def _serve_paper_multi(ctx: typer.Context, settings, *, replays: dict[str, Path], bundle: Path, db: Path,
                        warmup_bars: int | None, max_bars: int, initial_equity: float | None, no_risk: bool,
-                       allow_transfer: bool) -> None:
+                       allow_transfer: bool, watch_dir: Path | None = None) -> None:
     """``ats serve --mode paper --replay A --replay B ...``: several symbols on one paper account."""
     from pydantic import ValidationError
 
@@ -295,7 +294,7 @@ def _serve_paper_multi(ctx: typer.Context, settings, *, replays: dict[str, Path]
             replays=replays, bundle_dir=bundle, db_path=db, config=settings.paper, warmup_bars=warmup_bars,
             max_bars=max_bars, initial_equity_usdt=initial_equity, risk=None if no_risk else settings.risk,
             account_risk=None if no_risk else settings.account_risk, allow_transfer=allow_transfer, log=_log,
-            drift=settings.drift,
+            drift=settings.drift, watch_dir=watch_dir,
             progress_factory=lambda: counting_progress(console),
         )
     except ValidationError as exc:
@@ -342,9 +341,8 @@ def _serve_paper_live_multi(ctx: typer.Context, settings, *, symbols: list[str],
     from serving.errors import FatalError
     from serving.paper_live import FeedConfig
 
-    if symbol is not None or watch_dir is not None:
-        raise typer.BadParameter("--symbols names the symbols itself (no --symbol), and hot-swap (--watch-dir) "
-                                 "serves one symbol only")
+    if symbol is not None:
+        raise typer.BadParameter("--symbols names the symbols itself (no --symbol)")
     try:
         unified = [unified_symbol(s) for s in symbols]
     except FatalError as exc:
@@ -357,7 +355,7 @@ def _serve_paper_live_multi(ctx: typer.Context, settings, *, symbols: list[str],
             symbols=unified, bundle_dir=bundle, db_path=db, feed=feed, config=settings.paper,
             initial_equity_usdt=initial_equity, max_bars=max_bars or None, risk=None if no_risk else settings.risk,
             account_risk=None if no_risk else settings.account_risk, allow_transfer=allow_transfer,
-            testnet_data=testnet_data, base_url=base_url, log=_log, drift=settings.drift,
+            testnet_data=testnet_data, base_url=base_url, log=_log, drift=settings.drift, watch_dir=watch_dir,
         )
     except ValidationError as exc:
         raise typer.BadParameter(_validation_message(exc)) from exc

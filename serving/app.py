@@ -30,7 +30,7 @@ from serving.account_risk import AccountGuard, AccountRiskConfig, per_symbol_lim
 from serving.drift import DriftConfig
 from serving.drift_watch import DriftWatch
 from serving.errors import FatalError
-from serving.hotswap import BackoffConfig, PolicySlot, reload_request_path
+from serving.hotswap import BackoffConfig, PolicySlot, SlotGroup, reload_request_path
 from serving.loop import ReplaySummary, ServeConfig, run_replay
 from serving.notify import NotifyConfig, make_notifier, notify_config_from_env
 from serving.paper_live import FeedConfig
@@ -340,6 +340,7 @@ def serve_replay_multi(
     log: Callable[[str], None] = print,
     progress_factory: Callable | None = None,
     drift: DriftConfig | None = None,
+    watch_dir: Path | None = None,
 ) -> PortfolioSummary:
     """Replay several symbols' candles on one paper account (:func:`serving.portfolio.run_portfolio_replay`).
 
@@ -361,8 +362,10 @@ def serve_replay_multi(
     allow_transfer : bool
         Serve symbols the bundle was not trained on (:func:`check_symbols_served`); each is logged as a
         ``transfer_allowed`` event.
-
-    Hot-swap (``--watch-dir``, ``ats serve reload``) is not wired for several symbols yet.
+    watch_dir : Path | None
+        Watched for new bundles; with the reload requests of ``ats serve reload --db`` (always honoured) a candidate
+        is probed on every symbol and swapped into all of them at the same bar, or into none
+        (:class:`serving.hotswap.SlotGroup`).
 
     Raises
     ------
@@ -380,12 +383,14 @@ def serve_replay_multi(
     overrides = {"warmup_bars": warmup_bars, "initial_equity_usdt": initial_equity_usdt}
     config = ServeConfig.model_validate({**config.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
     legs = []
+    slots: dict[str, PolicySlot] = {}
     for symbol in symbols:
         candles = load_candles(replays[symbol])
         if max_bars:
             candles = candles.iloc[: config.warmup_bars + max_bars]
         slot, fallback, costs, feature_cfg = _policies(bundle_dir, config.primary_backoff, None, db_path, log, symbol)
-        slot.reload_file = None  # a reload request would reach the first symbol's slot only: not wired here
+        slot.reload_file = None  # the group reads the requests, so that one reaches every symbol
+        slots[symbol] = slot
         if costs.instrument.symbol != symbol:  # a single-symbol bundle serving another symbol: that symbol's spec
             costs = costs.with_instrument(resolve_spec(symbol).spec)
         legs.append(Leg(symbol, candles, slot, fallback, atr_indicator(candles, feature_cfg.atr_period_bars), costs,
@@ -399,7 +404,8 @@ def serve_replay_multi(
     notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
     files = {s: str(replays[s]) for s in symbols}
     kwargs: dict[str, Any] = {"store": store, "config": config, "symbol_risk": risk, "account_risk": account_risk,
-                              "notifier": notifier, "detail": {"replay": files, "transfer": foreign}, "drift": drift}
+                              "notifier": notifier, "detail": {"replay": files, "transfer": foreign}, "drift": drift,
+                              "slot_group": SlotGroup(slots, watch_dir=watch_dir, reload_file=reload_request_path(db_path))}
     try:
         if foreign:
             store.append_event(config.run_id, legs[0].candles.index[0], "transfer_allowed",
@@ -435,6 +441,7 @@ def serve_paper_live_multi(
     torch_threads: int | None = 1,
     log: Callable[[str], None] = print,
     drift: DriftConfig | None = None,
+    watch_dir: Path | None = None,
 ) -> PortfolioSummary:
     """Forward-test the bundle on several symbols' live candles on one paper account (``ats serve --mode paper
     --symbols A,B``; :class:`serving.paper_live.PaperLivePortfolio`): equal sleeves, every symbol's bar decided
@@ -449,10 +456,9 @@ def serve_paper_live_multi(
         Timeframe and poll timing (its ``symbol`` is ignored; each symbol's feed is a copy naming it).
     config, initial_equity_usdt, max_bars, testnet_data, base_url, notify, torch_threads, log
         As :func:`serve_paper_live` (``initial_equity_usdt``: the whole account, split equally).
-    risk, account_risk, allow_transfer, drift
-        As :func:`serve_replay_multi` (``drift``: a monitor per symbol).
-
-    Hot-swap (``--watch-dir``, ``ats serve reload``) is not wired for several symbols yet.
+    risk, account_risk, allow_transfer, drift, watch_dir
+        As :func:`serve_replay_multi` (``drift``: a monitor per symbol; hot-swap into every symbol at the same bar
+        or none).
 
     Raises
     ------
@@ -488,9 +494,11 @@ def serve_paper_live_multi(
     client = make_client(api_key=None, secret=None, sandbox=testnet_data, base_url=base_url)
     notifier = make_notifier(notify_config_from_env() if notify == "env" else notify)
     loops = []
+    slots: dict[str, PolicySlot] = {}
     for unified, symbol in zip(symbols, exchange_ids, strict=True):
         slot, fallback, costs, _ = _policies(bundle_dir, config.primary_backoff, None, db_path, log, unified)
-        slot.reload_file = None  # a reload request would reach the first symbol's slot only: not wired here
+        slot.reload_file = None  # the group reads the requests, so that one reaches every symbol
+        slots[symbol] = slot
         if costs.instrument.symbol != symbol:  # a single-symbol bundle serving another symbol: that symbol's spec
             costs = costs.with_instrument(resolve_spec(symbol).spec)
         guard = (RiskGuard(per_symbol_limits(risk), store, scope=symbol_scope(symbol)) if risk is not None else None)
@@ -501,7 +509,8 @@ def serve_paper_live_multi(
             loop.stepper.drift_watch = DriftWatch(drift, store, config.run_id, symbol)
         loops.append(loop)
     account = AccountGuard(account_risk, store) if account_risk is not None else None
-    portfolio = PaperLivePortfolio(loops, store, config, account_guard=account, notifier=notifier)
+    group = SlotGroup(slots, watch_dir=watch_dir, reload_file=reload_request_path(db_path))
+    portfolio = PaperLivePortfolio(loops, store, config, account_guard=account, notifier=notifier, slot_group=group)
     for symbol in foreign:
         log(f"[yellow]transfer[/]: the bundle was not trained on {symbol} (--allow-transfer)")
     log(f"paper on live candles: {','.join(exchange_ids)} {feed.timeframe} on one account from the "

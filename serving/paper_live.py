@@ -89,7 +89,7 @@ from serving.candles import (  # noqa: F401 - Page and parse_page re-exported
 )
 from serving.clock import last_closed_bar_ms, seconds_to_next_poll, stop_on_signals
 from serving.errors import FatalError, RejectedError, RetryableError
-from serving.hotswap import PolicySlot
+from serving.hotswap import PolicySlot, SlotGroup
 from serving.identity import bundle_identity
 from serving.live import atr_period_of
 from serving.live_config import TF_MS as _TF_MS
@@ -560,16 +560,20 @@ class PaperLivePortfolio(_Poller["PortfolioSummary"]):
         The account's guard; None: none.
     notifier : Notifier | None
         Receives the account-level events.
+    slot_group : serving.hotswap.SlotGroup | None
+        Hot-swap over the loops' slots (a candidate swapped into every symbol at the same bar or into none:
+        :class:`serving.portfolio.AccountStepper`); None: none.
 
     Raises
     ------
     ValueError
-        No loop; loops of different run ids, timeframes or stores; a sleeve that is not ``initial_equity_usdt / N``;
+        No loop; a slot group not over the loops' slots; loops of different run ids, timeframes or stores; a sleeve that is not ``initial_equity_usdt / N``;
         a stepper whose costs are not of its feed's symbol; a symbol given twice.
     """
 
     def __init__(self, loops: Sequence[PaperLiveLoop], store: StateStore, config: ServeConfig, *,
-                 account_guard: AccountGuard | None = None, notifier: Notifier | None = None) -> None:
+                 account_guard: AccountGuard | None = None, notifier: Notifier | None = None,
+                 slot_group: SlotGroup | None = None) -> None:
         from serving.portfolio import AccountStepper, sleeve_equity_usdt
 
         if not loops:
@@ -591,7 +595,7 @@ class PaperLivePortfolio(_Poller["PortfolioSummary"]):
                                  f"{len(loops)} sleeves of a {config.initial_equity_usdt} USDT account is {sleeve}")
         self.loops = sorted(loops, key=lambda loop: loop.stepper.symbol)
         self.account = AccountStepper([loop.stepper for loop in self.loops], store, config.run_id,
-                                      account_guard=account_guard, notifier=notifier)
+                                      account_guard=account_guard, notifier=notifier, slot_group=slot_group)
         lead = self.loops[0]
         self.store, self.config, self.feed_config = store, config, lead.feed_config
         self.wall_clock_s, self.monotonic_s, self._sleep = lead.wall_clock_s, lead.monotonic_s, lead._sleep

@@ -128,3 +128,47 @@ def test_a_slot_group_must_own_the_requests_and_hold_the_steppers_slots(tmp_path
     group = SlotGroup({"BTCUSDT": slots["BTCUSDT"], "ETHUSDT": PolicySlot(FlipPolicy(), loader=loader)})
     with pytest.raises(ValueError, match="slot group"):
         run_portfolio_replay(legs, store=StateStore("sqlite://"), config=CONFIG, slot_group=group)
+
+
+def test_ats_serve_reload_swaps_the_bundle_of_both_symbols_of_a_two_replay_run(tmp_path):
+    """``ats serve reload --db`` before ``ats serve --mode paper --replay A --replay B`` (the request is read before
+    the first bar): both symbols swap to the requested bundle at the first bar, recorded per symbol; a broken
+    candidate is refused for both."""
+    from typer.testing import CliRunner
+
+    from ats_cli.main import app
+    from tests.serving import bundle_kit as kit
+    from tests.serving.ops_kit import WARMUP_BARS
+
+    runner = CliRunner()
+    first = kit.build_bundle(tmp_path / "first", seed=0)
+    second = kit.build_bundle(tmp_path / "second", seed=1)
+    btc, eth = tmp_path / "BTCUSDT-1h.parquet", tmp_path / "ETHUSDT-1h.parquet"
+    make_candles(WARMUP_BARS + 4, seed=11).to_parquet(btc)
+    make_candles(WARMUP_BARS + 4, seed=12, start_price=2_000.0).to_parquet(eth)
+    args = ["serve", "--mode", "paper", "--replay", str(btc), "--replay", str(eth), "--bundle", str(first),
+            "--warmup-bars", str(WARMUP_BARS), "--allow-transfer"]
+    env = {"COLUMNS": "200"}
+    db = tmp_path / "S.sqlite"
+    assert runner.invoke(app, ["serve", "reload", "--db", str(db), "--bundle", str(second)]).exit_code == 0
+    r = runner.invoke(app, [*args, "--db", str(db)], env=env)
+    assert r.exit_code == 0, r.output
+    ev = StateStore.sqlite(db).events("paper")
+    swapped = ev[ev.kind == "bundle_swapped"]
+    assert sorted(d["symbol"] for d in swapped.detail) == ["BTCUSDT", "ETHUSDT"]
+    assert {d["bundle"] for d in swapped.detail} == {str(second)} and swapped.time.nunique() == 1
+    assert {d["trigger"] for d in swapped.detail} == {"reload_request"}
+
+    broken = kit.build_bundle(tmp_path / "broken", seed=2)
+    weights = next(p for p in broken.iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:-16])  # truncated: its SHA-256 no longer matches the manifest
+    db2 = tmp_path / "T.sqlite"
+    assert runner.invoke(app, ["serve", "reload", "--db", str(db2), "--bundle", str(broken)]).exit_code == 0
+    r = runner.invoke(app, [*args, "--db", str(db2)], env=env)
+    assert r.exit_code == 0, r.output
+    ev = StateStore.sqlite(db2).events("paper")
+    rejected = ev[ev.kind == "bundle_rejected"]
+    assert sorted(d["symbol"] for d in rejected.detail) == ["BTCUSDT", "ETHUSDT"]
+    assert set(rejected.detail.iloc[0]["refused_by"]) == {"BTCUSDT", "ETHUSDT"}
+    assert all("load failed" in d["reason"] for d in rejected.detail)
+    assert "bundle_swapped" not in set(ev.kind) and {d["kept"] for d in rejected.detail} == {str(first)}

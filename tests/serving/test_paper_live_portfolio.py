@@ -234,8 +234,8 @@ def test_run_stops_after_max_bars_and_writes_the_account_totals(fake):
 def test_ats_serve_paper_with_two_symbols_on_live_candles(tmp_path, monkeypatch):
     """``ats serve --mode paper --symbols BTCUSDT,ETHUSDT --base-url URL`` (no key): both symbols decided together on
     one paper account (V1: the bundle does not load), an account row, ``ats status`` shows both; a bundle not
-    trained on them is refused without ``--allow-transfer``; hot-swap is refused; ``--symbols`` with ``--replay``
-    is refused."""
+    trained on them is refused without ``--allow-transfer``; ``--symbol`` and ``--symbols`` with ``--replay`` are
+    refused."""
     import json
 
     from typer.testing import CliRunner
@@ -257,9 +257,10 @@ def test_ats_serve_paper_with_two_symbols_on_live_candles(tmp_path, monkeypatch)
     with two_symbol_fake() as fake:
         refused = runner.invoke(app, [*args, "--base-url", fake.url], env=env)
         assert refused.exit_code != 0 and "ETHUSDT" in refused.output and "--allow-transfer" in refused.output
-        hot = runner.invoke(app, [*args, "--base-url", fake.url, "--watch-dir", str(tmp_path)], env=env)
-        assert hot.exit_code != 0 and "--watch-dir" in hot.output
-        r = runner.invoke(app, [*args, "--base-url", fake.url, "--allow-transfer"], env=env)
+        both = runner.invoke(app, [*args, "--base-url", fake.url, "--symbol", "BTCUSDT"], env=env)
+        assert both.exit_code != 0 and "no --symbol" in both.output
+        r = runner.invoke(app, [*args, "--base-url", fake.url, "--allow-transfer", "--watch-dir", str(tmp_path / "w")],
+                          env=env)  # fmt: skip
         assert r.exit_code == 0, r.output
         assert "served 2 symbols over 1 bars" in r.output and "ETHUSDT: 0 decided by V2, 1 by V1" in r.output
     store = StateStore.sqlite(db)
