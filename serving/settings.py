@@ -39,8 +39,9 @@ class ServeSettings(StrictConfig):
     drift : DriftConfig
         Drift thresholds and the action on a breach (:mod:`serving.drift`).
     symbols : tuple[str, ...]
-        Testnet/live: the symbols served together on one account (``BTCUSDT`` or ``BTC/USDT:USDT``; two or more:
-        :mod:`serving.live_portfolio`); empty: ``live.symbol`` alone. ``--symbols`` overrides it.
+        On live candles (paper, testnet, live): the symbols served together on one account (``BTCUSDT`` or
+        ``BTC/USDT:USDT``; two or more: :mod:`serving.live_portfolio`, paper :class:`serving.paper_live.PaperLivePortfolio`);
+        empty: ``live.symbol`` alone. ``--symbols`` overrides it.
     """
 
     paper: ServeConfig = Field(default_factory=lambda: ServeConfig(warmup_bars=1200))
