@@ -16,7 +16,7 @@ from market.instruments import resolve_spec
 from serving.account_risk import AccountGuard, AccountRiskConfig, per_symbol_limits, symbol_scope
 from serving.errors import FatalError, RetryableError
 from serving.exchange import BinanceFuturesBroker, make_client
-from serving.hotswap import BackoffConfig
+from serving.hotswap import BackoffConfig, PolicySlot, SlotGroup
 from serving.loop import ServeConfig
 from serving.paper_live import FeedConfig, PaperLiveLoop, PaperLivePortfolio, _last_atr
 from serving.portfolio import Leg, run_portfolio_replay, sleeve_equity_usdt
@@ -75,8 +75,9 @@ def _config(equity: float = EQUITY) -> ServeConfig:
                        primary_backoff=BackoffConfig(initial_bars=0))
 
 
-def _portfolio(fake, store=None, *, symbol_risk: RiskConfig | None = None,
-               account_risk: AccountRiskConfig | None = None) -> tuple[PaperLivePortfolio, StateStore]:
+def _portfolio(fake, store=None, *, symbol_risk: RiskConfig | None = None, account_risk: AccountRiskConfig | None = None,
+               primaries: dict | None = None, slot_group: SlotGroup | None = None
+               ) -> tuple[PaperLivePortfolio, StateStore]:  # fmt: skip
     """Both symbols' loops on one client and one store (each on its sleeve, its own symbol guard), behind the
     account's guard: wired as ``ats serve --mode paper --symbols`` does (:func:`serving.app.serve_paper_live_multi`)."""
     client = make_client(api_key=None, secret=None, sandbox=False, base_url=fake.url, timeout_ms=2_000,
@@ -91,11 +92,11 @@ def _portfolio(fake, store=None, *, symbol_risk: RiskConfig | None = None,
                  if symbol_risk is not None else None)
         loops.append(PaperLiveLoop(
             BinanceFuturesBroker(client, unified, read_attempts=2, sleep=lambda s: None), store, sleeve,
-            FeedConfig(symbol=unified), primary=policies[sym], fallback=ScriptedFallback(),
+            FeedConfig(symbol=unified), primary=(primaries or policies)[sym], fallback=ScriptedFallback(),
             costs=CostConfig(instrument=resolve_spec(sym).spec), guard=guard, wall_clock_s=clock, monotonic_s=clock,
             sleep=clock.sleep))  # fmt: skip
     account = AccountGuard(account_risk, store) if account_risk is not None else None
-    return PaperLivePortfolio(loops, store, _config(), account_guard=account), store
+    return PaperLivePortfolio(loops, store, _config(), account_guard=account, slot_group=slot_group), store
 
 
 def _replay(pf: PaperLivePortfolio, n_bars: int, *, symbol_risk: RiskConfig | None = None,
@@ -279,3 +280,24 @@ def test_ats_serve_paper_with_two_symbols_on_live_candles(tmp_path, monkeypatch)
                                    str(tmp_path / "r.sqlite")], env=env)  # fmt: skip
     assert replayed.exit_code != 0 and "one --replay per symbol" in replayed.output
     assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_a_watched_bundle_is_swapped_into_both_symbols_at_the_same_live_bar(fake, tmp_path):
+    from tests.serving.test_hotswap_portfolio import Loader, Long, _bundle
+
+    loader = Loader()
+    slots = {sym: PolicySlot(FlipPolicy(), loader=loader) for sym in SYMBOLS}
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    pf, store = _portfolio(fake, primaries=slots, slot_group=SlotGroup(slots, watch_dir=watch))
+    for _ in range(2):
+        pf.step()
+        fake.now_ms += H
+    _bundle(watch / "long", "long")
+    rows = pf.step()
+    ev = store.events("p")
+    swapped = ev[ev.kind == "bundle_swapped"]
+    assert sorted(d["symbol"] for d in swapped.detail) == ["BTCUSDT", "ETHUSDT"]
+    assert set(swapped.time) == {BTC.index[FIRST + 2]}
+    assert [(r.symbol, r.direction) for r in rows] == [("BTCUSDT", 1), ("ETHUSDT", 1)]
+    assert all(isinstance(slot.policy, Long) for slot in slots.values()) and len(loader.loaded) == 2
