@@ -211,10 +211,14 @@ def ray_settings(wf: WalkForwardConfig, base: RunConfig) -> RaySettings | None:
     Raises
     ------
     training.config.ConfigError
+        ``cpus_per_task`` or ``gpus_per_task`` set without ``ray_address`` (they would be ignored);
         ``device: cuda`` in the base config with ``gpus_per_task`` 0 (a Ray task sees only the GPUs it
         reserves), or ``gpus_per_task`` > 0 with ``device: cpu`` (contradictory).
     """
     if wf.ray_address is None:
+        if wf.cpus_per_task is not None or wf.gpus_per_task > 0:
+            raise ConfigError("cpus_per_task and gpus_per_task reserve Ray resources: they need ray_address (local, "
+                              "auto or HOST:PORT); without it the trainings run one after another in this process")
         return None
     if base.device == "cuda" and wf.gpus_per_task <= 0:
         raise ConfigError("device cuda with ray_address: a Ray task sees only the GPUs it reserves; set "

@@ -170,6 +170,9 @@ def test_walkforward_config_takes_ray_settings_and_keeps_them_out_of_the_study(t
     assert ray_settings(wf.model_copy(update={"gpus_per_task": 1.0}), base.updated(device="cuda")).num_gpus == 1.0
     with pytest.raises(ValidationError):
         type(wf).model_validate({**wf.model_dump(), "task_retries": -1})
+    wf, _ = load_walkforward(cfg, cpus_per_task=2)  # a resource without Ray would be ignored: refused
+    with pytest.raises(ConfigError, match="need ray_address"):
+        ray_settings(wf, base)
 
 
 def test_walkforward_cli_passes_ray_options_and_device(tmp_path, monkeypatch):
