@@ -46,7 +46,7 @@ from market.features import warmup_bars
 from training import metrics as M
 from training.backtest import BacktestResult
 from training.config import ConfigError, RunConfig, invalid_config, load_config, read_config_mapping
-from training.diagnostics import DiagnosticsConfig, walkforward_diagnostics
+from training.diagnostics import DiagnosticsConfig, diagnostics_tables, walkforward_diagnostics
 from training.evaluate import (
     COST_MULTIPLIERS,
     COST_SENSITIVE,
@@ -659,6 +659,9 @@ def _summarize(wf, base, out, bar, per_strategy, ppo_by_seed, val_sortino, log, 
         extra[f"{name} by regime at decision time (0 = calmest; chosen seed's fold models)"] = pd.DataFrame(table).round(4)
     for name, folds in per_fold.items():
         extra[f"{name} per fold"] = pd.DataFrame(folds).T.round(4)
+    diag = summary.get("diagnostics") or {}  # the layer diagnostics: their reading among the notes, their tables
+    notes.extend(f"Layer diagnostics (out of fold): {line}" for line in diag.get("reading", []))
+    extra.update(diagnostics_tables(diag))
     extra["walk-forward config"] = pd.DataFrame({"value": flatten_config(wf.study_dump())})
     extra["run config"] = pd.DataFrame({"value": flatten_config(provenance["config"])})
     write_report(out, title=f"ats walk-forward: {base.name}",

@@ -92,6 +92,7 @@ def test_walkforward_multi_smoke_cli(tmp_path):
             assert k in row
     assert table["tsmom"]["costs_paid_mean"] > 0 and table["flat"]["costs_paid_mean"] == 0.0
     assert set(m["by_symbol"]) == {"BTCUSDT", "XRPUSDT"}
+    assert m["diagnostics"]["reading"] and {f["symbol"] for f in m["diagnostics"]["per_fold"]} == {"BTCUSDT", "XRPUSDT"}
     for name in ("base", "interval4"):
         assert set(m["variants"][name]["by_symbol"]) == {"BTCUSDT", "XRPUSDT"}
         assert m["variants"][name]["over_seeds"]["sortino"]["std"] >= 0
@@ -111,3 +112,10 @@ def test_walkforward_multi_smoke_cli(tmp_path):
     html = (out / "report.html").read_text()
     assert "Chosen variant: " + chosen["name"] in html and "ppo interval4" in html
     assert "test windows were read once" in html
+    from tests.kit.chromium import CHROMIUM, render
+
+    if CHROMIUM is not None:  # the report with variants, by_symbol and diagnostics renders without console messages
+        page = render(out / "report.html", tmp_path)
+        assert "ppo interval4" in page.dom and "BTCUSDT" in page.dom and "XRPUSDT" in page.dom
+        assert "TCN vs class prior" in page.dom and "Layer diagnostics (out of fold)" in page.dom
+        assert page.console == [] and page.screenshot_bytes > 20_000
