@@ -197,9 +197,8 @@ def _serve_live_multi(ctx: typer.Context, settings, *, mode: str, symbols: list[
     from ats_cli.serve_live import serve_live_multi
     from serving.live import LiveConfig
 
-    if symbol is not None or watch is not None:
-        raise typer.BadParameter("--symbols names the symbols itself (no --symbol), and hot-swap (--watch-dir) "
-                                 "serves one symbol only")
+    if symbol is not None:
+        raise typer.BadParameter("--symbols names the symbols itself (no --symbol)")
     try:
         live_cfg = LiveConfig.model_validate({**settings.live.model_dump(),
                                               **({"timeframe": timeframe} if timeframe else {})})
@@ -211,7 +210,7 @@ def _serve_live_multi(ctx: typer.Context, settings, *, mode: str, symbols: list[
                                 env_file=env_file, live=live, force_gate=force_gate, max_bars=max_bars or None,
                                 log=_log, base_url=base_url, live_config=live_cfg, risk=settings.risk,
                                 account_risk=settings.account_risk, allow_transfer=allow_transfer,
-                                drift=settings.drift)  # fmt: skip
+                                drift=settings.drift, watch_dir=watch)  # fmt: skip
     except ValueError as exc:  # a bad setting, arming, credentials, exchange set-up (FatalError), a foreign symbol
         report(exc, ctx)
     console.print(f"\n[bold]stopped[/] after {bars} bars; state database: {db} (`ats status --db {db}`)")

@@ -308,25 +308,32 @@ def build_live_portfolio(
     sleep: Callable[[float], None] = time.sleep,
     crash_points: Any = None,
     drift: Any = None,
+    watch_dir: Path | None = None,
+    reload_file: Path | None = None,
 ) -> Any:
     """The :class:`serving.live_portfolio.LivePortfolio` of ``ats serve --mode testnet|live --symbols A,B`` (pure
     composition, no I/O beyond loading the bundle): one :func:`build_live_loop` per symbol of ``brokers`` (unified
-    ccxt symbol -> its broker, all on one client), each with its own bundle slot (no hot-swap: a reload request
-    would reach one symbol only), V1, its config (``live_config`` with its symbol), a :class:`serving.live_portfolio.
+    ccxt symbol -> its broker, all on one client), each with its own bundle slot (the live loader and the gate
+    rule of :func:`build_live_loop`), V1, its config (``live_config`` with its symbol), a :class:`serving.live_portfolio.
     SymbolEvents` view of ``store`` (its events name it) and a :class:`serving.live_portfolio.SymbolGuard`: its own
     guard (``risk`` without daily loss and drawdown, scope ``symbol:<SYMBOL>``; ``use_guard=False`` for tests only)
     and the account's guard (``account_risk``, :class:`serving.account_risk.AccountRiskConfig`, defaults when None)
     for its closed trades. One run id (``mode``). ``drift`` (:class:`serving.drift.DriftConfig`, None: none): a drift
-    monitor per symbol (:func:`build_live_loop`).
+    monitor per symbol (:func:`build_live_loop`). Hot-swap: one :class:`serving.hotswap.SlotGroup` over the symbols'
+    slots reads ``reload_file`` (:func:`serving.hotswap.request_reload`, ``ats serve reload``) and ``watch_dir``
+    (None: not read), so a candidate is checked on every symbol and swapped into all of them at one bar or into none
+    (:mod:`serving.live_portfolio`).
     """
     from market.store import symbol_file_stem
     from serving.account_risk import AccountGuard, AccountRiskConfig, per_symbol_limits, symbol_scope
+    from serving.hotswap import SlotGroup
     from serving.live_portfolio import LivePortfolio, SymbolEvents, SymbolGuard
     from serving.risk import RiskConfig, RiskGuard
 
     account_guard = AccountGuard(account_risk if account_risk is not None else AccountRiskConfig(), store) \
         if use_guard else None
     loops = []
+    slots = {}
     for unified, broker in brokers.items():
         exchange_id = symbol_file_stem(unified).upper()
         view = SymbolEvents(store, exchange_id).as_store()
@@ -339,7 +346,9 @@ def build_live_portfolio(
                          scope=symbol_scope(exchange_id)) if use_guard else None)  # fmt: skip
         loop.set_guard(SymbolGuard(own, account_guard))
         loops.append(loop)
-    return LivePortfolio(loops, store, account_guard=account_guard, notifier=notifier)
+        slots[exchange_id] = loop.slot  # its own request file and watched directory off: the group reads them
+    group = SlotGroup(slots, watch_dir=watch_dir, reload_file=reload_file)
+    return LivePortfolio(loops, store, account_guard=account_guard, notifier=notifier, slot_group=group)
 
 
 def serve_live_multi(
@@ -362,13 +371,15 @@ def serve_live_multi(
     allow_transfer: bool = False,
     notify: Any = "env",
     drift: Any = None,
+    watch_dir: Path | None = None,
 ) -> int:
     """``ats serve --mode testnet|live --symbols A,B,...``: several symbols in one process on one account
     (:class:`serving.live_portfolio.LivePortfolio`) until SIGTERM/SIGINT (or ``max_bars`` bar closes); returns the
     bar closes processed. As :func:`serve_live` otherwise (arming: the phrase names the symbols joined by ``,``;
     keys, ``base_url``, notifications); one ccxt client (one rate limiter) for every symbol's broker. A symbol the
     bundle was not trained on is refused unless ``allow_transfer`` (logged, ``transfer_allowed`` event).
-    Hot-swap (``--watch-dir``, ``ats serve reload``) is not wired for several symbols.
+    Hot-swap reaches every symbol: ``ats serve reload --db`` (the request file next to ``db_path``) and
+    ``watch_dir`` (None: none); a candidate is swapped into all symbols at one bar or into none.
 
     Raises
     ------
@@ -380,6 +391,7 @@ def serve_live_multi(
     """
     from serving.app import check_symbols_served
     from serving.exchange import BinanceFuturesBroker, make_client
+    from serving.hotswap import reload_request_path
     from serving.live import LiveConfig
     from serving.notify import make_notifier, notify_config_from_env
     from serving.secrets import load_credentials
@@ -411,7 +423,8 @@ def serve_live_multi(
     base = live_config if live_config is not None else LiveConfig()
     portfolio = build_live_portfolio(mode=mode, bundle_dir=bundle_dir, store=store, brokers=brokers, live_config=base,
                                      force_gate=force_gate, manifest=manifest, risk=risk, account_risk=account_risk,
-                                     notifier=notifier, redact=creds.redact, log=log, drift=drift)  # fmt: skip
+                                     notifier=notifier, redact=creds.redact, log=log, drift=drift,
+                                     watch_dir=watch_dir, reload_file=reload_request_path(db_path))  # fmt: skip
     import pandas as pd
 
     for s in foreign:

@@ -29,6 +29,14 @@ detail (:class:`SymbolEvents`), so notifications name it; client order ids alrea
 (:func:`serving.intents.client_order_id`). Notifications are published once per step for the whole run (every
 symbol's fills). Crash points are shared by all loops: a process killed anywhere restarts and reconciles every
 symbol by client id before anything is sent again.
+
+**Hot-swap** (:class:`serving.hotswap.SlotGroup`, the paper portfolio's, not a fork): at the start of a step whose
+bar no symbol has decided yet, before any symbol decides, a candidate (``ats serve reload``, a bundle dropped into
+the watched directory) is validated once per symbol (with the symbol's slot loader, which on testnet and live
+refuses a bundle whose rules live cannot trade: :func:`serving.trading_rules.load_live_policy`; the gate verdict;
+a probe on the symbol's last decision context) and swapped into every symbol at that bar, or into none when any
+symbol refuses it; ``bundle_swapped`` / ``bundle_rejected`` events per symbol. A retry within a bar some symbol
+decided already leaves the candidate waiting for the next bar, so that every symbol decides one bar with one bundle.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from serving.account_risk import ACCOUNT_SCOPE, AccountGuard, SymbolBook
 from serving.clock import stop_on_signals
 from serving.errors import AmbiguousOutcomeError, FatalError, RejectedError, RetryableError
 from serving.executor import StepResult
+from serving.hotswap import SlotGroup
 from serving.live import LiveLoop, PendingLiveBar, fill_notices
 from serving.notify import Notifier
 from serving.risk import GuardVerdict, RiskState
@@ -135,21 +144,25 @@ class LivePortfolio:
     notifier : Notifier | None
         Receives the run's new events and every symbol's new exchange fills after each step; a notifier that raises
         is ignored.
+    slot_group : SlotGroup | None
+        Hot-swap of the run over the loops' slots (symbol -> ``loop.slot``; module docstring); None: none.
 
     Raises
     ------
     ValueError
-        No loop, loops of different runs, or two loops of one symbol (after their brokers are loaded).
+        No loop, loops of different runs, or two loops of one symbol (after their brokers are loaded); a slot group
+        whose slots are not exactly the loops' (checked by :meth:`start`).
     """
 
     def __init__(self, loops: Sequence[LiveLoop], store: StateStore, *, account_guard: AccountGuard | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, slot_group: SlotGroup | None = None) -> None:
         if not loops:
             raise ValueError("a live portfolio needs at least one symbol's loop")
         if len({loop.run_id for loop in loops}) != 1:
             raise ValueError(f"the loops of one portfolio share a run id, got {sorted({lp.run_id for lp in loops})}")
         self.loops = list(loops)
         self.store, self.account_guard, self.notifier = store, account_guard, notifier
+        self.slot_group = slot_group
         for loop in self.loops:
             loop.equity_share = 1.0 / len(self.loops)
         self.stop_requested = threading.Event()
@@ -176,7 +189,7 @@ class LivePortfolio:
         Raises
         ------
         ValueError
-            Two loops trade one symbol.
+            Two loops trade one symbol, or the slot group's slots are not the loops' (symbol -> ``loop.slot``).
         """
         if self._started:
             return
@@ -185,6 +198,11 @@ class LivePortfolio:
         self.loops.sort(key=lambda lp: lp.market_id)
         if len(set(self.symbols)) != len(self.symbols):
             raise ValueError(f"each symbol may be served once, got {self.symbols}")
+        group = self.slot_group
+        if group is not None and (list(group.slots) != self.symbols or any(
+                group.slots[lp.market_id] is not lp.slot for lp in self.loops)):
+            raise ValueError(f"the slot group must hold the loops' own slots for {self.symbols}, got symbols "
+                             f"{list(group.slots)}")
         self._started = True
         if self._notified is None:
             ev, fill = self.store.max_ids()
@@ -212,6 +230,7 @@ class LivePortfolio:
     def _step(self) -> dict[str, StepResult]:
         self.start()
         server_ms = self.loops[0].broker.server_time_ms()
+        self._poll_swaps(server_ms)
         started: dict[str, StepResult | PendingLiveBar] = {}
         failed: set[str] = set()
         for loop in self.loops:
@@ -240,6 +259,27 @@ class LivePortfolio:
         if pendings and not failed:
             self._record_account(next(iter(pendings.values())).bar, pendings)
         return results
+
+    def _poll_swaps(self, server_ms: int) -> None:
+        """Hot-swap at the bar closed at ``server_ms``, before any symbol decides it (module docstring): nothing
+        while some symbol has decided that bar already (a retry within the bar; the candidate waits for the next
+        bar). The group's events go to each symbol's store view, at that bar."""
+        if self.slot_group is None:
+            return
+        bar = pd.Timestamp(self.loops[0].last_closed_bar_ms(server_ms), unit="ms", tz="UTC")
+        if any(self.store.decision_at(self.run_id, bar, loop.market_id) is not None for loop in self.loops):
+            return
+        try:
+            swaps = self.slot_group.poll({loop.market_id: loop._last_ctx for loop in self.loops})
+        except Exception as exc:  # noqa: BLE001 - a bug in hot-swap: every symbol keeps its bundle and trades on
+            error = self.loops[0]._safe(f"{type(exc).__name__}: {exc}")[:1000]
+            self.store.append(events=[EventRecord(self.run_id, bar, "hotswap_failed", {
+                "error": error, "effect": "no symbol's bundle changed", "symbol": None})])  # fmt: skip
+            return
+        for loop in self.loops:
+            events = [EventRecord(self.run_id, bar, kind, detail) for kind, detail in swaps.get(loop.market_id, [])]
+            if events:
+                loop.store.append(events=events)
 
     def _attempt(self, loop: LiveLoop, action: Callable[[], T]) -> T | None:
         """Run one symbol's phase; None when it failed (recorded as the loop's own ``run`` records a failure: the
