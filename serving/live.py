@@ -645,6 +645,15 @@ class LiveLoop:
             "position_side": side, "symbol": self.market_id})])  # fmt: skip
         self._bar_failures = {b: v for b, v in self._bar_failures.items() if b >= bar}
 
+    def record_internal_error(self, exc: Exception, effect: str) -> None:
+        """Halt entries after an unforeseen exception (a bug): keep its text in ``internal_error``, count the bar's
+        failed attempt and write an ``internal_error`` event (error, traceback, ``effect``). Call from ``except``."""
+        self.internal_error = self._safe(f"{type(exc).__name__}: {exc}")[:300]
+        self._note_failure(self.internal_error)
+        self._event(self._now_ts(), "internal_error", {
+            "error": self._safe(f"{type(exc).__name__}: {exc}")[:1000],
+            "traceback": self._safe(traceback.format_exc())[-3000:], "effect": effect})
+
     def _note_failure(self, error: str) -> None:
         """Count a failed attempt of the bar in progress (its reason if it ends up missed)."""
         if self._attempt_bar is None:
@@ -834,12 +843,7 @@ class LiveLoop:
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug or unforeseen error: exits go on, entries stop
                 failed = True
-                self.internal_error = self._safe(f"{type(exc).__name__}: {exc}")[:300]
-                self._note_failure(self.internal_error)
-                self._event(self._now_ts(), "internal_error", {
-                    "error": self._safe(f"{type(exc).__name__}: {exc}")[:1000],
-                    "traceback": self._safe(traceback.format_exc())[-3000:],
-                    "effect": "entries halted until restart; exits still sent"})  # fmt: skip
+                self.record_internal_error(exc, "entries halted until restart; exits still sent")
             if failed:
                 self.publish_notifications()
             failures = failures + 1 if failed else 0

@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 import math
 import threading
-import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -295,12 +294,7 @@ class LivePortfolio:
             loop._event(loop._now_ts(), "fatal_error", {"error": loop._safe(f"{type(exc).__name__}: {exc}")[:1000]})
             raise
         except Exception as exc:  # noqa: BLE001 - a bug: this symbol's entries stop, exits go on, others trade
-            loop.internal_error = loop._safe(f"{type(exc).__name__}: {exc}")[:300]
-            loop._note_failure(loop.internal_error)
-            loop._event(loop._now_ts(), "internal_error", {
-                "error": loop._safe(f"{type(exc).__name__}: {exc}")[:1000],
-                "traceback": loop._safe(traceback.format_exc())[-3000:],
-                "effect": "this symbol's entries halted until restart; exits still sent"})  # fmt: skip
+            loop.record_internal_error(exc, "this symbol's entries halted until restart; exits still sent")
         return None
 
     def _mark(self, loop: LiveLoop, pending: PendingLiveBar | None) -> tuple[int, float, float, Decision, float]:

@@ -181,6 +181,22 @@ MISSED_REASON = ("missed: the bar closed while the loop could not poll (failed f
 S = TypeVar("S")
 
 
+def refuse_resumed_paper_run(store: StateStore, run_id: str) -> None:
+    """Refuse a state database that already holds decisions of paper run ``run_id``.
+
+    Raises
+    ------
+    FatalError
+        The store has a decided bar of ``run_id``: a paper account cannot be resumed after a restart.
+    """
+    last = store.last_decision_bar(run_id)
+    if last is not None:
+        raise FatalError(
+            f"the state database already holds paper run {run_id!r} (last bar {last}); a paper account "
+            "cannot be resumed after a restart: use a new --db (or another run_id) for a new forward test"
+        )
+
+
 class _Poller(Generic[S]):
     """Polling after each bar close, retries, signals and ``run_finished`` of the live-candle paper loops
     (:class:`PaperLiveLoop`, :class:`PaperLivePortfolio`; ``S`` the summary their ``run`` returns)."""
@@ -376,12 +392,7 @@ class PaperLiveLoop(_Poller[ReplaySummary]):
         """
         if self._started:
             return
-        last = self.store.last_decision_bar(self.run_id)
-        if last is not None:
-            raise FatalError(
-                f"the state database already holds paper run {self.run_id!r} (last bar {last}); a paper account "
-                "cannot be resumed after a restart: use a new --db (or another run_id) for a new forward test"
-            )
+        refuse_resumed_paper_run(self.store, self.run_id)
         self.feed.load()
         fc = self.feed_config
         instrument = self._exchange_instrument()
@@ -627,12 +638,7 @@ class PaperLivePortfolio(_Poller["PortfolioSummary"]):
         """
         if self._started:
             return
-        last = self.store.last_decision_bar(self.run_id)
-        if last is not None:
-            raise FatalError(
-                f"the state database already holds paper run {self.run_id!r} (last bar {last}); a paper account "
-                "cannot be resumed after a restart: use a new --db (or another run_id) for a new forward test"
-            )
+        refuse_resumed_paper_run(self.store, self.run_id)
         instruments = {}
         for loop in self.loops:
             loop.feed.load()
